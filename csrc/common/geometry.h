@@ -1,0 +1,149 @@
+// Geometry of the conv and pool families as the kernels see it: the C++ mirror of
+// jax_convnet/geometry.py. The Python side turns both padding conventions into explicit
+// per-side padding; kernels only ever see the canonical parameters below and re-check them
+// against the buffer shapes they receive (never trusting the caller, never crashing).
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace jax_convnet {
+
+// Attribute values; keep in sync with geometry.py (LAYOUT_CODES, PRECISION_CODES).
+enum class Layout : int64_t { kC01B = 0, kNHWC = 1 };
+enum class Precision : int64_t { kDefault = 0, kHigh = 1, kHighest = 2 };
+
+// Element strides of a logical 4-d tensor (batch-or-filter, channel, row, col).
+struct Strides4 {
+  int64_t n, c, y, x;
+};
+
+// Logical (n, c, h, w) sizes read off a buffer's dims in the given layout.
+// C01B images (C, H, W, B) / NHWC images (B, H, W, C).
+struct ImageDims {
+  int64_t n, c, h, w;
+};
+
+inline ImageDims image_dims(Layout layout, const int64_t* d) {
+  if (layout == Layout::kC01B) return {d[3], d[0], d[1], d[2]};
+  return {d[0], d[3], d[1], d[2]};
+}
+
+inline Strides4 image_strides(Layout layout, const ImageDims& s) {
+  if (layout == Layout::kC01B)  // (C, H, W, B)
+    return {1, s.h * s.w * s.n, s.w * s.n, s.n};
+  return {s.h * s.w * s.c, 1, s.w * s.c, s.c};  // (B, H, W, C)
+}
+
+// Filters: C01B (C, fh, fw, F) / NHWC "HWIO" (fh, fw, C, F). Logical (f, c, y, x).
+struct FilterDims {
+  int64_t f, c, h, w;
+};
+
+inline FilterDims filter_dims(Layout layout, const int64_t* d) {
+  if (layout == Layout::kC01B) return {d[3], d[0], d[1], d[2]};
+  return {d[3], d[2], d[0], d[1]};
+}
+
+inline Strides4 filter_strides(Layout layout, const FilterDims& s) {
+  if (layout == Layout::kC01B)  // (C, fh, fw, F)
+    return {1, s.h * s.w * s.f, s.w * s.f, s.f};
+  return {1, s.f, s.w * s.c * s.f, s.c * s.f};  // (fh, fw, C, F)
+}
+
+// Canonical attributes of filter_acts / image_acts / weight_acts (FFI attribute names in quotes):
+// "layout", "stride_h", "stride_w", "pad_top", "pad_bottom", "pad_left", "pad_right",
+// "partial_sum" (0 = one sum over all output positions), "precision".
+struct ConvParams {
+  Layout layout;
+  int64_t stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right;
+  int64_t partial_sum;
+  Precision precision;
+};
+
+// Everything a conv kernel needs, derived from the three buffers' dims and checked.
+// Output (hidden activations) are an image tensor with n = batch, c = filters.
+struct ConvGeometry {
+  Layout layout;
+  int64_t batch, channels, filters;
+  int64_t in_h, in_w, filter_h, filter_w, out_h, out_w;
+  int64_t stride_h, stride_w, pad_top, pad_left;
+  int64_t partial_sum;  // always >= 1 here: 0 from the caller becomes out_h * out_w
+  Precision precision;
+  Strides4 image, filter, hidden;
+};
+
+// The floor rule on explicit per-side padding; the ceil rule arrives here already turned into
+// extra bottom/right padding.
+inline int64_t conv_out_size(int64_t in, int64_t filter, int64_t stride, int64_t lo, int64_t hi) {
+  int64_t span = in + lo + hi - filter;
+  if (span < 0) return 0;
+  return span / stride + 1;
+}
+
+// Fills `g` from the dims of the images, filters and hidden buffers (each rank 4, in the
+// layout's order). Returns an empty string when consistent, otherwise what is wrong.
+inline std::string make_conv_geometry(const ConvParams& p, const int64_t* image_d,
+                                      const int64_t* filter_d, const int64_t* hidden_d,
+                                      ConvGeometry* g) {
+  if (p.layout != Layout::kC01B && p.layout != Layout::kNHWC) return "layout must be 0 or 1";
+  if (p.stride_h < 1 || p.stride_w < 1) return "strides must be >= 1";
+  if (p.pad_top < 0 || p.pad_bottom < 0 || p.pad_left < 0 || p.pad_right < 0)
+    return "padding must be >= 0";
+  if (p.partial_sum < 0) return "partial_sum must be >= 0";
+  ImageDims im = image_dims(p.layout, image_d);
+  FilterDims fi = filter_dims(p.layout, filter_d);
+  ImageDims hid = image_dims(p.layout, hidden_d);
+  if (im.n < 1 || im.c < 1 || im.h < 1 || im.w < 1) return "images must be non-empty";
+  if (fi.f < 1 || fi.c < 1 || fi.h < 1 || fi.w < 1) return "filters must be non-empty";
+  if (fi.c != im.c) return "filters' channel count differs from the images'";
+  if (hid.n != im.n) return "hidden batch size differs from the images'";
+  if (hid.c != fi.f) return "hidden channel count differs from the filter count";
+  int64_t oh = conv_out_size(im.h, fi.h, p.stride_h, p.pad_top, p.pad_bottom);
+  int64_t ow = conv_out_size(im.w, fi.w, p.stride_w, p.pad_left, p.pad_right);
+  if (oh < 1 || ow < 1) return "filter larger than the padded image";
+  if (hid.h != oh || hid.w != ow) return "hidden spatial size does not follow from the geometry";
+  int64_t positions = oh * ow;
+  int64_t ps = p.partial_sum == 0 ? positions : p.partial_sum;
+  if (positions % ps != 0) return "partial_sum must divide out_h * out_w";
+  *g = ConvGeometry{p.layout, im.n, im.c, fi.f, im.h, im.w, fi.h, fi.w, oh, ow,
+                    p.stride_h, p.stride_w, p.pad_top, p.pad_left, ps, p.precision,
+                    image_strides(p.layout, im), filter_strides(p.layout, fi),
+                    image_strides(p.layout, hid)};
+  return "";
+}
+
+// Canonical attributes of max_pool and its JVP / gradient:
+// "layout", "window_h", "window_w", "stride_h", "stride_w", "pad_top", "pad_left".
+// Window o covers rows [o*stride_h - pad_top, o*stride_h - pad_top + window_h) clipped to the
+// image (pad_top is -start in cuda-convnet's convention, so it may be negative). An empty
+// window yields -inf and passes no gradient. The output size comes from the output buffer.
+struct PoolParams {
+  Layout layout;
+  int64_t window_h, window_w, stride_h, stride_w, pad_top, pad_left;
+};
+
+struct PoolGeometry {
+  Layout layout;
+  int64_t batch, channels, in_h, in_w, out_h, out_w;
+  int64_t window_h, window_w, stride_h, stride_w, pad_top, pad_left;
+  Strides4 image, pooled;
+};
+
+inline std::string make_pool_geometry(const PoolParams& p, const int64_t* image_d,
+                                      const int64_t* pooled_d, PoolGeometry* g) {
+  if (p.layout != Layout::kC01B && p.layout != Layout::kNHWC) return "layout must be 0 or 1";
+  if (p.window_h < 1 || p.window_w < 1) return "window must be >= 1";
+  if (p.stride_h < 1 || p.stride_w < 1) return "strides must be >= 1";
+  ImageDims im = image_dims(p.layout, image_d);
+  ImageDims out = image_dims(p.layout, pooled_d);
+  if (im.n < 1 || im.c < 1 || im.h < 1 || im.w < 1) return "images must be non-empty";
+  if (out.n != im.n || out.c != im.c) return "pooled batch/channels differ from the images'";
+  if (out.h < 1 || out.w < 1) return "pooled output must be non-empty";
+  *g = PoolGeometry{p.layout, im.n, im.c, im.h, im.w, out.h, out.w,
+                    p.window_h, p.window_w, p.stride_h, p.stride_w, p.pad_top, p.pad_left,
+                    image_strides(p.layout, im), image_strides(p.layout, out)};
+  return "";
+}
+
+}  // namespace jax_convnet

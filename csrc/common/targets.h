@@ -1,0 +1,16 @@
+// The FFI handler symbols each backend defines (CPU: suffix Cpu, CUDA: suffix Cuda) and the
+// target names they are registered under; jax_convnet/_native.py uses the same names.
+#pragma once
+
+#include "xla/ffi/api/ffi.h"
+
+#define JCN_FOR_EACH_TARGET(X)                  \
+  X("jax_convnet_filter_acts", FilterActs)      \
+  X("jax_convnet_image_acts", ImageActs)        \
+  X("jax_convnet_weight_acts", WeightActs)      \
+  X("jax_convnet_max_pool", MaxPool)            \
+  X("jax_convnet_max_pool_jvp", MaxPoolJvp)     \
+  X("jax_convnet_max_pool_grad", MaxPoolGrad)
+
+#define JCN_DECLARE_CPU(name, sym) XLA_FFI_DECLARE_HANDLER_SYMBOL(sym##Cpu);
+#define JCN_DECLARE_CUDA(name, sym) XLA_FFI_DECLARE_HANDLER_SYMBOL(sym##Cuda);

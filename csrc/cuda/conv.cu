@@ -1,0 +1,8 @@
+// PLACEHOLDER: to be replaced by the real kernels.
+#include "ffi_common.h"
+#include "targets.h"
+namespace ffi = xla::ffi;
+static ffi::Error NotYet(ffi::RemainingArgs, ffi::RemainingRets) { return ffi::Error(ffi::ErrorCode::kUnimplemented, "not implemented yet"); }
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FilterActsCuda, NotYet, ffi::Ffi::Bind().RemainingArgs().RemainingRets());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ImageActsCuda, NotYet, ffi::Ffi::Bind().RemainingArgs().RemainingRets());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(WeightActsCuda, NotYet, ffi::Ffi::Bind().RemainingArgs().RemainingRets());
