@@ -1,0 +1,18 @@
+"""jax_convnet: cuda-convnet's convolution and pooling operators as JAX primitives.
+
+Every op lowers to an XLA FFI custom call into our own kernels (C++ on the CPU, CUDA on NVIDIA
+GPUs) and falls back to the pure-lax reference (``jax_convnet.reference``) anywhere else.
+"""
+from . import geometry, reference
+from .conv import filter_acts, image_acts, weight_acts
+from .geometry import filter_acts_output_size, max_pool_output_size
+from .pool import max_pool
+from ._native import has_native
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "filter_acts", "image_acts", "weight_acts", "max_pool",
+    "filter_acts_output_size", "max_pool_output_size",
+    "geometry", "reference", "has_native",
+]

@@ -1,0 +1,85 @@
+"""Loading the native modules, registering their FFI targets, and the lowering rules.
+
+Each primitive lowers to its FFI target on ``cpu`` (module ``_cpu_kernels``) and ``cuda``
+(module ``_cuda_kernels``, imported lazily); on any other platform, or when a module is missing,
+the pure-lax reference is lowered instead (with one warning).
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import warnings
+
+import jax
+import numpy as np
+from jax.interpreters import mlir
+
+_MODULES = {"cpu": "_cpu_kernels", "cuda": "_cuda_kernels"}
+# Dtypes each backend's kernels take; others use the reference lowering.
+_NATIVE_DTYPES = {
+    "cpu": {np.dtype("float32"), np.dtype("float16"), np.dtype(jax.numpy.bfloat16),
+            np.dtype("float64")},
+    "cuda": {np.dtype("float32"), np.dtype("float16"), np.dtype(jax.numpy.bfloat16)},
+}
+
+
+@functools.cache
+def native_module(platform: str):
+    """The imported kernel module for ``platform`` with its targets registered, or None."""
+    try:
+        module = importlib.import_module(f"jax_convnet.{_MODULES[platform]}")
+    except ImportError as e:
+        warnings.warn(f"jax_convnet: native {platform} kernels are unavailable ({e}); "
+                      f"falling back to the pure-lax reference on {platform}", stacklevel=3)
+        return None
+    for name, capsule in module.registrations().items():
+        jax.ffi.register_ffi_target(name, capsule, platform=platform.upper()
+                                    if platform == "cuda" else platform)
+    return module
+
+
+def has_native(platform: str) -> bool:
+    return native_module(platform) is not None
+
+
+@functools.cache
+def _warn_fallback(platform: str):
+    warnings.warn(f"jax_convnet: no native kernels for platform {platform!r}; lowering the "
+                  f"pure-lax reference", stacklevel=4)
+
+
+def register_lowerings(primitive, target: str, reference):
+    """``reference(*operands, **params)`` is the pure-lax twin; ``params['geom'].ffi_attrs()``
+    gives the FFI attributes."""
+
+    def reference_rule(ctx, *operands, **params):
+        return mlir.lower_fun(functools.partial(reference, **params),
+                              multiple_results=False)(ctx, *operands)
+
+    def fallback_rule(ctx, *operands, **params):
+        platform = ctx.module_context.platforms[0] if ctx.module_context.platforms else "?"
+        _warn_fallback(platform)
+        return reference_rule(ctx, *operands, **params)
+
+    def native_rule(platform):
+        def rule(ctx, *operands, geom, **params):
+            dtype = np.dtype(ctx.avals_in[0].dtype)
+            if dtype not in _NATIVE_DTYPES[platform] or not has_native(platform):
+                return reference_rule(ctx, *operands, geom=geom, **params)
+            return jax.ffi.ffi_lowering(target)(ctx, *operands, **geom.ffi_attrs())
+        return rule
+
+    mlir.register_lowering(primitive, fallback_rule)
+    for platform in _MODULES:
+        mlir.register_lowering(primitive, native_rule(platform), platform=platform)
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_bind(primitive, params):
+    return jax.jit(lambda *args: primitive.bind(*args, **dict(params)))
+
+
+def def_impl_via_jit(primitive):
+    """Eager calls compile the primitive alone (cached per parameter set) and run it."""
+    primitive.def_impl(lambda *args, **params: _jitted_bind(
+        primitive, tuple(sorted(params.items())))(*args))

@@ -1,0 +1,205 @@
+"""The conv family: filter_acts, image_acts, weight_acts and all their rules.
+
+The three primitives are bilinear and each one's transposes are the other two, so the family is
+closed under differentiation to any order:
+
+=================  ===========================  ===========================
+primitive(a, b)    transpose w.r.t. a           transpose w.r.t. b
+=================  ===========================  ===========================
+filter_acts(x, w)  image_acts(ct, w)            weight_acts(x, ct)
+image_acts(h, w)   filter_acts(ct, w)           weight_acts(ct, h)
+weight_acts(x, h)  image_acts(h, ct)            filter_acts(x, ct)
+=================  ===========================  ===========================
+"""
+from __future__ import annotations
+
+import jax
+from jax import lax
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching
+
+from . import geometry as G
+from . import reference
+from ._native import def_impl_via_jit, register_lowerings
+
+filter_acts_p = Primitive("jax_convnet_filter_acts")
+image_acts_p = Primitive("jax_convnet_image_acts")
+weight_acts_p = Primitive("jax_convnet_weight_acts")
+
+
+# ----------------------------------------------------------------------------- public functions
+
+def filter_acts(images, filters, *, stride=1, pad=0, padding=None, partial_sum=None,
+                layout="C01B", precision=None):
+    """cuda-convnet's FilterActs: cross-correlation of ``images`` with ``filters``.
+
+    C01B: images (C, H, W, B), filters (C, fh, fw, F) -> (F, Ho, Wo, B).
+    NHWC: images (B, H, W, C), filters (fh, fw, C, F) -> (B, Ho, Wo, F).
+    ``pad=`` uses cuda-convnet's ceil rule, ``padding=`` XLA's (see ``jax_convnet.geometry``).
+    ``partial_sum`` only changes how the filter gradient is computed.
+    """
+    geom = G.filter_acts_geometry(images, filters, stride=stride, pad=pad, padding=padding,
+                                  partial_sum=partial_sum, layout=layout, precision=precision)
+    return filter_acts_p.bind(images, filters, geom=geom)
+
+
+def image_acts(hid_acts, filters, image_shape, *, stride=1, pad=0, padding=None, partial_sum=None,
+               layout="C01B", precision=None):
+    """cuda-convnet's ImageActs: the adjoint of ``filter_acts`` in its images argument.
+
+    ``image_shape`` is the images' full shape (in the layout's order) or their (H, W): several
+    image sizes give one output size under the ceil rule.
+    """
+    geom, image_hw = G.image_acts_geometry(hid_acts, filters, image_shape, stride=stride, pad=pad,
+                                           padding=padding, partial_sum=partial_sum, layout=layout,
+                                           precision=precision)
+    return image_acts_p.bind(hid_acts, filters, geom=geom, image_hw=image_hw)
+
+
+def weight_acts(images, hid_grads, filter_shape, *, stride=1, pad=0, padding=None,
+                partial_sum=None, layout="C01B", precision=None):
+    """cuda-convnet's WeightActs: the adjoint of ``filter_acts`` in its filters argument,
+    summed as Ho*Wo/partial_sum partial sums over runs of ``partial_sum`` output positions."""
+    geom, filter_hw = G.weight_acts_geometry(images, hid_grads, filter_shape, stride=stride,
+                                             pad=pad, padding=padding, partial_sum=partial_sum,
+                                             layout=layout, precision=precision)
+    return weight_acts_p.bind(images, hid_grads, geom=geom, filter_hw=filter_hw)
+
+
+# ----------------------------------------------------------------------------- abstract eval
+
+def _image_hw(x, layout):
+    ax = G.image_axes(layout)
+    return x.shape[ax["h"]], x.shape[ax["w"]]
+
+
+def _filter_hw(w, layout):
+    ax = G.filter_axes(layout)
+    return w.shape[ax["h"]], w.shape[ax["w"]]
+
+
+def _filter_acts_abstract(images, filters, *, geom):
+    layout = geom.layout
+    n = images.shape[G.image_axes(layout)["n"]]
+    f = filters.shape[G.filter_axes(layout)["f"]]
+    out_hw = geom.output_hw(_image_hw(images, layout), _filter_hw(filters, layout))
+    return jax.core.ShapedArray(G.image_shape(layout, n, f, *out_hw), images.dtype)
+
+
+def _image_acts_abstract(hid_acts, filters, *, geom, image_hw):
+    layout = geom.layout
+    n = hid_acts.shape[G.image_axes(layout)["n"]]
+    c = filters.shape[G.filter_axes(layout)["c"]]
+    return jax.core.ShapedArray(G.image_shape(layout, n, c, *image_hw), hid_acts.dtype)
+
+
+def _weight_acts_abstract(images, hid_grads, *, geom, filter_hw):
+    layout = geom.layout
+    c = images.shape[G.image_axes(layout)["c"]]
+    f = hid_grads.shape[G.image_axes(layout)["c"]]
+    return jax.core.ShapedArray(G.filter_shape(layout, f, c, *filter_hw), images.dtype)
+
+
+filter_acts_p.def_abstract_eval(_filter_acts_abstract)
+image_acts_p.def_abstract_eval(_image_acts_abstract)
+weight_acts_p.def_abstract_eval(_weight_acts_abstract)
+
+
+# ----------------------------------------------------------------------------- transposes (JVP)
+
+def _aval(x):
+    """Shape carrier of an operand, defined or undefined (being transposed)."""
+    return getattr(x, "aval", x)
+
+
+def _filter_acts_t_images(ct, images, filters, *, geom):
+    return image_acts_p.bind(ct, filters, geom=geom, image_hw=_image_hw(_aval(images), geom.layout))
+
+
+def _filter_acts_t_filters(ct, images, filters, *, geom):
+    return weight_acts_p.bind(images, ct, geom=geom,
+                              filter_hw=_filter_hw(_aval(filters), geom.layout))
+
+
+def _image_acts_t_hidden(ct, hid_acts, filters, *, geom, image_hw):
+    return filter_acts_p.bind(ct, filters, geom=geom)
+
+
+def _image_acts_t_filters(ct, hid_acts, filters, *, geom, image_hw):
+    return weight_acts_p.bind(ct, hid_acts, geom=geom,
+                              filter_hw=_filter_hw(_aval(filters), geom.layout))
+
+
+def _weight_acts_t_images(ct, images, hid_grads, *, geom, filter_hw):
+    return image_acts_p.bind(hid_grads, ct, geom=geom, image_hw=_image_hw(_aval(images), geom.layout))
+
+
+def _weight_acts_t_hidden(ct, images, hid_grads, *, geom, filter_hw):
+    return filter_acts_p.bind(images, ct, geom=geom)
+
+
+ad.defbilinear(filter_acts_p, _filter_acts_t_images, _filter_acts_t_filters)
+ad.defbilinear(image_acts_p, _image_acts_t_hidden, _image_acts_t_filters)
+ad.defbilinear(weight_acts_p, _weight_acts_t_images, _weight_acts_t_hidden)
+
+
+# ----------------------------------------------------------------------------- batching
+# A mapped axis of one operand folds into an axis whose slices are independent (no loop):
+# (operand kind, axis folded) for each operand, and the result's (kind, axis) it lands in.
+
+_FOLDS = {
+    filter_acts_p: ((("image", "n"), ("filter", "f")), (("image", "n"), ("image", "c"))),
+    image_acts_p: ((("image", "n"), ("filter", "c")), (("image", "n"), ("image", "c"))),
+    weight_acts_p: ((("image", "c"), ("image", "c")), (("filter", "c"), ("filter", "f"))),
+}
+
+
+def _axis(kind, name, layout):
+    return (G.image_axes if kind == "image" else G.filter_axes)(layout)[name]
+
+
+def _fold(x, bdim, axis):
+    """Moves batch dim ``bdim`` in front of (unbatched) ``axis`` and merges the two."""
+    x = jax.numpy.moveaxis(x, bdim, axis)
+    shape = x.shape
+    return x.reshape(shape[:axis] + (shape[axis] * shape[axis + 1],) + shape[axis + 2:])
+
+
+def _unfold(y, axis, size):
+    shape = y.shape
+    return y.reshape(shape[:axis] + (size, shape[axis] // size) + shape[axis + 1:])
+
+
+def _batch_rule(primitive):
+    operand_folds, result_folds = _FOLDS[primitive]
+
+    def rule(args, dims, **params):
+        layout = params["geom"].layout
+        batched = [d is not None for d in dims]
+        if all(batched):
+            # Both operands mapped (e.g. per-example gradients): one call per slice.
+            a = jax.numpy.moveaxis(args[0], dims[0], 0)
+            b = jax.numpy.moveaxis(args[1], dims[1], 0)
+            return lax.map(lambda ab: primitive.bind(*ab, **params), (a, b)), 0
+        i = batched.index(True)
+        size = args[i].shape[dims[i]]
+        args = list(args)
+        args[i] = _fold(args[i], dims[i], _axis(*operand_folds[i], layout))
+        out_axis = _axis(*result_folds[i], layout)
+        return _unfold(primitive.bind(*args, **params), out_axis, size), out_axis
+
+    return rule
+
+
+for _p in (filter_acts_p, image_acts_p, weight_acts_p):
+    batching.primitive_batchers[_p] = _batch_rule(_p)
+
+
+# ----------------------------------------------------------------------------- impl and lowering
+
+for _p in (filter_acts_p, image_acts_p, weight_acts_p):
+    def_impl_via_jit(_p)
+
+register_lowerings(filter_acts_p, "jax_convnet_filter_acts", reference.filter_acts_canonical)
+register_lowerings(image_acts_p, "jax_convnet_image_acts", reference.image_acts_canonical)
+register_lowerings(weight_acts_p, "jax_convnet_weight_acts", reference.weight_acts_canonical)

@@ -1,0 +1,442 @@
+"""Shape rules and argument checks: the one source of truth for sizes in jax_convnet.
+
+Both public padding conventions end here as explicit per-side padding:
+
+* ``pad=`` (cuda-convnet): symmetric zero padding and the ceil rule
+  ``Ho = ceil((H + 2*pad - fh) / stride) + 1``; a filter overhanging the bottom/right edge reads
+  zeros, which is the same as extra bottom/right padding.
+* ``padding=`` (XLA/Flax): ``"SAME"``, ``"VALID"`` or ``((top, bottom), (left, right))`` with XLA's
+  floor rule ``Ho = (H + top + bottom - fh) // stride + 1``.
+
+The kernels (``csrc/common/geometry.h`` mirrors this module) only see the canonical
+:class:`ConvGeometry` / :class:`PoolGeometry`. Every check raises ``ValueError`` or ``TypeError``
+naming the parameter, at trace time.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from typing import Sequence
+
+import jax
+import numpy as np
+from jax import lax
+
+LAYOUTS = ("C01B", "NHWC")
+# Attribute codes shared with csrc/common/geometry.h (enum Layout, enum Precision).
+LAYOUT_CODES = {"C01B": 0, "NHWC": 1}
+PRECISION_CODES = {"default": 0, "high": 1, "highest": 2}
+
+SUPPORTED_DTYPES = (np.dtype("float32"), np.dtype(jax.numpy.bfloat16), np.dtype("float16"),
+                    np.dtype("float64"))
+
+
+# ----------------------------------------------------------------------------- small parsers
+
+def _is_int(v) -> bool:
+    return isinstance(v, (numbers.Integral, np.integer)) and not isinstance(v, bool)
+
+
+def int_pair(value, name: str, *, minimum: int | None = None) -> tuple[int, int]:
+    """An int or a pair of ints as ``(rows, cols)``."""
+    if _is_int(value):
+        pair = (int(value), int(value))
+    elif isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2 \
+            and all(_is_int(v) for v in value):
+        pair = (int(value[0]), int(value[1]))
+    else:
+        raise TypeError(f"{name} must be an int or a pair of ints (rows, cols), got {value!r}")
+    if minimum is not None and min(pair) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return pair
+
+
+def check_layout(layout) -> str:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    return layout
+
+
+def canonical_precision(precision) -> str:
+    """``None`` honours ``jax_default_matmul_precision``; returns "default", "high" or "highest"."""
+    if precision is None:
+        precision = jax.config.jax_default_matmul_precision
+        if precision is None:
+            return "default"
+    if isinstance(precision, (tuple, list)) and len(precision) == 2 and precision[0] == precision[1]:
+        precision = precision[0]
+    if isinstance(precision, lax.Precision):
+        return {lax.Precision.DEFAULT: "default", lax.Precision.HIGH: "high",
+                lax.Precision.HIGHEST: "highest"}[precision]
+    names = {"default": "default", "fastest": "default", "bfloat16": "default",
+             "high": "high", "tensorfloat32": "high", "bfloat16_3x": "high",
+             "highest": "highest", "float32": "highest"}
+    if isinstance(precision, str) and precision.lower() in names:
+        return names[precision.lower()]
+    raise ValueError(f"precision must be None, a jax.lax.Precision or one of "
+                     f"{sorted(names)}, got {precision!r}")
+
+
+# ----------------------------------------------------------------------------- layouts
+
+def image_axes(layout: str) -> dict[str, int]:
+    """Axis of batch 'n', channels 'c', rows 'h', cols 'w' in an image / hidden tensor."""
+    return {"C01B": dict(c=0, h=1, w=2, n=3), "NHWC": dict(n=0, h=1, w=2, c=3)}[layout]
+
+
+def filter_axes(layout: str) -> dict[str, int]:
+    """Axis of filters 'f', channels 'c', rows 'h', cols 'w' in a filter tensor."""
+    return {"C01B": dict(c=0, h=1, w=2, f=3), "NHWC": dict(h=0, w=1, c=2, f=3)}[layout]
+
+
+def image_shape(layout: str, n: int, c: int, h: int, w: int) -> tuple[int, ...]:
+    return (c, h, w, n) if layout == "C01B" else (n, h, w, c)
+
+
+def filter_shape(layout: str, f: int, c: int, h: int, w: int) -> tuple[int, ...]:
+    return (c, h, w, f) if layout == "C01B" else (h, w, c, f)
+
+
+def _dims(shape, axes) -> dict[str, int]:
+    return {k: int(shape[a]) for k, a in axes.items()}
+
+
+def check_array(x, name: str, *, rank: int = 4):
+    shape = getattr(x, "shape", None)
+    dtype = getattr(x, "dtype", None)
+    if shape is None or dtype is None:
+        raise TypeError(f"{name} must be an array, got {type(x).__name__}")
+    if len(shape) != rank:
+        raise ValueError(f"{name} must have rank {rank}, got shape {tuple(shape)}")
+    if np.dtype(dtype) not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {dtype}")
+    if min(shape) < 1:
+        raise ValueError(f"{name} must not be empty, got shape {tuple(shape)}")
+    return shape, np.dtype(dtype)
+
+
+def check_same_dtype(**arrays):
+    dtypes = {name: np.dtype(a.dtype) for name, a in arrays.items()}
+    if len(set(dtypes.values())) > 1:
+        listed = ", ".join(f"{n}={d}" for n, d in dtypes.items())
+        raise TypeError(f"{' and '.join(dtypes)} must share one dtype, got {listed}")
+
+
+# ----------------------------------------------------------------------------- output sizes
+
+def ceil_rule_size(size: int, window: int, stride: int, pad: int = 0) -> int:
+    """cuda-convnet: ``ceil((size + 2*pad - window) / stride) + 1``."""
+    return -(-(size + 2 * pad - window) // stride) + 1
+
+
+def floor_rule_size(size: int, window: int, stride: int, lo: int = 0, hi: int = 0) -> int:
+    """XLA: ``(size + lo + hi - window) // stride + 1``."""
+    return (size + lo + hi - window) // stride + 1
+
+
+def _explicit_padding(padding, sizes, windows, strides, name="padding"):
+    """``"SAME"`` / ``"VALID"`` / pairs -> ((top, bottom), (left, right)) as XLA defines them."""
+    if isinstance(padding, str):
+        if padding.upper() not in ("SAME", "VALID"):
+            raise ValueError(f"{name} must be 'SAME', 'VALID' or ((top, bottom), (left, right)), "
+                             f"got {padding!r}")
+        pads = lax.padtype_to_pads(sizes, windows, strides, padding.upper())
+        return tuple((int(lo), int(hi)) for lo, hi in pads)
+    try:
+        pairs = tuple(tuple(p) for p in padding)
+        ok = len(pairs) == 2 and all(len(p) == 2 and all(_is_int(v) for v in p) for p in pairs)
+    except TypeError:
+        ok = False
+    if not ok:
+        raise TypeError(f"{name} must be 'SAME', 'VALID' or ((top, bottom), (left, right)), "
+                        f"got {padding!r}")
+    pairs = tuple((int(lo), int(hi)) for lo, hi in pairs)
+    if min(min(p) for p in pairs) < 0:
+        raise ValueError(f"{name} must be non-negative, got {padding!r}")
+    return pairs
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvGeometry:
+    """Canonical parameters of filter_acts / image_acts / weight_acts (hashable: a primitive param)."""
+    layout: str
+    strides: tuple[int, int]
+    padding: tuple[tuple[int, int], tuple[int, int]]  # ((top, bottom), (left, right)), >= 0
+    partial_sum: int  # 0: one sum over all output positions
+    precision: str  # "default" | "high" | "highest"
+
+    def output_hw(self, image_hw, filter_hw) -> tuple[int, int]:
+        return tuple(floor_rule_size(image_hw[k], filter_hw[k], self.strides[k], *self.padding[k])
+                     for k in range(2))
+
+    def ffi_attrs(self) -> dict:
+        (pt, pb), (pl, pr) = self.padding
+        i64 = np.int64
+        return dict(layout=i64(LAYOUT_CODES[self.layout]), stride_h=i64(self.strides[0]),
+                    stride_w=i64(self.strides[1]), pad_top=i64(pt), pad_bottom=i64(pb),
+                    pad_left=i64(pl), pad_right=i64(pr), partial_sum=i64(self.partial_sum),
+                    precision=i64(PRECISION_CODES[self.precision]))
+
+
+def conv_padding(image_hw, filter_hw, stride, pad, padding):
+    """Explicit ((top, bottom), (left, right)) from either convention (exactly one may be given)."""
+    stride = int_pair(stride, "stride", minimum=1)
+    pad_given = not (pad is None or (_is_int(pad) and pad == 0) or
+                     (not _is_int(pad) and isinstance(pad, Sequence) and tuple(pad) == (0, 0)))
+    if padding is not None and pad_given:
+        raise ValueError(f"give either pad= (cuda-convnet ceil rule) or padding= (XLA rule), "
+                         f"not both: pad={pad!r}, padding={padding!r}")
+    if padding is not None:
+        pads = _explicit_padding(padding, image_hw, filter_hw, stride)
+    else:
+        pad = int_pair(0 if pad is None else pad, "pad", minimum=0)
+        pads = []
+        for k in range(2):
+            if image_hw[k] + 2 * pad[k] < filter_hw[k]:
+                raise ValueError(_too_big(image_hw, filter_hw, pad, k))
+            out = ceil_rule_size(image_hw[k], filter_hw[k], stride[k], pad[k])
+            # The ceil rule's overhang is extra bottom/right zero padding.
+            pads.append((pad[k], (out - 1) * stride[k] + filter_hw[k] - image_hw[k] - pad[k]))
+        pads = tuple(pads)
+    for k in range(2):
+        if image_hw[k] + sum(pads[k]) < filter_hw[k]:
+            raise ValueError(_too_big(image_hw, filter_hw, pads, k))
+    return stride, pads
+
+
+def _too_big(image_hw, filter_hw, pads, k):
+    axis = ("rows", "cols")[k]
+    return (f"filter {tuple(filter_hw)} is larger than the padded image {tuple(image_hw)} "
+            f"(padding {pads}) in its {axis}")
+
+
+def filter_acts_output_size(image_size, filter_size, *, stride=1, pad=0, padding=None):
+    """(Ho, Wo) of ``filter_acts`` for an image of ``image_size`` (int or (H, W))."""
+    image_hw = int_pair(image_size, "image_size", minimum=1)
+    filter_hw = int_pair(filter_size, "filter_size", minimum=1)
+    stride, pads = conv_padding(image_hw, filter_hw, stride, pad, padding)
+    return tuple(floor_rule_size(image_hw[k], filter_hw[k], stride[k], *pads[k]) for k in range(2))
+
+
+def resolve_partial_sum(partial_sum, out_hw, n_filter_elems: int) -> int:
+    """0 (one sum), a divisor P of Ho*Wo, or "auto".
+
+    "auto" picks the smallest divisor P of Ho*Wo that keeps the partial sums' temporary memory
+    under 4M float32 elements (16 MiB) while giving at most 64 partial sums: enough independent
+    work to fill a GPU on layers with few filter weights, bounded memory on large ones.
+    """
+    positions = out_hw[0] * out_hw[1]
+    if partial_sum is None:
+        return 0
+    if isinstance(partial_sum, str):
+        if partial_sum != "auto":
+            raise ValueError(f"partial_sum must be None, 'auto' or a positive int dividing "
+                             f"Ho*Wo={positions}, got {partial_sum!r}")
+        budget = max(1, min(64, (4 << 20) // max(1, n_filter_elems)))
+        for p in range(1, positions + 1):
+            if positions % p == 0 and positions // p <= budget:
+                return 0 if p == positions else p
+        return 0
+    if not _is_int(partial_sum):
+        raise TypeError(f"partial_sum must be None, 'auto' or an int, got {partial_sum!r}")
+    partial_sum = int(partial_sum)
+    if partial_sum < 0:
+        raise ValueError(f"partial_sum must be >= 0, got {partial_sum}")
+    if partial_sum == 0:  # cuda-convnet's spelling of "one sum"
+        return 0
+    if positions % partial_sum != 0:
+        raise ValueError(f"partial_sum={partial_sum} must divide the number of output positions "
+                         f"Ho*Wo = {out_hw[0]}*{out_hw[1]} = {positions}")
+    return 0 if partial_sum == positions else partial_sum
+
+
+def conv_geometry(*, image_hw, filter_hw, channels, filters, stride, pad, padding, partial_sum,
+                  layout, precision) -> ConvGeometry:
+    layout = check_layout(layout)
+    stride, pads = conv_padding(image_hw, filter_hw, stride, pad, padding)
+    out_hw = tuple(floor_rule_size(image_hw[k], filter_hw[k], stride[k], *pads[k]) for k in range(2))
+    ps = resolve_partial_sum(partial_sum, out_hw, channels * filter_hw[0] * filter_hw[1] * filters)
+    return ConvGeometry(layout, stride, pads, ps, canonical_precision(precision))
+
+
+def conv_operand_dims(images=None, filters=None, hidden=None, *, layout):
+    """Logical sizes of the given operands, cross-checked. Returns a dict with n, c, f, h, w,
+    fh, fw, oh, ow (those that the given operands determine)."""
+    layout = check_layout(layout)
+    d = {}
+    if images is not None:
+        shape, _ = check_array(images, "images")
+        im = _dims(shape, image_axes(layout))
+        d.update(n=im["n"], c=im["c"], h=im["h"], w=im["w"])
+    if filters is not None:
+        shape, _ = check_array(filters, "filters")
+        fi = _dims(shape, filter_axes(layout))
+        if "c" in d and fi["c"] != d["c"]:
+            raise ValueError(f"filters have {fi['c']} input channels but images have {d['c']} "
+                             f"(layout {layout}: filters {tuple(shape)}, images "
+                             f"{tuple(images.shape)})")
+        d.update(c=fi["c"], f=fi["f"], fh=fi["h"], fw=fi["w"])
+    if hidden is not None:
+        name = "hid_acts" if images is None else "hid_grads"
+        shape, _ = check_array(hidden, name)
+        hi = _dims(shape, image_axes(layout))
+        if "n" in d and hi["n"] != d["n"]:
+            raise ValueError(f"{name} has batch size {hi['n']} but images have {d['n']}")
+        if "f" in d and hi["c"] != d["f"]:
+            raise ValueError(f"{name} has {hi['c']} channels but there are {d['f']} filters")
+        d.update(n=hi["n"], f=hi["c"], oh=hi["h"], ow=hi["w"])
+    return d
+
+
+def check_hidden_hw(geom: ConvGeometry, image_hw, filter_hw, hidden_hw, name):
+    expected = geom.output_hw(image_hw, filter_hw)
+    if tuple(hidden_hw) != tuple(expected):
+        raise ValueError(f"{name} has spatial size {tuple(hidden_hw)} but images of size "
+                         f"{tuple(image_hw)} and filters of size {tuple(filter_hw)} with strides "
+                         f"{geom.strides} and padding {geom.padding} give {expected}")
+
+
+# ----------------------------------------------------------------------------- max pool
+
+@dataclasses.dataclass(frozen=True)
+class PoolGeometry:
+    """Canonical max_pool parameters. Window o covers rows
+    ``[o*stride - top, o*stride - top + window)`` clipped to the image; ``top`` is ``-start`` in
+    cuda-convnet's convention (so it may be negative)."""
+    layout: str
+    window: tuple[int, int]
+    strides: tuple[int, int]
+    padding: tuple[tuple[int, int], tuple[int, int]]
+
+    def output_hw(self, image_hw) -> tuple[int, int]:
+        return tuple(floor_rule_size(image_hw[k], self.window[k], self.strides[k], *self.padding[k])
+                     for k in range(2))
+
+    def ffi_attrs(self) -> dict:
+        i64 = np.int64
+        return dict(layout=i64(LAYOUT_CODES[self.layout]), window_h=i64(self.window[0]),
+                    window_w=i64(self.window[1]), stride_h=i64(self.strides[0]),
+                    stride_w=i64(self.strides[1]), pad_top=i64(self.padding[0][0]),
+                    pad_left=i64(self.padding[1][0]))
+
+
+def pool_geometry(image_hw, ds, *, stride=None, start=0, padding=None, layout="C01B"):
+    layout = check_layout(layout)
+    window = int_pair(ds, "ds", minimum=1)
+    stride = window if stride is None else int_pair(stride, "stride", minimum=1)
+    if padding is not None:
+        if not (_is_int(start) and start == 0) and int_pair(start, "start") != (0, 0):
+            raise ValueError(f"give either start= (cuda-convnet) or padding= (XLA rule), "
+                             f"not both: start={start!r}, padding={padding!r}")
+        pads = _explicit_padding(padding, image_hw, window, stride)
+        for k in range(2):
+            if image_hw[k] + sum(pads[k]) < window[k]:
+                raise ValueError(f"ds={window} is larger than the padded image {tuple(image_hw)} "
+                                 f"(padding {pads})")
+        return PoolGeometry(layout, window, stride, pads)
+    start = int_pair(start, "start")
+    pads = []
+    for k in range(2):
+        axis = ("rows", "cols")[k]
+        if window[k] > image_hw[k]:
+            raise ValueError(f"ds={window} must not exceed the image size {tuple(image_hw)} "
+                             f"({axis})")
+        if stride[k] > window[k]:
+            raise ValueError(f"stride={stride} must be <= ds={window} in cuda-convnet's convention "
+                             f"(use padding= for strides larger than the window)")
+        if not 0 <= start[k] < image_hw[k]:
+            raise ValueError(f"start={start} must satisfy 0 <= start < image size "
+                             f"{tuple(image_hw)} ({axis})")
+        out = ceil_rule_size(image_hw[k] - start[k], window[k], stride[k])
+        if out < 1:
+            raise ValueError(f"start={start} with ds={window} and stride={stride} leaves no "
+                             f"window in the image {tuple(image_hw)} ({axis})")
+        # ceil rule: the last window may overhang the bottom/right edge; it is clipped.
+        pads.append((-start[k], (out - 1) * stride[k] + window[k] - image_hw[k] + start[k]))
+    return PoolGeometry(layout, window, stride, tuple(pads))
+
+
+def max_pool_output_size(image_size, ds, *, stride=None, start=0, padding=None):
+    """(Ho, Wo) of ``max_pool`` for an image of ``image_size`` (int or (H, W))."""
+    image_hw = int_pair(image_size, "image_size", minimum=1)
+    return pool_geometry(image_hw, ds, stride=stride, start=start, padding=padding).output_hw(image_hw)
+
+
+def pool_operand_hw(images, layout):
+    shape, _ = check_array(images, "images")
+    ax = image_axes(check_layout(layout))
+    return int(shape[ax["h"]]), int(shape[ax["w"]])
+
+
+# ----------------------------------------------------------------------------- per-op entry points
+# Each public op (and its reference twin) turns its arguments into canonical geometry here.
+
+def _conv_geometry(d, *, stride, pad, padding, partial_sum, layout, precision):
+    return conv_geometry(image_hw=(d["h"], d["w"]), filter_hw=(d["fh"], d["fw"]),
+                         channels=d["c"], filters=d["f"], stride=stride, pad=pad, padding=padding,
+                         partial_sum=partial_sum, layout=layout, precision=precision)
+
+
+def filter_acts_geometry(images, filters, *, stride, pad, padding, partial_sum, layout,
+                         precision) -> ConvGeometry:
+    d = conv_operand_dims(images=images, filters=filters, layout=layout)
+    check_same_dtype(images=images, filters=filters)
+    return _conv_geometry(d, stride=stride, pad=pad, padding=padding, partial_sum=partial_sum,
+                          layout=layout, precision=precision)
+
+
+def _spatial_from_shape(value, name, full_shape_of):
+    """Accepts a full 4-d shape in the layout's order or just (H, W); returns (H, W)."""
+    if isinstance(value, Sequence) and len(value) == 4 and all(_is_int(v) for v in value):
+        return full_shape_of(tuple(int(v) for v in value))
+    if isinstance(value, Sequence) and len(value) == 2 and all(_is_int(v) for v in value):
+        hw = tuple(int(v) for v in value)
+        if min(hw) < 1:
+            raise ValueError(f"{name} must be positive, got {value!r}")
+        return hw
+    raise TypeError(f"{name} must be a 4-d shape in the layout's order or (rows, cols), "
+                    f"got {value!r}")
+
+
+def image_acts_geometry(hid_acts, filters, image_shape, *, stride, pad, padding, partial_sum,
+                        layout, precision):
+    d = conv_operand_dims(filters=filters, hidden=hid_acts, layout=layout)
+    check_same_dtype(hid_acts=hid_acts, filters=filters)
+    ax = image_axes(layout)
+
+    def from_full(shape):
+        if shape[ax["n"]] != d["n"] or shape[ax["c"]] != d["c"]:
+            raise ValueError(f"image_shape {shape} ({layout}) must have batch {d['n']} and "
+                             f"{d['c']} channels to match hid_acts and filters")
+        return shape[ax["h"]], shape[ax["w"]]
+
+    d["h"], d["w"] = _spatial_from_shape(image_shape, "image_shape", from_full)
+    geom = _conv_geometry(d, stride=stride, pad=pad, padding=padding, partial_sum=partial_sum,
+                          layout=layout, precision=precision)
+    check_hidden_hw(geom, (d["h"], d["w"]), (d["fh"], d["fw"]), (d["oh"], d["ow"]), "hid_acts")
+    return geom, (d["h"], d["w"])
+
+
+def weight_acts_geometry(images, hid_grads, filter_shape, *, stride, pad, padding, partial_sum,
+                         layout, precision):
+    d = conv_operand_dims(images=images, hidden=hid_grads, layout=layout)
+    check_same_dtype(images=images, hid_grads=hid_grads)
+    ax = filter_axes(layout)
+
+    def from_full(shape):
+        if shape[ax["c"]] != d["c"] or shape[ax["f"]] != d["f"]:
+            raise ValueError(f"filter_shape {shape} ({layout}) must have {d['c']} channels and "
+                             f"{d['f']} filters to match images and hid_grads")
+        return shape[ax["h"]], shape[ax["w"]]
+
+    d["fh"], d["fw"] = _spatial_from_shape(filter_shape, "filter_shape", from_full)
+    geom = _conv_geometry(d, stride=stride, pad=pad, padding=padding, partial_sum=partial_sum,
+                          layout=layout, precision=precision)
+    check_hidden_hw(geom, (d["h"], d["w"]), (d["fh"], d["fw"]), (d["oh"], d["ow"]), "hid_grads")
+    return geom, (d["fh"], d["fw"])
+
+
+def max_pool_geometry(images, ds, *, stride, start, padding, layout) -> PoolGeometry:
+    return pool_geometry(pool_operand_hw(images, layout), ds, stride=stride, start=start,
+                         padding=padding, layout=layout)

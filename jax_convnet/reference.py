@@ -1,0 +1,128 @@
+"""Every jax_convnet op in pure ``jax.lax``: the test oracle and the fallback lowering.
+
+The public functions take the same arguments as ``jax_convnet``'s; the ``*_canonical``
+functions take the canonical geometry (what the primitives carry) and are what the fallback
+lowering uses.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from . import geometry as G
+
+_DIMENSION_NUMBERS = {"C01B": ("CHWN", "IHWO", "CHWN"), "NHWC": ("NHWC", "HWIO", "NHWC")}
+# "high" promises float32 accuracy, which only HIGHEST guarantees in XLA.
+_LAX_PRECISION = {"default": lax.Precision.DEFAULT, "high": lax.Precision.HIGHEST,
+                  "highest": lax.Precision.HIGHEST}
+
+
+# ----------------------------------------------------------------------------- canonical
+
+def filter_acts_canonical(images, filters, *, geom: G.ConvGeometry):
+    accumulate = jnp.float64 if images.dtype == jnp.float64 else jnp.float32
+    out = lax.conv_general_dilated(
+        images, filters, geom.strides, geom.padding,
+        dimension_numbers=_DIMENSION_NUMBERS[geom.layout],
+        precision=_LAX_PRECISION[geom.precision], preferred_element_type=accumulate)
+    return out.astype(images.dtype)
+
+
+def image_acts_canonical(hid_acts, filters, *, geom: G.ConvGeometry, image_hw):
+    n = hid_acts.shape[G.image_axes(geom.layout)["n"]]
+    c = filters.shape[G.filter_axes(geom.layout)["c"]]
+    images = jax.ShapeDtypeStruct(G.image_shape(geom.layout, n, c, *image_hw), hid_acts.dtype)
+    forward = lambda x: filter_acts_canonical(x, filters, geom=geom)
+    return jax.linear_transpose(forward, images)(hid_acts)[0]
+
+
+def weight_acts_canonical(images, hid_grads, *, geom: G.ConvGeometry, filter_hw):
+    c = images.shape[G.image_axes(geom.layout)["c"]]
+    f = hid_grads.shape[G.image_axes(geom.layout)["c"]]
+    filters = jax.ShapeDtypeStruct(G.filter_shape(geom.layout, f, c, *filter_hw), images.dtype)
+    forward = lambda w: filter_acts_canonical(images, w, geom=geom)
+    return jax.linear_transpose(forward, filters)(hid_grads)[0]
+
+
+def _window_elements(x, geom: G.PoolGeometry, fill):
+    """Stack of every window's elements in row-major window order: (wh*ww, *pooled_shape)."""
+    ax = G.image_axes(geom.layout)
+    image_hw = (x.shape[ax["h"]], x.shape[ax["w"]])
+    out_hw = geom.output_hw(image_hw)
+    config = [(0, 0, 0)] * 4
+    config[ax["h"]] = (*geom.padding[0], 0)
+    config[ax["w"]] = (*geom.padding[1], 0)
+    padded = lax.pad(x, jnp.asarray(fill, x.dtype), config)
+    parts = []
+    for i in range(geom.window[0]):
+        for j in range(geom.window[1]):
+            start = [0] * 4
+            start[ax["h"]], start[ax["w"]] = i, j
+            limit = list(padded.shape)
+            limit[ax["h"]] = i + (out_hw[0] - 1) * geom.strides[0] + 1
+            limit[ax["w"]] = j + (out_hw[1] - 1) * geom.strides[1] + 1
+            strides = [1] * 4
+            strides[ax["h"]], strides[ax["w"]] = geom.strides
+            parts.append(lax.slice(padded, start, limit, strides))
+    return jnp.stack(parts)
+
+
+def _selected(images, geom: G.PoolGeometry):
+    """Index (into the window stack) of each window's selected element: the first NaN if there is
+    one, otherwise the first maximal element; 0 (a padding slot) for an empty window."""
+    values = _window_elements(images, geom, -jnp.inf)
+    inside = _window_elements(jnp.ones(images.shape, jnp.bool_), geom, False)
+    is_nan = inside & jnp.isnan(values)
+    ordinary = inside & ~jnp.isnan(values)
+    top = jnp.max(jnp.where(ordinary, values, -jnp.inf), axis=0)
+    first_max = jnp.argmax((ordinary & (values == top)).astype(jnp.int8), axis=0)
+    first_nan = jnp.argmax(is_nan.astype(jnp.int8), axis=0)
+    return values, jnp.where(jnp.any(is_nan, axis=0), first_nan, first_max)
+
+
+def max_pool_canonical(images, *, geom: G.PoolGeometry):
+    values, index = _selected(images, geom)
+    return jnp.take_along_axis(values, index[None], axis=0)[0]
+
+
+def max_pool_jvp_canonical(images, tangents, *, geom: G.PoolGeometry):
+    _, index = _selected(images, geom)
+    return jnp.take_along_axis(_window_elements(tangents, geom, 0), index[None], axis=0)[0]
+
+
+def max_pool_grad_canonical(images, cotangents, *, geom: G.PoolGeometry):
+    jvp = lambda t: max_pool_jvp_canonical(images, t, geom=geom)
+    return jax.linear_transpose(jvp, jax.ShapeDtypeStruct(images.shape, images.dtype))(cotangents)[0]
+
+
+# ----------------------------------------------------------------------------- public API
+
+def filter_acts(images, filters, *, stride=1, pad=0, padding=None, partial_sum=None,
+                layout="C01B", precision=None):
+    geom = G.filter_acts_geometry(images, filters, stride=stride, pad=pad, padding=padding,
+                                  partial_sum=partial_sum, layout=layout, precision=precision)
+    return filter_acts_canonical(images, filters, geom=geom)
+
+
+def image_acts(hid_acts, filters, image_shape, *, stride=1, pad=0, padding=None, partial_sum=None,
+               layout="C01B", precision=None):
+    geom, image_hw = G.image_acts_geometry(hid_acts, filters, image_shape, stride=stride, pad=pad,
+                                           padding=padding, partial_sum=partial_sum, layout=layout,
+                                           precision=precision)
+    return image_acts_canonical(hid_acts, filters, geom=geom, image_hw=image_hw)
+
+
+def weight_acts(images, hid_grads, filter_shape, *, stride=1, pad=0, padding=None,
+                partial_sum=None, layout="C01B", precision=None):
+    geom, filter_hw = G.weight_acts_geometry(images, hid_grads, filter_shape, stride=stride,
+                                             pad=pad, padding=padding, partial_sum=partial_sum,
+                                             layout=layout, precision=precision)
+    return weight_acts_canonical(images, hid_grads, geom=geom, filter_hw=filter_hw)
+
+
+def max_pool(images, ds, *, stride=None, start=0, padding=None, layout="C01B"):
+    geom = G.max_pool_geometry(images, ds, stride=stride, start=start, padding=padding,
+                               layout=layout)
+    return max_pool_canonical(images, geom=geom)
