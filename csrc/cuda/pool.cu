@@ -1,8 +1,457 @@
-// PLACEHOLDER: to be replaced by the real kernels.
+// Max pooling on CUDA: max_pool, its JVP and its gradient (see csrc/README.md, "Max pool").
+//
+// Both layouts are one memory pattern [outer][H][W][inner] (C01B: outer = C, inner = B;
+// NHWC: outer = B, inner = C), `inner` contiguous. Every thread works on a vector of V
+// consecutive `inner` elements: V = 16 bytes / sizeof(T) (4 x f32, 8 x bf16 / f16) when `inner`
+// is a multiple of V and all buffers are 16-byte aligned, otherwise V = 1 (scalar fallback).
+// Consecutive threads take consecutive vectors, so every warp-wide load / store is contiguous.
+//
+// Bit-identical to the CPU kernels (csrc/cpu/pool.cc): forward / JVP copy the selected element
+// unchanged; the gradient of an image element is 0 + ct(w1) + ct(w2) + ... over the windows that
+// selected it in increasing (oy, ox) order, in float32, rounded once to the storage type.
+//
+// Graph-safe: no allocation, no synchronisation, no host access to device data; one kernel
+// launch per call on the given stream. Index arithmetic is 32-bit when everything provably fits
+// (pool::fits_int32), else 64-bit; grids are 1-d with grid-stride loops (any size).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+
 #include "ffi_common.h"
+#include "pool_select.h"
 #include "targets.h"
+
 namespace ffi = xla::ffi;
-static ffi::Error NotYet(ffi::RemainingArgs, ffi::RemainingRets) { return ffi::Error(ffi::ErrorCode::kUnimplemented, "not implemented yet"); }
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MaxPoolCuda, NotYet, ffi::Ffi::Bind().RemainingArgs().RemainingRets());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MaxPoolJvpCuda, NotYet, ffi::Ffi::Bind().RemainingArgs().RemainingRets());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MaxPoolGradCuda, NotYet, ffi::Ffi::Bind().RemainingArgs().RemainingRets());
+
+namespace {
+
+namespace jcn = jax_convnet;
+
+constexpr int kThreads = 256;            // threads per block
+constexpr int64_t kMaxBlocks = 1 << 22;  // grid cap: kMaxBlocks * kThreads = 2^30 (int32-safe)
+constexpr int kTile = 2;                 // gradient: one thread owns kTile x kTile positions
+
+// ----------------------------------------------------------------------------------------------
+// Element types: compare / accumulate in float32, store in T.
+
+template <typename T>
+struct Num;
+template <>
+struct Num<float> {
+  static __device__ __forceinline__ float to_f(float v) { return v; }
+  static __device__ __forceinline__ float from_f(float v) { return v; }
+  static __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
+  static __device__ __forceinline__ float zero() { return 0.0f; }
+};
+template <>
+struct Num<__nv_bfloat16> {
+  static __device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+  static __device__ __forceinline__ __nv_bfloat16 from_f(float v) { return __float2bfloat16_rn(v); }
+  static __device__ __forceinline__ __nv_bfloat16 neg_inf() { return __ushort_as_bfloat16(0xff80); }
+  static __device__ __forceinline__ __nv_bfloat16 zero() { return __ushort_as_bfloat16(0); }
+};
+template <>
+struct Num<__half> {
+  static __device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
+  static __device__ __forceinline__ __half from_f(float v) { return __float2half_rn(v); }
+  static __device__ __forceinline__ __half neg_inf() { return __ushort_as_half(0xfc00); }
+  static __device__ __forceinline__ __half zero() { return __ushort_as_half(0); }
+};
+
+// V consecutive elements, loaded / stored with one instruction (128-bit when V*sizeof(T) = 16).
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Vec {
+  T v[V];
+};
+
+template <typename T, int V, typename Idx>
+__device__ __forceinline__ Vec<T, V> load_vec(const T* __restrict__ p, Idx off) {
+  return *reinterpret_cast<const Vec<T, V>*>(p + off);
+}
+
+// Kernel geometry in the index type Idx. Memory: image[o][y][x][i], pooled[o][oy][ox][i].
+template <typename Idx>
+struct KGeom {
+  Idx O, H, W, I, Ho, Wo;  // outer, image rows / cols, inner (contiguous), pooled rows / cols
+  Idx wh, ww, sh, sw, pt, pl;
+  Idx IV;     // I / V: vectors per position
+  Idx TH, TW; // gradient: tiles per column / row, ceil(H / kTile), ceil(W / kTile)
+  Idx total;  // work items: O*Ho*Wo*IV (forward, JVP) or O*TH*TW*IV (gradient)
+};
+
+// ----------------------------------------------------------------------------------------------
+// Forward and JVP. One thread per pooled vector (o, oy, ox, V lanes at i = iv*V): it scans the
+// clipped window in row-major order, per lane keeps the selected value, and writes the selected
+// image element (forward) or the tangent at that element (JVP); -inf / 0 for an empty window.
+// Bytes moved per image element (windows tiling the image, stride s_h x s_w; overlapping
+// re-reads are served by L1/L2):
+//   forward: sizeof(T) * (1 + 1/(s_h*s_w))   -- f32 2x2/2: 5 B, bf16: 2.5 B
+//   JVP:     sizeof(T) * (2 + 1/(s_h*s_w))   -- f32 2x2/2: 9 B
+// KH / KW > 0: window size fixed at compile time (loops fully unrolled, all loads of a window in
+// flight at once; out-of-image elements predicated off); 0: runtime window over the clipped range.
+template <typename T, int V, int KH, int KW, bool kJvp, typename Idx>
+__global__ void __launch_bounds__(kThreads)
+    max_pool_fwd_kernel(const T* __restrict__ img, const T* __restrict__ tan,
+                        T* __restrict__ out, const KGeom<Idx> g) {
+  using N = Num<T>;
+  const Idx step = Idx(gridDim.x) * Idx(blockDim.x);
+  for (Idx t = Idx(blockIdx.x) * Idx(blockDim.x) + Idx(threadIdx.x); t < g.total; t += step) {
+    // t = ((o*Ho + oy)*Wo + ox)*IV + iv, so the pooled vector sits at out + t*V.
+    const Idx iv = t % g.IV;
+    Idx r = t / g.IV;
+    const Idx ox = r % g.Wo;
+    r /= g.Wo;
+    const Idx oy = r % g.Ho;
+    const Idx o = r / g.Ho;
+    const Idx lane = iv * V;
+
+    const Idx wh = KH > 0 ? Idx(KH) : g.wh;
+    const Idx ww = KW > 0 ? Idx(KW) : g.ww;
+    const Idx y0 = oy * g.sh - g.pt;  // window's first row / col (may be outside the image)
+    const Idx x0 = ox * g.sw - g.pl;
+    // Window offsets kept after clipping: i in [i_lo, i_hi), j in [j_lo, j_hi).
+    const Idx i_lo = y0 < 0 ? -y0 : Idx(0);
+    const Idx i_hi = wh < g.H - y0 ? wh : g.H - y0;
+    const Idx j_lo = x0 < 0 ? -x0 : Idx(0);
+    const Idx j_hi = ww < g.W - x0 ? ww : g.W - x0;
+
+    Vec<T, V> res;
+    float best[V];
+#pragma unroll
+    for (int l = 0; l < V; ++l) {
+      res.v[l] = kJvp ? N::zero() : N::neg_inf();
+      best[l] = 0.0f;
+    }
+    bool first = true;
+#pragma unroll
+    for (Idx i = (KH > 0 ? Idx(0) : i_lo); i < (KH > 0 ? Idx(KH) : i_hi); ++i) {
+      if (KH > 0 && (i < i_lo || i >= i_hi)) continue;
+      const Idx row = (o * g.H + (y0 + i)) * g.W;  // (o, y) row; y inside the image
+#pragma unroll
+      for (Idx j = (KW > 0 ? Idx(0) : j_lo); j < (KW > 0 ? Idx(KW) : j_hi); ++j) {
+        if (KW > 0 && (j < j_lo || j >= j_hi)) continue;
+        const Idx off = (row + (x0 + j)) * g.I + lane;  // x inside the image
+        const Vec<T, V> v = load_vec<T, V>(img, off);
+        Vec<T, V> tv;
+        if (kJvp) tv = load_vec<T, V>(tan, off);
+#pragma unroll
+        for (int l = 0; l < V; ++l) {
+          const float f = N::to_f(v.v[l]);
+          if (jcn::pool::takes(first, f, best[l])) {
+            best[l] = f;
+            res.v[l] = kJvp ? tv.v[l] : v.v[l];
+          }
+        }
+        first = false;
+      }
+    }
+    *reinterpret_cast<Vec<T, V>*>(out + t * V) = res;
+  }
+}
+
+// ----------------------------------------------------------------------------------------------
+// Gradient (gather, recompute, no atomics). One thread owns a kTile x kTile tile of image
+// positions (rows y0 = ty*kTile.., cols x0 = tx*kTile..) for V lanes. It visits the windows
+// covering its tile in increasing (oy, ox), recomputes each window's selection per lane (as the
+// slot 0..kTile*kTile-1 of the tile it falls in, or -1 when outside the tile), adds the window's
+// cotangent to that slot's float32 accumulator, and finally writes its tile once.
+// Windows overlapping several tiles are recomputed by each (re-reads come from L1/L2); a tile of
+// 2 x 2 shares them between 4 positions (3x3/2: 4 windows per tile instead of 9 per position).
+// Bytes moved per image element: read image + write image cotangent + read cotangents:
+//   sizeof(T) * (2 + 1/(s_h*s_w))   -- f32 2x2/2: 9 B, bf16: 4.5 B
+template <typename T, int V, int KH, int KW, typename Idx>
+__global__ void __launch_bounds__(kThreads)
+    max_pool_grad_kernel(const T* __restrict__ img, const T* __restrict__ ct,
+                         T* __restrict__ out, const KGeom<Idx> g) {
+  using N = Num<T>;
+  constexpr int kSlots = kTile * kTile;
+  const Idx step = Idx(gridDim.x) * Idx(blockDim.x);
+  for (Idx t = Idx(blockIdx.x) * Idx(blockDim.x) + Idx(threadIdx.x); t < g.total; t += step) {
+    // t = ((o*TH + ty)*TW + tx)*IV + iv
+    const Idx iv = t % g.IV;
+    Idx r = t / g.IV;
+    const Idx tx = r % g.TW;
+    r /= g.TW;
+    const Idx ty = r % g.TH;
+    const Idx o = r / g.TH;
+    const Idx lane = iv * V;
+
+    const Idx wh = KH > 0 ? Idx(KH) : g.wh;
+    const Idx ww = KW > 0 ? Idx(KW) : g.ww;
+    const Idx y0 = ty * kTile, x0 = tx * kTile;  // tile origin (inside the image)
+    const Idx ny = kTile < g.H - y0 ? Idx(kTile) : g.H - y0;  // tile rows / cols in the image
+    const Idx nx = kTile < g.W - x0 ? Idx(kTile) : g.W - x0;
+
+    float acc[kSlots][V];
+#pragma unroll
+    for (int s = 0; s < kSlots; ++s)
+#pragma unroll
+      for (int l = 0; l < V; ++l) acc[s][l] = 0.0f;
+
+    // Windows covering rows [y0, y0+ny-1] / cols [x0, x0+nx-1]; each is non-empty after
+    // clipping since it overlaps the tile, which lies inside the image.
+    Idx oy_lo, oy_hi, ox_lo, ox_hi;
+    jcn::pool::covering_windows<Idx>(y0, y0 + ny - 1, g.pt, wh, g.sh, g.Ho, &oy_lo, &oy_hi);
+    jcn::pool::covering_windows<Idx>(x0, x0 + nx - 1, g.pl, ww, g.sw, g.Wo, &ox_lo, &ox_hi);
+
+    for (Idx oy = oy_lo; oy <= oy_hi; ++oy) {
+      const Idx wy0 = oy * g.sh - g.pt;
+      const Idx i_lo = wy0 < 0 ? -wy0 : Idx(0);
+      const Idx i_hi = wh < g.H - wy0 ? wh : g.H - wy0;
+      for (Idx ox = ox_lo; ox <= ox_hi; ++ox) {
+        const Idx wx0 = ox * g.sw - g.pl;
+        const Idx j_lo = wx0 < 0 ? -wx0 : Idx(0);
+        const Idx j_hi = ww < g.W - wx0 ? ww : g.W - wx0;
+        // Cotangent of this window, loaded up front so it is in flight with the image loads.
+        const Vec<T, V> c = load_vec<T, V>(ct, ((o * g.Ho + oy) * g.Wo + ox) * g.I + lane);
+
+        float best[V];
+        int sel[V];
+#pragma unroll
+        for (int l = 0; l < V; ++l) {
+          best[l] = 0.0f;
+          sel[l] = -1;
+        }
+        bool first = true;
+#pragma unroll
+        for (Idx i = (KH > 0 ? Idx(0) : i_lo); i < (KH > 0 ? Idx(KH) : i_hi); ++i) {
+          if (KH > 0 && (i < i_lo || i >= i_hi)) continue;
+          const Idx y = wy0 + i;  // inside the image
+          const Idx sy = y - y0;  // row within the tile (valid when 0 <= sy < kTile)
+          const Idx row = (o * g.H + y) * g.W;
+#pragma unroll
+          for (Idx j = (KW > 0 ? Idx(0) : j_lo); j < (KW > 0 ? Idx(KW) : j_hi); ++j) {
+            if (KW > 0 && (j < j_lo || j >= j_hi)) continue;
+            const Idx x = wx0 + j;  // inside the image
+            const Idx sx = x - x0;
+            const int slot = (sy >= 0 && sy < kTile && sx >= 0 && sx < kTile)
+                                 ? int(sy) * kTile + int(sx)
+                                 : -1;
+            const Vec<T, V> v = load_vec<T, V>(img, (row + x) * g.I + lane);
+#pragma unroll
+            for (int l = 0; l < V; ++l) {
+              const float f = N::to_f(v.v[l]);
+              if (jcn::pool::takes(first, f, best[l])) {
+                best[l] = f;
+                sel[l] = slot;
+              }
+            }
+            first = false;
+          }
+        }
+#pragma unroll
+        for (int l = 0; l < V; ++l) {
+          const float cf = N::to_f(c.v[l]);
+#pragma unroll
+          for (int s = 0; s < kSlots; ++s)
+            if (sel[l] == s) acc[s][l] += cf;
+        }
+      }
+    }
+
+#pragma unroll
+    for (int s = 0; s < kSlots; ++s) {
+      const Idx sy = s / kTile, sx = s % kTile;
+      if (sy < ny && sx < nx) {
+        Vec<T, V> q;
+#pragma unroll
+        for (int l = 0; l < V; ++l) q.v[l] = N::from_f(acc[s][l]);
+        *reinterpret_cast<Vec<T, V>*>(out + ((o * g.H + (y0 + sy)) * g.W + (x0 + sx)) * g.I +
+                                      lane) = q;
+      }
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------------------------
+// Launch.
+
+enum class Op { kForward, kJvp, kGrad };
+
+template <typename Idx>
+KGeom<Idx> make_kgeom(const jcn::PoolGeometry& pg, int V, Op op) {
+  KGeom<Idx> g;
+  g.O = Idx(jcn::pool::outer_size(pg));
+  g.H = Idx(pg.in_h);
+  g.W = Idx(pg.in_w);
+  g.I = Idx(jcn::pool::inner_size(pg));
+  g.Ho = Idx(pg.out_h);
+  g.Wo = Idx(pg.out_w);
+  g.wh = Idx(pg.window_h);
+  g.ww = Idx(pg.window_w);
+  g.sh = Idx(pg.stride_h);
+  g.sw = Idx(pg.stride_w);
+  g.pt = Idx(pg.pad_top);
+  g.pl = Idx(pg.pad_left);
+  g.IV = g.I / Idx(V);
+  g.TH = (g.H + kTile - 1) / kTile;
+  g.TW = (g.W + kTile - 1) / kTile;
+  g.total = op == Op::kGrad ? g.O * g.TH * g.TW * g.IV : g.O * g.Ho * g.Wo * g.IV;
+  return g;
+}
+
+template <typename T, int V, int KH, int KW, typename Idx>
+void launch(cudaStream_t stream, Op op, const KGeom<Idx>& g, const T* img, const T* second,
+            T* out) {
+  const int64_t blocks64 = (int64_t(g.total) + kThreads - 1) / kThreads;
+  const unsigned blocks = unsigned(blocks64 < kMaxBlocks ? blocks64 : kMaxBlocks);
+  switch (op) {
+    case Op::kForward:
+      max_pool_fwd_kernel<T, V, KH, KW, false, Idx>
+          <<<blocks, kThreads, 0, stream>>>(img, nullptr, out, g);
+      break;
+    case Op::kJvp:
+      max_pool_fwd_kernel<T, V, KH, KW, true, Idx>
+          <<<blocks, kThreads, 0, stream>>>(img, second, out, g);
+      break;
+    case Op::kGrad:
+      max_pool_grad_kernel<T, V, KH, KW, Idx><<<blocks, kThreads, 0, stream>>>(img, second, out, g);
+      break;
+  }
+}
+
+// 32-bit indices: 2x2 and 3x3 windows get unrolled kernels, others the runtime-window kernel.
+// 64-bit indices (huge tensors only): runtime-window kernel.
+template <typename T, int V>
+void dispatch_window(cudaStream_t stream, Op op, const jcn::PoolGeometry& pg, bool idx32,
+                     const T* img, const T* second, T* out) {
+  if (!idx32) {
+    launch<T, V, 0, 0, int64_t>(stream, op, make_kgeom<int64_t>(pg, V, op), img, second, out);
+    return;
+  }
+  const KGeom<int32_t> g = make_kgeom<int32_t>(pg, V, op);
+  if (pg.window_h == 2 && pg.window_w == 2)
+    launch<T, V, 2, 2, int32_t>(stream, op, g, img, second, out);
+  else if (pg.window_h == 3 && pg.window_w == 3)
+    launch<T, V, 3, 3, int32_t>(stream, op, g, img, second, out);
+  else
+    launch<T, V, 0, 0, int32_t>(stream, op, g, img, second, out);
+}
+
+template <typename T>
+ffi::Error run_typed(cudaStream_t stream, Op op, const jcn::PoolGeometry& pg, int64_t image_elems,
+                     int64_t pooled_elems, const void* img, const void* second, void* out) {
+  constexpr int kVec = int(16 / sizeof(T));
+  const T* x = static_cast<const T*>(img);
+  const T* s = static_cast<const T*>(second);
+  T* y = static_cast<T*>(out);
+  auto aligned = [](const void* p) { return p == nullptr || (uintptr_t(p) % 16) == 0; };
+  const bool vec = jcn::pool::inner_size(pg) % kVec == 0 && aligned(img) && aligned(second) &&
+                   aligned(out);
+  const bool idx32 = jcn::pool::fits_int32(pg, image_elems, pooled_elems);
+  if (vec)
+    dispatch_window<T, kVec>(stream, op, pg, idx32, x, s, y);
+  else
+    dispatch_window<T, 1>(stream, op, pg, idx32, x, s, y);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess)
+    return ffi::Error::Internal(std::string("jax_convnet max_pool: kernel launch failed: ") +
+                                cudaGetErrorString(err));
+  return ffi::Error::Success();
+}
+
+ffi::Error run(cudaStream_t stream, Op op, ffi::DataType t, const jcn::PoolGeometry& pg,
+               int64_t image_elems, int64_t pooled_elems, const void* img, const void* second,
+               void* out) {
+  switch (t) {
+    case ffi::DataType::F32:
+      return run_typed<float>(stream, op, pg, image_elems, pooled_elems, img, second, out);
+    case ffi::DataType::BF16:
+      return run_typed<__nv_bfloat16>(stream, op, pg, image_elems, pooled_elems, img, second, out);
+    case ffi::DataType::F16:
+      return run_typed<__half>(stream, op, pg, image_elems, pooled_elems, img, second, out);
+    default:
+      return ffi::Error::InvalidArgument("jax_convnet max_pool: unsupported dtype");
+  }
+}
+
+// ----------------------------------------------------------------------------------------------
+// Handlers.
+
+int64_t elems(const ffi::AnyBuffer& b) {
+  int64_t n = 1;
+  for (int64_t d : b.dimensions()) n *= d;
+  return n;
+}
+
+// Checks shared by the three handlers; `pooled` is the buffer whose dims give the output size.
+ffi::Error check_pool_call(const char* op, const jcn::PoolParams& p, const ffi::AnyBuffer& images,
+                           const ffi::AnyBuffer& pooled, jcn::PoolGeometry* g) {
+  if (!jcn::is_rank4(images) || !jcn::is_rank4(pooled))
+    return jcn::invalid(op, "operands and result must be rank 4");
+  if (!jcn::supported_dtype(images.element_type(), /*allow_f64=*/false))
+    return jcn::invalid(op, "dtype must be float32, bfloat16 or float16 on the GPU");
+  if (pooled.element_type() != images.element_type())
+    return jcn::invalid(op, "operands and result must share one dtype");
+  std::string e = jcn::make_pool_geometry(p, images.dimensions().begin(),
+                                          pooled.dimensions().begin(), g);
+  if (e.empty()) e = jcn::pool::check_pool_extent(*g);
+  if (!e.empty()) return jcn::invalid(op, e);
+  return ffi::Error::Success();
+}
+
+ffi::Error MaxPoolImpl(cudaStream_t stream, ffi::AnyBuffer images,
+                       ffi::Result<ffi::AnyBuffer> pooled, jcn::PoolParams p) {
+  const char* op = "max_pool";
+  jcn::PoolGeometry g;
+  if (ffi::Error e = check_pool_call(op, p, images, *pooled, &g); e.failure()) return e;
+  return run(stream, Op::kForward, images.element_type(), g, elems(images), elems(*pooled),
+             images.untyped_data(), nullptr, pooled->untyped_data());
+}
+
+ffi::Error MaxPoolJvpImpl(cudaStream_t stream, ffi::AnyBuffer images, ffi::AnyBuffer tangents,
+                          ffi::Result<ffi::AnyBuffer> pooled_tangents, jcn::PoolParams p) {
+  const char* op = "max_pool_jvp";
+  jcn::PoolGeometry g;
+  if (ffi::Error e = check_pool_call(op, p, images, *pooled_tangents, &g); e.failure()) return e;
+  if (tangents.element_type() != images.element_type())
+    return jcn::invalid(op, "operands and result must share one dtype");
+  if (!(tangents.dimensions() == images.dimensions()))
+    return jcn::invalid(op, "tangents' shape differs from the images'");
+  return run(stream, Op::kJvp, images.element_type(), g, elems(images), elems(*pooled_tangents),
+             images.untyped_data(), tangents.untyped_data(), pooled_tangents->untyped_data());
+}
+
+ffi::Error MaxPoolGradImpl(cudaStream_t stream, ffi::AnyBuffer images, ffi::AnyBuffer cotangents,
+                           ffi::Result<ffi::AnyBuffer> image_cotangents, jcn::PoolParams p) {
+  const char* op = "max_pool_grad";
+  jcn::PoolGeometry g;
+  if (ffi::Error e = check_pool_call(op, p, images, cotangents, &g); e.failure()) return e;
+  if (image_cotangents->element_type() != images.element_type())
+    return jcn::invalid(op, "operands and result must share one dtype");
+  if (!(image_cotangents->dimensions() == images.dimensions()))
+    return jcn::invalid(op, "image cotangents' shape differs from the images'");
+  return run(stream, Op::kGrad, images.element_type(), g, elems(images), elems(cotangents),
+             images.untyped_data(), cotangents.untyped_data(), image_cotangents->untyped_data());
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MaxPoolCuda, MaxPoolImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attrs<jax_convnet::PoolParams>(),
+                              {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MaxPoolJvpCuda, MaxPoolJvpImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attrs<jax_convnet::PoolParams>(),
+                              {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MaxPoolGradCuda, MaxPoolGradImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attrs<jax_convnet::PoolParams>(),
+                              {ffi::Traits::kCmdBufferCompatible});

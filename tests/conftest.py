@@ -1,0 +1,78 @@
+"""Shared test helpers: random operands (never zeros), tolerances by dtype, device selection."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+jax.config.update("jax_enable_x64", True)
+
+import jax_convnet as jcn  # noqa: E402
+
+DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16, jnp.float64]
+LAYOUTS = ["C01B", "NHWC"]
+
+# Relative (to the reference's largest magnitude) error allowed per dtype.
+TOLERANCE = {jnp.float64: 1e-12, jnp.float32: 2e-5, jnp.float16: 4e-3, jnp.bfloat16: 2e-2}
+
+
+def has_gpu():
+    try:
+        return any(d.platform == "gpu" for d in jax.devices())
+    except RuntimeError:
+        return False
+
+
+def rand(key, shape, dtype=jnp.float32):
+    """Standard normal data of ``dtype``: never zeros, so unwritten outputs and bad indexing show."""
+    if isinstance(key, int):
+        key = jax.random.key(key)
+    return jax.random.normal(key, shape, jnp.float32).astype(dtype)
+
+
+def assert_close(actual, expected, dtype=None, *, scale=1.0):
+    """Max error relative to the reference's largest magnitude, per dtype."""
+    dtype = dtype or expected.dtype
+    actual = np.asarray(jnp.asarray(actual, jnp.float64))
+    expected = np.asarray(jnp.asarray(expected, jnp.float64))
+    assert actual.shape == expected.shape
+    assert np.all(np.isfinite(actual)), "non-finite values in the result"
+    denom = max(np.max(np.abs(expected)), 1e-30)
+    err = np.max(np.abs(actual - expected)) / denom
+    tol = TOLERANCE[jnp.dtype(dtype).type] * scale
+    assert err <= tol, f"relative error {err:.3g} > {tol:.3g}"
+
+
+def images(key, layout, n, c, h, w, dtype=jnp.float32):
+    return rand(key, jcn.geometry.image_shape(layout, n, c, h, w), dtype)
+
+
+def filters(key, layout, f, c, h, w, dtype=jnp.float32):
+    return rand(key, jcn.geometry.filter_shape(layout, f, c, h, w), dtype)
+
+
+def hlo_text(fn, *args):
+    return jax.jit(fn).lower(*args).as_text()
+
+
+def run_poisoned(fn, *args):
+    """Runs ``fn`` right after NaN-filled buffers of its outputs' sizes were freed, so an allocator
+    that hands the same memory back makes any element the kernel fails to write show as NaN."""
+    for s in jax.tree_util.tree_leaves(jax.eval_shape(fn, *args)):
+        jax.block_until_ready(jnp.full(s.shape, jnp.nan, s.dtype)).delete()
+    return fn(*args)
+
+
+@pytest.fixture(params=["cpu", "gpu"])
+def platform(request):
+    """Runs the test on the CPU kernels, and again on the CUDA kernels where a GPU is present."""
+    if request.param == "gpu":
+        if not has_gpu():
+            pytest.skip("needs an NVIDIA GPU")
+        if not jcn.has_native("cuda"):
+            pytest.fail("a GPU is present but the CUDA module did not load")
+        # float32 at full accuracy here; the TF32 path has its own tolerance in test_gpu.py.
+        with jax.default_device(jax.devices("gpu")[0]), jax.default_matmul_precision("float32"):
+            yield request.param
+    else:
+        with jax.default_device(jax.devices("cpu")[0]):
+            yield request.param
