@@ -76,3 +76,14 @@ def platform(request):
     else:
         with jax.default_device(jax.devices("cpu")[0]):
             yield request.param
+
+
+@pytest.fixture(autouse=True)
+def _gpu_marker(request):
+    """Tests marked gpu skip cleanly without a GPU, and fail loudly if the CUDA module is missing."""
+    if request.node.get_closest_marker("gpu"):
+        if not has_gpu():
+            pytest.skip("needs an NVIDIA GPU")
+        if not jcn.has_native("cuda"):
+            pytest.fail("a GPU is present but the CUDA module did not load")
+    yield

@@ -1,0 +1,22 @@
+"""A small representative run of every CUDA kernel, for compute-sanitizer (memcheck, racecheck)."""
+import jax
+import jax.numpy as jnp
+
+import jax_convnet as jcn
+
+assert jcn.has_native("cuda"), "CUDA module missing"
+key = jax.random.key(0)
+for layout in ("C01B", "NHWC"):
+    for dtype in (jnp.float32, jnp.bfloat16):
+        for precision in ("highest", "default"):
+            x = jax.random.normal(key, jcn.geometry.image_shape(layout, 5, 7, 13, 12), dtype)
+            w = jax.random.normal(key, jcn.geometry.filter_shape(layout, 9, 7, 3, 4), dtype)
+            for kw in (dict(pad=1, stride=2), dict(padding="SAME"), dict(pad=(2, 0), stride=(1, 3))):
+                loss = lambda x, w: jnp.sum(jcn.max_pool(
+                    jcn.filter_acts(x, w, layout=layout, precision=precision, partial_sum="auto",
+                                    **kw), 2, layout=layout).astype(jnp.float32) ** 2)
+                dx, dw = jax.jit(jax.grad(loss, (0, 1)))(x, w)
+                jax.block_until_ready((dx, dw))
+            y, ty = jax.jvp(lambda x: jcn.max_pool(x, 3, stride=2, layout=layout), (x,), (x,))
+            jax.block_until_ready(ty)
+print("subset ok")

@@ -1,0 +1,165 @@
+"""The CUDA kernels on the baseline layers: equal to the reference and to the CPU kernels,
+bitwise reproducible, and the TF32 path within TF32's error. Skipped without a GPU."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_convnet as jcn
+from jax_convnet import reference as ref
+from conftest import LAYOUTS, assert_close, filters, images, rand, run_poisoned
+
+pytestmark = pytest.mark.gpu
+
+# convnet-benchmarks layers and AlexNet conv1-3 (../shared/baselines): C, H, W, F, fh, stride, pad,
+# at reduced batch.
+LAYERS = {
+    "L1": (3, 128, 128, 96, 11, 1, 0), "L2": (64, 64, 64, 128, 9, 1, 0),
+    "L3": (128, 32, 32, 128, 9, 1, 0), "L4": (128, 16, 16, 128, 7, 1, 0),
+    "L5": (384, 13, 13, 384, 3, 1, 0), "alex1": (3, 224, 224, 64, 11, 4, 2),
+    "alex2": (64, 27, 27, 192, 5, 1, 2), "alex3": (192, 13, 13, 384, 3, 1, 1),
+}
+BATCH = 4
+
+
+def gpu():
+    return jax.devices("gpu")[0]
+
+
+def cpu():
+    return jax.devices("cpu")[0]
+
+
+def all_three(layout, pad, stride, precision, partial_sum=None):
+    kw = dict(pad=pad, stride=stride, layout=layout, precision=precision)
+
+    def run(x, w, g):
+        return (jcn.filter_acts(x, w, **kw), jcn.image_acts(g, w, x.shape, **kw),
+                jcn.weight_acts(x, g, w.shape, partial_sum=partial_sum, **kw))
+    return jax.jit(run)
+
+
+def reference_three(layout, pad, stride):
+    kw = dict(pad=pad, stride=stride, layout=layout, precision="highest")
+    return jax.jit(lambda x, w, g: (ref.filter_acts(x, w, **kw), ref.image_acts(g, w, x.shape, **kw),
+                                    ref.weight_acts(x, g, w.shape, **kw)))
+
+
+def layer_operands(name, layout, dtype, batch=BATCH):
+    c, h, w, f, fh, stride, pad = LAYERS[name]
+    x = images(1, layout, batch, c, h, w, dtype)
+    wt = filters(2, layout, f, c, fh, fh, dtype) * 0.05
+    out_hw = jcn.filter_acts_output_size((h, w), fh, stride=stride, pad=pad)
+    g = rand(3, jcn.geometry.image_shape(layout, batch, f, *out_hw), dtype)
+    return (x, wt, g), stride, pad
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_baseline_layers_match_reference_and_cpu_kernels(name, layout):
+    (x, w, g), stride, pad = layer_operands(name, layout, jnp.float32)
+    ours = run_poisoned(all_three(layout, pad, stride, "highest"), *jax.device_put((x, w, g), gpu()))
+    want = reference_three(layout, pad, stride)(*jax.device_put((x, w, g), gpu()))
+    for a, b in zip(ours, want):
+        assert_close(a, b, jnp.float32, scale=5)
+    if name in ("L1", "L4", "L5", "alex1", "alex3"):  # the CPU is slow on the largest ones
+        on_cpu = all_three(layout, pad, stride, "highest")(*jax.device_put((x, w, g), cpu()))
+        for a, b in zip(ours, on_cpu):
+            assert_close(a, b, jnp.float32, scale=5)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("name", ["L4", "alex1", "alex2"])
+def test_half_precision_layers(name, dtype, layout):
+    (x, w, g), stride, pad = layer_operands(name, layout, dtype)
+    ours = run_poisoned(all_three(layout, pad, stride, None), *jax.device_put((x, w, g), gpu()))
+    exact = reference_three(layout, pad, stride)(
+        *jax.device_put([a.astype(jnp.float32) for a in (x, w, g)], gpu()))
+    for a, b in zip(ours, exact):
+        assert a.dtype == dtype
+        assert_close(a, b, dtype)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_default_precision_float32_is_within_tf32_error(layout):
+    (x, w, g), stride, pad = layer_operands("alex2", layout, jnp.float32)
+    with jax.default_matmul_precision("default"):
+        ours = all_three(layout, pad, stride, None)(*jax.device_put((x, w, g), gpu()))
+    exact = reference_three(layout, pad, stride)(*jax.device_put((x, w, g), gpu()))
+    for a, b in zip(ours, exact):
+        assert_close(a, b, jnp.bfloat16)  # TF32 keeps 10 mantissa bits; bf16's bound is looser
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_random_small_configurations(seed):
+    rng = np.random.default_rng(100 + seed)
+    layout = LAYOUTS[seed % 2]
+    dtype = [jnp.float32, jnp.bfloat16, jnp.float16][seed % 3]
+    fh, fw = (int(v) for v in rng.integers(1, 8, 2))
+    sh, sw = (int(v) for v in rng.integers(1, 5, 2))
+    h, w = fh + int(rng.integers(0, 20)), fw + int(rng.integers(0, 20))
+    n, c, f = (int(v) for v in rng.integers(1, 70, 3))
+    pad = tuple(int(v) for v in rng.integers(0, 4, 2))
+    x = images(seed, layout, n, c, h, w, dtype)
+    wt = filters(seed + 1, layout, f, c, fh, fw, dtype)
+    out_hw = jcn.filter_acts_output_size((h, w), (fh, fw), stride=(sh, sw), pad=pad)
+    g = rand(seed + 2, jcn.geometry.image_shape(layout, n, f, *out_hw), dtype)
+    args = jax.device_put((x, wt, g), gpu())
+    ours = run_poisoned(all_three(layout, pad, (sh, sw), "highest", partial_sum="auto"), *args)
+    exact = reference_three(layout, pad, (sh, sw))(*[a.astype(jnp.float32) for a in args])
+    for a, b in zip(ours, exact):
+        assert_close(a, b, dtype, scale=5)
+
+
+@pytest.mark.parametrize("partial_sum", [None, 1, 13, "auto"])
+def test_weight_acts_bitwise_reproducible(partial_sum):
+    (x, w, g), stride, pad = layer_operands("alex3", "C01B", jnp.float32, batch=8)
+    run = jax.jit(lambda x, g: jcn.weight_acts(x, g, w.shape, pad=pad, partial_sum=partial_sum))
+    x, g = jax.device_put((x, g), gpu())
+    first = np.asarray(run(x, g))
+    for _ in range(5):
+        np.testing.assert_array_equal(np.asarray(run(x, g)), first)
+    assert_close(first, ref.weight_acts(x, g, w.shape, pad=pad, precision="highest"), scale=5)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16],
+                         ids=["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("shape,ds,stride", [((16, 55, 55), 3, 2), ((8, 27, 27), 2, 2),
+                                             ((24, 13, 13), 3, 2), ((5, 12, 11), 3, 1)])
+def test_pools_match_cpu_kernels_bitwise(shape, ds, stride, dtype, layout):
+    c, h, w = shape
+    x = images(4, layout, 6, c, h, w, dtype)
+    x = jnp.round(x * 4) / 4  # ties on purpose
+    y_shape = jax.eval_shape(lambda x: jcn.max_pool(x, ds, stride=stride, layout=layout), x).shape
+    t, g = rand(5, x.shape, dtype), rand(6, y_shape, dtype)
+
+    def run(x, t, g):
+        pool = lambda x: jcn.max_pool(x, ds, stride=stride, layout=layout)
+        y, ty = jax.jvp(pool, (x,), (t,))
+        return y, ty, jax.vjp(pool, x)[1](g)[0]
+    on_gpu = run_poisoned(jax.jit(run), *jax.device_put((x, t, g), gpu()))
+    on_cpu = jax.jit(run)(*jax.device_put((x, t, g), cpu()))
+    for a, b in zip(on_gpu, on_cpu):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+def test_pool_gradient_bitwise_reproducible(dtype):
+    x = jax.device_put(images(7, "NHWC", 16, 64, 55, 55, dtype), gpu())
+    g = jax.device_put(rand(8, (16, 27, 27, 64), dtype), gpu())
+    run = jax.jit(lambda x, g: jax.vjp(lambda x: jcn.max_pool(x, 3, stride=2, layout="NHWC"),
+                                       x)[1](g)[0])
+    first = np.asarray(run(x, g), np.float32)
+    for _ in range(10):
+        np.testing.assert_array_equal(np.asarray(run(x, g), np.float32), first)
+
+
+def test_large_channel_count_and_batch_one():
+    # cuda-convnet crashed on large channel counts; we take any size.
+    x = images(9, "C01B", 1, 2048, 5, 5)
+    w = filters(10, "C01B", 3, 2048, 3, 3) * 0.02
+    x, w = jax.device_put((x, w), gpu())
+    assert_close(jcn.filter_acts(x, w, pad=1, precision="highest"),
+                 ref.filter_acts(x, w, pad=1, precision="highest"), scale=5)
