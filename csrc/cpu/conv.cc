@@ -1,8 +1,719 @@
-// PLACEHOLDER: to be replaced by the real kernels.
+// CPU kernels of the conv family (filter_acts, image_acts, weight_acts); the math is the
+// contract in csrc/README.md, all sizes come from make_conv_geometry.
+//
+// Every op is a matrix product over packed panels computed by one register-blocked micro-kernel
+// (conv_micro_kernel.h): tile[m][n] = sum_k a[k][m] * b[k][n], where the broadcast side m runs
+// over the small channel dimension of the weights (output channels q for filter_acts and
+// image_acts, filters f for weight_acts) and the vector side n over the large spatial side
+// (output pixels times batch, or the rows (c, ty, tx) of the filters for weight_acts).
+//
+// filter_acts and image_acts share one gather-form driver: out[b, q, site] sums, over the filter
+// taps that can reach the site, in[b, p, source] * w(p, q, tap). image_acts is the same loop
+// with the hidden activations as input and the taps running backwards; with a stride > 1 the
+// sites are split into phase classes so that only the taps landing on a hidden unit are visited.
+// weight_acts reduces over (position, batch) in the contract's partial-sum chunks.
+//
+// Threads (conv_thread_pool.h) each own disjoint output slices: panels of output pixels for the
+// gather driver, panels of filter rows for weight_acts, so nothing is reduced across threads
+// and results do not depend on the thread count or timing.
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <exception>
+#include <memory>
+#include <new>
+#include <string>
+#include <vector>
+
+#include "conv_micro_kernel.h"
+#include "conv_numeric.h"
+#include "conv_thread_pool.h"
 #include "ffi_common.h"
 #include "targets.h"
-namespace ffi = xla::ffi;
-static ffi::Error NotYet(ffi::RemainingArgs, ffi::RemainingRets) { return ffi::Error(ffi::ErrorCode::kUnimplemented, "not implemented yet"); }
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FilterActsCpu, NotYet, ffi::Ffi::Bind().RemainingArgs().RemainingRets());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(ImageActsCpu, NotYet, ffi::Ffi::Bind().RemainingArgs().RemainingRets());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(WeightActsCpu, NotYet, ffi::Ffi::Bind().RemainingArgs().RemainingRets());
+
+namespace jax_convnet::cpu {
+namespace {
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// 64-byte aligned scratch memory (panels are read as whole SIMD vectors).
+template <typename T>
+class Buffer {
+ public:
+  Buffer() = default;
+  explicit Buffer(int64_t n) { resize(n); }
+  void resize(int64_t n) {
+    if (n <= size_) return;
+    data_.reset(static_cast<T*>(::operator new(static_cast<size_t>(n) * sizeof(T),
+                                               std::align_val_t{64})));
+    size_ = n;
+  }
+  T* data() const { return data_.get(); }
+
+ private:
+  struct Free {
+    void operator()(T* p) const { ::operator delete(p, std::align_val_t{64}); }
+  };
+  std::unique_ptr<T, Free> data_;
+  int64_t size_ = 0;
+};
+
+// Copies / zeroes n elements with fixed-size moves only: packing copies many short runs, for
+// which a call to memmove / memset each would cost more than the copy itself.
+template <typename T>
+inline void copy_short(const T* src, int64_t n, T* dst) {
+  for (; n >= 8; n -= 8, src += 8, dst += 8) std::memcpy(dst, src, 8 * sizeof(T));
+  if (n & 4) std::memcpy(dst, src, 4 * sizeof(T)), src += 4, dst += 4;
+  if (n & 2) std::memcpy(dst, src, 2 * sizeof(T)), src += 2, dst += 2;
+  if (n & 1) *dst = *src;
+}
+
+template <typename T>
+inline void fill_short(T* dst, int64_t n) {
+  static constexpr T kZeros[8] = {};
+  for (; n >= 8; n -= 8, dst += 8) std::memcpy(dst, kZeros, sizeof kZeros);
+  if (n & 4) std::memcpy(dst, kZeros, 4 * sizeof(T)), dst += 4;
+  if (n & 2) std::memcpy(dst, kZeros, 2 * sizeof(T)), dst += 2;
+  if (n & 1) *dst = T(0);
+}
+
+// The micro-kernel whose mr fits `rows` (the broadcast side) with the least padding; ties go
+// to the taller kernel, which does more multiply-adds per loaded vector.
+template <typename T>
+const MicroKernel<T>& kernel_for_rows(const KernelSet<T>& set, int64_t rows) {
+  if (rows <= set.max_mr) return set.by_mr[rows];
+  int best = set.max_mr;
+  for (int mr = set.max_mr - 1; mr > set.max_mr / 2; --mr)
+    if (ceil_div(rows, mr) * mr < ceil_div(rows, best) * best) best = mr;
+  return set.by_mr[best];
+}
+
+// ---------------------------------------------------------------------------------------------
+// Gather form of filter_acts / image_acts.
+
+// One spatial axis: every output coordinate ("site") reads through filter taps from a source
+// coordinate of the input, or from zero padding. Sites are grouped into classes sharing the
+// candidate taps worth visiting.
+struct AxisMap {
+  int64_t taps = 0;
+  std::vector<int64_t> source;  // [site * taps + tap]: source coordinate, -1 for zero
+  std::vector<std::vector<int64_t>> class_taps, class_sites;
+
+  int64_t src(int64_t site, int64_t tap) const { return source[site * taps + tap]; }
+};
+
+// filter_acts: site o reads o*stride - pad + tap; every tap is a candidate.
+AxisMap forward_axis(int64_t sites, int64_t sources, int64_t taps, int64_t stride, int64_t pad) {
+  AxisMap a;
+  a.taps = taps;
+  a.source.assign(sites * taps, -1);
+  a.class_taps.emplace_back();
+  a.class_sites.emplace_back();
+  for (int64_t t = 0; t < taps; ++t) a.class_taps[0].push_back(t);
+  for (int64_t o = 0; o < sites; ++o) {
+    a.class_sites[0].push_back(o);
+    for (int64_t t = 0; t < taps; ++t) {
+      int64_t s = o * stride - pad + t;
+      if (s >= 0 && s < sources) a.source[o * taps + t] = s;
+    }
+  }
+  return a;
+}
+
+// image_acts: image coordinate o receives from hidden unit u through tap t when
+// u*stride - pad + t == o, so only taps t == (o + pad) mod stride can contribute: the sites of
+// one residue class share those taps.
+AxisMap adjoint_axis(int64_t sites, int64_t sources, int64_t taps, int64_t stride, int64_t pad) {
+  AxisMap a;
+  a.taps = taps;
+  a.source.assign(sites * taps, -1);
+  for (int64_t r = 0; r < stride; ++r) {
+    std::vector<int64_t> class_taps, class_sites;
+    for (int64_t t = r; t < taps; t += stride) class_taps.push_back(t);
+    for (int64_t o = 0; o < sites; ++o)
+      if ((o + pad) % stride == r) class_sites.push_back(o);
+    if (class_sites.empty()) continue;
+    a.class_taps.push_back(std::move(class_taps));
+    a.class_sites.push_back(std::move(class_sites));
+  }
+  for (int64_t o = 0; o < sites; ++o)
+    for (int64_t t = 0; t < taps; ++t) {
+      int64_t u = o + pad - t;
+      if (u >= 0 && u % stride == 0 && u / stride < sources) a.source[o * taps + t] = u / stride;
+    }
+  return a;
+}
+
+// out[b, q, y, x] = sum over the taps (ty, tx) of the site's classes and p < in_channels of
+//   in[b, p, rows.src(y, ty), cols.src(x, tx)] * w(p, q, ty, tx).
+template <typename T>
+struct GatherConv {
+  int64_t batch;
+  const T* in;
+  Strides4 in_s;
+  int64_t in_channels;
+  T* out;
+  Strides4 out_s;
+  int64_t out_channels;
+  const T* w;
+  int64_t w_p, w_q, w_y, w_x;
+  AxisMap rows, cols;
+
+  T weight(int64_t p, int64_t q, int64_t ty, int64_t tx) const {
+    return w[p * w_p + q * w_q + ty * w_y + tx * w_x];
+  }
+};
+
+// One (row class, column class) pair: its sites share the candidate taps.
+struct GatherGroup {
+  const std::vector<int64_t>*taps_y, *taps_x, *sites_y, *sites_x;
+  int64_t taps() const { return static_cast<int64_t>(taps_y->size() * taps_x->size()); }
+  int64_t sites() const { return static_cast<int64_t>(sites_y->size() * sites_x->size()); }
+  int64_t tap_y(int64_t t) const { return (*taps_y)[t / taps_x->size()]; }
+  int64_t tap_x(int64_t t) const { return (*taps_x)[t % taps_x->size()]; }
+  int64_t site_y(int64_t s) const { return (*sites_y)[s / sites_x->size()]; }
+  int64_t site_x(int64_t s) const { return (*sites_x)[s % sites_x->size()]; }
+};
+
+std::vector<GatherGroup> gather_groups(const AxisMap& rows, const AxisMap& cols) {
+  std::vector<GatherGroup> groups;
+  for (size_t cy = 0; cy < rows.class_taps.size(); ++cy)
+    for (size_t cx = 0; cx < cols.class_taps.size(); ++cx)
+      groups.push_back({&rows.class_taps[cy], &cols.class_taps[cx], &rows.class_sites[cy],
+                        &cols.class_sites[cx]});
+  return groups;
+}
+
+// The group holding global panel `panel`, given each group's first panel.
+inline size_t group_of_panel(const std::vector<int64_t>& first_panel, int64_t panel) {
+  return static_cast<size_t>(std::upper_bound(first_panel.begin(), first_panel.end(), panel) -
+                             first_panel.begin()) - 1;
+}
+
+// C01B: the batch is contiguous in input and output, so the vector side n runs over
+// (site, b), b fastest, and the broadcast side over output channels q (packed weights).
+// A column of the packed input panel is one image at one site.
+struct Column {
+  int64_t b, y, x;
+};
+
+// Packs the input panel b[k][j], k = (tap, p), for the columns of one panel; consecutive
+// columns of one site hold consecutive images, copied as runs. Columns past cols.size() are 0.
+template <typename T>
+void pack_batch_last_columns(const GatherConv<T>& g, const GatherGroup& gr,
+                             const std::vector<Column>& cols, int nr, T* panel) {
+  const int64_t P = g.in_channels, taps = gr.taps();
+  const int64_t n_cols = static_cast<int64_t>(cols.size());
+  for (int64_t j0 = 0; j0 < n_cols;) {
+    const Column& c = cols[j0];
+    int64_t len = 1;
+    while (j0 + len < n_cols && cols[j0 + len].y == c.y && cols[j0 + len].x == c.x) ++len;
+    for (int64_t t = 0; t < taps; ++t) {
+      const int64_t sy = g.rows.src(c.y, gr.tap_y(t)), sx = g.cols.src(c.x, gr.tap_x(t));
+      T* dst = panel + t * P * nr + j0;
+      if (sy < 0 || sx < 0) {
+        for (int64_t p = 0; p < P; ++p) std::fill_n(dst + p * nr, len, T(0));
+        continue;
+      }
+      const T* src = g.in + sy * g.in_s.y + sx * g.in_s.x + c.b;
+      for (int64_t p = 0; p < P; ++p) std::copy_n(src + p * g.in_s.c, len, dst + p * nr);
+    }
+    j0 += len;
+  }
+  for (int64_t k = 0; k < taps * P; ++k)
+    std::fill(panel + k * nr + n_cols, panel + (k + 1) * nr, T(0));
+}
+
+template <typename T>
+bool run_gather_batch_last(const GatherConv<T>& g, ThreadPool& pool) {
+  const MicroKernel<T>& mk = kernel_for_rows(best_kernel_set<T>(), g.out_channels);
+  const int mr = mk.mr, nr = mk.nr;
+  const int64_t P = g.in_channels, Q = g.out_channels, q_blocks = ceil_div(Q, mr);
+
+  const std::vector<GatherGroup> groups = gather_groups(g.rows, g.cols);
+  std::vector<int64_t> first_panel;
+  std::vector<Buffer<T>> weights;  // per group: [q_block][k][mr], k = (tap, p)
+  int64_t panels = 0, max_depth = 0;
+  for (const GatherGroup& gr : groups) {
+    first_panel.push_back(panels);
+    panels += ceil_div(g.batch * gr.sites(), nr);
+    const int64_t depth = gr.taps() * P;
+    max_depth = std::max(max_depth, depth);
+    weights.emplace_back(q_blocks * depth * mr);
+    T* dst = weights.back().data();
+    for (int64_t qb = 0; qb < q_blocks; ++qb)
+      for (int64_t t = 0; t < gr.taps(); ++t)
+        for (int64_t p = 0; p < P; ++p)
+          for (int64_t q = qb * mr; q < (qb + 1) * mr; ++q)
+            *dst++ = q < Q ? g.weight(p, q, gr.tap_y(t), gr.tap_x(t)) : T(0);
+  }
+
+  // Per-thread scratch: the packed input panel, the output tile and the panel's columns.
+  const int threads = pool.participants();
+  std::vector<Buffer<T>> panel_buf, tile_buf;
+  std::vector<std::vector<Column>> column_buf(threads);
+  for (int t = 0; t < threads; ++t) {
+    panel_buf.emplace_back(std::max<int64_t>(max_depth, 1) * nr);
+    tile_buf.emplace_back(int64_t{mr} * nr);
+    column_buf[t].reserve(nr);
+  }
+
+  // Enough tasks to even out the load; each is a run of consecutive panels.
+  const int64_t n_tasks = std::min<int64_t>(panels, int64_t{threads} * 8);
+  return pool.run(n_tasks, [&](int64_t task, int who) {
+    T* panel = panel_buf[who].data();
+    T* tile = tile_buf[who].data();
+    std::vector<Column>& cols = column_buf[who];
+    const int64_t end = (task + 1) * panels / n_tasks;
+    for (int64_t pi = task * panels / n_tasks; pi < end; ++pi) {
+      const size_t gi = group_of_panel(first_panel, pi);
+      const GatherGroup& gr = groups[gi];
+      const int64_t first = (pi - first_panel[gi]) * nr;
+      const int64_t n_cols = std::min<int64_t>(nr, g.batch * gr.sites() - first);
+      cols.clear();
+      for (int64_t idx = first; idx < first + n_cols; ++idx) {
+        const int64_t site = idx / g.batch;
+        cols.push_back({idx % g.batch, gr.site_y(site), gr.site_x(site)});
+      }
+      pack_batch_last_columns(g, gr, cols, nr, panel);
+      const int64_t depth = gr.taps() * P;
+      for (int64_t qb = 0; qb < q_blocks; ++qb) {
+        mk.fn(depth, weights[gi].data() + qb * depth * mr, panel, tile, false);
+        const int64_t q0 = qb * mr, rows = std::min<int64_t>(mr, Q - q0);
+        for (int64_t m = 0; m < rows; ++m) {
+          const T* src = tile + m * nr;
+          T* dst = g.out + (q0 + m) * g.out_s.c;
+          for (int64_t j = 0; j < n_cols; ++j)
+            dst[cols[j].b + cols[j].y * g.out_s.y + cols[j].x * g.out_s.x] = src[j];
+        }
+      }
+    }
+  });
+}
+
+// The indirect kernel for `cols` output channels: the widest vector that the channels fill,
+// and as few column blocks of up to max_nv vectors as possible.
+template <typename T>
+const IndirectKernel<T>& indirect_kernel_for(const KernelSet<T>& set, int64_t cols) {
+  int w = 0;
+  while (w + 1 < set.widths && set.lanes[w + 1] <= cols) ++w;
+  const int64_t lanes = set.lanes[w];
+  const int64_t blocks = ceil_div(cols, lanes * set.max_nv);
+  return set.indirect[w][ceil_div(cols, blocks * lanes)];
+}
+
+// NHWC: channels are contiguous in input and output, so the vector side n runs over output
+// channels q (packed weights) and the broadcast side over mr pixels read in place through a
+// table of row pointers per tap (indirect kernel); padding taps point at a row of zeros.
+template <typename T>
+bool run_gather_channels_last(const GatherConv<T>& g, ThreadPool& pool) {
+  const IndirectKernel<T>& ik = indirect_kernel_for(best_kernel_set<T>(), g.out_channels);
+  const int mr = ik.mr, nr = ik.nr;
+  const int64_t P = g.in_channels, Q = g.out_channels, q_blocks = ceil_div(Q, nr);
+
+  const std::vector<GatherGroup> groups = gather_groups(g.rows, g.cols);
+  std::vector<int64_t> first_panel;
+  std::vector<Buffer<T>> weights;  // per group: [q_block][tap][p][nr]
+  int64_t panels = 0, max_taps = 0;
+  for (const GatherGroup& gr : groups) {
+    first_panel.push_back(panels);
+    panels += ceil_div(g.batch * gr.sites(), mr);
+    max_taps = std::max(max_taps, gr.taps());
+    weights.emplace_back(q_blocks * gr.taps() * P * nr);
+    T* dst = weights.back().data();
+    for (int64_t qb = 0; qb < q_blocks; ++qb)
+      for (int64_t t = 0; t < gr.taps(); ++t)
+        for (int64_t p = 0; p < P; ++p)
+          for (int64_t q = qb * nr; q < (qb + 1) * nr; ++q)
+            *dst++ = q < Q ? g.weight(p, q, gr.tap_y(t), gr.tap_x(t)) : T(0);
+  }
+  const std::vector<T> zeros(P, T(0));
+
+  // Per-thread scratch: the row-pointer table [tap][mr] and the output tile.
+  const int threads = pool.participants();
+  std::vector<std::vector<const T*>> table_buf(threads, std::vector<const T*>(max_taps * mr));
+  std::vector<Buffer<T>> tile_buf;
+  for (int t = 0; t < threads; ++t) tile_buf.emplace_back(int64_t{mr} * nr);
+
+  const int64_t n_tasks = std::min<int64_t>(panels, int64_t{threads} * 8);
+  return pool.run(n_tasks, [&](int64_t task, int who) {
+    const T** table = table_buf[who].data();
+    T* tile = tile_buf[who].data();
+    const int64_t end = (task + 1) * panels / n_tasks;
+    for (int64_t pi = task * panels / n_tasks; pi < end; ++pi) {
+      const size_t gi = group_of_panel(first_panel, pi);
+      const GatherGroup& gr = groups[gi];
+      const int64_t sites = gr.sites(), taps = gr.taps();
+      const int64_t first = (pi - first_panel[gi]) * mr;
+      const int64_t n_rows = std::min<int64_t>(mr, g.batch * sites - first);
+      T* out_rows[kMaxMR];
+      for (int64_t m = 0; m < mr; ++m) {
+        if (m >= n_rows) {
+          for (int64_t t = 0; t < taps; ++t) table[t * mr + m] = zeros.data();
+          continue;
+        }
+        const int64_t b = (first + m) / sites, site = (first + m) % sites;
+        const int64_t y = gr.site_y(site), x = gr.site_x(site);
+        out_rows[m] = g.out + b * g.out_s.n + y * g.out_s.y + x * g.out_s.x;
+        const T** entry = table + m;
+        for (int64_t ty : *gr.taps_y) {
+          const int64_t sy = g.rows.src(y, ty);
+          for (int64_t tx : *gr.taps_x) {
+            const int64_t sx = g.cols.src(x, tx);
+            *entry = sy < 0 || sx < 0 ? zeros.data()
+                                      : g.in + b * g.in_s.n + sy * g.in_s.y + sx * g.in_s.x;
+            entry += mr;
+          }
+        }
+      }
+      for (int64_t qb = 0; qb < q_blocks; ++qb) {
+        ik.fn(taps, P, table, weights[gi].data() + qb * taps * P * nr, tile);
+        const int64_t q0 = qb * nr, n_q = std::min<int64_t>(nr, Q - q0);
+        for (int64_t m = 0; m < n_rows; ++m) std::copy_n(tile + m * nr, n_q, out_rows[m] + q0);
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// weight_acts: w[f, c, ty, tx] = sum over (position, b) of img[b, c, iy, ix] * hid[b, f, oy, ox],
+// as a product with m = f (broadcast), n = filter row (c, ty, tx) in memory order, and the
+// reduction index k = (b, position).
+
+// Reduction depth packed at a time: bounds the panels to cache-sized pieces.
+constexpr int64_t kWeightActsBlockDepth = 512;
+
+// A filter row's tap and channel, and where its values go in the filters buffer.
+struct FilterRow {
+  int64_t c, ty, tx, offset;
+};
+
+// A piece of one partial-sum chunk: images [b0, b0 + nb) times output positions
+// [p0, p0 + np). Its reduction index k runs along memory: b fastest in C01B (k = pos*nb + b),
+// positions fastest in NHWC (k = b*np + pos).
+struct ReductionBlock {
+  int64_t b0, nb, p0, np;
+  int64_t depth() const { return nb * np; }
+};
+
+// The fixed sequence of blocks covering positions [chunk_begin, chunk_end) and the batch.
+std::vector<ReductionBlock> reduction_blocks(bool batch_last, int64_t batch, int64_t chunk_begin,
+                                             int64_t chunk_end) {
+  const int64_t positions = chunk_end - chunk_begin;
+  int64_t np, nb;
+  if (batch_last) {  // whole batch columns, as many positions as fit
+    nb = batch;
+    np = std::clamp<int64_t>(kWeightActsBlockDepth / batch, 1, positions);
+  } else {  // long runs of positions of one image, several images if the chunk is short
+    np = std::min(positions, kWeightActsBlockDepth);
+    nb = std::clamp<int64_t>(kWeightActsBlockDepth / np, 1, batch);
+  }
+  std::vector<ReductionBlock> blocks;
+  for (int64_t b0 = 0; b0 < batch; b0 += nb)
+    for (int64_t p0 = chunk_begin; p0 < chunk_end; p0 += np)
+      blocks.push_back({b0, std::min(nb, batch - b0), p0, std::min(np, chunk_end - p0)});
+  return blocks;
+}
+
+template <typename T>
+bool run_weight_acts(const ConvGeometry& g, const T* img, const T* hid, T* w, ThreadPool& pool) {
+  const MicroKernel<T>& mk = kernel_for_rows(best_kernel_set<T>(), g.filters);
+  const int mr = mk.mr, nr = mk.nr;
+  const bool batch_last = g.layout == Layout::kC01B;
+  const int64_t F = g.filters, f_blocks = ceil_div(F, mr);
+  const int64_t n_rows = g.channels * g.filter_h * g.filter_w;
+  const int64_t panels = ceil_div(n_rows, nr);
+
+  // Filter rows in memory order: (c, ty, tx) in C01B, (ty, tx, c) in NHWC.
+  std::vector<FilterRow> rows;
+  rows.reserve(n_rows);
+  for (int64_t r = 0; r < n_rows; ++r) {
+    FilterRow fr;
+    if (batch_last) {
+      fr = {r / (g.filter_h * g.filter_w), r / g.filter_w % g.filter_h, r % g.filter_w, 0};
+    } else {
+      fr = {r % g.channels, r / g.channels / g.filter_w, r / g.channels % g.filter_w, 0};
+    }
+    fr.offset = fr.c * g.filter.c + fr.ty * g.filter.y + fr.tx * g.filter.x;
+    rows.push_back(fr);
+  }
+
+  const int64_t positions = g.out_h * g.out_w, chunk = g.partial_sum;
+  const int64_t chunks = positions / chunk;
+  std::vector<std::vector<ReductionBlock>> chunk_blocks;
+  int64_t max_depth = 1;
+  for (int64_t ck = 0; ck < chunks; ++ck) {
+    chunk_blocks.push_back(reduction_blocks(batch_last, g.batch, ck * chunk, (ck + 1) * chunk));
+    for (const ReductionBlock& blk : chunk_blocks.back()) max_depth = std::max(max_depth, blk.depth());
+  }
+  // Element offsets of an output position in the hidden activations and of its window's
+  // top-left corner (possibly outside the image).
+  auto hidden_offset = [&](int64_t pos) {
+    return pos / g.out_w * g.hidden.y + pos % g.out_w * g.hidden.x;
+  };
+  auto window_y = [&](int64_t pos) { return pos / g.out_w * g.stride_h - g.pad_top; };
+  auto window_x = [&](int64_t pos) { return pos % g.out_w * g.stride_w - g.pad_left; };
+
+  // hid_pack[f_block][k][mr].
+  auto pack_hidden = [&](const ReductionBlock& blk, T* dst) {
+    const int64_t depth = blk.depth();
+    auto put = [&](int64_t k, int64_t f, T v) { dst[f / mr * depth * mr + k * mr + f % mr] = v; };
+    if (batch_last) {
+      for (int64_t i = 0; i < blk.np; ++i) {
+        const T* src = hid + hidden_offset(blk.p0 + i) + blk.b0;
+        for (int64_t f = 0; f < f_blocks * mr; ++f)
+          for (int64_t b = 0; b < blk.nb; ++b)
+            put(i * blk.nb + b, f, f < F ? src[f * g.hidden.c + b] : T(0));
+      }
+    } else {
+      for (int64_t b = 0; b < blk.nb; ++b)
+        for (int64_t i = 0; i < blk.np; ++i) {
+          const T* src = hid + (blk.b0 + b) * g.hidden.n + hidden_offset(blk.p0 + i);
+          for (int64_t f = 0; f < f_blocks * mr; ++f)
+            put(b * blk.np + i, f, f < F ? src[f] : T(0));
+        }
+    }
+  };
+
+  // img_pack[k][nr]: image values of the filter rows [r0, r0 + nr); rows past n_rows are 0.
+  // C01B: a row is one (c, ty, tx) and its values run along the batch (a transposed copy).
+  auto pack_image_batch_last = [&](int64_t r0, const ReductionBlock& blk, T* dst) {
+    const int64_t n_valid = std::min<int64_t>(nr, n_rows - r0);
+    for (int64_t i = 0; i < blk.np; ++i) {
+      const int64_t y0 = window_y(blk.p0 + i), x0 = window_x(blk.p0 + i);
+      T* out = dst + i * blk.nb * nr;
+      for (int64_t j = 0; j < n_valid; ++j) {
+        const FilterRow& fr = rows[r0 + j];
+        const int64_t iy = y0 + fr.ty, ix = x0 + fr.tx;
+        if (iy < 0 || iy >= g.in_h || ix < 0 || ix >= g.in_w) {
+          for (int64_t b = 0; b < blk.nb; ++b) out[b * nr + j] = T(0);
+          continue;
+        }
+        const T* src = img + fr.c * g.image.c + iy * g.image.y + ix * g.image.x + blk.b0;
+        for (int64_t b = 0; b < blk.nb; ++b) out[b * nr + j] = src[b];
+      }
+      for (int64_t b = 0; b < blk.nb; ++b) fill_short(out + b * nr + n_valid, nr - n_valid);
+    }
+  };
+
+  // NHWC: the rows of one filter row ty, (tx, c) with c fastest, are one contiguous run of
+  // the image row iy (pixel stride == channels), clipped to the columns inside the image.
+  auto pack_image_channels_last = [&](int64_t r0, const ReductionBlock& blk, T* dst) {
+    const int64_t n_valid = std::min<int64_t>(nr, n_rows - r0);
+    const int64_t run_len = g.filter_w * g.channels;
+    for (int64_t i = 0; i < blk.np; ++i) {
+      const int64_t y0 = window_y(blk.p0 + i), x0 = window_x(blk.p0 + i);
+      // Offsets (tx*C + c) within a filter row whose pixel lies inside the image.
+      const int64_t inside_lo = std::max<int64_t>(0, -x0) * g.channels;
+      const int64_t inside_hi = std::clamp<int64_t>(g.in_w - x0, 0, g.filter_w) * g.channels;
+      for (int64_t j0 = 0; j0 < n_valid;) {
+        const int64_t ty = (r0 + j0) / run_len, off0 = (r0 + j0) % run_len;
+        const int64_t len = std::min(n_valid - j0, run_len - off0);
+        const int64_t iy = y0 + ty;
+        int64_t lo = std::clamp(inside_lo - off0, int64_t{0}, len);
+        int64_t hi = std::clamp(inside_hi - off0, lo, len);
+        if (iy < 0 || iy >= g.in_h) lo = hi = 0;
+        for (int64_t b = 0; b < blk.nb; ++b) {
+          T* out = dst + (b * blk.np + i) * nr + j0;
+          fill_short(out, lo);
+          if (hi > lo)
+            copy_short(img + (blk.b0 + b) * g.image.n + iy * g.image.y + x0 * g.channels + off0 +
+                           lo,
+                       hi - lo, out + lo);
+          fill_short(out + hi, len - hi);
+        }
+        j0 += len;
+      }
+      for (int64_t b = 0; b < blk.nb; ++b)
+        fill_short(dst + (b * blk.np + i) * nr + n_valid, nr - n_valid);
+    }
+  };
+
+  // One task per thread, each a fixed run of row panels.
+  const int64_t n_tasks = std::min<int64_t>(pool.participants(), panels);
+  return pool.run(n_tasks, [&](int64_t task, int) {
+    const int64_t p0 = task * panels / n_tasks, p1 = (task + 1) * panels / n_tasks;
+    const int64_t tile = int64_t{mr} * nr, tiles = (p1 - p0) * f_blocks;
+    Buffer<T> hid_pack(f_blocks * max_depth * mr), img_pack(max_depth * nr);
+    Buffer<T> partial(tiles * tile), total(chunks > 1 ? tiles * tile : 0);
+    for (int64_t ck = 0; ck < chunks; ++ck) {
+      // The chunk's partial sum, accumulated over its blocks in order.
+      bool accumulate = false;
+      for (const ReductionBlock& blk : chunk_blocks[ck]) {
+        pack_hidden(blk, hid_pack.data());
+        for (int64_t pi = p0; pi < p1; ++pi) {
+          if (batch_last)
+            pack_image_batch_last(pi * nr, blk, img_pack.data());
+          else
+            pack_image_channels_last(pi * nr, blk, img_pack.data());
+          for (int64_t fb = 0; fb < f_blocks; ++fb)
+            mk.fn(blk.depth(), hid_pack.data() + fb * blk.depth() * mr, img_pack.data(),
+                  partial.data() + ((pi - p0) * f_blocks + fb) * tile, accumulate);
+        }
+        accumulate = true;
+      }
+      // The contract's fixed order: total = ((s_0 + s_1) + s_2) + ...
+      if (chunks > 1) {
+        T* t = total.data();
+        const T* s = partial.data();
+        if (ck == 0)
+          std::copy_n(s, tiles * tile, t);
+        else
+          for (int64_t i = 0; i < tiles * tile; ++i) t[i] += s[i];
+      }
+    }
+    const T* result = chunks > 1 ? total.data() : partial.data();
+    for (int64_t pi = p0; pi < p1; ++pi) {
+      const int64_t r0 = pi * nr, n_valid = std::min<int64_t>(nr, n_rows - r0);
+      for (int64_t fb = 0; fb < f_blocks; ++fb) {
+        const T* t = result + ((pi - p0) * f_blocks + fb) * tile;
+        for (int m = 0; m < mr && fb * mr + m < F; ++m) {
+          T* dst = w + (fb * mr + m) * g.filter.n;
+          for (int64_t j = 0; j < n_valid; ++j) dst[rows[r0 + j].offset] = t[m * nr + j];
+        }
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// FFI handlers.
+
+enum class ConvOp { kFilterActs, kImageActs, kWeightActs };
+
+const char* op_name(ConvOp op) {
+  switch (op) {
+    case ConvOp::kFilterActs: return "filter_acts";
+    case ConvOp::kImageActs: return "image_acts";
+    default: return "weight_acts";
+  }
+}
+
+template <typename T>
+bool run_gather(bool batch_last, const GatherConv<T>& g, ThreadPool& pool) {
+  return batch_last ? run_gather_batch_last(g, pool) : run_gather_channels_last(g, pool);
+}
+
+// Operands (a, b) and result are, per the contract: filter_acts (images, filters) -> hidden,
+// image_acts (hidden, filters) -> images, weight_acts (images, hidden) -> filters.
+template <typename T>
+bool compute(ConvOp op, const ConvGeometry& g, const T* a, const T* b, T* out) {
+  ThreadPool& pool = ThreadPool::shared();
+  const bool batch_last = g.layout == Layout::kC01B;
+  switch (op) {
+    case ConvOp::kFilterActs:
+      return run_gather(
+          batch_last,
+          GatherConv<T>{g.batch, a, g.image, g.channels, out, g.hidden, g.filters, b,
+                        g.filter.c, g.filter.n, g.filter.y, g.filter.x,
+                        forward_axis(g.out_h, g.in_h, g.filter_h, g.stride_h, g.pad_top),
+                        forward_axis(g.out_w, g.in_w, g.filter_w, g.stride_w, g.pad_left)},
+          pool);
+    case ConvOp::kImageActs:
+      return run_gather(
+          batch_last,
+          GatherConv<T>{g.batch, a, g.hidden, g.filters, out, g.image, g.channels, b,
+                        g.filter.n, g.filter.c, g.filter.y, g.filter.x,
+                        adjoint_axis(g.in_h, g.out_h, g.filter_h, g.stride_h, g.pad_top),
+                        adjoint_axis(g.in_w, g.out_w, g.filter_w, g.stride_w, g.pad_left)},
+          pool);
+    default:
+      return run_weight_acts(g, a, b, out, pool);
+  }
+}
+
+// bfloat16 / float16 operands are widened to float32, computed, and rounded once.
+template <uint16_t (*Narrow)(float), float (*Widen)(uint16_t)>
+bool compute_16bit(ConvOp op, const ConvGeometry& g, const ffi::AnyBuffer& a,
+                   const ffi::AnyBuffer& b, ffi::AnyBuffer& out) {
+  auto widen = [](const ffi::AnyBuffer& buf) {
+    std::vector<float> v(buf.element_count());
+    const uint16_t* src = static_cast<const uint16_t*>(buf.untyped_data());
+    for (size_t i = 0; i < v.size(); ++i) v[i] = Widen(src[i]);
+    return v;
+  };
+  std::vector<float> wa = widen(a), wb = widen(b), result(out.element_count());
+  if (!compute<float>(op, g, wa.data(), wb.data(), result.data())) return false;
+  uint16_t* dst = static_cast<uint16_t*>(out.untyped_data());
+  for (size_t i = 0; i < result.size(); ++i) dst[i] = Narrow(result[i]);
+  return true;
+}
+
+ffi::Error conv_handler(ConvOp op, ffi::AnyBuffer a, ffi::AnyBuffer b,
+                        ffi::Result<ffi::AnyBuffer> out, ConvParams params) {
+  const std::string name = op_name(op);
+  if (!is_rank4(a) || !is_rank4(b) || !is_rank4(*out))
+    return invalid(name, "operands and result must have rank 4");
+  const ffi::DataType dtype = a.element_type();
+  if (!supported_dtype(dtype, /*allow_f64=*/true))
+    return invalid(name, "dtype must be float32, bfloat16, float16 or float64");
+  if (b.element_type() != dtype || out->element_type() != dtype)
+    return invalid(name, "operands and result must share one dtype");
+
+  const int64_t* da = &a.dimensions()[0];
+  const int64_t* db = &b.dimensions()[0];
+  const int64_t* dout = &out->dimensions()[0];
+  const int64_t *images = da, *filters = db, *hidden = dout;
+  if (op == ConvOp::kImageActs) images = dout, hidden = da;
+  if (op == ConvOp::kWeightActs) filters = dout, hidden = db;
+  ConvGeometry g;
+  const std::string error = make_conv_geometry(params, images, filters, hidden, &g);
+  if (!error.empty()) return invalid(name, error);
+
+  try {
+    bool ok;
+    switch (dtype) {
+      case ffi::DataType::F32:
+        ok = compute(op, g, static_cast<const float*>(a.untyped_data()),
+                     static_cast<const float*>(b.untyped_data()),
+                     static_cast<float*>(out->untyped_data()));
+        break;
+      case ffi::DataType::F64:
+        ok = compute(op, g, static_cast<const double*>(a.untyped_data()),
+                     static_cast<const double*>(b.untyped_data()),
+                     static_cast<double*>(out->untyped_data()));
+        break;
+      case ffi::DataType::BF16:
+        ok = compute_16bit<float_to_bf16, bf16_to_float>(op, g, a, b, *out);
+        break;
+      default:
+        ok = compute_16bit<float_to_f16, f16_to_float>(op, g, a, b, *out);
+        break;
+    }
+    if (!ok) return ffi::Error::Internal("jax_convnet " + name + ": a worker thread failed");
+  } catch (const std::exception& e) {
+    return ffi::Error::Internal("jax_convnet " + name + ": " + e.what());
+  } catch (...) {
+    return ffi::Error::Internal("jax_convnet " + name + ": unknown failure");
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error filter_acts(ffi::AnyBuffer images, ffi::AnyBuffer filters,
+                       ffi::Result<ffi::AnyBuffer> hidden, ConvParams params) {
+  return conv_handler(ConvOp::kFilterActs, images, filters, hidden, params);
+}
+
+ffi::Error image_acts(ffi::AnyBuffer hidden, ffi::AnyBuffer filters,
+                      ffi::Result<ffi::AnyBuffer> images, ConvParams params) {
+  return conv_handler(ConvOp::kImageActs, hidden, filters, images, params);
+}
+
+ffi::Error weight_acts(ffi::AnyBuffer images, ffi::AnyBuffer hidden,
+                       ffi::Result<ffi::AnyBuffer> filters, ConvParams params) {
+  return conv_handler(ConvOp::kWeightActs, images, hidden, filters, params);
+}
+
+}  // namespace
+}  // namespace jax_convnet::cpu
+
+#define JCN_CONV_BINDING                                                                        \
+  ::xla::ffi::Ffi::Bind()                                                                       \
+      .Arg<::xla::ffi::AnyBuffer>()                                                             \
+      .Arg<::xla::ffi::AnyBuffer>()                                                             \
+      .Ret<::xla::ffi::AnyBuffer>()                                                             \
+      .Attrs<jax_convnet::ConvParams>()
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FilterActsCpu, jax_convnet::cpu::filter_acts, JCN_CONV_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ImageActsCpu, jax_convnet::cpu::image_acts, JCN_CONV_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(WeightActsCpu, jax_convnet::cpu::weight_acts, JCN_CONV_BINDING);

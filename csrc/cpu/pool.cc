@@ -20,6 +20,10 @@
 #include <thread>
 #include <vector>
 
+#if defined(__x86_64__) || defined(_M_X64) || defined(__i386__)
+#include <xmmintrin.h>
+#endif
+
 #include "ffi_common.h"
 #include "pool_select.h"
 #include "targets.h"
@@ -61,18 +65,17 @@ inline uint16_t f32_to_bf16(float f) {
   return uint16_t(u >> 16);
 }
 
-// IEEE binary16 -> binary32, exact (subnormals included).
+// IEEE binary16 -> binary32, exact (subnormals included; NaN payloads kept). Branch-free so the
+// selection loops vectorise.
 inline float f16_to_f32(uint16_t h) {
-  uint32_t sign = uint32_t(h & 0x8000u) << 16;
-  uint32_t exp = (h >> 10) & 0x1fu;
-  uint32_t mant = h & 0x3ffu;
-  if (exp == 0x1f) return f32_from_bits(sign | 0x7f800000u | (mant << 13));  // inf / NaN
-  if (exp == 0) {
-    // zero or subnormal: mant * 2^-24 (exact in float32)
-    float v = float(mant) * 5.9604644775390625e-8f;
-    return sign ? -v : v;
-  }
-  return f32_from_bits(sign | ((exp + 112u) << 23) | (mant << 13));
+  const uint32_t sign = uint32_t(h & 0x8000u) << 16;
+  const uint32_t em = uint32_t(h & 0x7fffu);  // exponent and mantissa
+  // normal, inf, NaN: rebias the exponent 15 -> 127 (and 31 -> 255 for inf / NaN)
+  const uint32_t normal = (em << 13) + (112u << 23) + (em >= 0x7c00u ? (112u << 23) : 0u);
+  // zero, subnormal: mant * 2^-24 is exact and a normal float32
+  const float sub = float(em) * 5.9604644775390625e-8f;
+  const uint32_t mag = em < 0x0400u ? f32_bits(sub) : normal;
+  return f32_from_bits(sign | mag);
 }
 
 // binary32 -> binary16, round to nearest even (subnormals, overflow to inf included);
@@ -137,7 +140,47 @@ struct Num<F16> {
 };
 
 // ----------------------------------------------------------------------------------------------
-// Threads over disjoint slices [begin, end) of `units` work units.
+// XLA runs CPU computations with denormals flushed (x86 MXCSR FTZ/DAZ, aarch64 FPCR FZ). The
+// contract compares and sums IEEE values, subnormals included, exactly as the GPU does (no FTZ
+// there), so every kernel thread runs with flushing switched off, restored on exit.
+
+class ScopedIeeeDenormals {
+ public:
+  ScopedIeeeDenormals() {
+#if defined(__x86_64__) || defined(_M_X64) || defined(__i386__)
+    saved_ = _mm_getcsr();
+    _mm_setcsr(saved_ & ~(kFtz | kDaz));
+#elif defined(__aarch64__)
+    uint64_t fpcr;
+    __asm__ __volatile__("mrs %0, fpcr" : "=r"(fpcr));
+    saved_ = fpcr;
+    fpcr &= ~(kFz | kFz16);
+    __asm__ __volatile__("msr fpcr, %0" : : "r"(fpcr));
+#endif
+  }
+  ~ScopedIeeeDenormals() {
+#if defined(__x86_64__) || defined(_M_X64) || defined(__i386__)
+    _mm_setcsr(saved_);
+#elif defined(__aarch64__)
+    uint64_t fpcr = saved_;
+    __asm__ __volatile__("msr fpcr, %0" : : "r"(fpcr));
+#endif
+  }
+  ScopedIeeeDenormals(const ScopedIeeeDenormals&) = delete;
+  ScopedIeeeDenormals& operator=(const ScopedIeeeDenormals&) = delete;
+
+ private:
+#if defined(__x86_64__) || defined(_M_X64) || defined(__i386__)
+  static constexpr unsigned kFtz = 0x8000u, kDaz = 0x0040u;
+  unsigned saved_ = 0;
+#elif defined(__aarch64__)
+  static constexpr uint64_t kFz = uint64_t(1) << 24, kFz16 = uint64_t(1) << 19;
+  uint64_t saved_ = 0;
+#endif
+};
+
+// ----------------------------------------------------------------------------------------------
+// Threads over disjoint slices [begin, end) of `units` work units (each with IEEE denormals).
 
 template <typename Fn>
 void parallel_for(int64_t units, int64_t cost_per_unit, const Fn& fn) {
@@ -146,8 +189,12 @@ void parallel_for(int64_t units, int64_t cost_per_unit, const Fn& fn) {
   if (hw < 1) hw = 1;
   int64_t by_cost = (units * std::max<int64_t>(cost_per_unit, 1)) / kMinCostPerThread;
   int64_t n = std::min({hw, units, std::max<int64_t>(by_cost, 1)});
+  auto run_slice = [&fn](int64_t b, int64_t e) {
+    ScopedIeeeDenormals ieee;
+    fn(b, e);
+  };
   if (n <= 1) {
-    fn(int64_t(0), units);
+    run_slice(int64_t(0), units);
     return;
   }
   std::vector<std::thread> threads;
@@ -156,13 +203,13 @@ void parallel_for(int64_t units, int64_t cost_per_unit, const Fn& fn) {
   for (int64_t k = 0; k < n; ++k) {
     int64_t b = units * k / n, e = units * (k + 1) / n;
     try {
-      threads.emplace_back([&fn, b, e]() { fn(b, e); });
+      threads.emplace_back([&run_slice, b, e]() { run_slice(b, e); });
       done_upto = e;
     } catch (...) {
       break;  // could not start a thread: run the rest here
     }
   }
-  if (done_upto < units) fn(done_upto, units);
+  if (done_upto < units) run_slice(done_upto, units);
   for (auto& t : threads) t.join();
 }
 
@@ -179,60 +226,75 @@ Dims dims_of(const jcn::PoolGeometry& g) {
               g.stride_h,               g.stride_w, g.pad_top,  g.pad_left};
 }
 
-// Selection of window (oy, ox) of slice o for all I lanes: sel[i] = flat image offset of the
-// selected element of lane i. Returns false for an empty window.
-template <typename T>
-bool select_window(const T* img, const Dims& d, int64_t o, int64_t oy, int64_t ox,
-                   typename Num<T>::F* best, int64_t* sel) {
-  using F = typename Num<T>::F;
+// The clipped extent of window (oy, ox): rows [ys, ye), cols [xs, xe).
+struct Window {
+  int64_t ys, ye, xs, xe;
+  bool empty() const { return ys >= ye || xs >= xe; }
+  // Image offset (without the lane) of the k-th element in row-major order, slice o.
+  template <typename K>
+  int64_t offset(const Dims& d, int64_t o, K k) const {
+    const int64_t nx = xe - xs;
+    return ((o * d.H + ys + k / nx) * d.W + xs + k % nx) * d.I;
+  }
+};
+
+Window window_of(const Dims& d, int64_t oy, int64_t ox) {
   const int64_t y0 = oy * d.sh - d.pt, x0 = ox * d.sw - d.pl;
-  const int64_t ys = std::max<int64_t>(y0, 0), ye = std::min<int64_t>(y0 + d.wh, d.H);
-  const int64_t xs = std::max<int64_t>(x0, 0), xe = std::min<int64_t>(x0 + d.ww, d.W);
-  if (ys >= ye || xs >= xe) return false;
-  bool first = true;
-  for (int64_t y = ys; y < ye; ++y) {
-    for (int64_t x = xs; x < xe; ++x) {
-      const int64_t off = ((o * d.H + y) * d.W + x) * d.I;
-      const T* p = img + off;
-      if (first) {
+  return Window{std::max<int64_t>(y0, 0), std::min<int64_t>(y0 + d.wh, d.H),
+                std::max<int64_t>(x0, 0), std::min<int64_t>(x0 + d.ww, d.W)};
+}
+
+// Selection of a non-empty window of slice o for all I lanes: sel[i] = row-major index k of the
+// selected element of lane i within the clipped window. Branch-free inner loop (vectorisable).
+// K: int32_t, or int64_t for windows of more than 2^31 - 1 elements.
+template <typename T, typename K>
+void select_window(const T* img, const Dims& d, int64_t o, const Window& w,
+                   typename Num<T>::F* best, K* sel) {
+  using F = typename Num<T>::F;
+  K k = 0;
+  for (int64_t y = w.ys; y < w.ye; ++y) {
+    for (int64_t x = w.xs; x < w.xe; ++x, ++k) {
+      const T* p = img + ((o * d.H + y) * d.W + x) * d.I;
+      if (k == 0) {
         for (int64_t i = 0; i < d.I; ++i) {
           best[i] = Num<T>::to_f(p[i]);
-          sel[i] = off + i;
+          sel[i] = 0;
         }
-        first = false;
         continue;
       }
       for (int64_t i = 0; i < d.I; ++i) {
-        F v = Num<T>::to_f(p[i]);
-        if (jcn::pool::takes(false, v, best[i])) {
-          best[i] = v;
-          sel[i] = off + i;
-        }
+        const F v = Num<T>::to_f(p[i]);
+        const F b = best[i];
+        const bool take = jcn::pool::takes(false, v, b);
+        best[i] = take ? v : b;
+        sel[i] = take ? k : sel[i];
       }
     }
   }
-  return true;
 }
 
 // Forward (src = images, empty = -inf) or JVP (src = tangents, empty = 0):
 // out[o][oy][ox][i] = src[selected element of lane i].
-template <typename T>
+template <typename T, typename K>
 void pool_forward(const T* img, const T* src, T* out, const Dims& d, T empty) {
   using F = typename Num<T>::F;
   const int64_t rows = d.O * d.Ho;
-  const int64_t cost = d.Wo * d.I * std::max<int64_t>(1, std::min(d.wh, d.H) * std::min(d.ww, d.W));
+  const int64_t cost =
+      d.Wo * d.I * std::max<int64_t>(1, std::min(d.wh, d.H) * std::min(d.ww, d.W));
   parallel_for(rows, cost, [&](int64_t begin, int64_t end) {
     std::vector<F> best(size_t(d.I));
-    std::vector<int64_t> sel(size_t(d.I));
+    std::vector<K> sel(size_t(d.I));
     for (int64_t r = begin; r < end; ++r) {
       const int64_t o = r / d.Ho, oy = r % d.Ho;
       for (int64_t ox = 0; ox < d.Wo; ++ox) {
         T* q = out + ((o * d.Ho + oy) * d.Wo + ox) * d.I;
-        if (select_window(img, d, o, oy, ox, best.data(), sel.data())) {
-          for (int64_t i = 0; i < d.I; ++i) q[i] = src[sel[i]];
-        } else {
+        const Window w = window_of(d, oy, ox);
+        if (w.empty()) {
           for (int64_t i = 0; i < d.I; ++i) q[i] = empty;
+          continue;
         }
+        select_window(img, d, o, w, best.data(), sel.data());
+        for (int64_t i = 0; i < d.I; ++i) q[i] = src[w.offset(d, o, sel[i]) + i];
       }
     }
   });
@@ -241,14 +303,15 @@ void pool_forward(const T* img, const T* src, T* out, const Dims& d, T empty) {
 // Gradient, gathered per image row (o, y): the windows covering row y are visited in increasing
 // (oy, ox); a window adds its cotangent to the element of row y it selected. Each element thus
 // sums its windows in increasing (oy, ox) order, starting from 0, as the CUDA kernel does.
-template <typename T>
+template <typename T, typename K>
 void pool_grad(const T* img, const T* ct, T* out, const Dims& d) {
   using F = typename Num<T>::F;
   const int64_t rows = d.O * d.H;
-  const int64_t cost = d.W * d.I * std::max<int64_t>(1, std::min(d.wh, d.H) * std::min(d.ww, d.W));
+  const int64_t cost =
+      d.W * d.I * std::max<int64_t>(1, std::min(d.wh, d.H) * std::min(d.ww, d.W));
   parallel_for(rows, cost, [&](int64_t begin, int64_t end) {
     std::vector<F> best(size_t(d.I));
-    std::vector<int64_t> sel(size_t(d.I));
+    std::vector<K> sel(size_t(d.I));
     std::vector<F> acc(size_t(d.W * d.I));
     for (int64_t r = begin; r < end; ++r) {
       const int64_t o = r / d.H, y = r % d.H;
@@ -256,18 +319,21 @@ void pool_grad(const T* img, const T* ct, T* out, const Dims& d) {
       int64_t oy_lo, oy_hi, ox_lo, ox_hi;
       jcn::pool::covering_windows<int64_t>(y, y, d.pt, d.wh, d.sh, d.Ho, &oy_lo, &oy_hi);
       jcn::pool::covering_windows<int64_t>(0, d.W - 1, d.pl, d.ww, d.sw, d.Wo, &ox_lo, &ox_hi);
-      const int64_t row_off = (o * d.H + y) * d.W * d.I;  // offset of (o, y, 0, 0)
       for (int64_t oy = oy_lo; oy <= oy_hi; ++oy) {
         for (int64_t ox = ox_lo; ox <= ox_hi; ++ox) {
-          if (!select_window(img, d, o, oy, ox, best.data(), sel.data())) continue;
+          const Window w = window_of(d, oy, ox);
+          if (w.empty()) continue;
+          select_window(img, d, o, w, best.data(), sel.data());
           const T* c = ct + ((o * d.Ho + oy) * d.Wo + ox) * d.I;
+          const int64_t nx = w.xe - w.xs;
+          const int64_t k_lo = (y - w.ys) * nx;  // selections in row y: k in [k_lo, k_lo + nx)
           for (int64_t i = 0; i < d.I; ++i) {
-            const int64_t k = sel[i] - row_off;  // = x * I + i when the selection is in row y
-            if (k >= 0 && k < d.W * d.I) acc[size_t(k)] += Num<T>::to_f(c[i]);
+            const int64_t dk = sel[i] - k_lo;
+            if (dk >= 0 && dk < nx) acc[size_t((w.xs + dk) * d.I + i)] += Num<T>::to_f(c[i]);
           }
         }
       }
-      T* q = out + row_off;
+      T* q = out + (o * d.H + y) * d.W * d.I;
       for (int64_t k = 0; k < d.W * d.I; ++k) q[k] = Num<T>::from_f(acc[size_t(k)]);
     }
   });
@@ -298,22 +364,32 @@ ffi::Error check_pool_call(const char* op, const jcn::PoolParams& p, const ffi::
 
 enum class Op { kForward, kJvp, kGrad };
 
-template <typename T>
+template <typename T, typename K>
 void run_typed(Op op, const Dims& d, const void* img, const void* second, void* out) {
   const T* x = static_cast<const T*>(img);
   const T* s = static_cast<const T*>(second);
   T* y = static_cast<T*>(out);
   switch (op) {
     case Op::kForward:
-      pool_forward<T>(x, x, y, d, Num<T>::neg_inf());
+      pool_forward<T, K>(x, x, y, d, Num<T>::neg_inf());
       break;
     case Op::kJvp:
-      pool_forward<T>(x, s, y, d, Num<T>::zero());
+      pool_forward<T, K>(x, s, y, d, Num<T>::zero());
       break;
     case Op::kGrad:
-      pool_grad<T>(x, s, y, d);
+      pool_grad<T, K>(x, s, y, d);
       break;
   }
+}
+
+template <typename T>
+void run_typed(Op op, const Dims& d, const void* img, const void* second, void* out) {
+  // Window elements are numbered with int32 unless a clipped window can hold more than that.
+  const int64_t max_window = std::min(d.wh, d.H) * std::min(d.ww, d.W);
+  if (max_window <= int64_t(INT32_MAX))
+    run_typed<T, int32_t>(op, d, img, second, out);
+  else
+    run_typed<T, int64_t>(op, d, img, second, out);
 }
 
 ffi::Error run(Op op, ffi::DataType t, const jcn::PoolGeometry& g, const void* img,
@@ -354,7 +430,8 @@ ffi::Error MaxPoolJvpImpl(ffi::AnyBuffer images, ffi::AnyBuffer tangents,
   if (ffi::Error e = check_pool_call(op, p, images, *pooled_tangents, &g); e.failure()) return e;
   if (tangents.element_type() != images.element_type())
     return jcn::invalid(op, "operands and result must share one dtype");
-  if (!same_dims(tangents, images)) return jcn::invalid(op, "tangents' shape differs from the images'");
+  if (!same_dims(tangents, images))
+    return jcn::invalid(op, "tangents' shape differs from the images'");
   return run(Op::kJvp, images.element_type(), g, images.untyped_data(), tangents.untyped_data(),
              pooled_tangents->untyped_data());
 }

@@ -1,8 +1,422 @@
-// PLACEHOLDER: to be replaced by the real kernels.
+// CUDA handlers of the conv family: filter_acts (FA), image_acts (IA), weight_acts (WA).
+//
+// Each op is an implicit GEMM (conv_ops.cuh) run by one tiled kernel (conv_kernel.cuh):
+//   FA  M = B*Ho*Wo, N = F, K = C*fh*fw
+//   IA  per residue class (y mod sh, x mod sw): M = B*Hq*Wq, N = C, K = F*nI*nJ (useful taps only)
+//   WA  M = F, N = C*fh*fw, K = B*partial_sum per segment; segments folded in order.
+// Paths: tensor cores (nvcuda::wmma, bf16/f16 16x16x16, TF32 16x16x8 for float32 with precision
+// Default) when N >= 16 and M >= 16; otherwise FFMA with a 128x64 tile (or 512x4 for N <= 8).
+// Accumulation is float32 everywhere. Operands are read in place in either layout.
+//
+// CUDA-graph safe: no synchronisation, no allocation other than the FFI scratch allocator
+// (weight_acts partial sums only), no host reads of device data; the launch plan depends only on
+// shapes, attributes and the device's SM count, so results are bitwise reproducible (no atomics).
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <string>
+#include <type_traits>
+
+#include "conv_common.cuh"
+#include "conv_kernel.cuh"
+#include "conv_ops.cuh"
 #include "ffi_common.h"
 #include "targets.h"
+
 namespace ffi = xla::ffi;
-static ffi::Error NotYet(ffi::RemainingArgs, ffi::RemainingRets) { return ffi::Error(ffi::ErrorCode::kUnimplemented, "not implemented yet"); }
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FilterActsCuda, NotYet, ffi::Ffi::Bind().RemainingArgs().RemainingRets());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(ImageActsCuda, NotYet, ffi::Ffi::Bind().RemainingArgs().RemainingRets());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(WeightActsCuda, NotYet, ffi::Ffi::Bind().RemainingArgs().RemainingRets());
+
+namespace {
+
+namespace jcn = jax_convnet;
+using namespace jax_convnet::cuda_conv;
+using jcn::Layout;
+
+enum class OpKind { kFA, kIA, kWA };
+enum class Path { kWide, kNarrow, kWmma };
+
+constexpr int64_t kIdx32Limit = int64_t(1) << 30;  // everything below this uses 32-bit indices
+constexpr int64_t kScratchCap = int64_t(256) << 20;  // bytes of WA partial-sum slots per launch
+
+const char* op_name(OpKind k) {
+  return k == OpKind::kFA ? "filter_acts" : k == OpKind::kIA ? "image_acts" : "weight_acts";
+}
+
+ffi::Error cuda_error(OpKind k, const char* what, cudaError_t e) {
+  return ffi::Error::Internal(std::string("jax_convnet ") + op_name(k) + " (CUDA): " + what +
+                              ": " + cudaGetErrorName(e) + ": " + cudaGetErrorString(e));
+}
+
+int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+template <class Op, class Cfg, typename T, typename Idx, int kVecMask>
+cudaError_t launch_gemm(const KParams& p, cudaStream_t stream) {
+  if (p.units < 1) return cudaSuccess;
+  const int64_t blocks = std::min<int64_t>(p.units, int64_t(0x7fffffff));
+  conv_gemm_kernel<Op, Cfg, T, Idx, kVecMask><<<dim3(unsigned(blocks)), Cfg::NT, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <class Op, class Cfg, typename T>
+cudaError_t launch_masked(const KParams& p, int mask, cudaStream_t stream) {
+  switch (mask) {
+    case 3:
+      return launch_gemm<Op, Cfg, T, int32_t, 3>(p, stream);
+    case 2:
+      return launch_gemm<Op, Cfg, T, int32_t, 2>(p, stream);
+    case 1:
+      return launch_gemm<Op, Cfg, T, int32_t, 1>(p, stream);
+    default:
+      return launch_gemm<Op, Cfg, T, int32_t, 0>(p, stream);
+  }
+}
+
+template <OpKind K>
+struct OpOf;
+template <>
+struct OpOf<OpKind::kFA> {
+  template <Layout L, typename Idx>
+  using type = OpFA<L, Idx>;
+};
+template <>
+struct OpOf<OpKind::kIA> {
+  template <Layout L, typename Idx>
+  using type = OpIA<L, Idx>;
+};
+template <>
+struct OpOf<OpKind::kWA> {
+  template <Layout L, typename Idx>
+  using type = OpWA<L, Idx>;
+};
+
+template <typename T>
+using WmmaCfgOf = std::conditional_t<std::is_same_v<T, float>, CfgWmmaTf32, CfgWmma16>;
+
+// Vector widths (elements) of the A and B loaders of a path, as the kernel computes them.
+template <OpKind K, Layout L, typename T, class Cfg>
+void vec_widths(int* va, int* vb) {
+  using Op = typename OpOf<K>::template type<L, int32_t>;
+  constexpr int maxv = 16 / int(sizeof(T));
+  *va = loader_vec(Cfg::BM, Cfg::BK, Cfg::NT, maxv, Op::A_ROWC);
+  *vb = loader_vec(Cfg::BN, Cfg::BK, Cfg::NT, maxv, Op::B_ROWC);
+}
+
+template <OpKind K, Layout L, typename T>
+void vec_widths_path(Path path, int* va, int* vb) {
+  if (path == Path::kWmma) {
+    vec_widths<K, L, T, WmmaCfgOf<T>>(va, vb);
+  } else if (path == Path::kNarrow) {
+    vec_widths<K, L, T, CfgNarrow>(va, vb);
+  } else {
+    vec_widths<K, L, T, CfgWide>(va, vb);
+  }
+}
+
+// mask: bit 0 / 1 = vector loads for operand A / B.
+template <OpKind K, Layout L, typename T>
+cudaError_t launch_path(const KParams& p, Path path, bool idx64, int mask, cudaStream_t stream) {
+  if (idx64) {  // huge problems: FFMA, scalar loads, 64-bit indices
+    return launch_gemm<typename OpOf<K>::template type<L, int64_t>, CfgWide, T, int64_t, 0>(
+        p, stream);
+  }
+  using Op = typename OpOf<K>::template type<L, int32_t>;
+  if (path == Path::kWmma) return launch_masked<Op, WmmaCfgOf<T>, T>(p, mask, stream);
+  if constexpr (K != OpKind::kWA) {
+    if (path == Path::kNarrow && mask == 3)  // (narrow is only chosen with vector loads)
+      return launch_gemm<Op, CfgNarrow, T, int32_t, 3>(p, stream);
+  }
+  return launch_masked<Op, CfgWide, T>(p, mask, stream);
+}
+
+template <typename T>
+cudaError_t launch_reduce(const float* slots, int64_t nseg, int64_t nsplit, int64_t E, float* acc,
+                          void* out, bool first, bool last, int nsm, cudaStream_t stream) {
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(cdiv(E, 256), int64_t(nsm) * 16));
+  wa_reduce_kernel<T><<<dim3(unsigned(blocks)), 256, 0, stream>>>(
+      slots, nseg, nsplit, E, acc, static_cast<T*>(out), first ? 1 : 0, last ? 1 : 0);
+  return cudaGetLastError();
+}
+
+bool aligned(const void* ptr, int64_t bytes) {
+  return reinterpret_cast<uintptr_t>(ptr) % uintptr_t(bytes) == 0;
+}
+
+double absd(int64_t v) { return v < 0 ? -double(v) : double(v); }
+double extent(const Str4& s, double n, double c, double ylen, double xlen) {
+  return n * absd(s.n) + c * absd(s.c) + ylen * absd(s.y) + xlen * absd(s.x);
+}
+
+// The op for one layout and element type, once geometry and attributes are checked.
+template <OpKind K, Layout L, typename T>
+ffi::Error run(cudaStream_t stream, ffi::ScratchAllocator& scratch, const jcn::ConvGeometry& g,
+               const jcn::ConvParams& cp, const void* a, const void* b, void* out) {
+  const OpKind kOp = K;
+  const bool f32 = std::is_same_v<T, float>;
+  const bool tc_ok = !f32 || cp.precision == jcn::Precision::kDefault;
+
+  KParams p{};
+  p.a = a;
+  p.b = b;
+  p.out = out;
+  p.slots = nullptr;
+  p.B = g.batch;
+  p.C = g.channels;
+  p.F = g.filters;
+  p.H = g.in_h;
+  p.W = g.in_w;
+  p.fh = g.filter_h;
+  p.fw = g.filter_w;
+  p.Ho = g.out_h;
+  p.Wo = g.out_w;
+  p.sh = g.stride_h;
+  p.sw = g.stride_w;
+  p.pt = g.pad_top;
+  p.pl = g.pad_left;
+  p.is = {g.image.n, g.image.c, g.image.y, g.image.x};
+  p.fs = {g.filter.n, g.filter.c, g.filter.y, g.filter.x};
+  p.hs = {g.hidden.n, g.hidden.c, g.hidden.y, g.hidden.x};
+  const int64_t T_ = p.fh * p.fw;
+  p.dB = make_divmod(p.B);
+  p.dC = make_divmod(p.C);
+  p.dF = make_divmod(p.F);
+  p.dfw = make_divmod(p.fw);
+  p.dWo = make_divmod(p.Wo);
+  p.dHo = make_divmod(p.Ho);
+  p.dT = make_divmod(T_);
+
+  // GEMM sizes (IA: the largest class) and the 32/64-bit index decision.
+  int64_t M = 0, N = 0, Kd = 0;
+  if (K == OpKind::kFA) {
+    M = p.B * p.Ho * p.Wo;
+    N = p.F;
+    Kd = p.C * T_;
+  } else if (K == OpKind::kIA) {
+    p.ncy = std::min(p.sh, p.H);
+    p.ncx = std::min(p.sw, p.W);
+    p.hq0 = cdiv(p.H, p.sh);
+    p.wq0 = cdiv(p.W, p.sw);
+    p.nImax = cdiv(p.fh, p.sh);
+    p.nJmax = cdiv(p.fw, p.sw);
+    p.dnJ = make_divmod(p.nJmax);
+    p.dHq[0] = make_divmod(p.hq0);
+    p.dHq[1] = make_divmod(std::max<int64_t>(1, p.hq0 - 1));
+    p.dWq[0] = make_divmod(p.wq0);
+    p.dWq[1] = make_divmod(std::max<int64_t>(1, p.wq0 - 1));
+    M = p.B * p.hq0 * p.wq0;
+    N = p.C;
+    Kd = p.nImax * p.nJmax * p.F;
+  } else {
+    p.P = g.partial_sum;
+    p.nseg = (p.Ho * p.Wo) / p.P;
+    M = p.F;
+    N = p.C * T_;
+    Kd = p.B * p.P;
+  }
+  p.M = M;
+  p.N = N;
+  p.K = Kd;
+  const double img_n = double(p.B) * double(p.C) * double(p.H) * double(p.W);
+  const double fil_n = double(p.F) * double(p.C) * double(T_);
+  const double hid_n = double(p.B) * double(p.F) * double(p.Ho) * double(p.Wo);
+  double worst = std::max({double(M), double(N), double(Kd), img_n, fil_n, hid_n});
+  worst = std::max(worst, extent(p.is, double(p.B), double(p.C),
+                                 double(p.H + 2 * p.pt + 2 * p.fh + 2 * p.sh) + double(cp.pad_bottom),
+                                 double(p.W + 2 * p.pl + 2 * p.fw + 2 * p.sw) + double(cp.pad_right)));
+  worst = std::max(worst, extent(p.hs, double(p.B), double(p.F),
+                                 double(p.Ho + p.H + p.pt + 2 * p.fh + 2),
+                                 double(p.Wo + p.W + p.pl + 2 * p.fw + 2)));
+  worst = std::max(worst, extent(p.fs, double(p.F), double(p.C), double(p.fh + p.sh + 1),
+                                 double(p.fw + p.sw + 1)));
+  const bool idx64 = worst >= double(kIdx32Limit);
+
+  Path path = Path::kWide;
+  if (!idx64 && tc_ok && N >= 16 && M >= 16) {
+    path = Path::kWmma;
+  } else if (!idx64 && K != OpKind::kWA && N <= 8) {
+    path = Path::kNarrow;
+  }
+
+  // Vector loads: the contiguous dimension of each operand must be a multiple of the width and
+  // the base pointers aligned to it. The narrow tile is only used with vector loads.
+  const bool c01b = L == Layout::kC01B;
+  int64_t ca, cb;  // contiguous dimension of A / B
+  if (K == OpKind::kFA) {
+    ca = c01b ? p.B : p.C;
+    cb = p.F;
+  } else if (K == OpKind::kIA) {
+    ca = c01b ? p.B : p.F;
+    cb = p.F;
+  } else {
+    ca = c01b ? p.B : p.F;
+    cb = c01b ? p.B : p.C;
+  }
+  auto vec_mask = [&](Path pa) {
+    int va = 1, vb = 1;
+    vec_widths_path<K, L, T>(pa, &va, &vb);
+    const bool oka = ca % va == 0 && aligned(a, int64_t(va) * int64_t(sizeof(T)));
+    const bool okb = cb % vb == 0 && aligned(b, int64_t(vb) * int64_t(sizeof(T)));
+    return (oka ? 1 : 0) | (okb ? 2 : 0);
+  };
+  int mask = idx64 ? 0 : vec_mask(path);
+  if (path == Path::kNarrow && mask != 3) {
+    path = Path::kWide;
+    mask = vec_mask(path);
+  }
+  const int BM = path == Path::kNarrow ? CfgNarrow::BM : 128;
+  const int BN = path == Path::kNarrow ? CfgNarrow::BN : 64;
+  const int BK = path == Path::kWmma ? WmmaCfgOf<T>::BK : path == Path::kNarrow ? CfgNarrow::BK
+                                                                                : CfgWide::BK;
+
+  p.tiles_m = cdiv(M, BM);
+  p.tiles_n = cdiv(N, BN);
+  const int64_t tiles = p.tiles_m * p.tiles_n;
+  if (K == OpKind::kFA) {
+    p.units = tiles;
+  } else if (K == OpKind::kIA) {
+    p.units = p.ncy * p.ncx * tiles;
+  }
+
+  cudaError_t err;
+  if (K != OpKind::kWA) {
+    err = launch_path<K, L, T>(p, path, idx64, mask, stream);
+    if (err != cudaSuccess) return cuda_error(kOp, "kernel launch", err);
+    return ffi::Error::Success();
+  }
+
+  // ---- weight_acts launch plan ----
+  int dev = 0, nsm = 0;
+  if ((err = cudaGetDevice(&dev)) != cudaSuccess) return cuda_error(kOp, "cudaGetDevice", err);
+  if ((err = cudaDeviceGetAttribute(&nsm, cudaDevAttrMultiProcessorCount, dev)) != cudaSuccess)
+    return cuda_error(kOp, "cudaDeviceGetAttribute", err);
+  nsm = std::max(nsm, 1);
+  const int64_t target = 4 * int64_t(nsm);  // units wanted in flight
+  const int64_t Kseg = Kd, nseg = p.nseg, E = p.F * p.C * T_;
+  const int64_t max_split = std::max<int64_t>(1, cdiv(Kseg, 16 * int64_t(BK)));
+  const bool fused = nseg > 1 && tiles >= nsm;  // each block folds all segments in registers
+  int64_t nsplit = 1;
+  if (!fused)
+    nsplit = std::clamp<int64_t>(cdiv(target, tiles * nseg), 1, max_split);
+  if (nsplit > 1 && nsplit * E * 4 > kScratchCap)
+    nsplit = std::max<int64_t>(1, kScratchCap / (E * 4));
+  int64_t kchunk = cdiv(cdiv(Kseg, nsplit), BK) * BK;
+  nsplit = cdiv(Kseg, kchunk);
+  p.nsplit = nsplit;
+  p.kchunk = kchunk;
+  p.E = E;
+  p.seg0 = 0;
+  p.fused = fused ? 1 : 0;
+
+  if (fused || (nseg == 1 && nsplit == 1)) {  // direct: the kernel writes the output
+    p.units = tiles;
+    err = launch_path<K, L, T>(p, path, idx64, mask, stream);
+    if (err != cudaSuccess) return cuda_error(kOp, "kernel launch", err);
+    return ffi::Error::Success();
+  }
+
+  // Partial sums into scratch slots [segment in group][chunk][E], G segments per launch, then an
+  // ordered fold (into a float32 running sum when there is more than one group).
+  const int64_t slot_bytes = nsplit * E * 4;
+  const int64_t G = std::clamp<int64_t>(kScratchCap / slot_bytes, 1, nseg);
+  const int64_t ngroups = cdiv(nseg, G);
+  const size_t slots_bytes = size_t(G) * size_t(slot_bytes);
+  const size_t acc_bytes = ngroups > 1 ? size_t(E) * 4 : 0;
+  std::optional<void*> mem = scratch.Allocate(slots_bytes + acc_bytes, 256);
+  if (!mem.has_value() || *mem == nullptr)
+    return ffi::Error::Internal(std::string("jax_convnet weight_acts (CUDA): could not allocate ") +
+                                std::to_string(slots_bytes + acc_bytes) + " bytes of scratch");
+  float* slots = static_cast<float*>(*mem);
+  float* acc = ngroups > 1 ? slots + size_t(G) * size_t(nsplit) * size_t(E) : nullptr;
+  p.slots = slots;
+  for (int64_t gi = 0; gi < ngroups; ++gi) {
+    const int64_t s0 = gi * G, gcount = std::min(G, nseg - s0);
+    p.seg0 = s0;
+    p.units = gcount * nsplit * tiles;
+    err = launch_path<K, L, T>(p, path, idx64, mask, stream);
+    if (err != cudaSuccess) return cuda_error(kOp, "kernel launch", err);
+    err = launch_reduce<T>(slots, gcount, nsplit, E, acc, out, gi == 0, gi + 1 == ngroups, nsm,
+                           stream);
+    if (err != cudaSuccess) return cuda_error(kOp, "reduce launch", err);
+  }
+  return ffi::Error::Success();
+}
+
+template <OpKind K>
+ffi::Error ConvImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer x,
+                    ffi::AnyBuffer y, ffi::Result<ffi::AnyBuffer> res, jcn::ConvParams cp) {
+  const std::string name = op_name(K);
+  if (!jcn::is_rank4(x) || !jcn::is_rank4(y) || !jcn::is_rank4(*res))
+    return jcn::invalid(name, "operands and result must have rank 4");
+  const ffi::DataType dt = x.element_type();
+  if (y.element_type() != dt || res->element_type() != dt)
+    return jcn::invalid(name, "operands and result must share one dtype");
+  if (dt == ffi::DataType::F64)
+    return jcn::invalid(name, "float64 is supported on the CPU only");
+  if (!jcn::supported_dtype(dt, false))
+    return jcn::invalid(name, "dtype must be float32, bfloat16 or float16");
+  if (cp.precision != jcn::Precision::kDefault && cp.precision != jcn::Precision::kHigh &&
+      cp.precision != jcn::Precision::kHighest)
+    return jcn::invalid(name, "precision must be 0, 1 or 2");
+
+  // FA: (images, filters) -> hidden; IA: (hidden, filters) -> images; WA: (images, hidden) -> filters.
+  const int64_t* xd = x.dimensions().begin();
+  const int64_t* yd = y.dimensions().begin();
+  const int64_t* rd = res->dimensions().begin();
+  const int64_t *img_d, *fil_d, *hid_d;
+  if (K == OpKind::kFA) {
+    img_d = xd, fil_d = yd, hid_d = rd;
+  } else if (K == OpKind::kIA) {
+    hid_d = xd, fil_d = yd, img_d = rd;
+  } else {
+    img_d = xd, hid_d = yd, fil_d = rd;
+  }
+  jcn::ConvGeometry g;
+  const std::string gerr = jcn::make_conv_geometry(cp, img_d, fil_d, hid_d, &g);
+  if (!gerr.empty()) return jcn::invalid(name, gerr);
+
+  // Every coordinate the kernels form must lie in (-2^30, 2^30) (see kBad in conv_common.cuh).
+  const int64_t lim = kIdx32Limit;
+  const int64_t dims[] = {g.batch,    g.channels, g.filters,  g.in_h,     g.in_w,
+                          g.filter_h, g.filter_w, g.out_h,    g.out_w,    g.stride_h,
+                          g.stride_w, g.pad_top,  g.pad_left, cp.pad_bottom, cp.pad_right};
+  for (int64_t d : dims)
+    if (d >= lim) return jcn::invalid(name, "a dimension, stride or padding is >= 2^30");
+  if (g.in_h + cp.pad_top + cp.pad_bottom >= lim || g.in_w + cp.pad_left + cp.pad_right >= lim)
+    return jcn::invalid(name, "padded image extent is >= 2^30");
+
+  const void* a = x.untyped_data();
+  const void* b = y.untyped_data();
+  void* out = res->untyped_data();
+  const bool c01b = g.layout == Layout::kC01B;
+  switch (dt) {
+    case ffi::DataType::F32:
+      return c01b ? run<K, Layout::kC01B, float>(stream, scratch, g, cp, a, b, out)
+                  : run<K, Layout::kNHWC, float>(stream, scratch, g, cp, a, b, out);
+    case ffi::DataType::BF16:
+      return c01b ? run<K, Layout::kC01B, __nv_bfloat16>(stream, scratch, g, cp, a, b, out)
+                  : run<K, Layout::kNHWC, __nv_bfloat16>(stream, scratch, g, cp, a, b, out);
+    case ffi::DataType::F16:
+      return c01b ? run<K, Layout::kC01B, __half>(stream, scratch, g, cp, a, b, out)
+                  : run<K, Layout::kNHWC, __half>(stream, scratch, g, cp, a, b, out);
+    default:
+      return jcn::invalid(name, "unsupported dtype");
+  }
+}
+
+}  // namespace
+
+#define JCN_CONV_BINDING                           \
+  ffi::Ffi::Bind()                                 \
+      .Ctx<ffi::PlatformStream<cudaStream_t>>()    \
+      .Ctx<ffi::ScratchAllocator>()                \
+      .Arg<ffi::AnyBuffer>()                       \
+      .Arg<ffi::AnyBuffer>()                       \
+      .Ret<ffi::AnyBuffer>()                       \
+      .Attrs<jax_convnet::ConvParams>()
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FilterActsCuda, ConvImpl<OpKind::kFA>, JCN_CONV_BINDING,
+                              {ffi::Traits::kCmdBufferCompatible});
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ImageActsCuda, ConvImpl<OpKind::kIA>, JCN_CONV_BINDING,
+                              {ffi::Traits::kCmdBufferCompatible});
+XLA_FFI_DEFINE_HANDLER_SYMBOL(WeightActsCuda, ConvImpl<OpKind::kWA>, JCN_CONV_BINDING,
+                              {ffi::Traits::kCmdBufferCompatible});

@@ -9,6 +9,8 @@
 // Bit-identical to the CPU kernels (csrc/cpu/pool.cc): forward / JVP copy the selected element
 // unchanged; the gradient of an image element is 0 + ct(w1) + ct(w2) + ... over the windows that
 // selected it in increasing (oy, ox) order, in float32, rounded once to the storage type.
+// (Only NaN payloads of the gradient may differ: the GPU produces canonical NaNs.) Subnormals
+// are compared and summed as IEEE values: do not build this file with -ftz=true / fast math.
 //
 // Graph-safe: no allocation, no synchronisation, no host access to device data; one kernel
 // launch per call on the given stream. Index arithmetic is 32-bit when everything provably fits
@@ -43,7 +45,9 @@ template <>
 struct Num<float> {
   static __device__ __forceinline__ float to_f(float v) { return v; }
   static __device__ __forceinline__ float from_f(float v) { return v; }
-  static __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
+  static __device__ __forceinline__ float neg_inf() {
+    return __int_as_float(static_cast<int>(0xff800000u));
+  }
   static __device__ __forceinline__ float zero() { return 0.0f; }
 };
 template <>
@@ -70,6 +74,12 @@ struct alignas(sizeof(T) * V) Vec {
 template <typename T, int V, typename Idx>
 __device__ __forceinline__ Vec<T, V> load_vec(const T* __restrict__ p, Idx off) {
   return *reinterpret_cast<const Vec<T, V>*>(p + off);
+}
+
+// v clamped to [0, n - 1].
+template <typename Idx>
+__device__ __forceinline__ Idx clamp_idx(Idx v, Idx n) {
+  return v < 0 ? Idx(0) : (v > n - 1 ? n - 1 : v);
 }
 
 // Kernel geometry in the index type Idx. Memory: image[o][y][x][i], pooled[o][oy][ox][i].
@@ -126,26 +136,31 @@ __global__ void __launch_bounds__(kThreads)
       best[l] = 0.0f;
     }
     bool first = true;
+    // Compile-time window: all KH*KW positions, out-of-image ones masked by `ok` and loaded from
+    // a clamped (valid, already-touched) address, so the unrolled body is branch-free and all
+    // loads are in flight together. Runtime window: only the clipped range (ok always true).
+    const Idx i_beg = KH > 0 ? Idx(0) : i_lo, i_end = KH > 0 ? Idx(KH) : i_hi;
+    const Idx j_beg = KW > 0 ? Idx(0) : j_lo, j_end = KW > 0 ? Idx(KW) : j_hi;
 #pragma unroll
-    for (Idx i = (KH > 0 ? Idx(0) : i_lo); i < (KH > 0 ? Idx(KH) : i_hi); ++i) {
-      if (KH > 0 && (i < i_lo || i >= i_hi)) continue;
-      const Idx row = (o * g.H + (y0 + i)) * g.W;  // (o, y) row; y inside the image
+    for (Idx i = i_beg; i < i_end; ++i) {
+      const bool row_ok = i >= i_lo && i < i_hi;
+      const Idx row = (o * g.H + clamp_idx<Idx>(y0 + i, g.H)) * g.W;
 #pragma unroll
-      for (Idx j = (KW > 0 ? Idx(0) : j_lo); j < (KW > 0 ? Idx(KW) : j_hi); ++j) {
-        if (KW > 0 && (j < j_lo || j >= j_hi)) continue;
-        const Idx off = (row + (x0 + j)) * g.I + lane;  // x inside the image
+      for (Idx j = j_beg; j < j_end; ++j) {
+        const bool ok = row_ok && j >= j_lo && j < j_hi;
+        const Idx off = (row + clamp_idx<Idx>(x0 + j, g.W)) * g.I + lane;
         const Vec<T, V> v = load_vec<T, V>(img, off);
         Vec<T, V> tv;
         if (kJvp) tv = load_vec<T, V>(tan, off);
 #pragma unroll
         for (int l = 0; l < V; ++l) {
           const float f = N::to_f(v.v[l]);
-          if (jcn::pool::takes(first, f, best[l])) {
+          if (ok && jcn::pool::takes(first, f, best[l])) {
             best[l] = f;
             res.v[l] = kJvp ? tv.v[l] : v.v[l];
           }
         }
-        first = false;
+        first = first && !ok;
       }
     }
     *reinterpret_cast<Vec<T, V>*>(out + t * V) = res;
@@ -216,38 +231,43 @@ __global__ void __launch_bounds__(kThreads)
           sel[l] = -1;
         }
         bool first = true;
+        // As in the forward kernel: branch-free unrolled body for a compile-time window.
+        const Idx i_beg = KH > 0 ? Idx(0) : i_lo, i_end = KH > 0 ? Idx(KH) : i_hi;
+        const Idx j_beg = KW > 0 ? Idx(0) : j_lo, j_end = KW > 0 ? Idx(KW) : j_hi;
 #pragma unroll
-        for (Idx i = (KH > 0 ? Idx(0) : i_lo); i < (KH > 0 ? Idx(KH) : i_hi); ++i) {
-          if (KH > 0 && (i < i_lo || i >= i_hi)) continue;
-          const Idx y = wy0 + i;  // inside the image
-          const Idx sy = y - y0;  // row within the tile (valid when 0 <= sy < kTile)
-          const Idx row = (o * g.H + y) * g.W;
+        for (Idx i = i_beg; i < i_end; ++i) {
+          const bool row_ok = i >= i_lo && i < i_hi;
+          const Idx sy = wy0 + i - y0;  // row within the tile (valid when 0 <= sy < kTile)
+          const Idx row = (o * g.H + clamp_idx<Idx>(wy0 + i, g.H)) * g.W;
 #pragma unroll
-          for (Idx j = (KW > 0 ? Idx(0) : j_lo); j < (KW > 0 ? Idx(KW) : j_hi); ++j) {
-            if (KW > 0 && (j < j_lo || j >= j_hi)) continue;
-            const Idx x = wx0 + j;  // inside the image
-            const Idx sx = x - x0;
+          for (Idx j = j_beg; j < j_end; ++j) {
+            const bool ok = row_ok && j >= j_lo && j < j_hi;
+            const Idx sx = wx0 + j - x0;
             const int slot = (sy >= 0 && sy < kTile && sx >= 0 && sx < kTile)
                                  ? int(sy) * kTile + int(sx)
                                  : -1;
-            const Vec<T, V> v = load_vec<T, V>(img, (row + x) * g.I + lane);
+            const Vec<T, V> v =
+                load_vec<T, V>(img, (row + clamp_idx<Idx>(wx0 + j, g.W)) * g.I + lane);
 #pragma unroll
             for (int l = 0; l < V; ++l) {
               const float f = N::to_f(v.v[l]);
-              if (jcn::pool::takes(first, f, best[l])) {
+              if (ok && jcn::pool::takes(first, f, best[l])) {
                 best[l] = f;
                 sel[l] = slot;
               }
             }
-            first = false;
+            first = first && !ok;
           }
         }
+        // Branch-free on purpose: `if (sel == s) acc[s] += cf` gets rewritten by the compiler
+        // into acc[sel] += cf, a dynamically indexed array in local memory. Adding +0.0 instead
+        // is bit-exact: acc starts at +0.0 and can never become -0.0 (x + y is -0.0 only when
+        // both are -0.0), and x + 0.0 == x for every other x (inf included; NaN stays NaN).
 #pragma unroll
         for (int l = 0; l < V; ++l) {
           const float cf = N::to_f(c.v[l]);
 #pragma unroll
-          for (int s = 0; s < kSlots; ++s)
-            if (sel[l] == s) acc[s][l] += cf;
+          for (int s = 0; s < kSlots; ++s) acc[s][l] += sel[l] == s ? cf : 0.0f;
         }
       }
     }

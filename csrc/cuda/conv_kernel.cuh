@@ -1,0 +1,415 @@
+// The implicit-GEMM kernel shared by the three conv ops (FFMA and wmma tensor-core variants),
+// and the ordered reduction of weight_acts partial sums.
+//
+// One block computes a BM x BN tile of C = A * B per unit; units (tiles, IA classes, WA
+// segment / split chunks) are walked with a grid-stride loop, so any problem size fits the grid.
+// Main loop: operands are gathered global -> registers (predicated, zero fill, VEC elements per
+// access along the contiguous dimension), then stored into double-buffered shared memory laid
+// out k-major ([BK][rows + pad]); one __syncthreads per k-tile.
+#pragma once
+
+#include <mma.h>
+
+#include "conv_common.cuh"
+#include "conv_ops.cuh"
+
+namespace jax_convnet {
+namespace cuda_conv {
+
+// Gathers one operand tile (R rows x BK) per k-step.
+template <class Op, bool kIsA, int R, int BK, int NT, typename T, typename Idx, int VEC>
+struct Loader {
+  static constexpr bool ROWC = kIsA ? Op::A_ROWC : Op::B_ROWC;
+  static constexpr int NV = R * BK / VEC;  // vectors per tile
+  static constexpr int SLOTS = (NV + NT - 1) / NT;
+  // Thread order over the tile. Row-contiguous operands normally put consecutive threads on
+  // consecutive vectors of one k (fully coalesced, one row per thread, SLOTS k's per thread).
+  // When a thread would own >= 4 k's of an operand whose k decomposition costs divisions,
+  // consecutive threads walk k instead (one k per thread and k-tile, SLOTS rows per thread).
+  static constexpr bool KWALK =
+      ROWC && SLOTS >= 4 && (kIsA ? Op::A_KDIV : Op::B_KDIV) && NT % BK == 0;
+  static_assert(R * BK % VEC == 0 && (ROWC ? R % VEC == 0 : BK % VEC == 0), "vec");
+  using V = Vec<T, VEC>;
+
+  RowSt<Idx> rs[SLOTS];
+  V reg[SLOTS];
+
+  __device__ __forceinline__ static bool live(int s) {
+    return NV % NT == 0 || int(threadIdx.x) + s * NT < NV;
+  }
+  // Tile position (row, kk) of slot s's first element; the vector runs along rows (ROWC) or k.
+  __device__ __forceinline__ static void pos(int s, int& row, int& kk) {
+    const int v = int(threadIdx.x) + s * NT;
+    if constexpr (KWALK) {
+      kk = v % BK;
+      row = (v / BK) * VEC;
+    } else if constexpr (ROWC) {
+      constexpr int Q = R / VEC;
+      row = (v % Q) * VEC;
+      kk = v / Q;
+    } else {
+      constexpr int Q = BK / VEC;
+      kk = (v % Q) * VEC;
+      row = v / Q;
+    }
+  }
+  __device__ __forceinline__ void init_rows(const KParams& p, const Tile<Idx>& t) {
+#pragma unroll
+    for (int s = 0; s < SLOTS; ++s) {
+      if (!live(s)) continue;
+      int row, kk;
+      pos(s, row, kk);
+      if constexpr (kIsA) {
+        rs[s] = Op::a_row(p, t, t.m0 + Idx(row));
+      } else {
+        rs[s] = Op::b_row(p, t, t.n0 + Idx(row));
+      }
+    }
+  }
+  __device__ __forceinline__ void load(const KParams& p, const Tile<Idx>& t, const T* src,
+                                       int64_t seg, Idx k0) {
+    const int ylim = kIsA ? Op::a_ylim(p) : Op::b_ylim(p);
+    const int xlim = kIsA ? Op::a_xlim(p) : Op::b_xlim(p);
+#pragma unroll
+    for (int s = 0; s < SLOTS; ++s) {
+      if (!live(s)) continue;
+      int row, kk;
+      pos(s, row, kk);
+      KSt<Idx> ks;
+      if constexpr (kIsA) {
+        ks = Op::a_k(p, t, seg, k0 + Idx(kk));
+      } else {
+        ks = Op::b_k(p, t, seg, k0 + Idx(kk));
+      }
+      const bool ok = unsigned(rs[s].y + ks.y) < unsigned(ylim) &&
+                      unsigned(rs[s].x + ks.x) < unsigned(xlim);
+      if (ok) {
+        reg[s] = *reinterpret_cast<const V*>(src + (rs[s].base + ks.off));
+      } else {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) reg[s].v[e] = zero_elem<T>();
+      }
+    }
+  }
+  // buf: one stage, [BK][ld] of S.
+  template <typename S>
+  __device__ __forceinline__ void store(S* buf, int ld) const {
+#pragma unroll
+    for (int s = 0; s < SLOTS; ++s) {
+      if (!live(s)) continue;
+      int row, kk;
+      pos(s, row, kk);
+      if constexpr (ROWC) {
+        constexpr int CH = (16 / int(sizeof(S))) < VEC ? (16 / int(sizeof(S))) : VEC;
+        Vec<S, CH> tmp[VEC / CH];
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) tmp[e / CH].v[e % CH] = to_smem<S, T>(reg[s].v[e]);
+#pragma unroll
+        for (int c = 0; c < VEC / CH; ++c)
+          *reinterpret_cast<Vec<S, CH>*>(buf + kk * ld + row + c * CH) = tmp[c];
+      } else {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) buf[(kk + e) * ld + row] = to_smem<S, T>(reg[s].v[e]);
+      }
+    }
+  }
+};
+
+template <typename T>
+struct WmmaType {
+  using frag = T;  // __half / __nv_bfloat16
+  using ptr = T;
+};
+template <>
+struct WmmaType<float> {
+  using frag = nvcuda::wmma::precision::tf32;
+  using ptr = float;
+};
+
+// Shared-memory plan of a configuration (bytes, all offsets 128-aligned).
+template <class Cfg, typename S, typename Idx>
+struct SmemPlan {
+  static constexpr int PAD = 16 / int(sizeof(S));  // 4 floats / 8 halves: keeps 16/32B alignment
+  static constexpr int LDA = Cfg::BM + PAD, LDB = Cfg::BN + PAD, LDC = Cfg::BN + 4;
+  static constexpr int A_STAGE = Cfg::BK * LDA, B_STAGE = Cfg::BK * LDB;  // elements
+  static constexpr int round(int x) { return (x + 127) / 128 * 128; }
+  static constexpr int A_OFF = 0;
+  static constexpr int B_OFF = round(2 * A_STAGE * int(sizeof(S)));
+  static constexpr int MAIN = B_OFF + round(2 * B_STAGE * int(sizeof(S)));
+  static constexpr int CBYTES = round(Cfg::BM * LDC * 4);
+  static constexpr int UNION = MAIN > CBYTES ? MAIN : CBYTES;
+  static constexpr int ROW_OFF = UNION;
+  static constexpr int COL_OFF = ROW_OFF + round(Cfg::BM * int(sizeof(Idx)));
+  static constexpr int TOTAL = COL_OFF + round(Cfg::BN * int(sizeof(Idx)));
+  static_assert(TOTAL <= 48 * 1024, "static shared memory");
+  static_assert((A_STAGE * int(sizeof(S))) % 32 == 0 && (B_STAGE * int(sizeof(S))) % 32 == 0,
+                "stage alignment");
+};
+
+// kVecMask bit 0 / bit 1: operand A / B is read up to 16 bytes at a time (the host checked
+// divisibility of its contiguous dimension and pointer alignment).
+template <class Op, class Cfg, typename T, typename Idx, int kVecMask>
+__global__ void __launch_bounds__(Cfg::NT)
+    conv_gemm_kernel(const __grid_constant__ KParams p) {
+  constexpr int BM = Cfg::BM, BN = Cfg::BN, BK = Cfg::BK, NT = Cfg::NT;
+  constexpr bool kTensor = Cfg::kTensor;
+  using S = typename SmemElem<T, kTensor && sizeof(T) == 2>::type;
+  using Plan = SmemPlan<Cfg, S, Idx>;
+  constexpr int LDA = Plan::LDA, LDB = Plan::LDB, LDC = Plan::LDC;
+  constexpr int VA = loader_vec(BM, BK, NT, (kVecMask & 1) ? 16 / int(sizeof(T)) : 1, Op::A_ROWC);
+  constexpr int VB = loader_vec(BN, BK, NT, (kVecMask & 2) ? 16 / int(sizeof(T)) : 1, Op::B_ROWC);
+  using LA = Loader<Op, true, BM, BK, NT, T, Idx, VA>;
+  using LB = Loader<Op, false, BN, BK, NT, T, Idx, VB>;
+
+  __shared__ __align__(128) unsigned char smem[Plan::TOTAL];
+  S* const As = reinterpret_cast<S*>(smem + Plan::A_OFF);
+  S* const Bs = reinterpret_cast<S*>(smem + Plan::B_OFF);
+  float* const Cs = reinterpret_cast<float*>(smem);
+  Idx* const rowoff = reinterpret_cast<Idx*>(smem + Plan::ROW_OFF);
+  Idx* const coloff = reinterpret_cast<Idx*>(smem + Plan::COL_OFF);
+
+  const T* const srcA = static_cast<const T*>(p.a);
+  const T* const srcB = static_cast<const T*>(p.b);
+  const int tid = int(threadIdx.x);
+
+  // Accumulators: per-thread TM x TN floats (FFMA) or FM x FN fragments (wmma); `tot` holds the
+  // in-order sum of finished segments (weight_acts only).
+  constexpr int TM = kTensor ? 1 : Cfg::TM, TN = kTensor ? 1 : Cfg::TN;
+  constexpr int FM = kTensor ? Cfg::FM : 1, FN = kTensor ? Cfg::FN : 1;
+  constexpr int KF = kTensor ? Cfg::KF : 16;
+  using namespace nvcuda;
+  using FragT = typename WmmaType<T>::frag;
+  using AccFrag = wmma::fragment<wmma::accumulator, 16, 16, KF, float>;
+
+  for (int64_t u = blockIdx.x; u < p.units; u += gridDim.x) {
+    const Tile<Idx> t = Op::tile(p, u, BM, BN);
+    if (t.skip) continue;  // uniform across the block
+
+    LA la;
+    LB lb;
+    la.init_rows(p, t);
+    lb.init_rows(p, t);
+
+    float acc[TM][TN], tot[TM][TN];
+    AccFrag facc[FM][FN], ftot[FM][FN];
+    if constexpr (kTensor) {
+#pragma unroll
+      for (int i = 0; i < FM; ++i)
+#pragma unroll
+        for (int j = 0; j < FN; ++j) {
+          wmma::fill_fragment(facc[i][j], 0.f);
+          wmma::fill_fragment(ftot[i][j], 0.f);
+        }
+    } else {
+#pragma unroll
+      for (int i = 0; i < TM; ++i)
+#pragma unroll
+        for (int j = 0; j < TN; ++j) acc[i][j] = tot[i][j] = 0.f;
+    }
+
+    const Idx nkt = (t.ke - t.kb + Idx(BK - 1)) / Idx(BK);  // k-tiles per segment
+    const int64_t total_it = int64_t(nkt) * t.s_n;
+    if (total_it > 0) {
+      la.load(p, t, srcA, t.s_lo, t.kb);
+      lb.load(p, t, srcB, t.s_lo, t.kb);
+      la.store(As, LDA);
+      lb.store(Bs, LDB);
+      __syncthreads();
+      int cur = 0;
+      int64_t seg = t.s_lo;
+      Idx kt = 0;
+      for (int64_t it = 0; it < total_it; ++it) {
+        int64_t seg_nx = seg;
+        Idx kt_nx = kt + 1;
+        if (kt_nx == nkt) {
+          kt_nx = 0;
+          ++seg_nx;
+        }
+        const bool more = it + 1 < total_it;
+        if (more) {  // prefetch the next k-tile into registers
+          la.load(p, t, srcA, seg_nx, t.kb + kt_nx * Idx(BK));
+          lb.load(p, t, srcB, seg_nx, t.kb + kt_nx * Idx(BK));
+        }
+        const S* a_s = As + cur * Plan::A_STAGE;
+        const S* b_s = Bs + cur * Plan::B_STAGE;
+        if constexpr (kTensor) {
+          const int warp = tid / 32, wm = warp % Cfg::WARPS_M, wn = warp / Cfg::WARPS_M;
+          using P = typename WmmaType<T>::ptr;
+#pragma unroll
+          for (int kk = 0; kk < BK; kk += KF) {
+            wmma::fragment<wmma::matrix_a, 16, 16, KF, FragT, wmma::col_major> fa[FM];
+            wmma::fragment<wmma::matrix_b, 16, 16, KF, FragT, wmma::row_major> fb[FN];
+#pragma unroll
+            for (int i = 0; i < FM; ++i) {
+              wmma::load_matrix_sync(
+                  fa[i], reinterpret_cast<const P*>(a_s + kk * LDA + wm * Cfg::WM + i * 16), LDA);
+              if constexpr (std::is_same_v<T, float>) {
+#pragma unroll
+                for (int e = 0; e < fa[i].num_elements; ++e)
+                  fa[i].x[e] = wmma::__float_to_tf32(fa[i].x[e]);
+              }
+            }
+#pragma unroll
+            for (int j = 0; j < FN; ++j) {
+              wmma::load_matrix_sync(
+                  fb[j], reinterpret_cast<const P*>(b_s + kk * LDB + wn * Cfg::WN + j * 16), LDB);
+              if constexpr (std::is_same_v<T, float>) {
+#pragma unroll
+                for (int e = 0; e < fb[j].num_elements; ++e)
+                  fb[j].x[e] = wmma::__float_to_tf32(fb[j].x[e]);
+              }
+            }
+#pragma unroll
+            for (int i = 0; i < FM; ++i)
+#pragma unroll
+              for (int j = 0; j < FN; ++j) wmma::mma_sync(facc[i][j], fa[i], fb[j], facc[i][j]);
+          }
+        } else {
+          const int tn = tid % (BN / TN), tm = tid / (BN / TN);
+#pragma unroll
+          for (int kk = 0; kk < BK; ++kk) {
+            float a[TM], b[TN];
+#pragma unroll
+            for (int i = 0; i < TM; i += 4) {
+              const float4 v = *reinterpret_cast<const float4*>(a_s + kk * LDA + tm * TM + i);
+              a[i] = v.x;
+              a[i + 1] = v.y;
+              a[i + 2] = v.z;
+              a[i + 3] = v.w;
+            }
+            if constexpr (TN == 4) {
+              const float4 v = *reinterpret_cast<const float4*>(b_s + kk * LDB + tn * TN);
+              b[0] = v.x;
+              b[1] = v.y;
+              b[2] = v.z;
+              b[3] = v.w;
+            } else if constexpr (TN == 2) {
+              const float2 v = *reinterpret_cast<const float2*>(b_s + kk * LDB + tn * TN);
+              b[0] = v.x;
+              b[1] = v.y;
+            } else {
+              b[0] = b_s[kk * LDB + tn];
+            }
+#pragma unroll
+            for (int i = 0; i < TM; ++i)
+#pragma unroll
+              for (int j = 0; j < TN; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+          }
+        }
+        if constexpr (Op::kFold) {
+          if (kt + 1 == nkt) {  // segment finished: tot = (...(p0 + p1) + ...) + p_seg
+            const bool first = seg == t.s_lo;
+            if constexpr (kTensor) {
+#pragma unroll
+              for (int i = 0; i < FM; ++i)
+#pragma unroll
+                for (int j = 0; j < FN; ++j) {
+#pragma unroll
+                  for (int e = 0; e < facc[i][j].num_elements; ++e)
+                    ftot[i][j].x[e] = first ? facc[i][j].x[e] : ftot[i][j].x[e] + facc[i][j].x[e];
+                  wmma::fill_fragment(facc[i][j], 0.f);
+                }
+            } else {
+#pragma unroll
+              for (int i = 0; i < TM; ++i)
+#pragma unroll
+                for (int j = 0; j < TN; ++j) {
+                  tot[i][j] = first ? acc[i][j] : tot[i][j] + acc[i][j];
+                  acc[i][j] = 0.f;
+                }
+            }
+          }
+        }
+        if (more) {
+          la.store(As + (cur ^ 1) * Plan::A_STAGE, LDA);
+          lb.store(Bs + (cur ^ 1) * Plan::B_STAGE, LDB);
+        }
+        __syncthreads();
+        cur ^= 1;
+        seg = seg_nx;
+        kt = kt_nx;
+      }
+    }
+
+    // ---- epilogue: accumulators -> Cs[BM][LDC] (aliases the operand buffers, all reads of which
+    // finished at the loop's last __syncthreads) -> global, coalesced along the output's
+    // contiguous dimension.
+    for (int i = tid; i < BM; i += NT)
+      rowoff[i] = (t.m0 + Idx(i) < t.M) ? Op::out_row(p, t, t.m0 + Idx(i)) : Idx(-1);
+    for (int i = tid; i < BN; i += NT)
+      coloff[i] = (t.n0 + Idx(i) < t.N) ? Op::out_col(p, t, t.n0 + Idx(i)) : Idx(-1);
+    if constexpr (kTensor) {
+      const int warp = tid / 32, wm = warp % Cfg::WARPS_M, wn = warp / Cfg::WARPS_M;
+#pragma unroll
+      for (int i = 0; i < FM; ++i)
+#pragma unroll
+        for (int j = 0; j < FN; ++j)
+          wmma::store_matrix_sync(Cs + (wm * Cfg::WM + i * 16) * LDC + wn * Cfg::WN + j * 16,
+                                  Op::kFold ? ftot[i][j] : facc[i][j], LDC, wmma::mem_row_major);
+    } else {
+      const int tn = tid % (BN / TN), tm = tid / (BN / TN);
+#pragma unroll
+      for (int i = 0; i < TM; ++i) {
+        float v[TN];
+#pragma unroll
+        for (int j = 0; j < TN; ++j) v[j] = Op::kFold ? tot[i][j] : acc[i][j];
+        float* dst = Cs + (tm * TM + i) * LDC + tn * TN;
+        if constexpr (TN == 4) {
+          *reinterpret_cast<float4*>(dst) = make_float4(v[0], v[1], v[2], v[3]);
+        } else {
+#pragma unroll
+          for (int j = 0; j < TN; ++j) dst[j] = v[j];
+        }
+      }
+    }
+    __syncthreads();
+    T* const out = static_cast<T*>(p.out);
+    for (int l = tid; l < BM * BN; l += NT) {
+      int m, n;
+      if constexpr (Op::OUT_ROWC) {
+        m = l % BM;
+        n = l / BM;
+      } else {
+        n = l % BN;
+        m = l / BN;
+      }
+      const Idx ro = rowoff[m], co = coloff[n];
+      if (ro >= 0 && co >= 0) {
+        const float v = Cs[m * LDC + n];
+        if (t.slot) {
+          t.slot[ro + co] = v;
+        } else {
+          out[ro + co] = from_f32<T>(v);
+        }
+      }
+    }
+    __syncthreads();  // Cs / rowoff / coloff are reused by the next unit
+  }
+}
+
+// weight_acts: out = left fold over segments g (in order) of the segment sums, each the sum of
+// its nsplit chunk slots (in order): total = ((acc + s_0) + s_1) + ...  with s_g = ((c_0 + c_1) + ...).
+// first: acc is not read (the fold starts with s_0); last: write the output, else acc.
+template <typename T>
+__global__ void __launch_bounds__(256)
+    wa_reduce_kernel(const float* __restrict__ slots, int64_t nseg, int64_t nsplit, int64_t E,
+                     float* __restrict__ acc, T* __restrict__ out, int first, int last) {
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < E;
+       e += int64_t(gridDim.x) * blockDim.x) {
+    float total = first ? 0.f : acc[e];
+    for (int64_t g = 0; g < nseg; ++g) {
+      const float* sg = slots + g * nsplit * E + e;
+      float s = sg[0];
+      for (int64_t q = 1; q < nsplit; ++q) s += sg[q * E];
+      total = (first && g == 0) ? s : total + s;
+    }
+    if (last) {
+      out[e] = from_f32<T>(total);
+    } else {
+      acc[e] = total;
+    }
+  }
+}
+
+}  // namespace cuda_conv
+}  // namespace jax_convnet

@@ -1,0 +1,154 @@
+"""``flax.linen`` modules on jax_convnet's ops: :class:`Conv`, :class:`MaxPool`, :func:`max_pool`.
+
+``Conv`` takes ``flax.linen.Conv``'s arguments (2-d, zero padding) and names and shapes its
+parameters like it: in NHWC ``kernel`` is HWIO ``(fh, fw, C, F)`` and ``bias`` ``(F,)``, so a
+parameter tree made for ``flax.linen.Conv`` works unchanged. In ``layout="C01B"`` inputs are
+``(C, H, W, B)``, outputs ``(F, Ho, Wo, B)`` and ``kernel`` is ``(C, fh, fw, F)``; it is
+initialised as the transpose of the HWIO kernel flax would draw, so both layouts start equal.
+
+Padding follows flax (XLA's floor rule): ``"SAME"``, ``"VALID"``, an int ``p`` meaning
+``((p, p), (p, p))``, or a pair of ints / ``(low, high)`` pairs. Unlike flax, an int
+``kernel_size`` means a square window (there are no 1-d convolutions here). Arguments flax takes
+that jax_convnet cannot honour (CIRCULAR / REFLECT / CAUSAL padding, dilations, feature groups,
+masks, 1-d or 3-d windows, unbatched inputs) raise ``ValueError`` naming the argument.
+
+Example::
+
+    import flax.linen as nn
+    from jax_convnet.flax import linen as cnn
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):                     # (B, 32, 32, 3)
+            x = nn.relu(cnn.Conv(32, (5, 5))(x))
+            x = cnn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
+            return nn.Dense(10)(x.reshape(x.shape[0], -1))
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+from flax.linen import initializers
+from flax.linen.linear import default_kernel_init
+
+from . import _common as C
+
+__all__ = ["Conv", "MaxPool", "max_pool"]
+
+PaddingLike = Any
+
+
+class Conv(nn.Module):
+    """2-d convolution with ``jax_convnet.filter_acts``; a drop-in for ``flax.linen.Conv``.
+
+    Attributes (as ``flax.linen.Conv``'s, plus ``layout`` and ``partial_sum``):
+      features: number of filters F.
+      kernel_size: (fh, fw), or an int for a square window.
+      strides: int or (rows, cols); None means 1.
+      padding: "SAME", "VALID", int p, or ((top, bottom), (left, right)) / (p_rows, p_cols).
+      input_dilation, kernel_dilation, feature_group_count, mask: only their defaults (1, 1, 1,
+        None) are supported; kept so code that passes them explicitly keeps working.
+      use_bias: add a bias (F,).
+      dtype: computation dtype (default: inferred from inputs and parameters, as flax).
+      param_dtype: parameter dtype.
+      precision: ``None`` (``jax_default_matmul_precision``), a ``jax.lax.Precision`` or its name.
+      kernel_init, bias_init: initializers (flax's defaults).
+      promote_dtype: optional ``fn(inputs, kernel, bias, dtype=...)`` as in flax.linen; None
+        is flax's default promotion.
+      layout: "NHWC" (default) or "C01B".
+      partial_sum: cuda-convnet's partial_sum for the kernel gradient (None, an int dividing
+        Ho*Wo, or "auto"); changes speed and memory only.
+    """
+
+    features: int
+    kernel_size: int | Sequence[int]
+    strides: None | int | Sequence[int] = 1
+    padding: PaddingLike = "SAME"
+    input_dilation: None | int | Sequence[int] = 1
+    kernel_dilation: None | int | Sequence[int] = 1
+    feature_group_count: int = 1
+    use_bias: bool = True
+    mask: Any = None
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    precision: Any = None
+    kernel_init: Callable = default_kernel_init
+    bias_init: Callable = initializers.zeros_init()
+    promote_dtype: Callable | None = None
+    layout: str = "NHWC"
+    partial_sum: int | str | None = None
+    conv_general_dilated: Any = None
+    conv_general_dilated_cls: Any = None
+
+    def __post_init__(self):
+        owner = type(self).__name__
+        C.check_layout(self.layout, owner)
+        C.window_pair(self.kernel_size, "kernel_size", owner)
+        C.stride_pair(self.strides, "strides", owner)
+        C.conv_padding(self.padding, owner)
+        C.check_unsupported(owner, input_dilation=self.input_dilation,
+                            kernel_dilation=self.kernel_dilation,
+                            feature_group_count=self.feature_group_count, mask=self.mask,
+                            conv_general_dilated=self.conv_general_dilated)
+        if self.conv_general_dilated_cls is not None:
+            raise ValueError(f"{owner}: conv_general_dilated_cls cannot be replaced; the "
+                             f"convolution is jax_convnet.filter_acts")
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, inputs):
+        owner = type(self).__name__
+        layout = self.layout
+        kernel_hw = C.window_pair(self.kernel_size, "kernel_size", owner)
+        strides = C.stride_pair(self.strides, "strides", owner)
+        padding = C.conv_padding(self.padding, owner)
+        flat, _ = C.flatten_batch(inputs, layout, owner)
+        in_features = C.in_channels(flat, layout)
+
+        kernel = self.param(
+            "kernel",
+            C.layout_initializer(self.kernel_init, layout, kernel_hw, in_features, self.features),
+            C.kernel_shape(layout, kernel_hw, in_features, self.features), self.param_dtype)
+        bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+                if self.use_bias else None)
+
+        if self.promote_dtype is None:
+            inputs, kernel, bias = C.promote(inputs, kernel, bias, self.dtype)
+        else:
+            inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+        return C.conv(inputs, kernel, bias, strides=strides, padding=padding, layout=layout,
+                      partial_sum=self.partial_sum, precision=self.precision, owner=owner)
+
+
+def max_pool(inputs, window_shape, strides=None, padding="VALID", *, layout="NHWC"):
+    """``flax.linen.max_pool`` with jax_convnet's max_pool.
+
+    Same semantics: ``strides`` defaults to 1 (not the window), padding is "SAME", "VALID" or
+    explicit (low, high) pairs (padded elements are -inf) and sizes follow XLA's floor rule.
+    NHWC inputs are (B, H, W, C) (more leading batch axes are flattened); ``layout="C01B"`` takes
+    (C, H, W, B). The gradient goes to the first maximal element of each window.
+    """
+    return C.max_pool(inputs, window_shape, strides, padding, layout=layout, owner="max_pool")
+
+
+class MaxPool(nn.Module):
+    """:func:`max_pool` as a module (no parameters)."""
+
+    window_shape: int | Sequence[int]
+    strides: None | int | Sequence[int] = None
+    padding: PaddingLike = "VALID"
+    layout: str = "NHWC"
+
+    def __post_init__(self):
+        owner = type(self).__name__
+        C.check_layout(self.layout, owner)
+        C.window_pair(self.window_shape, "window_shape", owner)
+        C.stride_pair(self.strides, "strides", owner)
+        C.conv_padding(self.padding, owner)
+        super().__post_init__()
+
+    def __call__(self, inputs):
+        return C.max_pool(inputs, self.window_shape, self.strides, self.padding,
+                          layout=self.layout, owner=type(self).__name__)

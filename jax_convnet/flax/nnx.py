@@ -1,0 +1,165 @@
+"""``flax.nnx`` modules on jax_convnet's ops: :class:`Conv`, :class:`MaxPool`, :func:`max_pool`.
+
+``Conv`` mirrors ``flax.nnx.Conv``: same arguments (2-d, zero padding), same parameter
+attributes ``kernel`` (HWIO ``(fh, fw, C, F)`` in NHWC) and ``bias`` ``(F,)``, same default
+initialisers drawn in the same order from ``rngs.params()`` -- so a module built with the same
+``Rngs`` seed starts from the same weights as ``flax.nnx.Conv``. ``layout="C01B"`` takes inputs
+``(C, H, W, B)`` and keeps ``kernel`` as ``(C, fh, fw, F)`` (the transpose of the HWIO draw).
+See :mod:`jax_convnet.flax.linen` for the padding rules and the unsupported arguments.
+
+Example::
+
+    from flax import nnx
+    from jax_convnet.flax import nnx as cnn
+
+    conv = cnn.Conv(3, 32, (5, 5), padding="SAME", rngs=nnx.Rngs(0))
+    pool = cnn.MaxPool((3, 3), strides=(2, 2), padding="SAME")
+    y = pool(nnx.relu(conv(x)))                    # x: (B, H, W, 3)
+"""
+from __future__ import annotations
+
+import typing as tp
+from types import MappingProxyType
+
+import jax.numpy as jnp
+from flax import nnx as _nnx
+
+from . import _common as C
+
+try:  # flax's own defaults, so the initial weights equal flax.nnx.Conv's
+    from flax.nnx.nn.linear import default_bias_init, default_kernel_init
+except ImportError:  # pragma: no cover - older layouts of flax
+    default_kernel_init = _nnx.initializers.lecun_normal()
+    default_bias_init = _nnx.initializers.zeros_init()
+
+__all__ = ["Conv", "MaxPool", "max_pool"]
+
+_none_data = getattr(_nnx, "data", lambda x: x)
+
+
+class Conv(_nnx.Module):
+    """2-d convolution with ``jax_convnet.filter_acts``; a drop-in for ``flax.nnx.Conv``.
+
+    Args (as ``flax.nnx.Conv``'s, plus ``layout`` and ``partial_sum``):
+      in_features, out_features: channels C and filters F.
+      kernel_size: (fh, fw), or an int for a square window (flax: an int means 1-d).
+      strides: int or (rows, cols); None means 1.
+      padding: "SAME", "VALID", int p, or ((top, bottom), (left, right)) / (p_rows, p_cols).
+      input_dilation, kernel_dilation, feature_group_count, mask, conv_general_dilated,
+        preferred_element_type: only their defaults are supported (``ValueError`` otherwise).
+      use_bias, dtype, param_dtype, precision, kernel_init, bias_init: as flax.
+      promote_dtype: optional ``fn((inputs, kernel, bias), dtype=...)`` as in flax.nnx; None is
+        flax's default promotion.
+      rngs: ``nnx.Rngs``; the kernel then the bias key come from ``rngs.params()``.
+      kernel_metadata, bias_metadata: metadata for the ``nnx.Param`` s.
+      layout: "NHWC" (default) or "C01B".
+      partial_sum: cuda-convnet's partial_sum for the kernel gradient (None, int or "auto").
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        kernel_size: int | tp.Sequence[int],
+        strides: None | int | tp.Sequence[int] = 1,
+        *,
+        padding: tp.Any = "SAME",
+        input_dilation: None | int | tp.Sequence[int] = 1,
+        kernel_dilation: None | int | tp.Sequence[int] = 1,
+        feature_group_count: int = 1,
+        use_bias: bool = True,
+        mask: tp.Any = None,
+        dtype: tp.Any = None,
+        param_dtype: tp.Any = jnp.float32,
+        precision: tp.Any = None,
+        kernel_init: tp.Callable = default_kernel_init,
+        bias_init: tp.Callable = default_bias_init,
+        conv_general_dilated: tp.Any = None,
+        promote_dtype: tp.Callable | None = None,
+        preferred_element_type: tp.Any = None,
+        rngs: _nnx.Rngs,
+        kernel_metadata: tp.Mapping[str, tp.Any] = MappingProxyType({}),
+        bias_metadata: tp.Mapping[str, tp.Any] = MappingProxyType({}),
+        layout: str = "NHWC",
+        partial_sum: int | str | None = None,
+    ):
+        owner = type(self).__name__
+        layout = C.check_layout(layout, owner)
+        kernel_size = C.window_pair(kernel_size, "kernel_size", owner)
+        C.stride_pair(strides, "strides", owner)
+        C.conv_padding(padding, owner)
+        C.check_unsupported(owner, input_dilation=input_dilation,
+                            kernel_dilation=kernel_dilation,
+                            feature_group_count=feature_group_count, mask=mask,
+                            conv_general_dilated=conv_general_dilated,
+                            preferred_element_type=preferred_element_type)
+        for name, value in (("in_features", in_features), ("out_features", out_features)):
+            if not C._is_int(value) or value < 1:
+                raise ValueError(f"{owner}: {name} must be a positive int, got {value!r}")
+
+        kernel_shape = C.kernel_shape(layout, kernel_size, in_features, out_features)
+        init = C.layout_initializer(kernel_init, layout, kernel_size, in_features, out_features)
+        self.kernel_shape = kernel_shape
+        self.kernel = _nnx.Param(init(rngs.params(), kernel_shape, param_dtype), **kernel_metadata)
+        if use_bias:
+            self.bias = _nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype),
+                                   **bias_metadata)
+        else:
+            self.bias = _none_data(None)
+
+        self.in_features = in_features
+        self.out_features = out_features
+        self.kernel_size = kernel_size
+        self.strides = strides
+        self.padding = padding
+        self.input_dilation = input_dilation
+        self.kernel_dilation = kernel_dilation
+        self.feature_group_count = feature_group_count
+        self.use_bias = use_bias
+        self.mask = mask
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.precision = precision
+        self.promote_dtype = promote_dtype
+        self.preferred_element_type = preferred_element_type
+        self.layout = layout
+        self.partial_sum = partial_sum
+
+    def __call__(self, inputs, out_sharding=None):
+        owner = type(self).__name__
+        if out_sharding is not None:
+            raise ValueError(f"{owner}: out_sharding is not supported; shard the inputs over "
+                             f"the batch axis instead")
+        kernel = self.kernel[...]
+        bias = self.bias[...] if self.bias is not None else None
+        if self.promote_dtype is None:
+            inputs, kernel, bias = C.promote(inputs, kernel, bias, self.dtype)
+        else:
+            inputs, kernel, bias = self.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
+        return C.conv(inputs, kernel, bias,
+                      strides=C.stride_pair(self.strides, "strides", owner),
+                      padding=C.conv_padding(self.padding, owner), layout=self.layout,
+                      partial_sum=self.partial_sum, precision=self.precision, owner=owner)
+
+
+def max_pool(inputs, window_shape, strides=None, padding="VALID", *, layout="NHWC"):
+    """``flax.nnx.max_pool`` (= ``flax.linen.max_pool``) with jax_convnet's max_pool; see
+    :func:`jax_convnet.flax.linen.max_pool`."""
+    return C.max_pool(inputs, window_shape, strides, padding, layout=layout, owner="max_pool")
+
+
+class MaxPool(_nnx.Module):
+    """:func:`max_pool` as a module (no parameters)."""
+
+    def __init__(self, window_shape, strides=None, padding="VALID", *, layout="NHWC"):
+        owner = type(self).__name__
+        self.layout = C.check_layout(layout, owner)
+        self.window_shape = C.window_pair(window_shape, "window_shape", owner)
+        C.stride_pair(strides, "strides", owner)
+        C.conv_padding(padding, owner)
+        self.strides = strides
+        self.padding = padding
+
+    def __call__(self, inputs):
+        return C.max_pool(inputs, self.window_shape, self.strides, self.padding,
+                          layout=self.layout, owner=type(self).__name__)
