@@ -282,8 +282,7 @@ def plot_history(history, path, title=""):
 # ----------------------------------------------------------------------------- command line
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--epochs", type=int, default=None,
                    help=f"epochs (default {DIGITS_DEFAULTS['epochs']} for the digits, "
                         f"{CIFAR_DEFAULTS['epochs']} for CIFAR-10)")
@@ -293,11 +292,14 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=None,
                    help=f"peak learning rate of AdamW with warm-up and cosine decay (default "
                         f"{DIGITS_DEFAULTS['lr']} / {CIFAR_DEFAULTS['lr']})")
-    p.add_argument("--layout", choices=["NHWC", "C01B"], default="NHWC")
+    p.add_argument("--layout", choices=["NHWC", "C01B"], default="NHWC",
+                   help="layout of the convolutions and pools (default NHWC)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="computation dtype (parameters stay float32)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out-dir", default="train_digits_out")
+                   help="computation dtype; parameters stay float32 (default float32)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds the shuffling and the initial weights (default 0)")
+    p.add_argument("--out-dir", default="train_digits_out",
+                   help="where curves.png and history.json go (default ./train_digits_out)")
     p.add_argument("--cifar10", metavar="DIR", default=None,
                    help="train on the CIFAR-10 python batches in DIR instead of the digits")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -22,9 +22,10 @@ namespace pool {
 // first element of the window, when it is larger, or when it is NaN and `best` is not. The
 // selected element is therefore the first NaN if there is one, otherwise the first maximum.
 // F is float (float32 / bfloat16 / float16 compared as float32) or double (float64).
+// Written with bitwise operators (no short-circuit) so it compiles to selects, not branches.
 template <typename F>
 JCN_POOL_HD bool takes(bool first, F v, F best) {
-  return first || v > best || (v != v && best == best);
+  return first | (v > best) | ((v != v) & (best == best));
 }
 
 // Floor / ceil of a / b for b > 0 and any sign of a.

@@ -77,17 +77,6 @@ inline void fill_short(T* dst, int64_t n) {
   if (n & 1) *dst = T(0);
 }
 
-// The micro-kernel whose mr fits `rows` (the broadcast side) with the least padding; ties go
-// to the taller kernel, which does more multiply-adds per loaded vector.
-template <typename T>
-const MicroKernel<T>& kernel_for_rows(const KernelSet<T>& set, int64_t rows) {
-  if (rows <= set.max_mr) return set.by_mr[rows];
-  int best = set.max_mr;
-  for (int mr = set.max_mr - 1; mr > set.max_mr / 2; --mr)
-    if (ceil_div(rows, mr) * mr < ceil_div(rows, best) * best) best = mr;
-  return set.by_mr[best];
-}
-
 // ---------------------------------------------------------------------------------------------
 // Gather form of filter_acts / image_acts.
 
@@ -226,7 +215,7 @@ void pack_batch_last_columns(const GatherConv<T>& g, const GatherGroup& gr,
 
 template <typename T>
 bool run_gather_batch_last(const GatherConv<T>& g, ThreadPool& pool) {
-  const MicroKernel<T>& mk = kernel_for_rows(best_kernel_set<T>(), g.out_channels);
+  const auto& mk = packed_kernel_for_rows(best_kernel_set<T>(), g.out_channels);
   const int mr = mk.mr, nr = mk.nr;
   const int64_t P = g.in_channels, Q = g.out_channels, q_blocks = ceil_div(Q, mr);
 
@@ -291,23 +280,13 @@ bool run_gather_batch_last(const GatherConv<T>& g, ThreadPool& pool) {
   });
 }
 
-// The indirect kernel for `cols` output channels: the widest vector that the channels fill,
-// and as few column blocks of up to max_nv vectors as possible.
-template <typename T>
-const IndirectKernel<T>& indirect_kernel_for(const KernelSet<T>& set, int64_t cols) {
-  int w = 0;
-  while (w + 1 < set.widths && set.lanes[w + 1] <= cols) ++w;
-  const int64_t lanes = set.lanes[w];
-  const int64_t blocks = ceil_div(cols, lanes * set.max_nv);
-  return set.indirect[w][ceil_div(cols, blocks * lanes)];
-}
-
 // NHWC: channels are contiguous in input and output, so the vector side n runs over output
 // channels q (packed weights) and the broadcast side over mr pixels read in place through a
 // table of row pointers per tap (indirect kernel); padding taps point at a row of zeros.
 template <typename T>
 bool run_gather_channels_last(const GatherConv<T>& g, ThreadPool& pool) {
-  const IndirectKernel<T>& ik = indirect_kernel_for(best_kernel_set<T>(), g.out_channels);
+  const KernelSet<T>& set = best_kernel_set<T>();
+  const auto& ik = kernel_for_columns(set, set.indirect, g.out_channels, set.max_nv);
   const int mr = ik.mr, nr = ik.nr;
   const int64_t P = g.in_channels, Q = g.out_channels, q_blocks = ceil_div(Q, nr);
 
@@ -332,12 +311,14 @@ bool run_gather_channels_last(const GatherConv<T>& g, ThreadPool& pool) {
   // Per-thread scratch: the row-pointer table [tap][mr] and the output tile.
   const int threads = pool.participants();
   std::vector<std::vector<const T*>> table_buf(threads, std::vector<const T*>(max_taps * mr));
+  std::vector<std::vector<T*>> out_rows_buf(threads, std::vector<T*>(mr));
   std::vector<Buffer<T>> tile_buf;
   for (int t = 0; t < threads; ++t) tile_buf.emplace_back(int64_t{mr} * nr);
 
   const int64_t n_tasks = std::min<int64_t>(panels, int64_t{threads} * 8);
   return pool.run(n_tasks, [&](int64_t task, int who) {
     const T** table = table_buf[who].data();
+    T** out_rows = out_rows_buf[who].data();
     T* tile = tile_buf[who].data();
     const int64_t end = (task + 1) * panels / n_tasks;
     for (int64_t pi = task * panels / n_tasks; pi < end; ++pi) {
@@ -346,7 +327,6 @@ bool run_gather_channels_last(const GatherConv<T>& g, ThreadPool& pool) {
       const int64_t sites = gr.sites(), taps = gr.taps();
       const int64_t first = (pi - first_panel[gi]) * mr;
       const int64_t n_rows = std::min<int64_t>(mr, g.batch * sites - first);
-      T* out_rows[kMaxMR];
       for (int64_t m = 0; m < mr; ++m) {
         if (m >= n_rows) {
           for (int64_t t = 0; t < taps; ++t) table[t * mr + m] = zeros.data();
@@ -376,17 +356,34 @@ bool run_gather_channels_last(const GatherConv<T>& g, ThreadPool& pool) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// weight_acts: w[f, c, ty, tx] = sum over (position, b) of img[b, c, iy, ix] * hid[b, f, oy, ox],
-// as a product with m = f (broadcast), n = filter row (c, ty, tx) in memory order, and the
-// reduction index k = (b, position).
+// weight_acts: w[f, c, ty, tx] = sum over (b, position) of img[b, c, iy, ix] * hid[b, f, oy, ox],
+// reduced over blocks of (b, position) in the order the contract fixes for partial sums.
 
-// Reduction depth packed at a time: bounds the panels to cache-sized pieces.
+// Reduction depth handled at a time: bounds the panels to cache-sized pieces.
 constexpr int64_t kWeightActsBlockDepth = 512;
 
-// A filter row's tap and channel, and where its values go in the filters buffer.
+// A filter row (c, ty, tx) and where its values go in the filters buffer.
 struct FilterRow {
   int64_t c, ty, tx, offset;
 };
+
+// Filter rows in memory order: (c, ty, tx) in C01B, (ty, tx, c) in NHWC.
+std::vector<FilterRow> filter_rows(const ConvGeometry& g) {
+  const bool batch_last = g.layout == Layout::kC01B;
+  const int64_t n_rows = g.channels * g.filter_h * g.filter_w;
+  std::vector<FilterRow> rows;
+  rows.reserve(n_rows);
+  for (int64_t r = 0; r < n_rows; ++r) {
+    FilterRow fr;
+    if (batch_last)
+      fr = {r / (g.filter_h * g.filter_w), r / g.filter_w % g.filter_h, r % g.filter_w, 0};
+    else
+      fr = {r % g.channels, r / g.channels / g.filter_w, r / g.channels % g.filter_w, 0};
+    fr.offset = fr.c * g.filter.c + fr.ty * g.filter.y + fr.tx * g.filter.x;
+    rows.push_back(fr);
+  }
+  return rows;
+}
 
 // A piece of one partial-sum chunk: images [b0, b0 + nb) times output positions
 // [p0, p0 + np). Its reduction index k runs along memory: b fastest in C01B (k = pos*nb + b),
@@ -396,91 +393,94 @@ struct ReductionBlock {
   int64_t depth() const { return nb * np; }
 };
 
-// The fixed sequence of blocks covering positions [chunk_begin, chunk_end) and the batch.
-std::vector<ReductionBlock> reduction_blocks(bool batch_last, int64_t batch, int64_t chunk_begin,
-                                             int64_t chunk_end) {
-  const int64_t positions = chunk_end - chunk_begin;
+// For each partial-sum chunk, the fixed sequence of blocks covering its positions and the
+// whole batch.
+std::vector<std::vector<ReductionBlock>> reduction_blocks(const ConvGeometry& g) {
+  const bool batch_last = g.layout == Layout::kC01B;
+  const int64_t chunk = g.partial_sum, B = g.batch;
   int64_t np, nb;
   if (batch_last) {  // whole batch columns, as many positions as fit
-    nb = batch;
-    np = std::clamp<int64_t>(kWeightActsBlockDepth / batch, 1, positions);
+    nb = B;
+    np = std::clamp<int64_t>(kWeightActsBlockDepth / B, 1, chunk);
   } else {  // long runs of positions of one image, several images if the chunk is short
-    np = std::min(positions, kWeightActsBlockDepth);
-    nb = std::clamp<int64_t>(kWeightActsBlockDepth / np, 1, batch);
+    np = std::min(chunk, kWeightActsBlockDepth);
+    nb = std::clamp<int64_t>(kWeightActsBlockDepth / np, 1, B);
   }
-  std::vector<ReductionBlock> blocks;
-  for (int64_t b0 = 0; b0 < batch; b0 += nb)
-    for (int64_t p0 = chunk_begin; p0 < chunk_end; p0 += np)
-      blocks.push_back({b0, std::min(nb, batch - b0), p0, std::min(np, chunk_end - p0)});
-  return blocks;
+  std::vector<std::vector<ReductionBlock>> chunks;
+  for (int64_t begin = 0; begin < g.out_h * g.out_w; begin += chunk) {
+    chunks.emplace_back();
+    for (int64_t b0 = 0; b0 < B; b0 += nb)
+      for (int64_t p0 = begin; p0 < begin + chunk; p0 += np)
+        chunks.back().push_back({b0, std::min(nb, B - b0), p0, std::min(np, begin + chunk - p0)});
+  }
+  return chunks;
 }
 
+int64_t max_depth(const std::vector<std::vector<ReductionBlock>>& chunks) {
+  int64_t depth = 1;
+  for (const auto& blocks : chunks)
+    for (const ReductionBlock& blk : blocks) depth = std::max(depth, blk.depth());
+  return depth;
+}
+
+// Per-thread sums of output tiles: `partial` holds the current chunk's sum; with several chunks
+// `total` adds them up in the contract's order, total = ((s_0 + s_1) + s_2) + ...
 template <typename T>
-bool run_weight_acts(const ConvGeometry& g, const T* img, const T* hid, T* w, ThreadPool& pool) {
-  const MicroKernel<T>& mk = kernel_for_rows(best_kernel_set<T>(), g.filters);
+class ChunkSums {
+ public:
+  ChunkSums(int64_t size, int64_t chunks)
+      : size_(size), chunks_(chunks), partial_(size), total_(chunks > 1 ? size : 0) {}
+  T* partial() const { return partial_.data(); }
+  void end_chunk(int64_t ck) {
+    if (chunks_ == 1) return;
+    T* t = total_.data();
+    const T* s = partial_.data();
+    if (ck == 0)
+      std::copy_n(s, size_, t);
+    else
+      for (int64_t i = 0; i < size_; ++i) t[i] += s[i];
+  }
+  const T* result() const { return chunks_ > 1 ? total_.data() : partial_.data(); }
+
+ private:
+  int64_t size_, chunks_;
+  Buffer<T> partial_, total_;
+};
+
+// C01B: the product has m = f (broadcast, packed from the hidden activations), n = filter row
+// (vector, packed from the image: a transposed copy along the batch) and k = (position, b).
+template <typename T>
+bool run_weight_acts_batch_last(const ConvGeometry& g, const T* img, const T* hid, T* w,
+                                ThreadPool& pool) {
+  const auto& mk = packed_kernel_for_rows(best_kernel_set<T>(), g.filters);
   const int mr = mk.mr, nr = mk.nr;
-  const bool batch_last = g.layout == Layout::kC01B;
   const int64_t F = g.filters, f_blocks = ceil_div(F, mr);
-  const int64_t n_rows = g.channels * g.filter_h * g.filter_w;
-  const int64_t panels = ceil_div(n_rows, nr);
+  const std::vector<FilterRow> rows = filter_rows(g);
+  const int64_t n_rows = static_cast<int64_t>(rows.size()), panels = ceil_div(n_rows, nr);
+  const auto chunks = reduction_blocks(g);
+  const int64_t depth_max = max_depth(chunks);
 
-  // Filter rows in memory order: (c, ty, tx) in C01B, (ty, tx, c) in NHWC.
-  std::vector<FilterRow> rows;
-  rows.reserve(n_rows);
-  for (int64_t r = 0; r < n_rows; ++r) {
-    FilterRow fr;
-    if (batch_last) {
-      fr = {r / (g.filter_h * g.filter_w), r / g.filter_w % g.filter_h, r % g.filter_w, 0};
-    } else {
-      fr = {r % g.channels, r / g.channels / g.filter_w, r / g.channels % g.filter_w, 0};
-    }
-    fr.offset = fr.c * g.filter.c + fr.ty * g.filter.y + fr.tx * g.filter.x;
-    rows.push_back(fr);
-  }
-
-  const int64_t positions = g.out_h * g.out_w, chunk = g.partial_sum;
-  const int64_t chunks = positions / chunk;
-  std::vector<std::vector<ReductionBlock>> chunk_blocks;
-  int64_t max_depth = 1;
-  for (int64_t ck = 0; ck < chunks; ++ck) {
-    chunk_blocks.push_back(reduction_blocks(batch_last, g.batch, ck * chunk, (ck + 1) * chunk));
-    for (const ReductionBlock& blk : chunk_blocks.back()) max_depth = std::max(max_depth, blk.depth());
-  }
-  // Element offsets of an output position in the hidden activations and of its window's
-  // top-left corner (possibly outside the image).
-  auto hidden_offset = [&](int64_t pos) {
-    return pos / g.out_w * g.hidden.y + pos % g.out_w * g.hidden.x;
-  };
-  auto window_y = [&](int64_t pos) { return pos / g.out_w * g.stride_h - g.pad_top; };
-  auto window_x = [&](int64_t pos) { return pos % g.out_w * g.stride_w - g.pad_left; };
-
-  // hid_pack[f_block][k][mr].
-  auto pack_hidden = [&](const ReductionBlock& blk, T* dst) {
-    const int64_t depth = blk.depth();
-    auto put = [&](int64_t k, int64_t f, T v) { dst[f / mr * depth * mr + k * mr + f % mr] = v; };
-    if (batch_last) {
-      for (int64_t i = 0; i < blk.np; ++i) {
-        const T* src = hid + hidden_offset(blk.p0 + i) + blk.b0;
-        for (int64_t f = 0; f < f_blocks * mr; ++f)
-          for (int64_t b = 0; b < blk.nb; ++b)
-            put(i * blk.nb + b, f, f < F ? src[f * g.hidden.c + b] : T(0));
-      }
-    } else {
-      for (int64_t b = 0; b < blk.nb; ++b)
-        for (int64_t i = 0; i < blk.np; ++i) {
-          const T* src = hid + (blk.b0 + b) * g.hidden.n + hidden_offset(blk.p0 + i);
-          for (int64_t f = 0; f < f_blocks * mr; ++f)
-            put(b * blk.np + i, f, f < F ? src[f] : T(0));
-        }
+  // hid_pack[k][mr] of filter block fb.
+  auto pack_hidden = [&](int64_t fb, const ReductionBlock& blk, T* dst) {
+    const int64_t f0 = fb * mr, n_f = std::min<int64_t>(mr, F - f0);
+    for (int64_t i = 0; i < blk.np; ++i) {
+      const int64_t pos = blk.p0 + i;
+      const T* src = hid + pos / g.out_w * g.hidden.y + pos % g.out_w * g.hidden.x + blk.b0 +
+                     f0 * g.hidden.c;
+      T* out = dst + i * blk.nb * mr;
+      for (int64_t m = 0; m < mr; ++m)
+        for (int64_t b = 0; b < blk.nb; ++b)
+          out[b * mr + m] = m < n_f ? src[m * g.hidden.c + b] : T(0);
     }
   };
 
   // img_pack[k][nr]: image values of the filter rows [r0, r0 + nr); rows past n_rows are 0.
-  // C01B: a row is one (c, ty, tx) and its values run along the batch (a transposed copy).
-  auto pack_image_batch_last = [&](int64_t r0, const ReductionBlock& blk, T* dst) {
+  auto pack_image = [&](int64_t r0, const ReductionBlock& blk, T* dst) {
     const int64_t n_valid = std::min<int64_t>(nr, n_rows - r0);
     for (int64_t i = 0; i < blk.np; ++i) {
-      const int64_t y0 = window_y(blk.p0 + i), x0 = window_x(blk.p0 + i);
+      const int64_t pos = blk.p0 + i;
+      const int64_t y0 = pos / g.out_w * g.stride_h - g.pad_top;
+      const int64_t x0 = pos % g.out_w * g.stride_w - g.pad_left;
       T* out = dst + i * blk.nb * nr;
       for (int64_t j = 0; j < n_valid; ++j) {
         const FilterRow& fr = rows[r0 + j];
@@ -496,82 +496,164 @@ bool run_weight_acts(const ConvGeometry& g, const T* img, const T* hid, T* w, Th
     }
   };
 
-  // NHWC: the rows of one filter row ty, (tx, c) with c fastest, are one contiguous run of
-  // the image row iy (pixel stride == channels), clipped to the columns inside the image.
-  auto pack_image_channels_last = [&](int64_t r0, const ReductionBlock& blk, T* dst) {
-    const int64_t n_valid = std::min<int64_t>(nr, n_rows - r0);
-    const int64_t run_len = g.filter_w * g.channels;
-    for (int64_t i = 0; i < blk.np; ++i) {
-      const int64_t y0 = window_y(blk.p0 + i), x0 = window_x(blk.p0 + i);
-      // Offsets (tx*C + c) within a filter row whose pixel lies inside the image.
-      const int64_t inside_lo = std::max<int64_t>(0, -x0) * g.channels;
-      const int64_t inside_hi = std::clamp<int64_t>(g.in_w - x0, 0, g.filter_w) * g.channels;
-      for (int64_t j0 = 0; j0 < n_valid;) {
-        const int64_t ty = (r0 + j0) / run_len, off0 = (r0 + j0) % run_len;
-        const int64_t len = std::min(n_valid - j0, run_len - off0);
-        const int64_t iy = y0 + ty;
-        int64_t lo = std::clamp(inside_lo - off0, int64_t{0}, len);
-        int64_t hi = std::clamp(inside_hi - off0, lo, len);
-        if (iy < 0 || iy >= g.in_h) lo = hi = 0;
-        for (int64_t b = 0; b < blk.nb; ++b) {
-          T* out = dst + (b * blk.np + i) * nr + j0;
-          fill_short(out, lo);
-          if (hi > lo)
-            copy_short(img + (blk.b0 + b) * g.image.n + iy * g.image.y + x0 * g.channels + off0 +
-                           lo,
-                       hi - lo, out + lo);
-          fill_short(out + hi, len - hi);
-        }
-        j0 += len;
-      }
-      for (int64_t b = 0; b < blk.nb; ++b)
-        fill_short(dst + (b * blk.np + i) * nr + n_valid, nr - n_valid);
-    }
-  };
-
-  // One task per thread, each a fixed run of row panels.
-  const int64_t n_tasks = std::min<int64_t>(pool.participants(), panels);
+  // One task per thread, each a fixed run of the (row panel, filter block) tiles.
+  const int64_t units = panels * f_blocks, tile = int64_t{mr} * nr;
+  const int64_t n_tasks = std::min<int64_t>(pool.participants(), units);
   return pool.run(n_tasks, [&](int64_t task, int) {
-    const int64_t p0 = task * panels / n_tasks, p1 = (task + 1) * panels / n_tasks;
-    const int64_t tile = int64_t{mr} * nr, tiles = (p1 - p0) * f_blocks;
-    Buffer<T> hid_pack(f_blocks * max_depth * mr), img_pack(max_depth * nr);
-    Buffer<T> partial(tiles * tile), total(chunks > 1 ? tiles * tile : 0);
-    for (int64_t ck = 0; ck < chunks; ++ck) {
-      // The chunk's partial sum, accumulated over its blocks in order.
+    const int64_t u0 = task * units / n_tasks, u1 = (task + 1) * units / n_tasks;
+    Buffer<T> hid_pack(f_blocks * depth_max * mr), img_pack(depth_max * nr);
+    std::vector<char> hid_packed(f_blocks);
+    ChunkSums<T> sums((u1 - u0) * tile, static_cast<int64_t>(chunks.size()));
+    for (size_t ck = 0; ck < chunks.size(); ++ck) {
       bool accumulate = false;
-      for (const ReductionBlock& blk : chunk_blocks[ck]) {
-        pack_hidden(blk, hid_pack.data());
-        for (int64_t pi = p0; pi < p1; ++pi) {
-          if (batch_last)
-            pack_image_batch_last(pi * nr, blk, img_pack.data());
-          else
-            pack_image_channels_last(pi * nr, blk, img_pack.data());
-          for (int64_t fb = 0; fb < f_blocks; ++fb)
-            mk.fn(blk.depth(), hid_pack.data() + fb * blk.depth() * mr, img_pack.data(),
-                  partial.data() + ((pi - p0) * f_blocks + fb) * tile, accumulate);
+      for (const ReductionBlock& blk : chunks[ck]) {
+        const int64_t depth = blk.depth();
+        std::fill(hid_packed.begin(), hid_packed.end(), 0);
+        for (int64_t u = u0; u < u1; ++u) {
+          const int64_t pi = u / f_blocks, fb = u % f_blocks;
+          T* hid_block = hid_pack.data() + fb * depth * mr;
+          if (u == u0 || fb == 0) pack_image(pi * nr, blk, img_pack.data());
+          if (!hid_packed[fb]) pack_hidden(fb, blk, hid_block), hid_packed[fb] = 1;
+          mk.fn(depth, hid_block, img_pack.data(), sums.partial() + (u - u0) * tile, accumulate);
         }
         accumulate = true;
       }
-      // The contract's fixed order: total = ((s_0 + s_1) + s_2) + ...
-      if (chunks > 1) {
-        T* t = total.data();
-        const T* s = partial.data();
-        if (ck == 0)
-          std::copy_n(s, tiles * tile, t);
-        else
-          for (int64_t i = 0; i < tiles * tile; ++i) t[i] += s[i];
+      sums.end_chunk(static_cast<int64_t>(ck));
+    }
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t r0 = u / f_blocks * nr, n_valid = std::min<int64_t>(nr, n_rows - r0);
+      const int64_t f0 = u % f_blocks * mr, n_f = std::min<int64_t>(mr, F - f0);
+      const T* t = sums.result() + (u - u0) * tile;
+      for (int64_t m = 0; m < n_f; ++m) {
+        T* dst = w + (f0 + m) * g.filter.n;
+        for (int64_t j = 0; j < n_valid; ++j) dst[rows[r0 + j].offset] = t[m * nr + j];
       }
     }
-    const T* result = chunks > 1 ? total.data() : partial.data();
-    for (int64_t pi = p0; pi < p1; ++pi) {
-      const int64_t r0 = pi * nr, n_valid = std::min<int64_t>(nr, n_rows - r0);
-      for (int64_t fb = 0; fb < f_blocks; ++fb) {
-        const T* t = result + ((pi - p0) * f_blocks + fb) * tile;
-        for (int m = 0; m < mr && fb * mr + m < F; ++m) {
-          T* dst = w + (fb * mr + m) * g.filter.n;
-          for (int64_t j = 0; j < n_valid; ++j) dst[rows[r0 + j].offset] = t[m * nr + j];
+  });
+}
+
+// A weight_acts window: its top row, the span [inside_lo, inside_hi) of offsets (tx*C + c)
+// from its corner that lie inside the image row, and the corner's element offset in an image.
+struct Window {
+  int64_t y0, inside_lo, inside_hi, corner;
+};
+
+// NHWC: the product has m = mr filter rows (tx, c) of one filter row ty, n = f and
+// k = (b, position), both read in place (gathered kernel): a hidden row holds the filters
+// contiguously, and the filter rows of one ty are consecutive values of an image row (the
+// pixel stride is the channel count). Windows reaching into the padding, and a last partial
+// block of filters, are copied into zero-padded scratch rows instead.
+template <typename T>
+bool run_weight_acts_channels_last(const ConvGeometry& g, const T* img, const T* hid, T* w,
+                                   ThreadPool& pool) {
+  // At most two vectors wide: taller tiles spread the cost of each k's pointers further.
+  const KernelSet<T>& set = best_kernel_set<T>();
+  const auto& kern = kernel_for_columns(set, set.gathered, g.filters, 2);
+  const int mr = kern.mr, nr = kern.nr;
+  const int64_t F = g.filters, C = g.channels, q_blocks = ceil_div(F, nr);
+  const int64_t run_len = g.filter_w * C;  // filter rows per ty
+  const int64_t blocks_per_run = ceil_div(run_len, mr);
+  const int64_t row_blocks = g.filter_h * blocks_per_run;
+  const std::vector<FilterRow> rows = filter_rows(g);
+  const auto chunks = reduction_blocks(g);
+  const int64_t depth_max = max_depth(chunks);
+
+  // b_rows[k] of filter block qb: hidden rows read in place, or a zero-padded copy for a last
+  // partial block (full vectors are read).
+  auto gather_hidden = [&](int64_t qb, const ReductionBlock& blk, const T** b_rows, T* scratch) {
+    const int64_t q0 = qb * nr, n_q = std::min<int64_t>(nr, F - q0);
+    for (int64_t b = 0; b < blk.nb; ++b)
+      for (int64_t i = 0; i < blk.np; ++i) {
+        const int64_t k = b * blk.np + i, pos = blk.p0 + i;
+        const T* src = hid + (blk.b0 + b) * g.hidden.n + pos / g.out_w * g.hidden.y +
+                       pos % g.out_w * g.hidden.x + q0;
+        if (n_q < nr) {
+          T* s = scratch + k * nr;
+          copy_short(src, n_q, s);
+          fill_short(s + n_q, nr - n_q);
+          src = s;
         }
+        b_rows[k] = src;
       }
+  };
+
+  // a_rows[k] of row block rb: mr consecutive values of an image row read in place where they
+  // all lie inside the image, else a zero-padded copy (windows holds the block's windows).
+  auto gather_image = [&](int64_t rb, const ReductionBlock& blk, const Window* windows,
+                          const T** a_rows, T* scratch) {
+    const int64_t ty = rb / blocks_per_run, off0 = rb % blocks_per_run * mr;
+    const int64_t len = std::min<int64_t>(mr, run_len - off0);
+    const int64_t rb_offset = ty * g.image.y + off0;
+    for (int64_t i = 0; i < blk.np; ++i) {
+      const Window& win = windows[i];
+      const bool row_inside = win.y0 + ty >= 0 && win.y0 + ty < g.in_h;
+      if (row_inside && off0 >= win.inside_lo && off0 + mr <= win.inside_hi) {
+        // Rows past len read further values of the image row, which reach only unused rows
+        // of the tile.
+        const T* src = img + (blk.b0 * g.image.n + win.corner + rb_offset);
+        for (int64_t b = 0; b < blk.nb; ++b) a_rows[b * blk.np + i] = src + b * g.image.n;
+        continue;
+      }
+      const int64_t lo = row_inside ? std::clamp(win.inside_lo - off0, int64_t{0}, len) : 0;
+      const int64_t hi = row_inside ? std::clamp(win.inside_hi - off0, lo, len) : 0;
+      for (int64_t b = 0; b < blk.nb; ++b) {
+        const int64_t k = b * blk.np + i;
+        T* s = scratch + k * mr;
+        fill_short(s, lo);
+        if (hi > lo)
+          copy_short(img + ((blk.b0 + b) * g.image.n + win.corner + rb_offset + lo), hi - lo,
+                     s + lo);
+        fill_short(s + hi, mr - hi);
+        a_rows[k] = s;
+      }
+    }
+  };
+
+  // One task per thread, each a fixed run of the (row block, filter block) tiles.
+  const int64_t units = row_blocks * q_blocks, tile = int64_t{mr} * nr;
+  const int64_t n_tasks = std::min<int64_t>(pool.participants(), units);
+  return pool.run(n_tasks, [&](int64_t task, int) {
+    const int64_t u0 = task * units / n_tasks, u1 = (task + 1) * units / n_tasks;
+    std::vector<const T*> a_rows(depth_max), b_rows(q_blocks * depth_max);
+    std::vector<char> b_gathered(q_blocks);
+    std::vector<Window> windows(depth_max);
+    Buffer<T> a_scratch(depth_max * mr), b_scratch(q_blocks * depth_max * nr);
+    ChunkSums<T> sums((u1 - u0) * tile, static_cast<int64_t>(chunks.size()));
+    for (size_t ck = 0; ck < chunks.size(); ++ck) {
+      bool accumulate = false;
+      for (const ReductionBlock& blk : chunks[ck]) {
+        const int64_t depth = blk.depth();
+        for (int64_t i = 0; i < blk.np; ++i) {
+          const int64_t pos = blk.p0 + i;
+          const int64_t y0 = pos / g.out_w * g.stride_h - g.pad_top;
+          const int64_t x0 = pos % g.out_w * g.stride_w - g.pad_left;
+          windows[i] = {y0, std::max<int64_t>(0, -x0) * C, (g.in_w - x0) * C,
+                        y0 * g.image.y + x0 * C};
+        }
+        std::fill(b_gathered.begin(), b_gathered.end(), 0);
+        for (int64_t u = u0; u < u1; ++u) {
+          const int64_t rb = u / q_blocks, qb = u % q_blocks;
+          const T** b_block = b_rows.data() + qb * depth_max;
+          if (u == u0 || qb == 0)
+            gather_image(rb, blk, windows.data(), a_rows.data(), a_scratch.data());
+          if (!b_gathered[qb])
+            gather_hidden(qb, blk, b_block, b_scratch.data() + qb * depth_max * nr),
+                b_gathered[qb] = 1;
+          kern.fn(depth, a_rows.data(), b_block, sums.partial() + (u - u0) * tile, accumulate);
+        }
+        accumulate = true;
+      }
+      sums.end_chunk(static_cast<int64_t>(ck));
+    }
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t rb = u / q_blocks, off0 = rb % blocks_per_run * mr;
+      const int64_t r0 = rb / blocks_per_run * run_len + off0;
+      const int64_t len = std::min<int64_t>(mr, run_len - off0);
+      const int64_t q0 = u % q_blocks * nr, n_q = std::min<int64_t>(nr, F - q0);
+      const T* t = sums.result() + (u - u0) * tile;
+      for (int64_t m = 0; m < len; ++m)
+        for (int64_t n = 0; n < n_q; ++n)
+          w[rows[r0 + m].offset + (q0 + n) * g.filter.n] = t[m * nr + n];
     }
   });
 }
@@ -618,7 +700,8 @@ bool compute(ConvOp op, const ConvGeometry& g, const T* a, const T* b, T* out) {
                         adjoint_axis(g.in_w, g.out_w, g.filter_w, g.stride_w, g.pad_left)},
           pool);
     default:
-      return run_weight_acts(g, a, b, out, pool);
+      return batch_last ? run_weight_acts_batch_last(g, a, b, out, pool)
+                        : run_weight_acts_channels_last(g, a, b, out, pool);
   }
 }
 

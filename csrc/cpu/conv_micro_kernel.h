@@ -1,13 +1,18 @@
-// The register-blocked inner product every CPU conv kernel is built on:
-//   tile[m][n] (+)= sum_k a[k][m] * b[k][n]     m < mr, n < nr,
-// with `a` a packed panel of mr scalars per k (broadcast) and `b` a packed panel of nr values per
-// k (nr = a few SIMD vectors). The drivers in conv.cc pack both panels and read the tile back.
+// The register-blocked inner products the CPU conv kernels are built on. Each computes an
+// mr x nr tile (nr = nv SIMD vectors)
+//   tile[m][n] (+)= sum_k a_k[m] * b_k[n]
+// with a_k[m] broadcast and b_k[n] loaded as vectors; they differ in where a_k and b_k live:
+//   packed:   a and b are packed panels, a[k*mr + m] and b[k*nr + n];
+//   indirect: k = (tap, p); a_k[m] = rows[tap][m][p] through one row pointer per (tap, m) (the
+//             input read in place, NHWC filter_acts / image_acts), b is a packed panel;
+//   gathered: one pointer per k to each of a_k and b_k (NHWC weight_acts, both in place).
 //
-// The module is compiled without -march, so the same body is instantiated for SSE2 (the x86-64
-// baseline), AVX2+FMA and AVX-512 through function target attributes and chosen at run time
-// from the CPU's features. Vectors use GCC/Clang vector extensions.
+// The module is compiled without -march, so the same bodies are instantiated for SSE2 (the
+// x86-64 baseline), AVX2+FMA and AVX-512 through function target attributes, and chosen at run
+// time from the CPU's features. Vectors use GCC/Clang vector extensions.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -17,106 +22,96 @@
 namespace jax_convnet::cpu {
 
 template <typename T>
-using MicroKernelFn = void (*)(int64_t depth, const T* a, const T* b, T* tile, bool accumulate);
-
+using PackedFn = void (*)(int64_t depth, const T* a, const T* b, T* tile, bool accumulate);
 template <typename T>
-struct MicroKernel {
+using IndirectFn = void (*)(int64_t taps, int64_t channels, const T* const* rows, const T* b,
+                            T* tile);
+template <typename T>
+using GatheredFn = void (*)(int64_t depth, const T* const* a_rows, const T* const* b_rows,
+                            T* tile, bool accumulate);
+
+// One instantiated kernel: its tile shape and entry point.
+template <typename Fn>
+struct Kernel {
   int mr = 0, nr = 0;
-  MicroKernelFn<T> fn = nullptr;
+  Fn fn = nullptr;
 };
 
-constexpr int kMaxMR = 8;
+// The accumulators live in registers; the loops over m and v unroll fully.
+#define JCN_TILE_LOOP(m, v)                 \
+  _Pragma("GCC unroll 16") for (int m = 0; m < kMR; ++m) \
+      _Pragma("GCC unroll 4") for (int v = 0; v < kNV; ++v)
 
 template <typename T, int kVecBytes, int kMR, int kNV>
-[[gnu::always_inline]] inline void micro_kernel_body(int64_t depth, const T* __restrict a,
-                                                     const T* __restrict b, T* __restrict tile,
-                                                     bool accumulate) {
+struct Tile {
   typedef T Vec __attribute__((vector_size(kVecBytes)));
-  constexpr int kLanes = kVecBytes / static_cast<int>(sizeof(T));
-  constexpr int kNR = kNV * kLanes;
+  static constexpr int kLanes = kVecBytes / static_cast<int>(sizeof(T));
+  static constexpr int kNR = kNV * kLanes;
   Vec acc[kMR][kNV];
-#pragma GCC unroll 8
-  for (int m = 0; m < kMR; ++m)
-#pragma GCC unroll 4
-    for (int v = 0; v < kNV; ++v) {
+
+  [[gnu::always_inline]] void load(const T* tile, bool accumulate) {
+    JCN_TILE_LOOP(m, v) {
       if (accumulate)
         std::memcpy(&acc[m][v], tile + m * kNR + v * kLanes, kVecBytes);
       else
         acc[m][v] = Vec{};
     }
-  for (int64_t k = 0; k < depth; ++k) {
-    Vec bv[kNV];
-#pragma GCC unroll 4
-    for (int v = 0; v < kNV; ++v) std::memcpy(&bv[v], b + v * kLanes, kVecBytes);
-#pragma GCC unroll 8
-    for (int m = 0; m < kMR; ++m) {
-      const T am = a[m];
-#pragma GCC unroll 4
-      for (int v = 0; v < kNV; ++v) acc[m][v] += am * bv[v];
-    }
-    a += kMR;
-    b += kNR;
   }
-#pragma GCC unroll 8
-  for (int m = 0; m < kMR; ++m)
-#pragma GCC unroll 4
-    for (int v = 0; v < kNV; ++v) std::memcpy(tile + m * kNR + v * kLanes, &acc[m][v], kVecBytes);
-}
-
-// Indirect variant for inputs whose channels are contiguous (NHWC): the broadcast side is mr
-// pixels, each read in place through a row pointer per filter tap (a zero row for padding), so
-// the input is never packed:
-//   tile[m][n] = sum_t sum_p rows[t][m][p] * b[t][p][n].
-template <typename T>
-using IndirectKernelFn = void (*)(int64_t taps, int64_t channels, const T* const* rows,
-                                  const T* b, T* tile);
-
-template <typename T>
-struct IndirectKernel {
-  int mr = 0, nr = 0;
-  IndirectKernelFn<T> fn = nullptr;
+  // acc[m][:] += a[m] * b[:]
+  [[gnu::always_inline]] void multiply_add(const T* a, const T* b) {
+    Vec bv[kNV];
+    _Pragma("GCC unroll 4") for (int v = 0; v < kNV; ++v)
+        std::memcpy(&bv[v], b + v * kLanes, kVecBytes);
+    JCN_TILE_LOOP(m, v) acc[m][v] += a[m] * bv[v];
+  }
+  [[gnu::always_inline]] void store(T* tile) const {
+    JCN_TILE_LOOP(m, v) std::memcpy(tile + m * kNR + v * kLanes, &acc[m][v], kVecBytes);
+  }
 };
+#undef JCN_TILE_LOOP
 
 template <typename T, int kVecBytes, int kMR, int kNV>
-[[gnu::always_inline]] inline void indirect_kernel_body(int64_t taps, int64_t channels,
-                                                        const T* const* __restrict rows,
-                                                        const T* __restrict b,
-                                                        T* __restrict tile) {
-  typedef T Vec __attribute__((vector_size(kVecBytes)));
-  constexpr int kLanes = kVecBytes / static_cast<int>(sizeof(T));
-  constexpr int kNR = kNV * kLanes;
-  Vec acc[kMR][kNV];
-#pragma GCC unroll 8
-  for (int m = 0; m < kMR; ++m)
-#pragma GCC unroll 4
-    for (int v = 0; v < kNV; ++v) acc[m][v] = Vec{};
-  for (int64_t t = 0; t < taps; ++t, rows += kMR) {
-    const T* r[kMR];
-#pragma GCC unroll 8
-    for (int m = 0; m < kMR; ++m) r[m] = rows[m];
-    for (int64_t p = 0; p < channels; ++p) {
-      Vec bv[kNV];
-#pragma GCC unroll 4
-      for (int v = 0; v < kNV; ++v) std::memcpy(&bv[v], b + v * kLanes, kVecBytes);
-#pragma GCC unroll 8
-      for (int m = 0; m < kMR; ++m) {
-        const T am = r[m][p];
-#pragma GCC unroll 4
-        for (int v = 0; v < kNV; ++v) acc[m][v] += am * bv[v];
-      }
-      b += kNR;
-    }
-  }
-#pragma GCC unroll 8
-  for (int m = 0; m < kMR; ++m)
-#pragma GCC unroll 4
-    for (int v = 0; v < kNV; ++v) std::memcpy(tile + m * kNR + v * kLanes, &acc[m][v], kVecBytes);
+[[gnu::always_inline]] inline void packed_body(int64_t depth, const T* __restrict a,
+                                               const T* __restrict b, T* __restrict tile,
+                                               bool accumulate) {
+  Tile<T, kVecBytes, kMR, kNV> t;
+  t.load(tile, accumulate);
+  for (int64_t k = 0; k < depth; ++k, a += kMR, b += t.kNR) t.multiply_add(a, b);
+  t.store(tile);
 }
 
-// Register budgets: mr*nv accumulators plus nv loaded vectors and a broadcast must fit the
-// vector registers (16, or 32 with AVX-512); the indirect kernel also keeps its mr row
-// pointers in general registers, hence mr <= 8.
-constexpr int packed_vectors_per_row(int registers, int mr) {
+template <typename T, int kVecBytes, int kMR, int kNV>
+[[gnu::always_inline]] inline void indirect_body(int64_t taps, int64_t channels,
+                                                 const T* const* __restrict rows,
+                                                 const T* __restrict b, T* __restrict tile) {
+  Tile<T, kVecBytes, kMR, kNV> t;
+  t.load(tile, false);
+  for (int64_t tap = 0; tap < taps; ++tap, rows += kMR) {
+    const T* r[kMR];
+    _Pragma("GCC unroll 16") for (int m = 0; m < kMR; ++m) r[m] = rows[m];
+    for (int64_t p = 0; p < channels; ++p, b += t.kNR) {
+      T a[kMR];
+      _Pragma("GCC unroll 16") for (int m = 0; m < kMR; ++m) a[m] = r[m][p];
+      t.multiply_add(a, b);
+    }
+  }
+  t.store(tile);
+}
+
+template <typename T, int kVecBytes, int kMR, int kNV>
+[[gnu::always_inline]] inline void gathered_body(int64_t depth, const T* const* __restrict a_rows,
+                                                 const T* const* __restrict b_rows,
+                                                 T* __restrict tile, bool accumulate) {
+  Tile<T, kVecBytes, kMR, kNV> t;
+  t.load(tile, accumulate);
+  for (int64_t k = 0; k < depth; ++k) t.multiply_add(a_rows[k], b_rows[k]);
+  t.store(tile);
+}
+
+// Register budgets: mr*nv accumulators, nv loaded vectors and a broadcast must fit the vector
+// registers (16, or 32 with AVX-512). The indirect kernel also holds its mr row pointers in
+// general registers, hence mr <= 8 there.
+constexpr int packed_vectors(int registers, int mr) {
   if (registers >= 32) return mr <= 6 ? 4 : 3;
   return mr <= 2 ? 4 : mr <= 4 ? 3 : 2;
 }
@@ -124,34 +119,44 @@ constexpr int indirect_rows(int registers, int nv) {
   if (registers >= 32) return nv <= 3 ? 8 : 6;
   return nv == 1 ? 8 : 6;
 }
+constexpr int gathered_rows(int registers, int nv) {
+  if (registers >= 32) return nv <= 2 ? 12 : nv == 3 ? 8 : 6;
+  return nv == 1 ? 12 : 6;
+}
 
-constexpr int kMaxWidths = 3, kMaxIndirectVectors = 4;
+constexpr int kMaxPackedRows = 8, kMaxWidths = 3, kMaxVectors = 4;
 
-// Everything one ISA offers for element type T: packed kernels for mr = 1..max_mr (nr fixed by
-// mr) and indirect kernels for each vector width (16 bytes up to the ISA's) and nv vectors.
+// Everything one ISA offers for element type T: packed kernels for mr = 1..max_mr (nr follows
+// from mr), indirect and gathered kernels for each vector width (16 bytes up to the ISA's) and
+// nv = 1..max_nv vectors (mr follows from nv).
 template <typename T>
 struct KernelSet {
   const char* isa = "";
-  int max_mr = 0;
-  MicroKernel<T> by_mr[kMaxMR + 1];
-  int widths = 0, max_nv = 0;
+  int max_mr = 0, widths = 0, max_nv = 0;
   int lanes[kMaxWidths] = {};
-  IndirectKernel<T> indirect[kMaxWidths][kMaxIndirectVectors + 1];  // [width][nv]
+  Kernel<PackedFn<T>> packed[kMaxPackedRows + 1];
+  Kernel<IndirectFn<T>> indirect[kMaxWidths][kMaxVectors + 1];
+  Kernel<GatheredFn<T>> gathered[kMaxWidths][kMaxVectors + 1];
 };
 
 #define JCN_DEFINE_ISA(NAME, TARGET, VEC_BYTES, REGISTERS, MAX_MR, MAX_NV)                      \
   struct NAME {                                                                                 \
     static constexpr const char* kName = #NAME;                                                 \
-    static constexpr int kVecBytes = VEC_BYTES, kRegisters = REGISTERS, kMaxRows = MAX_MR;      \
-    static constexpr int kMaxVectors = MAX_NV;                                                  \
+    static constexpr int kVecBytes = VEC_BYTES, kRegisters = REGISTERS;                         \
+    static constexpr int kMaxRows = MAX_MR, kMaxVectors = MAX_NV;                               \
     template <typename T, int kMR, int kNV>                                                     \
     TARGET static void packed(int64_t depth, const T* a, const T* b, T* tile, bool accumulate) { \
-      micro_kernel_body<T, VEC_BYTES, kMR, kNV>(depth, a, b, tile, accumulate);                 \
+      packed_body<T, VEC_BYTES, kMR, kNV>(depth, a, b, tile, accumulate);                       \
     }                                                                                           \
     template <typename T, int kBytes, int kMR, int kNV>                                         \
     TARGET static void indirect(int64_t taps, int64_t channels, const T* const* rows,           \
                                 const T* b, T* tile) {                                          \
-      indirect_kernel_body<T, kBytes, kMR, kNV>(taps, channels, rows, b, tile);                 \
+      indirect_body<T, kBytes, kMR, kNV>(taps, channels, rows, b, tile);                        \
+    }                                                                                           \
+    template <typename T, int kBytes, int kMR, int kNV>                                         \
+    TARGET static void gathered(int64_t depth, const T* const* a_rows, const T* const* b_rows,  \
+                                T* tile, bool accumulate) {                                     \
+      gathered_body<T, kBytes, kMR, kNV>(depth, a_rows, b_rows, tile, accumulate);              \
     }                                                                                           \
   };
 
@@ -159,6 +164,7 @@ struct KernelSet {
 #define JCN_X86_DISPATCH 1
 JCN_DEFINE_ISA(sse2, , 16, 16, 6, 2)
 JCN_DEFINE_ISA(avx2, __attribute__((target("avx2,fma"))), 32, 16, 6, 2)
+// AVX-512F alone lacks FMA on 128/256-bit vectors, which the narrow widths use.
 JCN_DEFINE_ISA(avx512, __attribute__((target("avx512f,avx2,fma"))), 64, 32, 8, 4)
 #else
 JCN_DEFINE_ISA(generic, , 16, 16, 6, 2)
@@ -166,12 +172,17 @@ JCN_DEFINE_ISA(generic, , 16, 16, 6, 2)
 #undef JCN_DEFINE_ISA
 
 template <typename T, typename Isa, int kBytes, int... kNVm1>
-void fill_indirect(KernelSet<T>& set, int width, std::integer_sequence<int, kNVm1...>) {
-  set.lanes[width] = kBytes / static_cast<int>(sizeof(T));
-  ((set.indirect[width][kNVm1 + 1] = IndirectKernel<T>{
-        indirect_rows(Isa::kRegisters, kNVm1 + 1), (kNVm1 + 1) * set.lanes[width],
-        &Isa::template indirect<T, kBytes, indirect_rows(Isa::kRegisters, kNVm1 + 1),
-                                kNVm1 + 1>}),
+void add_width(KernelSet<T>& set, std::integer_sequence<int, kNVm1...>) {
+  const int w = set.widths++;
+  const int lanes = set.lanes[w] = kBytes / static_cast<int>(sizeof(T));
+  constexpr int r = Isa::kRegisters;
+  ((set.indirect[w][kNVm1 + 1] = {indirect_rows(r, kNVm1 + 1), (kNVm1 + 1) * lanes,
+                                  &Isa::template indirect<T, kBytes, indirect_rows(r, kNVm1 + 1),
+                                                          kNVm1 + 1>}),
+   ...);
+  ((set.gathered[w][kNVm1 + 1] = {gathered_rows(r, kNVm1 + 1), (kNVm1 + 1) * lanes,
+                                  &Isa::template gathered<T, kBytes, gathered_rows(r, kNVm1 + 1),
+                                                          kNVm1 + 1>}),
    ...);
 }
 
@@ -180,24 +191,16 @@ KernelSet<T> make_kernel_set(std::integer_sequence<int, kMRm1...>) {
   KernelSet<T> set;
   set.isa = Isa::kName;
   set.max_mr = Isa::kMaxRows;
-  constexpr int lanes = Isa::kVecBytes / static_cast<int>(sizeof(T));
-  ((set.by_mr[kMRm1 + 1] = MicroKernel<T>{
-        kMRm1 + 1, packed_vectors_per_row(Isa::kRegisters, kMRm1 + 1) * lanes,
-        &Isa::template packed<T, kMRm1 + 1,
-                              packed_vectors_per_row(Isa::kRegisters, kMRm1 + 1)>}),
-   ...);
   set.max_nv = Isa::kMaxVectors;
-  auto vectors = std::make_integer_sequence<int, Isa::kMaxVectors>{};
-  fill_indirect<T, Isa, 16>(set, 0, vectors);
-  set.widths = 1;
-  if constexpr (Isa::kVecBytes >= 32) fill_indirect<T, Isa, 32>(set, set.widths++, vectors);
-  if constexpr (Isa::kVecBytes >= 64) fill_indirect<T, Isa, 64>(set, set.widths++, vectors);
+  constexpr int lanes = Isa::kVecBytes / static_cast<int>(sizeof(T)), r = Isa::kRegisters;
+  ((set.packed[kMRm1 + 1] = {kMRm1 + 1, packed_vectors(r, kMRm1 + 1) * lanes,
+                             &Isa::template packed<T, kMRm1 + 1, packed_vectors(r, kMRm1 + 1)>}),
+   ...);
+  constexpr auto vectors = std::make_integer_sequence<int, Isa::kMaxVectors>{};
+  add_width<T, Isa, 16>(set, vectors);
+  if constexpr (Isa::kVecBytes >= 32) add_width<T, Isa, 32>(set, vectors);
+  if constexpr (Isa::kVecBytes >= 64) add_width<T, Isa, 64>(set, vectors);
   return set;
-}
-
-template <typename T, typename Isa>
-KernelSet<T> kernel_set_for() {
-  return make_kernel_set<T, Isa>(std::make_integer_sequence<int, Isa::kMaxRows>{});
 }
 
 // The best kernel set this CPU runs. JAX_CONVNET_CPU_ISA=sse2|avx2|avx512 caps the choice
@@ -207,19 +210,45 @@ const KernelSet<T>& best_kernel_set() {
   static const KernelSet<T> set = [] {
 #ifdef JCN_X86_DISPATCH
     const char* cap = std::getenv("JAX_CONVNET_CPU_ISA");
-    std::string limit = cap ? cap : "";
+    const std::string limit = cap ? cap : "";
     __builtin_cpu_init();
-    bool allow512 = limit.empty() || limit == "avx512";
-    bool allow2 = allow512 || limit == "avx2";
-    if (allow512 && __builtin_cpu_supports("avx512f")) return kernel_set_for<T, avx512>();
+    const bool allow512 = limit.empty() || limit == "avx512";
+    const bool allow2 = allow512 || limit == "avx2";
+    if (allow512 && __builtin_cpu_supports("avx512f"))
+      return make_kernel_set<T, avx512>(std::make_integer_sequence<int, avx512::kMaxRows>{});
     if (allow2 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-      return kernel_set_for<T, avx2>();
-    return kernel_set_for<T, sse2>();
+      return make_kernel_set<T, avx2>(std::make_integer_sequence<int, avx2::kMaxRows>{});
+    return make_kernel_set<T, sse2>(std::make_integer_sequence<int, sse2::kMaxRows>{});
 #else
-    return kernel_set_for<T, generic>();
+    return make_kernel_set<T, generic>(std::make_integer_sequence<int, generic::kMaxRows>{});
 #endif
   }();
   return set;
+}
+
+// The packed kernel whose mr fits `rows` (its broadcast side) with the least padding; ties go
+// to the taller kernel, which does more multiply-adds per loaded vector.
+template <typename T>
+const Kernel<PackedFn<T>>& packed_kernel_for_rows(const KernelSet<T>& set, int64_t rows) {
+  if (rows <= set.max_mr) return set.packed[rows];
+  int best = set.max_mr;
+  auto padded = [&](int mr) { return (rows + mr - 1) / mr * mr; };
+  for (int mr = set.max_mr - 1; mr > set.max_mr / 2; --mr)
+    if (padded(mr) < padded(best)) best = mr;
+  return set.packed[best];
+}
+
+// The (width, nv) of an indirect / gathered table for `cols` vector-side columns: the widest
+// vector the columns fill, and as few column blocks of up to max_nv vectors as possible.
+template <typename T, typename K>
+const K& kernel_for_columns(const KernelSet<T>& set, const K (&table)[kMaxWidths][kMaxVectors + 1],
+                            int64_t cols, int max_nv) {
+  int w = 0;
+  while (w + 1 < set.widths && set.lanes[w + 1] <= cols) ++w;
+  const int64_t lanes = set.lanes[w];
+  max_nv = std::min(max_nv, set.max_nv);
+  const int64_t blocks = (cols + lanes * max_nv - 1) / (lanes * max_nv);
+  return table[w][(cols + blocks * lanes - 1) / (blocks * lanes)];
 }
 
 }  // namespace jax_convnet::cpu

@@ -1,11 +1,14 @@
 // A small fixed thread pool for the CPU conv kernels: hardware_concurrency() threads in all
 // (the caller plus hardware_concurrency() - 1 workers). A job is a count of independent tasks;
 // threads claim task indices from an atomic counter. The kernels give every task its own
-// disjoint slice of the output, so which thread runs a task never changes any result.
+// disjoint slice of the output, so which thread runs a task never changes any result; workers
+// also take on the caller's floating-point environment (rounding, and on x86 the MXCSR
+// flush-to-zero / denormals-are-zero bits XLA sets on its threads) for each job.
 #pragma once
 
 #include <algorithm>
 #include <atomic>
+#include <cfenv>
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
@@ -44,6 +47,7 @@ class ThreadPool {
       return !job.failed.load();
     }
     auto job = std::make_shared<Job>(&task, n_tasks);
+    std::fegetenv(&job->fp_env);
     {
       std::lock_guard<std::mutex> lock(mutex_);
       job_ = job;
@@ -67,6 +71,7 @@ class ThreadPool {
     std::atomic<int64_t> next{0};
     std::atomic<int64_t> done{0};
     std::atomic<bool> failed{false};
+    std::fenv_t fp_env;
   };
 
   explicit ThreadPool(int participants) {
@@ -83,7 +88,9 @@ class ThreadPool {
         seen = generation_;
         job = job_;
       }
-      if (job) work(*job, participant);
+      if (!job) continue;
+      std::fesetenv(&job->fp_env);
+      work(*job, participant);
     }
   }
 

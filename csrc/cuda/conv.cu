@@ -3,7 +3,7 @@
 // Each op is an implicit GEMM (conv_ops.cuh) run by one tiled kernel (conv_kernel.cuh):
 //   FA  M = B*Ho*Wo, N = F, K = C*fh*fw
 //   IA  per residue class (y mod sh, x mod sw): M = B*Hq*Wq, N = C, K = F*nI*nJ (useful taps only)
-//   WA  M = F, N = C*fh*fw, K = B*partial_sum per segment; segments folded in order.
+//   WA  M = C*fh*fw, N = F, K = B*partial_sum per segment; segments folded in order.
 // Paths: tensor cores (nvcuda::wmma, bf16/f16 16x16x16, TF32 16x16x8 for float32 with precision
 // Default) when N >= 16 and M >= 16; otherwise FFMA with a 128x64 tile (or 512x4 for N <= 8).
 // Accumulation is float32 everywhere. Operands are read in place in either layout.
@@ -37,7 +37,7 @@ enum class OpKind { kFA, kIA, kWA };
 enum class Path { kWide, kNarrow, kWmma };
 
 constexpr int64_t kIdx32Limit = int64_t(1) << 30;  // everything below this uses 32-bit indices
-constexpr int64_t kScratchCap = int64_t(256) << 20;  // bytes of WA partial-sum slots per launch
+constexpr int64_t kScratchCap = int64_t(64) << 20;  // bytes of WA partial-sum slots per launch
 
 const char* op_name(OpKind k) {
   return k == OpKind::kFA ? "filter_acts" : k == OpKind::kIA ? "image_acts" : "weight_acts";
@@ -148,6 +148,7 @@ double extent(const Str4& s, double n, double c, double ylen, double xlen) {
 }
 
 // The op for one layout and element type, once geometry and attributes are checked.
+// a / b: the GEMM operands A / B (FA: images / filters, IA: hidden / filters, WA: images / hidden).
 template <OpKind K, Layout L, typename T>
 ffi::Error run(cudaStream_t stream, ffi::ScratchAllocator& scratch, const jcn::ConvGeometry& g,
                const jcn::ConvParams& cp, const void* a, const void* b, void* out) {
@@ -209,8 +210,8 @@ ffi::Error run(cudaStream_t stream, ffi::ScratchAllocator& scratch, const jcn::C
   } else {
     p.P = g.partial_sum;
     p.nseg = (p.Ho * p.Wo) / p.P;
-    M = p.F;
-    N = p.C * T_;
+    M = p.C * T_;
+    N = p.F;
     Kd = p.B * p.P;
   }
   p.M = M;
@@ -248,8 +249,8 @@ ffi::Error run(cudaStream_t stream, ffi::ScratchAllocator& scratch, const jcn::C
     ca = c01b ? p.B : p.F;
     cb = p.F;
   } else {
-    ca = c01b ? p.B : p.F;
-    cb = c01b ? p.B : p.C;
+    ca = c01b ? p.B : p.C;
+    cb = c01b ? p.B : p.F;
   }
   auto vec_mask = [&](Path pa) {
     int va = 1, vb = 1;
@@ -384,6 +385,8 @@ ffi::Error ConvImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::Any
   if (g.in_h + cp.pad_top + cp.pad_bottom >= lim || g.in_w + cp.pad_left + cp.pad_right >= lim)
     return jcn::invalid(name, "padded image extent is >= 2^30");
 
+  // GEMM operands (conv_ops.cuh): A = first operand, B = second operand for all three ops:
+  // FA (images, filters), IA (hidden, filters), WA (images, hidden).
   const void* a = x.untyped_data();
   const void* b = y.untyped_data();
   void* out = res->untyped_data();

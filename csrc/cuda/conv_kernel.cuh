@@ -149,7 +149,7 @@ struct SmemPlan {
 // kVecMask bit 0 / bit 1: operand A / B is read up to 16 bytes at a time (the host checked
 // divisibility of its contiguous dimension and pointer alignment).
 template <class Op, class Cfg, typename T, typename Idx, int kVecMask>
-__global__ void __launch_bounds__(Cfg::NT)
+__global__ void __launch_bounds__(Cfg::NT, 1)
     conv_gemm_kernel(const __grid_constant__ KParams p) {
   constexpr int BM = Cfg::BM, BN = Cfg::BN, BK = Cfg::BK, NT = Cfg::NT;
   constexpr bool kTensor = Cfg::kTensor;

@@ -7,13 +7,13 @@
 //   op   A (M x K)       B (K x N)   M               N           K (order, innermost last)
 //   FA   images          filters     (b, oy, ox)     f           C01B (c, tap), NHWC (tap, c)
 //   IA   hidden          filters     (b, y, x)/class c           (ii, jj, f) taps of the class
-//   WA   hidden          images      f               C01B (c, tap), NHWC (tap, c)   (pos, b)
+//   WA   images          hidden      C01B (c, tap), NHWC (tap, c)   f               (pos, b)
 //
 // M orders: C01B puts b innermost (FA: m = (oy * Wo + ox) * B + b), NHWC puts b outermost
 // (m = (b * Ho + oy) * Wo + ox), so the contiguous dimension is always read contiguously:
 //   A_ROWC / B_ROWC = the operand is contiguous along its row (m or n) index, otherwise along k.
 // The K orders make the filter operand of FA a plain row-major K x F matrix (offset k * F + f)
-// and the WA output a plain N x F matrix (offset n * F + f) in both layouts.
+// and the WA output a plain M x F matrix (offset m * F + f) in both layouts.
 //
 // image_acts is computed per residue class (ry, rx) = (y mod sh, x mod sw): only taps with
 // i = i0 + ii * sh (i0 = (ry + pt) mod sh) and j = j0 + jj * sw reach a pixel of the class, and
@@ -236,13 +236,15 @@ struct OpIA {
 
 // ------------------------------------------------------------------------------------------
 // weight_acts: w[f, c, i, j] = sum_{b, oy, ox} img[b, c, oy*sh - pt + i, ox*sw - pl + j] hid[b,f,oy,ox]
-// K of one segment s: local k = pl * B + b over positions pos = s * P + pl (pl < P) and b < B.
+// GEMM rows m = (c, tap) (C01B: m = c*T + tap, NHWC: m = tap*C + c), columns n = f, so the
+// filter offset is m*F + n in both layouts. K of one segment s: local k = pl * B + b over
+// positions pos = s * P + pl (pl < P) and b < B.
 template <Layout L, typename Idx>
 struct OpWA {
-  static constexpr bool A_ROWC = (L == Layout::kNHWC);  // hidden: b (C01B, = k) / f (NHWC, = m)
-  static constexpr bool B_ROWC = (L == Layout::kNHWC);  // images: b (C01B, = k) / c (NHWC, = n)
+  static constexpr bool A_ROWC = (L == Layout::kNHWC);  // images: b (C01B, = k) / c (NHWC, = m)
+  static constexpr bool B_ROWC = (L == Layout::kNHWC);  // hidden: b (C01B, = k) / f (NHWC, = n)
   static constexpr bool A_KDIV = true, B_KDIV = true;
-  static constexpr bool OUT_ROWC = true;                // filters: f contiguous
+  static constexpr bool OUT_ROWC = false;               // filters: f (= n) contiguous
   static constexpr bool kFold = true;
 
   __device__ static Tile<Idx> tile(const KParams& p, int64_t u, int BM, int BN) {
@@ -271,32 +273,18 @@ struct OpWA {
   }
   __device__ static RowSt<Idx> a_row(const KParams& p, const Tile<Idx>& t, Idx m) {
     const bool v = m < t.M;
-    return {(v ? m : Idx(0)) * Idx(p.hs.c), v ? 0 : kBad, 0};
-  }
-  __device__ static KSt<Idx> a_k(const KParams& p, const Tile<Idx>& t, int64_t s, Idx k) {
-    const bool v = k < t.K;
-    Idx b;
-    const Idx pl = divmod<Idx>(v ? k : Idx(0), p.dB, b);
-    const Idx pos = Idx(s * p.P) + pl;  // hidden is dense: oy*hs.y + ox*hs.x = pos*hs.x
-    return {b * Idx(p.hs.n) + pos * Idx(p.hs.x), v ? 0 : kBad, 0};
-  }
-  __device__ static int a_ylim(const KParams&) { return 1; }
-  __device__ static int a_xlim(const KParams&) { return 1; }
-
-  __device__ static RowSt<Idx> b_row(const KParams& p, const Tile<Idx>& t, Idx n) {
-    const bool v = n < t.N;
-    const Idx nn = v ? n : Idx(0);
+    const Idx mm = v ? m : Idx(0);
     Idx c, tap, i, j;
     if constexpr (L == Layout::kC01B) {
-      c = divmod<Idx>(nn, p.dT, tap);
+      c = divmod<Idx>(mm, p.dT, tap);
     } else {
-      tap = divmod<Idx>(nn, p.dC, c);
+      tap = divmod<Idx>(mm, p.dC, c);
     }
     i = divmod<Idx>(tap, p.dfw, j);
     const Idx y0 = i - Idx(p.pt), x0 = j - Idx(p.pl);
     return {c * Idx(p.is.c) + y0 * Idx(p.is.y) + x0 * Idx(p.is.x), v ? int(y0) : kBad, int(x0)};
   }
-  __device__ static KSt<Idx> b_k(const KParams& p, const Tile<Idx>& t, int64_t s, Idx k) {
+  __device__ static KSt<Idx> a_k(const KParams& p, const Tile<Idx>& t, int64_t s, Idx k) {
     const bool v = k < t.K;
     Idx b, ox;
     const Idx pl = divmod<Idx>(v ? k : Idx(0), p.dB, b);
@@ -304,14 +292,28 @@ struct OpWA {
     const Idx ys = oy * Idx(p.sh), xs = ox * Idx(p.sw);
     return {b * Idx(p.is.n) + ys * Idx(p.is.y) + xs * Idx(p.is.x), v ? int(ys) : kBad, int(xs)};
   }
-  __device__ static int b_ylim(const KParams& p) { return int(p.H); }
-  __device__ static int b_xlim(const KParams& p) { return int(p.W); }
+  __device__ static int a_ylim(const KParams& p) { return int(p.H); }
+  __device__ static int a_xlim(const KParams& p) { return int(p.W); }
+
+  __device__ static RowSt<Idx> b_row(const KParams& p, const Tile<Idx>& t, Idx n) {
+    const bool v = n < t.N;
+    return {(v ? n : Idx(0)) * Idx(p.hs.c), v ? 0 : kBad, 0};
+  }
+  __device__ static KSt<Idx> b_k(const KParams& p, const Tile<Idx>& t, int64_t s, Idx k) {
+    const bool v = k < t.K;
+    Idx b;
+    const Idx pl = divmod<Idx>(v ? k : Idx(0), p.dB, b);
+    const Idx pos = Idx(s * p.P) + pl;  // hidden is dense: oy*hs.y + ox*hs.x = pos*hs.x
+    return {b * Idx(p.hs.n) + pos * Idx(p.hs.x), v ? 0 : kBad, 0};
+  }
+  __device__ static int b_ylim(const KParams&) { return 1; }
+  __device__ static int b_xlim(const KParams&) { return 1; }
 
   __device__ static Idx out_row(const KParams& p, const Tile<Idx>&, Idx m) {
-    return m * Idx(p.fs.n);
+    return m * Idx(p.F);  // filter offset m*F + f (see above)
   }
   __device__ static Idx out_col(const KParams& p, const Tile<Idx>&, Idx n) {
-    return n * Idx(p.F);  // filter offset n*F + f (see top)
+    return n * Idx(p.fs.n);
   }
 };
 

@@ -35,6 +35,10 @@ namespace jcn = jax_convnet;
 constexpr int kThreads = 256;            // threads per block
 constexpr int64_t kMaxBlocks = 1 << 22;  // grid cap: kMaxBlocks * kThreads = 2^30 (int32-safe)
 constexpr int kTile = 2;                 // gradient: one thread owns kTile x kTile positions
+// Bytes per thread along the contiguous dimension (16 or 8). 16 B vectors cost the bf16 / f16
+// gradient kernel ~95 registers (32 float accumulators); 8 B would halve that per thread.
+constexpr int kFwdVecBytes = 16;
+constexpr int kGradVecBytes = 16;
 
 // ----------------------------------------------------------------------------------------------
 // Element types: compare / accumulate in float32, store in T.
@@ -155,12 +159,11 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int l = 0; l < V; ++l) {
           const float f = N::to_f(v.v[l]);
-          if (ok && jcn::pool::takes(first, f, best[l])) {
-            best[l] = f;
-            res.v[l] = kJvp ? tv.v[l] : v.v[l];
-          }
+          const bool take = ok & jcn::pool::takes(first, f, best[l]);
+          best[l] = take ? f : best[l];
+          res.v[l] = take ? (kJvp ? tv.v[l] : v.v[l]) : res.v[l];
         }
-        first = first && !ok;
+        first = first & !ok;
       }
     }
     *reinterpret_cast<Vec<T, V>*>(out + t * V) = res;
@@ -251,12 +254,11 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
             for (int l = 0; l < V; ++l) {
               const float f = N::to_f(v.v[l]);
-              if (ok && jcn::pool::takes(first, f, best[l])) {
-                best[l] = f;
-                sel[l] = slot;
-              }
+              const bool take = ok & jcn::pool::takes(first, f, best[l]);
+              best[l] = take ? f : best[l];
+              sel[l] = take ? slot : sel[l];
             }
-            first = first && !ok;
+            first = first & !ok;
           }
         }
         // Branch-free on purpose: `if (sel == s) acc[s] += cf` gets rewritten by the compiler
@@ -354,16 +356,23 @@ void dispatch_window(cudaStream_t stream, Op op, const jcn::PoolGeometry& pg, bo
 template <typename T>
 ffi::Error run_typed(cudaStream_t stream, Op op, const jcn::PoolGeometry& pg, int64_t image_elems,
                      int64_t pooled_elems, const void* img, const void* second, void* out) {
-  constexpr int kVec = int(16 / sizeof(T));
+  constexpr int kVecFwd = int(kFwdVecBytes / sizeof(T));
+  constexpr int kVecGrad = int(kGradVecBytes / sizeof(T));
   const T* x = static_cast<const T*>(img);
   const T* s = static_cast<const T*>(second);
   T* y = static_cast<T*>(out);
-  auto aligned = [](const void* p) { return p == nullptr || (uintptr_t(p) % 16) == 0; };
-  const bool vec = jcn::pool::inner_size(pg) % kVec == 0 && aligned(img) && aligned(second) &&
-                   aligned(out);
+  // Vector path: the contiguous dimension is a multiple of V and every buffer is aligned to the
+  // vector size (XLA's buffers always are; checked anyway, host-side pointer values only).
+  auto vec_ok = [&](int v) {
+    const uintptr_t bytes = uintptr_t(v) * sizeof(T);
+    auto aligned = [bytes](const void* p) { return p == nullptr || uintptr_t(p) % bytes == 0; };
+    return jcn::pool::inner_size(pg) % v == 0 && aligned(img) && aligned(second) && aligned(out);
+  };
   const bool idx32 = jcn::pool::fits_int32(pg, image_elems, pooled_elems);
-  if (vec)
-    dispatch_window<T, kVec>(stream, op, pg, idx32, x, s, y);
+  if (op == Op::kGrad && vec_ok(kVecGrad))
+    dispatch_window<T, kVecGrad>(stream, op, pg, idx32, x, s, y);
+  else if (op != Op::kGrad && vec_ok(kVecFwd))
+    dispatch_window<T, kVecFwd>(stream, op, pg, idx32, x, s, y);
   else
     dispatch_window<T, 1>(stream, op, pg, idx32, x, s, y);
   cudaError_t err = cudaGetLastError();
