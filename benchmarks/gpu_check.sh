@@ -2,43 +2,47 @@
 # One command on the GPU machine, from the repository root: build in place (no network, reusing
 # build/ in the tree), run the whole test suite on the GPU, compute-sanitizer over a small subset,
 # and the benchmark table last. Stages can be picked: gpu_check.sh build test sanitize bench
-# (default: all). Logs go to $OUT (or ./gpu_check_out).
+# (default: all, in that order). Logs go to $OUT (or ./gpu_check_out).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_check_out}; mkdir -p "$OUT"
 stages=${*:-build test sanitize bench}
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 status=0
-has() { [[ " $stages " == *" $1 "* ]]; }
 step() { echo "=== $1 ($(date +%T))"; }
 
-if has build; then
+for stage in $stages; do
+case $stage in
+build)
   step build
   export JAX_CONVNET_CUDA=ON CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=90 ${CMAKE_ARGS:-}"
   python3 -m pip install --no-build-isolation --no-deps -q . >"$OUT/build.log" 2>&1 \
     || { tail -40 "$OUT/build.log"; echo "BUILD FAILED"; exit 1; }
-  python3 -c "import jax, jax_convnet as j; print(jax.__version__, jax.devices(), 'cuda module:', j.has_native('cuda'))"
-fi
-if has test; then
+  python3 -P -c "import jax, jax_convnet as j; print(jax.__version__, jax.devices(), 'cuda module:', j.has_native('cuda'))"
+  ;;
+test)
   step "tests (log: $OUT/pytest.log)"
   # From tests/ so that the installed package, not the source tree, is imported.
   (cd tests && timeout ${TEST_TIMEOUT_S:-330} python3 -m pytest -q -x -p no:cacheprovider \
      ${PYTEST_ARGS:-} . >"$OUT/pytest.log" 2>&1); rc=$?
   grep -E "passed|failed|error" "$OUT/pytest.log" | tail -3
   [ $rc -eq 0 ] || { grep -E "^(FAILED|ERROR)|^E " "$OUT/pytest.log" | head -30; status=1; }
-fi
-if has sanitize; then
-  for tool in memcheck racecheck; do
+  ;;
+sanitize)
+  for tool in ${SANITIZE_TOOLS:-memcheck racecheck}; do
     step "compute-sanitizer $tool"
-    timeout 240 compute-sanitizer --tool $tool --error-exitcode 17 \
-      python3 benchmarks/sanitize_subset.py >"$OUT/sanitize_$tool.log" 2>&1; rc=$?
+    timeout ${SANITIZE_TIMEOUT_S:-240} compute-sanitizer --tool $tool --error-exitcode 17 \
+      python3 -P benchmarks/sanitize_subset.py >"$OUT/sanitize_$tool.log" 2>&1; rc=$?
     grep -E "ERROR SUMMARY|RACECHECK SUMMARY|subset ok" "$OUT/sanitize_$tool.log" | tail -3
     [ $rc -eq 0 ] || { tail -30 "$OUT/sanitize_$tool.log"; status=1; }
   done
-fi
-if has bench; then
+  ;;
+bench)
   step benchmark
-  timeout ${BENCH_TIMEOUT_S:-300} python3 -m jax_convnet.benchmark --out "$OUT" ${BENCH_ARGS:-} \
+  timeout ${BENCH_TIMEOUT_S:-300} python3 -P -m jax_convnet.benchmark --out "$OUT" ${BENCH_ARGS:-} \
     2>"$OUT/bench.err" | tee "$OUT/bench.log" | tail -${BENCH_TAIL:-80} || status=1
-fi
+  ;;
+*) echo "unknown stage $stage (build test sanitize bench)"; exit 2;;
+esac
+done
 exit $status

@@ -1,21 +1,27 @@
 // CPU kernels of the conv family (filter_acts, image_acts, weight_acts); the math is the
 // contract in csrc/README.md, all sizes come from make_conv_geometry.
 //
-// Every op is a matrix product over packed panels computed by one register-blocked micro-kernel
-// (conv_micro_kernel.h): tile[m][n] = sum_k a[k][m] * b[k][n], where the broadcast side m runs
-// over the small channel dimension of the weights (output channels q for filter_acts and
-// image_acts, filters f for weight_acts) and the vector side n over the large spatial side
-// (output pixels times batch, or the rows (c, ty, tx) of the filters for weight_acts).
+// Every op is a matrix product computed tile by tile by a register-blocked micro-kernel
+// (conv_micro_kernel.h): tile[m][n] = sum_k a_k[m] * b_k[n], a broadcast, b loaded as vectors.
+// The vector side is always a dimension that is contiguous in memory, and the layouts differ
+// in which one that is:
+//   C01B (batch contiguous): n runs over (pixel, b); the input is packed into panels of runs
+//     along the batch, the weights are the broadcast side (packed kernel).
+//   NHWC (channels contiguous): n runs over output channels / filters. filter_acts and
+//     image_acts read input pixels in place through row pointers (indirect kernel);
+//     weight_acts reads both image and hidden rows in place (gathered kernel).
 //
-// filter_acts and image_acts share one gather-form driver: out[b, q, site] sums, over the filter
+// filter_acts and image_acts share the gather form: out[b, q, site] sums, over the filter
 // taps that can reach the site, in[b, p, source] * w(p, q, tap). image_acts is the same loop
 // with the hidden activations as input and the taps running backwards; with a stride > 1 the
 // sites are split into phase classes so that only the taps landing on a hidden unit are visited.
-// weight_acts reduces over (position, batch) in the contract's partial-sum chunks.
+// weight_acts reduces over (b, position) in the contract's partial-sum chunks: each chunk is
+// summed in a fixed sequence of blocks, and the chunk sums are added in order.
 //
-// Threads (conv_thread_pool.h) each own disjoint output slices: panels of output pixels for the
-// gather driver, panels of filter rows for weight_acts, so nothing is reduced across threads
-// and results do not depend on the thread count or timing.
+// Accumulation is in T (float32, or float64 for float64); bfloat16 / float16 are widened to
+// float32 first and the result is rounded once. Threads (conv_thread_pool.h) each own fixed,
+// disjoint output tiles, so nothing is reduced across threads and results do not depend on
+// the thread count or timing.
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -111,25 +117,28 @@ AxisMap forward_axis(int64_t sites, int64_t sources, int64_t taps, int64_t strid
 
 // image_acts: image coordinate o receives from hidden unit u through tap t when
 // u*stride - pad + t == o, so only taps t == (o + pad) mod stride can contribute: the sites of
-// one residue class share those taps.
+// one residue class share those taps (residues >= taps share the empty list). Classes are
+// numbered in order of first appearance.
 AxisMap adjoint_axis(int64_t sites, int64_t sources, int64_t taps, int64_t stride, int64_t pad) {
   AxisMap a;
   a.taps = taps;
   a.source.assign(sites * taps, -1);
-  for (int64_t r = 0; r < stride; ++r) {
-    std::vector<int64_t> class_taps, class_sites;
-    for (int64_t t = r; t < taps; t += stride) class_taps.push_back(t);
-    for (int64_t o = 0; o < sites; ++o)
-      if ((o + pad) % stride == r) class_sites.push_back(o);
-    if (class_sites.empty()) continue;
-    a.class_taps.push_back(std::move(class_taps));
-    a.class_sites.push_back(std::move(class_sites));
-  }
-  for (int64_t o = 0; o < sites; ++o)
+  std::vector<int64_t> residues;  // of each class
+  for (int64_t o = 0; o < sites; ++o) {
+    const int64_t r = std::min((o + pad) % stride, taps);
+    const size_t cls = std::find(residues.begin(), residues.end(), r) - residues.begin();
+    if (cls == residues.size()) {
+      residues.push_back(r);
+      a.class_taps.emplace_back();
+      a.class_sites.emplace_back();
+      for (int64_t t = r; t < taps; t += stride) a.class_taps.back().push_back(t);
+    }
+    a.class_sites[cls].push_back(o);
     for (int64_t t = 0; t < taps; ++t) {
-      int64_t u = o + pad - t;
+      const int64_t u = o + pad - t;
       if (u >= 0 && u % stride == 0 && u / stride < sources) a.source[o * taps + t] = u / stride;
     }
+  }
   return a;
 }
 
@@ -201,16 +210,15 @@ void pack_batch_last_columns(const GatherConv<T>& g, const GatherGroup& gr,
       const int64_t sy = g.rows.src(c.y, gr.tap_y(t)), sx = g.cols.src(c.x, gr.tap_x(t));
       T* dst = panel + t * P * nr + j0;
       if (sy < 0 || sx < 0) {
-        for (int64_t p = 0; p < P; ++p) std::fill_n(dst + p * nr, len, T(0));
+        for (int64_t p = 0; p < P; ++p) fill_short(dst + p * nr, len);
         continue;
       }
       const T* src = g.in + sy * g.in_s.y + sx * g.in_s.x + c.b;
-      for (int64_t p = 0; p < P; ++p) std::copy_n(src + p * g.in_s.c, len, dst + p * nr);
+      for (int64_t p = 0; p < P; ++p) copy_short(src + p * g.in_s.c, len, dst + p * nr);
     }
     j0 += len;
   }
-  for (int64_t k = 0; k < taps * P; ++k)
-    std::fill(panel + k * nr + n_cols, panel + (k + 1) * nr, T(0));
+  for (int64_t k = 0; k < taps * P; ++k) fill_short(panel + k * nr + n_cols, nr - n_cols);
 }
 
 template <typename T>
@@ -742,6 +750,10 @@ ffi::Error conv_handler(ConvOp op, ffi::AnyBuffer a, ffi::AnyBuffer b,
   ConvGeometry g;
   const std::string error = make_conv_geometry(params, images, filters, hidden, &g);
   if (!error.empty()) return invalid(name, error);
+  // Every precision computes in full float32 (float64) on the CPU; only the value is checked.
+  if (params.precision != Precision::kDefault && params.precision != Precision::kHigh &&
+      params.precision != Precision::kHighest)
+    return invalid(name, "precision must be 0, 1 or 2");
 
   try {
     bool ok;

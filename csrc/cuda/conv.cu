@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <optional>
 #include <string>
 #include <type_traits>
 
@@ -116,6 +117,17 @@ void vec_widths_path(Path path, int* va, int* vb) {
 // mask: bit 0 / 1 = vector loads for operand A / B.
 template <OpKind K, Layout L, typename T>
 cudaError_t launch_path(const KParams& p, Path path, bool idx64, int mask, cudaStream_t stream) {
+  if constexpr (K == OpKind::kWA) {
+    if (p.fused) {  // weight_acts folding all segments per tile: mask 3 or scalar
+      if (idx64) return launch_gemm<OpWA<L, int64_t, true>, CfgWide, T, int64_t, 0>(p, stream);
+      using Op = OpWA<L, int32_t, true>;
+      if (path == Path::kWmma)
+        return mask == 3 ? launch_gemm<Op, WmmaCfgOf<T>, T, int32_t, 3>(p, stream)
+                         : launch_gemm<Op, WmmaCfgOf<T>, T, int32_t, 0>(p, stream);
+      return mask == 3 ? launch_gemm<Op, CfgWide, T, int32_t, 3>(p, stream)
+                       : launch_gemm<Op, CfgWide, T, int32_t, 0>(p, stream);
+    }
+  }
   if (idx64) {  // huge problems: FFMA, scalar loads, 64-bit indices
     return launch_gemm<typename OpOf<K>::template type<L, int64_t>, CfgWide, T, int64_t, 0>(
         p, stream);

@@ -239,13 +239,16 @@ struct OpIA {
 // GEMM rows m = (c, tap) (C01B: m = c*T + tap, NHWC: m = tap*C + c), columns n = f, so the
 // filter offset is m*F + n in both layouts. K of one segment s: local k = pl * B + b over
 // positions pos = s * P + pl (pl < P) and b < B.
-template <Layout L, typename Idx>
+// kFused: one unit folds all segments of its tile in registers (tot = ((p0 + p1) + p2) ...);
+// otherwise a unit covers one (segment, k-chunk) and writes a slot or, with one of each, the
+// output.
+template <Layout L, typename Idx, bool kFused = false>
 struct OpWA {
   static constexpr bool A_ROWC = (L == Layout::kNHWC);  // images: b (C01B, = k) / c (NHWC, = m)
   static constexpr bool B_ROWC = (L == Layout::kNHWC);  // hidden: b (C01B, = k) / f (NHWC, = n)
   static constexpr bool A_KDIV = true, B_KDIV = true;
   static constexpr bool OUT_ROWC = false;               // filters: f (= n) contiguous
-  static constexpr bool kFold = true;
+  static constexpr bool kFold = kFused;
 
   __device__ static Tile<Idx> tile(const KParams& p, int64_t u, int BM, int BN) {
     Tile<Idx> t{};
@@ -260,7 +263,7 @@ struct OpWA {
     const int64_t kb = q * p.kchunk, ke = kb + p.kchunk < p.K ? kb + p.kchunk : p.K;
     t.kb = Idx(kb);
     t.ke = Idx(ke);
-    if (p.fused) {
+    if constexpr (kFused) {
       t.s_lo = 0;
       t.s_n = p.nseg;
     } else {
