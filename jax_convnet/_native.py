@@ -48,9 +48,11 @@ def _warn_fallback(platform: str):
                   f"pure-lax reference", stacklevel=4)
 
 
-def register_lowerings(primitive, target: str, reference):
+def register_lowerings(primitive, target: str, reference, *, cuda_workspace_bytes=None):
     """``reference(*operands, **params)`` is the pure-lax twin; ``params['geom'].ffi_attrs()``
-    gives the FFI attributes."""
+    gives the FFI attributes. ``cuda_workspace_bytes(result_aval)``, if given, sizes an extra
+    uint8 result of the CUDA custom call that its kernels use as temporary memory (a handler
+    captured into a CUDA graph cannot allocate)."""
 
     def reference_rule(ctx, *operands, **params):
         return mlir.lower_fun(functools.partial(reference, **params),
@@ -66,6 +68,11 @@ def register_lowerings(primitive, target: str, reference):
             dtype = np.dtype(ctx.avals_in[0].dtype)
             if dtype not in _NATIVE_DTYPES[platform] or not has_native(platform):
                 return reference_rule(ctx, *operands, geom=geom, **params)
+            if platform == "cuda" and cuda_workspace_bytes is not None:
+                nbytes = cuda_workspace_bytes(ctx.avals_out[0])
+                ctx = ctx.replace(avals_out=[*ctx.avals_out,
+                                             jax.core.ShapedArray((nbytes,), np.uint8)])
+                return jax.ffi.ffi_lowering(target)(ctx, *operands, **geom.ffi_attrs())[:1]
             return jax.ffi.ffi_lowering(target)(ctx, *operands, **geom.ffi_attrs())
         return rule
 

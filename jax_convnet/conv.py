@@ -13,6 +13,8 @@ weight_acts(x, h)  image_acts(h, ct)            filter_acts(x, ct)
 """
 from __future__ import annotations
 
+import math
+
 import jax
 from jax import lax
 from jax.extend.core import Primitive
@@ -202,4 +204,14 @@ for _p in (filter_acts_p, image_acts_p, weight_acts_p):
 
 register_lowerings(filter_acts_p, "jax_convnet_filter_acts", reference.filter_acts_canonical)
 register_lowerings(image_acts_p, "jax_convnet_image_acts", reference.image_acts_canonical)
-register_lowerings(weight_acts_p, "jax_convnet_weight_acts", reference.weight_acts_canonical)
+
+
+def _weight_acts_cuda_workspace_bytes(filters_aval):
+    """Partial sums of one launch (at most 16 MiB, or one float32 copy of the filters if larger)
+    plus a float32 running sum of the filters (csrc/cuda/conv.cu, Workspace)."""
+    filter_bytes = 4 * math.prod(filters_aval.shape)
+    return max(16 << 20, filter_bytes) + filter_bytes
+
+
+register_lowerings(weight_acts_p, "jax_convnet_weight_acts", reference.weight_acts_canonical,
+                   cuda_workspace_bytes=_weight_acts_cuda_workspace_bytes)

@@ -8,8 +8,8 @@
 // Default) when N >= 16 and M >= 16; otherwise FFMA with a 128x64 tile (or 512x4 for N <= 8).
 // Accumulation is float32 everywhere. Operands are read in place in either layout.
 //
-// CUDA-graph safe: no synchronisation, no allocation other than the FFI scratch allocator
-// (weight_acts partial sums only), no host reads of device data; the launch plan depends only on
+// CUDA-graph safe: no synchronisation, no allocation (weight_acts gets its temporary memory as
+// an extra workspace result), no host reads of device data; the launch plan depends only on
 // shapes, attributes and the device's SM count, so results are bitwise reproducible (no atomics).
 #include <cuda_runtime.h>
 
@@ -38,7 +38,13 @@ enum class OpKind { kFA, kIA, kWA };
 enum class Path { kWide, kNarrow, kWmma };
 
 constexpr int64_t kIdx32Limit = int64_t(1) << 30;  // everything below this uses 32-bit indices
-constexpr int64_t kScratchCap = int64_t(64) << 20;  // bytes of WA partial-sum slots per launch
+// weight_acts' temporary memory is an extra result of its custom call (graph capture cannot
+// allocate): `workspace` bytes, of which the last 4*E hold the running sum across launch groups and
+// the rest caps the partial-sum slots of one launch. jax_convnet/conv.py sizes it.
+struct Workspace {
+  void* data;
+  int64_t bytes;
+};
 
 const char* op_name(OpKind k) {
   return k == OpKind::kFA ? "filter_acts" : k == OpKind::kIA ? "image_acts" : "weight_acts";
@@ -162,7 +168,7 @@ double extent(const Str4& s, double n, double c, double ylen, double xlen) {
 // The op for one layout and element type, once geometry and attributes are checked.
 // a / b: the GEMM operands A / B (FA: images / filters, IA: hidden / filters, WA: images / hidden).
 template <OpKind K, Layout L, typename T>
-ffi::Error run(cudaStream_t stream, ffi::ScratchAllocator& scratch, const jcn::ConvGeometry& g,
+ffi::Error run(cudaStream_t stream, Workspace workspace, const jcn::ConvGeometry& g,
                const jcn::ConvParams& cp, const void* a, const void* b, void* out) {
   const OpKind kOp = K;
   const bool f32 = std::is_same_v<T, float>;
@@ -305,6 +311,10 @@ ffi::Error run(cudaStream_t stream, ffi::ScratchAllocator& scratch, const jcn::C
   nsm = std::max(nsm, 1);
   const int64_t target = 4 * int64_t(nsm);  // units wanted in flight
   const int64_t Kseg = Kd, nseg = p.nseg, E = p.F * p.C * T_;
+  const int64_t kScratchCap = workspace.bytes - 4 * E;  // bytes of partial-sum slots per launch
+  if (kScratchCap < 4 * E)
+    return jcn::invalid(op_name(kOp), "workspace of " + std::to_string(workspace.bytes) +
+                                          " bytes is smaller than 8 * filter elements");
   const int64_t max_split = std::max<int64_t>(1, cdiv(Kseg, 16 * int64_t(BK)));
   const bool fused = nseg > 1 && tiles >= nsm;  // each block folds all segments in registers
   int64_t nsplit = 1;
@@ -334,11 +344,9 @@ ffi::Error run(cudaStream_t stream, ffi::ScratchAllocator& scratch, const jcn::C
   const int64_t ngroups = cdiv(nseg, G);
   const size_t slots_bytes = size_t(G) * size_t(slot_bytes);
   const size_t acc_bytes = ngroups > 1 ? size_t(E) * 4 : 0;
-  std::optional<void*> mem = scratch.Allocate(slots_bytes + acc_bytes, 256);
-  if (!mem.has_value() || *mem == nullptr)
-    return ffi::Error::Internal(std::string("jax_convnet weight_acts (CUDA): could not allocate ") +
-                                std::to_string(slots_bytes + acc_bytes) + " bytes of scratch");
-  float* slots = static_cast<float*>(*mem);
+  if (int64_t(slots_bytes + acc_bytes) > workspace.bytes)  // cannot happen: G, nsplit fit the cap
+    return ffi::Error::Internal("jax_convnet weight_acts (CUDA): workspace plan overflow");
+  float* slots = static_cast<float*>(workspace.data);
   float* acc = ngroups > 1 ? slots + size_t(G) * size_t(nsplit) * size_t(E) : nullptr;
   p.slots = slots;
   for (int64_t gi = 0; gi < ngroups; ++gi) {
@@ -355,8 +363,8 @@ ffi::Error run(cudaStream_t stream, ffi::ScratchAllocator& scratch, const jcn::C
 }
 
 template <OpKind K>
-ffi::Error ConvImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer x,
-                    ffi::AnyBuffer y, ffi::Result<ffi::AnyBuffer> res, jcn::ConvParams cp) {
+ffi::Error ConvImpl(cudaStream_t stream, Workspace workspace, ffi::AnyBuffer x, ffi::AnyBuffer y,
+                    ffi::Result<ffi::AnyBuffer> res, jcn::ConvParams cp) {
   const std::string name = op_name(K);
   if (!jcn::is_rank4(x) || !jcn::is_rank4(y) || !jcn::is_rank4(*res))
     return jcn::invalid(name, "operands and result must have rank 4");
@@ -405,14 +413,14 @@ ffi::Error ConvImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::Any
   const bool c01b = g.layout == Layout::kC01B;
   switch (dt) {
     case ffi::DataType::F32:
-      return c01b ? run<K, Layout::kC01B, float>(stream, scratch, g, cp, a, b, out)
-                  : run<K, Layout::kNHWC, float>(stream, scratch, g, cp, a, b, out);
+      return c01b ? run<K, Layout::kC01B, float>(stream, workspace, g, cp, a, b, out)
+                  : run<K, Layout::kNHWC, float>(stream, workspace, g, cp, a, b, out);
     case ffi::DataType::BF16:
-      return c01b ? run<K, Layout::kC01B, __nv_bfloat16>(stream, scratch, g, cp, a, b, out)
-                  : run<K, Layout::kNHWC, __nv_bfloat16>(stream, scratch, g, cp, a, b, out);
+      return c01b ? run<K, Layout::kC01B, __nv_bfloat16>(stream, workspace, g, cp, a, b, out)
+                  : run<K, Layout::kNHWC, __nv_bfloat16>(stream, workspace, g, cp, a, b, out);
     case ffi::DataType::F16:
-      return c01b ? run<K, Layout::kC01B, __half>(stream, scratch, g, cp, a, b, out)
-                  : run<K, Layout::kNHWC, __half>(stream, scratch, g, cp, a, b, out);
+      return c01b ? run<K, Layout::kC01B, __half>(stream, workspace, g, cp, a, b, out)
+                  : run<K, Layout::kNHWC, __half>(stream, workspace, g, cp, a, b, out);
     default:
       return jcn::invalid(name, "unsupported dtype");
   }
@@ -420,18 +428,39 @@ ffi::Error ConvImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::Any
 
 }  // namespace
 
+ffi::Error FilterActsImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer y,
+                         ffi::Result<ffi::AnyBuffer> res, jcn::ConvParams cp) {
+  return ConvImpl<OpKind::kFA>(stream, Workspace{nullptr, 0}, x, y, res, cp);
+}
+
+ffi::Error ImageActsImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer y,
+                         ffi::Result<ffi::AnyBuffer> res, jcn::ConvParams cp) {
+  return ConvImpl<OpKind::kIA>(stream, Workspace{nullptr, 0}, x, y, res, cp);
+}
+
+ffi::Error WeightActsImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer y,
+                          ffi::Result<ffi::AnyBuffer> res, ffi::Result<ffi::AnyBuffer> workspace,
+                          jcn::ConvParams cp) {
+  if (workspace->dimensions().size() != 1 || workspace->element_type() != ffi::DataType::U8)
+    return jcn::invalid("weight_acts", "the workspace result must be a 1-d uint8 buffer");
+  return ConvImpl<OpKind::kWA>(stream, Workspace{workspace->untyped_data(),
+                                                 int64_t(workspace->size_bytes())},
+                               x, y, res, cp);
+}
+
 #define JCN_CONV_BINDING                           \
   ffi::Ffi::Bind()                                 \
       .Ctx<ffi::PlatformStream<cudaStream_t>>()    \
-      .Ctx<ffi::ScratchAllocator>()                \
       .Arg<ffi::AnyBuffer>()                       \
       .Arg<ffi::AnyBuffer>()                       \
-      .Ret<ffi::AnyBuffer>()                       \
-      .Attrs<jax_convnet::ConvParams>()
+      .Ret<ffi::AnyBuffer>()
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FilterActsCuda, ConvImpl<OpKind::kFA>, JCN_CONV_BINDING,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FilterActsCuda, FilterActsImpl,
+                              JCN_CONV_BINDING.Attrs<jax_convnet::ConvParams>(),
                               {ffi::Traits::kCmdBufferCompatible});
-XLA_FFI_DEFINE_HANDLER_SYMBOL(ImageActsCuda, ConvImpl<OpKind::kIA>, JCN_CONV_BINDING,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ImageActsCuda, ImageActsImpl,
+                              JCN_CONV_BINDING.Attrs<jax_convnet::ConvParams>(),
                               {ffi::Traits::kCmdBufferCompatible});
-XLA_FFI_DEFINE_HANDLER_SYMBOL(WeightActsCuda, ConvImpl<OpKind::kWA>, JCN_CONV_BINDING,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(WeightActsCuda, WeightActsImpl,
+                              JCN_CONV_BINDING.Ret<ffi::AnyBuffer>().Attrs<jax_convnet::ConvParams>(),
                               {ffi::Traits::kCmdBufferCompatible});
