@@ -2,7 +2,8 @@
 # One command on the GPU machine, from the repository root: build in place (no network, reusing
 # build/ in the tree), run the whole test suite on the GPU, compute-sanitizer over a small subset,
 # and the benchmark table last. Stages can be picked: gpu_check.sh build test sanitize bench
-# (default: all, in that order). Logs go to $OUT (or ./gpu_check_out).
+# (default: all, in that order). Logs go to $OUT (or ./gpu_check_out). Environment: PYTEST_K (a -k
+# expression), PYTEST_ARGS, BENCH_ARGS and per-stage *_TIMEOUT_S.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_check_out}; mkdir -p "$OUT"
@@ -24,7 +25,7 @@ test)
   step "tests (log: $OUT/pytest.log)"
   # From tests/ so that the installed package, not the source tree, is imported.
   (cd tests && timeout ${TEST_TIMEOUT_S:-330} python3 -m pytest -q -x -p no:cacheprovider \
-     ${PYTEST_ARGS:-} . >"$OUT/pytest.log" 2>&1); rc=$?
+     ${PYTEST_K:+-k "$PYTEST_K"} ${PYTEST_ARGS:-} . >"$OUT/pytest.log" 2>&1); rc=$?
   grep -E "passed|failed|error" "$OUT/pytest.log" | tail -3
   [ $rc -eq 0 ] || { grep -E "^(FAILED|ERROR)|^E " "$OUT/pytest.log" | head -30; status=1; }
   ;;

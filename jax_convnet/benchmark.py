@@ -12,8 +12,10 @@ same layout. Pools: the AlexNet pools (64x55x55, 192x27x27, 256x13x13, batch 128
 layouts, forward and backward as ``jax.grad`` runs it; XLA runs ``lax.reduce_window``.
 On the CPU a small set (32x32 and 16x16 images, 5x5 filters, batch 64; a 2x2 and a 3x3/2 pool).
 
-Each function is compiled, warmed up and timed as the median of ``--reps`` measurements; on a GPU
-each measurement is a loop of several calls divided by their number (this hides launch latency).
+Each function is compiled, warmed up and timed as the median of ``--reps`` measurements. On a GPU
+the function is repeated n and 2n times inside one executable and the time per call is the
+difference over n, which removes host dispatch and synchronisation (without that, every kernel
+under ~30 us would measure as the dispatch time). ``--inner`` times loops of host calls instead.
 Each row also compares our output with XLA's (max |ours - XLA| / max |XLA|). Convolutions report
 TFLOP/s (2 * N * F * Ho * Wo * C * fh * fw), pools GB/s counting (input + output) bytes forward and
 (2 * input + output) backward, as the baselines do. The ratio is XLA's time over ours (> 1: ours is
@@ -232,17 +234,10 @@ def compile_fn(fn: Callable, args):
     return compiled, time.perf_counter() - t
 
 
-def time_fn(compiled, args, *, reps: int, inner: int | None, warmup: int = 2,
-            target_s: float = 0.02) -> float:
-    """Median milliseconds per call over ``reps`` measurements of ``inner`` back-to-back calls
-    (``inner=None``: as many as fill about ``target_s``, at most 10)."""
+def time_fn(compiled, args, *, reps: int, inner: int, warmup: int = 2) -> float:
+    """Median milliseconds per call over ``reps`` measurements of ``inner`` back-to-back calls."""
     for _ in range(warmup):
         jax.block_until_ready(compiled(*args))
-    if inner is None:
-        t = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        single = time.perf_counter() - t
-        inner = int(min(10, max(1, round(target_s / max(single, 1e-6)))))
     times = []
     for _ in range(reps):
         t = time.perf_counter()
@@ -251,6 +246,44 @@ def time_fn(compiled, args, *, reps: int, inner: int | None, warmup: int = 2,
         jax.block_until_ready(out)
         times.append((time.perf_counter() - t) / inner)
     return float(np.median(times)) * 1e3
+
+
+def _once(compiled, args) -> float:
+    t = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    return time.perf_counter() - t
+
+
+def repeated(fn: Callable, n: int) -> Callable:
+    """``fn`` called ``n`` times in one executable. Each call's inputs pass through an optimization
+    barrier together with the previous call's outputs, so XLA can neither merge the calls nor hoist
+    them, and they run back to back with no host work between them."""
+    def run(*args):
+        out = fn(*args)
+        for _ in range(n - 1):
+            args, _ = lax.optimization_barrier((args, out))
+            out = fn(*args)
+        return out
+    return run
+
+
+def time_on_device(fn: Callable, compiled, args, *, reps: int, target_s: float = 0.005,
+                   max_calls: int = 64) -> float:
+    """Milliseconds per call on an accelerator, free of host dispatch and synchronisation: ``fn``
+    repeated n and 2n times in one executable each (n fills about ``target_s``), and the per-call
+    time is the difference of the two medians over n. Launch-bound small kernels (a pool of 256 x
+    13 x 13 x 128 takes ~10 us) are otherwise hidden under ~30 us of dispatch per call."""
+    for _ in range(2):
+        jax.block_until_ready(compiled(*args))
+    single = min(_once(compiled, args) for _ in range(3))
+    n = int(min(max_calls, max(1, round(target_s / max(single, 1e-6)))))
+    medians = []
+    for calls in (n, 2 * n):
+        run = jax.jit(repeated(fn, calls)).lower(*args).compile()
+        for _ in range(2):
+            jax.block_until_ready(run(*args))
+        medians.append(float(np.median([_once(run, args) for _ in range(reps)])))
+    return max(medians[1] - medians[0], 1e-9) / n * 1e3
 
 
 # ----------------------------------------------------------------------------- output
@@ -337,11 +370,11 @@ def parse_args(argv=None):
                    help="keep rows whose name contains TEXT (repeat: any of them); names look "
                         "like conv/L1/fprop/f32-highest/NHWC, pool/alexpool1/3x3s2/bwd/bf16/C01B")
     p.add_argument("--reps", type=int, default=None,
-                   help="timed measurements per function (median taken; default 5 on GPU, "
+                   help="timed measurements per function (median taken; default 11 on GPU, "
                         "7 on CPU)")
     p.add_argument("--inner", type=int, default=None,
-                   help="calls per measurement (default: 1 on CPU; on GPU enough to fill "
-                        "~20 ms, at most 10)")
+                   help="time loops of this many host calls per measurement (default: 1 on "
+                        "CPU; on GPU the calls are repeated inside one executable instead)")
     p.add_argument("--batch", type=int, default=None, help="override every row's batch size")
     p.add_argument("--partial-sum", default=None,
                    help="partial_sum for our filter_acts (an int, or 'auto'; default None)")
@@ -373,8 +406,8 @@ def main(argv=None):
     if args.list:
         print("\n".join(r.name for r in rows))
         return []
-    reps = args.reps or (5 if gpu else 7)
-    inner = args.inner if args.inner is not None else (None if gpu else 1)
+    reps = args.reps or (11 if gpu else 7)
+    inner = args.inner or 1
     native_platform = "cuda" if device.platform == "gpu" else device.platform
     native = jcn.has_native(native_platform) if native_platform in ("cpu", "cuda") else False
 
@@ -409,8 +442,12 @@ def main(argv=None):
             ours, t_ours = compile_fn(ours_fn, fn_args)
             xla, t_xla = compile_fn(xla_fn, fn_args)
             err = float(_max_rel_err(ours(*fn_args), xla(*fn_args)))
-            ms = time_fn(ours, fn_args, reps=reps, inner=inner)
-            xla_ms = time_fn(xla, fn_args, reps=reps, inner=inner)
+            if gpu and args.inner is None:
+                ms = time_on_device(ours_fn, ours, fn_args, reps=reps)
+                xla_ms = time_on_device(xla_fn, xla, fn_args, reps=reps)
+            else:
+                ms = time_fn(ours, fn_args, reps=reps, inner=inner)
+                xla_ms = time_fn(xla, fn_args, reps=reps, inner=inner)
             r.update(ms=ms, xla_ms=xla_ms, ratio=xla_ms / ms, max_rel_err=err,
                      compile_s=round(t_ours, 3), xla_compile_s=round(t_xla, 3))
             if row.kind == "conv":

@@ -39,10 +39,18 @@ def all_three(layout, pad, stride, precision, partial_sum=None):
     return jax.jit(run)
 
 
-def reference_three(layout, pad, stride):
+def exact_three(layout, pad, stride):
+    """The oracle: the pure-lax reference in float64 on the CPU. (XLA's own float32 convolutions on
+    the GPU are not exact enough to judge ours: on alex2 its filter gradient at "highest" is off by
+    3e-3 of the largest magnitude.)"""
     kw = dict(pad=pad, stride=stride, layout=layout, precision="highest")
-    return jax.jit(lambda x, w, g: (ref.filter_acts(x, w, **kw), ref.image_acts(g, w, x.shape, **kw),
-                                    ref.weight_acts(x, g, w.shape, **kw)))
+    run = jax.jit(lambda x, w, g: (ref.filter_acts(x, w, **kw), ref.image_acts(g, w, x.shape, **kw),
+                                   ref.weight_acts(x, g, w.shape, **kw)))
+    return lambda *args: run(*exact(*args))
+
+
+def exact(*arrays):
+    return jax.device_put([a.astype(jnp.float64) for a in arrays], cpu())
 
 
 def layer_operands(name, layout, dtype, batch=BATCH):
@@ -59,7 +67,7 @@ def layer_operands(name, layout, dtype, batch=BATCH):
 def test_baseline_layers_match_reference_and_cpu_kernels(name, layout):
     (x, w, g), stride, pad = layer_operands(name, layout, jnp.float32)
     ours = run_poisoned(all_three(layout, pad, stride, "highest"), *jax.device_put((x, w, g), gpu()))
-    want = reference_three(layout, pad, stride)(*jax.device_put((x, w, g), gpu()))
+    want = exact_three(layout, pad, stride)(x, w, g)
     for a, b in zip(ours, want):
         assert_close(a, b, jnp.float32, scale=5)
     if name in ("L1", "L4", "L5", "alex1", "alex3"):  # the CPU is slow on the largest ones
@@ -74,9 +82,7 @@ def test_baseline_layers_match_reference_and_cpu_kernels(name, layout):
 def test_half_precision_layers(name, dtype, layout):
     (x, w, g), stride, pad = layer_operands(name, layout, dtype)
     ours = run_poisoned(all_three(layout, pad, stride, None), *jax.device_put((x, w, g), gpu()))
-    exact = reference_three(layout, pad, stride)(
-        *jax.device_put([a.astype(jnp.float32) for a in (x, w, g)], gpu()))
-    for a, b in zip(ours, exact):
+    for a, b in zip(ours, exact_three(layout, pad, stride)(x, w, g)):
         assert a.dtype == dtype
         assert_close(a, b, dtype)
 
@@ -86,8 +92,7 @@ def test_default_precision_float32_is_within_tf32_error(layout):
     (x, w, g), stride, pad = layer_operands("alex2", layout, jnp.float32)
     with jax.default_matmul_precision("default"):
         ours = all_three(layout, pad, stride, None)(*jax.device_put((x, w, g), gpu()))
-    exact = reference_three(layout, pad, stride)(*jax.device_put((x, w, g), gpu()))
-    for a, b in zip(ours, exact):
+    for a, b in zip(ours, exact_three(layout, pad, stride)(x, w, g)):
         assert_close(a, b, jnp.bfloat16)  # TF32 keeps 10 mantissa bits; bf16's bound is looser
 
 
@@ -107,20 +112,20 @@ def test_random_small_configurations(seed):
     g = rand(seed + 2, jcn.geometry.image_shape(layout, n, f, *out_hw), dtype)
     args = jax.device_put((x, wt, g), gpu())
     ours = run_poisoned(all_three(layout, pad, (sh, sw), "highest", partial_sum="auto"), *args)
-    exact = reference_three(layout, pad, (sh, sw))(*[a.astype(jnp.float32) for a in args])
-    for a, b in zip(ours, exact):
+    for a, b in zip(ours, exact_three(layout, pad, (sh, sw))(x, wt, g)):
         assert_close(a, b, dtype, scale=5)
 
 
 @pytest.mark.parametrize("partial_sum", [None, 1, 13, "auto"])
 def test_weight_acts_bitwise_reproducible(partial_sum):
     (x, w, g), stride, pad = layer_operands("alex3", "C01B", jnp.float32, batch=8)
-    run = jax.jit(lambda x, g: jcn.weight_acts(x, g, w.shape, pad=pad, partial_sum=partial_sum))
+    run = jax.jit(lambda x, g: jcn.weight_acts(x, g, w.shape, pad=pad, partial_sum=partial_sum,
+                                               precision="highest"))
     x, g = jax.device_put((x, g), gpu())
     first = np.asarray(run(x, g))
     for _ in range(5):
         np.testing.assert_array_equal(np.asarray(run(x, g)), first)
-    assert_close(first, ref.weight_acts(x, g, w.shape, pad=pad, precision="highest"), scale=5)
+    assert_close(first, ref.weight_acts(*exact(x, g), w.shape, pad=pad), jnp.float32, scale=5)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -160,6 +165,5 @@ def test_large_channel_count_and_batch_one():
     # cuda-convnet crashed on large channel counts; we take any size.
     x = images(9, "C01B", 1, 2048, 5, 5)
     w = filters(10, "C01B", 3, 2048, 3, 3) * 0.02
-    x, w = jax.device_put((x, w), gpu())
-    assert_close(jcn.filter_acts(x, w, pad=1, precision="highest"),
-                 ref.filter_acts(x, w, pad=1, precision="highest"), scale=5)
+    ours = jcn.filter_acts(*jax.device_put((x, w), gpu()), pad=1, precision="highest")
+    assert_close(ours, ref.filter_acts(*exact(x, w), pad=1), jnp.float32, scale=5)

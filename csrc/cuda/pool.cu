@@ -32,6 +32,11 @@ namespace {
 
 namespace jcn = jax_convnet;
 
+// Kernel selection switch. true: shared-memory tiled gradient for overlapping windows and the
+// two-outputs-per-thread forward / JVP (see "New kernels" below). false: the original kernels only
+// (every call then runs exactly the code that was validated bitwise on the H100).
+constexpr bool kUseNewPoolKernels = true;
+
 constexpr int kThreads = 256;            // threads per block
 constexpr int64_t kMaxBlocks = 1 << 22;  // grid cap: kMaxBlocks * kThreads = 2^30 (int32-safe)
 constexpr int kTile = 2;                 // gradient: one thread owns kTile x kTile positions
@@ -289,6 +294,315 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ----------------------------------------------------------------------------------------------
+// New kernels (kUseNewPoolKernels).
+//
+// Tiled gradient for overlapping windows (window_h > stride_h or window_w > stride_w). A block
+// owns a tile of TY x TX pooled windows (oy0 = ty*TY.., ox0 = tx*TX..) for LG consecutive
+// vectors (LG*V lanes) of `inner`, and the disjoint set of image rows
+//   [R(ty), R(ty+1)),  R(0) = 0,  R(k) = clamp(k*TY*sh - pt, 0, H),  R(NTY) = H
+// (columns likewise), so every image element is written by exactly one block, once.
+// The windows covering an owned row y all lie in [oy0 - HY, oy0 + TY) with HY = (wh - 1) / sh
+// (the HY "halo" windows above the tile are recomputed here), so the block:
+//   1. stages the image rows / cols those NWY x NWX = (TY+HY) x (TX+HX) windows read
+//      (SR = (NWY-1)*sh + wh rows, SC cols, zeros outside the image) in shared memory,
+//      coalesced 16-byte loads, each image vector loaded once per block;
+//   2. one thread per (window, vector): scans the clipped window in row-major order from shared
+//      memory, stores the selected slot i*ww + j per lane (255: empty window / no selection) and
+//      the window's cotangent vector (loaded once);
+//   3. one thread per owned (y, x, vector): visits its covering windows in increasing (oy, ox)
+//      and adds ct where the window's slot is this element (+0.0 otherwise, bit-exact as in
+//      max_pool_grad_kernel), in float32, and writes the element once.
+// Requires 32-bit indices, the vector path, LG | IV and wh*ww <= 254.
+constexpr int kSelNone = 255;
+
+template <int V>
+struct alignas(V) SelVec {
+  uint8_t s[V];
+};
+
+struct TGeom {
+  int O, H, W, I, Ho, Wo;
+  int wh, ww, sh, sw, pt, pl;
+  int LG, lg_shift;  // vectors per block (power of two dividing I / V) and log2(LG)
+  int TY, TX;        // windows per tile
+  int HY, HX;        // halo windows before the tile
+  int NWY, NWX;      // staged windows: TY + HY, TX + HX
+  int SR, SC;        // staged image rows / cols
+  int NTY, NTX, NLG; // tiles per column / row, vector groups
+  int tiles;         // O * NTY * NTX * NLG
+};
+
+inline size_t tiled_smem_bytes(const TGeom& g, size_t vec_bytes, int V) {
+  const size_t wins = size_t(g.NWY) * g.NWX * g.LG;
+  return size_t(g.SR) * g.SC * g.LG * vec_bytes + wins * vec_bytes + wins * size_t(V);
+}
+
+template <typename T, int V, int KH, int KW>
+__global__ void __launch_bounds__(kThreads)
+    max_pool_grad_tiled_kernel(const T* __restrict__ img, const T* __restrict__ ct,
+                               T* __restrict__ out, const TGeom g) {
+  using N = Num<T>;
+  using VT = Vec<T, V>;
+  extern __shared__ __align__(16) unsigned char smem[];
+  VT* s_img = reinterpret_cast<VT*>(smem);
+  VT* s_ct = s_img + g.SR * g.SC * g.LG;
+  SelVec<V>* s_sel = reinterpret_cast<SelVec<V>*>(s_ct + g.NWY * g.NWX * g.LG);
+  const int wh = KH > 0 ? KH : g.wh;
+  const int ww = KW > 0 ? KW : g.ww;
+  const int lgm = g.LG - 1;
+  const int tid = int(threadIdx.x);
+
+  for (int tile = int(blockIdx.x); tile < g.tiles; tile += int(gridDim.x)) {
+    int r = tile;
+    const int cl = r % g.NLG;
+    r /= g.NLG;
+    const int tx = r % g.NTX;
+    r /= g.NTX;
+    const int ty = r % g.NTY;
+    const int o = r / g.NTY;
+    const int oy0 = ty * g.TY, ox0 = tx * g.TX;
+    const int wyb = oy0 - g.HY, wxb = ox0 - g.HX;            // first staged window
+    const int ry = wyb * g.sh - g.pt, rx = wxb * g.sw - g.pl;  // its first image row / col
+    const int lane0 = cl * g.LG * V;                          // first lane of the block
+    const int img_o = o * g.H;
+
+    if (tile != int(blockIdx.x)) __syncthreads();  // previous tile is done with shared memory
+
+    // 1. Stage the image, 4 independent loads in flight per thread.
+    const int n_st = (g.SR * g.SC) << g.lg_shift;
+    for (int e0 = tid; e0 < n_st; e0 += 4 * kThreads) {
+      VT v[4];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const int e = e0 + k * kThreads;
+        const int lg = e & lgm;
+        const int p = e >> g.lg_shift;
+        const int y = ry + p / g.SC, x = rx + p % g.SC;
+#pragma unroll
+        for (int l = 0; l < V; ++l) v[k].v[l] = N::zero();
+        if (e < n_st && y >= 0 && y < g.H && x >= 0 && x < g.W)
+          v[k] = load_vec<T, V>(img, ((img_o + y) * g.W + x) * g.I + lane0 + lg * V);
+      }
+#pragma unroll
+      for (int k = 0; k < 4; ++k)
+        if (e0 + k * kThreads < n_st) s_img[e0 + k * kThreads] = v[k];
+    }
+    __syncthreads();
+
+    // 2. Selections and cotangents of the staged windows.
+    const int n_w = (g.NWY * g.NWX) << g.lg_shift;
+    for (int e = tid; e < n_w; e += kThreads) {
+      const int lg = e & lgm;
+      const int p = e >> g.lg_shift;
+      const int wy = p / g.NWX, wx = p % g.NWX;
+      const int oy = wyb + wy, ox = wxb + wx;
+      SelVec<V> sel;
+      VT c;
+#pragma unroll
+      for (int l = 0; l < V; ++l) {
+        sel.s[l] = uint8_t(kSelNone);
+        c.v[l] = N::zero();
+      }
+      if (oy >= 0 && oy < g.Ho && ox >= 0 && ox < g.Wo) {
+        c = load_vec<T, V>(ct, ((o * g.Ho + oy) * g.Wo + ox) * g.I + lane0 + lg * V);
+        const int y0 = oy * g.sh - g.pt, x0 = ox * g.sw - g.pl;
+        const int i_lo = y0 < 0 ? -y0 : 0;
+        const int i_hi = wh < g.H - y0 ? wh : g.H - y0;
+        const int j_lo = x0 < 0 ? -x0 : 0;
+        const int j_hi = ww < g.W - x0 ? ww : g.W - x0;
+        // Window's first staged element: row wy*sh, col wx*sw of the staged block.
+        const VT* base = s_img + ((wy * g.sh) * g.SC + wx * g.sw) * g.LG + lg;
+        float best[V];
+#pragma unroll
+        for (int l = 0; l < V; ++l) best[l] = 0.0f;
+        bool first = true;
+        const int i_beg = KH > 0 ? 0 : i_lo, i_end = KH > 0 ? KH : i_hi;
+        const int j_beg = KW > 0 ? 0 : j_lo, j_end = KW > 0 ? KW : j_hi;
+#pragma unroll
+        for (int i = i_beg; i < i_end; ++i) {
+          const bool row_ok = i >= i_lo && i < i_hi;
+#pragma unroll
+          for (int j = j_beg; j < j_end; ++j) {
+            const bool ok = row_ok && j >= j_lo && j < j_hi;
+            // Always inside the staged block (out-of-image entries are zeros, masked by ok).
+            const VT v = base[(i * g.SC + j) * g.LG];
+            const uint8_t slot = uint8_t(i * ww + j);
+#pragma unroll
+            for (int l = 0; l < V; ++l) {
+              const float f = N::to_f(v.v[l]);
+              const bool take = ok & jcn::pool::takes(first, f, best[l]);
+              best[l] = take ? f : best[l];
+              sel.s[l] = take ? slot : sel.s[l];
+            }
+            first = first & !ok;
+          }
+        }
+      }
+      s_sel[e] = sel;
+      s_ct[e] = c;
+    }
+    __syncthreads();
+
+    // 3. Owned image elements: gather from the covering windows, write once.
+    const int y_lo = ty == 0 ? 0 : clamp_idx<int>(oy0 * g.sh - g.pt, g.H + 1);
+    const int y_hi = ty == g.NTY - 1 ? g.H : clamp_idx<int>((oy0 + g.TY) * g.sh - g.pt, g.H + 1);
+    const int x_lo = tx == 0 ? 0 : clamp_idx<int>(ox0 * g.sw - g.pl, g.W + 1);
+    const int x_hi = tx == g.NTX - 1 ? g.W : clamp_idx<int>((ox0 + g.TX) * g.sw - g.pl, g.W + 1);
+    const int n_ox = x_hi - x_lo;
+    const int n_o = n_ox > 0 && y_hi > y_lo ? ((y_hi - y_lo) * n_ox) << g.lg_shift : 0;
+    for (int e = tid; e < n_o; e += kThreads) {
+      const int lg = e & lgm;
+      const int p = e >> g.lg_shift;
+      const int y = y_lo + p / n_ox, x = x_lo + p % n_ox;
+      float acc[V];
+#pragma unroll
+      for (int l = 0; l < V; ++l) acc[l] = 0.0f;
+      int oy_lo, oy_hi, ox_lo, ox_hi;
+      jcn::pool::covering_windows<int>(y, y, g.pt, wh, g.sh, g.Ho, &oy_lo, &oy_hi);
+      jcn::pool::covering_windows<int>(x, x, g.pl, ww, g.sw, g.Wo, &ox_lo, &ox_hi);
+      for (int oy = oy_lo; oy <= oy_hi; ++oy) {
+        const int i = y - (oy * g.sh - g.pt);
+        const int wrow = (oy - wyb) * g.NWX - wxb;
+        for (int ox = ox_lo; ox <= ox_hi; ++ox) {
+          const int slot = i * ww + (x - (ox * g.sw - g.pl));
+          const int w = ((wrow + ox) << g.lg_shift) + lg;
+          const SelVec<V> sel = s_sel[w];
+          const VT c = s_ct[w];
+#pragma unroll
+          for (int l = 0; l < V; ++l) acc[l] += int(sel.s[l]) == slot ? N::to_f(c.v[l]) : 0.0f;
+        }
+      }
+      VT q;
+#pragma unroll
+      for (int l = 0; l < V; ++l) q.v[l] = N::from_f(acc[l]);
+      *reinterpret_cast<VT*>(out + ((img_o + y) * g.W + x) * g.I + lane0 + lg * V) = q;
+    }
+  }
+}
+
+// Forward / JVP, two horizontally adjacent outputs (ox = 2*oxp, 2*oxp + 1) per thread for
+// compile-time windows: both windows' loads are issued together (2*KH*KW independent 16-byte
+// loads in flight; for 3x3/2 the shared column is a second L1 hit, not a DRAM read). The forward
+// keeps no float `best`: it is recomputed from the selected value (to_f is exact), which saves
+// V registers per output. Same scan, same selection, same bits as max_pool_fwd_kernel.
+// Work items: O * Ho * ceil(Wo / 2) * IV (t = ((o*Ho + oy)*WP + oxp)*IV + iv).
+template <typename T, int V, int KH, int KW, bool kJvp>
+__global__ void __launch_bounds__(kThreads)
+    max_pool_fwd2_kernel(const T* __restrict__ img, const T* __restrict__ tan,
+                         T* __restrict__ out, const KGeom<int> g, const int WP, const int total) {
+  using N = Num<T>;
+  const int step = int(gridDim.x) * int(blockDim.x);
+  for (int t = int(blockIdx.x) * int(blockDim.x) + int(threadIdx.x); t < total; t += step) {
+    const int iv = t % g.IV;
+    int r = t / g.IV;
+    const int oxp = r % WP;
+    r /= WP;
+    const int oy = r % g.Ho;
+    const int o = r / g.Ho;
+    const int lane = iv * V;
+    const int y0 = oy * g.sh - g.pt;
+    const int i_lo = y0 < 0 ? -y0 : 0;
+    const int i_hi = KH < g.H - y0 ? KH : g.H - y0;
+    int x0[2], j_lo[2], j_hi[2];
+    bool has[2];
+#pragma unroll
+    for (int k = 0; k < 2; ++k) {
+      const int ox = 2 * oxp + k;
+      has[k] = ox < g.Wo;
+      x0[k] = ox * g.sw - g.pl;
+      j_lo[k] = x0[k] < 0 ? -x0[k] : 0;
+      j_hi[k] = has[k] ? (KW < g.W - x0[k] ? KW : g.W - x0[k]) : 0;  // no output: all masked
+    }
+    Vec<T, V> res[2];
+    float best[kJvp ? 2 : 1][V];
+#pragma unroll
+    for (int k = 0; k < 2; ++k)
+#pragma unroll
+      for (int l = 0; l < V; ++l) {
+        res[k].v[l] = kJvp ? N::zero() : N::neg_inf();
+        if (kJvp) best[kJvp ? k : 0][l] = 0.0f;
+      }
+    bool first0 = true, first1 = true;
+#pragma unroll
+    for (int i = 0; i < KH; ++i) {
+      const bool row_ok = i >= i_lo && i < i_hi;
+      const int row = (o * g.H + clamp_idx<int>(y0 + i, g.H)) * g.W;
+      Vec<T, V> v[2][KW], tv[2][KW];
+      // All loads of this window row for both outputs first, then the selections.
+#pragma unroll
+      for (int k = 0; k < 2; ++k)
+#pragma unroll
+        for (int j = 0; j < KW; ++j) {
+          const int off = (row + clamp_idx<int>(x0[k] + j, g.W)) * g.I + lane;
+          v[k][j] = load_vec<T, V>(img, off);
+          if (kJvp) tv[k][j] = load_vec<T, V>(tan, off);
+        }
+#pragma unroll
+      for (int k = 0; k < 2; ++k)
+#pragma unroll
+        for (int j = 0; j < KW; ++j) {
+          const bool ok = row_ok && j >= j_lo[k] && j < j_hi[k];
+#pragma unroll
+          for (int l = 0; l < V; ++l) {
+            const float f = N::to_f(v[k][j].v[l]);
+            const float b = kJvp ? best[kJvp ? k : 0][l] : N::to_f(res[k].v[l]);
+            const bool take = ok & jcn::pool::takes(k == 0 ? first0 : first1, f, b);
+            if (kJvp) best[kJvp ? k : 0][l] = take ? f : b;
+            res[k].v[l] = take ? (kJvp ? tv[k][j].v[l] : v[k][j].v[l]) : res[k].v[l];
+          }
+          if (k == 0) first0 = first0 & !ok; else first1 = first1 & !ok;
+        }
+    }
+    const int obase = ((o * g.Ho + oy) * g.Wo + 2 * oxp) * g.I + lane;
+    *reinterpret_cast<Vec<T, V>*>(out + obase) = res[0];
+    if (has[1]) *reinterpret_cast<Vec<T, V>*>(out + obase + g.I) = res[1];
+  }
+}
+
+// Tiled-gradient geometry for a call, or false when the tiled kernel does not apply.
+inline bool make_tgeom(const jcn::PoolGeometry& pg, int V, size_t vec_bytes, TGeom* out) {
+  TGeom g;
+  g.O = int(jcn::pool::outer_size(pg));
+  g.H = int(pg.in_h);
+  g.W = int(pg.in_w);
+  g.I = int(jcn::pool::inner_size(pg));
+  g.Ho = int(pg.out_h);
+  g.Wo = int(pg.out_w);
+  g.wh = int(pg.window_h);
+  g.ww = int(pg.window_w);
+  g.sh = int(pg.stride_h);
+  g.sw = int(pg.stride_w);
+  g.pt = int(pg.pad_top);
+  g.pl = int(pg.pad_left);
+  if (!(g.wh > g.sh || g.ww > g.sw)) return false;  // non-overlapping: original kernel
+  if (int64_t(g.wh) * g.ww > 254) return false;
+  const int IV = g.I / V;
+  int lg = IV & -IV;  // largest power of two dividing IV
+  if (lg > 4) lg = 4;
+  g.LG = lg;
+  g.lg_shift = lg == 4 ? 2 : (lg == 2 ? 1 : 0);
+  g.NLG = IV / lg;
+  g.HY = (g.wh - 1) / g.sh;
+  g.HX = (g.ww - 1) / g.sw;
+  for (int t = 8; t >= 1; t /= 2) {
+    g.TY = t;
+    g.TX = t;
+    g.NWY = g.TY + g.HY;
+    g.NWX = g.TX + g.HX;
+    g.SR = (g.NWY - 1) * g.sh + g.wh;
+    g.SC = (g.NWX - 1) * g.sw + g.ww;
+    g.NTY = (g.Ho + g.TY - 1) / g.TY;
+    g.NTX = (g.Wo + g.TX - 1) / g.TX;
+    g.tiles = g.O * g.NTY * g.NTX * g.NLG;
+    if (tiled_smem_bytes(g, vec_bytes, V) <= 48 * 1024) {
+      *out = g;
+      return true;
+    }
+  }
+  return false;
+}
+
+// ----------------------------------------------------------------------------------------------
 // Launch.
 
 enum class Op { kForward, kJvp, kGrad };
@@ -318,6 +632,20 @@ KGeom<Idx> make_kgeom(const jcn::PoolGeometry& pg, int V, Op op) {
 template <typename T, int V, int KH, int KW, typename Idx>
 void launch(cudaStream_t stream, Op op, const KGeom<Idx>& g, const T* img, const T* second,
             T* out) {
+  if constexpr (kUseNewPoolKernels && KH == 2 && KW == 2 && sizeof(Idx) == 4) {
+    // Forward of 2x2 windows only: the 3x3 instances of max_pool_fwd2_kernel spill a few bytes
+    // and the JVP ones use more registers than max_pool_fwd_kernel, so those keep the original.
+    if (op == Op::kForward && g.Wo >= 2) {
+      // Two outputs per thread; total <= O*Ho*Wo*IV fits (fits_int32).
+      const int WP = int((g.Wo + 1) / 2);
+      const int total = int(g.O * g.Ho) * WP * int(g.IV);
+      const int64_t b64 = (int64_t(total) + kThreads - 1) / kThreads;
+      const unsigned b = unsigned(b64 < kMaxBlocks ? b64 : kMaxBlocks);
+      max_pool_fwd2_kernel<T, V, KH, KW, false>
+          <<<b, kThreads, 0, stream>>>(img, nullptr, out, g, WP, total);
+      return;
+    }
+  }
   const int64_t blocks64 = (int64_t(g.total) + kThreads - 1) / kThreads;
   const unsigned blocks = unsigned(blocks64 < kMaxBlocks ? blocks64 : kMaxBlocks);
   switch (op) {
@@ -353,6 +681,18 @@ void dispatch_window(cudaStream_t stream, Op op, const jcn::PoolGeometry& pg, bo
     launch<T, V, 0, 0, int32_t>(stream, op, g, img, second, out);
 }
 
+template <typename T, int V>
+void launch_grad_tiled(cudaStream_t stream, const TGeom& g, const T* img, const T* ct, T* out) {
+  const unsigned blocks = unsigned(g.tiles < kMaxBlocks ? g.tiles : kMaxBlocks);
+  const size_t smem = tiled_smem_bytes(g, sizeof(T) * V, V);
+  if (g.wh == 3 && g.ww == 3)
+    max_pool_grad_tiled_kernel<T, V, 3, 3><<<blocks, kThreads, smem, stream>>>(img, ct, out, g);
+  else if (g.wh == 2 && g.ww == 2)
+    max_pool_grad_tiled_kernel<T, V, 2, 2><<<blocks, kThreads, smem, stream>>>(img, ct, out, g);
+  else
+    max_pool_grad_tiled_kernel<T, V, 0, 0><<<blocks, kThreads, smem, stream>>>(img, ct, out, g);
+}
+
 template <typename T>
 ffi::Error run_typed(cudaStream_t stream, Op op, const jcn::PoolGeometry& pg, int64_t image_elems,
                      int64_t pooled_elems, const void* img, const void* second, void* out) {
@@ -369,7 +709,11 @@ ffi::Error run_typed(cudaStream_t stream, Op op, const jcn::PoolGeometry& pg, in
     return jcn::pool::inner_size(pg) % v == 0 && aligned(img) && aligned(second) && aligned(out);
   };
   const bool idx32 = jcn::pool::fits_int32(pg, image_elems, pooled_elems);
-  if (op == Op::kGrad && vec_ok(kVecGrad))
+  TGeom tg;
+  if (kUseNewPoolKernels && op == Op::kGrad && idx32 && vec_ok(kVecGrad) &&
+      make_tgeom(pg, kVecGrad, sizeof(T) * kVecGrad, &tg))
+    launch_grad_tiled<T, kVecGrad>(stream, tg, x, s, y);
+  else if (op == Op::kGrad && vec_ok(kVecGrad))
     dispatch_window<T, kVecGrad>(stream, op, pg, idx32, x, s, y);
   else if (op != Op::kGrad && vec_ok(kVecFwd))
     dispatch_window<T, kVecFwd>(stream, op, pg, idx32, x, s, y);
