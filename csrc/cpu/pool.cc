@@ -103,6 +103,12 @@ inline uint16_t f32_to_f16(float f) {
   return uint16_t(sign | r);
 }
 
+// take ? a : b, on the raw bits for the 16-bit storage types (a select the vectoriser handles).
+inline float pick(bool take, float a, float b) { return take ? a : b; }
+inline double pick(bool take, double a, double b) { return take ? a : b; }
+inline Bf16 pick(bool take, Bf16 a, Bf16 b) { return Bf16{uint16_t(take ? a.bits : b.bits)}; }
+inline F16 pick(bool take, F16 a, F16 b) { return F16{uint16_t(take ? a.bits : b.bits)}; }
+
 // Compute type F, conversions, -inf and zero in the storage type.
 template <typename T>
 struct Num;
@@ -230,12 +236,6 @@ Dims dims_of(const jcn::PoolGeometry& g) {
 struct Window {
   int64_t ys, ye, xs, xe;
   bool empty() const { return ys >= ye || xs >= xe; }
-  // Image offset (without the lane) of the k-th element in row-major order, slice o.
-  template <typename K>
-  int64_t offset(const Dims& d, int64_t o, K k) const {
-    const int64_t nx = xe - xs;
-    return ((o * d.H + ys + k / nx) * d.W + xs + k % nx) * d.I;
-  }
 };
 
 Window window_of(const Dims& d, int64_t oy, int64_t ox) {
@@ -273,9 +273,33 @@ void select_window(const T* img, const Dims& d, int64_t o, const Window& w,
   }
 }
 
+// One element of a window for all n lanes: take it where it beats the best so far (or is the
+// first), carrying its src value along. Separate function so that `restrict` holds (compilers
+// ignore it on locals): q and best are both float for float32 and could otherwise alias.
+template <typename T>
+void scan_element(const T* __restrict p, const T* __restrict src, typename Num<T>::F* __restrict best,
+                  T* __restrict q, int64_t n, bool first) {
+  using F = typename Num<T>::F;
+  if (first) {
+    for (int64_t i = 0; i < n; ++i) {
+      best[i] = Num<T>::to_f(p[i]);
+      q[i] = src[i];
+    }
+    return;
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const F v = Num<T>::to_f(p[i]);
+    const T candidate = src[i];  // loaded unconditionally: a conditional load blocks vectorising
+    const bool take = jcn::pool::takes(false, v, best[i]);
+    best[i] = take ? v : best[i];
+    q[i] = pick(take, candidate, q[i]);
+  }
+}
+
 // Forward (src = images, empty = -inf) or JVP (src = tangents, empty = 0):
-// out[o][oy][ox][i] = src[selected element of lane i].
-template <typename T, typename K>
+// out[o][oy][ox][i] = src[selected element of lane i]. The selected src value is carried along the
+// scan (a select per lane, vectorisable) and written straight to the output: no index, no gather.
+template <typename T>
 void pool_forward(const T* img, const T* src, T* out, const Dims& d, T empty) {
   using F = typename Num<T>::F;
   const int64_t rows = d.O * d.Ho;
@@ -283,7 +307,7 @@ void pool_forward(const T* img, const T* src, T* out, const Dims& d, T empty) {
       d.Wo * d.I * std::max<int64_t>(1, std::min(d.wh, d.H) * std::min(d.ww, d.W));
   parallel_for(rows, cost, [&](int64_t begin, int64_t end) {
     std::vector<F> best(size_t(d.I));
-    std::vector<K> sel(size_t(d.I));
+    F* b = best.data();
     for (int64_t r = begin; r < end; ++r) {
       const int64_t o = r / d.Ho, oy = r % d.Ho;
       for (int64_t ox = 0; ox < d.Wo; ++ox) {
@@ -293,8 +317,12 @@ void pool_forward(const T* img, const T* src, T* out, const Dims& d, T empty) {
           for (int64_t i = 0; i < d.I; ++i) q[i] = empty;
           continue;
         }
-        select_window(img, d, o, w, best.data(), sel.data());
-        for (int64_t i = 0; i < d.I; ++i) q[i] = src[w.offset(d, o, sel[i]) + i];
+        for (int64_t y = w.ys; y < w.ye; ++y) {
+          for (int64_t x = w.xs; x < w.xe; ++x) {
+            const int64_t at = ((o * d.H + y) * d.W + x) * d.I;
+            scan_element(img + at, src + at, b, q, d.I, y == w.ys && x == w.xs);
+          }
+        }
       }
     }
   });
@@ -371,10 +399,10 @@ void run_typed(Op op, const Dims& d, const void* img, const void* second, void* 
   T* y = static_cast<T*>(out);
   switch (op) {
     case Op::kForward:
-      pool_forward<T, K>(x, x, y, d, Num<T>::neg_inf());
+      pool_forward<T>(x, x, y, d, Num<T>::neg_inf());
       break;
     case Op::kJvp:
-      pool_forward<T, K>(x, s, y, d, Num<T>::zero());
+      pool_forward<T>(x, s, y, d, Num<T>::zero());
       break;
     case Op::kGrad:
       pool_grad<T, K>(x, s, y, d);
