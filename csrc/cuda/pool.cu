@@ -20,6 +20,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <string>
 
 #include "ffi_common.h"
@@ -32,11 +33,18 @@ namespace {
 
 namespace jcn = jax_convnet;
 
-// Kernel selection switch. true: shared-memory tiled gradient for overlapping windows and the
-// two-outputs-per-thread 2x2 forward (see "New kernels" below); both passed the GPU tests bitwise
-// (H200, bc03a1d) but are not yet timed against the per-window kernels. false: the per-window
-// kernels only (timed on the H100 at c0653fb). Drop the loser once both are measured in one run.
-constexpr bool kUseNewPoolKernels = true;
+// Kernel selection. Default: the shared-memory tiled gradient for overlapping windows and the
+// two-outputs-per-thread 2x2 forward ("Tiled and paired kernels" below); both passed the GPU tests
+// bitwise (H200, bc03a1d) but are not yet timed against the per-window kernels, which
+// JAX_CONVNET_POOL_KERNELS=per_window selects (read once; for benchmarking both in one run).
+// Drop the loser once both are measured.
+bool use_tiled_pool_kernels() {
+  static const bool tiled = [] {
+    const char* v = std::getenv("JAX_CONVNET_POOL_KERNELS");
+    return v == nullptr || std::string(v) != "per_window";
+  }();
+  return tiled;
+}
 
 constexpr int kThreads = 256;            // threads per block
 constexpr int64_t kMaxBlocks = 1 << 22;  // grid cap: kMaxBlocks * kThreads = 2^30 (int32-safe)
@@ -295,7 +303,7 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ----------------------------------------------------------------------------------------------
-// New kernels (kUseNewPoolKernels).
+// Tiled and paired kernels (use_tiled_pool_kernels()).
 //
 // Tiled gradient for overlapping windows (window_h > stride_h or window_w > stride_w). A block
 // owns a tile of TY x TX pooled windows (oy0 = ty*TY.., ox0 = tx*TX..) for LG consecutive
@@ -628,10 +636,10 @@ KGeom<Idx> make_kgeom(const jcn::PoolGeometry& pg, int V, Op op) {
 template <typename T, int V, int KH, int KW, typename Idx>
 void launch(cudaStream_t stream, Op op, const KGeom<Idx>& g, const T* img, const T* second,
             T* out) {
-  if constexpr (kUseNewPoolKernels && KH == 2 && KW == 2 && sizeof(Idx) == 4) {
+  if constexpr (KH == 2 && KW == 2 && sizeof(Idx) == 4) {
     // Forward of 2x2 windows only: the 3x3 instances of max_pool_fwd2_kernel spill a few bytes
     // and the JVP ones use more registers than max_pool_fwd_kernel, so those keep the original.
-    if (op == Op::kForward && g.Wo >= 2) {
+    if (op == Op::kForward && g.Wo >= 2 && use_tiled_pool_kernels()) {
       // Two outputs per thread; total <= O*Ho*Wo*IV fits (fits_int32).
       const int WP = int((g.Wo + 1) / 2);
       const int total = int(g.O * g.Ho) * WP * int(g.IV);
@@ -706,7 +714,7 @@ ffi::Error run_typed(cudaStream_t stream, Op op, const jcn::PoolGeometry& pg, in
   };
   const bool idx32 = jcn::pool::fits_int32(pg, image_elems, pooled_elems);
   TGeom tg;
-  if (kUseNewPoolKernels && op == Op::kGrad && idx32 && vec_ok(kVecGrad) &&
+  if (op == Op::kGrad && use_tiled_pool_kernels() && idx32 && vec_ok(kVecGrad) &&
       make_tgeom(pg, kVecGrad, sizeof(T) * kVecGrad, &tg))
     launch_grad_tiled<T, kVecGrad>(stream, tg, x, s, y);
   else if (op == Op::kGrad && vec_ok(kVecGrad))
