@@ -1,5 +1,9 @@
 """The CUDA kernels on the baseline layers: equal to the reference and to the CPU kernels,
 bitwise reproducible, and the TF32 path within TF32's error. Skipped without a GPU."""
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -148,6 +152,16 @@ def test_pools_match_cpu_kernels_bitwise(shape, ds, stride, dtype, layout):
     on_cpu = jax.jit(run)(*jax.device_put((x, t, g), cpu()))
     for a, b in zip(on_gpu, on_cpu):
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+def test_per_window_pool_kernels_match_cpu_kernels_bitwise():
+    # The kernel choice is read once per process: the test above again, in a fresh one.
+    env = dict(os.environ, JAX_CONVNET_POOL_KERNELS="per_window")
+    test = f"{os.path.basename(__file__)}::test_pools_match_cpu_kernels_bitwise"
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test],
+                          cwd=os.path.dirname(__file__), env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert " passed" in done.stdout
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
