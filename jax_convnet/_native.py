@@ -2,7 +2,8 @@
 
 Each primitive lowers to its FFI target on ``cpu`` (module ``_cpu_kernels``) and ``cuda``
 (module ``_cuda_kernels``, imported lazily); on any other platform, or when a module is missing,
-the pure-lax reference is lowered instead (with one warning).
+the pure-lax reference is lowered instead (with one warning). In programs split across devices
+the custom calls are split by each op's dimension rule (``_sharding``).
 """
 from __future__ import annotations
 
@@ -12,7 +13,10 @@ import warnings
 
 import jax
 import numpy as np
+from jax.extend.core import Primitive
 from jax.interpreters import mlir
+
+from . import _sharding
 
 _MODULES = {"cpu": "_cpu_kernels", "cuda": "_cuda_kernels"}
 # Dtypes each backend's kernels take; others use the reference lowering.
@@ -48,11 +52,13 @@ def _warn_fallback(platform: str):
                   f"pure-lax reference", stacklevel=4)
 
 
-def register_lowerings(primitive, target: str, reference, *, cuda_workspace_bytes=None):
+def register_lowerings(primitive, target: str, reference, *, cuda_workspace_bytes=None,
+                       dimension_rule=None):
     """``reference(*operands, **params)`` is the pure-lax twin; ``params['geom'].ffi_attrs()``
     gives the FFI attributes. ``cuda_workspace_bytes(result_aval)``, if given, sizes an extra
     uint8 result of the CUDA custom call that its kernels use as temporary memory (a handler
-    captured into a CUDA graph cannot allocate)."""
+    captured into a CUDA graph cannot allocate). ``dimension_rule(**params)``, if given, says how
+    the custom call splits across devices (``_sharding.DimensionRule``)."""
 
     def reference_rule(ctx, *operands, **params):
         return mlir.lower_fun(functools.partial(reference, **params),
@@ -63,7 +69,7 @@ def register_lowerings(primitive, target: str, reference, *, cuda_workspace_byte
         _warn_fallback(platform)
         return reference_rule(ctx, *operands, **params)
 
-    def native_rule(platform):
+    def custom_call_rule(platform):
         def rule(ctx, *operands, geom, **params):
             dtype = np.dtype(ctx.avals_in[0].dtype)
             if dtype not in _NATIVE_DTYPES[platform] or not has_native(platform):
@@ -76,9 +82,29 @@ def register_lowerings(primitive, target: str, reference, *, cuda_workspace_byte
             return jax.ffi.ffi_lowering(target)(ctx, *operands, **geom.ffi_attrs())
         return rule
 
-    mlir.register_lowering(primitive, fallback_rule)
-    for platform in _MODULES:
-        mlir.register_lowering(primitive, native_rule(platform), platform=platform)
+    # The custom call as each device runs it in a program split across devices.
+    on_device = Primitive(primitive.name + "_on_device")
+    on_device.def_effectful_abstract_eval(primitive.abstract_eval)
+
+    def native_rule(platform):
+        plain = custom_call_rule(platform)
+
+        def rule(ctx, *operands, **params):
+            if (dimension_rule is None or not _sharding.multi_device(ctx)
+                    or np.dtype(ctx.avals_in[0].dtype) not in _NATIVE_DTYPES[platform]
+                    or not has_native(platform)):
+                return plain(ctx, *operands, **params)
+            split = _sharding.partitioned(on_device, dimension_rule(**params),
+                                          tuple(sorted(params.items())))
+            return mlir.lower_fun(split, multiple_results=False)(ctx, *operands)
+        return rule
+
+    for prim, rule in ((primitive, native_rule), (on_device, custom_call_rule)):
+        mlir.register_lowering(prim, fallback_rule)
+        for platform in _MODULES:
+            mlir.register_lowering(prim, rule(platform), platform=platform)
+    if dimension_rule is not None:
+        _sharding.needs_devices_when_lowered(primitive)
 
 
 @functools.lru_cache(maxsize=None)

@@ -23,6 +23,7 @@ from jax.interpreters import ad, batching
 from . import geometry as G
 from . import reference
 from ._native import def_impl_via_jit, register_lowerings
+from ._sharding import DimensionRule, factors
 
 filter_acts_p = Primitive("jax_convnet_filter_acts")
 image_acts_p = Primitive("jax_convnet_image_acts")
@@ -202,8 +203,36 @@ for _p in (filter_acts_p, image_acts_p, weight_acts_p):
 for _p in (filter_acts_p, image_acts_p, weight_acts_p):
     def_impl_via_jit(_p)
 
-register_lowerings(filter_acts_p, "jax_convnet_filter_acts", reference.filter_acts_canonical)
-register_lowerings(image_acts_p, "jax_convnet_image_acts", reference.image_acts_canonical)
+
+def _conv_tensors(layout):
+    """Factor strings of images, filters and hidden tensors: batch b, channels c, filters f,
+    image rows / cols h w, filter taps i j, output rows / cols o p."""
+    return (factors(G.image_axes(layout), n="b", c="c", h="h", w="w"),
+            factors(G.filter_axes(layout), c="c", f="f", h="i", w="j"),
+            factors(G.image_axes(layout), n="b", c="f", h="o", w="p"))
+
+
+# Across devices: the batch and the filters split freely (and the channels of image_acts' result);
+# weight_acts' per-device filter gradients over batch slices are added.
+def _filter_acts_split(*, geom, **_):
+    images, filters, hidden = _conv_tensors(geom.layout)
+    return DimensionRule((images, filters), hidden, split=frozenset("bf"))
+
+
+def _image_acts_split(*, geom, **_):
+    images, filters, hidden = _conv_tensors(geom.layout)
+    return DimensionRule((hidden, filters), images, split=frozenset("bc"))
+
+
+def _weight_acts_split(*, geom, **_):
+    images, filters, hidden = _conv_tensors(geom.layout)
+    return DimensionRule((images, hidden), filters, split=frozenset("cf"), summed=frozenset("b"))
+
+
+register_lowerings(filter_acts_p, "jax_convnet_filter_acts", reference.filter_acts_canonical,
+                   dimension_rule=_filter_acts_split)
+register_lowerings(image_acts_p, "jax_convnet_image_acts", reference.image_acts_canonical,
+                   dimension_rule=_image_acts_split)
 
 
 def _weight_acts_cuda_workspace_bytes(filters_aval):
@@ -214,4 +243,5 @@ def _weight_acts_cuda_workspace_bytes(filters_aval):
 
 
 register_lowerings(weight_acts_p, "jax_convnet_weight_acts", reference.weight_acts_canonical,
-                   cuda_workspace_bytes=_weight_acts_cuda_workspace_bytes)
+                   cuda_workspace_bytes=_weight_acts_cuda_workspace_bytes,
+                   dimension_rule=_weight_acts_split)

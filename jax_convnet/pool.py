@@ -16,6 +16,7 @@ from jax.interpreters import ad, batching
 from . import geometry as G
 from . import reference
 from ._native import def_impl_via_jit, register_lowerings
+from ._sharding import DimensionRule, factors
 
 max_pool_p = Primitive("jax_convnet_max_pool")
 max_pool_jvp_p = Primitive("jax_convnet_max_pool_jvp")
@@ -115,10 +116,22 @@ def _batch_rule(primitive):
     return rule
 
 
+def _pool_split(primitive):
+    """Across devices the batch and the channels split freely; rows and columns are gathered."""
+    def rule(*, geom):
+        images = factors(G.image_axes(geom.layout), n="b", c="c", h="h", w="w")
+        pooled = factors(G.image_axes(geom.layout), n="b", c="c", h="o", w="p")
+        operands, result = {max_pool_p: ((images,), pooled),
+                            max_pool_jvp_p: ((images, images), pooled),
+                            max_pool_grad_p: ((images, pooled), images)}[primitive]
+        return DimensionRule(operands, result, split=frozenset("bc"))
+    return rule
+
+
 for _p, _ref, _target in (
         (max_pool_p, reference.max_pool_canonical, "jax_convnet_max_pool"),
         (max_pool_jvp_p, reference.max_pool_jvp_canonical, "jax_convnet_max_pool_jvp"),
         (max_pool_grad_p, reference.max_pool_grad_canonical, "jax_convnet_max_pool_grad")):
     batching.primitive_batchers[_p] = _batch_rule(_p)
     def_impl_via_jit(_p)
-    register_lowerings(_p, _target, _ref)
+    register_lowerings(_p, _target, _ref, dimension_rule=_pool_split(_p))
