@@ -6,6 +6,7 @@
 #include <string>
 
 #include "geometry.h"
+#include "pool_select.h"
 #include "xla/ffi/api/ffi.h"
 
 XLA_FFI_REGISTER_ENUM_ATTR_DECODING(jax_convnet::Layout);
@@ -47,6 +48,23 @@ inline bool is_rank4(const ffi::AnyBuffer& b) { return b.dimensions().size() == 
 inline bool supported_dtype(ffi::DataType t, bool allow_f64) {
   return t == ffi::DataType::F32 || t == ffi::DataType::BF16 || t == ffi::DataType::F16 ||
          (allow_f64 && t == ffi::DataType::F64);
+}
+
+// Checks shared by the pool handlers of both platforms; `pooled` is the buffer whose dims give the
+// output size.
+inline ffi::Error check_pool_call(const char* op, const PoolParams& p, const ffi::AnyBuffer& images,
+                                  const ffi::AnyBuffer& pooled, bool allow_f64, PoolGeometry* g) {
+  if (!is_rank4(images) || !is_rank4(pooled))
+    return invalid(op, "operands and result must be rank 4");
+  if (!supported_dtype(images.element_type(), allow_f64))
+    return invalid(op, allow_f64 ? "dtype must be float32, bfloat16, float16 or float64"
+                                 : "dtype must be float32, bfloat16 or float16 on the GPU");
+  if (pooled.element_type() != images.element_type())
+    return invalid(op, "operands and result must share one dtype");
+  std::string e = make_pool_geometry(p, images.dimensions().begin(), pooled.dimensions().begin(), g);
+  if (e.empty()) e = pool::check_pool_extent(*g);
+  if (!e.empty()) return invalid(op, e);
+  return ffi::Error::Success();
 }
 
 }  // namespace jax_convnet

@@ -374,23 +374,9 @@ bool same_dims(const ffi::AnyBuffer& a, const ffi::AnyBuffer& b) {
   return a.dimensions() == b.dimensions();
 }
 
-// Checks shared by the three handlers; `pooled` is the buffer whose dims give the output size.
-ffi::Error check_pool_call(const char* op, const jcn::PoolParams& p, const ffi::AnyBuffer& images,
-                           const ffi::AnyBuffer& pooled, jcn::PoolGeometry* g) {
-  if (!jcn::is_rank4(images) || !jcn::is_rank4(pooled))
-    return jcn::invalid(op, "operands and result must be rank 4");
-  if (!jcn::supported_dtype(images.element_type(), /*allow_f64=*/true))
-    return jcn::invalid(op, "dtype must be float32, bfloat16, float16 or float64");
-  if (pooled.element_type() != images.element_type())
-    return jcn::invalid(op, "operands and result must share one dtype");
-  std::string e = jcn::make_pool_geometry(p, images.dimensions().begin(),
-                                          pooled.dimensions().begin(), g);
-  if (e.empty()) e = jcn::pool::check_pool_extent(*g);
-  if (!e.empty()) return jcn::invalid(op, e);
-  return ffi::Error::Success();
-}
-
 enum class Op { kForward, kJvp, kGrad };
+
+constexpr bool kAllowF64 = true;  // float64 too on the CPU
 
 template <typename T, typename K>
 void run_typed(Op op, const Dims& d, const void* img, const void* second, void* out) {
@@ -446,7 +432,8 @@ ffi::Error MaxPoolImpl(ffi::AnyBuffer images, ffi::Result<ffi::AnyBuffer> pooled
                        jcn::PoolParams p) {
   const char* op = "max_pool";
   jcn::PoolGeometry g;
-  if (ffi::Error e = check_pool_call(op, p, images, *pooled, &g); e.failure()) return e;
+  ffi::Error checked = jcn::check_pool_call(op, p, images, *pooled, kAllowF64, &g);
+  if (checked.failure()) return checked;
   return run(Op::kForward, images.element_type(), g, images.untyped_data(), nullptr,
              pooled->untyped_data());
 }
@@ -455,7 +442,8 @@ ffi::Error MaxPoolJvpImpl(ffi::AnyBuffer images, ffi::AnyBuffer tangents,
                           ffi::Result<ffi::AnyBuffer> pooled_tangents, jcn::PoolParams p) {
   const char* op = "max_pool_jvp";
   jcn::PoolGeometry g;
-  if (ffi::Error e = check_pool_call(op, p, images, *pooled_tangents, &g); e.failure()) return e;
+  ffi::Error checked = jcn::check_pool_call(op, p, images, *pooled_tangents, kAllowF64, &g);
+  if (checked.failure()) return checked;
   if (tangents.element_type() != images.element_type())
     return jcn::invalid(op, "operands and result must share one dtype");
   if (!same_dims(tangents, images))
@@ -468,7 +456,8 @@ ffi::Error MaxPoolGradImpl(ffi::AnyBuffer images, ffi::AnyBuffer cotangents,
                            ffi::Result<ffi::AnyBuffer> image_cotangents, jcn::PoolParams p) {
   const char* op = "max_pool_grad";
   jcn::PoolGeometry g;
-  if (ffi::Error e = check_pool_call(op, p, images, cotangents, &g); e.failure()) return e;
+  ffi::Error checked = jcn::check_pool_call(op, p, images, cotangents, kAllowF64, &g);
+  if (checked.failure()) return checked;
   if (image_cotangents->element_type() != images.element_type())
     return jcn::invalid(op, "operands and result must share one dtype");
   if (!same_dims(*image_cotangents, images))

@@ -622,6 +622,8 @@ inline bool make_tgeom(const jcn::PoolGeometry& pg, int V, size_t vec_bytes, TGe
 
 enum class Op { kForward, kJvp, kGrad };
 
+constexpr bool kAllowF64 = false;  // no float64 on the GPU
+
 template <typename Idx>
 KGeom<Idx> make_kgeom(const jcn::PoolGeometry& pg, int V, Op op) {
   KGeom<Idx> g;
@@ -754,27 +756,12 @@ int64_t elems(const ffi::AnyBuffer& b) {
   return n;
 }
 
-// Checks shared by the three handlers; `pooled` is the buffer whose dims give the output size.
-ffi::Error check_pool_call(const char* op, const jcn::PoolParams& p, const ffi::AnyBuffer& images,
-                           const ffi::AnyBuffer& pooled, jcn::PoolGeometry* g) {
-  if (!jcn::is_rank4(images) || !jcn::is_rank4(pooled))
-    return jcn::invalid(op, "operands and result must be rank 4");
-  if (!jcn::supported_dtype(images.element_type(), /*allow_f64=*/false))
-    return jcn::invalid(op, "dtype must be float32, bfloat16 or float16 on the GPU");
-  if (pooled.element_type() != images.element_type())
-    return jcn::invalid(op, "operands and result must share one dtype");
-  std::string e = jcn::make_pool_geometry(p, images.dimensions().begin(),
-                                          pooled.dimensions().begin(), g);
-  if (e.empty()) e = jcn::pool::check_pool_extent(*g);
-  if (!e.empty()) return jcn::invalid(op, e);
-  return ffi::Error::Success();
-}
-
 ffi::Error MaxPoolImpl(cudaStream_t stream, ffi::AnyBuffer images,
                        ffi::Result<ffi::AnyBuffer> pooled, jcn::PoolParams p) {
   const char* op = "max_pool";
   jcn::PoolGeometry g;
-  if (ffi::Error e = check_pool_call(op, p, images, *pooled, &g); e.failure()) return e;
+  ffi::Error checked = jcn::check_pool_call(op, p, images, *pooled, kAllowF64, &g);
+  if (checked.failure()) return checked;
   return run(stream, Op::kForward, images.element_type(), g, elems(images), elems(*pooled),
              images.untyped_data(), nullptr, pooled->untyped_data());
 }
@@ -783,7 +770,8 @@ ffi::Error MaxPoolJvpImpl(cudaStream_t stream, ffi::AnyBuffer images, ffi::AnyBu
                           ffi::Result<ffi::AnyBuffer> pooled_tangents, jcn::PoolParams p) {
   const char* op = "max_pool_jvp";
   jcn::PoolGeometry g;
-  if (ffi::Error e = check_pool_call(op, p, images, *pooled_tangents, &g); e.failure()) return e;
+  ffi::Error checked = jcn::check_pool_call(op, p, images, *pooled_tangents, kAllowF64, &g);
+  if (checked.failure()) return checked;
   if (tangents.element_type() != images.element_type())
     return jcn::invalid(op, "operands and result must share one dtype");
   if (!(tangents.dimensions() == images.dimensions()))
@@ -796,7 +784,8 @@ ffi::Error MaxPoolGradImpl(cudaStream_t stream, ffi::AnyBuffer images, ffi::AnyB
                            ffi::Result<ffi::AnyBuffer> image_cotangents, jcn::PoolParams p) {
   const char* op = "max_pool_grad";
   jcn::PoolGeometry g;
-  if (ffi::Error e = check_pool_call(op, p, images, cotangents, &g); e.failure()) return e;
+  ffi::Error checked = jcn::check_pool_call(op, p, images, cotangents, kAllowF64, &g);
+  if (checked.failure()) return checked;
   if (image_cotangents->element_type() != images.element_type())
     return jcn::invalid(op, "operands and result must share one dtype");
   if (!(image_cotangents->dimensions() == images.dimensions()))
