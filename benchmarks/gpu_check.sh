@@ -41,7 +41,8 @@ sanitize)
 bench)
   step benchmark
   # --quick keeps the whole script under 10 minutes; BENCH_ARGS="" runs every row (~5 minutes).
-  timeout ${BENCH_TIMEOUT_S:-300} python3 -P -m jax_convnet.benchmark --out "$OUT" ${BENCH_ARGS---quick} \
+  timeout ${BENCH_TIMEOUT_S:-300} python3 -P -m jax_convnet.benchmark --out "$OUT" \
+    ${BENCH_ARGS---quick} \
     2>"$OUT/bench.err" | tee "$OUT/bench.log" | tail -${BENCH_TAIL:-80} || status=1
   ;;
 *) echo "unknown stage $stage (build test sanitize bench)"; exit 2;;

@@ -30,7 +30,8 @@ def pool_table(rows, copy_tbps):
            "|---|---:|---:|---:|---:|" + ("---:|---:|" if floor else "")]
     for r in rows:
         if "error" in r:
-            out.append(f"| {r['name']} | error: {r['error'][:60]} | | | |" + (" | |" if floor else ""))
+            empty = " | |" if floor else ""
+            out.append(f"| {r['name']} | error: {r['error'][:60]} | | | |{empty}")
             continue
         line = (f"| {r['name']} | {r['ms']:.4f} | {r['xla_ms']:.4f} | {r['ratio']:.2f} | "
                 f"{r['bytes'] / 1e6:.1f} |")

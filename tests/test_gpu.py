@@ -158,8 +158,9 @@ def test_per_window_pool_kernels_match_cpu_kernels_bitwise():
     # The kernel choice is read once per process: the test above again, in a fresh one.
     env = dict(os.environ, JAX_CONVNET_POOL_KERNELS="per_window")
     test = f"{os.path.basename(__file__)}::test_pools_match_cpu_kernels_bitwise"
+    here = os.path.dirname(os.path.abspath(__file__))
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test],
-                          cwd=os.path.dirname(__file__), env=env, capture_output=True, text=True)
+                          cwd=here, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     assert " passed" in done.stdout
 

@@ -23,7 +23,8 @@ N_DEVICES = 4
 def test_in_four_cpu_devices():
     if len(jax.devices("cpu")) >= N_DEVICES:
         pytest.skip("this is the four-device run")
-    flags = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={N_DEVICES}"
+    flags = (os.environ.get("XLA_FLAGS", "")
+             + f" --xla_force_host_platform_device_count={N_DEVICES}")
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.basename(__file__)],
         cwd=os.path.dirname(os.path.abspath(__file__)), env=dict(os.environ, XLA_FLAGS=flags),

@@ -61,7 +61,8 @@ inline ffi::Error check_pool_call(const char* op, const PoolParams& p, const ffi
                                  : "dtype must be float32, bfloat16 or float16 on the GPU");
   if (pooled.element_type() != images.element_type())
     return invalid(op, "operands and result must share one dtype");
-  std::string e = make_pool_geometry(p, images.dimensions().begin(), pooled.dimensions().begin(), g);
+  std::string e =
+      make_pool_geometry(p, images.dimensions().begin(), pooled.dimensions().begin(), g);
   if (e.empty()) e = pool::check_pool_extent(*g);
   if (!e.empty()) return invalid(op, e);
   return ffi::Error::Success();

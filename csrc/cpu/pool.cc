@@ -277,8 +277,8 @@ void select_window(const T* img, const Dims& d, int64_t o, const Window& w,
 // first), carrying its src value along. Separate function so that `restrict` holds (compilers
 // ignore it on locals): q and best are both float for float32 and could otherwise alias.
 template <typename T>
-void scan_element(const T* __restrict p, const T* __restrict src, typename Num<T>::F* __restrict best,
-                  T* __restrict q, int64_t n, bool first) {
+void scan_element(const T* __restrict p, const T* __restrict src,
+                  typename Num<T>::F* __restrict best, T* __restrict q, int64_t n, bool first) {
   using F = typename Num<T>::F;
   if (first) {
     for (int64_t i = 0; i < n; ++i) {
