@@ -3,7 +3,7 @@
 By default on scikit-learn's bundled handwritten digits (1797 8x8 images, no download),
 upsampled to 16x16; with ``--cifar10 DIR`` on the CIFAR-10 python batches you already have
 (``data_batch_1`` .. ``data_batch_5`` and ``test_batch``). Runs on the GPU when JAX sees one,
-else on the CPU (about a minute on two cores for the digits, compilation included).
+else on the CPU (10-40 s on two cores for the digits, compilation included).
 
     python examples/train_digits.py --out-dir /tmp/digits
     python examples/train_digits.py --layout C01B --dtype bfloat16
