@@ -69,10 +69,12 @@ def register_lowerings(primitive, target: str, reference, *, cuda_workspace_byte
         _warn_fallback(platform)
         return reference_rule(ctx, *operands, **params)
 
+    def has_kernel(ctx, platform):
+        return np.dtype(ctx.avals_in[0].dtype) in _NATIVE_DTYPES[platform] and has_native(platform)
+
     def custom_call_rule(platform):
         def rule(ctx, *operands, geom, **params):
-            dtype = np.dtype(ctx.avals_in[0].dtype)
-            if dtype not in _NATIVE_DTYPES[platform] or not has_native(platform):
+            if not has_kernel(ctx, platform):
                 return reference_rule(ctx, *operands, geom=geom, **params)
             if platform == "cuda" and cuda_workspace_bytes is not None:
                 nbytes = cuda_workspace_bytes(ctx.avals_out[0])
@@ -91,8 +93,7 @@ def register_lowerings(primitive, target: str, reference, *, cuda_workspace_byte
 
         def rule(ctx, *operands, **params):
             if (dimension_rule is None or not _sharding.multi_device(ctx)
-                    or np.dtype(ctx.avals_in[0].dtype) not in _NATIVE_DTYPES[platform]
-                    or not has_native(platform)):
+                    or not has_kernel(ctx, platform)):
                 return plain(ctx, *operands, **params)
             split = _sharding.partitioned(on_device, dimension_rule(**params),
                                           tuple(sorted(params.items())))

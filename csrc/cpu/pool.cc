@@ -378,7 +378,7 @@ enum class Op { kForward, kJvp, kGrad };
 
 constexpr bool kAllowF64 = true;  // float64 too on the CPU
 
-template <typename T, typename K>
+template <typename T>
 void run_typed(Op op, const Dims& d, const void* img, const void* second, void* out) {
   const T* x = static_cast<const T*>(img);
   const T* s = static_cast<const T*>(second);
@@ -390,20 +390,16 @@ void run_typed(Op op, const Dims& d, const void* img, const void* second, void* 
     case Op::kJvp:
       pool_forward<T>(x, s, y, d, Num<T>::zero());
       break;
-    case Op::kGrad:
-      pool_grad<T, K>(x, s, y, d);
+    case Op::kGrad: {
+      // The gradient numbers window elements with int32 unless a clipped window can hold more.
+      const int64_t max_window = std::min(d.wh, d.H) * std::min(d.ww, d.W);
+      if (max_window <= int64_t(INT32_MAX))
+        pool_grad<T, int32_t>(x, s, y, d);
+      else
+        pool_grad<T, int64_t>(x, s, y, d);
       break;
+    }
   }
-}
-
-template <typename T>
-void run_typed(Op op, const Dims& d, const void* img, const void* second, void* out) {
-  // Window elements are numbered with int32 unless a clipped window can hold more than that.
-  const int64_t max_window = std::min(d.wh, d.H) * std::min(d.ww, d.W);
-  if (max_window <= int64_t(INT32_MAX))
-    run_typed<T, int32_t>(op, d, img, second, out);
-  else
-    run_typed<T, int64_t>(op, d, img, second, out);
 }
 
 ffi::Error run(Op op, ffi::DataType t, const jcn::PoolGeometry& g, const void* img,
