@@ -256,25 +256,24 @@ def _once(compiled, args) -> float:
 
 def repeated(fn: Callable, n: int) -> Callable:
     """``fn`` called ``n`` times in one executable, back to back with no host work between them.
-    Each call's first input gets one element of the previous call's output written into it (an
-    in-place one-element update): a real data dependency, so XLA can neither drop the earlier calls
-    as dead (it does when they are only chained through an optimization barrier) nor merge or hoist
-    them."""
+    Every argument of each call gets one element of the previous call's output written into it
+    (an in-place one-element update), so XLA can neither drop the earlier calls as dead nor merge
+    them as common subexpressions. All arguments, because an op need not depend on its first one
+    (bprop_data ignores the images); and through an optimization barrier, because XLA otherwise
+    narrows the earlier calls to the one element used (it slices through reduce_window)."""
     def run(*args):
         out = fn(*args)
         for _ in range(n - 1):
-            first = args[0]
-            seed = jax.tree_util.tree_leaves(out)[0].reshape(-1)[:1].astype(first.dtype)
-            first = lax.dynamic_update_slice(first, seed.reshape((1,) * first.ndim),
-                                             (0,) * first.ndim)
-            args = (first, *args[1:])
+            seed = lax.optimization_barrier(jax.tree_util.tree_leaves(out)[0]).reshape(-1)[:1]
+            args = tuple(lax.dynamic_update_slice(a, seed.astype(a.dtype).reshape((1,) * a.ndim),
+                                                  (0,) * a.ndim) for a in args)
             out = fn(*args)
         return out
     return run
 
 
 def time_on_device(fn: Callable, compiled, args, *, reps: int, target_s: float = 0.005,
-                   max_calls: int = 64) -> float:
+                   max_calls: int = 32) -> float:
     """Milliseconds per call on an accelerator, free of host dispatch and synchronisation: ``fn``
     repeated n and 2n times in one executable each (n fills about ``target_s``), and the per-call
     time is the difference of the two medians over n. Launch-bound small kernels (a pool of 256 x

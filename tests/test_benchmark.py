@@ -5,6 +5,8 @@ import re
 
 import jax
 import jax.numpy as jnp
+import pytest
+from jax import lax
 
 import jax_convnet as jcn
 from jax_convnet import benchmark
@@ -17,6 +19,29 @@ def test_repeated_calls_survive_compilation():
     compiled = jax.jit(benchmark.repeated(pool_grad, 5)).lower(x).compile()
     assert len(re.findall(r"custom[-_]call\(", compiled.as_text())) == 5
     assert jnp.allclose(compiled(x).reshape(-1)[1:], pool_grad(x).reshape(-1)[1:])
+
+
+def _flops(fn, *args):
+    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+    return (cost[0] if isinstance(cost, list) else cost)["flops"]
+
+
+@pytest.mark.parametrize("op", ["fprop", "bprop_data", "pool"])
+def test_repeated_xla_ops_do_all_their_work(op):
+    # XLA's own ops must not be merged (bprop_data does not depend on the images, so calls that
+    # differ only there are common subexpressions) nor narrowed to the one element passed on.
+    x = jax.random.normal(jax.random.key(0), (4, 16, 16, 8))
+    k = jax.random.normal(jax.random.key(1), (3, 3, 8, 16))
+    conv = lambda x, k: lax.conv_general_dilated(x, k, (1, 1), "VALID",
+                                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    fn, args = {
+        "fprop": (conv, (x, k)),
+        "bprop_data": (lambda x, k, g: jax.vjp(lambda x: conv(x, k), x)[1](g)[0],
+                       (x, k, conv(x, k))),
+        "pool": (lambda x: lax.reduce_window(x, -jnp.inf, lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
+                                             "VALID"), (x,)),
+    }[op]
+    assert _flops(benchmark.repeated(fn, 4), *args) >= 4 * _flops(fn, *args)
 
 
 def test_benchmark_command_writes_table_json_and_chart(tmp_path, capsys):
