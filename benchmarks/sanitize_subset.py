@@ -19,13 +19,14 @@ for layout in ("C01B", "NHWC"):
                 jax.block_until_ready((dx, dw))
             y, ty = jax.jvp(lambda x: jcn.max_pool(x, 3, stride=2, layout=layout), (x,), (x,))
             jax.block_until_ready(ty)
-# Pools on vector-friendly sizes (inner dimension a multiple of 8), where the vector and tiled
-# gradient kernels run: overlapping and disjoint windows, clipped (ceil rule) and padded edges.
+# Pools on vector-friendly sizes (inner dimension a multiple of 8), where the vector kernels
+# run: overlapping (two-pass gradient) and disjoint windows, clipped (ceil rule) and padded
+# edges, and a window too tall for the selection byte (one-pass gradient).
 for layout in ("C01B", "NHWC"):
     for dtype in (jnp.float32, jnp.bfloat16):
         x = jax.random.normal(key, jcn.geometry.image_shape(layout, 16, 32, 27, 26), dtype)
         for ds, kw in ((3, dict(stride=2)), (3, dict(stride=2, padding="SAME")), (2, {}),
-                       (5, dict(stride=3, start=1))):
+                       (5, dict(stride=3, start=1)), (16, dict(stride=3))):
             pool = lambda x: jcn.max_pool(x, ds, layout=layout, **kw)
             y, vjp = jax.vjp(pool, x)
             jax.block_until_ready((y, jax.jvp(pool, (x,), (x,))[1], vjp(y)[0]))

@@ -8,6 +8,8 @@ derivative through the selection is zero almost everywhere.
 """
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from jax.extend.core import Primitive
@@ -128,10 +130,18 @@ def _pool_split(primitive):
     return rule
 
 
+def _grad_cuda_workspace_bytes(operand_avals, result_aval):
+    """One byte per pooled element: the two-pass gradient records each window's selected element
+    there (csrc/cuda/pool.cu; the kernels decide when to use it)."""
+    return math.prod(operand_avals[1].shape)
+
+
 for _p, _ref, _target in (
         (max_pool_p, reference.max_pool_canonical, "jax_convnet_max_pool"),
         (max_pool_jvp_p, reference.max_pool_jvp_canonical, "jax_convnet_max_pool_jvp"),
         (max_pool_grad_p, reference.max_pool_grad_canonical, "jax_convnet_max_pool_grad")):
     batching.primitive_batchers[_p] = _batch_rule(_p)
     def_impl_via_jit(_p)
-    register_lowerings(_p, _target, _ref, dimension_rule=_pool_split(_p))
+    register_lowerings(_p, _target, _ref, dimension_rule=_pool_split(_p),
+                       cuda_workspace_bytes=(_grad_cuda_workspace_bytes
+                                             if _p is max_pool_grad_p else None))

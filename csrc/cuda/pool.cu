@@ -12,15 +12,20 @@
 // (Only NaN payloads of the gradient may differ: the GPU produces canonical NaNs.) Subnormals
 // are compared and summed as IEEE values: do not build this file with -ftz=true / fast math.
 //
-// Graph-safe: no allocation, no synchronisation, no host access to device data; one kernel
-// launch per call on the given stream. Index arithmetic is 32-bit when everything provably fits
+// Gradient: overlapping windows (window > stride) take two passes, which move the fewest bytes
+// and no atomics: the forward kernel records each window's selected element in one byte per
+// lane (in the custom call's workspace result), then a gather sums the cotangents of the windows
+// that selected each image element. Non-overlapping windows take one pass that recomputes the
+// selection (each image element is read once either way). See the kernels for byte counts.
+//
+// Graph-safe: no allocation, no synchronisation, no host access to device data; one or two
+// kernel launches per call on the given stream. Index arithmetic is 32-bit when everything provably fits
 // (pool::fits_int32), else 64-bit; grids are 1-d with grid-stride loops (any size).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <cstdlib>
 #include <string>
 
 #include "ffi_common.h"
@@ -32,19 +37,6 @@ namespace ffi = xla::ffi;
 namespace {
 
 namespace jcn = jax_convnet;
-
-// Kernel selection. Default: the shared-memory tiled gradient for overlapping windows and the
-// two-outputs-per-thread 2x2 forward ("Tiled and paired kernels" below); both passed the GPU tests
-// bitwise (H200, bc03a1d) but are not yet timed against the per-window kernels, which
-// JAX_CONVNET_POOL_KERNELS=per_window selects (read once; for benchmarking both in one run).
-// Drop the loser once both are measured.
-bool use_tiled_pool_kernels() {
-  static const bool tiled = [] {
-    const char* v = std::getenv("JAX_CONVNET_POOL_KERNELS");
-    return v == nullptr || std::string(v) != "per_window";
-  }();
-  return tiled;
-}
 
 constexpr int kThreads = 256;            // threads per block
 constexpr int64_t kMaxBlocks = 1 << 22;  // grid cap: kMaxBlocks * kThreads = 2^30 (int32-safe)
@@ -94,6 +86,14 @@ __device__ __forceinline__ Vec<T, V> load_vec(const T* __restrict__ p, Idx off) 
   return *reinterpret_cast<const Vec<T, V>*>(p + off);
 }
 
+// Selected window offset (i << 4) | j of V lanes; i <= 14 and j <= 15 (uses_selection), so
+// kSelNone (empty window) is never a valid offset.
+constexpr int kSelNone = 255;
+template <int V>
+struct alignas(V) SelVec {
+  uint8_t s[V];
+};
+
 // v clamped to [0, n - 1].
 template <typename Idx>
 __device__ __forceinline__ Idx clamp_idx(Idx v, Idx n) {
@@ -111,20 +111,25 @@ struct KGeom {
 };
 
 // ----------------------------------------------------------------------------------------------
-// Forward and JVP. One thread per pooled vector (o, oy, ox, V lanes at i = iv*V): it scans the
-// clipped window in row-major order, per lane keeps the selected value, and writes the selected
-// image element (forward) or the tangent at that element (JVP); -inf / 0 for an empty window.
+// Forward, JVP and selection. One thread per pooled vector (o, oy, ox, V lanes at i = iv*V): it
+// scans the clipped window in row-major order, per lane keeps the selected value, and writes the
+// selected image element (forward), the tangent at that element (JVP; -inf / 0 for an empty
+// window), or its window offset as the byte (i << 4) | j (selection; kSelNone when empty).
 // Bytes moved per image element (windows tiling the image, stride s_h x s_w; overlapping
 // re-reads are served by L1/L2):
 //   forward: sizeof(T) * (1 + 1/(s_h*s_w))   -- f32 2x2/2: 5 B, bf16: 2.5 B
 //   JVP:     sizeof(T) * (2 + 1/(s_h*s_w))   -- f32 2x2/2: 9 B
+//   select:  sizeof(T) + 1/(s_h*s_w)          -- f32 3x3/2: 4.25 B
 // KH / KW > 0: window size fixed at compile time (loops fully unrolled, all loads of a window in
 // flight at once; out-of-image elements predicated off); 0: runtime window over the clipped range.
-template <typename T, int V, int KH, int KW, bool kJvp, typename Idx>
+enum class Scan { kValue, kTangent, kSelect };
+
+template <typename T, int V, int KH, int KW, Scan kScan, typename Idx>
 __global__ void __launch_bounds__(kThreads)
     max_pool_fwd_kernel(const T* __restrict__ img, const T* __restrict__ tan,
-                        T* __restrict__ out, const KGeom<Idx> g) {
+                        T* __restrict__ out, uint8_t* __restrict__ sel, const KGeom<Idx> g) {
   using N = Num<T>;
+  constexpr bool kJvp = kScan == Scan::kTangent;
   const Idx step = Idx(gridDim.x) * Idx(blockDim.x);
   for (Idx t = Idx(blockIdx.x) * Idx(blockDim.x) + Idx(threadIdx.x); t < g.total; t += step) {
     // t = ((o*Ho + oy)*Wo + ox)*IV + iv, so the pooled vector sits at out + t*V.
@@ -147,10 +152,12 @@ __global__ void __launch_bounds__(kThreads)
     const Idx j_hi = ww < g.W - x0 ? ww : g.W - x0;
 
     Vec<T, V> res;
+    SelVec<V> code;
     float best[V];
 #pragma unroll
     for (int l = 0; l < V; ++l) {
       res.v[l] = kJvp ? N::zero() : N::neg_inf();
+      code.s[l] = kSelNone;
       best[l] = 0.0f;
     }
     bool first = true;
@@ -175,71 +182,116 @@ __global__ void __launch_bounds__(kThreads)
           const float f = N::to_f(v.v[l]);
           const bool take = ok & jcn::pool::takes(first, f, best[l]);
           best[l] = take ? f : best[l];
-          res.v[l] = take ? (kJvp ? tv.v[l] : v.v[l]) : res.v[l];
+          if constexpr (kScan == Scan::kSelect) {
+            code.s[l] = take ? uint8_t((int(i) << 4) | int(j)) : code.s[l];
+          } else {
+            res.v[l] = take ? (kJvp ? tv.v[l] : v.v[l]) : res.v[l];
+          }
         }
         first = first & !ok;
       }
     }
-    *reinterpret_cast<Vec<T, V>*>(out + t * V) = res;
+    if constexpr (kScan == Scan::kSelect) {
+      *reinterpret_cast<SelVec<V>*>(sel + t * V) = code;
+    } else {
+      *reinterpret_cast<Vec<T, V>*>(out + t * V) = res;
+    }
   }
 }
 
 // ----------------------------------------------------------------------------------------------
-// Gradient (gather, recompute, no atomics). One thread owns a kTile x kTile tile of image
-// positions (rows y0 = ty*kTile.., cols x0 = tx*kTile..) for V lanes. It visits the windows
-// covering its tile in increasing (oy, ox), recomputes each window's selection per lane (as the
-// slot 0..kTile*kTile-1 of the tile it falls in, or -1 when outside the tile), adds the window's
+// Gradient kernels (gather, no atomics). One thread owns a kTile x kTile tile of image positions
+// (rows y0 = ty*kTile.., cols x0 = tx*kTile..) for V lanes. It visits the windows covering its
+// tile in increasing (oy, ox), finds each window's selection per lane as the slot
+// 0..kTile*kTile-1 of the tile it falls in (-1 when outside the tile), adds the window's
 // cotangent to that slot's float32 accumulator, and finally writes its tile once.
-// Windows overlapping several tiles are recomputed by each (re-reads come from L1/L2); a tile of
-// 2 x 2 shares them between 4 positions (3x3/2: 4 windows per tile instead of 9 per position).
-// Bytes moved per image element: read image + write image cotangent + read cotangents:
-//   sizeof(T) * (2 + 1/(s_h*s_w))   -- f32 2x2/2: 9 B, bf16: 4.5 B
+
+template <typename Idx>
+struct GradTile {
+  Idx o, lane, y0, x0, ny, nx;  // ny x nx: the tile's rows / cols inside the image
+  Idx oy_lo, oy_hi, ox_lo, ox_hi;  // the windows covering it
+};
+
+// t = ((o*TH + ty)*TW + tx)*IV + iv
+template <int V, typename Idx>
+__device__ __forceinline__ GradTile<Idx> grad_tile(Idx t, const KGeom<Idx>& g) {
+  GradTile<Idx> k;
+  const Idx iv = t % g.IV;
+  Idx r = t / g.IV;
+  const Idx tx = r % g.TW;
+  r /= g.TW;
+  const Idx ty = r % g.TH;
+  k.o = r / g.TH;
+  k.lane = iv * V;
+  k.y0 = ty * kTile;
+  k.x0 = tx * kTile;
+  k.ny = kTile < g.H - k.y0 ? Idx(kTile) : g.H - k.y0;
+  k.nx = kTile < g.W - k.x0 ? Idx(kTile) : g.W - k.x0;
+  // Each covering window is non-empty after clipping since it overlaps the tile.
+  jcn::pool::covering_windows<Idx>(k.y0, k.y0 + k.ny - 1, g.pt, g.wh, g.sh, g.Ho, &k.oy_lo,
+                                   &k.oy_hi);
+  jcn::pool::covering_windows<Idx>(k.x0, k.x0 + k.nx - 1, g.pl, g.ww, g.sw, g.Wo, &k.ox_lo,
+                                   &k.ox_hi);
+  return k;
+}
+
+// acc[slot] += ct where sel == slot. Branch-free on purpose: `if (sel == s) acc[s] += cf` gets
+// rewritten by the compiler into acc[sel] += cf, a dynamically indexed array in local memory.
+// Adding +0.0 instead is bit-exact: acc starts at +0.0 and can never become -0.0 (x + y is -0.0
+// only when both are -0.0), and x + 0.0 == x for every other x (inf included; NaN stays NaN).
+template <typename T, int V>
+__device__ __forceinline__ void add_selected(float (&acc)[kTile * kTile][V], const int (&sel)[V],
+                                             const Vec<T, V>& c) {
+#pragma unroll
+  for (int l = 0; l < V; ++l) {
+    const float cf = Num<T>::to_f(c.v[l]);
+#pragma unroll
+    for (int s = 0; s < kTile * kTile; ++s) acc[s][l] += sel[l] == s ? cf : 0.0f;
+  }
+}
+
+template <typename T, int V, typename Idx>
+__device__ __forceinline__ void store_tile(const float (&acc)[kTile * kTile][V],
+                                           const GradTile<Idx>& k, const KGeom<Idx>& g,
+                                           T* __restrict__ out) {
+#pragma unroll
+  for (int s = 0; s < kTile * kTile; ++s) {
+    const Idx sy = s / kTile, sx = s % kTile;
+    if (sy < k.ny && sx < k.nx) {
+      Vec<T, V> q;
+#pragma unroll
+      for (int l = 0; l < V; ++l) q.v[l] = Num<T>::from_f(acc[s][l]);
+      *reinterpret_cast<Vec<T, V>*>(
+          out + ((k.o * g.H + (k.y0 + sy)) * g.W + (k.x0 + sx)) * g.I + k.lane) = q;
+    }
+  }
+}
+
+// One pass, recomputing each covering window's selection from the image (non-overlapping
+// windows, or windows too large for a selection byte). Bytes moved per image element: read image
+// + write image cotangent + read cotangents: sizeof(T) * (2 + 1/(s_h*s_w)) -- f32 2x2/2: 9 B.
+// A 2 x 2 tile shares its windows between 4 positions (2x2/2: one window per tile).
 template <typename T, int V, int KH, int KW, typename Idx>
 __global__ void __launch_bounds__(kThreads)
     max_pool_grad_kernel(const T* __restrict__ img, const T* __restrict__ ct,
                          T* __restrict__ out, const KGeom<Idx> g) {
   using N = Num<T>;
-  constexpr int kSlots = kTile * kTile;
   const Idx step = Idx(gridDim.x) * Idx(blockDim.x);
   for (Idx t = Idx(blockIdx.x) * Idx(blockDim.x) + Idx(threadIdx.x); t < g.total; t += step) {
-    // t = ((o*TH + ty)*TW + tx)*IV + iv
-    const Idx iv = t % g.IV;
-    Idx r = t / g.IV;
-    const Idx tx = r % g.TW;
-    r /= g.TW;
-    const Idx ty = r % g.TH;
-    const Idx o = r / g.TH;
-    const Idx lane = iv * V;
-
+    const GradTile<Idx> k = grad_tile<V>(t, g);
     const Idx wh = KH > 0 ? Idx(KH) : g.wh;
     const Idx ww = KW > 0 ? Idx(KW) : g.ww;
-    const Idx y0 = ty * kTile, x0 = tx * kTile;  // tile origin (inside the image)
-    const Idx ny = kTile < g.H - y0 ? Idx(kTile) : g.H - y0;  // tile rows / cols in the image
-    const Idx nx = kTile < g.W - x0 ? Idx(kTile) : g.W - x0;
-
-    float acc[kSlots][V];
-#pragma unroll
-    for (int s = 0; s < kSlots; ++s)
-#pragma unroll
-      for (int l = 0; l < V; ++l) acc[s][l] = 0.0f;
-
-    // Windows covering rows [y0, y0+ny-1] / cols [x0, x0+nx-1]; each is non-empty after
-    // clipping since it overlaps the tile, which lies inside the image.
-    Idx oy_lo, oy_hi, ox_lo, ox_hi;
-    jcn::pool::covering_windows<Idx>(y0, y0 + ny - 1, g.pt, wh, g.sh, g.Ho, &oy_lo, &oy_hi);
-    jcn::pool::covering_windows<Idx>(x0, x0 + nx - 1, g.pl, ww, g.sw, g.Wo, &ox_lo, &ox_hi);
-
-    for (Idx oy = oy_lo; oy <= oy_hi; ++oy) {
+    float acc[kTile * kTile][V] = {};
+    for (Idx oy = k.oy_lo; oy <= k.oy_hi; ++oy) {
       const Idx wy0 = oy * g.sh - g.pt;
       const Idx i_lo = wy0 < 0 ? -wy0 : Idx(0);
       const Idx i_hi = wh < g.H - wy0 ? wh : g.H - wy0;
-      for (Idx ox = ox_lo; ox <= ox_hi; ++ox) {
+      for (Idx ox = k.ox_lo; ox <= k.ox_hi; ++ox) {
         const Idx wx0 = ox * g.sw - g.pl;
         const Idx j_lo = wx0 < 0 ? -wx0 : Idx(0);
         const Idx j_hi = ww < g.W - wx0 ? ww : g.W - wx0;
         // Cotangent of this window, loaded up front so it is in flight with the image loads.
-        const Vec<T, V> c = load_vec<T, V>(ct, ((o * g.Ho + oy) * g.Wo + ox) * g.I + lane);
-
+        const Vec<T, V> c = load_vec<T, V>(ct, ((k.o * g.Ho + oy) * g.Wo + ox) * g.I + k.lane);
         float best[V];
         int sel[V];
 #pragma unroll
@@ -254,17 +306,17 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (Idx i = i_beg; i < i_end; ++i) {
           const bool row_ok = i >= i_lo && i < i_hi;
-          const Idx sy = wy0 + i - y0;  // row within the tile (valid when 0 <= sy < kTile)
-          const Idx row = (o * g.H + clamp_idx<Idx>(wy0 + i, g.H)) * g.W;
+          const Idx sy = wy0 + i - k.y0;  // row within the tile (valid when 0 <= sy < kTile)
+          const Idx row = (k.o * g.H + clamp_idx<Idx>(wy0 + i, g.H)) * g.W;
 #pragma unroll
           for (Idx j = j_beg; j < j_end; ++j) {
             const bool ok = row_ok && j >= j_lo && j < j_hi;
-            const Idx sx = wx0 + j - x0;
+            const Idx sx = wx0 + j - k.x0;
             const int slot = (sy >= 0 && sy < kTile && sx >= 0 && sx < kTile)
                                  ? int(sy) * kTile + int(sx)
                                  : -1;
             const Vec<T, V> v =
-                load_vec<T, V>(img, (row + clamp_idx<Idx>(wx0 + j, g.W)) * g.I + lane);
+                load_vec<T, V>(img, (row + clamp_idx<Idx>(wx0 + j, g.W)) * g.I + k.lane);
 #pragma unroll
             for (int l = 0; l < V; ++l) {
               const float f = N::to_f(v.v[l]);
@@ -275,346 +327,46 @@ __global__ void __launch_bounds__(kThreads)
             first = first & !ok;
           }
         }
-        // Branch-free on purpose: `if (sel == s) acc[s] += cf` gets rewritten by the compiler
-        // into acc[sel] += cf, a dynamically indexed array in local memory. Adding +0.0 instead
-        // is bit-exact: acc starts at +0.0 and can never become -0.0 (x + y is -0.0 only when
-        // both are -0.0), and x + 0.0 == x for every other x (inf included; NaN stays NaN).
+        add_selected<T, V>(acc, sel, c);
+      }
+    }
+    store_tile<T, V>(acc, k, g, out);
+  }
+}
+
+// Second pass for overlapping windows: the selections recorded by max_pool_fwd_kernel<kSelect>
+// (one byte per pooled element) replace the recompute, so the image is not read again and each
+// window costs two loads instead of wh*ww. Bytes moved per image element, both passes:
+// sizeof(T) * (2 + 1/(s_h*s_w)) + 2/(s_h*s_w)  -- f32 3x3/2: 9.5 B, bf16: 5 B.
+template <typename T, int V, typename Idx>
+__global__ void __launch_bounds__(kThreads)
+    max_pool_grad_gather_kernel(const uint8_t* __restrict__ sel, const T* __restrict__ ct,
+                                T* __restrict__ out, const KGeom<Idx> g) {
+  const Idx step = Idx(gridDim.x) * Idx(blockDim.x);
+  for (Idx t = Idx(blockIdx.x) * Idx(blockDim.x) + Idx(threadIdx.x); t < g.total; t += step) {
+    const GradTile<Idx> k = grad_tile<V>(t, g);
+    float acc[kTile * kTile][V] = {};
+    for (Idx oy = k.oy_lo; oy <= k.oy_hi; ++oy) {
+      const Idx sy0 = oy * g.sh - g.pt - k.y0;  // window origin relative to the tile
+      for (Idx ox = k.ox_lo; ox <= k.ox_hi; ++ox) {
+        const Idx sx0 = ox * g.sw - g.pl - k.x0;
+        const Idx w = ((k.o * g.Ho + oy) * g.Wo + ox) * g.I + k.lane;
+        const Vec<T, V> c = load_vec<T, V>(ct, w);
+        const SelVec<V> code = *reinterpret_cast<const SelVec<V>*>(sel + w);
+        int slot[V];
 #pragma unroll
         for (int l = 0; l < V; ++l) {
-          const float cf = N::to_f(c.v[l]);
-#pragma unroll
-          for (int s = 0; s < kSlots; ++s) acc[s][l] += sel[l] == s ? cf : 0.0f;
+          const int s = code.s[l];
+          const Idx sy = sy0 + Idx(s >> 4), sx = sx0 + Idx(s & 15);
+          slot[l] = (s != kSelNone && sy >= 0 && sy < kTile && sx >= 0 && sx < kTile)
+                        ? int(sy) * kTile + int(sx)
+                        : -1;
         }
+        add_selected<T, V>(acc, slot, c);
       }
     }
-
-#pragma unroll
-    for (int s = 0; s < kSlots; ++s) {
-      const Idx sy = s / kTile, sx = s % kTile;
-      if (sy < ny && sx < nx) {
-        Vec<T, V> q;
-#pragma unroll
-        for (int l = 0; l < V; ++l) q.v[l] = N::from_f(acc[s][l]);
-        *reinterpret_cast<Vec<T, V>*>(out + ((o * g.H + (y0 + sy)) * g.W + (x0 + sx)) * g.I +
-                                      lane) = q;
-      }
-    }
+    store_tile<T, V>(acc, k, g, out);
   }
-}
-
-// ----------------------------------------------------------------------------------------------
-// Tiled and paired kernels (use_tiled_pool_kernels()).
-//
-// Tiled gradient for overlapping windows (window_h > stride_h or window_w > stride_w). A block
-// owns a tile of TY x TX pooled windows (oy0 = ty*TY.., ox0 = tx*TX..) for LG consecutive
-// vectors (LG*V lanes) of `inner`, and the disjoint set of image rows
-//   [R(ty), R(ty+1)),  R(0) = 0,  R(k) = clamp(k*TY*sh - pt, 0, H),  R(NTY) = H
-// (columns likewise), so every image element is written by exactly one block, once.
-// The windows covering an owned row y all lie in [oy0 - HY, oy0 + TY) with HY = (wh - 1) / sh
-// (the HY "halo" windows above the tile are recomputed here), so the block:
-//   1. stages the image rows / cols those NWY x NWX = (TY+HY) x (TX+HX) windows read
-//      (SR = (NWY-1)*sh + wh rows, SC cols, zeros outside the image) in shared memory,
-//      coalesced 16-byte loads, each image vector loaded once per block;
-//   2. one thread per (window, vector): scans the clipped window in row-major order from shared
-//      memory, stores the selected slot i*ww + j per lane (255: empty window / no selection) and
-//      the window's cotangent vector (loaded once);
-//   3. one thread per owned (y, x, vector): visits its covering windows in increasing (oy, ox)
-//      and adds ct where the window's slot is this element (+0.0 otherwise, bit-exact as in
-//      max_pool_grad_kernel), in float32, and writes the element once.
-// Requires 32-bit indices, the vector path, LG | IV and wh*ww <= 254.
-constexpr int kSelNone = 255;
-
-template <int V>
-struct alignas(V) SelVec {
-  uint8_t s[V];
-};
-
-struct TGeom {
-  int O, H, W, I, Ho, Wo;
-  int wh, ww, sh, sw, pt, pl;
-  int LG, lg_shift;  // vectors per block (power of two dividing I / V) and log2(LG)
-  int TY, TX;        // windows per tile
-  int HY, HX;        // halo windows before the tile
-  int NWY, NWX;      // staged windows: TY + HY, TX + HX
-  int SR, SC;        // staged image rows / cols
-  int NTY, NTX, NLG; // tiles per column / row, vector groups
-  int tiles;         // O * NTY * NTX * NLG
-};
-
-inline size_t tiled_smem_bytes(const TGeom& g, size_t vec_bytes, int V) {
-  const size_t wins = size_t(g.NWY) * g.NWX * g.LG;
-  return size_t(g.SR) * g.SC * g.LG * vec_bytes + wins * vec_bytes + wins * size_t(V);
-}
-
-template <typename T, int V, int KH, int KW>
-__global__ void __launch_bounds__(kThreads)
-    max_pool_grad_tiled_kernel(const T* __restrict__ img, const T* __restrict__ ct,
-                               T* __restrict__ out, const TGeom g) {
-  using N = Num<T>;
-  using VT = Vec<T, V>;
-  extern __shared__ __align__(16) unsigned char smem[];
-  VT* s_img = reinterpret_cast<VT*>(smem);
-  VT* s_ct = s_img + g.SR * g.SC * g.LG;
-  SelVec<V>* s_sel = reinterpret_cast<SelVec<V>*>(s_ct + g.NWY * g.NWX * g.LG);
-  const int wh = KH > 0 ? KH : g.wh;
-  const int ww = KW > 0 ? KW : g.ww;
-  const int lgm = g.LG - 1;
-  const int tid = int(threadIdx.x);
-
-  for (int tile = int(blockIdx.x); tile < g.tiles; tile += int(gridDim.x)) {
-    int r = tile;
-    const int cl = r % g.NLG;
-    r /= g.NLG;
-    const int tx = r % g.NTX;
-    r /= g.NTX;
-    const int ty = r % g.NTY;
-    const int o = r / g.NTY;
-    const int oy0 = ty * g.TY, ox0 = tx * g.TX;
-    const int wyb = oy0 - g.HY, wxb = ox0 - g.HX;            // first staged window
-    const int ry = wyb * g.sh - g.pt, rx = wxb * g.sw - g.pl;  // its first image row / col
-    const int lane0 = cl * g.LG * V;                          // first lane of the block
-    const int img_o = o * g.H;
-
-    if (tile != int(blockIdx.x)) __syncthreads();  // previous tile is done with shared memory
-
-    // 1. Stage the image, 4 independent loads in flight per thread.
-    const int n_st = (g.SR * g.SC) << g.lg_shift;
-    for (int e0 = tid; e0 < n_st; e0 += 4 * kThreads) {
-      VT v[4];
-#pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        const int e = e0 + k * kThreads;
-        const int lg = e & lgm;
-        const int p = e >> g.lg_shift;
-        const int y = ry + p / g.SC, x = rx + p % g.SC;
-#pragma unroll
-        for (int l = 0; l < V; ++l) v[k].v[l] = N::zero();
-        if (e < n_st && y >= 0 && y < g.H && x >= 0 && x < g.W)
-          v[k] = load_vec<T, V>(img, ((img_o + y) * g.W + x) * g.I + lane0 + lg * V);
-      }
-#pragma unroll
-      for (int k = 0; k < 4; ++k)
-        if (e0 + k * kThreads < n_st) s_img[e0 + k * kThreads] = v[k];
-    }
-    __syncthreads();
-
-    // 2. Selections and cotangents of the staged windows.
-    const int n_w = (g.NWY * g.NWX) << g.lg_shift;
-    for (int e = tid; e < n_w; e += kThreads) {
-      const int lg = e & lgm;
-      const int p = e >> g.lg_shift;
-      const int wy = p / g.NWX, wx = p % g.NWX;
-      const int oy = wyb + wy, ox = wxb + wx;
-      SelVec<V> sel;
-      VT c;
-#pragma unroll
-      for (int l = 0; l < V; ++l) {
-        sel.s[l] = uint8_t(kSelNone);
-        c.v[l] = N::zero();
-      }
-      if (oy >= 0 && oy < g.Ho && ox >= 0 && ox < g.Wo) {
-        c = load_vec<T, V>(ct, ((o * g.Ho + oy) * g.Wo + ox) * g.I + lane0 + lg * V);
-        const int y0 = oy * g.sh - g.pt, x0 = ox * g.sw - g.pl;
-        const int i_lo = y0 < 0 ? -y0 : 0;
-        const int i_hi = wh < g.H - y0 ? wh : g.H - y0;
-        const int j_lo = x0 < 0 ? -x0 : 0;
-        const int j_hi = ww < g.W - x0 ? ww : g.W - x0;
-        // Window's first staged element: row wy*sh, col wx*sw of the staged block.
-        const VT* base = s_img + ((wy * g.sh) * g.SC + wx * g.sw) * g.LG + lg;
-        float best[V];
-#pragma unroll
-        for (int l = 0; l < V; ++l) best[l] = 0.0f;
-        bool first = true;
-        const int i_beg = KH > 0 ? 0 : i_lo, i_end = KH > 0 ? KH : i_hi;
-        const int j_beg = KW > 0 ? 0 : j_lo, j_end = KW > 0 ? KW : j_hi;
-#pragma unroll
-        for (int i = i_beg; i < i_end; ++i) {
-          const bool row_ok = i >= i_lo && i < i_hi;
-#pragma unroll
-          for (int j = j_beg; j < j_end; ++j) {
-            const bool ok = row_ok && j >= j_lo && j < j_hi;
-            // Always inside the staged block (out-of-image entries are zeros, masked by ok).
-            const VT v = base[(i * g.SC + j) * g.LG];
-            const uint8_t slot = uint8_t(i * ww + j);
-#pragma unroll
-            for (int l = 0; l < V; ++l) {
-              const float f = N::to_f(v.v[l]);
-              const bool take = ok & jcn::pool::takes(first, f, best[l]);
-              best[l] = take ? f : best[l];
-              sel.s[l] = take ? slot : sel.s[l];
-            }
-            first = first & !ok;
-          }
-        }
-      }
-      s_sel[e] = sel;
-      s_ct[e] = c;
-    }
-    __syncthreads();
-
-    // 3. Owned image elements: gather from the covering windows, write once.
-    const int y_lo = ty == 0 ? 0 : clamp_idx<int>(oy0 * g.sh - g.pt, g.H + 1);
-    const int y_hi = ty == g.NTY - 1 ? g.H : clamp_idx<int>((oy0 + g.TY) * g.sh - g.pt, g.H + 1);
-    const int x_lo = tx == 0 ? 0 : clamp_idx<int>(ox0 * g.sw - g.pl, g.W + 1);
-    const int x_hi = tx == g.NTX - 1 ? g.W : clamp_idx<int>((ox0 + g.TX) * g.sw - g.pl, g.W + 1);
-    const int n_ox = x_hi - x_lo;
-    const int n_o = n_ox > 0 && y_hi > y_lo ? ((y_hi - y_lo) * n_ox) << g.lg_shift : 0;
-    for (int e = tid; e < n_o; e += kThreads) {
-      const int lg = e & lgm;
-      const int p = e >> g.lg_shift;
-      const int y = y_lo + p / n_ox, x = x_lo + p % n_ox;
-      float acc[V];
-#pragma unroll
-      for (int l = 0; l < V; ++l) acc[l] = 0.0f;
-      int oy_lo, oy_hi, ox_lo, ox_hi;
-      jcn::pool::covering_windows<int>(y, y, g.pt, wh, g.sh, g.Ho, &oy_lo, &oy_hi);
-      jcn::pool::covering_windows<int>(x, x, g.pl, ww, g.sw, g.Wo, &ox_lo, &ox_hi);
-      for (int oy = oy_lo; oy <= oy_hi; ++oy) {
-        const int i = y - (oy * g.sh - g.pt);
-        const int wrow = (oy - wyb) * g.NWX - wxb;
-        for (int ox = ox_lo; ox <= ox_hi; ++ox) {
-          const int slot = i * ww + (x - (ox * g.sw - g.pl));
-          const int w = ((wrow + ox) << g.lg_shift) + lg;
-          const SelVec<V> sel = s_sel[w];
-          const VT c = s_ct[w];
-#pragma unroll
-          for (int l = 0; l < V; ++l) acc[l] += int(sel.s[l]) == slot ? N::to_f(c.v[l]) : 0.0f;
-        }
-      }
-      VT q;
-#pragma unroll
-      for (int l = 0; l < V; ++l) q.v[l] = N::from_f(acc[l]);
-      *reinterpret_cast<VT*>(out + ((img_o + y) * g.W + x) * g.I + lane0 + lg * V) = q;
-    }
-  }
-}
-
-// Forward / JVP, two horizontally adjacent outputs (ox = 2*oxp, 2*oxp + 1) per thread for
-// compile-time windows: both windows' loads are issued together (2*KH*KW independent 16-byte
-// loads in flight; for 3x3/2 the shared column is a second L1 hit, not a DRAM read). The forward
-// keeps no float `best`: it is recomputed from the selected value (to_f is exact), which saves
-// V registers per output. Same scan, same selection, same bits as max_pool_fwd_kernel.
-// Work items: O * Ho * ceil(Wo / 2) * IV (t = ((o*Ho + oy)*WP + oxp)*IV + iv).
-template <typename T, int V, int KH, int KW, bool kJvp>
-__global__ void __launch_bounds__(kThreads)
-    max_pool_fwd2_kernel(const T* __restrict__ img, const T* __restrict__ tan,
-                         T* __restrict__ out, const KGeom<int> g, const int WP, const int total) {
-  using N = Num<T>;
-  const int step = int(gridDim.x) * int(blockDim.x);
-  for (int t = int(blockIdx.x) * int(blockDim.x) + int(threadIdx.x); t < total; t += step) {
-    const int iv = t % g.IV;
-    int r = t / g.IV;
-    const int oxp = r % WP;
-    r /= WP;
-    const int oy = r % g.Ho;
-    const int o = r / g.Ho;
-    const int lane = iv * V;
-    const int y0 = oy * g.sh - g.pt;
-    const int i_lo = y0 < 0 ? -y0 : 0;
-    const int i_hi = KH < g.H - y0 ? KH : g.H - y0;
-    int x0[2], j_lo[2], j_hi[2];
-    bool has[2];
-#pragma unroll
-    for (int k = 0; k < 2; ++k) {
-      const int ox = 2 * oxp + k;
-      has[k] = ox < g.Wo;
-      x0[k] = ox * g.sw - g.pl;
-      j_lo[k] = x0[k] < 0 ? -x0[k] : 0;
-      j_hi[k] = has[k] ? (KW < g.W - x0[k] ? KW : g.W - x0[k]) : 0;  // no output: all masked
-    }
-    Vec<T, V> res[2];
-    float best[kJvp ? 2 : 1][V];
-#pragma unroll
-    for (int k = 0; k < 2; ++k)
-#pragma unroll
-      for (int l = 0; l < V; ++l) {
-        res[k].v[l] = kJvp ? N::zero() : N::neg_inf();
-        if (kJvp) best[kJvp ? k : 0][l] = 0.0f;
-      }
-    bool first0 = true, first1 = true;
-#pragma unroll
-    for (int i = 0; i < KH; ++i) {
-      const bool row_ok = i >= i_lo && i < i_hi;
-      const int row = (o * g.H + clamp_idx<int>(y0 + i, g.H)) * g.W;
-      Vec<T, V> v[2][KW], tv[2][KW];
-      // All loads of this window row for both outputs first, then the selections.
-#pragma unroll
-      for (int k = 0; k < 2; ++k)
-#pragma unroll
-        for (int j = 0; j < KW; ++j) {
-          const int off = (row + clamp_idx<int>(x0[k] + j, g.W)) * g.I + lane;
-          v[k][j] = load_vec<T, V>(img, off);
-          if (kJvp) tv[k][j] = load_vec<T, V>(tan, off);
-        }
-#pragma unroll
-      for (int k = 0; k < 2; ++k)
-#pragma unroll
-        for (int j = 0; j < KW; ++j) {
-          const bool ok = row_ok && j >= j_lo[k] && j < j_hi[k];
-#pragma unroll
-          for (int l = 0; l < V; ++l) {
-            const float f = N::to_f(v[k][j].v[l]);
-            const float b = kJvp ? best[kJvp ? k : 0][l] : N::to_f(res[k].v[l]);
-            const bool take = ok & jcn::pool::takes(k == 0 ? first0 : first1, f, b);
-            if (kJvp) best[kJvp ? k : 0][l] = take ? f : b;
-            res[k].v[l] = take ? (kJvp ? tv[k][j].v[l] : v[k][j].v[l]) : res[k].v[l];
-          }
-          if (k == 0) first0 = first0 & !ok; else first1 = first1 & !ok;
-        }
-    }
-    const int obase = ((o * g.Ho + oy) * g.Wo + 2 * oxp) * g.I + lane;
-    *reinterpret_cast<Vec<T, V>*>(out + obase) = res[0];
-    if (has[1]) *reinterpret_cast<Vec<T, V>*>(out + obase + g.I) = res[1];
-  }
-}
-
-// The sizes every kernel geometry (KGeom, TGeom) holds, in index type Idx.
-template <typename Idx, typename G>
-void set_dims(const jcn::PoolGeometry& pg, G* g) {
-  g->O = Idx(jcn::pool::outer_size(pg));
-  g->H = Idx(pg.in_h);
-  g->W = Idx(pg.in_w);
-  g->I = Idx(jcn::pool::inner_size(pg));
-  g->Ho = Idx(pg.out_h);
-  g->Wo = Idx(pg.out_w);
-  g->wh = Idx(pg.window_h);
-  g->ww = Idx(pg.window_w);
-  g->sh = Idx(pg.stride_h);
-  g->sw = Idx(pg.stride_w);
-  g->pt = Idx(pg.pad_top);
-  g->pl = Idx(pg.pad_left);
-}
-
-// Tiled-gradient geometry for a call, or false when the tiled kernel does not apply.
-inline bool make_tgeom(const jcn::PoolGeometry& pg, int V, size_t vec_bytes, TGeom* out) {
-  TGeom g;
-  set_dims<int>(pg, &g);
-  if (!(g.wh > g.sh || g.ww > g.sw)) return false;  // non-overlapping: original kernel
-  if (int64_t(g.wh) * g.ww > 254) return false;
-  const int IV = g.I / V;
-  int lg = IV & -IV;  // largest power of two dividing IV
-  if (lg > 4) lg = 4;
-  g.LG = lg;
-  g.lg_shift = lg == 4 ? 2 : (lg == 2 ? 1 : 0);
-  g.NLG = IV / lg;
-  g.HY = (g.wh - 1) / g.sh;
-  g.HX = (g.ww - 1) / g.sw;
-  for (int t = 8; t >= 1; t /= 2) {
-    g.TY = t;
-    g.TX = t;
-    g.NWY = g.TY + g.HY;
-    g.NWX = g.TX + g.HX;
-    g.SR = (g.NWY - 1) * g.sh + g.wh;
-    g.SC = (g.NWX - 1) * g.sw + g.ww;
-    g.NTY = (g.Ho + g.TY - 1) / g.TY;
-    g.NTX = (g.Wo + g.TX - 1) / g.TX;
-    g.tiles = g.O * g.NTY * g.NTX * g.NLG;
-    if (tiled_smem_bytes(g, vec_bytes, V) <= 48 * 1024) {
-      *out = g;
-      return true;
-    }
-  }
-  return false;
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -624,10 +376,29 @@ enum class Op { kForward, kJvp, kGrad };
 
 constexpr bool kAllowF64 = false;  // no float64 on the GPU
 
+// The two-pass gradient: windows overlap (else one pass reads each image element once anyway)
+// and every window offset fits the selection byte (i <= 14, j <= 15).
+bool uses_selection(const jcn::PoolGeometry& pg) {
+  return (pg.window_h > pg.stride_h || pg.window_w > pg.stride_w) && pg.window_h <= 15 &&
+         pg.window_w <= 16;
+}
+
+// Work items: pooled vectors (kForward / kJvp / the selection pass) or image tiles (kGrad).
 template <typename Idx>
 KGeom<Idx> make_kgeom(const jcn::PoolGeometry& pg, int V, Op op) {
   KGeom<Idx> g;
-  set_dims<Idx>(pg, &g);
+  g.O = Idx(jcn::pool::outer_size(pg));
+  g.H = Idx(pg.in_h);
+  g.W = Idx(pg.in_w);
+  g.I = Idx(jcn::pool::inner_size(pg));
+  g.Ho = Idx(pg.out_h);
+  g.Wo = Idx(pg.out_w);
+  g.wh = Idx(pg.window_h);
+  g.ww = Idx(pg.window_w);
+  g.sh = Idx(pg.stride_h);
+  g.sw = Idx(pg.stride_w);
+  g.pt = Idx(pg.pad_top);
+  g.pl = Idx(pg.pad_left);
   g.IV = g.I / Idx(V);
   g.TH = (g.H + kTile - 1) / kTile;
   g.TW = (g.W + kTile - 1) / kTile;
@@ -635,36 +406,44 @@ KGeom<Idx> make_kgeom(const jcn::PoolGeometry& pg, int V, Op op) {
   return g;
 }
 
+template <typename Idx>
+unsigned blocks_for(const KGeom<Idx>& g) {
+  const int64_t b = (int64_t(g.total) + kThreads - 1) / kThreads;
+  return unsigned(b < kMaxBlocks ? b : kMaxBlocks);
+}
+
+// The buffers of one call. sel: the workspace (pooled-element bytes) when uses_selection.
+template <typename T>
+struct Buffers {
+  const T* img;
+  const T* second;  // tangents (JVP) / cotangents (gradient)
+  T* out;
+  uint8_t* sel;
+};
+
 template <typename T, int V, int KH, int KW, typename Idx>
-void launch(cudaStream_t stream, Op op, const KGeom<Idx>& g, const T* img, const T* second,
-            T* out) {
-  if constexpr (KH == 2 && KW == 2 && sizeof(Idx) == 4) {
-    // Forward of 2x2 windows only: the 3x3 instances of max_pool_fwd2_kernel spill a few bytes
-    // and the JVP ones use more registers than max_pool_fwd_kernel, so those keep the original.
-    if (op == Op::kForward && g.Wo >= 2 && use_tiled_pool_kernels()) {
-      // Two outputs per thread; total <= O*Ho*Wo*IV fits (fits_int32).
-      const int WP = int((g.Wo + 1) / 2);
-      const int total = int(g.O * g.Ho) * WP * int(g.IV);
-      const int64_t b64 = (int64_t(total) + kThreads - 1) / kThreads;
-      const unsigned b = unsigned(b64 < kMaxBlocks ? b64 : kMaxBlocks);
-      max_pool_fwd2_kernel<T, V, KH, KW, false>
-          <<<b, kThreads, 0, stream>>>(img, nullptr, out, g, WP, total);
-      return;
-    }
-  }
-  const int64_t blocks64 = (int64_t(g.total) + kThreads - 1) / kThreads;
-  const unsigned blocks = unsigned(blocks64 < kMaxBlocks ? blocks64 : kMaxBlocks);
+void launch(cudaStream_t stream, Op op, const jcn::PoolGeometry& pg, const Buffers<T>& b) {
+  const KGeom<Idx> g = make_kgeom<Idx>(pg, V, op);
   switch (op) {
     case Op::kForward:
-      max_pool_fwd_kernel<T, V, KH, KW, false, Idx>
-          <<<blocks, kThreads, 0, stream>>>(img, nullptr, out, g);
+      max_pool_fwd_kernel<T, V, KH, KW, Scan::kValue, Idx>
+          <<<blocks_for(g), kThreads, 0, stream>>>(b.img, nullptr, b.out, nullptr, g);
       break;
     case Op::kJvp:
-      max_pool_fwd_kernel<T, V, KH, KW, true, Idx>
-          <<<blocks, kThreads, 0, stream>>>(img, second, out, g);
+      max_pool_fwd_kernel<T, V, KH, KW, Scan::kTangent, Idx>
+          <<<blocks_for(g), kThreads, 0, stream>>>(b.img, b.second, b.out, nullptr, g);
       break;
     case Op::kGrad:
-      max_pool_grad_kernel<T, V, KH, KW, Idx><<<blocks, kThreads, 0, stream>>>(img, second, out, g);
+      if (b.sel != nullptr) {
+        const KGeom<Idx> gs = make_kgeom<Idx>(pg, V, Op::kForward);
+        max_pool_fwd_kernel<T, V, KH, KW, Scan::kSelect, Idx>
+            <<<blocks_for(gs), kThreads, 0, stream>>>(b.img, nullptr, nullptr, b.sel, gs);
+        max_pool_grad_gather_kernel<T, V, Idx>
+            <<<blocks_for(g), kThreads, 0, stream>>>(b.sel, b.second, b.out, g);
+      } else {
+        max_pool_grad_kernel<T, V, KH, KW, Idx>
+            <<<blocks_for(g), kThreads, 0, stream>>>(b.img, b.second, b.out, g);
+      }
       break;
   }
 }
@@ -673,58 +452,38 @@ void launch(cudaStream_t stream, Op op, const KGeom<Idx>& g, const T* img, const
 // 64-bit indices (huge tensors only): runtime-window kernel.
 template <typename T, int V>
 void dispatch_window(cudaStream_t stream, Op op, const jcn::PoolGeometry& pg, bool idx32,
-                     const T* img, const T* second, T* out) {
-  if (!idx32) {
-    launch<T, V, 0, 0, int64_t>(stream, op, make_kgeom<int64_t>(pg, V, op), img, second, out);
-    return;
-  }
-  const KGeom<int32_t> g = make_kgeom<int32_t>(pg, V, op);
-  if (pg.window_h == 2 && pg.window_w == 2)
-    launch<T, V, 2, 2, int32_t>(stream, op, g, img, second, out);
+                     const Buffers<T>& b) {
+  if (!idx32)
+    launch<T, V, 0, 0, int64_t>(stream, op, pg, b);
+  else if (pg.window_h == 2 && pg.window_w == 2)
+    launch<T, V, 2, 2, int32_t>(stream, op, pg, b);
   else if (pg.window_h == 3 && pg.window_w == 3)
-    launch<T, V, 3, 3, int32_t>(stream, op, g, img, second, out);
+    launch<T, V, 3, 3, int32_t>(stream, op, pg, b);
   else
-    launch<T, V, 0, 0, int32_t>(stream, op, g, img, second, out);
-}
-
-template <typename T, int V>
-void launch_grad_tiled(cudaStream_t stream, const TGeom& g, const T* img, const T* ct, T* out) {
-  const unsigned blocks = unsigned(g.tiles < kMaxBlocks ? g.tiles : kMaxBlocks);
-  const size_t smem = tiled_smem_bytes(g, sizeof(T) * V, V);
-  if (g.wh == 3 && g.ww == 3)
-    max_pool_grad_tiled_kernel<T, V, 3, 3><<<blocks, kThreads, smem, stream>>>(img, ct, out, g);
-  else if (g.wh == 2 && g.ww == 2)
-    max_pool_grad_tiled_kernel<T, V, 2, 2><<<blocks, kThreads, smem, stream>>>(img, ct, out, g);
-  else
-    max_pool_grad_tiled_kernel<T, V, 0, 0><<<blocks, kThreads, smem, stream>>>(img, ct, out, g);
+    launch<T, V, 0, 0, int32_t>(stream, op, pg, b);
 }
 
 template <typename T>
 ffi::Error run_typed(cudaStream_t stream, Op op, const jcn::PoolGeometry& pg, int64_t image_elems,
-                     int64_t pooled_elems, const void* img, const void* second, void* out) {
+                     int64_t pooled_elems, const Buffers<T>& b) {
   constexpr int kVecFwd = int(kFwdVecBytes / sizeof(T));
   constexpr int kVecGrad = int(kGradVecBytes / sizeof(T));
-  const T* x = static_cast<const T*>(img);
-  const T* s = static_cast<const T*>(second);
-  T* y = static_cast<T*>(out);
   // Vector path: the contiguous dimension is a multiple of V and every buffer is aligned to the
   // vector size (XLA's buffers always are; checked anyway, host-side pointer values only).
   auto vec_ok = [&](int v) {
-    const uintptr_t bytes = uintptr_t(v) * sizeof(T);
-    auto aligned = [bytes](const void* p) { return p == nullptr || uintptr_t(p) % bytes == 0; };
-    return jcn::pool::inner_size(pg) % v == 0 && aligned(img) && aligned(second) && aligned(out);
+    auto aligned = [v](const void* p, size_t elem) {
+      return p == nullptr || uintptr_t(p) % (uintptr_t(v) * elem) == 0;
+    };
+    return jcn::pool::inner_size(pg) % v == 0 && aligned(b.img, sizeof(T)) &&
+           aligned(b.second, sizeof(T)) && aligned(b.out, sizeof(T)) && aligned(b.sel, 1);
   };
   const bool idx32 = jcn::pool::fits_int32(pg, image_elems, pooled_elems);
-  TGeom tg;
-  if (op == Op::kGrad && use_tiled_pool_kernels() && idx32 && vec_ok(kVecGrad) &&
-      make_tgeom(pg, kVecGrad, sizeof(T) * kVecGrad, &tg))
-    launch_grad_tiled<T, kVecGrad>(stream, tg, x, s, y);
-  else if (op == Op::kGrad && vec_ok(kVecGrad))
-    dispatch_window<T, kVecGrad>(stream, op, pg, idx32, x, s, y);
+  if (op == Op::kGrad && vec_ok(kVecGrad))
+    dispatch_window<T, kVecGrad>(stream, op, pg, idx32, b);
   else if (op != Op::kGrad && vec_ok(kVecFwd))
-    dispatch_window<T, kVecFwd>(stream, op, pg, idx32, x, s, y);
+    dispatch_window<T, kVecFwd>(stream, op, pg, idx32, b);
   else
-    dispatch_window<T, 1>(stream, op, pg, idx32, x, s, y);
+    dispatch_window<T, 1>(stream, op, pg, idx32, b);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess)
     return ffi::Error::Internal(std::string("jax_convnet max_pool: kernel launch failed: ") +
@@ -734,14 +493,20 @@ ffi::Error run_typed(cudaStream_t stream, Op op, const jcn::PoolGeometry& pg, in
 
 ffi::Error run(cudaStream_t stream, Op op, ffi::DataType t, const jcn::PoolGeometry& pg,
                int64_t image_elems, int64_t pooled_elems, const void* img, const void* second,
-               void* out) {
+               void* out, void* sel = nullptr) {
+  auto typed = [&](auto zero) {
+    using T = decltype(zero);
+    return run_typed<T>(stream, op, pg, image_elems, pooled_elems,
+                        Buffers<T>{static_cast<const T*>(img), static_cast<const T*>(second),
+                                   static_cast<T*>(out), static_cast<uint8_t*>(sel)});
+  };
   switch (t) {
     case ffi::DataType::F32:
-      return run_typed<float>(stream, op, pg, image_elems, pooled_elems, img, second, out);
+      return typed(float{});
     case ffi::DataType::BF16:
-      return run_typed<__nv_bfloat16>(stream, op, pg, image_elems, pooled_elems, img, second, out);
+      return typed(__nv_bfloat16{});
     case ffi::DataType::F16:
-      return run_typed<__half>(stream, op, pg, image_elems, pooled_elems, img, second, out);
+      return typed(__half{});
     default:
       return ffi::Error::InvalidArgument("jax_convnet max_pool: unsupported dtype");
   }
@@ -780,8 +545,11 @@ ffi::Error MaxPoolJvpImpl(cudaStream_t stream, ffi::AnyBuffer images, ffi::AnyBu
              images.untyped_data(), tangents.untyped_data(), pooled_tangents->untyped_data());
 }
 
+// `workspace`: one byte per pooled element (jax_convnet/pool.py sizes it), for the selections
+// of the two-pass gradient.
 ffi::Error MaxPoolGradImpl(cudaStream_t stream, ffi::AnyBuffer images, ffi::AnyBuffer cotangents,
-                           ffi::Result<ffi::AnyBuffer> image_cotangents, jcn::PoolParams p) {
+                           ffi::Result<ffi::AnyBuffer> image_cotangents,
+                           ffi::Result<ffi::AnyBuffer> workspace, jcn::PoolParams p) {
   const char* op = "max_pool_grad";
   jcn::PoolGeometry g;
   ffi::Error checked = jcn::check_pool_call(op, p, images, cotangents, kAllowF64, &g);
@@ -790,8 +558,12 @@ ffi::Error MaxPoolGradImpl(cudaStream_t stream, ffi::AnyBuffer images, ffi::AnyB
     return jcn::invalid(op, "operands and result must share one dtype");
   if (!(image_cotangents->dimensions() == images.dimensions()))
     return jcn::invalid(op, "image cotangents' shape differs from the images'");
+  if (int64_t(workspace->size_bytes()) < elems(cotangents))
+    return jcn::invalid(op, "workspace of " + std::to_string(workspace->size_bytes()) +
+                                " bytes is smaller than one byte per pooled element");
   return run(stream, Op::kGrad, images.element_type(), g, elems(images), elems(cotangents),
-             images.untyped_data(), cotangents.untyped_data(), image_cotangents->untyped_data());
+             images.untyped_data(), cotangents.untyped_data(), image_cotangents->untyped_data(),
+             uses_selection(g) ? workspace->untyped_data() : nullptr);
 }
 
 }  // namespace
@@ -818,6 +590,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MaxPoolGradCuda, MaxPoolGradImpl,
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Attrs<jax_convnet::PoolParams>(),
                               {ffi::Traits::kCmdBufferCompatible});
