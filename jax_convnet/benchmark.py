@@ -254,22 +254,33 @@ def _once(compiled, args) -> float:
     return time.perf_counter() - t
 
 
-def repeated(fn: Callable, n: int) -> Callable:
-    """``fn`` called ``n`` times in one executable, back to back with no host work between them.
+def repeated(fn: Callable, n: int, copies: int = 1) -> Callable:
+    """``fn`` called ``n`` times in one executable, back to back with no host work between them;
+    the result takes ``copies`` sets of ``fn``'s arguments and call i uses set i % copies (so the
+    data the calls touch can exceed the L2 cache, as one call's does in a real network).
     Every argument of each call gets one element of the previous call's output written into it
     (an in-place one-element update), so XLA can neither drop the earlier calls as dead nor merge
     them as common subexpressions. All arguments, because an op need not depend on its first one
     (bprop_data ignores the images); and through an optimization barrier, because XLA otherwise
     narrows the earlier calls to the one element used (it slices through reduce_window)."""
-    def run(*args):
-        out = fn(*args)
-        for _ in range(n - 1):
+    def run(*flat_sets):
+        arity = len(flat_sets) // copies
+        sets = [flat_sets[i * arity:(i + 1) * arity] for i in range(copies)]
+        out = fn(*sets[0])
+        for i in range(1, n):
             seed = lax.optimization_barrier(jax.tree_util.tree_leaves(out)[0]).reshape(-1)[:1]
-            args = tuple(lax.dynamic_update_slice(a, seed.astype(a.dtype).reshape((1,) * a.ndim),
-                                                  (0,) * a.ndim) for a in args)
-            out = fn(*args)
+            sets[i % copies] = tuple(
+                lax.dynamic_update_slice(a, seed.astype(a.dtype).reshape((1,) * a.ndim),
+                                         (0,) * a.ndim) for a in sets[i % copies])
+            out = fn(*sets[i % copies])
         return out
     return run
+
+
+# Bytes the repeated calls cycle through at least: several times the largest L2 cache (50 MiB on
+# the H100 / H200), so every call reads its operands from memory, not from the previous call's
+# cached copy.
+COLD_WORKING_SET_BYTES = 256 << 20
 
 
 def time_on_device(fn: Callable, compiled, args, *, reps: int, target_s: float = 0.005,
@@ -277,17 +288,22 @@ def time_on_device(fn: Callable, compiled, args, *, reps: int, target_s: float =
     """Milliseconds per call on an accelerator, free of host dispatch and synchronisation: ``fn``
     repeated n and 2n times in one executable each (n fills about ``target_s``), and the per-call
     time is the difference of the two medians over n. Launch-bound small kernels (a pool of 256 x
-    13 x 13 x 128 takes ~10 us) are otherwise hidden under ~30 us of dispatch per call."""
+    13 x 13 x 128 takes ~10 us) are otherwise hidden under ~30 us of dispatch per call. The calls
+    cycle through copies of the arguments worth COLD_WORKING_SET_BYTES (memory-bound ops would
+    otherwise run from L2)."""
     for _ in range(2):
         jax.block_until_ready(compiled(*args))
     single = min(_once(compiled, args) for _ in range(3))
     n = int(min(max_calls, max(1, round(target_s / max(single, 1e-6)))))
+    arg_bytes = sum(a.nbytes for a in args)
+    copies = int(min(n, max(1, -(-COLD_WORKING_SET_BYTES // arg_bytes))))
+    flat_sets = [a if i == 0 else jnp.copy(a) for i in range(copies) for a in args]
     medians = []
     for calls in (n, 2 * n):
-        run = jax.jit(repeated(fn, calls)).lower(*args).compile()
+        run = jax.jit(repeated(fn, calls, copies)).lower(*flat_sets).compile()
         for _ in range(2):
-            jax.block_until_ready(run(*args))
-        medians.append(float(np.median([_once(run, args) for _ in range(reps)])))
+            jax.block_until_ready(run(*flat_sets))
+        medians.append(float(np.median([_once(run, flat_sets) for _ in range(reps)])))
     return max(medians[1] - medians[0], 1e-9) / n * 1e3
 
 

@@ -21,6 +21,14 @@ def test_repeated_calls_survive_compilation():
     assert jnp.allclose(compiled(x).reshape(-1)[1:], pool_grad(x).reshape(-1)[1:])
 
 
+def test_repeated_calls_cycle_through_argument_copies():
+    x, y = (jax.random.normal(jax.random.key(i), (4, 9, 9, 8)) for i in (0, 1))
+    pool = lambda x: jcn.max_pool(x, 3, stride=2, layout="NHWC")
+    for calls, last in ((5, x), (4, y)):  # call i takes set i % 2
+        out = jax.jit(benchmark.repeated(pool, calls, copies=2))(x, y)
+        assert jnp.array_equal(out.reshape(-1)[1:], pool(last).reshape(-1)[1:])
+
+
 def _flops(fn, *args):
     cost = jax.jit(fn).lower(*args).compile().cost_analysis()
     return (cost[0] if isinstance(cost, list) else cost)["flops"]
