@@ -283,8 +283,8 @@ def repeated(fn: Callable, n: int, copies: int = 1) -> Callable:
 COLD_WORKING_SET_BYTES = 256 << 20
 
 
-def time_on_device(fn: Callable, compiled, args, *, reps: int, target_s: float = 0.005,
-                   max_calls: int = 32) -> float:
+def time_on_device(fn: Callable, compiled, args, *, reps: int, target_s: float = 0.003,
+                   max_calls: int = 16) -> float:
     """Milliseconds per call on an accelerator, free of host dispatch and synchronisation: ``fn``
     repeated n and 2n times in one executable each (n fills about ``target_s``), and the per-call
     time is the difference of the two medians over n. Launch-bound small kernels (a pool of 256 x
