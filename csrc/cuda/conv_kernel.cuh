@@ -4,8 +4,11 @@
 // One block computes a BM x BN tile of C = A * B per unit; units (tiles, IA classes, WA
 // segment / split chunks) are walked with a grid-stride loop, so any problem size fits the grid.
 // Main loop: operands are gathered global -> registers (predicated, zero fill, VEC elements per
-// access along the contiguous dimension), then stored into double-buffered shared memory laid
-// out k-major ([BK][rows + pad]); one __syncthreads per k-tile.
+// access along the contiguous dimension), then stored into double-buffered shared memory; one
+// __syncthreads per k-tile. Shared memory is k-major ([BK][rows + pad]) for the FFMA path and
+// for operands contiguous along their rows; the tensor-core path keeps an operand contiguous
+// along k row-major ([rows][BK + pad]), so its vectors are stored whole, not element by
+// element across BK rows (wmma reads either layout).
 #pragma once
 
 #include <mma.h>
@@ -91,15 +94,24 @@ struct Loader {
       }
     }
   }
-  // buf: one stage, [BK][ld] of S.
-  template <typename S>
+  // buf: one stage of S, [BK][ld] (kKMajor) or [R][ld] (row-major, operands contiguous along k).
+  template <bool kKMajor, typename S>
   __device__ __forceinline__ void store(S* buf, int ld) const {
+    static_assert(kKMajor || !ROWC, "row-major stages hold operands contiguous along k");
 #pragma unroll
     for (int s = 0; s < SLOTS; ++s) {
       if (!live(s)) continue;
       int row, kk;
       pos(s, row, kk);
-      if constexpr (ROWC) {
+      if constexpr (!kKMajor) {  // the vector runs along k: contiguous in the stage's row
+        constexpr int CH = (16 / int(sizeof(S))) < VEC ? (16 / int(sizeof(S))) : VEC;
+        Vec<S, CH> tmp[VEC / CH];
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) tmp[e / CH].v[e % CH] = to_smem<S, T>(reg[s].v[e]);
+#pragma unroll
+        for (int c = 0; c < VEC / CH; ++c)
+          *reinterpret_cast<Vec<S, CH>*>(buf + row * ld + kk + c * CH) = tmp[c];
+      } else if constexpr (ROWC) {
         constexpr int CH = (16 / int(sizeof(S))) < VEC ? (16 / int(sizeof(S))) : VEC;
         Vec<S, CH> tmp[VEC / CH];
 #pragma unroll
@@ -126,12 +138,16 @@ struct WmmaType<float> {
   using ptr = float;
 };
 
-// Shared-memory plan of a configuration (bytes, all offsets 128-aligned).
-template <class Cfg, typename S, typename Idx>
+// Shared-memory plan of a configuration (bytes, all offsets 128-aligned). kAK / kBK: operand
+// A / B stages are k-major ([BK][rows + PAD]), else row-major ([rows][BK + PAD]).
+template <class Cfg, typename S, typename Idx, bool kAK, bool kBK>
 struct SmemPlan {
   static constexpr int PAD = 16 / int(sizeof(S));  // 4 floats / 8 halves: keeps 16/32B alignment
-  static constexpr int LDA = Cfg::BM + PAD, LDB = Cfg::BN + PAD, LDC = Cfg::BN + 4;
-  static constexpr int A_STAGE = Cfg::BK * LDA, B_STAGE = Cfg::BK * LDB;  // elements
+  static constexpr int LDA = kAK ? Cfg::BM + PAD : Cfg::BK + PAD;
+  static constexpr int LDB = kBK ? Cfg::BN + PAD : Cfg::BK + PAD;
+  static constexpr int LDC = Cfg::BN + 4;
+  static constexpr int A_STAGE = (kAK ? Cfg::BK : Cfg::BM) * LDA;  // elements
+  static constexpr int B_STAGE = (kBK ? Cfg::BK : Cfg::BN) * LDB;
   static constexpr int round(int x) { return (x + 127) / 128 * 128; }
   static constexpr int A_OFF = 0;
   static constexpr int B_OFF = round(2 * A_STAGE * int(sizeof(S)));
@@ -142,8 +158,11 @@ struct SmemPlan {
   static constexpr int COL_OFF = ROW_OFF + round(Cfg::BM * int(sizeof(Idx)));
   static constexpr int TOTAL = COL_OFF + round(Cfg::BN * int(sizeof(Idx)));
   static_assert(TOTAL <= 48 * 1024, "static shared memory");
+  // wmma needs 32-byte aligned fragment pointers: stages, and rows of 16 (row-major stages).
   static_assert((A_STAGE * int(sizeof(S))) % 32 == 0 && (B_STAGE * int(sizeof(S))) % 32 == 0,
                 "stage alignment");
+  static_assert((16 * LDA * int(sizeof(S))) % 32 == 0 && (16 * LDB * int(sizeof(S))) % 32 == 0,
+                "fragment alignment");
 };
 
 // kVecMask bit 0 / bit 1: operand A / B is read up to 16 bytes at a time (the host checked
@@ -154,7 +173,8 @@ __global__ void __launch_bounds__(Cfg::NT, 1)
   constexpr int BM = Cfg::BM, BN = Cfg::BN, BK = Cfg::BK, NT = Cfg::NT;
   constexpr bool kTensor = Cfg::kTensor;
   using S = typename SmemElem<T, kTensor && sizeof(T) == 2>::type;
-  using Plan = SmemPlan<Cfg, S, Idx>;
+  constexpr bool AK = !kTensor || Op::A_ROWC, BKM = !kTensor || Op::B_ROWC;  // k-major stages
+  using Plan = SmemPlan<Cfg, S, Idx, AK, BKM>;
   constexpr int LDA = Plan::LDA, LDB = Plan::LDB, LDC = Plan::LDC;
   constexpr int VA = loader_vec(BM, BK, NT, (kVecMask & 1) ? 16 / int(sizeof(T)) : 1, Op::A_ROWC);
   constexpr int VB = loader_vec(BN, BK, NT, (kVecMask & 2) ? 16 / int(sizeof(T)) : 1, Op::B_ROWC);
@@ -212,8 +232,8 @@ __global__ void __launch_bounds__(Cfg::NT, 1)
     if (total_it > 0) {
       la.load(p, t, srcA, t.s_lo, t.kb);
       lb.load(p, t, srcB, t.s_lo, t.kb);
-      la.store(As, LDA);
-      lb.store(Bs, LDB);
+      la.template store<AK>(As, LDA);
+      lb.template store<BKM>(Bs, LDB);
       __syncthreads();
       int cur = 0;
       int64_t seg = t.s_lo;
@@ -237,12 +257,16 @@ __global__ void __launch_bounds__(Cfg::NT, 1)
           using P = typename WmmaType<T>::ptr;
 #pragma unroll
           for (int kk = 0; kk < BK; kk += KF) {
-            wmma::fragment<wmma::matrix_a, 16, 16, KF, FragT, wmma::col_major> fa[FM];
-            wmma::fragment<wmma::matrix_b, 16, 16, KF, FragT, wmma::row_major> fb[FN];
+            // A (m, k) / B (k, n) at stage[k * ld + m] (k-major) or stage[m * ld + k].
+            using ALay = std::conditional_t<AK, wmma::col_major, wmma::row_major>;
+            using BLay = std::conditional_t<BKM, wmma::row_major, wmma::col_major>;
+            wmma::fragment<wmma::matrix_a, 16, 16, KF, FragT, ALay> fa[FM];
+            wmma::fragment<wmma::matrix_b, 16, 16, KF, FragT, BLay> fb[FN];
 #pragma unroll
             for (int i = 0; i < FM; ++i) {
+              const int m = wm * Cfg::WM + i * 16;
               wmma::load_matrix_sync(
-                  fa[i], reinterpret_cast<const P*>(a_s + kk * LDA + wm * Cfg::WM + i * 16), LDA);
+                  fa[i], reinterpret_cast<const P*>(a_s + (AK ? kk * LDA + m : m * LDA + kk)), LDA);
               if constexpr (std::is_same_v<T, float>) {
 #pragma unroll
                 for (int e = 0; e < fa[i].num_elements; ++e)
@@ -251,8 +275,9 @@ __global__ void __launch_bounds__(Cfg::NT, 1)
             }
 #pragma unroll
             for (int j = 0; j < FN; ++j) {
+              const int n = wn * Cfg::WN + j * 16;
               wmma::load_matrix_sync(
-                  fb[j], reinterpret_cast<const P*>(b_s + kk * LDB + wn * Cfg::WN + j * 16), LDB);
+                  fb[j], reinterpret_cast<const P*>(b_s + (BKM ? kk * LDB + n : n * LDB + kk)), LDB);
               if constexpr (std::is_same_v<T, float>) {
 #pragma unroll
                 for (int e = 0; e < fb[j].num_elements; ++e)
@@ -321,8 +346,8 @@ __global__ void __launch_bounds__(Cfg::NT, 1)
           }
         }
         if (more) {
-          la.store(As + (cur ^ 1) * Plan::A_STAGE, LDA);
-          lb.store(Bs + (cur ^ 1) * Plan::B_STAGE, LDB);
+          la.template store<AK>(As + (cur ^ 1) * Plan::A_STAGE, LDA);
+          lb.template store<BKM>(Bs + (cur ^ 1) * Plan::B_STAGE, LDB);
         }
         __syncthreads();
         cur ^= 1;
