@@ -25,16 +25,16 @@ def conv_table(rows):
 def pool_table(rows, copy_tbps):
     """copy_tbps <= 0: no floor columns (no measured copy bandwidth for the machine)."""
     floor = copy_tbps > 0
-    out = ["| row | ours ms | XLA ms | XLA/ours | bytes moved (MB) |"
+    out = ["| row | ours ms | XLA ms | XLA/ours | bytes moved (MB) | ours TB/s |"
            + (" floor ms | ours % of copy |" if floor else ""),
-           "|---|---:|---:|---:|---:|" + ("---:|---:|" if floor else "")]
+           "|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if floor else "")]
     for r in rows:
         if "error" in r:
             empty = " | |" if floor else ""
-            out.append(f"| {r['name']} | error: {r['error'][:60]} | | | |{empty}")
+            out.append(f"| {r['name']} | error: {r['error'][:60]} | | | | |{empty}")
             continue
         line = (f"| {r['name']} | {r['ms']:.4f} | {r['xla_ms']:.4f} | {r['ratio']:.2f} | "
-                f"{r['bytes'] / 1e6:.1f} |")
+                f"{r['bytes'] / 1e6:.1f} | {r['bytes'] / r['ms'] / 1e9:.2f} |")
         if floor:
             floor_ms = r["bytes"] / (copy_tbps * 1e12) * 1e3
             line += f" {floor_ms:.4f} | {100 * floor_ms / r['ms']:.0f}% |"
