@@ -265,8 +265,8 @@ __global__ void __launch_bounds__(Cfg::NT, 1)
 #pragma unroll
             for (int i = 0; i < FM; ++i) {
               const int m = wm * Cfg::WM + i * 16;
-              wmma::load_matrix_sync(
-                  fa[i], reinterpret_cast<const P*>(a_s + (AK ? kk * LDA + m : m * LDA + kk)), LDA);
+              const S* a_frag = a_s + (AK ? kk * LDA + m : m * LDA + kk);
+              wmma::load_matrix_sync(fa[i], reinterpret_cast<const P*>(a_frag), LDA);
               if constexpr (std::is_same_v<T, float>) {
 #pragma unroll
                 for (int e = 0; e < fa[i].num_elements; ++e)
@@ -276,8 +276,8 @@ __global__ void __launch_bounds__(Cfg::NT, 1)
 #pragma unroll
             for (int j = 0; j < FN; ++j) {
               const int n = wn * Cfg::WN + j * 16;
-              wmma::load_matrix_sync(
-                  fb[j], reinterpret_cast<const P*>(b_s + (BKM ? kk * LDB + n : n * LDB + kk)), LDB);
+              const S* b_frag = b_s + (BKM ? kk * LDB + n : n * LDB + kk);
+              wmma::load_matrix_sync(fb[j], reinterpret_cast<const P*>(b_frag), LDB);
               if constexpr (std::is_same_v<T, float>) {
 #pragma unroll
                 for (int e = 0; e < fb[j].num_elements; ++e)

@@ -19,8 +19,8 @@
 // selection (each image element is read once either way). See the kernels for byte counts.
 //
 // Graph-safe: no allocation, no synchronisation, no host access to device data; one or two
-// kernel launches per call on the given stream. Index arithmetic is 32-bit when everything provably fits
-// (pool::fits_int32), else 64-bit; grids are 1-d with grid-stride loops (any size).
+// kernel launches per call on the given stream. Index arithmetic is 32-bit when everything
+// provably fits (pool::fits_int32), else 64-bit; grids are 1-d with grid-stride loops (any size).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
