@@ -2,8 +2,9 @@
 # One command on the GPU machine, from the repository root: build in place (no network, reusing
 # build/ in the tree), run the whole test suite on the GPU, compute-sanitizer over a small subset,
 # and the benchmark table last. Stages can be picked: gpu_check.sh build test sanitize bench
-# (default: all, in that order). Logs go to $OUT (or ./gpu_check_out). Environment: PYTEST_K (a -k
-# expression), PYTEST_ARGS, BENCH_ARGS and per-stage *_TIMEOUT_S.
+# (default: all, in that order), plus `profile` (Nsight Compute over benchmark rows, not in the
+# default). Logs go to $OUT (or ./gpu_check_out). Environment: PYTEST_K (a -k expression),
+# PYTEST_ARGS, BENCH_ARGS, PROFILE_ROWS, PROFILE_KERNELS and per-stage *_TIMEOUT_S.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_check_out}; mkdir -p "$OUT"
@@ -45,7 +46,23 @@ bench)
     ${BENCH_ARGS---quick} \
     2>"$OUT/bench.err" | tee "$OUT/bench.log" | tail -${BENCH_TAIL:-80} || status=1
   ;;
-*) echo "unknown stage $stage (build test sanitize bench)"; exit 2;;
+profile)
+  # One ncu report per row: the second call of the row's op (the first compiles and warms up),
+  # the kernels matching PROFILE_KERNELS; the sections say where the time goes.
+  ncu=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+  for row in ${PROFILE_ROWS:-conv/L2/fprop/bf16/NHWC conv/L2/bprop_data/bf16/NHWC}; do
+    step "ncu $row (log: $OUT/profile.txt)"
+    echo "=== $row" >>"$OUT/profile.txt"
+    timeout ${PROFILE_TIMEOUT_S:-120} "$ncu" --kernel-name "${PROFILE_KERNELS:-regex:conv_gemm|max_pool}" \
+      --launch-skip 1 --launch-count 1 --section SpeedOfLight --section Occupancy \
+      --section LaunchStats --section WarpStateStats --section SchedulerStats \
+      --section MemoryWorkloadAnalysis python3 -P benchmarks/profile_rows.py "$row" \
+      >>"$OUT/profile.txt" 2>&1 || { tail -20 "$OUT/profile.txt"; status=1; }
+    grep -E "Duration|Compute \(SM\) Throughput|Memory Throughput|Achieved Occupancy|Registers Per" \
+      "$OUT/profile.txt" | tail -5
+  done
+  ;;
+*) echo "unknown stage $stage (build test sanitize bench profile)"; exit 2;;
 esac
 done
 exit $status
