@@ -103,22 +103,17 @@ struct Loader {
       if (!live(s)) continue;
       int row, kk;
       pos(s, row, kk);
-      if constexpr (!kKMajor) {  // the vector runs along k: contiguous in the stage's row
+      if constexpr (!kKMajor || ROWC) {
+        // The vector is contiguous in the stage: along a row of a row-major stage (it runs along
+        // k) or along a k row of a k-major one (it runs along rows).
+        const int at = kKMajor ? kk * ld + row : row * ld + kk;
         constexpr int CH = (16 / int(sizeof(S))) < VEC ? (16 / int(sizeof(S))) : VEC;
         Vec<S, CH> tmp[VEC / CH];
 #pragma unroll
         for (int e = 0; e < VEC; ++e) tmp[e / CH].v[e % CH] = to_smem<S, T>(reg[s].v[e]);
 #pragma unroll
         for (int c = 0; c < VEC / CH; ++c)
-          *reinterpret_cast<Vec<S, CH>*>(buf + row * ld + kk + c * CH) = tmp[c];
-      } else if constexpr (ROWC) {
-        constexpr int CH = (16 / int(sizeof(S))) < VEC ? (16 / int(sizeof(S))) : VEC;
-        Vec<S, CH> tmp[VEC / CH];
-#pragma unroll
-        for (int e = 0; e < VEC; ++e) tmp[e / CH].v[e % CH] = to_smem<S, T>(reg[s].v[e]);
-#pragma unroll
-        for (int c = 0; c < VEC / CH; ++c)
-          *reinterpret_cast<Vec<S, CH>*>(buf + kk * ld + row + c * CH) = tmp[c];
+          *reinterpret_cast<Vec<S, CH>*>(buf + at + c * CH) = tmp[c];
       } else {
 #pragma unroll
         for (int e = 0; e < VEC; ++e) buf[(kk + e) * ld + row] = to_smem<S, T>(reg[s].v[e]);
