@@ -19,6 +19,18 @@ for layout in ("C01B", "NHWC"):
                 jax.block_until_ready((dx, dw))
             y, ty = jax.jvp(lambda x: jcn.max_pool(x, 3, stride=2, layout=layout), (x,), (x,))
             jax.block_until_ready(ty)
+# Convolutions whose contiguous dimensions are a multiple of 16 bytes (batch 8, 16 channels, 24
+# and 136 filters): the cp.async / mma.sync kernels, both tile widths, TF32 and 3xTF32.
+for layout in ("C01B", "NHWC"):
+    for dtype in (jnp.float32, jnp.bfloat16):
+        for precision in ("highest", "default"):
+            for f in (24, 136):
+                x = jax.random.normal(key, jcn.geometry.image_shape(layout, 8, 16, 11, 10), dtype)
+                w = jax.random.normal(key, jcn.geometry.filter_shape(layout, f, 16, 3, 3), dtype)
+                loss = lambda x, w: jnp.sum(jcn.filter_acts(
+                    x, w, layout=layout, precision=precision, pad=1, stride=2,
+                    partial_sum="auto").astype(jnp.float32) ** 2)
+                jax.block_until_ready(jax.jit(jax.grad(loss, (0, 1)))(x, w))
 # Pools on vector-friendly sizes (inner dimension a multiple of 8), where the vector kernels
 # run: overlapping (two-pass gradient) and disjoint windows, clipped (ceil rule) and padded
 # edges, and a window too tall for the selection byte (one-pass gradient).

@@ -4,9 +4,13 @@
 //   FA  M = B*Ho*Wo, N = F, K = C*fh*fw
 //   IA  per residue class (y mod sh, x mod sw): M = B*Hq*Wq, N = C, K = F*nI*nJ (useful taps only)
 //   WA  M = C*fh*fw, N = F, K = B*partial_sum per segment; segments folded in order.
-// Paths: tensor cores (nvcuda::wmma, bf16/f16 16x16x16, TF32 16x16x8 for float32 with precision
-// Default) when N >= 16 and M >= 16; otherwise FFMA with a 128x64 tile (or 512x4 for N <= 8).
-// Accumulation is float32 everywhere. Operands are read in place in either layout.
+// Paths, when N >= 16 and M >= 16:
+//   kMma   both operands readable 16 bytes at a time (contiguous dimensions a multiple of 16 bytes,
+//          aligned pointers): mma.sync with a cp.async pipeline (conv_mma.cuh); bf16 / f16,
+//          float32 as TF32 (precision Default) or 3xTF32 (High / Highest: float32 accuracy).
+//   kWmma  otherwise, bf16 / f16 / TF32: nvcuda::wmma, register-staged (conv_kernel.cuh).
+// Else FFMA with a 128x64 tile (or 512x4 for N <= 8). Accumulation is float32 everywhere.
+// Operands are read in place in either layout.
 //
 // CUDA-graph safe: no synchronisation, no allocation (weight_acts gets its temporary memory as
 // an extra workspace result), no host reads of device data; the launch plan depends only on
@@ -14,6 +18,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <optional>
@@ -22,6 +27,7 @@
 
 #include "conv_common.cuh"
 #include "conv_kernel.cuh"
+#include "conv_mma.cuh"
 #include "conv_ops.cuh"
 #include "ffi_common.h"
 #include "targets.h"
@@ -35,7 +41,7 @@ using namespace jax_convnet::cuda_conv;
 using jcn::Layout;
 
 enum class OpKind { kFA, kIA, kWA };
-enum class Path { kWide, kNarrow, kWmma };
+enum class Path { kWide, kNarrow, kWmma, kMma };
 
 constexpr int64_t kIdx32Limit = int64_t(1) << 30;  // everything below this uses 32-bit indices
 // weight_acts' temporary memory is an extra result of its custom call (graph capture cannot
@@ -63,6 +69,41 @@ cudaError_t launch_gemm(const KParams& p, cudaStream_t stream) {
   const int64_t blocks = std::min<int64_t>(p.units, int64_t(0x7fffffff));
   conv_gemm_kernel<Op, Cfg, T, Idx, kVecMask><<<dim3(unsigned(blocks)), Cfg::NT, 0, stream>>>(p);
   return cudaGetLastError();
+}
+
+// The mma kernels take more than 48 KiB of dynamic shared memory: opted in once per device.
+template <class Op, class Cfg, typename T, bool kSplit>
+cudaError_t launch_mma(const KParams& p, cudaStream_t stream) {
+  if (p.units < 1) return cudaSuccess;
+  constexpr int bytes = MmaPlanOf<Op, Cfg, T, int32_t>::TOTAL;
+  auto* kernel = conv_mma_kernel<Op, Cfg, T, int32_t, kSplit>;
+  static std::atomic<uint64_t> opted_in{0};  // bit d: device d (devices >= 64 ask every time)
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  const uint64_t bit = dev < 64 ? uint64_t(1) << dev : 0;
+  if (!(opted_in.load() & bit)) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+    if (err != cudaSuccess) return err;
+    opted_in.fetch_or(bit);
+  }
+  const int64_t blocks = std::min<int64_t>(p.units, int64_t(0x7fffffff));
+  kernel<<<dim3(unsigned(blocks)), Cfg::NT, bytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+// The mma tile for N columns: 128 wide unless 64 wastes fewer columns.
+inline bool mma_wide(int64_t N) { return cdiv(N, 128) * 128 - N <= cdiv(N, 64) * 64 - N; }
+
+template <class Op, typename T>
+cudaError_t launch_mma_for(const KParams& p, bool split, cudaStream_t stream) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (split)
+      return mma_wide(p.N) ? launch_mma<Op, MmaWide<T>, T, true>(p, stream)
+                           : launch_mma<Op, MmaNarrow<T>, T, true>(p, stream);
+  }
+  return mma_wide(p.N) ? launch_mma<Op, MmaWide<T>, T, false>(p, stream)
+                       : launch_mma<Op, MmaNarrow<T>, T, false>(p, stream);
 }
 
 template <class Op, class Cfg, typename T>
@@ -122,7 +163,14 @@ void vec_widths_path(Path path, int* va, int* vb) {
 
 // mask: bit 0 / 1 = vector loads for operand A / B.
 template <OpKind K, Layout L, typename T>
-cudaError_t launch_path(const KParams& p, Path path, bool idx64, int mask, cudaStream_t stream) {
+cudaError_t launch_path(const KParams& p, Path path, bool idx64, int mask, bool split,
+                        cudaStream_t stream) {
+  if (path == Path::kMma) {
+    if constexpr (K == OpKind::kWA) {
+      if (p.fused) return launch_mma_for<OpWA<L, int32_t, true>, T>(p, split, stream);
+    }
+    return launch_mma_for<typename OpOf<K>::template type<L, int32_t>, T>(p, split, stream);
+  }
   if constexpr (K == OpKind::kWA) {
     if (p.fused) {  // weight_acts folding all segments per tile: mask 3 or scalar
       if (idx64) return launch_gemm<OpWA<L, int64_t, true>, CfgWide, T, int64_t, 0>(p, stream);
@@ -172,7 +220,8 @@ ffi::Error run(cudaStream_t stream, Workspace workspace, const jcn::ConvGeometry
                const jcn::ConvParams& cp, const void* a, const void* b, void* out) {
   const OpKind kOp = K;
   const bool f32 = std::is_same_v<T, float>;
-  const bool tc_ok = !f32 || cp.precision == jcn::Precision::kDefault;
+  // float32 at precision High / Highest: tensor cores only as 3xTF32 (the mma path).
+  const bool split = f32 && cp.precision != jcn::Precision::kDefault;
 
   KParams p{};
   p.a = a;
@@ -249,13 +298,6 @@ ffi::Error run(cudaStream_t stream, Workspace workspace, const jcn::ConvGeometry
                                  double(p.fw + p.sw + 1)));
   const bool idx64 = worst >= double(kIdx32Limit);
 
-  Path path = Path::kWide;
-  if (!idx64 && tc_ok && N >= 16 && M >= 16) {
-    path = Path::kWmma;
-  } else if (!idx64 && K != OpKind::kWA && N <= 8) {
-    path = Path::kNarrow;
-  }
-
   // Vector loads: the contiguous dimension of each operand must be a multiple of the width and
   // the base pointers aligned to it. The narrow tile is only used with vector loads.
   const bool c01b = L == Layout::kC01B;
@@ -277,15 +319,33 @@ ffi::Error run(cudaStream_t stream, Workspace workspace, const jcn::ConvGeometry
     const bool okb = cb % vb == 0 && aligned(b, int64_t(vb) * int64_t(sizeof(T)));
     return (oka ? 1 : 0) | (okb ? 2 : 0);
   };
-  int mask = idx64 ? 0 : vec_mask(path);
+  constexpr int kMmaVec = MmaWide<T>::VEC;  // 16 bytes, both operands
+  const bool mma_ok = ca % kMmaVec == 0 && cb % kMmaVec == 0 && aligned(a, 16) && aligned(b, 16);
+
+  Path path = Path::kWide;
+  if (!idx64 && N >= 16 && M >= 16 && mma_ok) {
+    path = Path::kMma;
+  } else if (!idx64 && !split && N >= 16 && M >= 16) {
+    path = Path::kWmma;
+  } else if (!idx64 && K != OpKind::kWA && N <= 8) {
+    path = Path::kNarrow;
+  }
+  int mask = (idx64 || path == Path::kMma) ? 3 * int(path == Path::kMma) : vec_mask(path);
   if (path == Path::kNarrow && mask != 3) {
     path = Path::kWide;
     mask = vec_mask(path);
   }
-  const int BM = path == Path::kNarrow ? CfgNarrow::BM : 128;
-  const int BN = path == Path::kNarrow ? CfgNarrow::BN : 64;
-  const int BK = path == Path::kWmma ? WmmaCfgOf<T>::BK : path == Path::kNarrow ? CfgNarrow::BK
-                                                                                : CfgWide::BK;
+  int BM = 128, BN = 64, BK = CfgWide::BK;
+  if (path == Path::kMma) {
+    BN = mma_wide(N) ? MmaWide<T>::BN : MmaNarrow<T>::BN;
+    BK = MmaWide<T>::BK;
+  } else if (path == Path::kWmma) {
+    BK = WmmaCfgOf<T>::BK;
+  } else if (path == Path::kNarrow) {
+    BM = CfgNarrow::BM;
+    BN = CfgNarrow::BN;
+    BK = CfgNarrow::BK;
+  }
 
   p.tiles_m = cdiv(M, BM);
   p.tiles_n = cdiv(N, BN);
@@ -298,7 +358,7 @@ ffi::Error run(cudaStream_t stream, Workspace workspace, const jcn::ConvGeometry
 
   cudaError_t err;
   if (K != OpKind::kWA) {
-    err = launch_path<K, L, T>(p, path, idx64, mask, stream);
+    err = launch_path<K, L, T>(p, path, idx64, mask, split, stream);
     if (err != cudaSuccess) return cuda_error(kOp, "kernel launch", err);
     return ffi::Error::Success();
   }
@@ -332,7 +392,7 @@ ffi::Error run(cudaStream_t stream, Workspace workspace, const jcn::ConvGeometry
 
   if (fused || (nseg == 1 && nsplit == 1)) {  // direct: the kernel writes the output
     p.units = tiles;
-    err = launch_path<K, L, T>(p, path, idx64, mask, stream);
+    err = launch_path<K, L, T>(p, path, idx64, mask, split, stream);
     if (err != cudaSuccess) return cuda_error(kOp, "kernel launch", err);
     return ffi::Error::Success();
   }
@@ -353,7 +413,7 @@ ffi::Error run(cudaStream_t stream, Workspace workspace, const jcn::ConvGeometry
     const int64_t s0 = gi * G, gcount = std::min(G, nseg - s0);
     p.seg0 = s0;
     p.units = gcount * nsplit * tiles;
-    err = launch_path<K, L, T>(p, path, idx64, mask, stream);
+    err = launch_path<K, L, T>(p, path, idx64, mask, split, stream);
     if (err != cudaSuccess) return cuda_error(kOp, "kernel launch", err);
     err = launch_reduce<T>(slots, gcount, nsplit, E, acc, out, gi == 0, gi + 1 == ngroups, nsm,
                            stream);

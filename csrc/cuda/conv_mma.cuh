@@ -1,0 +1,295 @@
+// The tensor-core implicit GEMM of the conv family (mma.sync), for operands that can be read
+// 16 bytes at a time: bf16 / f16 (m16n8k16), float32 as TF32 (m16n8k8) or, for float32
+// accuracy, as 3xTF32 (each operand split into a TF32 high part and a TF32 residue; the three
+// products big*big + big*small + small*big keep ~22 bits, the residue*residue term is dropped).
+//
+// Same units, tiles and operand addressing as conv_gemm_kernel (conv_ops.cuh, Loader); what
+// differs is the pipeline: every k-tile goes global -> shared memory with cp.async (no registers,
+// zero-filled outside the operand) into a ring of STAGES buffers, STAGES - 1 k-tiles ahead of the
+// math, one __syncthreads per k-tile. Warps own 64 x 32 of the block tile and read their fragments
+// with ldmatrix (the .trans form for k-major stages; TF32 reads k-major stages element-wise).
+// Stage rows are padded so that ldmatrix and the element-wise reads are free of bank conflicts.
+#pragma once
+
+#include "conv_common.cuh"
+#include "conv_kernel.cuh"
+#include "conv_ops.cuh"
+
+namespace jax_convnet {
+namespace cuda_conv {
+
+// Block tile of WARPS_M x WARPS_N warps of 64 x 32 each; BK = 64 bytes of k per stage.
+template <typename T, int WARPS_M_, int WARPS_N_, int STAGES_>
+struct MmaCfg {
+  static constexpr bool kTensor = true;
+  static constexpr int WARPS_M = WARPS_M_, WARPS_N = WARPS_N_, STAGES = STAGES_;
+  static constexpr int WM = 64, WN = 32, MI = WM / 16, NI = WN / 8;
+  static constexpr int BM = WM * WARPS_M, BN = WN * WARPS_N, NT = 32 * WARPS_M * WARPS_N;
+  static constexpr int BK = 64 / int(sizeof(T));     // 32 halves or 16 floats
+  static constexpr int KF = sizeof(T) == 2 ? 16 : 8;  // k of one mma
+  static constexpr int VEC = 16 / int(sizeof(T));    // elements per cp.async
+};
+template <typename T>
+using MmaWide = MmaCfg<T, 2, 4, 4>;  // 128 x 128, 256 threads
+template <typename T>
+using MmaNarrow = MmaCfg<T, 2, 2, 4>;  // 128 x 64, 128 threads
+
+// Shared memory of one kernel instance (bytes, offsets 128-aligned). kAK / kBK: operand A / B is
+// contiguous along its rows, so its stages are k-major ([BK][rows + pad]); otherwise row-major
+// ([rows][BK + pad]). Pads: 16-bit stages 8 elements (ldmatrix rows 16 bytes apart modulo 128);
+// float stages 4 (row-major: ldmatrix) or 8 (k-major: lanes (t, g) read t * ld + g, ld = 8 mod 32).
+template <class Cfg, typename T, typename Idx, bool kAK, bool kBK>
+struct MmaPlan {
+  static constexpr int PAD_K = 8, PAD_R = sizeof(T) == 2 ? 8 : 4;
+  static constexpr int LDA = kAK ? Cfg::BM + PAD_K : Cfg::BK + PAD_R;
+  static constexpr int LDB = kBK ? Cfg::BN + PAD_K : Cfg::BK + PAD_R;
+  static constexpr int LDC = Cfg::BN + 8;  // float2 stores of a warp's accumulators: no conflicts
+  static constexpr int A_STAGE = (kAK ? Cfg::BK : Cfg::BM) * LDA;  // elements
+  static constexpr int B_STAGE = (kBK ? Cfg::BK : Cfg::BN) * LDB;
+  static constexpr int round(int x) { return (x + 127) / 128 * 128; }
+  static constexpr int A_OFF = 0;
+  static constexpr int B_OFF = round(Cfg::STAGES * A_STAGE * int(sizeof(T)));
+  static constexpr int MAIN = B_OFF + round(Cfg::STAGES * B_STAGE * int(sizeof(T)));
+  static constexpr int CBYTES = round(Cfg::BM * LDC * 4);
+  static constexpr int UNION = MAIN > CBYTES ? MAIN : CBYTES;
+  static constexpr int ROW_OFF = UNION;
+  static constexpr int COL_OFF = ROW_OFF + round(Cfg::BM * int(sizeof(Idx)));
+  static constexpr int TOTAL = COL_OFF + round(Cfg::BN * int(sizeof(Idx)));
+  static_assert(TOTAL <= 227 * 1024, "shared memory per block");
+  static_assert((LDA * int(sizeof(T))) % 16 == 0 && (LDB * int(sizeof(T))) % 16 == 0,
+                "cp.async and ldmatrix need 16-byte aligned stage rows");
+};
+
+template <class Op, class Cfg, typename T, typename Idx>
+using MmaPlanOf = MmaPlan<Cfg, T, Idx, Op::A_ROWC, Op::B_ROWC>;
+
+// The fragments of one warp for one mma k-step at kk: A (MI tiles of 16 x KF) and B (NI tiles of
+// KF x 8), raw (16-bit pairs or float bits), in mma.sync's register order.
+template <class Cfg, typename T, int LD, bool kKMajor>
+__device__ __forceinline__ void load_a_frag(uint32_t (&a)[4], const T* s, int m0, int kk, int lane) {
+  if constexpr (sizeof(T) == 2) {
+    if constexpr (kKMajor) {  // matrices (m 0-7 | 8-15) x (k 0-7 | 8-15), stored k-major: .trans
+      ldmatrix_x4_trans(a, s + (kk + (lane & 7) + ((lane >> 4) << 3)) * LD + m0 +
+                               (((lane >> 3) & 1) << 3));
+    } else {
+      ldmatrix_x4(a, s + (m0 + (lane & 15)) * LD + kk + ((lane >> 4) << 3));
+    }
+  } else {
+    if constexpr (kKMajor) {
+      const int g = lane >> 2, t = lane & 3;
+      const float* f = reinterpret_cast<const float*>(s);
+      a[0] = __float_as_uint(f[(kk + t) * LD + m0 + g]);
+      a[1] = __float_as_uint(f[(kk + t) * LD + m0 + g + 8]);
+      a[2] = __float_as_uint(f[(kk + t + 4) * LD + m0 + g]);
+      a[3] = __float_as_uint(f[(kk + t + 4) * LD + m0 + g + 8]);
+    } else {  // 8x8 b16 matrices are 8 x 4 floats: (m 0-7 | 8-15) x (k 0-3 | 4-7)
+      ldmatrix_x4(a, s + (m0 + (lane & 15)) * LD + kk + ((lane >> 4) << 2));
+    }
+  }
+}
+
+// Two adjacent 8-column B tiles (n0 and n0 + 8).
+template <class Cfg, typename T, int LD, bool kKMajor>
+__device__ __forceinline__ void load_b_frag_pair(uint32_t (&b0)[2], uint32_t (&b1)[2], const T* s,
+                                                 int n0, int kk, int lane) {
+  uint32_t r[4];
+  if constexpr (sizeof(T) == 2) {
+    if constexpr (kKMajor) {  // matrices (k 0-7 | 8-15) x (n 0-7 | 8-15), stored k-major: .trans
+      ldmatrix_x4_trans(r, s + (kk + (lane & 7) + (((lane >> 3) & 1) << 3)) * LD + n0 +
+                               ((lane >> 4) << 3));
+    } else {
+      ldmatrix_x4(r, s + (n0 + (lane & 7) + ((lane >> 4) << 3)) * LD + kk +
+                         (((lane >> 3) & 1) << 3));
+    }
+  } else {
+    if constexpr (kKMajor) {
+      const int g = lane >> 2, t = lane & 3;
+      const float* f = reinterpret_cast<const float*>(s);
+      r[0] = __float_as_uint(f[(kk + t) * LD + n0 + g]);
+      r[1] = __float_as_uint(f[(kk + t + 4) * LD + n0 + g]);
+      r[2] = __float_as_uint(f[(kk + t) * LD + n0 + 8 + g]);
+      r[3] = __float_as_uint(f[(kk + t + 4) * LD + n0 + 8 + g]);
+    } else {
+      ldmatrix_x4(r, s + (n0 + (lane & 7) + ((lane >> 4) << 3)) * LD + kk +
+                         (((lane >> 3) & 1) << 2));
+    }
+  }
+  b0[0] = r[0];
+  b0[1] = r[1];
+  b1[0] = r[2];
+  b1[1] = r[3];
+}
+
+// float bits -> TF32 high part (in place); with kSplit also the TF32 residue.
+template <int N, bool kSplit>
+__device__ __forceinline__ void split_tf32(uint32_t (&big)[N], uint32_t (&small)[N]) {
+#pragma unroll
+  for (int e = 0; e < N; ++e) {
+    const float x = __uint_as_float(big[e]);
+    big[e] = to_tf32(x);
+    if constexpr (kSplit) small[e] = to_tf32(x - __uint_as_float(big[e]));
+  }
+}
+
+// kSplit: float32 as 3xTF32 (precision highest); otherwise one mma per tile pair.
+template <class Op, class Cfg, typename T, typename Idx, bool kSplit>
+__global__ void __launch_bounds__(Cfg::NT, Op::kFold ? 1 : 512 / Cfg::NT)
+    conv_mma_kernel(const __grid_constant__ KParams p) {
+  constexpr int BM = Cfg::BM, BN = Cfg::BN, BK = Cfg::BK, NT = Cfg::NT, STAGES = Cfg::STAGES;
+  constexpr int MI = Cfg::MI, NI = Cfg::NI, KF = Cfg::KF;
+  constexpr bool AK = Op::A_ROWC, BKM = Op::B_ROWC;  // k-major stages
+  constexpr bool kTf32 = std::is_same_v<T, float>;
+  static_assert(!kSplit || kTf32, "3xTF32 is for float32");
+  using Plan = MmaPlanOf<Op, Cfg, T, Idx>;
+  constexpr int LDA = Plan::LDA, LDB = Plan::LDB, LDC = Plan::LDC;
+  using LA = Loader<Op, true, BM, BK, NT, T, Idx, Cfg::VEC>;
+  using LB = Loader<Op, false, BN, BK, NT, T, Idx, Cfg::VEC>;
+
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* const As = reinterpret_cast<T*>(smem + Plan::A_OFF);
+  T* const Bs = reinterpret_cast<T*>(smem + Plan::B_OFF);
+  float* const Cs = reinterpret_cast<float*>(smem);
+  Idx* const rowoff = reinterpret_cast<Idx*>(smem + Plan::ROW_OFF);
+  Idx* const coloff = reinterpret_cast<Idx*>(smem + Plan::COL_OFF);
+
+  const T* const srcA = static_cast<const T*>(p.a);
+  const T* const srcB = static_cast<const T*>(p.b);
+  const int tid = int(threadIdx.x), lane = tid & 31, warp = tid >> 5;
+  const int wm0 = (warp % Cfg::WARPS_M) * Cfg::WM, wn0 = (warp / Cfg::WARPS_M) * Cfg::WN;
+  constexpr int FI = Op::kFold ? MI : 1, FJ = Op::kFold ? NI : 1;  // the fold's running sum
+
+  for (int64_t u = blockIdx.x; u < p.units; u += gridDim.x) {
+    const Tile<Idx> t = Op::tile(p, u, BM, BN);
+    if (t.skip) continue;  // uniform across the block
+
+    LA la;
+    LB lb;
+    la.init_rows(p, t);
+    lb.init_rows(p, t);
+    float acc[MI][NI][4], tot[FI][FJ][4];
+#pragma unroll
+    for (int i = 0; i < MI; ++i)
+#pragma unroll
+      for (int j = 0; j < NI; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+
+    const Idx nkt = (t.ke - t.kb + Idx(BK - 1)) / Idx(BK);  // k-tiles per segment
+    const int64_t total_it = int64_t(nkt) * t.s_n;
+    // Load cursor: the next k-tile to copy (segment, k-tile), STAGES - 1 ahead of the math.
+    int64_t lseg = t.s_lo, issued = 0;
+    Idx lkt = 0;
+    auto issue = [&](int stage) {
+      if (issued < total_it) {
+        const Idx k0 = t.kb + lkt * Idx(BK);
+        la.copy_async(As + stage * Plan::A_STAGE, LDA, p, t, srcA, lseg, k0);
+        lb.copy_async(Bs + stage * Plan::B_STAGE, LDB, p, t, srcB, lseg, k0);
+        if (++lkt == nkt) {
+          lkt = 0;
+          ++lseg;
+        }
+      }
+      ++issued;
+      cp_async_commit();  // an empty group past the end keeps the wait counts uniform
+    };
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) issue(s);
+
+    int stage = 0;
+    Idx ckt = 0;  // k-tile of the math within its segment (the fold's trigger)
+    for (int64_t it = 0; it < total_it; ++it) {
+      cp_async_wait<STAGES - 2>();  // this thread's copies of k-tile `it` landed ...
+      __syncthreads();              // ... and everyone's; the stage read at it - 1 is free
+      issue(stage == 0 ? STAGES - 1 : stage - 1);
+      const T* a_s = As + stage * Plan::A_STAGE;
+      const T* b_s = Bs + stage * Plan::B_STAGE;
+#pragma unroll
+      for (int kk = 0; kk < BK; kk += KF) {
+        uint32_t bf[NI][2], bs[kSplit ? NI : 1][2];
+#pragma unroll
+        for (int j = 0; j < NI; j += 2)
+          load_b_frag_pair<Cfg, T, LDB, BKM>(bf[j], bf[j + 1], b_s, wn0 + j * 8, kk, lane);
+        if constexpr (kTf32) {
+#pragma unroll
+          for (int j = 0; j < NI; ++j) split_tf32<2, kSplit>(bf[j], bs[kSplit ? j : 0]);
+        }
+#pragma unroll
+        for (int i = 0; i < MI; ++i) {
+          uint32_t af[4], as[4];
+          load_a_frag<Cfg, T, LDA, AK>(af, a_s, wm0 + i * 16, kk, lane);
+          if constexpr (kTf32) split_tf32<4, kSplit>(af, as);
+#pragma unroll
+          for (int j = 0; j < NI; ++j) {
+            if constexpr (kSplit) {  // small terms first: they are the least significant
+              mma_16x8<T>(acc[i][j], as, bf[j]);
+              mma_16x8<T>(acc[i][j], af, bs[j]);
+            }
+            mma_16x8<T>(acc[i][j], af, bf[j]);
+          }
+        }
+      }
+      if constexpr (Op::kFold) {
+        if (++ckt == nkt) {  // segment finished: tot = (...(p0 + p1) + ...) + p_seg
+          ckt = 0;
+          const bool first = it + 1 == int64_t(nkt);
+#pragma unroll
+          for (int i = 0; i < MI; ++i)
+#pragma unroll
+            for (int j = 0; j < NI; ++j)
+#pragma unroll
+              for (int e = 0; e < 4; ++e) {
+                tot[i][j][e] = first ? acc[i][j][e] : tot[i][j][e] + acc[i][j][e];
+                acc[i][j][e] = 0.f;
+              }
+        }
+      }
+      stage = stage + 1 == STAGES ? 0 : stage + 1;
+    }
+    cp_async_wait<0>();
+    __syncthreads();  // all stage reads done: Cs may overwrite them
+
+    // ---- epilogue: accumulators -> Cs[BM][LDC] -> global, coalesced along the output's
+    // contiguous dimension (as conv_gemm_kernel).
+    for (int i = tid; i < BM; i += NT)
+      rowoff[i] = (t.m0 + Idx(i) < t.M) ? Op::out_row(p, t, t.m0 + Idx(i)) : Idx(-1);
+    for (int i = tid; i < BN; i += NT)
+      coloff[i] = (t.n0 + Idx(i) < t.N) ? Op::out_col(p, t, t.n0 + Idx(i)) : Idx(-1);
+    {
+      const int g = lane >> 2, q = lane & 3;
+#pragma unroll
+      for (int i = 0; i < MI; ++i)
+#pragma unroll
+        for (int j = 0; j < NI; ++j) {
+          const float* v = Op::kFold ? tot[i % FI][j % FJ] : acc[i][j];
+          float* c = Cs + (wm0 + i * 16 + g) * LDC + wn0 + j * 8 + 2 * q;
+          *reinterpret_cast<float2*>(c) = make_float2(v[0], v[1]);
+          *reinterpret_cast<float2*>(c + 8 * LDC) = make_float2(v[2], v[3]);
+        }
+    }
+    __syncthreads();
+    T* const out = static_cast<T*>(p.out);
+    for (int l = tid; l < BM * BN; l += NT) {
+      int m, n;
+      if constexpr (Op::OUT_ROWC) {
+        m = l % BM;
+        n = l / BM;
+      } else {
+        n = l % BN;
+        m = l / BN;
+      }
+      const Idx ro = rowoff[m], co = coloff[n];
+      if (ro >= 0 && co >= 0) {
+        const float v = Cs[m * LDC + n];
+        if (t.slot) {
+          t.slot[ro + co] = v;
+        } else {
+          out[ro + co] = from_f32<T>(v);
+        }
+      }
+    }
+    __syncthreads();  // Cs / rowoff / coloff are reused by the next unit
+  }
+}
+
+}  // namespace cuda_conv
+}  // namespace jax_convnet
