@@ -53,10 +53,10 @@ profile)
   for row in ${PROFILE_ROWS:-conv/L2/fprop/bf16/NHWC conv/L2/bprop_data/bf16/NHWC}; do
     step "ncu $row (log: $OUT/profile.txt)"
     echo "=== $row" >>"$OUT/profile.txt"
-    timeout ${PROFILE_TIMEOUT_S:-120} "$ncu" --kernel-name "${PROFILE_KERNELS:-regex:conv_gemm|max_pool}" \
+    timeout ${PROFILE_TIMEOUT_S:-120} "$ncu" --kernel-name "${PROFILE_KERNELS:-regex:conv_(gemm|mma)|max_pool}" \
       --launch-skip 1 --launch-count 1 --section SpeedOfLight --section Occupancy \
       --section LaunchStats --section WarpStateStats --section SchedulerStats \
-      --section MemoryWorkloadAnalysis python3 -P benchmarks/profile_rows.py "$row" \
+      --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis python3 -P benchmarks/profile_rows.py "$row" \
       >>"$OUT/profile.txt" 2>&1 || { tail -20 "$OUT/profile.txt"; status=1; }
     grep -E "Duration|Compute \(SM\) Throughput|Memory Throughput|Achieved Occupancy|Registers Per" \
       "$OUT/profile.txt" | tail -5

@@ -69,50 +69,58 @@ struct Loader {
       }
     }
   }
-  // Offset of slot s's vector in the k-tile starting at k0, and whether it lies in the operand.
-  __device__ __forceinline__ bool locate(const KParams& p, const Tile<Idx>& t, int s, int64_t seg,
-                                         Idx k0, Idx& off) const {
+  // Every slot of a thread sits at the same kk (k walks across threads, or vectors run along k
+  // and NT is a multiple of the vectors per row): one k decomposition per k-tile serves them all.
+  static constexpr bool SHARED_K = KWALK || (!ROWC && NT % (BK / VEC) == 0);
+
+  // Where slot s's k lies in the k-tile starting at k0.
+  __device__ __forceinline__ static KSt<Idx> kstate(const KParams& p, const Tile<Idx>& t, int s,
+                                                    int64_t seg, Idx k0) {
     int row, kk;
     pos(s, row, kk);
-    KSt<Idx> ks;
     if constexpr (kIsA) {
-      ks = Op::a_k(p, t, seg, k0 + Idx(kk));
+      return Op::a_k(p, t, seg, k0 + Idx(kk));
     } else {
-      ks = Op::b_k(p, t, seg, k0 + Idx(kk));
+      return Op::b_k(p, t, seg, k0 + Idx(kk));
     }
+  }
+  // Calls f(s, offset, inside) for every live slot of the k-tile starting at k0.
+  template <class F>
+  __device__ __forceinline__ void for_each_slot(const KParams& p, const Tile<Idx>& t, int64_t seg,
+                                                Idx k0, F&& f) const {
     const int ylim = kIsA ? Op::a_ylim(p) : Op::b_ylim(p);
     const int xlim = kIsA ? Op::a_xlim(p) : Op::b_xlim(p);
-    off = rs[s].base + ks.off;
-    return unsigned(rs[s].y + ks.y) < unsigned(ylim) && unsigned(rs[s].x + ks.x) < unsigned(xlim);
-  }
-  __device__ __forceinline__ void load(const KParams& p, const Tile<Idx>& t, const T* src,
-                                       int64_t seg, Idx k0) {
+    KSt<Idx> ks0;
+    if constexpr (SHARED_K) ks0 = kstate(p, t, 0, seg, k0);
 #pragma unroll
     for (int s = 0; s < SLOTS; ++s) {
       if (!live(s)) continue;
-      Idx off;
-      if (locate(p, t, s, seg, k0, off)) {
+      const KSt<Idx> ks = SHARED_K ? ks0 : kstate(p, t, s, seg, k0);
+      f(s, rs[s].base + ks.off,
+        unsigned(rs[s].y + ks.y) < unsigned(ylim) && unsigned(rs[s].x + ks.x) < unsigned(xlim));
+    }
+  }
+  __device__ __forceinline__ void load(const KParams& p, const Tile<Idx>& t, const T* src,
+                                       int64_t seg, Idx k0) {
+    for_each_slot(p, t, seg, k0, [&](int s, Idx off, bool ok) {
+      if (ok) {
         reg[s] = *reinterpret_cast<const V*>(src + off);
       } else {
 #pragma unroll
         for (int e = 0; e < VEC; ++e) reg[s].v[e] = zero_elem<T>();
       }
-    }
+    });
   }
   // The k-tile at k0 straight into a stage of T (no registers): one 16-byte cp.async per vector,
   // zero-filled outside the operand. Stages as in store(): the vector is contiguous in the stage.
   __device__ __forceinline__ void copy_async(T* stage, int ld, const KParams& p, const Tile<Idx>& t,
                                              const T* src, int64_t seg, Idx k0) const {
     static_assert(VEC * int(sizeof(T)) == 16, "cp.async copies 16-byte vectors");
-#pragma unroll
-    for (int s = 0; s < SLOTS; ++s) {
-      if (!live(s)) continue;
+    for_each_slot(p, t, seg, k0, [&](int s, Idx off, bool ok) {
       int row, kk;
       pos(s, row, kk);
-      Idx off;
-      const bool ok = locate(p, t, s, seg, k0, off);
       cp_async16(stage + (ROWC ? kk * ld + row : row * ld + kk), ok ? src + off : src, ok);
-    }
+    });
   }
   // buf: one stage of S, [BK][ld] (kKMajor) or [R][ld] (row-major, operands contiguous along k).
   template <bool kKMajor, typename S>

@@ -18,21 +18,23 @@
 namespace jax_convnet {
 namespace cuda_conv {
 
-// Block tile of WARPS_M x WARPS_N warps of 64 x 32 each; BK = 64 bytes of k per stage.
-template <typename T, int WARPS_M_, int WARPS_N_, int STAGES_>
+// Block tile of WARPS_M x WARPS_N warps of WM x 32 each; BK = 128 bytes of k per stage (deep
+// k-tiles amortise the operand address arithmetic, which bounds this kernel's issue rate).
+template <typename T, int WARPS_M_, int WARPS_N_, int WM_, int STAGES_>
 struct MmaCfg {
   static constexpr bool kTensor = true;
   static constexpr int WARPS_M = WARPS_M_, WARPS_N = WARPS_N_, STAGES = STAGES_;
-  static constexpr int WM = 64, WN = 32, MI = WM / 16, NI = WN / 8;
+  static constexpr int WM = WM_, WN = 32, MI = WM / 16, NI = WN / 8;
   static constexpr int BM = WM * WARPS_M, BN = WN * WARPS_N, NT = 32 * WARPS_M * WARPS_N;
-  static constexpr int BK = 64 / int(sizeof(T));     // 32 halves or 16 floats
+  static constexpr int BK = 128 / int(sizeof(T));    // 64 halves or 32 floats
   static constexpr int KF = sizeof(T) == 2 ? 16 : 8;  // k of one mma
   static constexpr int VEC = 16 / int(sizeof(T));    // elements per cp.async
 };
+// Both 256 threads (two blocks per SM: at most 128 registers, 2 x 105 KiB of shared memory).
 template <typename T>
-using MmaWide = MmaCfg<T, 2, 4, 4>;  // 128 x 128, 256 threads
+using MmaWide = MmaCfg<T, 2, 4, 64, 3>;  // 128 x 128
 template <typename T>
-using MmaNarrow = MmaCfg<T, 2, 2, 4>;  // 128 x 64, 128 threads
+using MmaNarrow = MmaCfg<T, 4, 2, 32, 3>;  // 128 x 64
 
 // Shared memory of one kernel instance (bytes, offsets 128-aligned). kAK / kBK: operand A / B is
 // contiguous along its rows, so its stages are k-major ([BK][rows + pad]); otherwise row-major
@@ -133,7 +135,7 @@ __device__ __forceinline__ void split_tf32(uint32_t (&big)[N], uint32_t (&small)
 
 // kSplit: float32 as 3xTF32 (precision highest); otherwise one mma per tile pair.
 template <class Op, class Cfg, typename T, typename Idx, bool kSplit>
-__global__ void __launch_bounds__(Cfg::NT, Op::kFold ? 1 : 512 / Cfg::NT)
+__global__ void __launch_bounds__(Cfg::NT, Op::kFold ? 1 : 2)
     conv_mma_kernel(const __grid_constant__ KParams p) {
   constexpr int BM = Cfg::BM, BN = Cfg::BN, BK = Cfg::BK, NT = Cfg::NT, STAGES = Cfg::STAGES;
   constexpr int MI = Cfg::MI, NI = Cfg::NI, KF = Cfg::KF;
