@@ -93,15 +93,7 @@ cudaError_t launch_mma(const KParams& p, cudaStream_t stream) {
 }
 
 // The mma tile for N columns: 128 wide unless 64 wastes fewer columns.
-// TEMPORARY (A/B measurement, removed before landing): JAX_CONVNET_MMA_TILE=wide|narrow forces one.
-inline bool mma_wide(int64_t N) {
-  static const int forced = [] {
-    const char* e = std::getenv("JAX_CONVNET_MMA_TILE");
-    return !e ? 0 : std::string(e) == "wide" ? 1 : std::string(e) == "narrow" ? 2 : 0;
-  }();
-  if (forced) return forced == 1;
-  return cdiv(N, 128) * 128 - N <= cdiv(N, 64) * 64 - N;
-}
+inline bool mma_wide(int64_t N) { return cdiv(N, 128) * 128 - N <= cdiv(N, 64) * 64 - N; }
 
 template <class Op, typename T>
 cudaError_t launch_mma_for(const KParams& p, bool split, cudaStream_t stream) {

@@ -19,8 +19,11 @@
 namespace jax_convnet {
 namespace cuda_conv {
 
-// Gathers one operand tile (R rows x BK) per k-step.
-template <class Op, bool kIsA, int R, int BK, int NT, typename T, typename Idx, int VEC>
+// Gathers one operand tile (R rows x BK) per k-step. kMayWalkK: allow the k-walking thread order
+// (below); the cp.async pipeline does not, since its 16-byte copies bypass L1 and a k-walk reads
+// half of each 32-byte sector.
+template <class Op, bool kIsA, int R, int BK, int NT, typename T, typename Idx, int VEC,
+          bool kMayWalkK = true>
 struct Loader {
   static constexpr bool ROWC = kIsA ? Op::A_ROWC : Op::B_ROWC;
   static constexpr int NV = R * BK / VEC;  // vectors per tile
@@ -30,7 +33,7 @@ struct Loader {
   // When a thread would own >= 4 k's of an operand whose k decomposition costs divisions,
   // consecutive threads walk k instead (one k per thread and k-tile, SLOTS rows per thread).
   static constexpr bool KWALK =
-      ROWC && SLOTS >= 4 && (kIsA ? Op::A_KDIV : Op::B_KDIV) && NT % BK == 0;
+      kMayWalkK && ROWC && SLOTS >= 4 && (kIsA ? Op::A_KDIV : Op::B_KDIV) && NT % BK == 0;
   static_assert(R * BK % VEC == 0 && (ROWC ? R % VEC == 0 : BK % VEC == 0), "vec");
   using V = Vec<T, VEC>;
 

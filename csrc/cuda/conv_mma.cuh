@@ -144,8 +144,8 @@ __global__ void __launch_bounds__(Cfg::NT, Op::kFold ? 1 : 2)
   static_assert(!kSplit || kTf32, "3xTF32 is for float32");
   using Plan = MmaPlanOf<Op, Cfg, T, Idx>;
   constexpr int LDA = Plan::LDA, LDB = Plan::LDB, LDC = Plan::LDC;
-  using LA = Loader<Op, true, BM, BK, NT, T, Idx, Cfg::VEC>;
-  using LB = Loader<Op, false, BN, BK, NT, T, Idx, Cfg::VEC>;
+  using LA = Loader<Op, true, BM, BK, NT, T, Idx, Cfg::VEC, false>;
+  using LB = Loader<Op, false, BN, BK, NT, T, Idx, Cfg::VEC, false>;
 
   extern __shared__ __align__(128) unsigned char smem[];
   T* const As = reinterpret_cast<T*>(smem + Plan::A_OFF);

@@ -199,116 +199,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// The same scans for compile-time windows KH x KW with row stride SH < KH (3x3/2: AlexNet, VGG),
-// R vertically consecutive outputs per thread (o, oy0 = ob*R .. oy0+R-1, ox, V lanes). Windows
-// oy and oy+1 share KH - SH image rows, so the thread streams the rows once: each row's own
-// selection (scanned left to right) is folded into every window containing it, rows in order.
-// Folding row selections in row order with the same rule selects what the row-major scan does
-// (the first NaN if any, else the first maximum). Loads per output: (KH + (R-1)*SH)*KW / R
-// (3x3/2, R = 4: 6.75 instead of 9).
-// Work items: O * ceil(Ho / R) * Wo * IV (t = ((o*HB + ob)*Wo + ox)*IV + iv).
-template <typename T, int V, int KH, int KW, int SH, int R, Scan kScan, typename Idx>
-__global__ void __launch_bounds__(kThreads)
-    max_pool_fwd_rows_kernel(const T* __restrict__ img, const T* __restrict__ tan,
-                             T* __restrict__ out, uint8_t* __restrict__ sel,
-                             const KGeom<Idx> g) {
-  static_assert(SH < KH && KH <= 15 && KW <= 16, "overlapping rows, selection byte");
-  using N = Num<T>;
-  constexpr bool kJvp = kScan == Scan::kTangent;
-  constexpr int kRows = KH + (R - 1) * SH;  // image rows the R windows cover
-  const Idx HB = (g.Ho + R - 1) / R;
-  const Idx step = Idx(gridDim.x) * Idx(blockDim.x);
-  for (Idx t = Idx(blockIdx.x) * Idx(blockDim.x) + Idx(threadIdx.x); t < g.total; t += step) {
-    const Idx iv = t % g.IV;
-    Idx r = t / g.IV;
-    const Idx ox = r % g.Wo;
-    r /= g.Wo;
-    const Idx ob = r % HB;
-    const Idx o = r / HB;
-    const Idx lane = iv * V;
-    const Idx oy0 = ob * R;
-    const Idx y0 = oy0 * Idx(SH) - g.pt;  // first row of window oy0 (may be outside the image)
-    const Idx x0 = ox * g.sw - g.pl;
-
-    // Per window w: selected value (forward / JVP) or offset (selection), and its float key.
-    Vec<T, V> res[R];
-    SelVec<V> code[R];
-    float best[R][V];
-    bool first[R];
-#pragma unroll
-    for (int w = 0; w < R; ++w) {
-      first[w] = true;
-#pragma unroll
-      for (int l = 0; l < V; ++l) {
-        res[w].v[l] = kJvp ? N::zero() : N::neg_inf();
-        code[w].s[l] = kSelNone;
-        best[w][l] = 0.0f;
-      }
-    }
-#pragma unroll
-    for (int q = 0; q < kRows; ++q) {
-      const Idx y = y0 + q;
-      const bool row_ok = y >= 0 && y < g.H;
-      const Idx row = (o * g.H + clamp_idx<Idx>(y, g.H)) * g.W;
-      // This row's own selection over the window's columns (as in max_pool_fwd_kernel).
-      Vec<T, V> rres;
-      float rbest[V];
-      int rj[V];
-      bool rfirst = true;
-#pragma unroll
-      for (int l = 0; l < V; ++l) {
-        rres.v[l] = N::zero();
-        rbest[l] = 0.0f;
-        rj[l] = 0;
-      }
-#pragma unroll
-      for (int j = 0; j < KW; ++j) {
-        const bool ok = row_ok && x0 + j >= 0 && x0 + j < g.W;
-        const Idx off = (row + clamp_idx<Idx>(x0 + j, g.W)) * g.I + lane;
-        const Vec<T, V> v = load_vec<T, V>(img, off);
-        Vec<T, V> tv;
-        if (kJvp) tv = load_vec<T, V>(tan, off);
-#pragma unroll
-        for (int l = 0; l < V; ++l) {
-          const float f = N::to_f(v.v[l]);
-          const bool take = ok & jcn::pool::takes(rfirst, f, rbest[l]);
-          rbest[l] = take ? f : rbest[l];
-          rres.v[l] = take ? (kJvp ? tv.v[l] : v.v[l]) : rres.v[l];
-          rj[l] = take ? j : rj[l];
-        }
-        rfirst = rfirst & !ok;
-      }
-      const bool rok = !rfirst;  // the row has an element inside the image
-      // Fold the row into the windows that contain it, w*SH <= q < w*SH + KH.
-#pragma unroll
-      for (int w = 0; w < R; ++w) {
-        if (q < w * SH || q >= w * SH + KH) continue;  // compile-time after unrolling
-#pragma unroll
-        for (int l = 0; l < V; ++l) {
-          const bool take = rok & jcn::pool::takes(first[w], rbest[l], best[w][l]);
-          best[w][l] = take ? rbest[l] : best[w][l];
-          if constexpr (kScan == Scan::kSelect) {
-            code[w].s[l] = take ? uint8_t(((q - w * SH) << 4) | rj[l]) : code[w].s[l];
-          } else {
-            res[w].v[l] = take ? rres.v[l] : res[w].v[l];
-          }
-        }
-        first[w] = first[w] & !rok;
-      }
-    }
-#pragma unroll
-    for (int w = 0; w < R; ++w) {
-      if (oy0 + w >= g.Ho) break;
-      const Idx at = ((o * g.Ho + oy0 + w) * g.Wo + ox) * g.I + lane;
-      if constexpr (kScan == Scan::kSelect) {
-        *reinterpret_cast<SelVec<V>*>(sel + at) = code[w];
-      } else {
-        *reinterpret_cast<Vec<T, V>*>(out + at) = res[w];
-      }
-    }
-  }
-}
-
 // ----------------------------------------------------------------------------------------------
 // Gradient kernels (gather, no atomics). One thread owns a kTile x kTile tile of image positions
 // (rows y0 = ty*kTile.., cols x0 = tx*kTile..) for V lanes. It visits the windows covering its
@@ -531,38 +421,23 @@ struct Buffers {
   uint8_t* sel;
 };
 
-// A forward-style scan (forward, JVP or selection) over all windows: the row-streaming kernel for
-// 3x3 windows with row stride 2, else one thread per output.
-template <typename T, int V, int KH, int KW, Scan kScan, typename Idx>
-void launch_scan(cudaStream_t stream, const jcn::PoolGeometry& pg, const T* img, const T* tan,
-                 T* out, uint8_t* sel) {
-  KGeom<Idx> g = make_kgeom<Idx>(pg, V, Op::kForward);
-  if constexpr (KH == 3 && KW == 3) {
-    constexpr int kRowsPerThread = 4;
-    if (pg.stride_h == 2) {
-      g.total = g.O * ((g.Ho + kRowsPerThread - 1) / kRowsPerThread) * g.Wo * g.IV;
-      max_pool_fwd_rows_kernel<T, V, KH, KW, 2, kRowsPerThread, kScan, Idx>
-          <<<blocks_for(g), kThreads, 0, stream>>>(img, tan, out, sel, g);
-      return;
-    }
-  }
-  max_pool_fwd_kernel<T, V, KH, KW, kScan, Idx>
-      <<<blocks_for(g), kThreads, 0, stream>>>(img, tan, out, sel, g);
-}
-
 template <typename T, int V, int KH, int KW, typename Idx>
 void launch(cudaStream_t stream, Op op, const jcn::PoolGeometry& pg, const Buffers<T>& b) {
+  const KGeom<Idx> g = make_kgeom<Idx>(pg, V, op);
   switch (op) {
     case Op::kForward:
-      launch_scan<T, V, KH, KW, Scan::kValue, Idx>(stream, pg, b.img, nullptr, b.out, nullptr);
+      max_pool_fwd_kernel<T, V, KH, KW, Scan::kValue, Idx>
+          <<<blocks_for(g), kThreads, 0, stream>>>(b.img, nullptr, b.out, nullptr, g);
       break;
     case Op::kJvp:
-      launch_scan<T, V, KH, KW, Scan::kTangent, Idx>(stream, pg, b.img, b.second, b.out, nullptr);
+      max_pool_fwd_kernel<T, V, KH, KW, Scan::kTangent, Idx>
+          <<<blocks_for(g), kThreads, 0, stream>>>(b.img, b.second, b.out, nullptr, g);
       break;
-    case Op::kGrad: {
-      const KGeom<Idx> g = make_kgeom<Idx>(pg, V, op);
+    case Op::kGrad:
       if (b.sel != nullptr) {
-        launch_scan<T, V, KH, KW, Scan::kSelect, Idx>(stream, pg, b.img, nullptr, nullptr, b.sel);
+        const KGeom<Idx> gs = make_kgeom<Idx>(pg, V, Op::kForward);
+        max_pool_fwd_kernel<T, V, KH, KW, Scan::kSelect, Idx>
+            <<<blocks_for(gs), kThreads, 0, stream>>>(b.img, nullptr, nullptr, b.sel, gs);
         max_pool_grad_gather_kernel<T, V, Idx>
             <<<blocks_for(g), kThreads, 0, stream>>>(b.sel, b.second, b.out, g);
       } else {
@@ -570,7 +445,6 @@ void launch(cudaStream_t stream, Op op, const jcn::PoolGeometry& pg, const Buffe
             <<<blocks_for(g), kThreads, 0, stream>>>(b.img, b.second, b.out, g);
       }
       break;
-    }
   }
 }
 
