@@ -237,7 +237,7 @@ register_lowerings(image_acts_p, "jax_convnet_image_acts", reference.image_acts_
 
 def _weight_acts_cuda_workspace_bytes(operand_avals, filters_aval):
     """Partial sums of one launch (at most 16 MiB, or one float32 copy of the filters if larger)
-    plus a float32 running sum of the filters (csrc/cuda/conv.cu, Workspace)."""
+    plus a float32 running sum of the filters (csrc/cuda/conv_launch.cuh, Workspace)."""
     filter_bytes = 4 * math.prod(filters_aval.shape)
     return max(16 << 20, filter_bytes) + filter_bytes
 

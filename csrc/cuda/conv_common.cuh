@@ -59,7 +59,7 @@ struct Str4 {
   int64_t n, c, y, x;
 };
 
-// Everything a conv GEMM kernel needs; filled on the host (conv.cu), passed __grid_constant__.
+// Everything a conv GEMM kernel needs; filled on the host (conv_launch.cuh), passed __grid_constant__.
 struct KParams {
   const void* a;  // operand A source (FA: images, IA: hidden, WA: hidden)
   const void* b;  // operand B source (FA: filters, IA: filters, WA: images)
@@ -175,7 +175,8 @@ __device__ __forceinline__ uint32_t to_tf32(float x) {
 }
 // d += a * b for one 16 x 8 tile: m16n8k16 (bf16 / f16) or m16n8k8 (tf32), float accumulators.
 template <typename T>
-__device__ __forceinline__ void mma_16x8(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+__device__ __forceinline__ void mma_16x8(float (&d)[4], const uint32_t (&a)[4],
+                                         const uint32_t (&b)[2]) {
   if constexpr (std::is_same_v<T, __nv_bfloat16>) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "

@@ -191,6 +191,44 @@ struct SmemPlan {
                 "fragment alignment");
 };
 
+// Epilogue, first step: the output offsets of the tile's rows and columns (-1 past the edge).
+template <class Op, int BM, int BN, int NT, typename Idx>
+__device__ __forceinline__ void tile_out_offsets(const KParams& p, const Tile<Idx>& t, Idx* rowoff,
+                                                 Idx* coloff) {
+  for (int i = int(threadIdx.x); i < BM; i += NT)
+    rowoff[i] = (t.m0 + Idx(i) < t.M) ? Op::out_row(p, t, t.m0 + Idx(i)) : Idx(-1);
+  for (int i = int(threadIdx.x); i < BN; i += NT)
+    coloff[i] = (t.n0 + Idx(i) < t.N) ? Op::out_col(p, t, t.n0 + Idx(i)) : Idx(-1);
+}
+
+// Epilogue, last step (the tile's float sums in Cs[BM][ldc], offsets filled, after a barrier):
+// to the output, or to the unit's partial-sum slot, coalesced along the output's contiguous
+// dimension.
+template <class Op, int BM, int BN, int NT, typename T, typename Idx>
+__device__ __forceinline__ void store_tile(const KParams& p, const Tile<Idx>& t, const float* Cs,
+                                           int ldc, const Idx* rowoff, const Idx* coloff) {
+  T* const out = static_cast<T*>(p.out);
+  for (int l = int(threadIdx.x); l < BM * BN; l += NT) {
+    int m, n;
+    if constexpr (Op::OUT_ROWC) {
+      m = l % BM;
+      n = l / BM;
+    } else {
+      n = l % BN;
+      m = l / BN;
+    }
+    const Idx ro = rowoff[m], co = coloff[n];
+    if (ro >= 0 && co >= 0) {
+      const float v = Cs[m * ldc + n];
+      if (t.slot) {
+        t.slot[ro + co] = v;
+      } else {
+        out[ro + co] = from_f32<T>(v);
+      }
+    }
+  }
+}
+
 // kVecMask bit 0 / bit 1: operand A / B is read up to 16 bytes at a time (the host checked
 // divisibility of its contiguous dimension and pointer alignment).
 template <class Op, class Cfg, typename T, typename Idx, int kVecMask>
@@ -385,10 +423,7 @@ __global__ void __launch_bounds__(Cfg::NT, 1)
     // ---- epilogue: accumulators -> Cs[BM][LDC] (aliases the operand buffers, all reads of which
     // finished at the loop's last __syncthreads) -> global, coalesced along the output's
     // contiguous dimension.
-    for (int i = tid; i < BM; i += NT)
-      rowoff[i] = (t.m0 + Idx(i) < t.M) ? Op::out_row(p, t, t.m0 + Idx(i)) : Idx(-1);
-    for (int i = tid; i < BN; i += NT)
-      coloff[i] = (t.n0 + Idx(i) < t.N) ? Op::out_col(p, t, t.n0 + Idx(i)) : Idx(-1);
+    tile_out_offsets<Op, BM, BN, NT>(p, t, rowoff, coloff);
     if constexpr (kTensor) {
       const int warp = tid / 32, wm = warp % Cfg::WARPS_M, wn = warp / Cfg::WARPS_M;
 #pragma unroll
@@ -414,26 +449,7 @@ __global__ void __launch_bounds__(Cfg::NT, 1)
       }
     }
     __syncthreads();
-    T* const out = static_cast<T*>(p.out);
-    for (int l = tid; l < BM * BN; l += NT) {
-      int m, n;
-      if constexpr (Op::OUT_ROWC) {
-        m = l % BM;
-        n = l / BM;
-      } else {
-        n = l % BN;
-        m = l / BN;
-      }
-      const Idx ro = rowoff[m], co = coloff[n];
-      if (ro >= 0 && co >= 0) {
-        const float v = Cs[m * LDC + n];
-        if (t.slot) {
-          t.slot[ro + co] = v;
-        } else {
-          out[ro + co] = from_f32<T>(v);
-        }
-      }
-    }
+    store_tile<Op, BM, BN, NT, T>(p, t, Cs, LDC, rowoff, coloff);
     __syncthreads();  // Cs / rowoff / coloff are reused by the next unit
   }
 }

@@ -68,7 +68,8 @@ using MmaPlanOf = MmaPlan<Cfg, T, Idx, Op::A_ROWC, Op::B_ROWC>;
 // The fragments of one warp for one mma k-step at kk: A (MI tiles of 16 x KF) and B (NI tiles of
 // KF x 8), raw (16-bit pairs or float bits), in mma.sync's register order.
 template <class Cfg, typename T, int LD, bool kKMajor>
-__device__ __forceinline__ void load_a_frag(uint32_t (&a)[4], const T* s, int m0, int kk, int lane) {
+__device__ __forceinline__ void load_a_frag(uint32_t (&a)[4], const T* s, int m0, int kk,
+                                            int lane) {
   if constexpr (sizeof(T) == 2) {
     if constexpr (kKMajor) {  // matrices (m 0-7 | 8-15) x (k 0-7 | 8-15), stored k-major: .trans
       ldmatrix_x4_trans(a, s + (kk + (lane & 7) + ((lane >> 4) << 3)) * LD + m0 +
@@ -252,10 +253,7 @@ __global__ void __launch_bounds__(Cfg::NT, Op::kFold ? 1 : 2)
 
     // ---- epilogue: accumulators -> Cs[BM][LDC] -> global, coalesced along the output's
     // contiguous dimension (as conv_gemm_kernel).
-    for (int i = tid; i < BM; i += NT)
-      rowoff[i] = (t.m0 + Idx(i) < t.M) ? Op::out_row(p, t, t.m0 + Idx(i)) : Idx(-1);
-    for (int i = tid; i < BN; i += NT)
-      coloff[i] = (t.n0 + Idx(i) < t.N) ? Op::out_col(p, t, t.n0 + Idx(i)) : Idx(-1);
+    tile_out_offsets<Op, BM, BN, NT>(p, t, rowoff, coloff);
     {
       const int g = lane >> 2, q = lane & 3;
 #pragma unroll
@@ -269,26 +267,7 @@ __global__ void __launch_bounds__(Cfg::NT, Op::kFold ? 1 : 2)
         }
     }
     __syncthreads();
-    T* const out = static_cast<T*>(p.out);
-    for (int l = tid; l < BM * BN; l += NT) {
-      int m, n;
-      if constexpr (Op::OUT_ROWC) {
-        m = l % BM;
-        n = l / BM;
-      } else {
-        n = l % BN;
-        m = l / BN;
-      }
-      const Idx ro = rowoff[m], co = coloff[n];
-      if (ro >= 0 && co >= 0) {
-        const float v = Cs[m * LDC + n];
-        if (t.slot) {
-          t.slot[ro + co] = v;
-        } else {
-          out[ro + co] = from_f32<T>(v);
-        }
-      }
-    }
+    store_tile<Op, BM, BN, NT, T>(p, t, Cs, LDC, rowoff, coloff);
     __syncthreads();  // Cs / rowoff / coloff are reused by the next unit
   }
 }

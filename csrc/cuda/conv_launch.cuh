@@ -1,4 +1,7 @@
-// CUDA handlers of the conv family: filter_acts (FA), image_acts (IA), weight_acts (WA).
+// The host side of the CUDA conv family: filter_acts (FA), image_acts (IA), weight_acts (WA).
+// Included by one translation unit per op (conv_filter_acts.cu, conv_image_acts.cu,
+// conv_weight_acts.cu), each instantiating ConvImpl for its op only, so the kernels of the three
+// ops compile in parallel.
 //
 // Each op is an implicit GEMM (conv_ops.cuh) run by one tiled kernel (conv_kernel.cuh):
 //   FA  M = B*Ho*Wo, N = F, K = C*fh*fw
@@ -15,6 +18,8 @@
 // CUDA-graph safe: no synchronisation, no allocation (weight_acts gets its temporary memory as
 // an extra workspace result), no host reads of device data; the launch plan depends only on
 // shapes, attributes and the device's SM count, so results are bitwise reproducible (no atomics).
+#pragma once
+
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -488,39 +493,9 @@ ffi::Error ConvImpl(cudaStream_t stream, Workspace workspace, ffi::AnyBuffer x, 
 
 }  // namespace
 
-ffi::Error FilterActsImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer y,
-                         ffi::Result<ffi::AnyBuffer> res, jcn::ConvParams cp) {
-  return ConvImpl<OpKind::kFA>(stream, Workspace{nullptr, 0}, x, y, res, cp);
-}
-
-ffi::Error ImageActsImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer y,
-                         ffi::Result<ffi::AnyBuffer> res, jcn::ConvParams cp) {
-  return ConvImpl<OpKind::kIA>(stream, Workspace{nullptr, 0}, x, y, res, cp);
-}
-
-ffi::Error WeightActsImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer y,
-                          ffi::Result<ffi::AnyBuffer> res, ffi::Result<ffi::AnyBuffer> workspace,
-                          jcn::ConvParams cp) {
-  if (workspace->dimensions().size() != 1 || workspace->element_type() != ffi::DataType::U8)
-    return jcn::invalid("weight_acts", "the workspace result must be a 1-d uint8 buffer");
-  return ConvImpl<OpKind::kWA>(stream, Workspace{workspace->untyped_data(),
-                                                 int64_t(workspace->size_bytes())},
-                               x, y, res, cp);
-}
-
 #define JCN_CONV_BINDING                           \
   ffi::Ffi::Bind()                                 \
       .Ctx<ffi::PlatformStream<cudaStream_t>>()    \
       .Arg<ffi::AnyBuffer>()                       \
       .Arg<ffi::AnyBuffer>()                       \
       .Ret<ffi::AnyBuffer>()
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FilterActsCuda, FilterActsImpl,
-                              JCN_CONV_BINDING.Attrs<jax_convnet::ConvParams>(),
-                              {ffi::Traits::kCmdBufferCompatible});
-XLA_FFI_DEFINE_HANDLER_SYMBOL(ImageActsCuda, ImageActsImpl,
-                              JCN_CONV_BINDING.Attrs<jax_convnet::ConvParams>(),
-                              {ffi::Traits::kCmdBufferCompatible});
-XLA_FFI_DEFINE_HANDLER_SYMBOL(WeightActsCuda, WeightActsImpl,
-                              JCN_CONV_BINDING.Ret<ffi::AnyBuffer>().Attrs<jax_convnet::ConvParams>(),
-                              {ffi::Traits::kCmdBufferCompatible});
