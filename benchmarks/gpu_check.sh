@@ -50,16 +50,23 @@ profile)
   # One ncu report per row: the second call of the row's op (the first compiles and warms up),
   # the kernels matching PROFILE_KERNELS; the sections say where the time goes.
   ncu=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+  # Why warps wait: cycles stalled per issued instruction, by reason (the sections give totals).
+  stalls=sm__pipe_tensor_cycles_active.avg.pct_of_peak_sustained_active
+  for r in barrier long_scoreboard short_scoreboard mio_throttle math_pipe_throttle wait \
+           not_selected dispatch_stall lg_throttle no_instruction; do
+    stalls+=,smsp__average_warps_issue_stalled_${r}_per_issue_active.ratio
+  done
   for row in ${PROFILE_ROWS:-conv/L2/fprop/bf16/NHWC conv/L2/bprop_data/bf16/NHWC}; do
     step "ncu $row (log: $OUT/profile.txt)"
     echo "=== $row" >>"$OUT/profile.txt"
     timeout ${PROFILE_TIMEOUT_S:-120} "$ncu" --kernel-name "${PROFILE_KERNELS:-regex:conv_(gemm|mma)|max_pool}" \
       --launch-skip 1 --launch-count 1 --section SpeedOfLight --section Occupancy \
       --section LaunchStats --section WarpStateStats --section SchedulerStats \
-      --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis python3 -P benchmarks/profile_rows.py "$row" \
+      --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis --metrics "$stalls" \
+      python3 -P benchmarks/profile_rows.py "$row" \
       >>"$OUT/profile.txt" 2>&1 || { tail -20 "$OUT/profile.txt"; status=1; }
-    grep -E "Duration|Compute \(SM\) Throughput|Memory Throughput|Achieved Occupancy|Registers Per" \
-      "$OUT/profile.txt" | tail -5
+    grep -E "Duration|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per|issue_stalled|pipe_tensor" \
+      "$OUT/profile.txt" | tail -15
   done
   ;;
 *) echo "unknown stage $stage (build test sanitize bench profile)"; exit 2;;
