@@ -335,7 +335,12 @@ ffi::Error run(cudaStream_t stream, Workspace workspace, const jcn::ConvGeometry
   } else if (!idx64 && K != OpKind::kWA && N <= 8) {
     path = Path::kNarrow;
   }
-  int mask = (idx64 || path == Path::kMma) ? 3 * int(path == Path::kMma) : vec_mask(path);
+  int mask = 0;  // 64-bit indices: scalar loads
+  if (path == Path::kMma) {
+    mask = 3;  // (unused by the mma kernel, which always copies 16-byte vectors)
+  } else if (!idx64) {
+    mask = vec_mask(path);
+  }
   if (path == Path::kNarrow && mask != 3) {
     path = Path::kWide;
     mask = vec_mask(path);

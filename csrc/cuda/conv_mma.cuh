@@ -6,7 +6,7 @@
 // Same units, tiles and operand addressing as conv_gemm_kernel (conv_ops.cuh, Loader); what
 // differs is the pipeline: every k-tile goes global -> shared memory with cp.async (no registers,
 // zero-filled outside the operand) into a ring of STAGES buffers, STAGES - 1 k-tiles ahead of the
-// math, one __syncthreads per k-tile. Warps own 64 x 32 of the block tile and read their fragments
+// math, one __syncthreads per k-tile. Warps own WM x 32 of the block tile and read their fragments
 // with ldmatrix (the .trans form for k-major stages; TF32 reads k-major stages element-wise).
 // Stage rows are padded so that ldmatrix and the element-wise reads are free of bank conflicts.
 #pragma once
@@ -19,7 +19,7 @@ namespace jax_convnet {
 namespace cuda_conv {
 
 // Block tile of WARPS_M x WARPS_N warps of WM x 32 each; BK = 128 bytes of k per stage (deep
-// k-tiles amortise the operand address arithmetic, which bounds this kernel's issue rate).
+// k-tiles halve the barriers and the operand address arithmetic per flop of 64-byte ones).
 template <typename T, int WARPS_M_, int WARPS_N_, int WM_, int STAGES_>
 struct MmaCfg {
   static constexpr bool kTensor = true;
