@@ -1,10 +1,11 @@
 """Markdown tables for benchmarks/RESULTS.md from a ``python -m jax_convnet.benchmark`` JSON file.
 
-    python benchmarks/results_table.py OUT/benchmark.json [--copy-tbps 2.88]
+    python benchmarks/results_table.py OUT/benchmark.json [--copy-tbps TB/s]
 
 Pool rows get the bytes each row must move at least (forward: input read + output written;
 backward as jax.grad runs it: input and cotangent read, gradient written) and the time that takes
-at the card's measured copy bandwidth (DESIGN.md section 5: 2.88 TB/s on the H100).
+at the card's copy bandwidth: the one the run measured (``copy_gbps`` in the JSON), or
+``--copy-tbps`` for older files (DESIGN.md section 5: 2.88 TB/s on the H100).
 """
 import argparse
 import json
@@ -45,13 +46,16 @@ def pool_table(rows, copy_tbps):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("json")
-    p.add_argument("--copy-tbps", type=float, default=2.88,
-                   help="measured copy bandwidth (read + write) of the card, TB/s; 0: no "
-                        "floor columns")
+    p.add_argument("--copy-tbps", type=float, default=None,
+                   help="copy bandwidth (read + write) of the card, TB/s (default: the one the "
+                        "run measured, if any); 0: no floor columns")
     args = p.parse_args(argv)
     with open(args.json) as f:
         data = json.load(f)
     meta, rows = data["meta"], data["rows"]
+    copy_tbps = args.copy_tbps
+    if copy_tbps is None:
+        copy_tbps = (meta.get("copy_gbps") or 0) / 1e3
     print(f"{meta['device_kind']} ({meta['platform']}), jax {meta['jax']}, {meta['date']}, "
           f"{meta['reps']} reps\n")
     conv = [r for r in rows if r["kind"] == "conv"]
@@ -59,7 +63,7 @@ def main(argv=None):
     if conv:
         print("\n".join(conv_table(conv)) + "\n")
     if pool:
-        print("\n".join(pool_table(pool, args.copy_tbps)))
+        print("\n".join(pool_table(pool, copy_tbps)))
 
 
 if __name__ == "__main__":

@@ -62,3 +62,11 @@ def test_benchmark_command_writes_table_json_and_chart(tmp_path, capsys):
     saved = json.loads((tmp_path / "benchmark.json").read_text())
     assert [r["name"] for r in saved["rows"]] == [r["name"] for r in rows]
     assert (tmp_path / "benchmark.png").stat().st_size > 0
+    assert saved["meta"]["copy_gbps"] > 0  # pool rows come with the device's copy bandwidth
+    assert "copy bandwidth" in printed
+
+
+def test_copy_bandwidth_counts_bytes_read_and_written(monkeypatch):
+    # A fake clock: every timed call of the 8 MiB scale takes 1 ms, so 16 MiB moved -> 16.8 GB/s.
+    monkeypatch.setattr(benchmark, "time_fn", lambda compiled, args, **kw: 1.0)
+    assert benchmark.measure_copy_gbps(False, reps=1, nbytes=8 << 20) == pytest.approx(16.777216)
