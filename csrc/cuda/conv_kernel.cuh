@@ -164,8 +164,24 @@ struct WmmaType<float> {
   using ptr = float;
 };
 
-// Shared-memory plan of a configuration (bytes, all offsets 128-aligned). kAK / kBK: operand
-// A / B stages are k-major ([BK][rows + PAD]), else row-major ([rows][BK + PAD]).
+// Where a conv kernel's shared memory goes (bytes, offsets 128-aligned): STAGES buffers of each
+// operand (A_STAGE / B_STAGE elements of ELEM bytes), which the epilogue's float tile
+// Cs[BM][LDC] overlays after the main loop, then the output offsets of the tile's rows and
+// columns (IDX bytes each).
+template <int STAGES, int A_STAGE, int B_STAGE, int ELEM, int BM, int BN, int LDC, int IDX>
+struct SmemOffsets {
+  static constexpr int round(int x) { return (x + 127) / 128 * 128; }
+  static constexpr int A_OFF = 0;
+  static constexpr int B_OFF = round(STAGES * A_STAGE * ELEM);
+  static constexpr int MAIN = B_OFF + round(STAGES * B_STAGE * ELEM);
+  static constexpr int CBYTES = round(BM * LDC * 4);
+  static constexpr int ROW_OFF = MAIN > CBYTES ? MAIN : CBYTES;
+  static constexpr int COL_OFF = ROW_OFF + round(BM * IDX);
+  static constexpr int TOTAL = COL_OFF + round(BN * IDX);
+};
+
+// Shared-memory plan of a configuration (two stages). kAK / kBK: operand A / B stages are
+// k-major ([BK][rows + PAD]), else row-major ([rows][BK + PAD]).
 template <class Cfg, typename S, typename Idx, bool kAK, bool kBK>
 struct SmemPlan {
   static constexpr int PAD = 16 / int(sizeof(S));  // 4 floats / 8 halves: keeps 16/32B alignment
@@ -174,15 +190,10 @@ struct SmemPlan {
   static constexpr int LDC = Cfg::BN + 4;
   static constexpr int A_STAGE = (kAK ? Cfg::BK : Cfg::BM) * LDA;  // elements
   static constexpr int B_STAGE = (kBK ? Cfg::BK : Cfg::BN) * LDB;
-  static constexpr int round(int x) { return (x + 127) / 128 * 128; }
-  static constexpr int A_OFF = 0;
-  static constexpr int B_OFF = round(2 * A_STAGE * int(sizeof(S)));
-  static constexpr int MAIN = B_OFF + round(2 * B_STAGE * int(sizeof(S)));
-  static constexpr int CBYTES = round(Cfg::BM * LDC * 4);
-  static constexpr int UNION = MAIN > CBYTES ? MAIN : CBYTES;
-  static constexpr int ROW_OFF = UNION;
-  static constexpr int COL_OFF = ROW_OFF + round(Cfg::BM * int(sizeof(Idx)));
-  static constexpr int TOTAL = COL_OFF + round(Cfg::BN * int(sizeof(Idx)));
+  using Off = SmemOffsets<2, A_STAGE, B_STAGE, int(sizeof(S)), Cfg::BM, Cfg::BN, LDC,
+                          int(sizeof(Idx))>;
+  static constexpr int A_OFF = Off::A_OFF, B_OFF = Off::B_OFF, ROW_OFF = Off::ROW_OFF,
+                       COL_OFF = Off::COL_OFF, TOTAL = Off::TOTAL;
   static_assert(TOTAL <= 48 * 1024, "static shared memory");
   // wmma needs 32-byte aligned fragment pointers: stages, and rows of 16 (row-major stages).
   static_assert((A_STAGE * int(sizeof(S))) % 32 == 0 && (B_STAGE * int(sizeof(S))) % 32 == 0,

@@ -36,7 +36,7 @@ using MmaWide = MmaCfg<T, 2, 4, 64, 3>;  // 128 x 128
 template <typename T>
 using MmaNarrow = MmaCfg<T, 4, 2, 32, 3>;  // 128 x 64
 
-// Shared memory of one kernel instance (bytes, offsets 128-aligned). kAK / kBK: operand A / B is
+// Shared memory of one kernel instance (SmemOffsets of STAGES stages). kAK / kBK: operand A / B is
 // contiguous along its rows, so its stages are k-major ([BK][rows + pad]); otherwise row-major
 // ([rows][BK + pad]). Pads: 16-bit stages 8 elements (ldmatrix rows 16 bytes apart modulo 128);
 // float stages 4 (row-major: ldmatrix) or 8 (k-major: lanes (t, g) read t * ld + g, ld = 8 mod 32).
@@ -48,15 +48,10 @@ struct MmaPlan {
   static constexpr int LDC = Cfg::BN + 8;  // float2 stores of a warp's accumulators: no conflicts
   static constexpr int A_STAGE = (kAK ? Cfg::BK : Cfg::BM) * LDA;  // elements
   static constexpr int B_STAGE = (kBK ? Cfg::BK : Cfg::BN) * LDB;
-  static constexpr int round(int x) { return (x + 127) / 128 * 128; }
-  static constexpr int A_OFF = 0;
-  static constexpr int B_OFF = round(Cfg::STAGES * A_STAGE * int(sizeof(T)));
-  static constexpr int MAIN = B_OFF + round(Cfg::STAGES * B_STAGE * int(sizeof(T)));
-  static constexpr int CBYTES = round(Cfg::BM * LDC * 4);
-  static constexpr int UNION = MAIN > CBYTES ? MAIN : CBYTES;
-  static constexpr int ROW_OFF = UNION;
-  static constexpr int COL_OFF = ROW_OFF + round(Cfg::BM * int(sizeof(Idx)));
-  static constexpr int TOTAL = COL_OFF + round(Cfg::BN * int(sizeof(Idx)));
+  using Off = SmemOffsets<Cfg::STAGES, A_STAGE, B_STAGE, int(sizeof(T)), Cfg::BM, Cfg::BN, LDC,
+                          int(sizeof(Idx))>;
+  static constexpr int A_OFF = Off::A_OFF, B_OFF = Off::B_OFF, ROW_OFF = Off::ROW_OFF,
+                       COL_OFF = Off::COL_OFF, TOTAL = Off::TOTAL;
   static_assert(TOTAL <= 227 * 1024, "shared memory per block");
   static_assert((LDA * int(sizeof(T))) % 16 == 0 && (LDB * int(sizeof(T))) % 16 == 0,
                 "cp.async and ldmatrix need 16-byte aligned stage rows");
