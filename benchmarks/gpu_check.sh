@@ -18,6 +18,8 @@ case $stage in
 build)
   step build
   export JAX_CONVNET_CUDA=ON CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=90 ${CMAKE_ARGS:-}"
+  # The conv ops compile as separate translation units: in parallel under any generator.
+  export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
   python3 -m pip install --no-build-isolation --no-deps -q . >"$OUT/build.log" 2>&1 \
     || { tail -40 "$OUT/build.log"; echo "BUILD FAILED"; exit 1; }
   python3 -P -c "import jax, jax_convnet as j; print(jax.__version__, jax.devices(), 'cuda module:', j.has_native('cuda'))"
