@@ -89,6 +89,31 @@ def test_half_precision_layers(name, dtype, layout):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("precision,dtype",
+                         [("highest", jnp.float32), (None, jnp.float32), (None, jnp.bfloat16)],
+                         ids=["f32-highest", "f32", "bf16"])
+@pytest.mark.parametrize("channels,n_filters", [(24, 40), (136, 128)])
+@pytest.mark.parametrize("partial_sum", [None, "auto"])
+def test_tensor_core_path_matches_reference(channels, n_filters, precision, dtype, layout,
+                                            partial_sum):
+    """Batch, channels and filters multiples of 8 (the baseline layers above run at batch 4, so
+    in C01B they take the other kernels): all three ops take the cp.async / mma.sync kernel in
+    both layouts, with both tile widths, partial tiles, a k tail and every weight_acts plan."""
+    x = images(7, layout, 8, channels, 17, 15, dtype)
+    w = filters(8, layout, n_filters, channels, 5, 3, dtype) * 0.1
+    pad, stride = (2, 1), (2, 1)
+    out_hw = jcn.filter_acts_output_size((17, 15), (5, 3), stride=stride, pad=pad)
+    g = rand(9, jcn.geometry.image_shape(layout, 8, n_filters, *out_hw), dtype)
+    ours = run_poisoned(all_three(layout, pad, stride, precision, partial_sum=partial_sum),
+                        *jax.device_put((x, w, g), gpu()))
+    # TF32 (float32 at default precision) keeps 10 mantissa bits: judged by bfloat16's bound.
+    tol_dtype = jnp.float32 if precision == "highest" else jnp.bfloat16
+    for a, b in zip(ours, exact_three(layout, pad, stride)(x, w, g)):
+        assert a.dtype == dtype
+        assert_close(a, b, tol_dtype, scale=5)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_default_precision_float32_is_within_tf32_error(layout):
     (x, w, g), stride, pad = layer_operands("alex2", layout, jnp.float32)
     with jax.default_matmul_precision("default"):
