@@ -8,9 +8,11 @@
 //   IA  per residue class (y mod sh, x mod sw): M = B*Hq*Wq, N = C, K = F*nI*nJ (useful taps only)
 //   WA  M = C*fh*fw, N = F, K = B*partial_sum per segment; segments folded in order.
 // Paths, when N >= 16 and M >= 16:
-//   kMma   both operands readable 16 bytes at a time (contiguous dimensions a multiple of 16 bytes,
+//   kMma*  both operands readable 16 bytes at a time (contiguous dimensions a multiple of 16 bytes,
 //          aligned pointers): mma.sync with a cp.async pipeline (conv_mma.cuh); bf16 / f16,
-//          float32 as TF32 (precision Default) or 3xTF32 (High / Highest: float32 accuracy).
+//          float32 as TF32 (precision Default) or 3xTF32 (High / Highest: float32 accuracy);
+//          a 128 x 128 tile (kMmaWide) unless 64 columns waste fewer or the device's shared
+//          memory per block is too small for it (kMmaNarrow, 128 x 64).
 //   kWmma  otherwise, bf16 / f16 / TF32: nvcuda::wmma, register-staged (conv_kernel.cuh).
 // Else FFMA with a 128x64 tile (or 512x4 for N <= 8). Accumulation is float32 everywhere.
 // Operands are read in place in either layout.
@@ -46,7 +48,7 @@ using namespace jax_convnet::cuda_conv;
 using jcn::Layout;
 
 enum class OpKind { kFA, kIA, kWA };
-enum class Path { kWide, kNarrow, kWmma, kMma };
+enum class Path { kWide, kNarrow, kWmma, kMmaWide, kMmaNarrow };
 
 constexpr int64_t kIdx32Limit = int64_t(1) << 30;  // everything below this uses 32-bit indices
 // weight_acts' temporary memory is an extra result of its custom call (graph capture cannot
@@ -100,15 +102,18 @@ cudaError_t launch_mma(const KParams& p, cudaStream_t stream) {
 // The mma tile for N columns: 128 wide unless 64 wastes fewer columns.
 inline bool mma_wide(int64_t N) { return cdiv(N, 128) * 128 - N <= cdiv(N, 64) * 64 - N; }
 
-template <class Op, typename T>
-cudaError_t launch_mma_for(const KParams& p, bool split, cudaStream_t stream) {
+template <class Op, class Cfg, typename T>
+cudaError_t launch_mma_split(const KParams& p, bool split, cudaStream_t stream) {
   if constexpr (std::is_same_v<T, float>) {
-    if (split)
-      return mma_wide(p.N) ? launch_mma<Op, MmaWide<T>, T, true>(p, stream)
-                           : launch_mma<Op, MmaNarrow<T>, T, true>(p, stream);
+    if (split) return launch_mma<Op, Cfg, T, true>(p, stream);
   }
-  return mma_wide(p.N) ? launch_mma<Op, MmaWide<T>, T, false>(p, stream)
-                       : launch_mma<Op, MmaNarrow<T>, T, false>(p, stream);
+  return launch_mma<Op, Cfg, T, false>(p, stream);
+}
+
+template <class Op, typename T>
+cudaError_t launch_mma_for(const KParams& p, Path path, bool split, cudaStream_t stream) {
+  return path == Path::kMmaWide ? launch_mma_split<Op, MmaWide<T>, T>(p, split, stream)
+                                : launch_mma_split<Op, MmaNarrow<T>, T>(p, split, stream);
 }
 
 template <class Op, class Cfg, typename T>
@@ -170,11 +175,11 @@ void vec_widths_path(Path path, int* va, int* vb) {
 template <OpKind K, Layout L, typename T>
 cudaError_t launch_path(const KParams& p, Path path, bool idx64, int mask, bool split,
                         cudaStream_t stream) {
-  if (path == Path::kMma) {
+  if (path == Path::kMmaWide || path == Path::kMmaNarrow) {
     if constexpr (K == OpKind::kWA) {
-      if (p.fused) return launch_mma_for<OpWA<L, int32_t, true>, T>(p, split, stream);
+      if (p.fused) return launch_mma_for<OpWA<L, int32_t, true>, T>(p, path, split, stream);
     }
-    return launch_mma_for<typename OpOf<K>::template type<L, int32_t>, T>(p, split, stream);
+    return launch_mma_for<typename OpOf<K>::template type<L, int32_t>, T>(p, path, split, stream);
   }
   if constexpr (K == OpKind::kWA) {
     if (p.fused) {  // weight_acts folding all segments per tile: mask 3 or scalar
@@ -324,19 +329,36 @@ ffi::Error run(cudaStream_t stream, Workspace workspace, const jcn::ConvGeometry
     const bool okb = cb % vb == 0 && aligned(b, int64_t(vb) * int64_t(sizeof(T)));
     return (oka ? 1 : 0) | (okb ? 2 : 0);
   };
+  // The device's limits the plan depends on (cached by the runtime: no synchronisation).
+  int dev = 0, nsm = 0, smem_optin = 0;
+  cudaError_t err;
+  if ((err = cudaGetDevice(&dev)) != cudaSuccess) return cuda_error(kOp, "cudaGetDevice", err);
+  if ((err = cudaDeviceGetAttribute(&nsm, cudaDevAttrMultiProcessorCount, dev)) != cudaSuccess ||
+      (err = cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev)) !=
+          cudaSuccess)
+    return cuda_error(kOp, "cudaDeviceGetAttribute", err);
+  nsm = std::max(nsm, 1);
+
+  // The mma kernel: 16-byte vectors of both operands, and its shared memory within the device's
+  // per-block limit (the 128 x 128 tile takes about 105 KiB, more than sm_86 / sm_89 GPUs allow).
+  using OpMma = typename OpOf<K>::template type<L, int32_t>;
   constexpr int kMmaVec = MmaWide<T>::VEC;  // 16 bytes, both operands
-  const bool mma_ok = ca % kMmaVec == 0 && cb % kMmaVec == 0 && aligned(a, 16) && aligned(b, 16);
+  const bool mma_ok = ca % kMmaVec == 0 && cb % kMmaVec == 0 && aligned(a, 16) &&
+                      aligned(b, 16) &&
+                      MmaPlanOf<OpMma, MmaNarrow<T>, T, int32_t>::TOTAL <= smem_optin;
+  const bool mma_wide_fits = MmaPlanOf<OpMma, MmaWide<T>, T, int32_t>::TOTAL <= smem_optin;
 
   Path path = Path::kWide;
   if (!idx64 && N >= 16 && M >= 16 && mma_ok) {
-    path = Path::kMma;
+    path = mma_wide(N) && mma_wide_fits ? Path::kMmaWide : Path::kMmaNarrow;
   } else if (!idx64 && !split && N >= 16 && M >= 16) {
     path = Path::kWmma;
   } else if (!idx64 && K != OpKind::kWA && N <= 8) {
     path = Path::kNarrow;
   }
+  const bool mma = path == Path::kMmaWide || path == Path::kMmaNarrow;
   int mask = 0;  // 64-bit indices: scalar loads
-  if (path == Path::kMma) {
+  if (mma) {
     mask = 3;  // (unused by the mma kernel, which always copies 16-byte vectors)
   } else if (!idx64) {
     mask = vec_mask(path);
@@ -346,8 +368,8 @@ ffi::Error run(cudaStream_t stream, Workspace workspace, const jcn::ConvGeometry
     mask = vec_mask(path);
   }
   int BM = 128, BN = 64, BK = CfgWide::BK;
-  if (path == Path::kMma) {
-    BN = mma_wide(N) ? MmaWide<T>::BN : MmaNarrow<T>::BN;
+  if (mma) {
+    BN = path == Path::kMmaWide ? MmaWide<T>::BN : MmaNarrow<T>::BN;
     BK = MmaWide<T>::BK;
   } else if (path == Path::kWmma) {
     BK = WmmaCfgOf<T>::BK;
@@ -366,7 +388,6 @@ ffi::Error run(cudaStream_t stream, Workspace workspace, const jcn::ConvGeometry
     p.units = p.ncy * p.ncx * tiles;
   }
 
-  cudaError_t err;
   if (K != OpKind::kWA) {
     err = launch_path<K, L, T>(p, path, idx64, mask, split, stream);
     if (err != cudaSuccess) return cuda_error(kOp, "kernel launch", err);
@@ -374,11 +395,6 @@ ffi::Error run(cudaStream_t stream, Workspace workspace, const jcn::ConvGeometry
   }
 
   // ---- weight_acts launch plan ----
-  int dev = 0, nsm = 0;
-  if ((err = cudaGetDevice(&dev)) != cudaSuccess) return cuda_error(kOp, "cudaGetDevice", err);
-  if ((err = cudaDeviceGetAttribute(&nsm, cudaDevAttrMultiProcessorCount, dev)) != cudaSuccess)
-    return cuda_error(kOp, "cudaDeviceGetAttribute", err);
-  nsm = std::max(nsm, 1);
   const int64_t target = 4 * int64_t(nsm);  // units wanted in flight
   const int64_t Kseg = Kd, nseg = p.nseg, E = p.F * p.C * T_;
   const int64_t kScratchCap = workspace.bytes - 4 * E;  // bytes of partial-sum slots per launch
