@@ -308,19 +308,21 @@ def time_on_device(fn: Callable, compiled, args, *, reps: int, target_s: float =
     return max(medians[1] - medians[0], 1e-9) / n * 1e3
 
 
-def measure_copy_gbps(gpu: bool, *, reps: int, inner: int = 1, nbytes: int | None = None) -> float:
+def measure_copy_gbps(gpu: bool, *, reps: int, inner: int | None = None,
+                      nbytes: int | None = None) -> float:
     """The device's copy bandwidth, bytes read + written per second (GB/s), the yardstick of the
     memory-bound pool rows: XLA scaling a float32 array (one read, one write per element; a plain
-    copy could be elided), timed like the rows. Default size: 1 GiB on an accelerator (far past
-    any cache; ``time_on_device`` then needs no copies), 64 MiB on the CPU."""
+    copy could be elided), timed like the rows (``inner``: as ``--inner``). Default size: 1 GiB
+    on an accelerator (far past any cache; ``time_on_device`` then needs no copies), 64 MiB on
+    the CPU."""
     nbytes = nbytes or ((1 << 30) if gpu else (64 << 20))
     x = jnp.arange(nbytes // 4, dtype=jnp.float32)
     scale = lambda x: x * 0.5
     compiled = jax.jit(scale).lower(x).compile()
-    if gpu and inner == 1:
+    if gpu and inner is None:
         ms = time_on_device(scale, compiled, (x,), reps=reps)
     else:
-        ms = time_fn(compiled, (x,), reps=reps, inner=inner)
+        ms = time_fn(compiled, (x,), reps=reps, inner=inner or 1)
     return 2 * x.nbytes / ms / 1e6
 
 
@@ -467,7 +469,7 @@ def main(argv=None):
     t_start = time.perf_counter()
     copy_gbps = None
     if any(r.kind == "pool" for r in rows):  # pool rows are judged against it
-        copy_gbps = measure_copy_gbps(gpu and args.inner is None, reps=reps, inner=inner)
+        copy_gbps = measure_copy_gbps(gpu, reps=reps, inner=args.inner)
         print(f"copy bandwidth (read + write): {copy_gbps:.1f} GB/s", flush=True)
     results = []
     cache_key, cache = None, None

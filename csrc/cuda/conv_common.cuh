@@ -59,7 +59,8 @@ struct Str4 {
   int64_t n, c, y, x;
 };
 
-// Everything a conv GEMM kernel needs; filled on the host (conv_launch.cuh), passed __grid_constant__.
+// Everything a conv GEMM kernel needs; filled on the host (conv_launch.cuh), passed
+// __grid_constant__.
 struct KParams {
   const void* a;  // operand A source (FA: images, IA: hidden, WA: hidden)
   const void* b;  // operand B source (FA: filters, IA: filters, WA: images)

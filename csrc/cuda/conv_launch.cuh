@@ -19,7 +19,8 @@
 //
 // CUDA-graph safe: no synchronisation, no allocation (weight_acts gets its temporary memory as
 // an extra workspace result), no host reads of device data; the launch plan depends only on
-// shapes, attributes and the device's SM count, so results are bitwise reproducible (no atomics).
+// shapes, attributes and the device's SM count and shared memory per block, so results are
+// bitwise reproducible (no atomics).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -357,12 +358,10 @@ ffi::Error run(cudaStream_t stream, Workspace workspace, const jcn::ConvGeometry
     path = Path::kNarrow;
   }
   const bool mma = path == Path::kMmaWide || path == Path::kMmaNarrow;
-  int mask = 0;  // 64-bit indices: scalar loads
-  if (mma) {
-    mask = 3;  // (unused by the mma kernel, which always copies 16-byte vectors)
-  } else if (!idx64) {
-    mask = vec_mask(path);
-  }
+  // Vector loads of the other kernels (the mma kernel always copies 16-byte vectors; 64-bit
+  // indices: scalar loads).
+  int mask = 0;
+  if (!mma && !idx64) mask = vec_mask(path);
   if (path == Path::kNarrow && mask != 3) {
     path = Path::kWide;
     mask = vec_mask(path);
