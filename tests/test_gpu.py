@@ -180,6 +180,36 @@ def test_pools_match_cpu_kernels_bitwise(shape, ds, stride, dtype, layout):
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
 
 
+# A NaN with a payload of its own, a canonical NaN, infinities and signed zeros, in ties.
+SPECIAL_BITS = {jnp.float32: (np.uint32, [0x7fc12345, 0x7fc00000, 0xff800000, 0x7f800000,
+                                          0x80000000, 0x00000000, 0x3f800000, 0xbf800000]),
+                jnp.bfloat16: (np.uint16, [0x7fc5, 0x7fc0, 0xff80, 0x7f80, 0x8000, 0x0000,
+                                           0x3f80, 0xbf80]),
+                jnp.float16: (np.uint16, [0x7e55, 0x7e00, 0xfc00, 0x7c00, 0x8000, 0x0000,
+                                          0x3c00, 0xbc00])}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", list(SPECIAL_BITS), ids=["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("ds,stride,padding", [(3, 2, "SAME"), (2, 2, "VALID"), (3, 1, None)])
+def test_pools_on_special_values_match_cpu_kernels_bit_for_bit(ds, stride, padding, dtype,
+                                                               layout):
+    # Mostly -inf (windows of -inf select their first element), NaNs (the first one wins, with
+    # its payload), signed zeros (the first of equal maxima wins).
+    uint, bits = SPECIAL_BITS[dtype]
+    p = np.array([0.4, 0.05, 0.05, 0.02, 0.15, 0.15, 0.1, 0.08])
+    raw = np.random.default_rng(11).choice(np.array(bits, uint), size=8 * 9 * 10 * 16, p=p)
+    x = jnp.asarray(raw.view(jnp.dtype(dtype)).reshape(
+        (16, 9, 10, 8) if layout == "C01B" else (8, 9, 10, 16)))
+    pool = lambda x: jcn.max_pool(x, ds, stride=stride, padding=padding, layout=layout)
+    t = rand(12, x.shape, dtype)
+    run = jax.jit(lambda x, t: jax.jvp(pool, (x,), (t,)))
+    on_gpu = run_poisoned(run, *jax.device_put((x, t), gpu()))
+    on_cpu = run(*jax.device_put((x, t), cpu()))
+    for a, b in zip(on_gpu, on_cpu):  # pooled values and tangents, bit for bit
+        np.testing.assert_array_equal(np.asarray(a).view(uint), np.asarray(b).view(uint))
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
 def test_pool_gradient_bitwise_reproducible(dtype):
     x = jax.device_put(images(7, "NHWC", 16, 64, 55, 55, dtype), gpu())

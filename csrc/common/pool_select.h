@@ -28,6 +28,16 @@ JCN_POOL_HD bool takes(bool first, F v, F best) {
   return first | (v > best) | ((v != v) & (best == best));
 }
 
+// The same rule for a scan whose `best` starts at -inf instead of at the first element: `v` is
+// taken when it is larger than `best` or NaN, unless `best` is already NaN (`!(v <= best)` is
+// true for v > best and for a NaN v). Equal to takes() at every step once an element larger
+// than -inf or a NaN has been taken; before that (a run of -inf) nothing is taken, and the
+// selected element is the window's first. Three comparisons and no first-element case.
+template <typename F>
+JCN_POOL_HD bool takes_over(F v, F best) {
+  return !(v <= best) & (best == best);
+}
+
 // Floor / ceil of a / b for b > 0 and any sign of a.
 template <typename I>
 JCN_POOL_HD I floor_div(I a, I b) {

@@ -6,7 +6,7 @@
 // Same units, tiles and operand addressing as conv_gemm_kernel (conv_ops.cuh, Loader); what
 // differs is the pipeline: every k-tile goes global -> shared memory with cp.async (no registers,
 // zero-filled outside the operand) into a ring of STAGES buffers, STAGES - 1 k-tiles ahead of the
-// math, one __syncthreads per k-tile. Warps own WM x 32 of the block tile and read their fragments
+// math, one __syncthreads per k-tile. Warps own WM x WN of the block tile and read their fragments
 // with ldmatrix (the .trans form for k-major stages; TF32 reads k-major stages element-wise).
 // Stage rows are padded so that ldmatrix and the element-wise reads are free of bank conflicts.
 #pragma once
@@ -18,23 +18,26 @@
 namespace jax_convnet {
 namespace cuda_conv {
 
-// Block tile of WARPS_M x WARPS_N warps of WM x 32 each; BK = 128 bytes of k per stage (deep
+// Block tile of WARPS_M x WARPS_N warps of WM x WN each; BK = 128 bytes of k per stage (deep
 // k-tiles halve the barriers and the operand address arithmetic per flop of 64-byte ones).
-template <typename T, int WARPS_M_, int WARPS_N_, int WM_, int STAGES_>
+template <typename T, int WARPS_M_, int WARPS_N_, int WM_, int WN_, int STAGES_>
 struct MmaCfg {
   static constexpr bool kTensor = true;
   static constexpr int WARPS_M = WARPS_M_, WARPS_N = WARPS_N_, STAGES = STAGES_;
-  static constexpr int WM = WM_, WN = 32, MI = WM / 16, NI = WN / 8;
+  static constexpr int WM = WM_, WN = WN_, MI = WM / 16, NI = WN / 8;
   static constexpr int BM = WM * WARPS_M, BN = WN * WARPS_N, NT = 32 * WARPS_M * WARPS_N;
   static constexpr int BK = 128 / int(sizeof(T));    // 64 halves or 32 floats
   static constexpr int KF = sizeof(T) == 2 ? 16 : 8;  // k of one mma
   static constexpr int VEC = 16 / int(sizeof(T));    // elements per cp.async
 };
-// Both 256 threads (two blocks per SM: at most 128 registers, 2 x 105 KiB of shared memory).
+// Warps of 64 x 32: a warp reads 3 KiB of fragments per k-step of 16 mma (bf16; TF32 half the
+// k). The wide tile has 8 of them (256 threads, two blocks per SM at <= 128 registers, 2 x 105
+// KiB of shared memory); the narrow one 4 (128 threads, ~200 registers): 8 warps of 32 x 32
+// there read a third more shared memory per mma and were 3-14% slower (L2 image_acts, H200).
 template <typename T>
-using MmaWide = MmaCfg<T, 2, 4, 64, 3>;  // 128 x 128
+using MmaWide = MmaCfg<T, 2, 4, 64, 32, 3>;  // 128 x 128
 template <typename T>
-using MmaNarrow = MmaCfg<T, 4, 2, 32, 3>;  // 128 x 64
+using MmaNarrow = MmaCfg<T, 2, 2, 64, 32, 3>;  // 128 x 64
 
 // Shared memory of one kernel instance (SmemOffsets of STAGES stages). kAK / kBK: operand A / B is
 // contiguous along its rows, so its stages are k-major ([BK][rows + pad]); otherwise row-major
@@ -118,14 +121,17 @@ __device__ __forceinline__ void load_b_frag_pair(uint32_t (&b0)[2], uint32_t (&b
   b1[1] = r[3];
 }
 
-// float bits -> TF32 high part (in place); with kSplit also the TF32 residue.
-template <int N, bool kSplit>
+// float bits -> TF32 high part (in place) and the TF32 residue (3xTF32). Plain TF32 passes the
+// float bits unconverted: the tensor cores read their top 19 bits (truncation, at most 2^-10
+// relative per operand); a per-fragment cvt.rna would cost one conversion per element per warp
+// that reads it (24 per 16 mma), more than the mma themselves.
+template <int N>
 __device__ __forceinline__ void split_tf32(uint32_t (&big)[N], uint32_t (&small)[N]) {
 #pragma unroll
   for (int e = 0; e < N; ++e) {
     const float x = __uint_as_float(big[e]);
     big[e] = to_tf32(x);
-    if constexpr (kSplit) small[e] = to_tf32(x - __uint_as_float(big[e]));
+    small[e] = to_tf32(x - __uint_as_float(big[e]));
   }
 }
 
@@ -136,8 +142,7 @@ __global__ void __launch_bounds__(Cfg::NT, Op::kFold ? 1 : 2)
   constexpr int BM = Cfg::BM, BN = Cfg::BN, BK = Cfg::BK, NT = Cfg::NT, STAGES = Cfg::STAGES;
   constexpr int MI = Cfg::MI, NI = Cfg::NI, KF = Cfg::KF;
   constexpr bool AK = Op::A_ROWC, BKM = Op::B_ROWC;  // k-major stages
-  constexpr bool kTf32 = std::is_same_v<T, float>;
-  static_assert(!kSplit || kTf32, "3xTF32 is for float32");
+  static_assert(!kSplit || std::is_same_v<T, float>, "3xTF32 is for float32");
   using Plan = MmaPlanOf<Op, Cfg, T, Idx>;
   constexpr int LDA = Plan::LDA, LDB = Plan::LDB, LDC = Plan::LDC;
   using LA = Loader<Op, true, BM, BK, NT, T, Idx, Cfg::VEC, false>;
@@ -207,15 +212,15 @@ __global__ void __launch_bounds__(Cfg::NT, Op::kFold ? 1 : 2)
 #pragma unroll
         for (int j = 0; j < NI; j += 2)
           load_b_frag_pair<Cfg, T, LDB, BKM>(bf[j], bf[j + 1], b_s, wn0 + j * 8, kk, lane);
-        if constexpr (kTf32) {
+        if constexpr (kSplit) {
 #pragma unroll
-          for (int j = 0; j < NI; ++j) split_tf32<2, kSplit>(bf[j], bs[kSplit ? j : 0]);
+          for (int j = 0; j < NI; ++j) split_tf32<2>(bf[j], bs[j]);
         }
 #pragma unroll
         for (int i = 0; i < MI; ++i) {
           uint32_t af[4], as[4];
           load_a_frag<Cfg, T, LDA, AK>(af, a_s, wm0 + i * 16, kk, lane);
-          if constexpr (kTf32) split_tf32<4, kSplit>(af, as);
+          if constexpr (kSplit) split_tf32<4>(af, as);
 #pragma unroll
           for (int j = 0; j < NI; ++j) {
             if constexpr (kSplit) {  // small terms first: they are the least significant

@@ -59,13 +59,23 @@ struct Num<float> {
     return __int_as_float(static_cast<int>(0xff800000u));
   }
   static __device__ __forceinline__ float zero() { return 0.0f; }
+  static constexpr bool kExactFromFloatBits = true;
+  static __device__ __forceinline__ float from_float_bits(float v) { return v; }
 };
 template <>
 struct Num<__nv_bfloat16> {
-  static __device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+  // Exact widening by the bits (a NaN keeps its payload: from_float_bits undoes it).
+  static __device__ __forceinline__ float to_f(__nv_bfloat16 v) {
+    return __uint_as_float(uint32_t(__bfloat16_as_ushort(v)) << 16);
+  }
   static __device__ __forceinline__ __nv_bfloat16 from_f(float v) { return __float2bfloat16_rn(v); }
   static __device__ __forceinline__ __nv_bfloat16 neg_inf() { return __ushort_as_bfloat16(0xff80); }
   static __device__ __forceinline__ __nv_bfloat16 zero() { return __ushort_as_bfloat16(0); }
+  // A float that holds a bfloat16 value (low 16 bits zero) back to it, NaN payload included.
+  static constexpr bool kExactFromFloatBits = true;
+  static __device__ __forceinline__ __nv_bfloat16 from_float_bits(float v) {
+    return __ushort_as_bfloat16(static_cast<unsigned short>(__float_as_uint(v) >> 16));
+  }
 };
 template <>
 struct Num<__half> {
@@ -73,6 +83,7 @@ struct Num<__half> {
   static __device__ __forceinline__ __half from_f(float v) { return __float2half_rn(v); }
   static __device__ __forceinline__ __half neg_inf() { return __ushort_as_half(0xfc00); }
   static __device__ __forceinline__ __half zero() { return __ushort_as_half(0); }
+  static constexpr bool kExactFromFloatBits = false;
 };
 
 // V consecutive elements, loaded / stored with one instruction (128-bit when V*sizeof(T) = 16).
@@ -151,16 +162,23 @@ __global__ void __launch_bounds__(kThreads)
     const Idx j_lo = x0 < 0 ? -x0 : Idx(0);
     const Idx j_hi = ww < g.W - x0 ? ww : g.W - x0;
 
+    // The scan starts from best = -inf and uses takes_over(): no first-element case. A window
+    // of -inf only selects its first element: the selection and the tangent start there.
+    // kValue writes `best` back (exact: it holds a T value; bf16 by its bits, keeping NaN
+    // payloads); float16's round trip through float could change a NaN's payload, so it keeps
+    // the selected element itself.
+    constexpr bool kBestIsResult = kScan == Scan::kValue && N::kExactFromFloatBits;
+    const bool empty = i_lo >= i_hi || j_lo >= j_hi;
+    const uint8_t first_code = empty ? uint8_t(kSelNone) : uint8_t((int(i_lo) << 4) | int(j_lo));
     Vec<T, V> res;
     SelVec<V> code;
     float best[V];
 #pragma unroll
     for (int l = 0; l < V; ++l) {
       res.v[l] = kJvp ? N::zero() : N::neg_inf();
-      code.s[l] = kSelNone;
-      best[l] = 0.0f;
+      code.s[l] = first_code;
+      best[l] = -INFINITY;
     }
-    bool first = true;
     // Compile-time window: all KH*KW positions, out-of-image ones masked by `ok` and loaded from
     // a clamped (valid, already-touched) address, so the unrolled body is branch-free and all
     // loads are in flight together. Runtime window: only the clipped range (ok always true).
@@ -173,6 +191,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (Idx j = j_beg; j < j_end; ++j) {
         const bool ok = row_ok && j >= j_lo && j < j_hi;
+        const bool first = i == i_lo && j == j_lo;  // (only the tangent needs it)
         const Idx off = (row + clamp_idx<Idx>(x0 + j, g.W)) * g.I + lane;
         const Vec<T, V> v = load_vec<T, V>(img, off);
         Vec<T, V> tv;
@@ -180,16 +199,21 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int l = 0; l < V; ++l) {
           const float f = N::to_f(v.v[l]);
-          const bool take = ok & jcn::pool::takes(first, f, best[l]);
+          const bool take = ok & jcn::pool::takes_over(f, best[l]);
           best[l] = take ? f : best[l];
           if constexpr (kScan == Scan::kSelect) {
             code.s[l] = take ? uint8_t((int(i) << 4) | int(j)) : code.s[l];
-          } else {
-            res.v[l] = take ? (kJvp ? tv.v[l] : v.v[l]) : res.v[l];
+          } else if constexpr (kJvp) {
+            res.v[l] = (take | (ok & first)) ? tv.v[l] : res.v[l];
+          } else if constexpr (!kBestIsResult) {
+            res.v[l] = take ? v.v[l] : res.v[l];
           }
         }
-        first = first & !ok;
       }
+    }
+    if constexpr (kBestIsResult) {
+#pragma unroll
+      for (int l = 0; l < V; ++l) res.v[l] = N::from_float_bits(best[l]);
     }
     if constexpr (kScan == Scan::kSelect) {
       *reinterpret_cast<SelVec<V>*>(sel + t * V) = code;
