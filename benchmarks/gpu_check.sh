@@ -26,8 +26,10 @@ build)
   ;;
 test)
   step "tests (log: $OUT/pytest.log)"
-  # From tests/ so that the installed package, not the source tree, is imported.
-  (cd tests && timeout ${TEST_TIMEOUT_S:-330} python3 -m pytest -q -x -p no:cacheprovider \
+  # From tests/ so that the installed package, not the source tree, is imported. One line per
+  # test in the log and no stop at the first failure: a run cut by its timeout still shows which
+  # tests ran and how they ended.
+  (cd tests && timeout ${TEST_TIMEOUT_S:-330} python3 -m pytest -v --maxfail=20 --durations=15 -p no:cacheprovider \
      ${PYTEST_K:+-k "$PYTEST_K"} ${PYTEST_ARGS:-} . >"$OUT/pytest.log" 2>&1); rc=$?
   grep -E "passed|failed|error" "$OUT/pytest.log" | tail -3
   [ $rc -eq 0 ] || { grep -E "^(FAILED|ERROR)|^E " "$OUT/pytest.log" | head -30; status=1; }
