@@ -7,13 +7,15 @@
 //   FA  M = B*Ho*Wo, N = F, K = C*fh*fw
 //   IA  per residue class (y mod sh, x mod sw): M = B*Hq*Wq, N = C, K = F*nI*nJ (useful taps only)
 //   WA  M = C*fh*fw, N = F, K = B*partial_sum per segment; segments folded in order.
-// Paths, when N >= 16 and M >= 16:
+// Paths, when M >= 16:
 //   kMma*  both operands readable 16 bytes at a time (contiguous dimensions a multiple of 16 bytes,
 //          aligned pointers): mma.sync with a cp.async pipeline (conv_mma.cuh); bf16 / f16,
 //          float32 as TF32 (precision Default) or 3xTF32 (High / Highest: float32 accuracy);
-//          a 128 x 128 tile (kMmaWide) unless 64 columns waste fewer or the device's shared
-//          memory per block is too small for it (kMmaNarrow, 128 x 64).
-//   kWmma  otherwise, bf16 / f16 / TF32: nvcuda::wmma, register-staged (conv_kernel.cuh).
+//          a 128 x 32 tile up to 32 columns (kMmaThin: image_acts into RGB), else 128 x 128
+//          (kMmaWide) unless 64 columns waste fewer or the device's shared memory per block is
+//          too small for it (kMmaNarrow, 128 x 64).
+//   kWmma  otherwise, when N >= 16: bf16 / f16 / TF32: nvcuda::wmma, register-staged
+//          (conv_kernel.cuh).
 // Else FFMA with a 128x64 tile (or 512x4 for N <= 8). Accumulation is float32 everywhere.
 // Operands are read in place in either layout.
 //
@@ -49,7 +51,7 @@ using namespace jax_convnet::cuda_conv;
 using jcn::Layout;
 
 enum class OpKind { kFA, kIA, kWA };
-enum class Path { kWide, kNarrow, kWmma, kMmaWide, kMmaNarrow };
+enum class Path { kWide, kNarrow, kWmma, kMmaWide, kMmaNarrow, kMmaThin };
 
 constexpr int64_t kIdx32Limit = int64_t(1) << 30;  // everything below this uses 32-bit indices
 // weight_acts' temporary memory is an extra result of its custom call (graph capture cannot
@@ -100,8 +102,16 @@ cudaError_t launch_mma(const KParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-// The mma tile for N columns: 128 wide unless 64 wastes fewer columns.
-inline bool mma_wide(int64_t N) { return cdiv(N, 128) * 128 - N <= cdiv(N, 64) * 64 - N; }
+// The mma tile for N columns: 32 wide up to 32 columns, else 128 unless 64 wastes fewer (or the
+// 128-wide tile's shared memory does not fit the device).
+inline Path mma_path(int64_t N, bool wide_fits) {
+  if (N <= 32) return Path::kMmaThin;
+  const bool wide = cdiv(N, 128) * 128 - N <= cdiv(N, 64) * 64 - N;
+  return wide && wide_fits ? Path::kMmaWide : Path::kMmaNarrow;
+}
+bool is_mma(Path path) {
+  return path == Path::kMmaWide || path == Path::kMmaNarrow || path == Path::kMmaThin;
+}
 
 template <class Op, class Cfg, typename T>
 cudaError_t launch_mma_split(const KParams& p, bool split, cudaStream_t stream) {
@@ -113,8 +123,14 @@ cudaError_t launch_mma_split(const KParams& p, bool split, cudaStream_t stream) 
 
 template <class Op, typename T>
 cudaError_t launch_mma_for(const KParams& p, Path path, bool split, cudaStream_t stream) {
-  return path == Path::kMmaWide ? launch_mma_split<Op, MmaWide<T>, T>(p, split, stream)
-                                : launch_mma_split<Op, MmaNarrow<T>, T>(p, split, stream);
+  switch (path) {
+    case Path::kMmaWide:
+      return launch_mma_split<Op, MmaWide<T>, T>(p, split, stream);
+    case Path::kMmaThin:
+      return launch_mma_split<Op, MmaThin<T>, T>(p, split, stream);
+    default:
+      return launch_mma_split<Op, MmaNarrow<T>, T>(p, split, stream);
+  }
 }
 
 template <class Op, class Cfg, typename T>
@@ -176,7 +192,7 @@ void vec_widths_path(Path path, int* va, int* vb) {
 template <OpKind K, Layout L, typename T>
 cudaError_t launch_path(const KParams& p, Path path, bool idx64, int mask, bool split,
                         cudaStream_t stream) {
-  if (path == Path::kMmaWide || path == Path::kMmaNarrow) {
+  if (is_mma(path)) {
     if constexpr (K == OpKind::kWA) {
       if (p.fused) return launch_mma_for<OpWA<L, int32_t, true>, T>(p, path, split, stream);
     }
@@ -350,14 +366,14 @@ ffi::Error run(cudaStream_t stream, Workspace workspace, const jcn::ConvGeometry
   const bool mma_wide_fits = MmaPlanOf<OpMma, MmaWide<T>, T, int32_t>::TOTAL <= smem_optin;
 
   Path path = Path::kWide;
-  if (!idx64 && N >= 16 && M >= 16 && mma_ok) {
-    path = mma_wide(N) && mma_wide_fits ? Path::kMmaWide : Path::kMmaNarrow;
+  if (!idx64 && M >= 16 && mma_ok) {
+    path = mma_path(N, mma_wide_fits);
   } else if (!idx64 && !split && N >= 16 && M >= 16) {
     path = Path::kWmma;
   } else if (!idx64 && K != OpKind::kWA && N <= 8) {
     path = Path::kNarrow;
   }
-  const bool mma = path == Path::kMmaWide || path == Path::kMmaNarrow;
+  const bool mma = is_mma(path);
   // Vector loads of the other kernels (the mma kernel always copies 16-byte vectors; 64-bit
   // indices: scalar loads).
   int mask = 0;
@@ -368,7 +384,9 @@ ffi::Error run(cudaStream_t stream, Workspace workspace, const jcn::ConvGeometry
   }
   int BM = 128, BN = 64, BK = CfgWide::BK;
   if (mma) {
-    BN = path == Path::kMmaWide ? MmaWide<T>::BN : MmaNarrow<T>::BN;
+    BN = path == Path::kMmaWide ? MmaWide<T>::BN
+         : path == Path::kMmaThin ? MmaThin<T>::BN
+                                  : MmaNarrow<T>::BN;
     BK = MmaWide<T>::BK;
   } else if (path == Path::kWmma) {
     BK = WmmaCfgOf<T>::BK;

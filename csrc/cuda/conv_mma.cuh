@@ -38,6 +38,10 @@ template <typename T>
 using MmaWide = MmaCfg<T, 2, 4, 64, 32, 3>;  // 128 x 128
 template <typename T>
 using MmaNarrow = MmaCfg<T, 2, 2, 64, 32, 3>;  // 128 x 64
+// Up to 32 columns (image_acts into a few channels, e.g. RGB): 4 warps of 32 x 32; the 8-column
+// mma tiles past the operand's last column are skipped (N = 3: one in four runs).
+template <typename T>
+using MmaThin = MmaCfg<T, 4, 1, 32, 32, 3>;  // 128 x 32
 
 // Shared memory of one kernel instance (SmemOffsets of STAGES stages). kAK / kBK: operand A / B is
 // contiguous along its rows, so its stages are k-major ([BK][rows + pad]); otherwise row-major
@@ -142,6 +146,7 @@ __global__ void __launch_bounds__(Cfg::NT, Op::kFold ? 1 : 2)
   constexpr int BM = Cfg::BM, BN = Cfg::BN, BK = Cfg::BK, NT = Cfg::NT, STAGES = Cfg::STAGES;
   constexpr int MI = Cfg::MI, NI = Cfg::NI, KF = Cfg::KF;
   constexpr bool AK = Op::A_ROWC, BKM = Op::B_ROWC;  // k-major stages
+  constexpr bool kSkipDead = BN <= 32;  // the thin tile (wider ones keep their loop unchanged)
   static_assert(!kSplit || std::is_same_v<T, float>, "3xTF32 is for float32");
   using Plan = MmaPlanOf<Op, Cfg, T, Idx>;
   constexpr int LDA = Plan::LDA, LDB = Plan::LDB, LDC = Plan::LDC;
@@ -164,6 +169,9 @@ __global__ void __launch_bounds__(Cfg::NT, Op::kFold ? 1 : 2)
   for (int64_t u = blockIdx.x; u < p.units; u += gridDim.x) {
     const Tile<Idx> t = Op::tile(p, u, BM, BN);
     if (t.skip) continue;  // uniform across the block
+
+    // Columns of the thin tile inside the operand: its mma past them are skipped (uniform).
+    const int n_live = int(t.N - t.n0 < Idx(BN) ? t.N - t.n0 : Idx(BN));
 
     LA la;
     LB lb;
@@ -223,6 +231,7 @@ __global__ void __launch_bounds__(Cfg::NT, Op::kFold ? 1 : 2)
           if constexpr (kSplit) split_tf32<4>(af, as);
 #pragma unroll
           for (int j = 0; j < NI; ++j) {
+            if (kSkipDead && wn0 + j * 8 >= n_live) continue;  // zero-filled B, not stored
             if constexpr (kSplit) {  // small terms first: they are the least significant
               mma_16x8<T>(acc[i][j], as, bf[j]);
               mma_16x8<T>(acc[i][j], af, bs[j]);
