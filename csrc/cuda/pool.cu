@@ -259,6 +259,12 @@ __device__ __forceinline__ GradTile<Idx> grad_tile(Idx t, const KGeom<Idx>& g) {
   return k;
 }
 
+// The slot of tile position (sy, sx) relative to the tile's origin; -1 outside the tile.
+template <typename Idx>
+__device__ __forceinline__ int tile_slot(Idx sy, Idx sx) {
+  return (sy >= 0 && sy < kTile && sx >= 0 && sx < kTile) ? int(sy) * kTile + int(sx) : -1;
+}
+
 // acc[slot] += ct where sel == slot. Branch-free on purpose: `if (sel == s) acc[s] += cf` gets
 // rewritten by the compiler into acc[sel] += cf, a dynamically indexed array in local memory.
 // Adding +0.0 instead is bit-exact: acc starts at +0.0 and can never become -0.0 (x + y is -0.0
@@ -318,12 +324,14 @@ __global__ void __launch_bounds__(kThreads)
         const Vec<T, V> c = load_vec<T, V>(ct, ((k.o * g.Ho + oy) * g.Wo + ox) * g.I + k.lane);
         float best[V];
         int sel[V];
+        // As in the forward kernel: the scan starts from -inf (takes_over), and a window of -inf
+        // selects its first element.
+        const int first_slot = tile_slot(wy0 + i_lo - k.y0, wx0 + j_lo - k.x0);
 #pragma unroll
         for (int l = 0; l < V; ++l) {
-          best[l] = 0.0f;
-          sel[l] = -1;
+          best[l] = -INFINITY;
+          sel[l] = first_slot;
         }
-        bool first = true;
         // As in the forward kernel: branch-free unrolled body for a compile-time window.
         const Idx i_beg = KH > 0 ? Idx(0) : i_lo, i_end = KH > 0 ? Idx(KH) : i_hi;
         const Idx j_beg = KW > 0 ? Idx(0) : j_lo, j_end = KW > 0 ? Idx(KW) : j_hi;
@@ -335,20 +343,16 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
           for (Idx j = j_beg; j < j_end; ++j) {
             const bool ok = row_ok && j >= j_lo && j < j_hi;
-            const Idx sx = wx0 + j - k.x0;
-            const int slot = (sy >= 0 && sy < kTile && sx >= 0 && sx < kTile)
-                                 ? int(sy) * kTile + int(sx)
-                                 : -1;
+            const int slot = tile_slot(sy, wx0 + j - k.x0);
             const Vec<T, V> v =
                 load_vec<T, V>(img, (row + clamp_idx<Idx>(wx0 + j, g.W)) * g.I + k.lane);
 #pragma unroll
             for (int l = 0; l < V; ++l) {
               const float f = N::to_f(v.v[l]);
-              const bool take = ok & jcn::pool::takes(first, f, best[l]);
+              const bool take = ok & jcn::pool::takes_over(f, best[l]);
               best[l] = take ? f : best[l];
               sel[l] = take ? slot : sel[l];
             }
-            first = first & !ok;
           }
         }
         add_selected<T, V>(acc, sel, c);
@@ -381,10 +385,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int l = 0; l < V; ++l) {
           const int s = code.s[l];
-          const Idx sy = sy0 + Idx(s >> 4), sx = sx0 + Idx(s & 15);
-          slot[l] = (s != kSelNone && sy >= 0 && sy < kTile && sx >= 0 && sx < kTile)
-                        ? int(sy) * kTile + int(sx)
-                        : -1;
+          slot[l] = s != kSelNone ? tile_slot(sy0 + Idx(s >> 4), sx0 + Idx(s & 15)) : -1;
         }
         add_selected<T, V>(acc, slot, c);
       }
