@@ -28,9 +28,13 @@ test)
   step "tests (log: $OUT/pytest.log)"
   # From tests/ so that the installed package, not the source tree, is imported. One line per
   # test in the log and no stop at the first failure: a run cut by its timeout still shows which
-  # tests ran and how they ended.
-  (cd tests && timeout ${TEST_TIMEOUT_S:-330} python3 -m pytest -v --maxfail=20 --durations=15 -p no:cacheprovider \
-     ${PYTEST_K:+-k "$PYTEST_K"} ${PYTEST_ARGS:-} . >"$OUT/pytest.log" 2>&1); rc=$?
+  # tests ran and how they ended. With pytest-xdist (on the GPU machine's image), TEST_WORKERS
+  # processes share the GPU: the suite's time is mostly XLA compilation, which runs on the CPUs.
+  workers=""
+  python3 -c "import xdist" 2>/dev/null && workers="-n ${TEST_WORKERS:-4}"
+  (cd tests && timeout ${TEST_TIMEOUT_S:-330} python3 -m pytest -v --maxfail=20 --durations=15 \
+     -p no:cacheprovider $workers ${PYTEST_K:+-k "$PYTEST_K"} ${PYTEST_ARGS:-} . \
+     >"$OUT/pytest.log" 2>&1); rc=$?
   grep -E "passed|failed|error" "$OUT/pytest.log" | tail -3
   [ $rc -eq 0 ] || { grep -E "^(FAILED|ERROR)|^E " "$OUT/pytest.log" | head -30; status=1; }
   ;;
