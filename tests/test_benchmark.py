@@ -14,7 +14,8 @@ from jax_convnet import benchmark
 
 def test_repeated_calls_survive_compilation():
     # If XLA could drop or merge the repeated calls, per-call times would come out near zero.
-    x = jax.random.normal(jax.random.key(0), (4, 9, 9, 8), jnp.float32)  # our kernels: no f64 on GPU
+    # float32: with x64 on, float64 would lower to XLA on the GPU (our kernels have no float64).
+    x = jax.random.normal(jax.random.key(0), (4, 9, 9, 8), jnp.float32)
     pool_grad = lambda x: jax.grad(lambda x: jcn.max_pool(x, 3, stride=2, layout="NHWC").sum())(x)
     compiled = jax.jit(benchmark.repeated(pool_grad, 5)).lower(x).compile()
     assert len(re.findall(r"custom[-_]call\(", compiled.as_text())) == 5

@@ -156,6 +156,14 @@ def test_weight_acts_bitwise_reproducible(partial_sum):
     assert_close(first, ref.weight_acts(*exact(x, g), w.shape, pad=pad), jnp.float32, scale=5)
 
 
+def value_tangent_and_gradient(pool):
+    """(x, t, g) -> pool(x), its JVP along t and its VJP of g, jitted: the three pool kernels."""
+    def run(x, t, g):
+        y, ty = jax.jvp(pool, (x,), (t,))
+        return y, ty, jax.vjp(pool, x)[1](g)[0]
+    return jax.jit(run)
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16],
                          ids=["float32", "bfloat16", "float16"])
@@ -171,13 +179,9 @@ def test_pools_match_cpu_kernels_bitwise(shape, ds, stride, dtype, layout):
     x = jnp.round(x * 4) / 4  # ties on purpose
     y_shape = jax.eval_shape(lambda x: jcn.max_pool(x, ds, stride=stride, layout=layout), x).shape
     t, g = rand(5, x.shape, dtype), rand(6, y_shape, dtype)
-
-    def run(x, t, g):
-        pool = lambda x: jcn.max_pool(x, ds, stride=stride, layout=layout)
-        y, ty = jax.jvp(pool, (x,), (t,))
-        return y, ty, jax.vjp(pool, x)[1](g)[0]
-    on_gpu = run_poisoned(jax.jit(run), *jax.device_put((x, t, g), gpu()))
-    on_cpu = jax.jit(run)(*jax.device_put((x, t, g), cpu()))
+    run = value_tangent_and_gradient(lambda x: jcn.max_pool(x, ds, stride=stride, layout=layout))
+    on_gpu = run_poisoned(run, *jax.device_put((x, t, g), gpu()))
+    on_cpu = run(*jax.device_put((x, t, g), cpu()))
     for a, b in zip(on_gpu, on_cpu):
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
 
@@ -207,12 +211,9 @@ def test_pools_on_special_values_match_cpu_kernels_bit_for_bit(ds, stride, paddi
     pool = lambda x: jcn.max_pool(x, ds, stride=stride, padding=padding, layout=layout)
     t = rand(12, x.shape, dtype)
     g = rand(13, jax.eval_shape(pool, x).shape, dtype)
-
-    def run(x, t, g):
-        y, ty = jax.jvp(pool, (x,), (t,))
-        return y, ty, jax.vjp(pool, x)[1](g)[0]
-    on_gpu = run_poisoned(jax.jit(run), *jax.device_put((x, t, g), gpu()))
-    on_cpu = jax.jit(run)(*jax.device_put((x, t, g), cpu()))
+    run = value_tangent_and_gradient(pool)
+    on_gpu = run_poisoned(run, *jax.device_put((x, t, g), gpu()))
+    on_cpu = run(*jax.device_put((x, t, g), cpu()))
     for a, b in zip(on_gpu, on_cpu):  # pooled values, tangents and gradients, bit for bit
         np.testing.assert_array_equal(np.asarray(a).view(uint), np.asarray(b).view(uint))
 
