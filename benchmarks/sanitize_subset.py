@@ -31,6 +31,17 @@ for layout in ("C01B", "NHWC"):
                     x, w, layout=layout, precision=precision, pad=1, stride=2,
                     partial_sum="auto").astype(jnp.float32) ** 2)
                 jax.block_until_ready(jax.jit(jax.grad(loss, (0, 1)))(x, w))
+# image_acts into RGB: the direct kernel (partial lane groups: 37 images, 20 filters; a short and
+# a long register window).
+for layout in ("C01B", "NHWC"):
+    for dtype in (jnp.float32, jnp.bfloat16):
+        for size, kw in ((5, dict(stride=2, pad=1)), (11, dict(stride=1))):
+            w = jax.random.normal(key, jcn.geometry.filter_shape(layout, 20, 3, size, size), dtype)
+            x_shape = jcn.geometry.image_shape(layout, 37, 3, 19, 21)
+            out_hw = jcn.filter_acts_output_size((19, 21), size, **kw)
+            g = jax.random.normal(key, jcn.geometry.image_shape(layout, 37, 20, *out_hw), dtype)
+            jax.block_until_ready(jax.jit(lambda g, w: jcn.image_acts(
+                g, w, x_shape, layout=layout, **kw))(g, w))
 # Pools on vector-friendly sizes (inner dimension a multiple of 8), where the vector kernels
 # run: overlapping (two-pass gradient) and disjoint windows, clipped (ceil rule) and padded
 # edges, and a window too tall for the selection byte (one-pass gradient).

@@ -144,6 +144,31 @@ def test_random_small_configurations(seed):
         assert_close(a, b, dtype, scale=5)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("channels,window,stride,pad,precision", [
+    (1, (11, 11), 1, 0, None),              # 11 rows of taps: the longest register window
+    (2, (5, 3), (2, 3), (2, 1), None),      # uneven residue classes
+    (3, (11, 11), 4, 2, None),              # AlexNet conv1: 16 classes of 2-3 rows of taps
+    (4, (7, 2), (3, 1), (0, 1), None),
+    (3, (13, 13), 1, 1, "highest"),         # 13 rows of taps: the implicit GEMM instead
+])
+def test_image_acts_into_few_channels(channels, window, stride, pad, precision, dtype, layout):
+    """image_acts into 1-4 channels (the gradient of an RGB first layer) runs a direct FFMA
+    kernel, float32-exact at every precision: 37 images (C01B lanes are 32 images: a partial
+    group), 40 filters (NHWC lanes are 8 filters per column: a partial group), image heights
+    ending inside a block of 16 rows, output poisoned."""
+    x_shape = jcn.geometry.image_shape(layout, 37, channels, 35, 29)
+    w = filters(12, layout, 40, channels, *window, dtype) * 0.1
+    out_hw = jcn.filter_acts_output_size((35, 29), window, stride=stride, pad=pad)
+    g = rand(13, jcn.geometry.image_shape(layout, 37, 40, *out_hw), dtype)
+    kw = dict(pad=pad, stride=stride, layout=layout)
+    run = jax.jit(lambda g, w: jcn.image_acts(g, w, x_shape, precision=precision, **kw))
+    ours = run_poisoned(run, *jax.device_put((g, w), gpu()))
+    assert ours.dtype == dtype
+    assert_close(ours, ref.image_acts(*exact(g, w), x_shape, **kw), dtype, scale=5)
+
+
 @pytest.mark.parametrize("partial_sum", [None, 1, 13, "auto"])
 def test_weight_acts_bitwise_reproducible(partial_sum):
     (x, w, g), stride, pad = layer_operands("alex3", "C01B", jnp.float32, batch=8)

@@ -7,7 +7,8 @@
 //   FA  M = B*Ho*Wo, N = F, K = C*fh*fw
 //   IA  per residue class (y mod sh, x mod sw): M = B*Hq*Wq, N = C, K = F*nI*nJ (useful taps only)
 //   WA  M = C*fh*fw, N = F, K = B*partial_sum per segment; segments folded in order.
-// Paths, when M >= 16:
+// image_acts into at most 4 channels (RGB) with up to 12 rows of taps per residue class: a direct
+// FFMA kernel instead (conv_image_acts_direct.cuh). Other paths, when M >= 16:
 //   kMma*  both operands readable 16 bytes at a time (contiguous dimensions a multiple of 16 bytes,
 //          aligned pointers): mma.sync with a cp.async pipeline (conv_mma.cuh); bf16 / f16,
 //          float32 as TF32 (precision Default) or 3xTF32 (High / Highest: float32 accuracy);
@@ -36,6 +37,7 @@
 #include <type_traits>
 
 #include "conv_common.cuh"
+#include "conv_image_acts_direct.cuh"
 #include "conv_kernel.cuh"
 #include "conv_mma.cuh"
 #include "conv_ops.cuh"
@@ -222,6 +224,36 @@ cudaError_t launch_path(const KParams& p, Path path, bool idx64, int mask, bool 
   return launch_masked<Op, CfgWide, T>(p, mask, stream);
 }
 
+// image_acts into C <= kDirectMaxChannels channels (conv_image_acts_direct.cuh); the window
+// length KMAX is the smallest instantiated one >= the classes' rows of taps.
+constexpr int kDirectMaxTapRows = 12;
+template <Layout L, typename T, int C>
+cudaError_t launch_ia_direct_c(const KParams& p, int nsm, cudaStream_t stream) {
+  const DirectIAPlan d = direct_ia_plan(p, L == Layout::kC01B);
+  if (d.units < 1) return cudaSuccess;
+  const unsigned blocks = unsigned(std::min<int64_t>(cdiv(d.units, kDirectWarps), int64_t(nsm) * 64));
+  constexpr unsigned kThreads = 32 * kDirectWarps;
+  if (p.nImax <= 4)
+    conv_ia_direct_kernel<T, L, C, 4><<<blocks, kThreads, 0, stream>>>(p, d);
+  else
+    conv_ia_direct_kernel<T, L, C, kDirectMaxTapRows><<<blocks, kThreads, 0, stream>>>(p, d);
+  return cudaGetLastError();
+}
+template <Layout L, typename T>
+cudaError_t launch_ia_direct(const KParams& p, int nsm, cudaStream_t stream) {
+  static_assert(kDirectMaxChannels == 4, "one instantiation per channel count");
+  switch (p.C) {
+    case 1:
+      return launch_ia_direct_c<L, T, 1>(p, nsm, stream);
+    case 2:
+      return launch_ia_direct_c<L, T, 2>(p, nsm, stream);
+    case 3:
+      return launch_ia_direct_c<L, T, 3>(p, nsm, stream);
+    default:
+      return launch_ia_direct_c<L, T, 4>(p, nsm, stream);
+  }
+}
+
 template <typename T>
 cudaError_t launch_reduce(const float* slots, int64_t nseg, int64_t nsplit, int64_t E, float* acc,
                           void* out, bool first, bool last, int nsm, cudaStream_t stream) {
@@ -355,6 +387,14 @@ ffi::Error run(cudaStream_t stream, Workspace workspace, const jcn::ConvGeometry
           cudaSuccess)
     return cuda_error(kOp, "cudaDeviceGetAttribute", err);
   nsm = std::max(nsm, 1);
+
+  if constexpr (K == OpKind::kIA) {
+    if (!idx64 && p.C <= kDirectMaxChannels && p.nImax <= kDirectMaxTapRows) {
+      err = launch_ia_direct<L, T>(p, nsm, stream);
+      if (err != cudaSuccess) return cuda_error(kOp, "kernel launch", err);
+      return ffi::Error::Success();
+    }
+  }
 
   // The mma kernel: 16-byte vectors of both operands, and its shared memory within the device's
   // per-block limit (the 128 x 128 tile takes about 105 KiB, more than sm_86 / sm_89 GPUs allow).
