@@ -305,7 +305,9 @@ def time_on_device(fn: Callable, compiled, args, *, reps: int, target_s: float =
         for _ in range(2):
             jax.block_until_ready(run(*flat_sets))
         medians.append(float(np.median([_once(run, flat_sets) for _ in range(reps)])))
-    return max(medians[1] - medians[0], 1e-9) / n * 1e3
+    if medians[1] <= medians[0]:  # noise above the signal (a GPU shared with other work):
+        return medians[1] / (2 * n) * 1e3  # the upper bound, dispatch included
+    return (medians[1] - medians[0]) / n * 1e3
 
 
 def measure_copy_gbps(gpu: bool, *, reps: int, inner: int | None = None,

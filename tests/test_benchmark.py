@@ -61,7 +61,8 @@ def test_benchmark_command_writes_table_json_and_chart(tmp_path, capsys):
     rows = benchmark.main(["--quick", "--set", "cpu", "--filter", "pool/", "--reps", "1",
                            "--out", str(tmp_path)])
     assert rows and all("error" not in r for r in rows)
-    assert all(r["ms"] > 0 and r["xla_ms"] > 0 and r["max_rel_err"] == 0 for r in rows)
+    # Overlapping windows add their cotangents: XLA's GPU gradient adds in another order.
+    assert all(r["ms"] > 0 and r["xla_ms"] > 0 and r["max_rel_err"] < 1e-6 for r in rows)
     printed = capsys.readouterr().out
     assert "XLA/ours" in printed and rows[0]["name"] in printed
     saved = json.loads((tmp_path / "benchmark.json").read_text())
