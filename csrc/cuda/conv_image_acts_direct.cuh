@@ -4,7 +4,7 @@
 // Why: the GEMM of image_acts has N = C columns, so every hidden element it copies into shared
 // memory feeds C products only; on L1 (121 taps, 3 channels) the tensor-core kernels spent their
 // time copying the k-tiles from L2 (~5.5 TB/s, 0.1-0.2 of XLA's speed). Here each hidden element
-// loaded into a register feeds R * C products: a warp owns R consecutive rows of one image column
+// loaded into a register feeds up to nI * C products: a warp owns R consecutive rows of one image column
 // of a residue class (y = ry + yq * sh, x = rx + xq * sw, as OpIA in conv_ops.cuh), and for each
 // filter f and column tap jj slides a window of R + nI - 1 hidden rows down the column:
 //   img[b, c, y(yq0 + r), x] += hid[b, f, oy = qy + yq0 + r - ii, ox = qx + xq - jj] * w[f, c, i, j]
@@ -26,9 +26,12 @@ namespace jax_convnet {
 namespace cuda_conv {
 
 constexpr int kDirectMaxChannels = 4;  // image_acts with C <= this runs here
-constexpr int kDirectRows = 16;        // R: image rows per warp (register window length)
 constexpr int kDirectWarps = 8;        // warps per block
 constexpr int kDirectFilterLanes = 8;  // NHWC: lanes sharing one column, one filter each
+
+// R, the image rows of a warp, for windows of up to KMAX rows of taps: 16, or 8 for long windows
+// (a warp holds R + KMAX - 1 hidden values, KMAX * C filter values and R * C sums in registers).
+constexpr int direct_rows(int kmax) { return kmax <= 4 ? 16 : 8; }
 
 // Work units: ((class * outer + o) * row_blocks + rb) * col_units + cu; o is the batch group of 32
 // (C01B) or the image (NHWC), cu the column (C01B) or the group of 4 columns (NHWC).
@@ -37,11 +40,11 @@ struct DirectIAPlan {
   int64_t units;
 };
 
-inline DirectIAPlan direct_ia_plan(const KParams& p, bool c01b) {
+inline DirectIAPlan direct_ia_plan(const KParams& p, bool c01b, int rows) {
   DirectIAPlan d;
   constexpr int kColsPerWarp = 32 / kDirectFilterLanes;
   d.outer = int(c01b ? (p.B + 31) / 32 : p.B);
-  d.row_blocks = int((p.hq0 + kDirectRows - 1) / kDirectRows);
+  d.row_blocks = int((p.hq0 + rows - 1) / rows);
   d.col_units = int(c01b ? p.wq0 : (p.wq0 + kColsPerWarp - 1) / kColsPerWarp);
   d.units = p.ncy * p.ncx * int64_t(d.outer) * d.row_blocks * d.col_units;
   return d;
@@ -51,7 +54,7 @@ inline DirectIAPlan direct_ia_plan(const KParams& p, bool c01b) {
 template <typename T, Layout L, int C, int KMAX>
 __global__ void __launch_bounds__(32 * kDirectWarps)
     conv_ia_direct_kernel(const __grid_constant__ KParams p, const DirectIAPlan d) {
-  constexpr int R = kDirectRows, WIN = R + KMAX - 1;
+  constexpr int R = direct_rows(KMAX), WIN = R + KMAX - 1;
   constexpr bool kC01B = L == Layout::kC01B;
   constexpr int kFL = kC01B ? 1 : kDirectFilterLanes;  // filter stride of a lane
   constexpr int kOut = (R * C + kFL - 1) / kFL;         // NHWC: results stored per lane
@@ -98,25 +101,29 @@ __global__ void __launch_bounds__(32 * kDirectWarps)
       for (int jj = 0; jj < nJ; ++jj) {
         const int ox = qx + xq - jj;
         const bool col_ok = lane_ok && unsigned(ox) < unsigned(Wo);
-        float hv[WIN];
+        // Every load of the step first, so that their latencies overlap (the filter values
+        // come from L2 as often as not: loaded next to their FMAs, each waited on its own).
+        float hv[WIN], wv[KMAX][C];
 #pragma unroll
         for (int t = 0; t < WIN; ++t) {
           const int oy = oy_lo + t;
           const bool ok = col_ok && t >= KMAX - nI && unsigned(oy) < unsigned(Ho);
           hv[t] = ok ? to_f32(hid[hrow + oy * hsy + ox * hsx]) : 0.f;
         }
-        const int fcol = frow + (j0 + jj * sw) * fsx;
+        const int fcol = frow + (j0 + jj * sw) * fsx + i0 * fsy;
+#pragma unroll
+        for (int ii = 0; ii < KMAX; ++ii)
+#pragma unroll
+          for (int c = 0; c < C; ++c)
+            wv[ii][c] = ii < nI ? to_f32(fil[fcol + c * fsc + ii * sh * fsy]) : 0.f;
 #pragma unroll
         for (int ii = 0; ii < KMAX; ++ii) {
           if (ii < nI) {
-            float wv[C];
-#pragma unroll
-            for (int c = 0; c < C; ++c) wv[c] = to_f32(fil[fcol + c * fsc + (i0 + ii * sh) * fsy]);
 #pragma unroll
             for (int rr = 0; rr < R; ++rr)
 #pragma unroll
               for (int c = 0; c < C; ++c)
-                acc[rr][c] = fmaf(hv[rr - ii + KMAX - 1], wv[c], acc[rr][c]);
+                acc[rr][c] = fmaf(hv[rr - ii + KMAX - 1], wv[ii][c], acc[rr][c]);
           }
         }
       }

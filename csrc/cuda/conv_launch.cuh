@@ -229,11 +229,13 @@ cudaError_t launch_path(const KParams& p, Path path, bool idx64, int mask, bool 
 constexpr int kDirectMaxTapRows = 12;
 template <Layout L, typename T, int C>
 cudaError_t launch_ia_direct_c(const KParams& p, int nsm, cudaStream_t stream) {
-  const DirectIAPlan d = direct_ia_plan(p, L == Layout::kC01B);
-  if (d.units < 1) return cudaSuccess;
-  const unsigned blocks = unsigned(std::min<int64_t>(cdiv(d.units, kDirectWarps), int64_t(nsm) * 64));
   constexpr unsigned kThreads = 32 * kDirectWarps;
-  if (p.nImax <= 4)
+  const int kmax = p.nImax <= 4 ? 4 : kDirectMaxTapRows;
+  const DirectIAPlan d = direct_ia_plan(p, L == Layout::kC01B, direct_rows(kmax));
+  if (d.units < 1) return cudaSuccess;
+  const unsigned blocks =
+      unsigned(std::min<int64_t>(cdiv(d.units, kDirectWarps), int64_t(nsm) * 64));
+  if (kmax == 4)
     conv_ia_direct_kernel<T, L, C, 4><<<blocks, kThreads, 0, stream>>>(p, d);
   else
     conv_ia_direct_kernel<T, L, C, kDirectMaxTapRows><<<blocks, kThreads, 0, stream>>>(p, d);
