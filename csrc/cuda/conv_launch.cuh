@@ -7,8 +7,9 @@
 //   FA  M = B*Ho*Wo, N = F, K = C*fh*fw
 //   IA  per residue class (y mod sh, x mod sw): M = B*Hq*Wq, N = C, K = F*nI*nJ (useful taps only)
 //   WA  M = C*fh*fw, N = F, K = B*partial_sum per segment; segments folded in order.
-// image_acts into at most 4 channels (RGB) with up to 12 rows of taps per residue class: a direct
-// FFMA kernel instead (conv_image_acts_direct.cuh). Other paths, when M >= 16:
+// image_acts into at most 4 channels (RGB) with up to 12 rows of taps per residue class, in float32
+// or where kMma* cannot run: a direct FFMA kernel (conv_image_acts_direct.cuh). Other paths, when
+// M >= 16:
 //   kMma*  both operands readable 16 bytes at a time (contiguous dimensions a multiple of 16 bytes,
 //          aligned pointers): mma.sync with a cp.async pipeline (conv_mma.cuh); bf16 / f16,
 //          float32 as TF32 (precision Default) or 3xTF32 (High / Highest: float32 accuracy);
@@ -390,14 +391,6 @@ ffi::Error run(cudaStream_t stream, Workspace workspace, const jcn::ConvGeometry
     return cuda_error(kOp, "cudaDeviceGetAttribute", err);
   nsm = std::max(nsm, 1);
 
-  if constexpr (K == OpKind::kIA) {
-    if (!idx64 && p.C <= kDirectMaxChannels && p.nImax <= kDirectMaxTapRows) {
-      err = launch_ia_direct<L, T>(p, nsm, stream);
-      if (err != cudaSuccess) return cuda_error(kOp, "kernel launch", err);
-      return ffi::Error::Success();
-    }
-  }
-
   // The mma kernel: 16-byte vectors of both operands, and its shared memory within the device's
   // per-block limit (the 128 x 128 tile takes about 105 KiB, more than sm_86 / sm_89 GPUs allow).
   using OpMma = typename OpOf<K>::template type<L, int32_t>;
@@ -406,6 +399,17 @@ ffi::Error run(cudaStream_t stream, Workspace workspace, const jcn::ConvGeometry
                       aligned(b, 16) &&
                       MmaPlanOf<OpMma, MmaNarrow<T>, T, int32_t>::TOTAL <= smem_optin;
   const bool mma_wide_fits = MmaPlanOf<OpMma, MmaWide<T>, T, int32_t>::TOTAL <= smem_optin;
+
+  // image_acts into RGB: the direct kernel for float32 (3 to 4x the TF32 / 3xTF32 thin tile on
+  // L1 / alex1, H200) and for 16-bit types the tensor cores cannot read (they are 0.8-0.9x of
+  // the bf16 thin tile where it runs).
+  if constexpr (K == OpKind::kIA) {
+    if (!idx64 && p.C <= kDirectMaxChannels && p.nImax <= kDirectMaxTapRows && (f32 || !mma_ok)) {
+      err = launch_ia_direct<L, T>(p, nsm, stream);
+      if (err != cudaSuccess) return cuda_error(kOp, "kernel launch", err);
+      return ffi::Error::Success();
+    }
+  }
 
   Path path = Path::kWide;
   if (!idx64 && M >= 16 && mma_ok) {
