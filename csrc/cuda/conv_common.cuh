@@ -151,6 +151,14 @@ __device__ __forceinline__ void cp_async16(T* dst, const T* src, bool valid) {
                "l"(src), "r"(valid ? 16 : 0)
                : "memory");
 }
+// 4 bytes global -> shared (through L1: .ca, the only form below 16 bytes); zero-filled when
+// !valid. For float32 operands whose rows cannot be read 16 bytes at a time (3-channel images).
+template <typename T>
+__device__ __forceinline__ void cp_async4(T* dst, const T* src, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(dst)),
+               "l"(src), "r"(valid ? 4 : 0)
+               : "memory");
+}
 __device__ __forceinline__ void cp_async_commit() {
   asm volatile("cp.async.commit_group;\n" ::: "memory");
 }

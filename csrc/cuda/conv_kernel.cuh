@@ -37,7 +37,10 @@ struct Loader {
   static_assert(R * BK % VEC == 0 && (ROWC ? R % VEC == 0 : BK % VEC == 0), "vec");
   using V = Vec<T, VEC>;
 
-  RowSt<Idx> rs[SLOTS];
+  // Row-contiguous vectors with NT a multiple of the vectors per k: every slot of a thread is
+  // on the same row (row = (tid + s * NT) % Q * VEC), so one row state serves them all.
+  static constexpr bool ONE_ROW = ROWC && !KWALK && NT % (R / VEC) == 0;
+  RowSt<Idx> rs[ONE_ROW ? 1 : SLOTS];
   V reg[SLOTS];
 
   __device__ __forceinline__ static bool live(int s) {
@@ -61,7 +64,7 @@ struct Loader {
   }
   __device__ __forceinline__ void init_rows(const KParams& p, const Tile<Idx>& t) {
 #pragma unroll
-    for (int s = 0; s < SLOTS; ++s) {
+    for (int s = 0; s < (ONE_ROW ? 1 : SLOTS); ++s) {
       if (!live(s)) continue;
       int row, kk;
       pos(s, row, kk);
@@ -99,8 +102,9 @@ struct Loader {
     for (int s = 0; s < SLOTS; ++s) {
       if (!live(s)) continue;
       const KSt<Idx> ks = SHARED_K ? ks0 : kstate(p, t, s, seg, k0);
-      f(s, rs[s].base + ks.off,
-        unsigned(rs[s].y + ks.y) < unsigned(ylim) && unsigned(rs[s].x + ks.x) < unsigned(xlim));
+      const RowSt<Idx>& r = rs[ONE_ROW ? 0 : s];
+      f(s, r.base + ks.off,
+        unsigned(r.y + ks.y) < unsigned(ylim) && unsigned(r.x + ks.x) < unsigned(xlim));
     }
   }
   __device__ __forceinline__ void load(const KParams& p, const Tile<Idx>& t, const T* src,
@@ -114,15 +118,22 @@ struct Loader {
       }
     });
   }
-  // The k-tile at k0 straight into a stage of T (no registers): one 16-byte cp.async per vector,
-  // zero-filled outside the operand. Stages as in store(): the vector is contiguous in the stage.
+  // The k-tile at k0 straight into a stage of T (no registers): one cp.async per vector of 16
+  // bytes (or one float: VEC = 1), zero-filled outside the operand. Stages as in store(): the
+  // vector is contiguous in the stage.
   __device__ __forceinline__ void copy_async(T* stage, int ld, const KParams& p, const Tile<Idx>& t,
                                              const T* src, int64_t seg, Idx k0) const {
-    static_assert(VEC * int(sizeof(T)) == 16, "cp.async copies 16-byte vectors");
+    constexpr int kBytes = VEC * int(sizeof(T));
+    static_assert(kBytes == 16 || kBytes == 4, "cp.async copies 16-byte vectors or single floats");
     for_each_slot(p, t, seg, k0, [&](int s, Idx off, bool ok) {
       int row, kk;
       pos(s, row, kk);
-      cp_async16(stage + (ROWC ? kk * ld + row : row * ld + kk), ok ? src + off : src, ok);
+      T* dst = stage + (ROWC ? kk * ld + row : row * ld + kk);
+      if constexpr (kBytes == 16) {
+        cp_async16(dst, ok ? src + off : src, ok);
+      } else {
+        cp_async4(dst, ok ? src + off : src, ok);
+      }
     });
   }
   // buf: one stage of S, [BK][ld] (kKMajor) or [R][ld] (row-major, operands contiguous along k).

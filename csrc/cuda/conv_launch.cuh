@@ -11,7 +11,8 @@
 // or where kMma* cannot run: a direct FFMA kernel (conv_image_acts_direct.cuh). Other paths, when
 // M >= 16:
 //   kMma*  both operands readable 16 bytes at a time (contiguous dimensions a multiple of 16 bytes,
-//          aligned pointers): mma.sync with a cp.async pipeline (conv_mma.cuh); bf16 / f16,
+//          aligned pointers; float32 NHWC images of any channel count: 4-byte copies of them):
+//          mma.sync with a cp.async pipeline (conv_mma.cuh); bf16 / f16,
 //          float32 as TF32 (precision Default) or 3xTF32 (High / Highest: float32 accuracy);
 //          a 128 x 32 tile up to 32 columns (kMmaThin: image_acts into RGB), else 128 x 128
 //          (kMmaWide) unless 64 columns waste fewer or the device's shared memory per block is
@@ -85,11 +86,11 @@ cudaError_t launch_gemm(const KParams& p, cudaStream_t stream) {
 }
 
 // The mma kernels take more than 48 KiB of dynamic shared memory: opted in once per device.
-template <class Op, class Cfg, typename T, bool kSplit>
+template <class Op, class Cfg, typename T, bool kSplit, int kAVec>
 cudaError_t launch_mma(const KParams& p, cudaStream_t stream) {
   if (p.units < 1) return cudaSuccess;
   constexpr int bytes = MmaPlanOf<Op, Cfg, T, int32_t>::TOTAL;
-  auto* kernel = conv_mma_kernel<Op, Cfg, T, int32_t, kSplit>;
+  auto* kernel = conv_mma_kernel<Op, Cfg, T, int32_t, kSplit, kAVec>;
   static std::atomic<uint64_t> opted_in{0};  // bit d: device d (devices >= 64 ask every time)
   int dev = 0;
   cudaError_t err = cudaGetDevice(&dev);
@@ -116,25 +117,30 @@ bool is_mma(Path path) {
   return path == Path::kMmaWide || path == Path::kMmaNarrow || path == Path::kMmaThin;
 }
 
-template <class Op, class Cfg, typename T>
+template <class Op, class Cfg, typename T, int kAVec>
 cudaError_t launch_mma_split(const KParams& p, bool split, cudaStream_t stream) {
   if constexpr (std::is_same_v<T, float>) {
-    if (split) return launch_mma<Op, Cfg, T, true>(p, stream);
+    if (split) return launch_mma<Op, Cfg, T, true, kAVec>(p, stream);
   }
-  return launch_mma<Op, Cfg, T, false>(p, stream);
+  return launch_mma<Op, Cfg, T, false, kAVec>(p, stream);
 }
 
-template <class Op, typename T>
+template <class Op, typename T, int kAVec = 16 / int(sizeof(T))>
 cudaError_t launch_mma_for(const KParams& p, Path path, bool split, cudaStream_t stream) {
-  switch (path) {
-    case Path::kMmaWide:
-      return launch_mma_split<Op, MmaWide<T>, T>(p, split, stream);
-    case Path::kMmaThin:
-      return launch_mma_split<Op, MmaThin<T>, T>(p, split, stream);
-    default:
-      return launch_mma_split<Op, MmaNarrow<T>, T>(p, split, stream);
+  if (path == Path::kMmaThin) return launch_mma_split<Op, MmaThin<T>, T, kAVec>(p, split, stream);
+  if constexpr (kAVec * int(sizeof(T)) == 16) {  // (single-float copies: never the wide tile)
+    if (path == Path::kMmaWide)
+      return launch_mma_split<Op, MmaWide<T>, T, kAVec>(p, split, stream);
   }
+  return launch_mma_split<Op, MmaNarrow<T>, T, kAVec>(p, split, stream);
 }
+
+// Float32 images in NHWC (operand A of filter_acts and weight_acts) may be read one float at a
+// time by the mma kernel when their channel count is not a multiple of 4 (RGB): only those ops
+// instantiate it.
+template <OpKind K, Layout L, typename T>
+constexpr bool kMayReadAByFloat =
+    std::is_same_v<T, float> && L == Layout::kNHWC && K != OpKind::kIA;
 
 template <class Op, class Cfg, typename T>
 cudaError_t launch_masked(const KParams& p, int mask, cudaStream_t stream) {
@@ -192,14 +198,24 @@ void vec_widths_path(Path path, int* va, int* vb) {
 }
 
 // mask: bit 0 / 1 = vector loads for operand A / B.
+// a_by_float: the mma kernel reads operand A one float at a time (kMayReadAByFloat).
 template <OpKind K, Layout L, typename T>
 cudaError_t launch_path(const KParams& p, Path path, bool idx64, int mask, bool split,
-                        cudaStream_t stream) {
+                        bool a_by_float, cudaStream_t stream) {
   if (is_mma(path)) {
+    using Op = typename OpOf<K>::template type<L, int32_t>;
+    if constexpr (kMayReadAByFloat<K, L, T>) {
+      if (a_by_float) {
+        if constexpr (K == OpKind::kWA) {
+          if (p.fused) return launch_mma_for<OpWA<L, int32_t, true>, T, 1>(p, path, split, stream);
+        }
+        return launch_mma_for<Op, T, 1>(p, path, split, stream);
+      }
+    }
     if constexpr (K == OpKind::kWA) {
       if (p.fused) return launch_mma_for<OpWA<L, int32_t, true>, T>(p, path, split, stream);
     }
-    return launch_mma_for<typename OpOf<K>::template type<L, int32_t>, T>(p, path, split, stream);
+    return launch_mma_for<Op, T>(p, path, split, stream);
   }
   if constexpr (K == OpKind::kWA) {
     if (p.fused) {  // weight_acts folding all segments per tile: mask 3 or scalar
@@ -391,12 +407,14 @@ ffi::Error run(cudaStream_t stream, Workspace workspace, const jcn::ConvGeometry
     return cuda_error(kOp, "cudaDeviceGetAttribute", err);
   nsm = std::max(nsm, 1);
 
-  // The mma kernel: 16-byte vectors of both operands, and its shared memory within the device's
-  // per-block limit (the 128 x 128 tile takes about 105 KiB, more than sm_86 / sm_89 GPUs allow).
+  // The mma kernel: 16-byte vectors of both operands (or single floats of A where
+  // kMayReadAByFloat), and its shared memory within the device's per-block limit (the 128 x 128
+  // tile takes about 105 KiB, more than sm_86 / sm_89 GPUs allow).
   using OpMma = typename OpOf<K>::template type<L, int32_t>;
-  constexpr int kMmaVec = MmaWide<T>::VEC;  // 16 bytes, both operands
-  const bool mma_ok = ca % kMmaVec == 0 && cb % kMmaVec == 0 && aligned(a, 16) &&
-                      aligned(b, 16) &&
+  constexpr int kMmaVec = MmaWide<T>::VEC;  // 16 bytes
+  const bool a_vec16 = ca % kMmaVec == 0 && aligned(a, 16);
+  const bool a_by_float = !a_vec16 && kMayReadAByFloat<K, L, T>;
+  const bool mma_ok = (a_vec16 || a_by_float) && cb % kMmaVec == 0 && aligned(b, 16) &&
                       MmaPlanOf<OpMma, MmaNarrow<T>, T, int32_t>::TOTAL <= smem_optin;
   const bool mma_wide_fits = MmaPlanOf<OpMma, MmaWide<T>, T, int32_t>::TOTAL <= smem_optin;
 
@@ -413,7 +431,8 @@ ffi::Error run(cudaStream_t stream, Workspace workspace, const jcn::ConvGeometry
 
   Path path = Path::kWide;
   if (!idx64 && M >= 16 && mma_ok) {
-    path = mma_path(N, mma_wide_fits);
+    // Single-float copies of A: the 128 x 128 tile spills (16 or 32 copies per thread and k-tile).
+    path = mma_path(N, mma_wide_fits && !a_by_float);
   } else if (!idx64 && !split && N >= 16 && M >= 16) {
     path = Path::kWmma;
   } else if (!idx64 && K != OpKind::kWA && N <= 8) {
@@ -452,7 +471,7 @@ ffi::Error run(cudaStream_t stream, Workspace workspace, const jcn::ConvGeometry
   }
 
   if (K != OpKind::kWA) {
-    err = launch_path<K, L, T>(p, path, idx64, mask, split, stream);
+    err = launch_path<K, L, T>(p, path, idx64, mask, split, a_by_float, stream);
     if (err != cudaSuccess) return cuda_error(kOp, "kernel launch", err);
     return ffi::Error::Success();
   }
@@ -481,7 +500,7 @@ ffi::Error run(cudaStream_t stream, Workspace workspace, const jcn::ConvGeometry
 
   if (fused || (nseg == 1 && nsplit == 1)) {  // direct: the kernel writes the output
     p.units = tiles;
-    err = launch_path<K, L, T>(p, path, idx64, mask, split, stream);
+    err = launch_path<K, L, T>(p, path, idx64, mask, split, a_by_float, stream);
     if (err != cudaSuccess) return cuda_error(kOp, "kernel launch", err);
     return ffi::Error::Success();
   }
@@ -502,7 +521,7 @@ ffi::Error run(cudaStream_t stream, Workspace workspace, const jcn::ConvGeometry
     const int64_t s0 = gi * G, gcount = std::min(G, nseg - s0);
     p.seg0 = s0;
     p.units = gcount * nsplit * tiles;
-    err = launch_path<K, L, T>(p, path, idx64, mask, split, stream);
+    err = launch_path<K, L, T>(p, path, idx64, mask, split, a_by_float, stream);
     if (err != cudaSuccess) return cuda_error(kOp, "kernel launch", err);
     err = launch_reduce<T>(slots, gcount, nsplit, E, acc, out, gi == 0, gi + 1 == ngroups, nsm,
                            stream);

@@ -140,7 +140,9 @@ __device__ __forceinline__ void split_tf32(uint32_t (&big)[N], uint32_t (&small)
 }
 
 // kSplit: float32 as 3xTF32 (precision highest); otherwise one mma per tile pair.
-template <class Op, class Cfg, typename T, typename Idx, bool kSplit>
+// kAVec: elements per copy of operand A: 16 bytes, or single floats for float32 operands whose
+// rows cannot be read 16 bytes at a time (NHWC images of 3 channels).
+template <class Op, class Cfg, typename T, typename Idx, bool kSplit, int kAVec = Cfg::VEC>
 __global__ void __launch_bounds__(Cfg::NT, Op::kFold ? 1 : 2)
     conv_mma_kernel(const __grid_constant__ KParams p) {
   constexpr int BM = Cfg::BM, BN = Cfg::BN, BK = Cfg::BK, NT = Cfg::NT, STAGES = Cfg::STAGES;
@@ -150,7 +152,7 @@ __global__ void __launch_bounds__(Cfg::NT, Op::kFold ? 1 : 2)
   static_assert(!kSplit || std::is_same_v<T, float>, "3xTF32 is for float32");
   using Plan = MmaPlanOf<Op, Cfg, T, Idx>;
   constexpr int LDA = Plan::LDA, LDB = Plan::LDB, LDC = Plan::LDC;
-  using LA = Loader<Op, true, BM, BK, NT, T, Idx, Cfg::VEC, false>;
+  using LA = Loader<Op, true, BM, BK, NT, T, Idx, kAVec, false>;
   using LB = Loader<Op, false, BN, BK, NT, T, Idx, Cfg::VEC, false>;
 
   extern __shared__ __align__(128) unsigned char smem[];
