@@ -4,7 +4,8 @@
 # and the benchmark table last. Stages can be picked: gpu_check.sh build test sanitize bench
 # (default: all, in that order), plus `profile` (Nsight Compute over benchmark rows, not in the
 # default). Logs go to $OUT (or ./gpu_check_out). Environment: PYTEST_K (a -k expression),
-# PYTEST_ARGS, BENCH_ARGS, PROFILE_ROWS, PROFILE_KERNELS and per-stage *_TIMEOUT_S.
+# PYTEST_PATHS (test files, relative to tests/; default all), PYTEST_ARGS, BENCH_ARGS,
+# PROFILE_ROWS, PROFILE_KERNELS and per-stage *_TIMEOUT_S.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_check_out}; mkdir -p "$OUT"
@@ -33,7 +34,7 @@ test)
   workers=""
   python3 -c "import xdist" 2>/dev/null && workers="-n ${TEST_WORKERS:-4}"
   (cd tests && timeout ${TEST_TIMEOUT_S:-330} python3 -m pytest -v --maxfail=20 --durations=15 \
-     -p no:cacheprovider $workers ${PYTEST_K:+-k "$PYTEST_K"} ${PYTEST_ARGS:-} . \
+     -p no:cacheprovider $workers ${PYTEST_K:+-k "$PYTEST_K"} ${PYTEST_ARGS:-} ${PYTEST_PATHS:-.} \
      >"$OUT/pytest.log" 2>&1); rc=$?
   grep -E "passed|failed|error" "$OUT/pytest.log" | tail -3
   [ $rc -eq 0 ] || { grep -E "^(FAILED|ERROR)|^E " "$OUT/pytest.log" | head -30; status=1; }
