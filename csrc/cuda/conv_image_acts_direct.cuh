@@ -20,6 +20,7 @@
 #pragma once
 
 #include "conv_common.cuh"
+#include "conv_ops.cuh"
 #include "geometry.h"
 
 namespace jax_convnet {
@@ -77,11 +78,9 @@ __global__ void __launch_bounds__(32 * kDirectWarps)
     const int o = int(r % d.outer);
     const int cls = int(r / d.outer);
     const int ry = cls / int(p.ncx), rx = cls % int(p.ncx);
-    const int i0 = (ry + int(p.pt)) % sh, j0 = (rx + int(p.pl)) % sw;
-    const int nI = i0 < int(p.fh) ? (int(p.fh) - i0 + sh - 1) / sh : 0;
-    const int nJ = j0 < int(p.fw) ? (int(p.fw) - j0 + sw - 1) / sw : 0;
-    const int hq = (int(p.H) - ry + sh - 1) / sh, wq = (int(p.W) - rx + sw - 1) / sw;
-    const int qy = (ry + int(p.pt) - i0) / sh, qx = (rx + int(p.pl) - j0) / sw;
+    const IAClass<int> rc = ia_class<int>(p, ry, rx);
+    const int i0 = rc.i0, j0 = rc.j0, nI = rc.nI, nJ = rc.nJ, hq = rc.hq, wq = rc.wq;
+    const int qy = rc.qy, qx = rc.qx;
     const int yq0 = rb * R;
     const int b = kC01B ? o * 32 + lane : o;
     const int xq = kC01B ? cu : cu * (32 / kFL) + lane / kFL;
@@ -129,7 +128,7 @@ __global__ void __launch_bounds__(32 * kDirectWarps)
       }
     }
 
-    const int x = int(rx) + xq * sw;
+    const int x = rx + xq * sw;
     auto store = [&](int rr, int c, float v) {
       const int yq = yq0 + rr;
       if (lane_ok && yq < hq)

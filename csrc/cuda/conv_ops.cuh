@@ -132,6 +132,30 @@ struct OpFA {
 
 // ------------------------------------------------------------------------------------------
 // image_acts: img[b, c, y, x] = sum over taps hitting (y, x) of hid[b, f, oy, ox] w[f, c, i, j]
+
+// Residue class (ry, rx) of image_acts (see the top of this file): its first tap (i0, j0), its
+// taps per direction (nI, nJ), its pixels per direction (hq, wq) and the hidden position (qy, qx)
+// of its first pixel's first tap, in the integer type I. One rule for the GEMM tiles (OpIA) and
+// the direct kernel (conv_image_acts_direct.cuh).
+template <typename I>
+struct IAClass {
+  I i0, j0, nI, nJ, hq, wq, qy, qx;
+};
+template <typename I>
+__device__ __forceinline__ IAClass<I> ia_class(const KParams& p, I ry, I rx) {
+  const I sh = I(p.sh), sw = I(p.sw), pt = I(p.pt), pl = I(p.pl), fh = I(p.fh), fw = I(p.fw);
+  IAClass<I> c;
+  c.i0 = (ry + pt) % sh;
+  c.j0 = (rx + pl) % sw;
+  c.nI = c.i0 < fh ? (fh - c.i0 + sh - 1) / sh : I(0);
+  c.nJ = c.j0 < fw ? (fw - c.j0 + sw - 1) / sw : I(0);
+  c.hq = (I(p.H) - ry + sh - 1) / sh;
+  c.wq = (I(p.W) - rx + sw - 1) / sw;
+  c.qy = (ry + pt - c.i0) / sh;
+  c.qx = (rx + pl - c.j0) / sw;
+  return c;
+}
+
 template <Layout L, typename Idx>
 struct OpIA {
   static constexpr bool A_ROWC = (L == Layout::kC01B);  // hidden: b (C01B) / f (NHWC)
@@ -145,30 +169,27 @@ struct OpIA {
     const int64_t nt = u % p.tiles_n, r = u / p.tiles_n;
     const int64_t mt = r % p.tiles_m, cls = r / p.tiles_m;
     const int64_t ry = cls / p.ncx, rx = cls % p.ncx;  // ry < min(sh, H), rx < min(sw, W)
-    const int64_t i0 = (ry + p.pt) % p.sh, j0 = (rx + p.pl) % p.sw;
-    const int64_t nI = i0 < p.fh ? (p.fh - i0 + p.sh - 1) / p.sh : 0;
-    const int64_t nJ = j0 < p.fw ? (p.fw - j0 + p.sw - 1) / p.sw : 0;
-    const int64_t hq = (p.H - ry + p.sh - 1) / p.sh, wq = (p.W - rx + p.sw - 1) / p.sw;
-    const int64_t M = p.B * hq * wq;
+    const IAClass<int64_t> c = ia_class<int64_t>(p, ry, rx);
+    const int64_t M = p.B * c.hq * c.wq;
     t.m0 = Idx(mt * BM);
     t.n0 = Idx(nt * BN);
     t.M = Idx(M);
     t.N = Idx(p.N);
-    t.K = Idx((nI > 0 && nJ > 0) ? nI * p.nJmax * p.F : 0);
+    t.K = Idx((c.nI > 0 && c.nJ > 0) ? c.nI * p.nJmax * p.F : 0);
     t.kb = 0;
     t.ke = t.K;
     t.s_lo = 0;
     t.s_n = 1;
     t.ry = Idx(ry);
     t.rx = Idx(rx);
-    t.i0 = Idx(i0);
-    t.j0 = Idx(j0);
-    t.qy = Idx((ry + p.pt - i0) / p.sh);
-    t.qx = Idx((rx + p.pl - j0) / p.sw);
-    t.nI = Idx(nI);
-    t.nJ = Idx(nJ);
-    t.dHq = (hq == p.hq0) ? p.dHq[0] : p.dHq[1];
-    t.dWq = (wq == p.wq0) ? p.dWq[0] : p.dWq[1];
+    t.i0 = Idx(c.i0);
+    t.j0 = Idx(c.j0);
+    t.qy = Idx(c.qy);
+    t.qx = Idx(c.qx);
+    t.nI = Idx(c.nI);
+    t.nJ = Idx(c.nJ);
+    t.dHq = (c.hq == p.hq0) ? p.dHq[0] : p.dHq[1];
+    t.dWq = (c.wq == p.wq0) ? p.dWq[0] : p.dWq[1];
     t.slot = nullptr;
     t.skip = mt * BM >= M;
     return t;
