@@ -157,9 +157,9 @@ def test_random_small_configurations(seed):
 def test_image_acts_into_few_channels(channels, window, stride, pad, precision, dtype, layout):
     """image_acts into 1-4 channels (the gradient of an RGB first layer) runs a direct FFMA
     kernel in float32, float32-exact at every precision, and in 16-bit types where the tensor
-    cores cannot read the operands (here C01B: 37 images): 37 images (C01B lanes are 32 images: a
-    partial group), 40 filters (NHWC lanes are 8 filters per column: a partial group), image
-    heights ending inside a block of rows, output poisoned."""
+    cores cannot read the operands (here C01B, whose 37 images are not a multiple of 8). 37
+    images: C01B lanes are 32 images, a partial group; 40 filters: NHWC lanes are 8 filters per
+    column, a partial group; image heights ending inside a block of rows; output poisoned."""
     x_shape = jcn.geometry.image_shape(layout, 37, channels, 35, 29)
     w = filters(12, layout, 40, channels, *window, dtype) * 0.1
     out_hw = jcn.filter_acts_output_size((35, 29), window, stride=stride, pad=pad)
