@@ -55,8 +55,8 @@ def _warn_fallback(platform: str):
 def register_lowerings(primitive, target: str, reference, *, cuda_workspace_bytes=None,
                        dimension_rule=None):
     """``reference(*operands, **params)`` is the pure-lax twin; ``params['geom'].ffi_attrs()``
-    gives the FFI attributes. ``cuda_workspace_bytes(operand_avals, result_aval)``, if given,
-    sizes an extra uint8 result of the CUDA custom call that its kernels use as temporary memory
+    gives the FFI attributes. ``cuda_workspace_bytes(operand_avals, result_aval, **params)``, if
+    given, sizes an extra uint8 result of the CUDA custom call that its kernels use as temporary memory
     (a handler captured into a CUDA graph cannot allocate). ``dimension_rule(**params)``, if
     given, says how the custom call splits across devices (``_sharding.DimensionRule``)."""
 
@@ -77,7 +77,8 @@ def register_lowerings(primitive, target: str, reference, *, cuda_workspace_byte
             if not has_kernel(ctx, platform):
                 return reference_rule(ctx, *operands, geom=geom, **params)
             if platform == "cuda" and cuda_workspace_bytes is not None:
-                nbytes = cuda_workspace_bytes(ctx.avals_in, ctx.avals_out[0])
+                nbytes = cuda_workspace_bytes(ctx.avals_in, ctx.avals_out[0], geom=geom,
+                                              **params)
                 ctx = ctx.replace(avals_out=[*ctx.avals_out,
                                              jax.core.ShapedArray((nbytes,), np.uint8)])
                 return jax.ffi.ffi_lowering(target)(ctx, *operands, **geom.ffi_attrs())[:1]

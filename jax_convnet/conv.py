@@ -229,13 +229,27 @@ def _weight_acts_split(*, geom, **_):
     return DimensionRule((images, hidden), filters, split=frozenset("cf"), summed=frozenset("b"))
 
 
+# The column buffer of image_acts into a few channels on the GPU holds at most this many bytes
+# (whole images; G.image_acts_column_bytes). 0 turns that path off.
+IMAGE_ACTS_COLUMN_CAP_BYTES = 128 << 20
+
+
+def _image_acts_cuda_workspace_bytes(operand_avals, images_aval, *, geom, image_hw):
+    hid_acts, filters = operand_avals
+    ax = G.image_axes(geom.layout)
+    return G.image_acts_column_bytes(
+        images_aval.shape[ax["n"]], images_aval.shape[ax["c"]], _filter_hw(filters, geom.layout),
+        _image_hw(hid_acts, geom.layout), IMAGE_ACTS_COLUMN_CAP_BYTES)
+
+
 register_lowerings(filter_acts_p, "jax_convnet_filter_acts", reference.filter_acts_canonical,
                    dimension_rule=_filter_acts_split)
 register_lowerings(image_acts_p, "jax_convnet_image_acts", reference.image_acts_canonical,
+                   cuda_workspace_bytes=_image_acts_cuda_workspace_bytes,
                    dimension_rule=_image_acts_split)
 
 
-def _weight_acts_cuda_workspace_bytes(operand_avals, filters_aval):
+def _weight_acts_cuda_workspace_bytes(operand_avals, filters_aval, **_):
     """Partial sums of one launch (at most 16 MiB, or one float32 copy of the filters if larger)
     plus a float32 running sum of the filters (csrc/cuda/conv_launch.cuh, Workspace)."""
     filter_bytes = 4 * math.prod(filters_aval.shape)

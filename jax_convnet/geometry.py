@@ -251,6 +251,27 @@ def resolve_partial_sum(partial_sum, out_hw, n_filter_elems: int) -> int:
     return 0 if partial_sum == positions else partial_sum
 
 
+# image_acts into a few channels with large filters (RGB first layers) runs on the GPU as a GEMM
+# into a float32 column buffer, one chunk of whole images at a time, and a gather
+# (csrc/cuda/conv_image_acts_columns.cuh). The buffer is the workspace of its custom call, sized
+# by this rule; the kernels take that path where they get one.
+IMAGE_ACTS_COLUMN_MAX_CHANNELS = 4
+# channels * taps: fewer columns, and the direct kernel (fewer taps per image element) is cheaper
+# than writing and reading the buffer.
+IMAGE_ACTS_COLUMN_MIN_ROWS = 64
+
+
+def image_acts_column_bytes(batch: int, channels: int, filter_hw, hidden_hw, cap_bytes: int) -> int:
+    """Bytes of the column buffer of image_acts on the GPU: a whole number of images' columns
+    (4 * channels * fh * fw * Ho * Wo bytes each), as many as ``cap_bytes`` holds and the batch
+    has; 0 where the path does not apply or one image does not fit."""
+    rows = channels * filter_hw[0] * filter_hw[1]
+    if channels > IMAGE_ACTS_COLUMN_MAX_CHANNELS or rows < IMAGE_ACTS_COLUMN_MIN_ROWS:
+        return 0
+    image_bytes = 4 * rows * hidden_hw[0] * hidden_hw[1]
+    return min(batch, cap_bytes // image_bytes) * image_bytes
+
+
 def conv_geometry(*, image_hw, filter_hw, channels, filters, stride, pad, padding, partial_sum,
                   layout, precision) -> ConvGeometry:
     layout = check_layout(layout)

@@ -130,7 +130,7 @@ def _pool_split(primitive):
     return rule
 
 
-def _grad_cuda_workspace_bytes(operand_avals, result_aval):
+def _grad_cuda_workspace_bytes(operand_avals, result_aval, **_):
     """One byte per pooled element: the two-pass gradient records each window's selected element
     there (csrc/cuda/pool.cu; the kernels decide when to use it)."""
     return math.prod(operand_avals[1].shape)

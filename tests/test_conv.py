@@ -196,6 +196,19 @@ def test_lowers_to_our_custom_calls_only(platform, layout):
     assert "convolution" not in text
 
 
+def test_image_acts_column_buffer_holds_whole_images():
+    """On the GPU, image_acts into <= 4 channels with >= 64 (channel, tap) rows gets a float32
+    column buffer (its custom call's workspace) of whole images, as many as the cap holds."""
+    rule = jcn.geometry.image_acts_column_bytes
+    alex1 = 4 * 3 * 11 * 11 * 55 * 55  # bytes of one AlexNet conv1 image's columns
+    assert rule(128, 3, (11, 11), (55, 55), 128 << 20) == 30 * alex1
+    assert rule(4, 3, (11, 11), (55, 55), 128 << 20) == 4 * alex1  # the whole batch fits
+    assert rule(128, 3, (11, 11), (55, 55), alex1 - 1) == 0  # not one image: no buffer
+    assert rule(128, 5, (11, 11), (55, 55), 128 << 20) == 0  # too many channels
+    assert rule(128, 3, (4, 5), (55, 55), 128 << 20) == 0  # 60 rows: the direct kernel
+    assert rule(128, 1, (8, 8), (10, 10), 128 << 20) == 128 * 4 * 64 * 100
+
+
 def test_eager_calls_and_dtype_preserved(platform):
     for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
         x, w = conv_case("C01B", dtype, n=2, c=3, h=5, w=5, f=2, fh=2, fw=2)

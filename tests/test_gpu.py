@@ -154,12 +154,15 @@ def test_random_small_configurations(seed):
     (4, (7, 2), (3, 1), (0, 1), None),
     (3, (13, 13), 1, 1, "highest"),         # 13 rows of taps: the implicit GEMM instead
 ])
-def test_image_acts_into_few_channels(channels, window, stride, pad, precision, dtype, layout):
-    """image_acts into 1-4 channels (the gradient of an RGB first layer) runs a direct FFMA
-    kernel in float32, float32-exact at every precision, and in 16-bit types where the tensor
-    cores cannot read the operands (here C01B, whose 37 images are not a multiple of 8). 37
-    images: C01B lanes are 32 images, a partial group; 40 filters: NHWC lanes are 8 filters per
-    column, a partial group; image heights ending inside a block of rows; output poisoned."""
+def test_image_acts_into_few_channels(channels, window, stride, pad, precision, dtype, layout,
+                                      monkeypatch):
+    """image_acts into 1-4 channels (the gradient of an RGB first layer) without a column buffer
+    (test_image_acts_through_columns) runs a direct FFMA kernel in float32, float32-exact at every
+    precision, and in 16-bit types where the tensor cores cannot read the operands (here C01B,
+    whose 37 images are not a multiple of 8). 37 images: C01B lanes are 32 images, a partial
+    group; 40 filters: NHWC lanes are 8 filters per column, a partial group; image heights ending
+    inside a block of rows; output poisoned."""
+    monkeypatch.setattr(jcn.conv, "IMAGE_ACTS_COLUMN_CAP_BYTES", 0)
     x_shape = jcn.geometry.image_shape(layout, 37, channels, 35, 29)
     w = filters(12, layout, 40, channels, *window, dtype) * 0.1
     out_hw = jcn.filter_acts_output_size((35, 29), window, stride=stride, pad=pad)
@@ -169,6 +172,46 @@ def test_image_acts_into_few_channels(channels, window, stride, pad, precision, 
     ours = run_poisoned(run, *jax.device_put((g, w), gpu()))
     assert ours.dtype == dtype
     assert_close(ours, ref.image_acts(*exact(g, w), x_shape, **kw), dtype, scale=5)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16],
+                         ids=["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("channels,window,stride,pad,precision,chunk_images", [
+    (3, (11, 11), 4, 2, None, None),       # AlexNet conv1: 16 residue classes of 2-3 x 2-3 taps
+    (3, (13, 13), 1, 1, "highest", None),  # L1-like: stride 1, every tap reaches every pixel
+    (4, (7, 5), (2, 3), (1, 2), None, 17),  # uneven classes; chunks of 14 / 16 images
+    (1, (9, 8), (3, 2), 0, None, 11),      # one channel; chunks of 10 / 8 images
+])
+def test_image_acts_through_columns(channels, window, stride, pad, precision, chunk_images, dtype,
+                                    layout, monkeypatch):
+    """image_acts into a few channels with large filters takes a GEMM into float32 columns and a
+    gather, in chunks of whole images when the column buffer (the custom call's workspace) holds
+    fewer than the batch: 40 images (C01B chunks are multiples of the 16-byte vector: 8 images in
+    16-bit types), 24 filters, odd image sizes, output poisoned. float32 accumulation
+    throughout; at precision highest float32-exact (3xTF32)."""
+    n, hw = 40, (37, 29)
+    x_shape = jcn.geometry.image_shape(layout, n, channels, *hw)
+    w = filters(14, layout, 24, channels, *window, dtype) * 0.1
+    out_hw = jcn.filter_acts_output_size(hw, window, stride=stride, pad=pad)
+    g = rand(15, jcn.geometry.image_shape(layout, n, 24, *out_hw), dtype)
+    if chunk_images is not None:
+        image_bytes = 4 * channels * window[0] * window[1] * out_hw[0] * out_hw[1]
+        monkeypatch.setattr(jcn.conv, "IMAGE_ACTS_COLUMN_CAP_BYTES", chunk_images * image_bytes)
+    workspace = jcn.geometry.image_acts_column_bytes(n, channels, window, out_hw,
+                                                     jcn.conv.IMAGE_ACTS_COLUMN_CAP_BYTES)
+    assert workspace > 0
+    kw = dict(pad=pad, stride=stride, layout=layout, precision=precision)
+    run = jax.jit(lambda g, w: jcn.image_acts(g, w, x_shape, **kw))
+    args = jax.device_put((g, w), gpu())
+    assert f"tensor<{workspace}xui8>" in run.lower(*args).as_text()  # the buffer is there
+    ours = run_poisoned(run, *args)
+    assert ours.dtype == dtype
+    # TF32 (float32 at default precision) keeps 10 mantissa bits: judged by bfloat16's bound.
+    tol_dtype = jnp.bfloat16 if dtype == jnp.float32 and precision is None else dtype
+    assert_close(ours, ref.image_acts(*exact(g, w), x_shape, pad=pad, stride=stride,
+                                      layout=layout), tol_dtype, scale=5)
+    np.testing.assert_array_equal(np.asarray(run(*args)), np.asarray(ours))  # reproducible
 
 
 @pytest.mark.parametrize("partial_sum", [None, 1, 13, "auto"])

@@ -66,6 +66,7 @@ struct KParams {
   const void* b;  // operand B source (FA: filters, IA: filters, WA: images)
   void* out;      // final output (operand dtype)
   float* slots;   // WA: float32 partial sums, slot-major [slot][E]; null = write `out` directly
+                  // IA through columns: the column buffer (OpIACols)
   int64_t B, C, F, H, W, fh, fw, Ho, Wo, sh, sw, pt, pl;
   Str4 is, fs, hs;  // images, filters, hidden
   int64_t M, N, K;  // GEMM sizes (IA: K is per class and computed per tile; WA: K per segment)

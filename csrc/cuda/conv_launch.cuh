@@ -7,9 +7,11 @@
 //   FA  M = B*Ho*Wo, N = F, K = C*fh*fw
 //   IA  per residue class (y mod sh, x mod sw): M = B*Hq*Wq, N = C, K = F*nI*nJ (useful taps only)
 //   WA  M = C*fh*fw, N = F, K = B*partial_sum per segment; segments folded in order.
-// image_acts into at most 4 channels (RGB) with up to 12 rows of taps per residue class, in float32
-// or where kMma* cannot run: a direct FFMA kernel (conv_image_acts_direct.cuh). Other paths, when
-// M >= 16:
+// image_acts into at most 4 channels (RGB) with large filters, where conv.py gave the call a
+// workspace: a GEMM into float32 columns and a gather, per chunk of images
+// (conv_image_acts_columns.cuh); otherwise with up to 12 rows of taps per residue class, in
+// float32 or where kMma* cannot run: a direct FFMA kernel (conv_image_acts_direct.cuh). Other
+// paths, when M >= 16:
 //   kMma*  both operands readable 16 bytes at a time (contiguous dimensions a multiple of 16 bytes,
 //          aligned pointers; float32 NHWC images of any channel count: 4-byte copies of them):
 //          mma.sync with a cp.async pipeline (conv_mma.cuh); bf16 / f16,
@@ -22,10 +24,10 @@
 // Else FFMA with a 128x64 tile (or 512x4 for N <= 8). Accumulation is float32 everywhere.
 // Operands are read in place in either layout.
 //
-// CUDA-graph safe: no synchronisation, no allocation (weight_acts gets its temporary memory as
-// an extra workspace result), no host reads of device data; the launch plan depends only on
-// shapes, attributes and the device's SM count and shared memory per block, so results are
-// bitwise reproducible (no atomics).
+// CUDA-graph safe: no synchronisation, no allocation (weight_acts and image_acts get their
+// temporary memory as an extra workspace result), no host reads of device data; the launch plan
+// depends only on shapes, attributes, the workspace size and the device's SM count and shared
+// memory per block, so results are bitwise reproducible (no atomics).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -39,6 +41,7 @@
 #include <type_traits>
 
 #include "conv_common.cuh"
+#include "conv_image_acts_columns.cuh"
 #include "conv_image_acts_direct.cuh"
 #include "conv_kernel.cuh"
 #include "conv_mma.cuh"
@@ -291,6 +294,55 @@ double extent(const Str4& s, double n, double c, double ylen, double xlen) {
   return n * absd(s.n) + c * absd(s.c) + ylen * absd(s.y) + xlen * absd(s.x);
 }
 
+// image_acts through a column buffer (conv_image_acts_columns.cuh), one chunk of images at a
+// time: when the workspace holds at least one chunk (jax_convnet/conv.py sizes it only where this
+// path pays: few channels, large filters) and the tensor cores can read both operands in place.
+// nullopt: not applicable here (the caller picks another kernel).
+template <Layout L, typename T>
+std::optional<cudaError_t> run_ia_columns(KParams p, Workspace ws, bool split, int smem_optin,
+                                          int nsm, cudaStream_t stream) {
+  using Op = OpIACols<L, int32_t>;
+  constexpr int kVec = MmaWide<T>::VEC;
+  constexpr bool c01b = L == Layout::kC01B;
+  const int64_t N = p.C * p.fh * p.fw, positions = p.Ho * p.Wo;
+  const int64_t image_bytes = 4 * N * positions;  // one image's columns, float32
+  int64_t nb_max = ws.bytes / image_bytes;
+  if (c01b) nb_max -= nb_max % kVec;  // C01B: vectors along m are runs of images
+  const bool readable = p.F % kVec == 0 && (!c01b || p.B % kVec == 0) && aligned(p.a, 16) &&
+                        aligned(p.b, 16) &&
+                        MmaPlanOf<Op, MmaNarrow<T>, T, int32_t>::TOTAL <= smem_optin;
+  // N > 32: the 64- and 128-wide tiles only (conv.py sizes the workspace for N >= 64).
+  if (nb_max < 1 || !readable || p.C > kColumnMaxChannels || N <= 32 ||
+      ws.bytes / 4 >= kIdx32Limit)
+    return std::nullopt;
+  int64_t nb = cdiv(p.B, cdiv(p.B, nb_max));  // the fewest chunks, balanced
+  if (c01b) nb = std::min(nb_max, cdiv(nb, kVec) * kVec);
+  const Path path = mma_path(N, MmaPlanOf<Op, MmaWide<T>, T, int32_t>::TOTAL <= smem_optin);
+  const int BN = path == Path::kMmaWide ? MmaWide<T>::BN : MmaNarrow<T>::BN;
+  p.slots = static_cast<float*>(ws.data);
+  p.N = N;
+  p.K = p.F;
+  p.tiles_n = cdiv(N, BN);
+  for (int64_t b0 = 0; b0 < p.B; b0 += nb) {
+    KParams q = p;
+    q.B = std::min(nb, p.B - b0);
+    q.dB = make_divmod(q.B);
+    q.a = static_cast<const T*>(p.a) + b0 * p.hs.n;
+    q.out = static_cast<T*>(p.out) + b0 * p.is.n;
+    q.M = q.B * positions;
+    q.tiles_m = cdiv(q.M, MmaWide<T>::BM);
+    q.units = q.tiles_m * q.tiles_n;
+    cudaError_t err = path == Path::kMmaWide
+                          ? launch_mma_split<Op, MmaWide<T>, T, kVec>(q, split, stream)
+                          : launch_mma_split<Op, MmaNarrow<T>, T, kVec>(q, split, stream);
+    if (err != cudaSuccess) return err;
+    const int64_t blocks = std::min<int64_t>(cdiv(q.B * p.H * p.W, 256), int64_t(nsm) * 32);
+    conv_ia_col2im_kernel<T, L><<<unsigned(blocks), 256, 0, stream>>>(q);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
 // The op for one layout and element type, once geometry and attributes are checked.
 // a / b: the GEMM operands A / B (FA: images / filters, IA: hidden / filters, WA: images / hidden).
 template <OpKind K, Layout L, typename T>
@@ -422,6 +474,12 @@ ffi::Error run(cudaStream_t stream, Workspace workspace, const jcn::ConvGeometry
   // L1 / alex1, H200) and for 16-bit types the tensor cores cannot read (they are 0.8-0.9x of
   // the bf16 thin tile where it runs).
   if constexpr (K == OpKind::kIA) {
+    if (!idx64 && workspace.bytes > 0) {
+      const std::optional<cudaError_t> done =
+          run_ia_columns<L, T>(p, workspace, split, smem_optin, nsm, stream);
+      if (done && *done != cudaSuccess) return cuda_error(kOp, "kernel launch", *done);
+      if (done) return ffi::Error::Success();
+    }
     if (!idx64 && p.C <= kDirectMaxChannels && p.nImax <= kDirectMaxTapRows && (f32 || !mma_ok)) {
       err = launch_ia_direct<L, T>(p, nsm, stream);
       if (err != cudaSuccess) return cuda_error(kOp, "kernel launch", err);

@@ -8,6 +8,7 @@
 //   FA   images          filters     (b, oy, ox)     f           C01B (c, tap), NHWC (tap, c)
 //   IA   hidden          filters     (b, y, x)/class c           (ii, jj, f) taps of the class
 //   WA   images          hidden      C01B (c, tap), NHWC (tap, c)   f               (pos, b)
+//   IA columns (OpIACols): hidden x filters -> a float32 column buffer, M as FA, N = FA's K, K = f
 //
 // M orders: C01B puts b innermost (FA: m = (oy * Wo + ox) * B + b), NHWC puts b outermost
 // (m = (b * Ho + oy) * Wo + ox), so the contiguous dimension is always read contiguously:
@@ -252,6 +253,54 @@ struct OpIA {
   }
   __device__ static Idx out_col(const KParams& p, const Tile<Idx>&, Idx n) {
     return n * Idx(p.is.c);
+  }
+};
+
+// image_acts into a few channels through a float32 column buffer (conv_image_acts_columns.cuh):
+// cols[n][m] = sum_f hid[b, f, oy, ox] w[f, c, i, j], m = the hidden position (FA's M order),
+// n = the filter row (FA's K order: C01B (c, tap), NHWC (tap, c)), so the filters are a plain
+// K x N = F x (C*fh*fw) matrix read in place (offset n*F + f) and the buffer is contiguous
+// along m. The host runs it per chunk of images (p.B images from p.a on).
+template <Layout L, typename Idx>
+struct OpIACols {
+  static constexpr bool A_ROWC = (L == Layout::kC01B);  // hidden: b (C01B) / f (NHWC, = k)
+  static constexpr bool B_ROWC = false;                 // filters: f (= k) contiguous
+  static constexpr bool A_KDIV = false, B_KDIV = false;
+  static constexpr bool OUT_ROWC = true;                // cols: m contiguous
+  static constexpr bool kFold = false;
+
+  __device__ static Tile<Idx> tile(const KParams& p, int64_t u, int BM, int BN) {
+    Tile<Idx> t = OpFA<L, Idx>::tile(p, u, BM, BN);
+    t.slot = p.slots;
+    return t;
+  }
+  __device__ static RowSt<Idx> a_row(const KParams& p, const Tile<Idx>& t, Idx m) {
+    const bool v = m < t.M;
+    Idx b, oy, ox;
+    OpFA<L, Idx>::mpos(p, v ? m : Idx(0), b, oy, ox);
+    return {b * Idx(p.hs.n) + oy * Idx(p.hs.y) + ox * Idx(p.hs.x), v ? 0 : kBad, 0};
+  }
+  __device__ static KSt<Idx> a_k(const KParams& p, const Tile<Idx>& t, int64_t, Idx k) {
+    const bool v = k < t.K;
+    return {(v ? k : Idx(0)) * Idx(p.hs.c), v ? 0 : kBad, 0};
+  }
+  __device__ static int a_ylim(const KParams&) { return 1; }
+  __device__ static int a_xlim(const KParams&) { return 1; }
+
+  __device__ static RowSt<Idx> b_row(const KParams& p, const Tile<Idx>& t, Idx n) {
+    const bool v = n < t.N;
+    return {(v ? n : Idx(0)) * Idx(p.F), v ? 0 : kBad, 0};  // filter offset n*F + f (see above)
+  }
+  __device__ static KSt<Idx> b_k(const KParams& p, const Tile<Idx>& t, int64_t, Idx k) {
+    const bool v = k < t.K;
+    return {(v ? k : Idx(0)) * Idx(p.fs.n), v ? 0 : kBad, 0};
+  }
+  __device__ static int b_ylim(const KParams&) { return 1; }
+  __device__ static int b_xlim(const KParams&) { return 1; }
+
+  __device__ static Idx out_row(const KParams&, const Tile<Idx>&, Idx m) { return m; }
+  __device__ static Idx out_col(const KParams& p, const Tile<Idx>&, Idx n) {
+    return n * Idx(p.M);
   }
 };
 
