@@ -25,19 +25,32 @@ namespace cuda_conv {
 
 constexpr int kColumnMaxChannels = 4;  // mirrors geometry.IMAGE_ACTS_COLUMN_MAX_CHANNELS
 
-// One chunk: p.B images from p.out on, p.slots = cols of p.M = p.B * Ho * Wo positions.
-template <typename T, Layout L>
+constexpr int kGatherUnroll = 4;       // column taps whose loads are issued together
+
+// One chunk: p.B images from p.out on, p.slots = cols of p.M = p.B * Ho * Wo positions; C
+// channels. A thread sums one pixel's taps in a fixed order (rows ii, then columns jj); the
+// loads of kGatherUnroll column taps go out together (the sums are latency-bound otherwise: a
+// chunk of L1 has 363 taps per pixel and one wave of threads).
+template <typename T, Layout L, int C>
 __global__ void __launch_bounds__(256) conv_ia_col2im_kernel(const __grid_constant__ KParams p) {
   const float* __restrict__ cols = p.slots;
   T* const out = static_cast<T*>(p.out);
-  const int B = int(p.B), C = int(p.C), H = int(p.H), W = int(p.W), Ho = int(p.Ho),
-            Wo = int(p.Wo), fh = int(p.fh), fw = int(p.fw), sh = int(p.sh), sw = int(p.sw),
-            pt = int(p.pt), pl = int(p.pl), M = int(p.M), taps = fh * fw;
+  const int B = int(p.B), H = int(p.H), W = int(p.W), Ho = int(p.Ho), Wo = int(p.Wo),
+            fh = int(p.fh), fw = int(p.fw), sh = int(p.sh), sw = int(p.sw), pt = int(p.pt),
+            pl = int(p.pl);
+  const int64_t M = p.M, taps = int64_t(fh) * fw;
+  // cols offset of tap (i, j), channel c, position (oy, ox), as steps: one row of taps (ii + 1:
+  // i += sh, oy -= 1), one column of taps (jj + 1: j += sw, ox -= 1), one channel.
+  constexpr bool c01b = L == Layout::kC01B;
+  const int64_t n_i = c01b ? fw : int64_t(fw) * C, n_j = c01b ? 1 : C;  // n per tap row / column
+  const int64_t m_oy = c01b ? int64_t(Wo) * B : Wo, m_ox = c01b ? B : 1;
+  const int64_t d_ii = sh * n_i * M - m_oy, d_jj = sw * n_j * M - m_ox;
+  const int64_t d_c = c01b ? taps * M : M;
   const int total = B * H * W;
   for (int e = int(blockIdx.x * blockDim.x + threadIdx.x); e < total;
        e += int(gridDim.x * blockDim.x)) {
     int b, y, x;
-    if constexpr (L == Layout::kC01B) {
+    if constexpr (c01b) {
       b = e % B;
       const int pos = e / B;
       y = pos / W;
@@ -48,30 +61,38 @@ __global__ void __launch_bounds__(256) conv_ia_col2im_kernel(const __grid_consta
       y = r % H;
       b = r / H;
     }
-    // Taps i = i0, i0 + sh, ... reach row y from hidden rows oy = oy0, oy0 - 1, ... (columns alike).
+    // Taps i = i0 + ii * sh reach row y from hidden rows oy = oy0 - ii (columns alike); the live
+    // ones: i < fh and 0 <= oy < Ho.
     const int i0 = (y + pt) % sh, j0 = (x + pl) % sw;
     const int oy0 = (y + pt - i0) / sh, ox0 = (x + pl - j0) / sw;
-    float acc[kColumnMaxChannels] = {0.f, 0.f, 0.f, 0.f};
-    for (int i = i0, oy = oy0; i < fh && oy >= 0; i += sh, --oy) {
-      if (oy >= Ho) continue;
-      for (int j = j0, ox = ox0; j < fw && ox >= 0; j += sw, --ox) {
-        if (ox >= Wo) continue;
-        const int m = L == Layout::kC01B ? (oy * Wo + ox) * B + b : (b * Ho + oy) * Wo + ox;
-        const int tap = i * fw + j;
+    const int ilo = max(0, oy0 - Ho + 1), ihi = min((fh - i0 + sh - 1) / sh, oy0 + 1);
+    const int jlo = max(0, ox0 - Wo + 1), jhi = min((fw - j0 + sw - 1) / sw, ox0 + 1);
+    const int64_t m0 = c01b ? (int64_t(oy0) * Wo + ox0) * B + b : (int64_t(b) * Ho + oy0) * Wo + ox0;
+    const float* base = cols + (int64_t(i0) * n_i + int64_t(j0) * n_j) * M + m0;
+    float acc[C];
 #pragma unroll
-        for (int c = 0; c < kColumnMaxChannels; ++c) {
-          if (c >= C) break;
-          const int n = L == Layout::kC01B ? c * taps + tap : tap * C + c;
-          acc[c] += cols[int64_t(n) * M + m];
-        }
+    for (int c = 0; c < C; ++c) acc[c] = 0.f;
+    for (int ii = ilo; ii < ihi; ++ii) {
+      const float* row = base + ii * d_ii;
+      int jj = jlo;
+      for (; jj + kGatherUnroll <= jhi; jj += kGatherUnroll) {
+        float v[kGatherUnroll][C];
+#pragma unroll
+        for (int u = 0; u < kGatherUnroll; ++u)
+#pragma unroll
+          for (int c = 0; c < C; ++c) v[u][c] = __ldg(row + (jj + u) * d_jj + c * d_c);
+#pragma unroll
+        for (int u = 0; u < kGatherUnroll; ++u)
+#pragma unroll
+          for (int c = 0; c < C; ++c) acc[c] += v[u][c];
       }
+      for (; jj < jhi; ++jj)
+#pragma unroll
+        for (int c = 0; c < C; ++c) acc[c] += __ldg(row + jj * d_jj + c * d_c);
     }
     const int64_t at = int64_t(b) * p.is.n + int64_t(y) * p.is.y + int64_t(x) * p.is.x;
 #pragma unroll
-    for (int c = 0; c < kColumnMaxChannels; ++c) {
-      if (c >= C) break;
-      out[at + int64_t(c) * p.is.c] = from_f32<T>(acc[c]);
-    }
+    for (int c = 0; c < C; ++c) out[at + c * p.is.c] = from_f32<T>(acc[c]);
   }
 }
 

@@ -294,6 +294,27 @@ double extent(const Str4& s, double n, double c, double ylen, double xlen) {
   return n * absd(s.n) + c * absd(s.c) + ylen * absd(s.y) + xlen * absd(s.x);
 }
 
+template <typename T, Layout L>
+cudaError_t launch_col2im(const KParams& q, int nsm, cudaStream_t stream) {
+  static_assert(kColumnMaxChannels == 4, "one instantiation per channel count");
+  const unsigned blocks =
+      unsigned(std::min<int64_t>(cdiv(q.B * q.H * q.W, 256), int64_t(nsm) * 32));
+  switch (q.C) {
+    case 1:
+      conv_ia_col2im_kernel<T, L, 1><<<blocks, 256, 0, stream>>>(q);
+      break;
+    case 2:
+      conv_ia_col2im_kernel<T, L, 2><<<blocks, 256, 0, stream>>>(q);
+      break;
+    case 3:
+      conv_ia_col2im_kernel<T, L, 3><<<blocks, 256, 0, stream>>>(q);
+      break;
+    default:
+      conv_ia_col2im_kernel<T, L, 4><<<blocks, 256, 0, stream>>>(q);
+  }
+  return cudaGetLastError();
+}
+
 // image_acts through a column buffer (conv_image_acts_columns.cuh), one chunk of images at a
 // time: when the workspace holds at least one chunk (jax_convnet/conv.py sizes it only where this
 // path pays: few channels, large filters) and the tensor cores can read both operands in place.
@@ -336,9 +357,7 @@ std::optional<cudaError_t> run_ia_columns(KParams p, Workspace ws, bool split, i
                           ? launch_mma_split<Op, MmaWide<T>, T, kVec>(q, split, stream)
                           : launch_mma_split<Op, MmaNarrow<T>, T, kVec>(q, split, stream);
     if (err != cudaSuccess) return err;
-    const int64_t blocks = std::min<int64_t>(cdiv(q.B * p.H * p.W, 256), int64_t(nsm) * 32);
-    conv_ia_col2im_kernel<T, L><<<unsigned(blocks), 256, 0, stream>>>(q);
-    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    if ((err = launch_col2im<T, L>(q, nsm, stream)) != cudaSuccess) return err;
   }
   return cudaSuccess;
 }
