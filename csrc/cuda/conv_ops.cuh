@@ -1,5 +1,5 @@
 // The three conv ops as implicit GEMMs: how a tile (unit of work) is decoded and where every
-// operand / output element lives. Mirrored line by line by build/cudaconv_emulate.py.
+// operand / output element lives.
 //
 // Notation: images (b, c, y, x) with element strides p.is, filters (f, c, i, j) with p.fs,
 // hidden (b, f, oy, ox) with p.hs; T = fh * fw taps, tap = i * fw + j.
