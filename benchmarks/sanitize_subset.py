@@ -1,4 +1,6 @@
 """A small representative run of every CUDA kernel, for compute-sanitizer (memcheck, racecheck)."""
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -31,32 +33,31 @@ for layout in ("C01B", "NHWC"):
                     x, w, layout=layout, precision=precision, pad=1, stride=2,
                     partial_sum="auto").astype(jnp.float32) ** 2)
                 jax.block_until_ready(jax.jit(jax.grad(loss, (0, 1)))(x, w))
-# image_acts into RGB: the direct kernel (no column buffer; partial lane groups: 37 images, 20
-# filters; a short and a long register window).
-jcn.conv.IMAGE_ACTS_COLUMN_CAP_BYTES, column_cap = 0, jcn.conv.IMAGE_ACTS_COLUMN_CAP_BYTES
+
+
+def image_acts_into_rgb(layout, dtype, n, f, hw, size, column_images, **kw):
+    """image_acts into 3 channels with a column buffer of `column_images` images (0: none)."""
+    w = jax.random.normal(key, jcn.geometry.filter_shape(layout, f, 3, size, size), dtype)
+    x_shape = jcn.geometry.image_shape(layout, n, 3, *hw)
+    out_hw = jcn.filter_acts_output_size(hw, size, **kw)
+    g = jax.random.normal(key, jcn.geometry.image_shape(layout, n, f, *out_hw), dtype)
+    default_cap = jcn.conv.IMAGE_ACTS_COLUMN_CAP_BYTES
+    jcn.conv.IMAGE_ACTS_COLUMN_CAP_BYTES = column_images * 4 * 3 * size * size * math.prod(out_hw)
+    jax.block_until_ready(jax.jit(lambda g, w: jcn.image_acts(
+        g, w, x_shape, layout=layout, **kw))(g, w))
+    jcn.conv.IMAGE_ACTS_COLUMN_CAP_BYTES = default_cap
+
+
 for layout in ("C01B", "NHWC"):
     for dtype in (jnp.float32, jnp.bfloat16):
-        for size, kw in ((5, dict(stride=2, pad=1)), (11, dict(stride=1))):
-            w = jax.random.normal(key, jcn.geometry.filter_shape(layout, 20, 3, size, size), dtype)
-            x_shape = jcn.geometry.image_shape(layout, 37, 3, 19, 21)
-            out_hw = jcn.filter_acts_output_size((19, 21), size, **kw)
-            g = jax.random.normal(key, jcn.geometry.image_shape(layout, 37, 20, *out_hw), dtype)
-            jax.block_until_ready(jax.jit(lambda g, w: jcn.image_acts(
-                g, w, x_shape, layout=layout, **kw))(g, w))
-jcn.conv.IMAGE_ACTS_COLUMN_CAP_BYTES = column_cap
-# image_acts into RGB through the column buffer: a GEMM into columns and the gather, in two
-# chunks of 8 images (AlexNet conv1's stride and a stride-1 filter).
-for layout in ("C01B", "NHWC"):
-    for dtype in (jnp.float32, jnp.bfloat16):
-        for size, kw in ((11, dict(stride=4, pad=2)), (9, dict(stride=1))):
-            w = jax.random.normal(key, jcn.geometry.filter_shape(layout, 24, 3, size, size), dtype)
-            x_shape = jcn.geometry.image_shape(layout, 16, 3, 23, 21)
-            out_hw = jcn.filter_acts_output_size((23, 21), size, **kw)
-            g = jax.random.normal(key, jcn.geometry.image_shape(layout, 16, 24, *out_hw), dtype)
-            jcn.conv.IMAGE_ACTS_COLUMN_CAP_BYTES = 8 * 4 * 3 * size * size * out_hw[0] * out_hw[1]
-            jax.block_until_ready(jax.jit(lambda g, w: jcn.image_acts(
-                g, w, x_shape, layout=layout, **kw))(g, w))
-jcn.conv.IMAGE_ACTS_COLUMN_CAP_BYTES = column_cap
+        # The direct kernel (no column buffer; partial lane groups: 37 images, 20 filters; a
+        # short and a long register window).
+        image_acts_into_rgb(layout, dtype, 37, 20, (19, 21), 5, 0, stride=2, pad=1)
+        image_acts_into_rgb(layout, dtype, 37, 20, (19, 21), 11, 0, stride=1)
+        # Through the column buffer: a GEMM into columns and the gather, in two chunks of 8
+        # images (AlexNet conv1's stride and a stride-1 filter).
+        image_acts_into_rgb(layout, dtype, 16, 24, (23, 21), 11, 8, stride=4, pad=2)
+        image_acts_into_rgb(layout, dtype, 16, 24, (23, 21), 9, 8, stride=1)
 # Pools on vector-friendly sizes (inner dimension a multiple of 8), where the vector kernels
 # run: overlapping (two-pass gradient) and disjoint windows, clipped (ceil rule) and padded
 # edges, and a window too tall for the selection byte (one-pass gradient).

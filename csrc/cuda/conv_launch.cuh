@@ -671,6 +671,18 @@ ffi::Error ConvImpl(cudaStream_t stream, Workspace workspace, ffi::AnyBuffer x, 
   }
 }
 
+// The ops whose custom call has an extra workspace result (image_acts: the column buffer,
+// weight_acts: the partial sums): it must be a 1-d uint8 buffer.
+template <OpKind K>
+ffi::Error ConvImplWithWorkspace(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer y,
+                                 ffi::Result<ffi::AnyBuffer> res,
+                                 ffi::Result<ffi::AnyBuffer> workspace, jcn::ConvParams cp) {
+  if (workspace->dimensions().size() != 1 || workspace->element_type() != ffi::DataType::U8)
+    return jcn::invalid(op_name(K), "the workspace result must be a 1-d uint8 buffer");
+  return ConvImpl<K>(stream, Workspace{workspace->untyped_data(), int64_t(workspace->size_bytes())},
+                     x, y, res, cp);
+}
+
 }  // namespace
 
 #define JCN_CONV_BINDING                           \
