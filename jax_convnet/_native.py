@@ -56,8 +56,8 @@ def register_lowerings(primitive, target: str, reference, *, cuda_workspace_byte
                        dimension_rule=None):
     """``reference(*operands, **params)`` is the pure-lax twin; ``params['geom'].ffi_attrs()``
     gives the FFI attributes. ``cuda_workspace_bytes(operand_avals, result_aval, **params)``, if
-    given, sizes an extra uint8 result of the CUDA custom call that its kernels use as temporary memory
-    (a handler captured into a CUDA graph cannot allocate). ``dimension_rule(**params)``, if
+    given, sizes an extra uint8 result of the CUDA custom call that its kernels use as temporary
+    memory (a handler captured into a CUDA graph cannot allocate). ``dimension_rule(**params)``, if
     given, says how the custom call splits across devices (``_sharding.DimensionRule``)."""
 
     def reference_rule(ctx, *operands, **params):

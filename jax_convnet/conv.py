@@ -237,6 +237,8 @@ IMAGE_ACTS_COLUMN_CAP_BYTES = 256 << 20
 
 
 def _image_acts_cuda_workspace_bytes(operand_avals, images_aval, *, geom, image_hw):
+    """The column buffer (csrc/cuda/conv_image_acts_columns.cuh), or 0 bytes where it does not
+    apply."""
     hid_acts, filters = operand_avals
     ax = G.image_axes(geom.layout)
     return G.image_acts_column_bytes(

@@ -261,7 +261,8 @@ IMAGE_ACTS_COLUMN_MAX_CHANNELS = 4
 IMAGE_ACTS_COLUMN_MIN_ROWS = 64
 
 
-def image_acts_column_bytes(batch: int, channels: int, filter_hw, hidden_hw, cap_bytes: int) -> int:
+def image_acts_column_bytes(batch: int, channels: int, filter_hw, hidden_hw,
+                            cap_bytes: int) -> int:
     """Bytes of the column buffer of image_acts on the GPU: a whole number of images' columns
     (4 * channels * fh * fw * Ho * Wo bytes each), as many as ``cap_bytes`` holds and the batch
     has; 0 where the path does not apply or one image does not fit."""

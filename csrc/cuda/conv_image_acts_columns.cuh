@@ -67,7 +67,8 @@ __global__ void __launch_bounds__(256) conv_ia_col2im_kernel(const __grid_consta
     const int oy0 = (y + pt - i0) / sh, ox0 = (x + pl - j0) / sw;
     const int ilo = max(0, oy0 - Ho + 1), ihi = min((fh - i0 + sh - 1) / sh, oy0 + 1);
     const int jlo = max(0, ox0 - Wo + 1), jhi = min((fw - j0 + sw - 1) / sw, ox0 + 1);
-    const int64_t m0 = c01b ? (int64_t(oy0) * Wo + ox0) * B + b : (int64_t(b) * Ho + oy0) * Wo + ox0;
+    const int64_t m0 =
+        c01b ? (int64_t(oy0) * Wo + ox0) * B + b : (int64_t(b) * Ho + oy0) * Wo + ox0;
     const float* base = cols + (int64_t(i0) * n_i + int64_t(j0) * n_j) * M + m0;
     float acc[C];
 #pragma unroll

@@ -489,9 +489,10 @@ ffi::Error run(cudaStream_t stream, Workspace workspace, const jcn::ConvGeometry
                       MmaPlanOf<OpMma, MmaNarrow<T>, T, int32_t>::TOTAL <= smem_optin;
   const bool mma_wide_fits = MmaPlanOf<OpMma, MmaWide<T>, T, int32_t>::TOTAL <= smem_optin;
 
-  // image_acts into RGB: the direct kernel for float32 (3 to 4x the TF32 / 3xTF32 thin tile on
-  // L1 / alex1, H200) and for 16-bit types the tensor cores cannot read (they are 0.8-0.9x of
-  // the bf16 thin tile where it runs).
+  // image_acts into RGB: through columns where the call has a workspace (large filters: L1 /
+  // alex1 2.3-2.8x the direct kernel, H200), else the direct kernel for float32 (3 to 4x the
+  // TF32 / 3xTF32 thin tile on L1 / alex1) and for 16-bit types the tensor cores cannot read
+  // (they are 0.8-0.9x of the bf16 thin tile where it runs).
   if constexpr (K == OpKind::kIA) {
     if (!idx64 && workspace.bytes > 0) {
       const std::optional<cudaError_t> done =
@@ -679,8 +680,8 @@ ffi::Error ConvImplWithWorkspace(cudaStream_t stream, ffi::AnyBuffer x, ffi::Any
                                  ffi::Result<ffi::AnyBuffer> workspace, jcn::ConvParams cp) {
   if (workspace->dimensions().size() != 1 || workspace->element_type() != ffi::DataType::U8)
     return jcn::invalid(op_name(K), "the workspace result must be a 1-d uint8 buffer");
-  return ConvImpl<K>(stream, Workspace{workspace->untyped_data(), int64_t(workspace->size_bytes())},
-                     x, y, res, cp);
+  const Workspace ws{workspace->untyped_data(), int64_t(workspace->size_bytes())};
+  return ConvImpl<K>(stream, ws, x, y, res, cp);
 }
 
 }  // namespace
