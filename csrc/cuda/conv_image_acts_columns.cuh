@@ -18,6 +18,7 @@
 #pragma once
 
 #include "conv_common.cuh"
+#include "conv_ops.cuh"
 #include "geometry.h"
 
 namespace jax_convnet {
@@ -36,8 +37,7 @@ __global__ void __launch_bounds__(256) conv_ia_col2im_kernel(const __grid_consta
   const float* __restrict__ cols = p.slots;
   T* const out = static_cast<T*>(p.out);
   const int B = int(p.B), H = int(p.H), W = int(p.W), Ho = int(p.Ho), Wo = int(p.Wo),
-            fh = int(p.fh), fw = int(p.fw), sh = int(p.sh), sw = int(p.sw), pt = int(p.pt),
-            pl = int(p.pl);
+            fh = int(p.fh), fw = int(p.fw), sh = int(p.sh), sw = int(p.sw);
   const int64_t M = p.M, taps = int64_t(fh) * fw;
   // cols offset of tap (i, j), channel c, position (oy, ox), as steps: one row of taps (ii + 1:
   // i += sh, oy -= 1), one column of taps (jj + 1: j += sw, ox -= 1), one channel.
@@ -61,12 +61,12 @@ __global__ void __launch_bounds__(256) conv_ia_col2im_kernel(const __grid_consta
       y = r % H;
       b = r / H;
     }
-    // Taps i = i0 + ii * sh reach row y from hidden rows oy = oy0 - ii (columns alike); the live
-    // ones: i < fh and 0 <= oy < Ho.
-    const int i0 = (y + pt) % sh, j0 = (x + pl) % sw;
-    const int oy0 = (y + pt - i0) / sh, ox0 = (x + pl - j0) / sw;
-    const int ilo = max(0, oy0 - Ho + 1), ihi = min((fh - i0 + sh - 1) / sh, oy0 + 1);
-    const int jlo = max(0, ox0 - Wo + 1), jhi = min((fw - j0 + sw - 1) / sw, ox0 + 1);
+    // Taps i = i0 + ii * sh (ii < nI) reach row y = ry + yq * sh from hidden rows oy = oy0 - ii,
+    // oy0 = qy + yq (its residue class, as OpIA; columns alike); the live ones: 0 <= oy < Ho.
+    const IAClass<int> rc = ia_class<int>(p, y % sh, x % sw);
+    const int i0 = rc.i0, j0 = rc.j0, oy0 = rc.qy + y / sh, ox0 = rc.qx + x / sw;
+    const int ilo = max(0, oy0 - Ho + 1), ihi = min(rc.nI, oy0 + 1);
+    const int jlo = max(0, ox0 - Wo + 1), jhi = min(rc.nJ, ox0 + 1);
     const int64_t m0 =
         c01b ? (int64_t(oy0) * Wo + ox0) * B + b : (int64_t(b) * Ho + oy0) * Wo + ox0;
     const float* base = cols + (int64_t(i0) * n_i + int64_t(j0) * n_j) * M + m0;

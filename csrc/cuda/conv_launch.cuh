@@ -261,19 +261,27 @@ cudaError_t launch_ia_direct_c(const KParams& p, int nsm, cudaStream_t stream) {
     conv_ia_direct_kernel<T, L, C, kDirectMaxTapRows><<<blocks, kThreads, 0, stream>>>(p, d);
   return cudaGetLastError();
 }
+// launch(std::integral_constant<int, C>) for C = channels in 1..4: the kernels of image_acts into
+// a few channels (direct and column gather) are instantiated per channel count.
+template <class Launch>
+cudaError_t with_channel_count(int64_t channels, Launch&& launch) {
+  static_assert(kDirectMaxChannels == 4 && kColumnMaxChannels == 4, "one case per count");
+  switch (channels) {
+    case 1:
+      return launch(std::integral_constant<int, 1>{});
+    case 2:
+      return launch(std::integral_constant<int, 2>{});
+    case 3:
+      return launch(std::integral_constant<int, 3>{});
+    default:
+      return launch(std::integral_constant<int, 4>{});
+  }
+}
+
 template <Layout L, typename T>
 cudaError_t launch_ia_direct(const KParams& p, int nsm, cudaStream_t stream) {
-  static_assert(kDirectMaxChannels == 4, "one instantiation per channel count");
-  switch (p.C) {
-    case 1:
-      return launch_ia_direct_c<L, T, 1>(p, nsm, stream);
-    case 2:
-      return launch_ia_direct_c<L, T, 2>(p, nsm, stream);
-    case 3:
-      return launch_ia_direct_c<L, T, 3>(p, nsm, stream);
-    default:
-      return launch_ia_direct_c<L, T, 4>(p, nsm, stream);
-  }
+  return with_channel_count(
+      p.C, [&](auto c) { return launch_ia_direct_c<L, T, decltype(c)::value>(p, nsm, stream); });
 }
 
 template <typename T>
@@ -296,49 +304,39 @@ double extent(const Str4& s, double n, double c, double ylen, double xlen) {
 
 template <typename T, Layout L>
 cudaError_t launch_col2im(const KParams& q, int nsm, cudaStream_t stream) {
-  static_assert(kColumnMaxChannels == 4, "one instantiation per channel count");
   const unsigned blocks =
       unsigned(std::min<int64_t>(cdiv(q.B * q.H * q.W, 256), int64_t(nsm) * 32));
-  switch (q.C) {
-    case 1:
-      conv_ia_col2im_kernel<T, L, 1><<<blocks, 256, 0, stream>>>(q);
-      break;
-    case 2:
-      conv_ia_col2im_kernel<T, L, 2><<<blocks, 256, 0, stream>>>(q);
-      break;
-    case 3:
-      conv_ia_col2im_kernel<T, L, 3><<<blocks, 256, 0, stream>>>(q);
-      break;
-    default:
-      conv_ia_col2im_kernel<T, L, 4><<<blocks, 256, 0, stream>>>(q);
-  }
-  return cudaGetLastError();
+  return with_channel_count(q.C, [&](auto c) {
+    conv_ia_col2im_kernel<T, L, decltype(c)::value><<<blocks, 256, 0, stream>>>(q);
+    return cudaGetLastError();
+  });
 }
 
 // image_acts through a column buffer (conv_image_acts_columns.cuh), one chunk of images at a
 // time: when the workspace holds at least one chunk (jax_convnet/conv.py sizes it only where this
 // path pays: few channels, large filters) and the tensor cores can read both operands in place.
+// OpIACols reads the hidden tensor and the filters along the same contiguous dimensions as OpIA,
+// with the same shared-memory plans: run()'s mma_ok / mma_wide_fits hold for it too.
 // nullopt: not applicable here (the caller picks another kernel).
 template <Layout L, typename T>
-std::optional<cudaError_t> run_ia_columns(KParams p, Workspace ws, bool split, int smem_optin,
-                                          int nsm, cudaStream_t stream) {
+std::optional<cudaError_t> run_ia_columns(KParams p, Workspace ws, bool split, bool mma_ok,
+                                          bool mma_wide_fits, int nsm, cudaStream_t stream) {
   using Op = OpIACols<L, int32_t>;
+  static_assert(Op::A_ROWC == OpIA<L, int32_t>::A_ROWC && Op::B_ROWC == OpIA<L, int32_t>::B_ROWC,
+                "the mma plans of OpIACols and OpIA are the same");
   constexpr int kVec = MmaWide<T>::VEC;
   constexpr bool c01b = L == Layout::kC01B;
   const int64_t N = p.C * p.fh * p.fw, positions = p.Ho * p.Wo;
   const int64_t image_bytes = 4 * N * positions;  // one image's columns, float32
   int64_t nb_max = ws.bytes / image_bytes;
   if (c01b) nb_max -= nb_max % kVec;  // C01B: vectors along m are runs of images
-  const bool readable = p.F % kVec == 0 && (!c01b || p.B % kVec == 0) && aligned(p.a, 16) &&
-                        aligned(p.b, 16) &&
-                        MmaPlanOf<Op, MmaNarrow<T>, T, int32_t>::TOTAL <= smem_optin;
   // N > 32: the 64- and 128-wide tiles only (conv.py sizes the workspace for N >= 64).
-  if (nb_max < 1 || !readable || p.C > kColumnMaxChannels || N <= 32 ||
+  if (nb_max < 1 || !mma_ok || p.C > kColumnMaxChannels || N <= 32 ||
       ws.bytes / 4 >= kIdx32Limit)
     return std::nullopt;
   int64_t nb = cdiv(p.B, cdiv(p.B, nb_max));  // the fewest chunks, balanced
   if (c01b) nb = std::min(nb_max, cdiv(nb, kVec) * kVec);
-  const Path path = mma_path(N, MmaPlanOf<Op, MmaWide<T>, T, int32_t>::TOTAL <= smem_optin);
+  const Path path = mma_path(N, mma_wide_fits);
   const int BN = path == Path::kMmaWide ? MmaWide<T>::BN : MmaNarrow<T>::BN;
   p.slots = static_cast<float*>(ws.data);
   p.N = N;
@@ -496,7 +494,7 @@ ffi::Error run(cudaStream_t stream, Workspace workspace, const jcn::ConvGeometry
   if constexpr (K == OpKind::kIA) {
     if (!idx64 && workspace.bytes > 0) {
       const std::optional<cudaError_t> done =
-          run_ia_columns<L, T>(p, workspace, split, smem_optin, nsm, stream);
+          run_ia_columns<L, T>(p, workspace, split, mma_ok, mma_wide_fits, nsm, stream);
       if (done && *done != cudaSuccess) return cuda_error(kOp, "kernel launch", *done);
       if (done) return ffi::Error::Success();
     }
