@@ -58,6 +58,15 @@ for layout in ("C01B", "NHWC"):
         # images (AlexNet conv1's stride and a stride-1 filter).
         image_acts_into_rgb(layout, dtype, 16, 24, (23, 21), 11, 8, stride=4, pad=2)
         image_acts_into_rgb(layout, dtype, 16, 24, (23, 21), 9, 8, stride=1)
+# weight_acts of NHWC images of 1 and 3 channels: padded to 4 channels in the workspace (40
+# filters: the tensor cores read the hidden tensor 16 bytes at a time), one sum and 3 segments.
+for dtype in (jnp.float32, jnp.bfloat16):
+    for c, partial_sum in ((3, None), (1, 33)):
+        x = jax.random.normal(key, jcn.geometry.image_shape("NHWC", 5, c, 15, 13), dtype)
+        g = jax.random.normal(key, jcn.geometry.image_shape("NHWC", 5, 40, 9, 11), dtype)
+        w_shape = jcn.geometry.filter_shape("NHWC", 40, c, 7, 3)
+        jax.block_until_ready(jax.jit(lambda x, g: jcn.weight_acts(
+            x, g, w_shape, layout="NHWC", partial_sum=partial_sum))(x, g))
 # Pools on vector-friendly sizes (inner dimension a multiple of 8), where the vector kernels
 # run: overlapping (two-pass gradient) and disjoint windows, clipped (ceil rule) and padded
 # edges, and a window too tall for the selection byte (one-pass gradient).

@@ -253,11 +253,21 @@ register_lowerings(image_acts_p, "jax_convnet_image_acts", reference.image_acts_
                    dimension_rule=_image_acts_split)
 
 
-def _weight_acts_cuda_workspace_bytes(operand_avals, filters_aval, **_):
-    """Partial sums of one launch (at most 16 MiB, or one float32 copy of the filters if larger)
-    plus a float32 running sum of the filters (csrc/cuda/conv_launch.cuh, Workspace)."""
-    filter_bytes = 4 * math.prod(filters_aval.shape)
-    return max(16 << 20, filter_bytes) + filter_bytes
+# weight_acts pads NHWC images of fewer than 4 channels with zero channels on the GPU (a copy of
+# at most this many bytes in its workspace; G.weight_acts_workspace_bytes), so that the tensor
+# cores can read them; 0 turns that off.
+WEIGHT_ACTS_PADDED_IMAGE_CAP_BYTES = 1 << 30
+
+
+def _weight_acts_cuda_workspace_bytes(operand_avals, filters_aval, *, geom, **_):
+    """Partial sums and, for NHWC images of fewer than 4 channels, their padded copy."""
+    images = operand_avals[0]
+    ax = G.image_axes(geom.layout)
+    return G.weight_acts_workspace_bytes(
+        math.prod(filters_aval.shape), layout=geom.layout, batch=images.shape[ax["n"]],
+        channels=images.shape[ax["c"]], image_hw=_image_hw(images, geom.layout),
+        itemsize=images.dtype.itemsize,
+        padded_cap_bytes=WEIGHT_ACTS_PADDED_IMAGE_CAP_BYTES)
 
 
 register_lowerings(weight_acts_p, "jax_convnet_weight_acts", reference.weight_acts_canonical,

@@ -273,6 +273,32 @@ def image_acts_column_bytes(batch: int, channels: int, filter_hw, hidden_hw,
     return min(batch, cap_bytes // image_bytes) * image_bytes
 
 
+# weight_acts on the GPU: temporary memory for the partial sums, and for NHWC images of fewer than
+# WEIGHT_ACTS_PADDED_CHANNELS channels (RGB first layers) a copy padded with zero channels, which
+# the tensor cores can read a pixel at a time (csrc/cuda/conv_weight_acts_padding.cuh).
+WEIGHT_ACTS_PADDED_CHANNELS = 4
+WEIGHT_ACTS_MIN_PARTIAL_SUM_BYTES = 16 << 20
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def weight_acts_workspace_bytes(filter_elems: int, *, layout: str, batch: int, channels: int,
+                                image_hw, itemsize: int, padded_cap_bytes: int) -> int:
+    """Bytes of weight_acts' workspace on the GPU (csrc/cuda/conv_launch.cuh mirrors this rule):
+    partial sums of one launch (at least 16 MiB, or one float32 copy of the filters if larger) and
+    a float32 running sum of the filters, rounded up to 256 bytes; then the padded copy of NHWC
+    images of fewer than 4 channels, where it fits ``padded_cap_bytes``."""
+    filter_bytes = 4 * filter_elems
+    sums = _round_up(max(WEIGHT_ACTS_MIN_PARTIAL_SUM_BYTES, filter_bytes) + filter_bytes, 256)
+    padded = 0
+    if check_layout(layout) == "NHWC" and channels < WEIGHT_ACTS_PADDED_CHANNELS:
+        padded = _round_up(batch * image_hw[0] * image_hw[1] * WEIGHT_ACTS_PADDED_CHANNELS
+                           * itemsize, 256)
+    return sums + (padded if padded <= padded_cap_bytes else 0)
+
+
 def conv_geometry(*, image_hw, filter_hw, channels, filters, stride, pad, padding, partial_sum,
                   layout, precision) -> ConvGeometry:
     layout = check_layout(layout)

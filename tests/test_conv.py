@@ -209,6 +209,24 @@ def test_image_acts_column_buffer_holds_whole_images():
     assert rule(128, 1, (8, 8), (10, 10), 128 << 20) == 128 * 4 * 64 * 100
 
 
+def test_weight_acts_workspace_holds_padded_few_channel_images():
+    """On the GPU, weight_acts' workspace holds its partial sums (at least 16 MiB, or one float32
+    copy of the filters, plus a float32 running sum; 256-byte multiples) and, for NHWC images of
+    fewer than 4 channels, a copy padded to 4 channels, where the cap allows."""
+    rule = jcn.geometry.weight_acts_workspace_bytes
+    sums = (16 << 20) + 139520  # L1's filters 96 x 3 x 11 x 11: 4 * 34848 bytes, rounded up
+    l1 = dict(batch=128, image_hw=(128, 128), padded_cap_bytes=1 << 30)
+    padded = 128 * 128 * 128 * 4 * 2  # bfloat16
+    assert rule(96 * 363, layout="NHWC", channels=3, itemsize=2, **l1) == sums + padded
+    assert rule(96 * 363, layout="C01B", channels=3, itemsize=2, **l1) == sums  # read in place
+    assert rule(96 * 484, layout="NHWC", channels=4, itemsize=2, **l1) == (16 << 20) + 4 * 96 * 484
+    assert rule(96 * 363, layout="NHWC", channels=3, itemsize=2,
+                **{**l1, "padded_cap_bytes": padded - 1}) == sums  # over the cap: not padded
+    big = 4 * 5_000_000  # filters larger than 16 MiB: one copy of them
+    assert rule(5_000_000, layout="NHWC", channels=1, itemsize=4, batch=3, image_hw=(5, 7),
+                padded_cap_bytes=1 << 30) == 2 * big + 1792  # 3 * 5 * 7 * 16 = 1680, rounded up
+
+
 def test_eager_calls_and_dtype_preserved(platform):
     for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
         x, w = conv_case("C01B", dtype, n=2, c=3, h=5, w=5, f=2, fh=2, fw=2)

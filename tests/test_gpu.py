@@ -1,6 +1,8 @@
 """The CUDA kernels on the baseline layers: equal to the reference and to the CPU kernels,
 bitwise reproducible, and the TF32 path within TF32's error. Skipped without a GPU."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -211,6 +213,43 @@ def test_image_acts_through_columns(channels, window, stride, pad, precision, ch
     tol_dtype = jnp.bfloat16 if dtype == jnp.float32 and precision is None else dtype
     assert_close(ours, ref.image_acts(*exact(g, w), x_shape, pad=pad, stride=stride,
                                       layout=layout), tol_dtype, scale=5)
+    np.testing.assert_array_equal(np.asarray(run(*args)), np.asarray(ours))  # reproducible
+
+
+@pytest.mark.parametrize("dtype,precision", [(jnp.float32, "highest"), (jnp.float32, None),
+                                             (jnp.bfloat16, None), (jnp.float16, None)],
+                         ids=["f32-highest", "f32", "bfloat16", "float16"])
+@pytest.mark.parametrize("channels,window,stride,pad,partial_sum", [
+    (3, (11, 11), 4, 2, None),        # AlexNet conv1's geometry
+    (1, (5, 3), (2, 1), (2, 1), 17),  # one channel; 14 x 17 positions in 14 segments
+    (2, (7, 7), 1, 0, "auto"),
+])
+def test_weight_acts_of_few_channel_nhwc_images(channels, window, stride, pad, partial_sum,
+                                                dtype, precision):
+    """weight_acts of NHWC images of 1-3 channels (RGB first layers) copies them into its
+    workspace padded with zero channels to 4, which the tensor cores read a pixel at a time; the
+    padded channels' rows never reach the filters. 5 images, 40 filters, odd image sizes, output
+    poisoned; float32 accumulation, at precision highest float32-exact (3xTF32); reproducible."""
+    n, hw, n_filters = 5, (27, 17), 40
+    x = images(16, "NHWC", n, channels, *hw, dtype)
+    w_shape = jcn.geometry.filter_shape("NHWC", n_filters, channels, *window)
+    out_hw = jcn.filter_acts_output_size(hw, window, stride=stride, pad=pad)
+    g = rand(17, jcn.geometry.image_shape("NHWC", n, n_filters, *out_hw), dtype)
+    kw = dict(pad=pad, stride=stride, layout="NHWC")
+    run = jax.jit(lambda x, g: jcn.weight_acts(x, g, w_shape, partial_sum=partial_sum,
+                                               precision=precision, **kw))
+    args = jax.device_put((x, g), gpu())
+    def workspace(cap):
+        return jcn.geometry.weight_acts_workspace_bytes(
+            math.prod(w_shape), layout="NHWC", batch=n, channels=channels, image_hw=hw,
+            itemsize=np.dtype(dtype).itemsize, padded_cap_bytes=cap)
+    with_copy = workspace(jcn.conv.WEIGHT_ACTS_PADDED_IMAGE_CAP_BYTES)
+    assert with_copy > workspace(0)
+    assert f"tensor<{with_copy}xui8>" in run.lower(*args).as_text()  # the padded copy is there
+    ours = run_poisoned(run, *args)
+    assert ours.dtype == dtype
+    tol_dtype = jnp.bfloat16 if dtype == jnp.float32 and precision is None else dtype
+    assert_close(ours, ref.weight_acts(*exact(x, g), w_shape, **kw), tol_dtype, scale=5)
     np.testing.assert_array_equal(np.asarray(run(*args)), np.asarray(ours))  # reproducible
 
 

@@ -77,6 +77,9 @@ struct KParams {
   DivMod dnJ, dHq[2], dWq[2];  // [0]: hq0 (wq0), [1]: hq0 - 1 (wq0 - 1)
   // weight_acts: segments of P positions, nsplit chunks of kchunk k's each
   int64_t P, nseg, seg0, fused, nsplit, kchunk, E;
+  // weight_acts: the filters' channel count; < C where the kernels read images padded with zero
+  // channels (conv_launch.cuh), whose GEMM rows are not stored.
+  int64_t C_out;
 };
 
 // ---- element types -------------------------------------------------------------------------
@@ -152,12 +155,14 @@ __device__ __forceinline__ void cp_async16(T* dst, const T* src, bool valid) {
                "l"(src), "r"(valid ? 16 : 0)
                : "memory");
 }
-// 4 bytes global -> shared (through L1: .ca, the only form below 16 bytes); zero-filled when
-// !valid. For float32 operands whose rows cannot be read 16 bytes at a time (3-channel images).
-template <typename T>
-__device__ __forceinline__ void cp_async4(T* dst, const T* src, bool valid) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(dst)),
-               "l"(src), "r"(valid ? 4 : 0)
+// 4 or 8 bytes global -> shared (through L1: .ca, the only form below 16 bytes); zero-filled
+// when !valid. For operands whose rows cannot be read 16 bytes at a time (float32 3-channel
+// images; 16-bit images of 4 channels).
+template <int kBytes, typename T>
+__device__ __forceinline__ void cp_async_small(T* dst, const T* src, bool valid) {
+  static_assert(kBytes == 4 || kBytes == 8, "cp.async.ca copies 4, 8 or 16 bytes");
+  asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(smem_addr(dst)),
+               "l"(src), "n"(kBytes), "r"(valid ? kBytes : 0)
                : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() {

@@ -119,12 +119,11 @@ struct Loader {
     });
   }
   // The k-tile at k0 straight into a stage of T (no registers): one cp.async per vector of 16
-  // bytes (or one float: VEC = 1), zero-filled outside the operand. Stages as in store(): the
-  // vector is contiguous in the stage.
+  // bytes (or 8 / 4 where the operand's rows allow no more), zero-filled outside the operand.
+  // Stages as in store(): the vector is contiguous in the stage.
   __device__ __forceinline__ void copy_async(T* stage, int ld, const KParams& p, const Tile<Idx>& t,
                                              const T* src, int64_t seg, Idx k0) const {
     constexpr int kBytes = VEC * int(sizeof(T));
-    static_assert(kBytes == 16 || kBytes == 4, "cp.async copies 16-byte vectors or single floats");
     for_each_slot(p, t, seg, k0, [&](int s, Idx off, bool ok) {
       int row, kk;
       pos(s, row, kk);
@@ -132,7 +131,7 @@ struct Loader {
       if constexpr (kBytes == 16) {
         cp_async16(dst, ok ? src + off : src, ok);
       } else {
-        cp_async4(dst, ok ? src + off : src, ok);
+        cp_async_small<kBytes>(dst, ok ? src + off : src, ok);
       }
     });
   }

@@ -22,7 +22,8 @@
 //   kWmma  otherwise, when N >= 16: bf16 / f16 / TF32: nvcuda::wmma, register-staged
 //          (conv_kernel.cuh).
 // Else FFMA with a 128x64 tile (or 512x4 for N <= 8). Accumulation is float32 everywhere.
-// Operands are read in place in either layout.
+// Operands are read in place in either layout, except NHWC images of fewer than 4 channels in
+// weight_acts: copied once with zero channels up to 4 (conv_weight_acts_padding.cuh).
 //
 // CUDA-graph safe: no synchronisation, no allocation (weight_acts and image_acts get their
 // temporary memory as an extra workspace result), no host reads of device data; the launch plan
@@ -46,6 +47,7 @@
 #include "conv_kernel.cuh"
 #include "conv_mma.cuh"
 #include "conv_ops.cuh"
+#include "conv_weight_acts_padding.cuh"
 #include "ffi_common.h"
 #include "targets.h"
 
@@ -131,19 +133,22 @@ cudaError_t launch_mma_split(const KParams& p, bool split, cudaStream_t stream) 
 template <class Op, typename T, int kAVec = 16 / int(sizeof(T))>
 cudaError_t launch_mma_for(const KParams& p, Path path, bool split, cudaStream_t stream) {
   if (path == Path::kMmaThin) return launch_mma_split<Op, MmaThin<T>, T, kAVec>(p, split, stream);
-  if constexpr (kAVec * int(sizeof(T)) == 16) {  // (single-float copies: never the wide tile)
+  if constexpr (kAVec * int(sizeof(T)) >= 8) {  // (single-float copies: never the wide tile)
     if (path == Path::kMmaWide)
       return launch_mma_split<Op, MmaWide<T>, T, kAVec>(p, split, stream);
   }
   return launch_mma_split<Op, MmaNarrow<T>, T, kAVec>(p, split, stream);
 }
 
-// Float32 images in NHWC (operand A of filter_acts and weight_acts) may be read one float at a
-// time by the mma kernel when their channel count is not a multiple of 4 (RGB): only those ops
-// instantiate it.
+// Elements per copy of operand A where its rows cannot be read 16 bytes at a time (0: no such
+// instance of the mma kernel): float32 NHWC images (filter_acts and weight_acts) one float at a
+// time (RGB); 16-bit NHWC images of weight_acts 4 channels (8 bytes) at a time (images of fewer
+// channels are padded to 4: run_wa_padding).
 template <OpKind K, Layout L, typename T>
-constexpr bool kMayReadAByFloat =
-    std::is_same_v<T, float> && L == Layout::kNHWC && K != OpKind::kIA;
+constexpr int kANarrowCopy = L != Layout::kNHWC || K == OpKind::kIA ? 0
+                             : std::is_same_v<T, float>            ? 1
+                             : K == OpKind::kWA                    ? 4
+                                                                   : 0;
 
 template <class Op, class Cfg, typename T>
 cudaError_t launch_masked(const KParams& p, int mask, cudaStream_t stream) {
@@ -201,18 +206,20 @@ void vec_widths_path(Path path, int* va, int* vb) {
 }
 
 // mask: bit 0 / 1 = vector loads for operand A / B.
-// a_by_float: the mma kernel reads operand A one float at a time (kMayReadAByFloat).
+// a_narrow: the mma kernel reads operand A kANarrowCopy elements at a time.
 template <OpKind K, Layout L, typename T>
 cudaError_t launch_path(const KParams& p, Path path, bool idx64, int mask, bool split,
-                        bool a_by_float, cudaStream_t stream) {
+                        bool a_narrow, cudaStream_t stream) {
   if (is_mma(path)) {
     using Op = typename OpOf<K>::template type<L, int32_t>;
-    if constexpr (kMayReadAByFloat<K, L, T>) {
-      if (a_by_float) {
+    constexpr int kNarrow = kANarrowCopy<K, L, T>;
+    if constexpr (kNarrow > 0) {
+      if (a_narrow) {
         if constexpr (K == OpKind::kWA) {
-          if (p.fused) return launch_mma_for<OpWA<L, int32_t, true>, T, 1>(p, path, split, stream);
+          if (p.fused)
+            return launch_mma_for<OpWA<L, int32_t, true>, T, kNarrow>(p, path, split, stream);
         }
-        return launch_mma_for<Op, T, 1>(p, path, split, stream);
+        return launch_mma_for<Op, T, kNarrow>(p, path, split, stream);
       }
     }
     if constexpr (K == OpKind::kWA) {
@@ -360,6 +367,43 @@ std::optional<cudaError_t> run_ia_columns(KParams p, Workspace ws, bool split, b
   return cudaSuccess;
 }
 
+int64_t round_up(int64_t a, int64_t b) { return cdiv(a, b) * b; }
+
+// weight_acts' workspace, as jax_convnet/geometry.py (weight_acts_workspace_bytes) sizes it:
+// partial sums of one launch (at least 16 MiB, or one float32 copy of the filters if larger) and a
+// float32 running sum of the filters (the Workspace the plan in run() divides), rounded up to 256
+// bytes; then, for NHWC images of fewer than kPaddedChannels channels (unless conv.py's cap left it
+// out), a copy of the images padded with zero channels.
+int64_t wa_partial_sum_bytes(int64_t filter_elems) {
+  return round_up(std::max<int64_t>(int64_t(16) << 20, 4 * filter_elems) + 4 * filter_elems, 256);
+}
+int64_t wa_padded_image_bytes(int64_t pixels, int64_t itemsize) {
+  return round_up(pixels * kPaddedChannels * itemsize, 256);
+}
+
+// weight_acts of NHWC images of fewer than kPaddedChannels channels, where the workspace has room
+// for a padded copy (conv_weight_acts_padding.cuh): makes the copy and points p (and `a`) at it;
+// the workspace left to the plan is the partial sums' part. nullopt: the images stay as they are.
+template <typename T>
+std::optional<cudaError_t> run_wa_padding(KParams& p, const void*& a, Workspace& ws, int nsm,
+                                          cudaStream_t stream) {
+  const int64_t pixels = p.B * p.H * p.W;
+  const int64_t sums = wa_partial_sum_bytes(p.F * p.C * p.fh * p.fw);
+  const bool dense = p.is.c == 1 && p.is.x == p.C && p.is.y == p.W * p.C && p.is.n == p.H * p.is.y;
+  if (p.C >= kPaddedChannels || !dense ||
+      ws.bytes < sums + wa_padded_image_bytes(pixels, int64_t(sizeof(T))))
+    return std::nullopt;
+  T* padded = reinterpret_cast<T*>(static_cast<unsigned char*>(ws.data) + sums);
+  const unsigned blocks = unsigned(std::min<int64_t>(cdiv(pixels, 256), int64_t(nsm) * 32));
+  wa_pad_channels_kernel<T>
+      <<<blocks, 256, 0, stream>>>(static_cast<const T*>(a), padded, pixels, int(p.C));
+  a = p.a = padded;
+  p.C = kPaddedChannels;
+  p.is = {p.H * p.W * p.C, 1, p.W * p.C, p.C};
+  ws.bytes = sums;
+  return cudaGetLastError();
+}
+
 // The op for one layout and element type, once geometry and attributes are checked.
 // a / b: the GEMM operands A / B (FA: images / filters, IA: hidden / filters, WA: images / hidden).
 template <OpKind K, Layout L, typename T>
@@ -391,7 +435,23 @@ ffi::Error run(cudaStream_t stream, Workspace workspace, const jcn::ConvGeometry
   p.is = {g.image.n, g.image.c, g.image.y, g.image.x};
   p.fs = {g.filter.n, g.filter.c, g.filter.y, g.filter.x};
   p.hs = {g.hidden.n, g.hidden.c, g.hidden.y, g.hidden.x};
+  p.C_out = p.C;
   const int64_t T_ = p.fh * p.fw;
+
+  // The device's limits the plan depends on (cached by the runtime: no synchronisation).
+  int dev = 0, nsm = 0, smem_optin = 0;
+  cudaError_t err;
+  if ((err = cudaGetDevice(&dev)) != cudaSuccess) return cuda_error(kOp, "cudaGetDevice", err);
+  if ((err = cudaDeviceGetAttribute(&nsm, cudaDevAttrMultiProcessorCount, dev)) != cudaSuccess ||
+      (err = cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev)) !=
+          cudaSuccess)
+    return cuda_error(kOp, "cudaDeviceGetAttribute", err);
+  nsm = std::max(nsm, 1);
+
+  if constexpr (K == OpKind::kWA && L == Layout::kNHWC) {
+    const std::optional<cudaError_t> padded = run_wa_padding<T>(p, a, workspace, nsm, stream);
+    if (padded && *padded != cudaSuccess) return cuda_error(kOp, "kernel launch", *padded);
+  }
   p.dB = make_divmod(p.B);
   p.dC = make_divmod(p.C);
   p.dF = make_divmod(p.F);
@@ -466,24 +526,16 @@ ffi::Error run(cudaStream_t stream, Workspace workspace, const jcn::ConvGeometry
     const bool okb = cb % vb == 0 && aligned(b, int64_t(vb) * int64_t(sizeof(T)));
     return (oka ? 1 : 0) | (okb ? 2 : 0);
   };
-  // The device's limits the plan depends on (cached by the runtime: no synchronisation).
-  int dev = 0, nsm = 0, smem_optin = 0;
-  cudaError_t err;
-  if ((err = cudaGetDevice(&dev)) != cudaSuccess) return cuda_error(kOp, "cudaGetDevice", err);
-  if ((err = cudaDeviceGetAttribute(&nsm, cudaDevAttrMultiProcessorCount, dev)) != cudaSuccess ||
-      (err = cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev)) !=
-          cudaSuccess)
-    return cuda_error(kOp, "cudaDeviceGetAttribute", err);
-  nsm = std::max(nsm, 1);
-
-  // The mma kernel: 16-byte vectors of both operands (or single floats of A where
-  // kMayReadAByFloat), and its shared memory within the device's per-block limit (the 128 x 128
+  // The mma kernel: 16-byte vectors of both operands (or narrower copies of A where
+  // kANarrowCopy), and its shared memory within the device's per-block limit (the 128 x 128
   // tile takes about 105 KiB, more than sm_86 / sm_89 GPUs allow).
   using OpMma = typename OpOf<K>::template type<L, int32_t>;
   constexpr int kMmaVec = MmaWide<T>::VEC;  // 16 bytes
+  constexpr int kNarrow = kANarrowCopy<K, L, T>;
   const bool a_vec16 = ca % kMmaVec == 0 && aligned(a, 16);
-  const bool a_by_float = !a_vec16 && kMayReadAByFloat<K, L, T>;
-  const bool mma_ok = (a_vec16 || a_by_float) && cb % kMmaVec == 0 && aligned(b, 16) &&
+  const bool a_narrow = !a_vec16 && kNarrow > 0 && ca % std::max(kNarrow, 1) == 0 &&
+                        aligned(a, int64_t(kNarrow) * int64_t(sizeof(T)));
+  const bool mma_ok = (a_vec16 || a_narrow) && cb % kMmaVec == 0 && aligned(b, 16) &&
                       MmaPlanOf<OpMma, MmaNarrow<T>, T, int32_t>::TOTAL <= smem_optin;
   const bool mma_wide_fits = MmaPlanOf<OpMma, MmaWide<T>, T, int32_t>::TOTAL <= smem_optin;
 
@@ -508,7 +560,7 @@ ffi::Error run(cudaStream_t stream, Workspace workspace, const jcn::ConvGeometry
   Path path = Path::kWide;
   if (!idx64 && M >= 16 && mma_ok) {
     // Single-float copies of A: the 128 x 128 tile spills (16 or 32 copies per thread and k-tile).
-    path = mma_path(N, mma_wide_fits && !a_by_float);
+    path = mma_path(N, mma_wide_fits && !(a_narrow && kNarrow * sizeof(T) < 8));
   } else if (!idx64 && !split && N >= 16 && M >= 16) {
     path = Path::kWmma;
   } else if (!idx64 && K != OpKind::kWA && N <= 8) {
@@ -547,14 +599,14 @@ ffi::Error run(cudaStream_t stream, Workspace workspace, const jcn::ConvGeometry
   }
 
   if (K != OpKind::kWA) {
-    err = launch_path<K, L, T>(p, path, idx64, mask, split, a_by_float, stream);
+    err = launch_path<K, L, T>(p, path, idx64, mask, split, a_narrow, stream);
     if (err != cudaSuccess) return cuda_error(kOp, "kernel launch", err);
     return ffi::Error::Success();
   }
 
   // ---- weight_acts launch plan ----
   const int64_t target = 4 * int64_t(nsm);  // units wanted in flight
-  const int64_t Kseg = Kd, nseg = p.nseg, E = p.F * p.C * T_;
+  const int64_t Kseg = Kd, nseg = p.nseg, E = p.F * p.C_out * T_;
   const int64_t kScratchCap = workspace.bytes - 4 * E;  // bytes of partial-sum slots per launch
   if (kScratchCap < 4 * E)
     return jcn::invalid(op_name(kOp), "workspace of " + std::to_string(workspace.bytes) +
@@ -576,7 +628,7 @@ ffi::Error run(cudaStream_t stream, Workspace workspace, const jcn::ConvGeometry
 
   if (fused || (nseg == 1 && nsplit == 1)) {  // direct: the kernel writes the output
     p.units = tiles;
-    err = launch_path<K, L, T>(p, path, idx64, mask, split, a_by_float, stream);
+    err = launch_path<K, L, T>(p, path, idx64, mask, split, a_narrow, stream);
     if (err != cudaSuccess) return cuda_error(kOp, "kernel launch", err);
     return ffi::Error::Success();
   }
@@ -597,7 +649,7 @@ ffi::Error run(cudaStream_t stream, Workspace workspace, const jcn::ConvGeometry
     const int64_t s0 = gi * G, gcount = std::min(G, nseg - s0);
     p.seg0 = s0;
     p.units = gcount * nsplit * tiles;
-    err = launch_path<K, L, T>(p, path, idx64, mask, split, a_by_float, stream);
+    err = launch_path<K, L, T>(p, path, idx64, mask, split, a_narrow, stream);
     if (err != cudaSuccess) return cuda_error(kOp, "kernel launch", err);
     err = launch_reduce<T>(slots, gcount, nsplit, E, acc, out, gi == 0, gi + 1 == ngroups, nsm,
                            stream);

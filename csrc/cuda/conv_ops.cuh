@@ -383,6 +383,13 @@ struct OpWA {
   __device__ static int b_xlim(const KParams&) { return 1; }
 
   __device__ static Idx out_row(const KParams& p, const Tile<Idx>&, Idx m) {
+    if constexpr (L == Layout::kNHWC) {
+      if (p.C_out != p.C) {  // images padded with zero channels: their rows are not stored
+        Idx c;
+        const Idx tap = divmod<Idx>(m, p.dC, c);
+        return c < Idx(p.C_out) ? (tap * Idx(p.C_out) + c) * Idx(p.F) : Idx(-1);
+      }
+    }
     return m * Idx(p.F);  // filter offset m*F + f (see above)
   }
   __device__ static Idx out_col(const KParams& p, const Tile<Idx>&, Idx n) {
