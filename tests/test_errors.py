@@ -104,9 +104,11 @@ def test_max_pool_bad_images():
 
 
 def test_native_handler_rejects_inconsistent_calls_without_crashing():
-    """The C++ handlers re-check what they receive and return an error, never abort."""
-    if not jcn.has_native("cpu"):
-        pytest.fail("native CPU module missing")
+    """The C++ handlers re-check what they receive and return an error, never abort (the CUDA
+    handlers where the default device is a GPU)."""
+    platform = {"gpu": "cuda"}.get(jax.default_backend(), jax.default_backend())
+    if not jcn.has_native(platform):  # (also registers its targets, which ffi_call needs)
+        pytest.fail(f"native {platform} module missing")
     attrs = jcn.geometry.conv_geometry(
         image_hw=(10, 9), filter_hw=(4, 4), channels=3, filters=16, stride=1, pad=0,
         padding=None, partial_sum=None, layout="C01B", precision=None).ffi_attrs()

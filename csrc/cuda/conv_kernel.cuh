@@ -222,12 +222,13 @@ __device__ __forceinline__ void tile_out_offsets(const KParams& p, const Tile<Id
     coloff[i] = (t.n0 + Idx(i) < t.N) ? Op::out_col(p, t, t.n0 + Idx(i)) : Idx(-1);
 }
 
-// Epilogue, last step (the tile's float sums in Cs[BM][ldc], offsets filled, after a barrier):
-// to the output, or to the unit's partial-sum slot, coalesced along the output's contiguous
-// dimension.
+// Epilogue, last step (the tile's float sums in Cs, element (m, n) at m * cs_m + n * cs_n;
+// offsets filled, after a barrier): to the output, or to the unit's partial-sum slot, coalesced
+// along the output's contiguous dimension.
 template <class Op, int BM, int BN, int NT, typename T, typename Idx>
 __device__ __forceinline__ void store_tile(const KParams& p, const Tile<Idx>& t, const float* Cs,
-                                           int ldc, const Idx* rowoff, const Idx* coloff) {
+                                           int cs_m, int cs_n, const Idx* rowoff,
+                                           const Idx* coloff) {
   T* const out = static_cast<T*>(p.out);
   for (int l = int(threadIdx.x); l < BM * BN; l += NT) {
     int m, n;
@@ -240,7 +241,7 @@ __device__ __forceinline__ void store_tile(const KParams& p, const Tile<Idx>& t,
     }
     const Idx ro = rowoff[m], co = coloff[n];
     if (ro >= 0 && co >= 0) {
-      const float v = Cs[m * ldc + n];
+      const float v = Cs[m * cs_m + n * cs_n];
       if (t.slot) {
         t.slot[ro + co] = v;
       } else {
@@ -470,7 +471,7 @@ __global__ void __launch_bounds__(Cfg::NT, 1)
       }
     }
     __syncthreads();
-    store_tile<Op, BM, BN, NT, T>(p, t, Cs, LDC, rowoff, coloff);
+    store_tile<Op, BM, BN, NT, T>(p, t, Cs, LDC, 1, rowoff, coloff);
     __syncthreads();  // Cs / rowoff / coloff are reused by the next unit
   }
 }

@@ -53,6 +53,11 @@ struct MmaPlan {
   static constexpr int LDA = kAK ? Cfg::BM + PAD_K : Cfg::BK + PAD_R;
   static constexpr int LDB = kBK ? Cfg::BN + PAD_K : Cfg::BK + PAD_R;
   static constexpr int LDC = Cfg::BN + 8;  // float2 stores of a warp's accumulators: no conflicts
+  // Outputs contiguous along m (Op::OUT_ROWC) go through the tile transposed, [BN][BM + 4]: the
+  // accumulator stores and store_tile's reads along m are then free of bank conflicts (read
+  // along m from [BM][LDC], a warp hit 4 banks: 8-way conflicts).
+  static constexpr int LDCT = Cfg::BM + 4;
+  static_assert(Cfg::BN * LDCT <= Cfg::BM * LDC, "the transposed tile fits the tile's space");
   static constexpr int A_STAGE = (kAK ? Cfg::BK : Cfg::BM) * LDA;  // elements
   static constexpr int B_STAGE = (kBK ? Cfg::BK : Cfg::BN) * LDB;
   using Off = SmemOffsets<Cfg::STAGES, A_STAGE, B_STAGE, int(sizeof(T)), Cfg::BM, Cfg::BN, LDC,
@@ -262,9 +267,10 @@ __global__ void __launch_bounds__(Cfg::NT, Op::kFold ? 1 : 2)
     cp_async_wait<0>();
     __syncthreads();  // all stage reads done: Cs may overwrite them
 
-    // ---- epilogue: accumulators -> Cs[BM][LDC] -> global, coalesced along the output's
-    // contiguous dimension (as conv_gemm_kernel).
+    // ---- epilogue: accumulators -> Cs -> global, coalesced along the output's contiguous
+    // dimension (as conv_gemm_kernel). Cs is [BM][LDC], or [BN][LDCT] for m-contiguous outputs.
     tile_out_offsets<Op, BM, BN, NT>(p, t, rowoff, coloff);
+    constexpr int kCsM = Op::OUT_ROWC ? 1 : LDC, kCsN = Op::OUT_ROWC ? Plan::LDCT : 1;
     {
       const int g = lane >> 2, q = lane & 3;
 #pragma unroll
@@ -272,13 +278,20 @@ __global__ void __launch_bounds__(Cfg::NT, Op::kFold ? 1 : 2)
 #pragma unroll
         for (int j = 0; j < NI; ++j) {
           const float* v = Op::kFold ? tot[i % FI][j % FJ] : acc[i][j];
-          float* c = Cs + (wm0 + i * 16 + g) * LDC + wn0 + j * 8 + 2 * q;
-          *reinterpret_cast<float2*>(c) = make_float2(v[0], v[1]);
-          *reinterpret_cast<float2*>(c + 8 * LDC) = make_float2(v[2], v[3]);
+          float* c = Cs + (wm0 + i * 16 + g) * kCsM + (wn0 + j * 8 + 2 * q) * kCsN;
+          if constexpr (Op::OUT_ROWC) {
+            c[0] = v[0];
+            c[kCsN] = v[1];
+            c[8] = v[2];
+            c[8 + kCsN] = v[3];
+          } else {
+            *reinterpret_cast<float2*>(c) = make_float2(v[0], v[1]);
+            *reinterpret_cast<float2*>(c + 8 * LDC) = make_float2(v[2], v[3]);
+          }
         }
     }
     __syncthreads();
-    store_tile<Op, BM, BN, NT, T>(p, t, Cs, LDC, rowoff, coloff);
+    store_tile<Op, BM, BN, NT, T>(p, t, Cs, kCsM, kCsN, rowoff, coloff);
     __syncthreads();  // Cs / rowoff / coloff are reused by the next unit
   }
 }
