@@ -13,7 +13,8 @@
 // float32 or where kMma* cannot run: a direct FFMA kernel (conv_image_acts_direct.cuh). Other
 // paths, when M >= 16:
 //   kMma*  both operands readable 16 bytes at a time (contiguous dimensions a multiple of 16 bytes,
-//          aligned pointers; float32 NHWC images of any channel count: 4-byte copies of them):
+//          aligned pointers; narrower copies of NHWC images, kANarrowCopy: float32 of any channel
+//          count 4 bytes at a time, 16-bit ones of weight_acts 8):
 //          mma.sync with a cp.async pipeline (conv_mma.cuh); bf16 / f16,
 //          float32 as TF32 (precision Default) or 3xTF32 (High / Highest: float32 accuracy);
 //          a 128 x 32 tile up to 32 columns (kMmaThin: image_acts into RGB), else 128 x 128
