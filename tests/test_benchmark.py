@@ -76,3 +76,37 @@ def test_copy_bandwidth_counts_bytes_read_and_written(monkeypatch):
     # A fake clock: every timed call of the 8 MiB scale takes 1 ms, so 16 MiB moved -> 16.8 GB/s.
     monkeypatch.setattr(benchmark, "time_fn", lambda compiled, args, **kw: 1.0)
     assert benchmark.measure_copy_gbps(False, reps=1, nbytes=8 << 20) == pytest.approx(16.777216)
+
+
+def _results_table():
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "results_table.py"
+    spec = importlib.util.spec_from_file_location("results_table", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_results_table_merges_runs_and_lists_rows_under_a_ratio(tmp_path, capsys):
+    """A table measured in parts: rows merged by name (the later run wins), the rows under a
+    ratio listed, the merged rows written back in the benchmark's JSON form."""
+    def row(name, ratio):
+        return dict(name=name, kind="conv", ms=1.0, xla_ms=ratio, ratio=ratio, tflops=1.0,
+                    xla_tflops=ratio)
+    meta = dict(device_kind="GPU X", platform="gpu", jax="0", reps=11, args={})
+    first, second, merged = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "m.json"
+    first.write_text(json.dumps(dict(meta=dict(meta, date="d1"),
+                                     rows=[row("conv/A", 0.2), row("conv/B", 0.5)])))
+    second.write_text(json.dumps(dict(meta=dict(meta, date="d2", reps=5),
+                                      rows=[row("conv/A", 0.4), row("conv/C", 0.1)])))
+    _results_table().main([str(first), str(second), "--under", "0.3334",
+                           "--merged-out", str(merged)])
+    printed = capsys.readouterr().out
+    assert "merged from 2 runs" in printed
+    assert "1 of 3 rows under 0.3334:\n  conv/C 0.10" in printed  # conv/A is 0.4 now
+    saved = json.loads(merged.read_text())
+    assert [(r["name"], r["ratio"]) for r in saved["rows"]] == [
+        ("conv/A", 0.4), ("conv/B", 0.5), ("conv/C", 0.1)]
+    assert saved["meta"]["reps"] == 5
+    assert [m["date"] for m in saved["meta"]["merged_from"]] == ["d1", "d2"]
