@@ -64,9 +64,11 @@ enum class OpKind { kFA, kIA, kWA };
 enum class Path { kWide, kNarrow, kWmma, kMmaWide, kMmaNarrow, kMmaThin };
 
 constexpr int64_t kIdx32Limit = int64_t(1) << 30;  // everything below this uses 32-bit indices
-// weight_acts' temporary memory is an extra result of its custom call (graph capture cannot
-// allocate): `workspace` bytes, of which the last 4*E hold the running sum across launch groups and
-// the rest caps the partial-sum slots of one launch. jax_convnet/conv.py sizes it.
+// Temporary memory of image_acts and weight_acts, an extra result of their custom calls (graph
+// capture cannot allocate), sized by jax_convnet/geometry.py: image_acts' column buffer
+// (run_ia_columns); weight_acts' partial-sum slots of one launch plus a float32 running sum of
+// the filters across launch groups (the plan in run()), then possibly a padded copy of its
+// images (run_wa_padding, wa_partial_sum_bytes).
 struct Workspace {
   void* data;
   int64_t bytes;
@@ -375,8 +377,9 @@ int64_t round_up(int64_t a, int64_t b) { return cdiv(a, b) * b; }
 // float32 running sum of the filters (the Workspace the plan in run() divides), rounded up to 256
 // bytes; then, for NHWC images of fewer than kPaddedChannels channels (unless conv.py's cap left it
 // out), a copy of the images padded with zero channels.
+constexpr int64_t kMinPartialSumBytes = int64_t(16) << 20;  // WEIGHT_ACTS_MIN_PARTIAL_SUM_BYTES
 int64_t wa_partial_sum_bytes(int64_t filter_elems) {
-  return round_up(std::max<int64_t>(int64_t(16) << 20, 4 * filter_elems) + 4 * filter_elems, 256);
+  return round_up(std::max(kMinPartialSumBytes, 4 * filter_elems) + 4 * filter_elems, 256);
 }
 int64_t wa_padded_image_bytes(int64_t pixels, int64_t itemsize) {
   return round_up(pixels * kPaddedChannels * itemsize, 256);
