@@ -17,14 +17,23 @@ import json
 
 
 def conv_table(rows):
-    out = ["| row | ours ms | XLA ms | ours TFLOP/s | XLA TFLOP/s | XLA/ours |",
-           "|---|---:|---:|---:|---:|---:|"]
+    """With errors against a float64 reference (benchmark --ref-err, f32-highest rows): two more
+    columns, ours and XLA's max |y - ref| / max |ref|."""
+    ref = any("ref_err" in r for r in rows)
+    out = ["| row | ours ms | XLA ms | ours TFLOP/s | XLA TFLOP/s | XLA/ours |"
+           + (" ours err vs f64 | XLA err vs f64 |" if ref else ""),
+           "|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if ref else "")]
     for r in rows:
         if "error" in r:
-            out.append(f"| {r['name']} | error: {r['error'][:60]} | | | | |")
+            out.append(f"| {r['name']} | error: {r['error'][:60]} | | | | |"
+                       + (" | |" if ref else ""))
             continue
-        out.append(f"| {r['name']} | {r['ms']:.3f} | {r['xla_ms']:.3f} | {r['tflops']:.3g} | "
-                   f"{r['xla_tflops']:.3g} | {r['ratio']:.2f} |")
+        line = (f"| {r['name']} | {r['ms']:.3f} | {r['xla_ms']:.3f} | {r['tflops']:.3g} | "
+                f"{r['xla_tflops']:.3g} | {r['ratio']:.2f} |")
+        if ref:
+            line += (f" {r['ref_err']:.1e} | {r['xla_ref_err']:.1e} |" if "ref_err" in r
+                     else " | |")
+        out.append(line)
     return out
 
 

@@ -16,7 +16,12 @@ Each function is compiled, warmed up and timed as the median of ``--reps`` measu
 the function is repeated n and 2n times inside one executable and the time per call is the
 difference over n, which removes host dispatch and synchronisation (without that, every kernel
 under ~30 us would measure as the dispatch time). ``--inner`` times loops of host calls instead.
-Each row also compares our output with XLA's (max |ours - XLA| / max |XLA|). Convolutions report
+Each row also compares our output with XLA's (max |ours - XLA| / max |XLA|); float32 "highest"
+rows (and every conv row with ``--ref-err``) compare both with a float64 reference (XLA's float64
+convolution), which shows whose result has float32 accuracy. ``--xla-no-tf32`` sets
+``NVIDIA_TF32_OVERRIDE=0`` before the GPU starts, so that cuDNN keeps XLA's float32 convolutions
+off TF32 (XLA's "highest" convolutions on the H100 / H200 otherwise run at TF32 speed with
+TF32-grade error); run it for the "highest" rows only, in a run of their own. Convolutions report
 TFLOP/s (2 * N * F * Ho * Wo * C * fh * fw), pools GB/s counting (input + output) bytes forward and
 (2 * input + output) backward, as the baselines do; with pool rows the run also measures the
 device's copy bandwidth (``measure_copy_gbps``) and records it as ``copy_gbps``. The ratio is XLA's time over ours (> 1: ours is
@@ -221,6 +226,19 @@ def row_functions(row: Row, inputs, partial_sum=None):
     return wrap(ours), wrap(xla), (x, g), (2 * nx + ny) * itemsize
 
 
+def _float64_reference_errors(xla_fn, fn_args, outputs) -> list[float]:
+    """max |y - ref| / max |ref| of each output against XLA's float64 convolution."""
+    with jax.enable_x64(True):
+        ref = jax.jit(xla_fn)(*(a.astype(jnp.float64) for a in fn_args))
+        return [float(_max_rel_err_f64(y, ref)) for y in outputs]
+
+
+@jax.jit
+def _max_rel_err_f64(a, b):
+    a, b = a.astype(jnp.float64), b.astype(jnp.float64)
+    return jnp.max(jnp.abs(a - b)) / jnp.maximum(jnp.max(jnp.abs(b)), 1e-300)
+
+
 @jax.jit
 def _max_rel_err(a, b):
     a, b = a.astype(jnp.float32), b.astype(jnp.float32)
@@ -348,8 +366,11 @@ def format_row(r) -> str:
     if "error" in r:
         return f"{r['name']:<40} ERROR {r['error']}"
     ours, xla = _fmt_rate(r)
-    return (f"{r['name']:<40} {r['ms']:9.4f} {r['xla_ms']:9.4f} {ours:>13} {xla:>13} "
+    line = (f"{r['name']:<40} {r['ms']:9.4f} {r['xla_ms']:9.4f} {ours:>13} {xla:>13} "
             f"{r['ratio']:8.2f} {r['max_rel_err']:11.2e}")
+    if "ref_err" in r:
+        line += f"  vs float64: ours {r['ref_err']:.1e}, XLA {r['xla_ref_err']:.1e}"
+    return line
 
 
 def summarize(results) -> list[str]:
@@ -426,6 +447,12 @@ def parse_args(argv=None):
     p.add_argument("--set", choices=["auto", "gpu", "cpu"], default="auto",
                    help="which row set: the GPU's (large layers) or the CPU's (small); auto: "
                         "by the device")
+    p.add_argument("--ref-err", action="store_true",
+                   help="compare every conv row's results with a float64 reference (always done "
+                        "for f32-highest rows)")
+    p.add_argument("--xla-no-tf32", action="store_true",
+                   help="NVIDIA_TF32_OVERRIDE=0: cuDNN keeps XLA's float32 convolutions off TF32 "
+                        "(for f32-highest rows, in a run of their own)")
     p.add_argument("--list", action="store_true", help="list the rows and exit")
     return p.parse_args(argv)
 
@@ -440,6 +467,8 @@ def main(argv=None):
     if partial_sum not in (None, "auto"):
         partial_sum = int(partial_sum)
 
+    if args.xla_no_tf32:  # read when cuDNN starts: before the first use of the GPU
+        os.environ["NVIDIA_TF32_OVERRIDE"] = "0"
     device = jax.devices()[0]
     gpu = device.platform != "cpu"
     row_set = device.platform if args.set == "auto" else args.set
@@ -492,7 +521,8 @@ def main(argv=None):
             ours_fn, xla_fn, fn_args, work = row_functions(row, cache, partial_sum)
             ours, t_ours = compile_fn(ours_fn, fn_args)
             xla, t_xla = compile_fn(xla_fn, fn_args)
-            err = float(_max_rel_err(ours(*fn_args), xla(*fn_args)))
+            outputs = ours(*fn_args), xla(*fn_args)
+            err = float(_max_rel_err(*outputs))
             if gpu and args.inner is None:
                 ms = time_on_device(ours_fn, ours, fn_args, reps=reps)
                 xla_ms = time_on_device(xla_fn, xla, fn_args, reps=reps)
@@ -503,9 +533,12 @@ def main(argv=None):
                      compile_s=round(t_ours, 3), xla_compile_s=round(t_xla, 3))
             if row.kind == "conv":
                 r.update(flop=work, tflops=work / ms / 1e9, xla_tflops=work / xla_ms / 1e9)
+                if args.ref_err or row.config == "f32-highest":
+                    r["ref_err"], r["xla_ref_err"] = _float64_reference_errors(
+                        xla_fn, fn_args, outputs)
             else:
                 r.update(bytes=work, gbps=work / ms / 1e6, xla_gbps=work / xla_ms / 1e6)
-            del ours, xla, fn_args
+            del ours, xla, fn_args, outputs
         except Exception as e:  # one failing row must not end the run
             r["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
         results.append(r)
@@ -524,7 +557,7 @@ def main(argv=None):
                 device_kind=device.device_kind, native_kernels=native,
                 python=_platform.python_version(), date=time.strftime("%Y-%m-%d %H:%M:%S"),
                 args=vars(args), reps=reps, wall_s=round(wall, 1), rows_skipped=skipped,
-                copy_gbps=copy_gbps)
+                copy_gbps=copy_gbps, nvidia_tf32_override=os.environ.get("NVIDIA_TF32_OVERRIDE"))
     json_path = os.path.join(args.out, "benchmark.json")
     with open(json_path, "w") as f:
         json.dump(dict(meta=meta, rows=results), f, indent=1)
