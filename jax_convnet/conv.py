@@ -237,16 +237,41 @@ IMAGE_ACTS_COLUMN_CAP_BYTES = 256 << 20
 
 
 def _image_acts_cuda_workspace_bytes(operand_avals, images_aval, *, geom, image_hw):
-    """The column buffer (csrc/cuda/conv_image_acts_columns.cuh), or 0 bytes where it does not
-    apply."""
+    """The FFT path's spectra, else the column buffer (csrc/cuda/conv_image_acts_columns.cuh), or
+    0 bytes where neither applies."""
     hid_acts, filters = operand_avals
+    fft = _fft_workspace_bytes("image_acts", images_aval, filters, geom)
+    if fft:
+        return fft
     ax = G.image_axes(geom.layout)
     return G.image_acts_column_bytes(
         images_aval.shape[ax["n"]], images_aval.shape[ax["c"]], _filter_hw(filters, geom.layout),
         _image_hw(hid_acts, geom.layout), IMAGE_ACTS_COLUMN_CAP_BYTES)
 
 
+# The FFT path of stride-1 convolutions with large filters on the GPU (G.fft_conv_plan) takes at
+# most this many bytes of spectra in its workspace; 0 turns it off.
+FFT_WORKSPACE_CAP_BYTES = G.FFT_MAX_BYTES
+
+
+def _fft_workspace_bytes(op, images, filters, geom) -> int:
+    """The FFT path's spectra (G.fft_conv_plan), or 0 where the op runs without it."""
+    ax, fax = G.image_axes(geom.layout), G.filter_axes(geom.layout)
+    return G.fft_conv_plan(
+        op=op, batch=images.shape[ax["n"]], channels=images.shape[ax["c"]],
+        filters=filters.shape[fax["f"]], image_hw=_image_hw(images, geom.layout),
+        filter_hw=_filter_hw(filters, geom.layout), stride=geom.strides, pads=geom.padding,
+        partial_sum=geom.partial_sum, itemsize=images.dtype.itemsize,
+        precision=geom.precision, cap_bytes=FFT_WORKSPACE_CAP_BYTES)[2]
+
+
+def _filter_acts_cuda_workspace_bytes(operand_avals, hidden_aval, *, geom):
+    images, filters = operand_avals
+    return _fft_workspace_bytes("filter_acts", images, filters, geom)
+
+
 register_lowerings(filter_acts_p, "jax_convnet_filter_acts", reference.filter_acts_canonical,
+                   cuda_workspace_bytes=_filter_acts_cuda_workspace_bytes,
                    dimension_rule=_filter_acts_split)
 register_lowerings(image_acts_p, "jax_convnet_image_acts", reference.image_acts_canonical,
                    cuda_workspace_bytes=_image_acts_cuda_workspace_bytes,
@@ -260,8 +285,12 @@ WEIGHT_ACTS_PADDED_IMAGE_CAP_BYTES = 1 << 30
 
 
 def _weight_acts_cuda_workspace_bytes(operand_avals, filters_aval, *, geom, **_):
-    """Partial sums and, for NHWC images of fewer than 4 channels, their padded copy."""
+    """The FFT path's spectra, else partial sums and, for NHWC images of fewer than 4 channels,
+    their padded copy."""
     images = operand_avals[0]
+    fft = _fft_workspace_bytes("weight_acts", images, filters_aval, geom)
+    if fft:
+        return fft
     ax = G.image_axes(geom.layout)
     return G.weight_acts_workspace_bytes(
         math.prod(filters_aval.shape), layout=geom.layout, batch=images.shape[ax["n"]],

@@ -299,6 +299,58 @@ def weight_acts_workspace_bytes(filter_elems: int, *, layout: str, batch: int, c
     return sums + (padded if padded <= padded_cap_bytes else 0)
 
 
+# Convolutions of stride 1 with large filters run on the GPU through 2-d FFTs
+# (csrc/cuda/conv_fft.cuh): every plane of the two operands zero-padded to Ph x Pw (the padded
+# image's extent rounded up to a power of two), transformed, multiplied bin by bin (a complex
+# GEMM over channels, filters or batch per frequency bin, float32 FMA) and transformed back. The
+# arithmetic is float32 throughout (no TF32), so every dtype and precision may take it. It runs
+# where the direct GEMM needs FFT_MIN_SAVING times the complex GEMM's multiply-adds or more: the
+# margin pays for the transforms and, except at float32 accuracy, for FMA's lower rate than the
+# tensor cores'. weight_acts takes it only for partial_sum over all positions (the transform sums
+# over positions in its own order). The workspace holds the three spectra (images, filters,
+# hidden: N*C, C*F and N*F planes of Ph * (Pw/2 + 1) complex bins), at most FFT_MAX_BYTES;
+# csrc/common/geometry.h mirrors this rule (fft_conv_plan) and takes the path exactly when the
+# workspace has the size the rule gives (jax_convnet.conv.FFT_WORKSPACE_CAP_BYTES below it turns
+# the path off).
+FFT_MIN_SIZE, FFT_MAX_SIZE = 8, 64
+FFT_MIN_SAVING = {"float32_accurate": 3.0, "tf32": 5.0, "16bit": 12.0}
+FFT_MAX_BYTES = 2 << 30
+
+
+def _fft_size(extent: int) -> int:
+    size = FFT_MIN_SIZE
+    while size < extent:
+        size *= 2
+    return size
+
+
+def fft_conv_plan(*, op: str, batch: int, channels: int, filters: int, image_hw, filter_hw,
+                  stride, pads, partial_sum: int, itemsize: int, precision: str,
+                  cap_bytes: int = FFT_MAX_BYTES):
+    """(Ph, Pw, workspace bytes) of the FFT path on the GPU, or (0, 0, 0) where it does not run
+    (or needs more than ``cap_bytes``). ``pads`` ((top, bottom), (left, right)); ``partial_sum``
+    as ConvGeometry holds it (0: all positions)."""
+    none = (0, 0, 0)
+    if tuple(stride) != (1, 1) or (op == "weight_acts" and partial_sum != 0):
+        return none
+    padded = [image_hw[k] + pads[k][0] + pads[k][1] for k in range(2)]
+    ph, pw = (_fft_size(e) for e in padded)
+    if max(ph, pw) > FFT_MAX_SIZE:
+        return none
+    out_h, out_w = (padded[k] - filter_hw[k] + 1 for k in range(2))
+    bins = ph * (pw // 2 + 1)
+    saving = out_h * out_w * filter_hw[0] * filter_hw[1] / (4 * bins)
+    kind = ("16bit" if itemsize == 2 else
+            "tf32" if precision == "default" else "float32_accurate")
+    if saving < FFT_MIN_SAVING[kind]:
+        return none
+    spectra = [_round_up(planes * bins * 8, 256) for planes in
+               (batch * channels, channels * filters, batch * filters)]
+    if sum(spectra) > min(cap_bytes, FFT_MAX_BYTES):
+        return none
+    return ph, pw, sum(spectra)
+
+
 def conv_geometry(*, image_hw, filter_hw, channels, filters, stride, pad, padding, partial_sum,
                   layout, precision) -> ConvGeometry:
     layout = check_layout(layout)

@@ -227,6 +227,43 @@ def test_weight_acts_workspace_holds_padded_few_channel_images():
                 padded_cap_bytes=1 << 30) == 2 * big + 1792  # 3 * 5 * 7 * 16 = 1680, rounded up
 
 
+def test_fft_path_takes_stride_one_layers_with_large_filters():
+    """On the GPU, stride-1 convolutions take the FFT path where the direct GEMM needs enough
+    times the complex GEMM's multiply-adds for the dtype and precision (3x at float32 accuracy,
+    5x for TF32, 12x for 16-bit types) and the padded image fits a 64 x 64 transform; the
+    workspace holds the images', filters' and hidden tensor's spectra. Baseline layers at batch
+    128: L2 / L3 (9x9) always, L4 (7x7) and AlexNet conv2 (5x5) in float32, never L5 / conv3
+    (3x3), L1 (128 x 128 images) or conv1 (stride 4)."""
+    layers = {  # C, H, W, F, fh, stride, pad
+        "L1": (3, 128, 128, 96, 11, 1, 0), "L2": (64, 64, 64, 128, 9, 1, 0),
+        "L3": (128, 32, 32, 128, 9, 1, 0), "L4": (128, 16, 16, 128, 7, 1, 0),
+        "L5": (384, 13, 13, 384, 3, 1, 0), "alex1": (3, 224, 224, 64, 11, 4, 2),
+        "alex2": (64, 27, 27, 192, 5, 1, 2), "alex3": (192, 13, 13, 384, 3, 1, 1)}
+
+    def plan(name, itemsize=4, precision="highest", op="filter_acts", partial_sum=0,
+             cap_bytes=jcn.geometry.FFT_MAX_BYTES):
+        c, h, w, f, k, stride, pad = layers[name]
+        return jcn.geometry.fft_conv_plan(
+            op=op, batch=128, channels=c, filters=f, image_hw=(h, w), filter_hw=(k, k),
+            stride=(stride, stride), pads=((pad, pad), (pad, pad)), partial_sum=partial_sum,
+            itemsize=itemsize, precision=precision, cap_bytes=cap_bytes)
+
+    def taken(itemsize, precision):
+        return sorted(name for name in layers if plan(name, itemsize, precision)[2] > 0)
+
+    assert taken(4, "highest") == taken(4, "high") == ["L2", "L3", "L4", "alex2"]
+    assert taken(4, "default") == ["L2", "L3", "L4", "alex2"]
+    assert taken(2, "default") == ["L2", "L3"]
+    l2_spectra = (128 * 64 + 64 * 128 + 128 * 128) * 64 * 33 * 8
+    assert plan("L2") == (64, 64, l2_spectra)
+    assert plan("L3")[:2] == (32, 32) and plan("L4")[:2] == (16, 16)
+    assert plan("alex2")[:2] == (32, 32)  # 27 + 2 * 2 padded: 31
+    assert plan("L2", op="weight_acts", partial_sum=8)[2] == 0  # partial sums asked for
+    assert plan("L2", op="weight_acts")[2] == l2_spectra
+    assert plan("L2", cap_bytes=l2_spectra - 1)[2] == 0
+    assert plan("L2", cap_bytes=0)[2] == 0
+
+
 def test_eager_calls_and_dtype_preserved(platform):
     for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
         x, w = conv_case("C01B", dtype, n=2, c=3, h=5, w=5, f=2, fh=2, fw=2)

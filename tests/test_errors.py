@@ -112,11 +112,18 @@ def test_native_handler_rejects_inconsistent_calls_without_crashing():
     attrs = jcn.geometry.conv_geometry(
         image_hw=(10, 9), filter_hw=(4, 4), channels=3, filters=16, stride=1, pad=0,
         padding=None, partial_sum=None, layout="C01B", precision=None).ffi_attrs()
-    call = jax.ffi.ffi_call("jax_convnet_filter_acts", jax.ShapeDtypeStruct((16, 5, 5, 5), X.dtype))
+    # On the GPU filter_acts' custom call has a second result: its (here empty) workspace.
+    workspace = (jax.ShapeDtypeStruct((0,), np.uint8),) if platform == "cuda" else ()
+
+    def filter_acts_call(hidden_shape):
+        return jax.ffi.ffi_call("jax_convnet_filter_acts",
+                                (jax.ShapeDtypeStruct(hidden_shape, X.dtype), *workspace))
+
+    call = filter_acts_call((16, 5, 5, 5))
     with pytest.raises(Exception, match="hidden spatial size"):
         jax.block_until_ready(call(X, W, **attrs))
     bad = dict(attrs, stride_h=np.int64(0))
-    call = jax.ffi.ffi_call("jax_convnet_filter_acts", jax.ShapeDtypeStruct((16, 7, 6, 5), X.dtype))
+    call = filter_acts_call((16, 7, 6, 5))
     with pytest.raises(Exception, match="strides"):
         jax.block_until_ready(call(X, W, **bad))
     pool = jax.ffi.ffi_call("jax_convnet_max_pool", jax.ShapeDtypeStruct((3, 5, 5, 4), X.dtype))

@@ -165,6 +165,7 @@ def test_image_acts_into_few_channels(channels, window, stride, pad, precision, 
     group; 40 filters: NHWC lanes are 8 filters per column, a partial group; image heights ending
     inside a block of rows; output poisoned."""
     monkeypatch.setattr(jcn.conv, "IMAGE_ACTS_COLUMN_CAP_BYTES", 0)
+    monkeypatch.setattr(jcn.conv, "FFT_WORKSPACE_CAP_BYTES", 0)  # stride 1: else the FFT path
     x_shape = jcn.geometry.image_shape(layout, 37, channels, 35, 29)
     w = filters(12, layout, 40, channels, *window, dtype) * 0.1
     out_hw = jcn.filter_acts_output_size((35, 29), window, stride=stride, pad=pad)
@@ -192,6 +193,7 @@ def test_image_acts_through_columns(channels, window, stride, pad, precision, ch
     fewer than the batch: 40 images (C01B chunks are multiples of the 16-byte vector: 8 images in
     16-bit types), 24 filters, odd image sizes, output poisoned. float32 accumulation
     throughout; at precision highest float32-exact (3xTF32)."""
+    monkeypatch.setattr(jcn.conv, "FFT_WORKSPACE_CAP_BYTES", 0)  # stride 1: else the FFT path
     n, hw = 40, (37, 29)
     x_shape = jcn.geometry.image_shape(layout, n, channels, *hw)
     w = filters(14, layout, 24, channels, *window, dtype) * 0.1
@@ -251,6 +253,53 @@ def test_weight_acts_of_few_channel_nhwc_images(channels, window, stride, pad, p
     tol_dtype = jnp.bfloat16 if dtype == jnp.float32 and precision is None else dtype
     assert_close(ours, ref.weight_acts(*exact(x, g), w_shape, **kw), tol_dtype, scale=5)
     np.testing.assert_array_equal(np.asarray(run(*args)), np.asarray(ours))  # reproducible
+
+
+# Stride-1 convolutions with large filters take the FFT path (csrc/cuda/conv_fft.cuh) in every
+# dtype here: (n, c, (h, w), f, (fh, fw), padding).
+FFT_CASES = {
+    "square": (5, 70, (26, 26), 72, (11, 11), ((3, 3), (3, 3))),      # 32 x 32 bins, 2 tiles of f
+    "rectangular": (4, 6, (27, 13), 9, (11, 7), ((2, 1), (0, 3))),    # 32 x 16, uneven padding
+    "rgb": (3, 3, (28, 28), 5, (13, 13), ((1, 1), (1, 1))),           # few channels and filters
+    "largest": (2, 8, (50, 40), 20, (9, 9), ((0, 0), (0, 0))),         # 64 x 64
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype,precision", [(jnp.float32, "highest"), (jnp.float32, None),
+                                             (jnp.bfloat16, None), (jnp.float16, None)],
+                         ids=["f32-highest", "f32", "bfloat16", "float16"])
+@pytest.mark.parametrize("case", list(FFT_CASES))
+def test_fft_path_matches_reference(case, dtype, precision, layout):
+    """The three ops through 2-d FFTs (the spectra are the custom calls' workspace): float32
+    arithmetic throughout, so float32's accuracy at every precision (16-bit types: their own
+    rounding of the result); planes partly filling a block, bins partly filling a GEMM tile,
+    rectangular and uneven padding; outputs poisoned; bitwise reproducible."""
+    n, c, hw, f, window, padding = FFT_CASES[case]
+    x = images(20, layout, n, c, *hw, dtype)
+    w = filters(21, layout, f, c, *window, dtype) * 0.1
+    out_hw = jcn.filter_acts_output_size(hw, window, padding=padding)
+    g = rand(22, jcn.geometry.image_shape(layout, n, f, *out_hw), dtype)
+    spectra = jcn.geometry.fft_conv_plan(
+        op="filter_acts", batch=n, channels=c, filters=f, image_hw=hw, filter_hw=window,
+        stride=(1, 1), pads=padding, partial_sum=0, itemsize=np.dtype(dtype).itemsize,
+        precision="default" if precision is None else precision)[2]
+    assert spectra > 0
+    kw = dict(padding=padding, layout=layout, precision=precision)
+    ops = (jax.jit(lambda x, w, g: jcn.filter_acts(x, w, **kw)),
+           jax.jit(lambda x, w, g: jcn.image_acts(g, w, x.shape, **kw)),
+           jax.jit(lambda x, w, g: jcn.weight_acts(x, g, w.shape, **kw)))
+    exact_kw = dict(padding=padding, layout=layout, precision="highest")
+    want = (ref.filter_acts(*exact(x, w), **exact_kw),
+            ref.image_acts(*exact(g, w), x.shape, **exact_kw),
+            ref.weight_acts(*exact(x, g), w.shape, **exact_kw))
+    args = jax.device_put((x, w, g), gpu())
+    for op, expected in zip(ops, want):
+        assert f"tensor<{spectra}xui8>" in op.lower(*args).as_text()  # the spectra are there
+        ours = run_poisoned(op, *args)
+        assert ours.dtype == dtype
+        assert_close(ours, expected, dtype, scale=5)
+        np.testing.assert_array_equal(np.asarray(op(*args)), np.asarray(ours))  # reproducible
 
 
 @pytest.mark.parametrize("partial_sum", [None, 1, 13, "auto"])

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <algorithm>
 #include <string>
 
 namespace jax_convnet {
@@ -111,6 +112,53 @@ inline std::string make_conv_geometry(const ConvParams& p, const int64_t* image_
                     image_strides(p.layout, im), filter_strides(p.layout, fi),
                     image_strides(p.layout, hid)};
   return "";
+}
+
+// The FFT path of the conv family on the GPU (csrc/cuda/conv_fft.cuh): the rule of
+// jax_convnet/geometry.py (fft_conv_plan, with its reasons), which sizes the op's workspace; the
+// path runs exactly when the workspace has this plan's size (Python's cap may turn it off).
+// Spectra of the images, the filters and the hidden tensor (N*C, C*F and N*F planes of
+// ph * (pw/2 + 1) complex float bins), each rounded up to 256 bytes, in that order.
+struct FftConvPlan {
+  int64_t ph = 0, pw = 0;  // 0: the path does not run
+  int64_t spectrum_bytes[3] = {0, 0, 0};
+  int64_t bytes = 0;
+};
+constexpr int64_t kFftMinSize = 8, kFftMaxSize = 64;  // FFT_MIN_SIZE, FFT_MAX_SIZE
+constexpr double kFftMinSavingFloat32Accurate = 3.0, kFftMinSavingTf32 = 5.0,
+                 kFftMinSaving16Bit = 12.0;  // FFT_MIN_SAVING
+constexpr int64_t kFftMaxBytes = int64_t(2) << 30;  // FFT_MAX_BYTES
+
+inline int64_t fft_size(int64_t extent) {
+  int64_t size = kFftMinSize;
+  while (size < extent) size *= 2;
+  return size;
+}
+
+inline FftConvPlan fft_conv_plan(bool weight_acts, const ConvGeometry& g, int64_t itemsize) {
+  FftConvPlan none;
+  if (g.stride_h != 1 || g.stride_w != 1) return none;
+  if (weight_acts && g.partial_sum != g.out_h * g.out_w) return none;
+  // Stride 1: the padded image's extent is out + filter - 1.
+  const int64_t ph = fft_size(g.out_h + g.filter_h - 1), pw = fft_size(g.out_w + g.filter_w - 1);
+  if (std::max(ph, pw) > kFftMaxSize) return none;
+  const int64_t bins = ph * (pw / 2 + 1);
+  const double saving =
+      double(g.out_h * g.out_w * g.filter_h * g.filter_w) / double(4 * bins);
+  const double need = itemsize == 2                         ? kFftMinSaving16Bit
+                      : g.precision == Precision::kDefault ? kFftMinSavingTf32
+                                                            : kFftMinSavingFloat32Accurate;
+  if (saving < need) return none;
+  FftConvPlan plan;
+  const int64_t planes[3] = {g.batch * g.channels, g.channels * g.filters, g.batch * g.filters};
+  for (int i = 0; i < 3; ++i) {
+    plan.spectrum_bytes[i] = (planes[i] * bins * 8 + 255) / 256 * 256;
+    plan.bytes += plan.spectrum_bytes[i];
+  }
+  if (plan.bytes > kFftMaxBytes) return none;
+  plan.ph = ph;
+  plan.pw = pw;
+  return plan;
 }
 
 // Canonical attributes of max_pool and its JVP / gradient:

@@ -1,11 +1,8 @@
 // CUDA handler of filter_acts (the conv forward): conv_launch.cuh instantiated for FA only.
+// The workspace result holds the FFT path's spectra (0 bytes where the path does not run).
 #include "conv_launch.cuh"
 
-ffi::Error FilterActsImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer y,
-                          ffi::Result<ffi::AnyBuffer> res, jax_convnet::ConvParams cp) {
-  return ConvImpl<OpKind::kFA>(stream, Workspace{nullptr, 0}, x, y, res, cp);
-}
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FilterActsCuda, FilterActsImpl,
-                              JCN_CONV_BINDING.Attrs<jax_convnet::ConvParams>(),
-                              {ffi::Traits::kCmdBufferCompatible});
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    FilterActsCuda, ConvImplWithWorkspace<OpKind::kFA>,
+    JCN_CONV_BINDING.Ret<ffi::AnyBuffer>().Attrs<jax_convnet::ConvParams>(),
+    {ffi::Traits::kCmdBufferCompatible});

@@ -43,6 +43,7 @@
 #include <type_traits>
 
 #include "conv_common.cuh"
+#include "conv_fft.cuh"
 #include "conv_image_acts_columns.cuh"
 #include "conv_image_acts_direct.cuh"
 #include "conv_kernel.cuh"
@@ -93,22 +94,30 @@ cudaError_t launch_gemm(const KParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-// The mma kernels take more than 48 KiB of dynamic shared memory: opted in once per device.
-template <class Op, class Cfg, typename T, bool kSplit, int kAVec>
-cudaError_t launch_mma(const KParams& p, cudaStream_t stream) {
-  if (p.units < 1) return cudaSuccess;
-  constexpr int bytes = MmaPlanOf<Op, Cfg, T, int32_t>::TOTAL;
-  auto* kernel = conv_mma_kernel<Op, Cfg, T, int32_t, kSplit, kAVec>;
+// Kernels that take more than 48 KiB of dynamic shared memory opt in, once per device (the
+// attribute is per function and device), to `bytes`: always the same for one kKernel.
+template <auto kKernel>
+cudaError_t opt_in_shared_memory(int bytes) {
   static std::atomic<uint64_t> opted_in{0};  // bit d: device d (devices >= 64 ask every time)
   int dev = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (err != cudaSuccess) return err;
   const uint64_t bit = dev < 64 ? uint64_t(1) << dev : 0;
   if (!(opted_in.load() & bit)) {
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+    err = cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
     if (err != cudaSuccess) return err;
     opted_in.fetch_or(bit);
   }
+  return cudaSuccess;
+}
+
+template <class Op, class Cfg, typename T, bool kSplit, int kAVec>
+cudaError_t launch_mma(const KParams& p, cudaStream_t stream) {
+  if (p.units < 1) return cudaSuccess;
+  constexpr int bytes = MmaPlanOf<Op, Cfg, T, int32_t>::TOTAL;
+  constexpr auto kernel = conv_mma_kernel<Op, Cfg, T, int32_t, kSplit, kAVec>;
+  cudaError_t err = opt_in_shared_memory<kernel>(bytes);
+  if (err != cudaSuccess) return err;
   const int64_t blocks = std::min<int64_t>(p.units, int64_t(0x7fffffff));
   kernel<<<dim3(unsigned(blocks)), Cfg::NT, bytes, stream>>>(p);
   return cudaGetLastError();
@@ -408,6 +417,121 @@ std::optional<cudaError_t> run_wa_padding(KParams& p, const void*& a, Workspace&
   return cudaGetLastError();
 }
 
+// The FFT path (conv_fft.cuh) where jcn::fft_conv_plan takes it and the workspace has exactly
+// the plan's size (conv.py sizes it by the same rule, or for another path where its cap turns
+// the FFT off). nullopt: the op runs without it.
+// a / b as in run(); spectra of the images X, filters W and hidden H in the workspace.
+constexpr int kFftSmemBytes = kFftPlaneBytes + 32 * 8;  // planes and twiddles (Pm <= 64)
+
+template <typename T>
+cudaError_t fft_forward(const void* src, const FftPlanes& pl, int lph, int lpw, float2* spec,
+                        int nsm, cudaStream_t stream) {
+  constexpr auto kernel = fft_forward_kernel<T>;
+  cudaError_t err = opt_in_shared_memory<kernel>(kFftSmemBytes);
+  if (err != cudaSuccess) return err;
+  const int np = fft_planes_per_block(lph, lpw);
+  const int64_t groups = pl.na * cdiv(pl.nb, np);
+  const unsigned blocks = unsigned(std::min<int64_t>(groups, int64_t(nsm) * 16));
+  kernel<<<blocks, kFftThreads, kFftSmemBytes, stream>>>(static_cast<const T*>(src), pl, lph, lpw,
+                                                         np, spec);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t fft_inverse(const float2* spec, const FftPlanes& pl, int lph, int lpw, void* dst,
+                        int nsm, cudaStream_t stream) {
+  constexpr auto kernel = fft_inverse_kernel<T>;
+  cudaError_t err = opt_in_shared_memory<kernel>(kFftSmemBytes);
+  if (err != cudaSuccess) return err;
+  const int np = fft_planes_per_block(lph, lpw);
+  const int64_t groups = pl.na * cdiv(pl.nb, np);
+  const unsigned blocks = unsigned(std::min<int64_t>(groups, int64_t(nsm) * 16));
+  kernel<<<blocks, kFftThreads, kFftSmemBytes, stream>>>(
+      spec, pl, lph, lpw, np, 1.f / float(1 << (lph + lpw)), static_cast<T*>(dst));
+  return cudaGetLastError();
+}
+
+template <bool kAUnitK, bool kBUnitN, bool kConjB>
+cudaError_t launch_cgemm(const CgemmParams& p, int64_t bins, cudaStream_t stream) {
+  const int64_t tiles = cdiv(p.M, kCgBM) * p.tiles_n;
+  cgemm_bins_kernel<kAUnitK, kBUnitN, kConjB>
+      <<<dim3(unsigned(std::min<int64_t>(tiles, 65535)), unsigned(bins)), kCgThreads, 0, stream>>>(
+          p);
+  return cudaGetLastError();
+}
+
+template <OpKind K, Layout L, typename T>
+std::optional<cudaError_t> run_fft(const jcn::ConvGeometry& g, const void* a, const void* b,
+                                   void* out, Workspace ws, int nsm, cudaStream_t stream) {
+  const jcn::FftConvPlan plan = jcn::fft_conv_plan(K == OpKind::kWA, g, int64_t(sizeof(T)));
+  if (plan.ph == 0 || ws.bytes != plan.bytes) return std::nullopt;
+  int lph = 0, lpw = 0;
+  while ((int64_t(1) << lph) < plan.ph) ++lph;
+  while ((int64_t(1) << lpw) < plan.pw) ++lpw;
+  const int64_t bins = plan.ph * (plan.pw / 2 + 1);
+  unsigned char* const base = static_cast<unsigned char*>(ws.data);
+  float2* const spec_x = reinterpret_cast<float2*>(base);
+  float2* const spec_w = reinterpret_cast<float2*>(base + plan.spectrum_bytes[0]);
+  float2* const spec_h =
+      reinterpret_cast<float2*>(base + plan.spectrum_bytes[0] + plan.spectrum_bytes[1]);
+
+  // Plane sets, b along the tensor's contiguous index: images (NHWC (n, c), C01B (c, n)),
+  // filters (c, f), hidden (NHWC (n, f), C01B (f, n)). Images sit at (pad_top, pad_left).
+  constexpr bool c01b = L == Layout::kC01B;
+  const int64_t N = g.batch, C = g.channels, F = g.filters;
+  const jcn::Strides4 &is = g.image, &fs = g.filter, &hs = g.hidden;
+  const int ih = int(g.in_h), iw = int(g.in_w), pt = int(g.pad_top), pl = int(g.pad_left);
+  const FftPlanes images = c01b ? FftPlanes{C, N, is.c, is.n, is.y, is.x, ih, iw, pt, pl}
+                                : FftPlanes{N, C, is.n, is.c, is.y, is.x, ih, iw, pt, pl};
+  const FftPlanes filters{C, F, fs.c, fs.n, fs.y, fs.x, int(g.filter_h), int(g.filter_w), 0, 0};
+  const int oh = int(g.out_h), ow = int(g.out_w);
+  const FftPlanes hidden = c01b ? FftPlanes{F, N, hs.c, hs.n, hs.y, hs.x, oh, ow, 0, 0}
+                                : FftPlanes{N, F, hs.n, hs.c, hs.y, hs.x, oh, ow, 0, 0};
+  // Within a bin: X(n, c) at n * sXn + c * sXc, W(c, f) at c * F + f, H(n, f) likewise.
+  const int64_t sXn = c01b ? 1 : C, sXc = c01b ? N : 1, sHn = c01b ? 1 : F, sHf = c01b ? N : 1;
+
+  cudaError_t err = cudaSuccess;
+  CgemmParams cg{};
+  const float2* spec_out = nullptr;
+  const FftPlanes* out_planes = nullptr;
+  if constexpr (K == OpKind::kFA) {  // H = X conj(W): (n x c) (c x f)
+    if ((err = fft_forward<T>(a, images, lph, lpw, spec_x, nsm, stream)) != cudaSuccess ||
+        (err = fft_forward<T>(b, filters, lph, lpw, spec_w, nsm, stream)) != cudaSuccess)
+      return err;
+    cg = CgemmParams{spec_x, spec_w, spec_h, N,   F, C, cdiv(F, kCgBN), N * C, sXn, sXc,
+                     C * F,  F,      1,      N * F, sHn, sHf};
+    spec_out = spec_h;
+    out_planes = &hidden;
+  } else if constexpr (K == OpKind::kIA) {  // X = H W^T: (n x f) (f x c)
+    if ((err = fft_forward<T>(a, hidden, lph, lpw, spec_h, nsm, stream)) != cudaSuccess ||
+        (err = fft_forward<T>(b, filters, lph, lpw, spec_w, nsm, stream)) != cudaSuccess)
+      return err;
+    cg = CgemmParams{spec_h, spec_w, spec_x, N,   C, F, cdiv(C, kCgBN), N * F, sHn, sHf,
+                     C * F,  1,      F,      N * C, sXn, sXc};
+    spec_out = spec_x;
+    out_planes = &images;
+  } else {  // W = X^T conj(H): (c x n) (n x f)
+    if ((err = fft_forward<T>(a, images, lph, lpw, spec_x, nsm, stream)) != cudaSuccess ||
+        (err = fft_forward<T>(b, hidden, lph, lpw, spec_h, nsm, stream)) != cudaSuccess)
+      return err;
+    cg = CgemmParams{spec_x, spec_h, spec_w, C,   F,   N, cdiv(F, kCgBN), N * C, sXc, sXn,
+                     N * F,  sHn,    sHf,    C * F, F,   1};
+    spec_out = spec_w;
+    out_planes = &filters;
+  }
+  constexpr bool kConj = K != OpKind::kIA;
+  const bool a_unit_k = cg.sAk == 1, b_unit_n = cg.sBn == 1;
+  if (a_unit_k) {
+    err = b_unit_n ? launch_cgemm<true, true, kConj>(cg, bins, stream)
+                   : launch_cgemm<true, false, kConj>(cg, bins, stream);
+  } else {
+    err = b_unit_n ? launch_cgemm<false, true, kConj>(cg, bins, stream)
+                   : launch_cgemm<false, false, kConj>(cg, bins, stream);
+  }
+  if (err != cudaSuccess) return err;
+  return fft_inverse<T>(spec_out, *out_planes, lph, lpw, out, nsm, stream);
+}
+
 // The op for one layout and element type, once geometry and attributes are checked.
 // a / b: the GEMM operands A / B (FA: images / filters, IA: hidden / filters, WA: images / hidden).
 template <OpKind K, Layout L, typename T>
@@ -452,6 +576,10 @@ ffi::Error run(cudaStream_t stream, Workspace workspace, const jcn::ConvGeometry
     return cuda_error(kOp, "cudaDeviceGetAttribute", err);
   nsm = std::max(nsm, 1);
 
+  if (const std::optional<cudaError_t> fft = run_fft<K, L, T>(g, a, b, out, workspace, nsm, stream)) {
+    if (*fft != cudaSuccess) return cuda_error(kOp, "FFT path launch", *fft);
+    return ffi::Error::Success();
+  }
   if constexpr (K == OpKind::kWA && L == Layout::kNHWC) {
     const std::optional<cudaError_t> padded = run_wa_padding<T>(p, a, workspace, nsm, stream);
     if (padded && *padded != cudaSuccess) return cuda_error(kOp, "kernel launch", *padded);
@@ -726,8 +854,8 @@ ffi::Error ConvImpl(cudaStream_t stream, Workspace workspace, ffi::AnyBuffer x, 
   }
 }
 
-// The ops whose custom call has an extra workspace result (image_acts: the column buffer,
-// weight_acts: the partial sums): it must be a 1-d uint8 buffer.
+// The custom calls' extra workspace result (the FFT path's spectra; image_acts: else the column
+// buffer; weight_acts: else the partial sums): it must be a 1-d uint8 buffer.
 template <OpKind K>
 ffi::Error ConvImplWithWorkspace(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer y,
                                  ffi::Result<ffi::AnyBuffer> res,
