@@ -453,6 +453,9 @@ def parse_args(argv=None):
     p.add_argument("--xla-no-tf32", action="store_true",
                    help="NVIDIA_TF32_OVERRIDE=0: cuDNN keeps XLA's float32 convolutions off TF32 "
                         "(for f32-highest rows, in a run of their own)")
+    p.add_argument("--no-fft", action="store_true",
+                   help="keep our convolutions off the FFT path (jax_convnet.conv."
+                        "FFT_WORKSPACE_CAP_BYTES = 0): the direct kernels' times")
     p.add_argument("--list", action="store_true", help="list the rows and exit")
     return p.parse_args(argv)
 
@@ -467,6 +470,8 @@ def main(argv=None):
     if partial_sum not in (None, "auto"):
         partial_sum = int(partial_sum)
 
+    if args.no_fft:
+        jcn.conv.FFT_WORKSPACE_CAP_BYTES = 0
     if args.xla_no_tf32:  # read when cuDNN starts: before the first use of the GPU
         os.environ["NVIDIA_TF32_OVERRIDE"] = "0"
     device = jax.devices()[0]

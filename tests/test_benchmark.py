@@ -114,11 +114,13 @@ def test_results_table_merges_runs_and_lists_rows_under_a_ratio(tmp_path, capsys
 
 def test_conv_rows_report_their_error_against_a_float64_reference(tmp_path, capsys):
     """--ref-err: ours and XLA's results against XLA's float64 convolution, in the row, the
-    printed table and the RESULTS.md table (float32 on the CPU: both within float32 rounding)."""
+    printed table and the RESULTS.md table (float32: within float32 rounding on the CPU, TF32's
+    on a GPU)."""
     rows = benchmark.main(["--quick", "--set", "cpu", "--ops", "conv", "--filter", "fprop/f32/NHWC",
                            "--reps", "1", "--ref-err", "--out", str(tmp_path)])
     assert rows and all("error" not in r for r in rows)
-    assert all(0 < r["ref_err"] < 1e-5 and 0 < r["xla_ref_err"] < 1e-5 for r in rows)
+    bound = 1e-5 if jax.default_backend() == "cpu" else 1e-2
+    assert all(0 < r["ref_err"] < bound and 0 < r["xla_ref_err"] < bound for r in rows)
     assert "vs float64: ours" in capsys.readouterr().out
     _results_table().main([str(tmp_path / "benchmark.json")])
     assert "ours err vs f64 | XLA err vs f64 |" in capsys.readouterr().out

@@ -28,7 +28,9 @@ namespace jax_convnet {
 namespace cuda_conv {
 
 constexpr int kFftThreads = 256;
-constexpr int kFftPlaneBytes = 16384 * 8;  // a block's planes: at most 16K complex values
+// A block transforms 2^lnp planes: as many as 8192 complex values hold (64 KiB: three blocks
+// per SM), at most 8 (consecutive b: 32 bytes of float32 per pixel and 64 per bin).
+constexpr int kFftLog2BlockValues = 13, kFftLog2MaxPlanes = 3;
 
 // na x nb planes of a strided 4-d tensor; plane (a, b), element (y, x) of it at
 // a * sa + b * sb + y * sy + x * sx. Forward: the h x w plane goes to (oy, ox) of the
@@ -46,19 +48,34 @@ __device__ __forceinline__ float2 cmul(float2 a, float2 b) {
   return make_float2(fmaf(a.x, b.x, -a.y * b.y), fmaf(a.x, b.y, a.y * b.x));
 }
 
+constexpr int fft_log2_planes_per_block(int lph, int lpw) {
+  const int l = kFftLog2BlockValues - lph - lpw;
+  return l < 0 ? 0 : (l > kFftLog2MaxPlanes ? kFftLog2MaxPlanes : l);
+}
+// Shared memory of a block: its planes, PP + 1 values apart (the loads and stores that run
+// across planes then hit distinct banks), and the twiddles.
+constexpr int fft_shared_bytes(int lph, int lpw) {
+  return 8 * (((1 << (lph + lpw)) + 1) << fft_log2_planes_per_block(lph, lpw)) +
+         4 * int(kFftMaxSize);
+}
+
 // In-place radix-2 FFTs (decimation in time: inputs stored at bit-reversed row and column
-// indices, outputs in natural order) of np planes of Ph x Pw, rows then columns.
-// tw[t] = exp(-2 pi i t / Pm) for t < Pm / 2, Pm = max(Ph, Pw); kInverse uses its conjugates.
+// indices, outputs in natural order) of 2^lnp planes of Ph x Pw, PP + 1 values apart, rows
+// then columns. tw[t] = exp(-2 pi i t / Pm) for t < Pm / 2, Pm = max(Ph, Pw); kInverse uses
+// its conjugates.
 template <bool kInverse>
-__device__ void fft2d_in_place(float2* buf, int np, int lph, int lpw, const float2* tw, int lpm) {
-  const int Pw = 1 << lpw, Ph = 1 << lph;
+__device__ void fft2d_in_place(float2* buf, int lnp, int lph, int lpw, const float2* tw,
+                               int lpm) {
+  const int Pw = 1 << lpw, PS = (1 << (lph + lpw)) + 1;
   const int tid = int(threadIdx.x);
   for (int s = 0; s < lpw; ++s) {  // rows: butterflies of span 2^s, consecutive threads along x
-    const int half = 1 << s, n = np * Ph * (Pw >> 1);
+    const int half = 1 << s, n = 1 << (lnp + lph + lpw - 1);
     for (int j = tid; j < n; j += kFftThreads) {
       const int row = j >> (lpw - 1), pos = j & ((Pw >> 1) - 1);
       const int k = pos & (half - 1);
-      const int i0 = row * Pw + ((pos >> s) << (s + 1)) + k, i1 = i0 + half;
+      const int i0 = (row >> lph) * PS + (row & ((1 << lph) - 1)) * Pw +
+                     ((pos >> s) << (s + 1)) + k,
+                i1 = i0 + half;
       float2 w = tw[k << (lpm - s - 1)];
       if (kInverse) w.y = -w.y;
       const float2 t = cmul(w, buf[i1]), u = buf[i0];
@@ -68,13 +85,13 @@ __device__ void fft2d_in_place(float2* buf, int np, int lph, int lpw, const floa
     __syncthreads();
   }
   for (int s = 0; s < lph; ++s) {  // columns: consecutive threads on consecutive columns
-    const int half = 1 << s, n = np * Pw * (Ph >> 1);
+    const int half = 1 << s, n = 1 << (lnp + lph + lpw - 1);
     for (int j = tid; j < n; j += kFftThreads) {
       const int x = j & (Pw - 1), rest = j >> lpw;
-      const int p = rest >> (lph - 1), pos = rest & ((Ph >> 1) - 1);
+      const int p = rest >> (lph - 1), pos = rest & ((1 << (lph - 1)) - 1);
       const int k = pos & (half - 1);
       const int y0 = ((pos >> s) << (s + 1)) + k;
-      const int i0 = (p << (lph + lpw)) + y0 * Pw + x, i1 = i0 + half * Pw;
+      const int i0 = p * PS + y0 * Pw + x, i1 = i0 + half * Pw;
       float2 w = tw[k << (lpm - s - 1)];
       if (kInverse) w.y = -w.y;
       const float2 t = cmul(w, buf[i1]), u = buf[i0];
@@ -94,42 +111,37 @@ __device__ __forceinline__ void fill_twiddles(float2* tw, int lpm) {
   }
 }
 
-// Planes per block: np consecutive b, as many as kFftPlaneBytes hold (at most 8).
-inline int fft_planes_per_block(int lph, int lpw) {
-  const int per = kFftPlaneBytes / (8 << (lph + lpw));
-  return per < 1 ? 1 : (per > 8 ? 8 : per);
-}
-
 // spec[bin * na * nb + a * nb + b] = bin (ky, kx), kx <= Pw / 2, of plane (a, b)'s transform.
 template <typename T>
 __global__ void __launch_bounds__(kFftThreads)
-    fft_forward_kernel(const T* __restrict__ src, FftPlanes pl, int lph, int lpw, int np,
+    fft_forward_kernel(const T* __restrict__ src, FftPlanes pl, int lph, int lpw,
                        float2* __restrict__ spec) {
   extern __shared__ float2 fft_smem[];
-  const int Pw = 1 << lpw, PP = 1 << (lph + lpw), lpm = lph > lpw ? lph : lpw;
+  const int lnp = fft_log2_planes_per_block(lph, lpw), np = 1 << lnp;
+  const int Pw = 1 << lpw, PP = 1 << (lph + lpw), PS = PP + 1, lpm = lph > lpw ? lph : lpw;
   const int HW = Pw / 2 + 1, bins = (1 << lph) * HW;
   float2* const buf = fft_smem;
-  float2* const tw = fft_smem + np * PP;
+  float2* const tw = fft_smem + np * PS;
   const int tid = int(threadIdx.x);
   fill_twiddles(tw, lpm);
-  const int64_t groups_b = (pl.nb + np - 1) / np, planes = pl.na * pl.nb;
+  const int64_t groups_b = (pl.nb + np - 1) >> lnp, planes = pl.na * pl.nb;
   for (int64_t gi = blockIdx.x; gi < pl.na * groups_b; gi += gridDim.x) {
-    const int64_t a = gi / groups_b, b0 = (gi % groups_b) * np;
-    for (int e = tid; e < np * PP; e += kFftThreads) {  // plane index fastest: contiguous b
-      const int p = e % np, yx = e / np, y = yx >> lpw, x = yx & (Pw - 1);
+    const int64_t a = gi / groups_b, b0 = (gi % groups_b) << lnp;
+    for (int e = tid; e < PP << lnp; e += kFftThreads) {  // plane index fastest: contiguous b
+      const int p = e & (np - 1), yx = e >> lnp, y = yx >> lpw, x = yx & (Pw - 1);
       const int sy = y - pl.oy, sx = x - pl.ox;
       float v = 0.f;
       if (b0 + p < pl.nb && unsigned(sy) < unsigned(pl.h) && unsigned(sx) < unsigned(pl.w))
         v = to_f32<T>(src[a * pl.sa + (b0 + p) * pl.sb + sy * pl.sy + sx * pl.sx]);
-      buf[p * PP + (bit_reverse(y, lph) << lpw) + bit_reverse(x, lpw)] = make_float2(v, 0.f);
+      buf[p * PS + (bit_reverse(y, lph) << lpw) + bit_reverse(x, lpw)] = make_float2(v, 0.f);
     }
     __syncthreads();
-    fft2d_in_place<false>(buf, np, lph, lpw, tw, lpm);
-    for (int e = tid; e < np * bins; e += kFftThreads) {
-      const int p = e % np, bin = e / np;
+    fft2d_in_place<false>(buf, lnp, lph, lpw, tw, lpm);
+    for (int e = tid; e < bins << lnp; e += kFftThreads) {
+      const int p = e & (np - 1), bin = e >> lnp;
       if (b0 + p < pl.nb)
         spec[int64_t(bin) * planes + a * pl.nb + b0 + p] =
-            buf[p * PP + (bin / HW) * Pw + bin % HW];
+            buf[p * PS + (bin / HW) * Pw + bin % HW];
     }
     __syncthreads();  // buf is refilled by the next group
   }
@@ -139,20 +151,21 @@ __global__ void __launch_bounds__(kFftThreads)
 // Hermitian symmetry, transformed back; the crop written, times `scale` (1 / (Ph * Pw)).
 template <typename T>
 __global__ void __launch_bounds__(kFftThreads)
-    fft_inverse_kernel(const float2* __restrict__ spec, FftPlanes pl, int lph, int lpw, int np,
+    fft_inverse_kernel(const float2* __restrict__ spec, FftPlanes pl, int lph, int lpw,
                        float scale, T* __restrict__ dst) {
   extern __shared__ float2 fft_smem[];
-  const int Ph = 1 << lph, Pw = 1 << lpw, PP = 1 << (lph + lpw), lpm = lph > lpw ? lph : lpw;
-  const int HW = Pw / 2 + 1;
+  const int lnp = fft_log2_planes_per_block(lph, lpw), np = 1 << lnp;
+  const int Ph = 1 << lph, Pw = 1 << lpw, PP = 1 << (lph + lpw), PS = PP + 1;
+  const int lpm = lph > lpw ? lph : lpw, HW = Pw / 2 + 1;
   float2* const buf = fft_smem;
-  float2* const tw = fft_smem + np * PP;
+  float2* const tw = fft_smem + np * PS;
   const int tid = int(threadIdx.x);
   fill_twiddles(tw, lpm);
-  const int64_t groups_b = (pl.nb + np - 1) / np, planes = pl.na * pl.nb;
+  const int64_t groups_b = (pl.nb + np - 1) >> lnp, planes = pl.na * pl.nb;
   for (int64_t gi = blockIdx.x; gi < pl.na * groups_b; gi += gridDim.x) {
-    const int64_t a = gi / groups_b, b0 = (gi % groups_b) * np;
-    for (int e = tid; e < np * PP; e += kFftThreads) {
-      const int p = e % np, yx = e / np, ky = yx >> lpw, kx = yx & (Pw - 1);
+    const int64_t a = gi / groups_b, b0 = (gi % groups_b) << lnp;
+    for (int e = tid; e < PP << lnp; e += kFftThreads) {
+      const int p = e & (np - 1), yx = e >> lnp, ky = yx >> lpw, kx = yx & (Pw - 1);
       float2 v = make_float2(0.f, 0.f);
       if (b0 + p < pl.nb) {
         const int64_t plane = a * pl.nb + b0 + p;
@@ -163,15 +176,15 @@ __global__ void __launch_bounds__(kFftThreads)
           v.y = -v.y;
         }
       }
-      buf[p * PP + (bit_reverse(ky, lph) << lpw) + bit_reverse(kx, lpw)] = v;
+      buf[p * PS + (bit_reverse(ky, lph) << lpw) + bit_reverse(kx, lpw)] = v;
     }
     __syncthreads();
-    fft2d_in_place<true>(buf, np, lph, lpw, tw, lpm);
-    for (int e = tid; e < np * pl.h * pl.w; e += kFftThreads) {
-      const int p = e % np, yx = e / np, y = yx / pl.w, x = yx % pl.w;
+    fft2d_in_place<true>(buf, lnp, lph, lpw, tw, lpm);
+    for (int e = tid; e < (pl.h * pl.w) << lnp; e += kFftThreads) {
+      const int p = e & (np - 1), yx = e >> lnp, y = yx / pl.w, x = yx % pl.w;
       if (b0 + p < pl.nb)
         dst[a * pl.sa + (b0 + p) * pl.sb + y * pl.sy + x * pl.sx] =
-            from_f32<T>(buf[p * PP + (y + pl.oy) * Pw + x + pl.ox].x * scale);
+            from_f32<T>(buf[p * PS + (y + pl.oy) * Pw + x + pl.ox].x * scale);
     }
     __syncthreads();
   }
@@ -190,35 +203,40 @@ struct CgemmParams {
 constexpr int kCgBM = 64, kCgBN = 64, kCgBK = 16, kCgThreads = 256;
 
 // kAUnitK: A is contiguous along k (else along m); kBUnitN: B along n (else along k). Loads
-// run along the contiguous dimension; 64 x 64 tiles, 4 x 4 complex outputs per thread.
+// run along the contiguous dimension, the next k-tile's while the current one is multiplied;
+// 64 x 64 tiles, 4 x 4 complex outputs per thread: rows 4 tm + i, columns tn + 16 j (a warp's
+// reads of B then cover 16 consecutive values).
 template <bool kAUnitK, bool kBUnitN, bool kConjB>
-__global__ void __launch_bounds__(kCgThreads) cgemm_bins_kernel(const CgemmParams p) {
+__global__ void __launch_bounds__(kCgThreads, 2) cgemm_bins_kernel(const CgemmParams p) {
   __shared__ float2 As[kCgBK][kCgBM + 2], Bs[kCgBK][kCgBN + 2];
   constexpr int kLoads = kCgBM * kCgBK / kCgThreads;  // 4 per operand and thread
   const int tid = int(threadIdx.x), tm = tid / 16, tn = tid % 16;
   const int64_t q = blockIdx.y;
+  const float2* const A = p.A + q * p.sAq;
+  const float2* const B = p.B + q * p.sBq;
+  float2 ra[kLoads], rb[kLoads];
+  auto load = [&](int64_t m0, int64_t n0, int64_t k0) {
+#pragma unroll
+    for (int l = 0; l < kLoads; ++l) {
+      const int e = tid + l * kCgThreads;
+      const int am = kAUnitK ? e / kCgBK : e % kCgBM, ak = kAUnitK ? e % kCgBK : e / kCgBM;
+      const int bk = kBUnitN ? e / kCgBN : e % kCgBK, bn = kBUnitN ? e % kCgBN : e / kCgBK;
+      const int64_t gm = m0 + am, gk = k0 + ak, hk = k0 + bk, gn = n0 + bn;
+      ra[l] = (gm < p.M && gk < p.K) ? A[gm * p.sAm + gk * p.sAk] : make_float2(0.f, 0.f);
+      rb[l] = (hk < p.K && gn < p.N) ? B[hk * p.sBk + gn * p.sBn] : make_float2(0.f, 0.f);
+      if (kConjB) rb[l].y = -rb[l].y;
+    }
+  };
   for (int64_t tile = blockIdx.x; tile < ((p.M + kCgBM - 1) / kCgBM) * p.tiles_n;
        tile += gridDim.x) {
     const int64_t m0 = (tile / p.tiles_n) * kCgBM, n0 = (tile % p.tiles_n) * kCgBN;
-    const float2* A = p.A + q * p.sAq;
-    const float2* B = p.B + q * p.sBq;
     float2 acc[4][4];
 #pragma unroll
     for (int i = 0; i < 4; ++i)
 #pragma unroll
       for (int j = 0; j < 4; ++j) acc[i][j] = make_float2(0.f, 0.f);
+    load(m0, n0, 0);
     for (int64_t k0 = 0; k0 < p.K; k0 += kCgBK) {
-      float2 ra[kLoads], rb[kLoads];
-#pragma unroll
-      for (int l = 0; l < kLoads; ++l) {
-        const int e = tid + l * kCgThreads;
-        const int am = kAUnitK ? e / kCgBK : e % kCgBM, ak = kAUnitK ? e % kCgBK : e / kCgBM;
-        const int bk = kBUnitN ? e / kCgBN : e % kCgBK, bn = kBUnitN ? e % kCgBN : e / kCgBK;
-        const int64_t gm = m0 + am, gk = k0 + ak, hk = k0 + bk, gn = n0 + bn;
-        ra[l] = (gm < p.M && gk < p.K) ? A[gm * p.sAm + gk * p.sAk] : make_float2(0.f, 0.f);
-        rb[l] = (hk < p.K && gn < p.N) ? B[hk * p.sBk + gn * p.sBn] : make_float2(0.f, 0.f);
-        if (kConjB) rb[l].y = -rb[l].y;
-      }
       __syncthreads();  // the previous k-tile's reads are done
 #pragma unroll
       for (int l = 0; l < kLoads; ++l) {
@@ -227,13 +245,14 @@ __global__ void __launch_bounds__(kCgThreads) cgemm_bins_kernel(const CgemmParam
         Bs[kBUnitN ? e / kCgBN : e % kCgBK][kBUnitN ? e % kCgBN : e / kCgBK] = rb[l];
       }
       __syncthreads();
+      if (k0 + kCgBK < p.K) load(m0, n0, k0 + kCgBK);
 #pragma unroll 4
       for (int k = 0; k < kCgBK; ++k) {
         float2 a[4], b[4];
 #pragma unroll
         for (int i = 0; i < 4; ++i) a[i] = As[k][tm * 4 + i];
 #pragma unroll
-        for (int j = 0; j < 4; ++j) b[j] = Bs[k][tn * 4 + j];
+        for (int j = 0; j < 4; ++j) b[j] = Bs[k][tn + 16 * j];
 #pragma unroll
         for (int i = 0; i < 4; ++i)
 #pragma unroll
@@ -248,10 +267,9 @@ __global__ void __launch_bounds__(kCgThreads) cgemm_bins_kernel(const CgemmParam
     for (int i = 0; i < 4; ++i)
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        const int64_t m = m0 + tm * 4 + i, n = n0 + tn * 4 + j;
+        const int64_t m = m0 + tm * 4 + i, n = n0 + tn + 16 * j;
         if (m < p.M && n < p.N) C[m * p.sCm + n * p.sCn] = acc[i][j];
       }
-    __syncthreads();  // As / Bs are refilled for the next tile
   }
 }
 

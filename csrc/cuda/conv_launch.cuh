@@ -421,19 +421,22 @@ std::optional<cudaError_t> run_wa_padding(KParams& p, const void*& a, Workspace&
 // the plan's size (conv.py sizes it by the same rule, or for another path where its cap turns
 // the FFT off). nullopt: the op runs without it.
 // a / b as in run(); spectra of the images X, filters W and hidden H in the workspace.
-constexpr int kFftSmemBytes = kFftPlaneBytes + 32 * 8;  // planes and twiddles (Pm <= 64)
+// The transforms' kernels opt in once to the largest shared memory (64 x 64 planes).
+constexpr int kFftMaxSharedBytes = fft_shared_bytes(6, 6);
+
+int64_t fft_blocks(const FftPlanes& pl, int lph, int lpw, int nsm) {
+  const int64_t groups = pl.na * cdiv(pl.nb, int64_t(1) << fft_log2_planes_per_block(lph, lpw));
+  return std::min<int64_t>(groups, int64_t(nsm) * 16);
+}
 
 template <typename T>
 cudaError_t fft_forward(const void* src, const FftPlanes& pl, int lph, int lpw, float2* spec,
                         int nsm, cudaStream_t stream) {
   constexpr auto kernel = fft_forward_kernel<T>;
-  cudaError_t err = opt_in_shared_memory<kernel>(kFftSmemBytes);
+  cudaError_t err = opt_in_shared_memory<kernel>(kFftMaxSharedBytes);
   if (err != cudaSuccess) return err;
-  const int np = fft_planes_per_block(lph, lpw);
-  const int64_t groups = pl.na * cdiv(pl.nb, np);
-  const unsigned blocks = unsigned(std::min<int64_t>(groups, int64_t(nsm) * 16));
-  kernel<<<blocks, kFftThreads, kFftSmemBytes, stream>>>(static_cast<const T*>(src), pl, lph, lpw,
-                                                         np, spec);
+  kernel<<<unsigned(fft_blocks(pl, lph, lpw, nsm)), kFftThreads, fft_shared_bytes(lph, lpw),
+           stream>>>(static_cast<const T*>(src), pl, lph, lpw, spec);
   return cudaGetLastError();
 }
 
@@ -441,13 +444,10 @@ template <typename T>
 cudaError_t fft_inverse(const float2* spec, const FftPlanes& pl, int lph, int lpw, void* dst,
                         int nsm, cudaStream_t stream) {
   constexpr auto kernel = fft_inverse_kernel<T>;
-  cudaError_t err = opt_in_shared_memory<kernel>(kFftSmemBytes);
+  cudaError_t err = opt_in_shared_memory<kernel>(kFftMaxSharedBytes);
   if (err != cudaSuccess) return err;
-  const int np = fft_planes_per_block(lph, lpw);
-  const int64_t groups = pl.na * cdiv(pl.nb, np);
-  const unsigned blocks = unsigned(std::min<int64_t>(groups, int64_t(nsm) * 16));
-  kernel<<<blocks, kFftThreads, kFftSmemBytes, stream>>>(
-      spec, pl, lph, lpw, np, 1.f / float(1 << (lph + lpw)), static_cast<T*>(dst));
+  kernel<<<unsigned(fft_blocks(pl, lph, lpw, nsm)), kFftThreads, fft_shared_bytes(lph, lpw),
+           stream>>>(spec, pl, lph, lpw, 1.f / float(1 << (lph + lpw)), static_cast<T*>(dst));
   return cudaGetLastError();
 }
 
