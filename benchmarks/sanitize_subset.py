@@ -68,17 +68,19 @@ for dtype in (jnp.float32, jnp.bfloat16):
         w_shape = jcn.geometry.filter_shape("NHWC", 40, c, 7, 3)
         jax.block_until_ready(jax.jit(lambda x, g: jcn.weight_acts(
             x, g, w_shape, layout="NHWC", partial_sum=partial_sum))(x, g))
-# The FFT path (stride 1, large filters): all three ops, 32 x 16 and 64 x 64 transforms, planes
-# partly filling a block (5 images, 6 channels, 70 filters: two GEMM tiles), uneven padding.
+# The FFT path (stride 1, large filters): all three ops, 32 x 16 and 64 x 64 transforms, an odd
+# number of planes (transformed in pairs) partly filling a block (5 images, 7 channels, 70
+# filters: two GEMM tiles), uneven padding; 16-bit types only with very large filters.
 for layout in ("C01B", "NHWC"):
-    for dtype in (jnp.float32, jnp.bfloat16):
-        for hw, window, padding in (((27, 13), (11, 7), ((2, 1), (0, 3))),
-                                    ((50, 40), (9, 9), ((0, 0), (0, 0)))):
-            x = jax.random.normal(key, jcn.geometry.image_shape(layout, 5, 6, *hw), dtype)
-            w = jax.random.normal(key, jcn.geometry.filter_shape(layout, 70, 6, *window), dtype)
-            loss = lambda x, w: jnp.sum(jcn.filter_acts(
-                x, w, layout=layout, padding=padding).astype(jnp.float32) ** 2)
-            jax.block_until_ready(jax.jit(jax.grad(loss, (0, 1)))(x, w))
+    for dtype, hw, window, padding in (
+            (jnp.float32, (27, 13), (11, 7), ((2, 1), (0, 3))),
+            (jnp.float32, (50, 40), (9, 9), ((0, 0), (0, 0))),
+            (jnp.bfloat16, (56, 48), (21, 17), ((0, 0), (0, 0)))):
+        x = jax.random.normal(key, jcn.geometry.image_shape(layout, 5, 7, *hw), dtype)
+        w = jax.random.normal(key, jcn.geometry.filter_shape(layout, 70, 7, *window), dtype)
+        loss = lambda x, w: jnp.sum(jcn.filter_acts(
+            x, w, layout=layout, padding=padding).astype(jnp.float32) ** 2)
+        jax.block_until_ready(jax.jit(jax.grad(loss, (0, 1)))(x, w))
 # Pools on vector-friendly sizes (inner dimension a multiple of 8), where the vector kernels
 # run: overlapping (two-pass gradient) and disjoint windows, clipped (ceil rule) and padded
 # edges, and a window too tall for the selection byte (one-pass gradient).

@@ -255,27 +255,30 @@ def test_weight_acts_of_few_channel_nhwc_images(channels, window, stride, pad, p
     np.testing.assert_array_equal(np.asarray(run(*args)), np.asarray(ours))  # reproducible
 
 
-# Stride-1 convolutions with large filters take the FFT path (csrc/cuda/conv_fft.cuh) in every
-# dtype here: (n, c, (h, w), f, (fh, fw), padding).
+# Stride-1 convolutions with large filters take the FFT path (csrc/cuda/conv_fft.cuh):
+# (n, c, (h, w), f, (fh, fw), padding) and the dtypes / precisions whose rule takes it there.
+F32, F32_TF32 = (jnp.float32, "highest"), (jnp.float32, None)
 FFT_CASES = {
-    "square": (5, 70, (26, 26), 72, (11, 11), ((3, 3), (3, 3))),      # 32 x 32 bins, 2 tiles of f
-    "rectangular": (4, 6, (27, 13), 9, (11, 7), ((2, 1), (0, 3))),    # 32 x 16, uneven padding
-    "rgb": (3, 3, (28, 28), 5, (13, 13), ((1, 1), (1, 1))),           # few channels and filters
-    "largest": (2, 8, (50, 40), 20, (9, 9), ((0, 0), (0, 0))),         # 64 x 64
+    "square": ((5, 70, (26, 26), 72, (11, 11), ((3, 3), (3, 3))), [F32, F32_TF32]),  # 2 f tiles
+    "rectangular": ((4, 6, (27, 13), 9, (11, 7), ((2, 1), (0, 3))), [F32, F32_TF32]),  # 32 x 16
+    "rgb": ((3, 3, (28, 28), 5, (13, 13), ((1, 1), (1, 1))), [F32, F32_TF32]),
+    "64x64": ((2, 8, (50, 40), 20, (9, 9), ((0, 0), (0, 0))), [F32, F32_TF32]),
+    "huge-filters": ((3, 5, (56, 48), 7, (21, 17), ((0, 0), (0, 0))),               # 16-bit too
+                     [F32, (jnp.bfloat16, None), (jnp.float16, None)]),
 }
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype,precision", [(jnp.float32, "highest"), (jnp.float32, None),
-                                             (jnp.bfloat16, None), (jnp.float16, None)],
-                         ids=["f32-highest", "f32", "bfloat16", "float16"])
-@pytest.mark.parametrize("case", list(FFT_CASES))
+@pytest.mark.parametrize("case,dtype,precision", [
+    pytest.param(case, dtype, precision, id=f"{case}-{jnp.dtype(dtype).name}-{precision}")
+    for case, (_, configs) in FFT_CASES.items() for dtype, precision in configs])
 def test_fft_path_matches_reference(case, dtype, precision, layout):
     """The three ops through 2-d FFTs (the spectra are the custom calls' workspace): float32
     arithmetic throughout, so float32's accuracy at every precision (16-bit types: their own
-    rounding of the result); planes partly filling a block, bins partly filling a GEMM tile,
-    rectangular and uneven padding; outputs poisoned; bitwise reproducible."""
-    n, c, hw, f, window, padding = FFT_CASES[case]
+    rounding of the result); an odd number of planes (transformed in pairs), planes partly
+    filling a block, bins partly filling a GEMM tile, rectangular transforms and uneven
+    padding; outputs poisoned; bitwise reproducible."""
+    n, c, hw, f, window, padding = FFT_CASES[case][0]
     x = images(20, layout, n, c, *hw, dtype)
     w = filters(21, layout, f, c, *window, dtype) * 0.1
     out_hw = jcn.filter_acts_output_size(hw, window, padding=padding)

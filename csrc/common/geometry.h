@@ -125,8 +125,8 @@ struct FftConvPlan {
   int64_t bytes = 0;
 };
 constexpr int64_t kFftMinSize = 8, kFftMaxSize = 64;  // FFT_MIN_SIZE, FFT_MAX_SIZE
-constexpr double kFftMinSavingFloat32Accurate = 3.0, kFftMinSavingTf32 = 5.0,
-                 kFftMinSaving16Bit = 12.0;  // FFT_MIN_SAVING
+constexpr double kFftMinSavingFloat32Accurate = 3.0, kFftMinSavingTf32 = 12.0,
+                 kFftMinSaving16Bit = 40.0;  // FFT_MIN_SAVING
 constexpr int64_t kFftMaxBytes = int64_t(2) << 30;  // FFT_MAX_BYTES
 
 inline int64_t fft_size(int64_t extent) {

@@ -28,9 +28,11 @@ namespace jax_convnet {
 namespace cuda_conv {
 
 constexpr int kFftThreads = 256;
-// A block transforms 2^lnp planes: as many as 8192 complex values hold (64 KiB: three blocks
-// per SM), at most 8 (consecutive b: 32 bytes of float32 per pixel and 64 per bin).
-constexpr int kFftLog2BlockValues = 13, kFftLog2MaxPlanes = 3;
+// A block transforms 2^lnp planes (2 to 8: consecutive b, 32 bytes of float32 per pixel and 64
+// per bin), as pairs: plane 2i the real part and 2i + 1 the imaginary part of one complex
+// transform (half the work of one transform per real plane). Their 2^(lnp - 1) complex planes
+// hold at most 8192 values (64 KiB: three blocks per SM).
+constexpr int kFftLog2BlockValues = 14, kFftLog2MaxPlanes = 3;
 
 // na x nb planes of a strided 4-d tensor; plane (a, b), element (y, x) of it at
 // a * sa + b * sb + y * sy + x * sx. Forward: the h x w plane goes to (oy, ox) of the
@@ -50,13 +52,21 @@ __device__ __forceinline__ float2 cmul(float2 a, float2 b) {
 
 constexpr int fft_log2_planes_per_block(int lph, int lpw) {
   const int l = kFftLog2BlockValues - lph - lpw;
-  return l < 0 ? 0 : (l > kFftLog2MaxPlanes ? kFftLog2MaxPlanes : l);
+  return l < 1 ? 1 : (l > kFftLog2MaxPlanes ? kFftLog2MaxPlanes : l);
 }
-// Shared memory of a block: its planes, PP + 1 values apart (the loads and stores that run
-// across planes then hit distinct banks), and the twiddles.
+// Shared memory of a block: its complex planes, PP + 1 values apart (the loads and stores that
+// run across planes then hit distinct banks), and the twiddles.
 constexpr int fft_shared_bytes(int lph, int lpw) {
-  return 8 * (((1 << (lph + lpw)) + 1) << fft_log2_planes_per_block(lph, lpw)) +
+  return 8 * (((1 << (lph + lpw)) + 1) << (fft_log2_planes_per_block(lph, lpw) - 1)) +
          4 * int(kFftMaxSize);
+}
+// The most any plane size takes (each kernel opts in to it once).
+constexpr int fft_max_shared_bytes() {
+  int most = 0;
+  for (int lph = 3; (1 << lph) <= kFftMaxSize; ++lph)
+    for (int lpw = 3; (1 << lpw) <= kFftMaxSize; ++lpw)
+      most = fft_shared_bytes(lph, lpw) > most ? fft_shared_bytes(lph, lpw) : most;
+  return most;
 }
 
 // In-place radix-2 FFTs (decimation in time: inputs stored at bit-reversed row and column
@@ -112,16 +122,19 @@ __device__ __forceinline__ void fill_twiddles(float2* tw, int lpm) {
 }
 
 // spec[bin * na * nb + a * nb + b] = bin (ky, kx), kx <= Pw / 2, of plane (a, b)'s transform.
+// A pair's transform Z splits as X_2i[k] = (Z[k] + conj(Z[-k])) / 2 and
+// X_2i+1[k] = (Z[k] - conj(Z[-k])) / 2i.
 template <typename T>
 __global__ void __launch_bounds__(kFftThreads)
     fft_forward_kernel(const T* __restrict__ src, FftPlanes pl, int lph, int lpw,
                        float2* __restrict__ spec) {
   extern __shared__ float2 fft_smem[];
   const int lnp = fft_log2_planes_per_block(lph, lpw), np = 1 << lnp;
-  const int Pw = 1 << lpw, PP = 1 << (lph + lpw), PS = PP + 1, lpm = lph > lpw ? lph : lpw;
-  const int HW = Pw / 2 + 1, bins = (1 << lph) * HW;
+  const int Ph = 1 << lph, Pw = 1 << lpw, PP = 1 << (lph + lpw), PS = PP + 1;
+  const int lpm = lph > lpw ? lph : lpw, HW = Pw / 2 + 1, bins = Ph * HW;
   float2* const buf = fft_smem;
-  float2* const tw = fft_smem + np * PS;
+  float* const buf_parts = reinterpret_cast<float*>(fft_smem);
+  float2* const tw = fft_smem + (np >> 1) * PS;
   const int tid = int(threadIdx.x);
   fill_twiddles(tw, lpm);
   const int64_t groups_b = (pl.nb + np - 1) >> lnp, planes = pl.na * pl.nb;
@@ -133,22 +146,29 @@ __global__ void __launch_bounds__(kFftThreads)
       float v = 0.f;
       if (b0 + p < pl.nb && unsigned(sy) < unsigned(pl.h) && unsigned(sx) < unsigned(pl.w))
         v = to_f32<T>(src[a * pl.sa + (b0 + p) * pl.sb + sy * pl.sy + sx * pl.sx]);
-      buf[p * PS + (bit_reverse(y, lph) << lpw) + bit_reverse(x, lpw)] = make_float2(v, 0.f);
+      buf_parts[2 * ((p >> 1) * PS + (bit_reverse(y, lph) << lpw) + bit_reverse(x, lpw)) +
+                (p & 1)] = v;
     }
     __syncthreads();
-    fft2d_in_place<false>(buf, lnp, lph, lpw, tw, lpm);
+    fft2d_in_place<false>(buf, lnp - 1, lph, lpw, tw, lpm);
     for (int e = tid; e < bins << lnp; e += kFftThreads) {
-      const int p = e & (np - 1), bin = e >> lnp;
-      if (b0 + p < pl.nb)
-        spec[int64_t(bin) * planes + a * pl.nb + b0 + p] =
-            buf[p * PS + (bin / HW) * Pw + bin % HW];
+      const int p = e & (np - 1), bin = e >> lnp, ky = bin / HW, kx = bin % HW;
+      if (b0 + p >= pl.nb) continue;
+      const float2* const pair = buf + (p >> 1) * PS;
+      const float2 z = pair[ky * Pw + kx], zc = pair[((Ph - ky) & (Ph - 1)) * Pw + ((Pw - kx) & (Pw - 1))];
+      // zc holds Z[-k]; conj(Z[-k]) = (zc.x, -zc.y)
+      spec[int64_t(bin) * planes + a * pl.nb + b0 + p] =
+          (p & 1) ? make_float2(0.5f * (z.y + zc.y), -0.5f * (z.x - zc.x))
+                  : make_float2(0.5f * (z.x + zc.x), 0.5f * (z.y - zc.y));
     }
     __syncthreads();  // buf is refilled by the next group
   }
 }
 
-// The inverse of fft_forward_kernel's layout: plane (a, b)'s half spectrum, completed by
-// Hermitian symmetry, transformed back; the crop written, times `scale` (1 / (Ph * Pw)).
+// The inverse of fft_forward_kernel's layout: the half spectra of planes 2i and 2i + 1,
+// completed by Hermitian symmetry (Y[-k] = conj(Y[k]) for a real plane), combine into
+// Z = Y_2i + i Y_2i+1, whose inverse transform is y_2i + i y_2i+1; the crops are written, times
+// `scale` (1 / (Ph * Pw)).
 template <typename T>
 __global__ void __launch_bounds__(kFftThreads)
     fft_inverse_kernel(const float2* __restrict__ spec, FftPlanes pl, int lph, int lpw,
@@ -158,33 +178,36 @@ __global__ void __launch_bounds__(kFftThreads)
   const int Ph = 1 << lph, Pw = 1 << lpw, PP = 1 << (lph + lpw), PS = PP + 1;
   const int lpm = lph > lpw ? lph : lpw, HW = Pw / 2 + 1;
   float2* const buf = fft_smem;
-  float2* const tw = fft_smem + np * PS;
+  float2* const tw = fft_smem + (np >> 1) * PS;
   const int tid = int(threadIdx.x);
   fill_twiddles(tw, lpm);
   const int64_t groups_b = (pl.nb + np - 1) >> lnp, planes = pl.na * pl.nb;
   for (int64_t gi = blockIdx.x; gi < pl.na * groups_b; gi += gridDim.x) {
     const int64_t a = gi / groups_b, b0 = (gi % groups_b) << lnp;
-    for (int e = tid; e < PP << lnp; e += kFftThreads) {
-      const int p = e & (np - 1), yx = e >> lnp, ky = yx >> lpw, kx = yx & (Pw - 1);
-      float2 v = make_float2(0.f, 0.f);
-      if (b0 + p < pl.nb) {
-        const int64_t plane = a * pl.nb + b0 + p;
-        if (kx < HW) {
-          v = spec[int64_t(ky * HW + kx) * planes + plane];
-        } else {  // X[ky][kx] = conj(X[-ky][-kx]) for a real plane
-          v = spec[int64_t(((Ph - ky) & (Ph - 1)) * HW + (Pw - kx)) * planes + plane];
-          v.y = -v.y;
-        }
+    for (int e = tid; e < PP << (lnp - 1); e += kFftThreads) {
+      const int i = e & ((np >> 1) - 1), yx = e >> (lnp - 1), ky = yx >> lpw, kx = yx & (Pw - 1);
+      const bool mirrored = kx >= HW;  // Y[ky][kx] = conj(Y[-ky][-kx])
+      const int64_t bin = mirrored ? ((Ph - ky) & (Ph - 1)) * HW + (Pw - kx) : ky * HW + kx;
+      const int64_t plane = a * pl.nb + b0 + 2 * i;
+      float2 ye = make_float2(0.f, 0.f), yo = make_float2(0.f, 0.f);
+      if (b0 + 2 * i < pl.nb) ye = spec[bin * planes + plane];
+      if (b0 + 2 * i + 1 < pl.nb) yo = spec[bin * planes + plane + 1];
+      if (mirrored) {
+        ye.y = -ye.y;
+        yo.y = -yo.y;
       }
-      buf[p * PS + (bit_reverse(ky, lph) << lpw) + bit_reverse(kx, lpw)] = v;
+      buf[i * PS + (bit_reverse(ky, lph) << lpw) + bit_reverse(kx, lpw)] =
+          make_float2(ye.x - yo.y, ye.y + yo.x);
     }
     __syncthreads();
-    fft2d_in_place<true>(buf, lnp, lph, lpw, tw, lpm);
+    fft2d_in_place<true>(buf, lnp - 1, lph, lpw, tw, lpm);
     for (int e = tid; e < (pl.h * pl.w) << lnp; e += kFftThreads) {
       const int p = e & (np - 1), yx = e >> lnp, y = yx / pl.w, x = yx % pl.w;
-      if (b0 + p < pl.nb)
+      if (b0 + p < pl.nb) {
+        const float2 z = buf[(p >> 1) * PS + (y + pl.oy) * Pw + x + pl.ox];
         dst[a * pl.sa + (b0 + p) * pl.sb + y * pl.sy + x * pl.sx] =
-            from_f32<T>(buf[p * PS + (y + pl.oy) * Pw + x + pl.ox].x * scale);
+            from_f32<T>(((p & 1) ? z.y : z.x) * scale);
+      }
     }
     __syncthreads();
   }

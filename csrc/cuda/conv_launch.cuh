@@ -421,8 +421,8 @@ std::optional<cudaError_t> run_wa_padding(KParams& p, const void*& a, Workspace&
 // the plan's size (conv.py sizes it by the same rule, or for another path where its cap turns
 // the FFT off). nullopt: the op runs without it.
 // a / b as in run(); spectra of the images X, filters W and hidden H in the workspace.
-// The transforms' kernels opt in once to the largest shared memory (64 x 64 planes).
-constexpr int kFftMaxSharedBytes = fft_shared_bytes(6, 6);
+// The transforms' kernels opt in once to the largest shared memory of any plane size.
+constexpr int kFftMaxSharedBytes = fft_max_shared_bytes();
 
 int64_t fft_blocks(const FftPlanes& pl, int lph, int lpw, int nsm) {
   const int64_t groups = pl.na * cdiv(pl.nb, int64_t(1) << fft_log2_planes_per_block(lph, lpw));
