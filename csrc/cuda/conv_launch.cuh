@@ -417,11 +417,7 @@ std::optional<cudaError_t> run_wa_padding(KParams& p, const void*& a, Workspace&
   return cudaGetLastError();
 }
 
-// The FFT path (conv_fft.cuh) where jcn::fft_conv_plan takes it and the workspace has exactly
-// the plan's size (conv.py sizes it by the same rule, or for another path where its cap turns
-// the FFT off). nullopt: the op runs without it.
-// a / b as in run(); spectra of the images X, filters W and hidden H in the workspace.
-// The transforms' kernels opt in once to the largest shared memory of any plane size.
+// The FFT transforms' kernels opt in once to the largest shared memory of any plane size.
 constexpr int kFftMaxSharedBytes = fft_max_shared_bytes();
 
 int64_t fft_blocks(const FftPlanes& pl, int lph, int lpw, int nsm) {
@@ -460,6 +456,10 @@ cudaError_t launch_cgemm(const CgemmParams& p, int64_t bins, cudaStream_t stream
   return cudaGetLastError();
 }
 
+// The FFT path (conv_fft.cuh) where jcn::fft_conv_plan takes it and the workspace has exactly
+// the plan's size (conv.py sizes it by the same rule, or for another path where its cap turns
+// the FFT off). nullopt: the op runs without it. a / b as in run(); the workspace holds the
+// spectra of the images X, the filters W and the hidden tensor H.
 template <OpKind K, Layout L, typename T>
 std::optional<cudaError_t> run_fft(const jcn::ConvGeometry& g, const void* a, const void* b,
                                    void* out, Workspace ws, int nsm, cudaStream_t stream) {
