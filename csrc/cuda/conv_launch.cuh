@@ -3,7 +3,10 @@
 // conv_weight_acts.cu), each instantiating ConvImpl for its op only, so the kernels of the three
 // ops compile in parallel.
 //
-// Each op is an implicit GEMM (conv_ops.cuh) run by one tiled kernel (conv_kernel.cuh):
+// Stride-1 convolutions with large filters, where jax_convnet/geometry.py gave the call the
+// spectra's workspace (fft_conv_plan): 2-d FFTs, a complex GEMM per frequency bin, inverse FFTs
+// (conv_fft.cuh, run_fft). Otherwise each op is an implicit GEMM (conv_ops.cuh) run by one tiled
+// kernel (conv_kernel.cuh):
 //   FA  M = B*Ho*Wo, N = F, K = C*fh*fw
 //   IA  per residue class (y mod sh, x mod sw): M = B*Hq*Wq, N = C, K = F*nI*nJ (useful taps only)
 //   WA  M = C*fh*fw, N = F, K = B*partial_sum per segment; segments folded in order.
