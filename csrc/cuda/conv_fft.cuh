@@ -69,6 +69,15 @@ constexpr int fft_max_shared_bytes() {
   return most;
 }
 
+// buf[i0], buf[i1] <- buf[i0] +- w buf[i1] (kInverse: the conjugate twiddle).
+template <bool kInverse>
+__device__ __forceinline__ void butterfly(float2* buf, int i0, int i1, float2 w) {
+  if (kInverse) w.y = -w.y;
+  const float2 t = cmul(w, buf[i1]), u = buf[i0];
+  buf[i0] = make_float2(u.x + t.x, u.y + t.y);
+  buf[i1] = make_float2(u.x - t.x, u.y - t.y);
+}
+
 // In-place radix-2 FFTs (decimation in time: inputs stored at bit-reversed row and column
 // indices, outputs in natural order) of 2^lnp planes of Ph x Pw, PP + 1 values apart, rows
 // then columns. tw[t] = exp(-2 pi i t / Pm) for t < Pm / 2, Pm = max(Ph, Pw); kInverse uses
@@ -86,11 +95,7 @@ __device__ void fft2d_in_place(float2* buf, int lnp, int lph, int lpw, const flo
       const int i0 = (row >> lph) * PS + (row & ((1 << lph) - 1)) * Pw +
                      ((pos >> s) << (s + 1)) + k,
                 i1 = i0 + half;
-      float2 w = tw[k << (lpm - s - 1)];
-      if (kInverse) w.y = -w.y;
-      const float2 t = cmul(w, buf[i1]), u = buf[i0];
-      buf[i0] = make_float2(u.x + t.x, u.y + t.y);
-      buf[i1] = make_float2(u.x - t.x, u.y - t.y);
+      butterfly<kInverse>(buf, i0, i1, tw[k << (lpm - s - 1)]);
     }
     __syncthreads();
   }
@@ -102,11 +107,7 @@ __device__ void fft2d_in_place(float2* buf, int lnp, int lph, int lpw, const flo
       const int k = pos & (half - 1);
       const int y0 = ((pos >> s) << (s + 1)) + k;
       const int i0 = p * PS + y0 * Pw + x, i1 = i0 + half * Pw;
-      float2 w = tw[k << (lpm - s - 1)];
-      if (kInverse) w.y = -w.y;
-      const float2 t = cmul(w, buf[i1]), u = buf[i0];
-      buf[i0] = make_float2(u.x + t.x, u.y + t.y);
-      buf[i1] = make_float2(u.x - t.x, u.y - t.y);
+      butterfly<kInverse>(buf, i0, i1, tw[k << (lpm - s - 1)]);
     }
     __syncthreads();
   }
