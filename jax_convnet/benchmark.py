@@ -19,9 +19,9 @@ under ~30 us would measure as the dispatch time). ``--inner`` times loops of hos
 Each row also compares our output with XLA's (max |ours - XLA| / max |XLA|); float32 "highest"
 rows (and every conv row with ``--ref-err``) compare both with a float64 reference (XLA's float64
 convolution), which shows whose result has float32 accuracy. ``--xla-no-tf32`` sets
-``NVIDIA_TF32_OVERRIDE=0`` before the GPU starts, so that cuDNN keeps XLA's float32 convolutions
-off TF32 (XLA's "highest" convolutions on the H100 / H200 otherwise run at TF32 speed with
-TF32-grade error); run it for the "highest" rows only, in a run of their own. Convolutions report
+``NVIDIA_TF32_OVERRIDE=0`` before the GPU starts, so that cuDNN may not use TF32 for any of XLA's
+float32 convolutions (for the "highest" rows, in a run of their own: on the H200 their times and
+errors are the same either way, see benchmarks/RESULTS.md). Convolutions report
 TFLOP/s (2 * N * F * Ho * Wo * C * fh * fw), pools GB/s counting (input + output) bytes forward and
 (2 * input + output) backward, as the baselines do; with pool rows the run also measures the
 device's copy bandwidth (``measure_copy_gbps``) and records it as ``copy_gbps``. The ratio is XLA's time over ours (> 1: ours is
