@@ -5,7 +5,8 @@
 # (default: all, in that order), plus `profile` (Nsight Compute over benchmark rows, not in the
 # default). Logs go to $OUT (or ./gpu_check_out). Environment: PYTEST_K (a -k expression),
 # PYTEST_PATHS (test files, relative to tests/; default all), PYTEST_ARGS, BENCH_ARGS,
-# PROFILE_ROWS, PROFILE_KERNELS and per-stage *_TIMEOUT_S.
+# PROFILE_ROWS, PROFILE_KERNELS, PROFILE_LAUNCHES (kernels per row: the FFT path launches 4 per
+# op) and per-stage *_TIMEOUT_S.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_check_out}; mkdir -p "$OUT"
@@ -57,7 +58,8 @@ bench)
   ;;
 profile)
   # One ncu report per row: the second call of the row's op (the first compiles and warms up),
-  # the kernels matching PROFILE_KERNELS; the sections say where the time goes.
+  # its first PROFILE_LAUNCHES kernels matching PROFILE_KERNELS; the sections say where the time
+  # goes.
   ncu=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
   # Why warps wait: cycles stalled per issued instruction, by reason (the sections give totals).
   stalls=sm__pipe_tensor_cycles_active.avg.pct_of_peak_sustained_active
@@ -68,14 +70,16 @@ profile)
   for row in ${PROFILE_ROWS:-conv/L2/fprop/bf16/NHWC conv/L2/bprop_data/bf16/NHWC}; do
     step "ncu $row (log: $OUT/profile.txt)"
     echo "=== $row" >>"$OUT/profile.txt"
-    timeout ${PROFILE_TIMEOUT_S:-120} "$ncu" --kernel-name "${PROFILE_KERNELS:-regex:conv_(gemm|mma)|max_pool}" \
-      --launch-skip 1 --launch-count 1 --section SpeedOfLight --section Occupancy \
+    launches=${PROFILE_LAUNCHES:-1}
+    timeout ${PROFILE_TIMEOUT_S:-120} "$ncu" \
+      --kernel-name "${PROFILE_KERNELS:-regex:conv_(gemm|mma)|max_pool|fft_|cgemm_}" \
+      --launch-skip $launches --launch-count $launches --section SpeedOfLight --section Occupancy \
       --section LaunchStats --section WarpStateStats --section SchedulerStats \
       --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis --metrics "$stalls" \
       python3 -P benchmarks/profile_rows.py "$row" \
       >>"$OUT/profile.txt" 2>&1 || { tail -20 "$OUT/profile.txt"; status=1; }
     grep -E "Duration|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per|issue_stalled|pipe_tensor" \
-      "$OUT/profile.txt" | tail -15
+      "$OUT/profile.txt" | tail -$((15 * launches))
   done
   ;;
 *) echo "unknown stage $stage (build test sanitize bench profile)"; exit 2;;
