@@ -113,13 +113,25 @@ __device__ void fft2d_in_place(float2* buf, int lnp, int lph, int lpw, const flo
   }
 }
 
-__device__ __forceinline__ void fill_twiddles(float2* tw, int lpm) {
+// Fills tw[t] = exp(-2 pi i t / Pm), t < Pm / 2 (read after the block's next barrier).
+__device__ __forceinline__ const float2* fft_twiddles(float2* tw, int lpm) {
   const int Pm = 1 << lpm;
   for (int t = int(threadIdx.x); t < Pm / 2; t += kFftThreads) {
     float s, c;
     sincospif(-2.f * float(t) / float(Pm), &s, &c);  // exact argument: t / Pm is a dyadic
     tw[t] = make_float2(c, s);
   }
+  return tw;
+}
+
+// A transform block: 2^lnp planes (np, in pairs) of Ph x Pw = PP values, the pairs' complex
+// planes PS apart in shared memory; Pm = 2^lpm = max(Ph, Pw); HW bins per half-spectrum row.
+struct FftBlockShape {
+  int lnp, np, Ph, Pw, PP, PS, lpm, HW;
+};
+__device__ __forceinline__ FftBlockShape fft_block_shape(int lph, int lpw) {
+  const int lnp = fft_log2_planes_per_block(lph, lpw), PP = 1 << (lph + lpw);
+  return {lnp, 1 << lnp, 1 << lph, 1 << lpw, PP, PP + 1, lph > lpw ? lph : lpw, (1 << lpw) / 2 + 1};
 }
 
 // spec[bin * na * nb + a * nb + b] = bin (ky, kx), kx <= Pw / 2, of plane (a, b)'s transform.
@@ -130,14 +142,12 @@ __global__ void __launch_bounds__(kFftThreads)
     fft_forward_kernel(const T* __restrict__ src, FftPlanes pl, int lph, int lpw,
                        float2* __restrict__ spec) {
   extern __shared__ float2 fft_smem[];
-  const int lnp = fft_log2_planes_per_block(lph, lpw), np = 1 << lnp;
-  const int Ph = 1 << lph, Pw = 1 << lpw, PP = 1 << (lph + lpw), PS = PP + 1;
-  const int lpm = lph > lpw ? lph : lpw, HW = Pw / 2 + 1, bins = Ph * HW;
+  const auto [lnp, np, Ph, Pw, PP, PS, lpm, HW] = fft_block_shape(lph, lpw);
+  const int bins = Ph * HW;
   float2* const buf = fft_smem;
   float* const buf_parts = reinterpret_cast<float*>(fft_smem);
-  float2* const tw = fft_smem + (np >> 1) * PS;
+  const float2* const tw = fft_twiddles(fft_smem + (np >> 1) * PS, lpm);
   const int tid = int(threadIdx.x);
-  fill_twiddles(tw, lpm);
   const int64_t groups_b = (pl.nb + np - 1) >> lnp, planes = pl.na * pl.nb;
   for (int64_t gi = blockIdx.x; gi < pl.na * groups_b; gi += gridDim.x) {
     const int64_t a = gi / groups_b, b0 = (gi % groups_b) << lnp;
@@ -175,13 +185,10 @@ __global__ void __launch_bounds__(kFftThreads)
     fft_inverse_kernel(const float2* __restrict__ spec, FftPlanes pl, int lph, int lpw,
                        float scale, T* __restrict__ dst) {
   extern __shared__ float2 fft_smem[];
-  const int lnp = fft_log2_planes_per_block(lph, lpw), np = 1 << lnp;
-  const int Ph = 1 << lph, Pw = 1 << lpw, PP = 1 << (lph + lpw), PS = PP + 1;
-  const int lpm = lph > lpw ? lph : lpw, HW = Pw / 2 + 1;
+  const auto [lnp, np, Ph, Pw, PP, PS, lpm, HW] = fft_block_shape(lph, lpw);
   float2* const buf = fft_smem;
-  float2* const tw = fft_smem + (np >> 1) * PS;
+  const float2* const tw = fft_twiddles(fft_smem + (np >> 1) * PS, lpm);
   const int tid = int(threadIdx.x);
-  fill_twiddles(tw, lpm);
   const int64_t groups_b = (pl.nb + np - 1) >> lnp, planes = pl.na * pl.nb;
   for (int64_t gi = blockIdx.x; gi < pl.na * groups_b; gi += gridDim.x) {
     const int64_t a = gi / groups_b, b0 = (gi % groups_b) << lnp;
