@@ -275,9 +275,10 @@ FFT_CASES = {
 def test_fft_path_matches_reference(case, dtype, precision, layout):
     """The three ops through 2-d FFTs (the spectra are the custom calls' workspace): float32
     arithmetic throughout, so float32's accuracy at every precision (16-bit types: their own
-    rounding of the result); an odd number of planes (transformed in pairs), planes partly
-    filling a block, bins partly filling a GEMM tile, rectangular transforms and uneven
-    padding; outputs poisoned; bitwise reproducible."""
+    rounding of the result; float32 at default precision within float32's bound shows that the
+    kernels took the path the workspace was sized for, not TF32); an odd number of planes
+    (transformed in pairs), planes partly filling a block, bins partly filling a GEMM tile,
+    rectangular transforms and uneven padding; outputs poisoned; bitwise reproducible."""
     n, c, hw, f, window, padding = FFT_CASES[case][0]
     x = images(20, layout, n, c, *hw, dtype)
     w = filters(21, layout, f, c, *window, dtype) * 0.1
