@@ -224,11 +224,11 @@ __global__ void __launch_bounds__(kFftThreads)
 // Per bin q: C_q = A_q * op(B_q) (op: conjugate or not), M x N = (M x K) (K x N), complex
 // float. Element strides: (m, k) of A at q * sAq + m * sAm + k * sAk, and so on.
 struct CgemmParams {
-  const float2* A;
-  const float2* B;
-  float2* C;
-  int64_t M, N, K, tiles_n;
+  int64_t M, N, K;
   int64_t sAq, sAm, sAk, sBq, sBk, sBn, sCq, sCm, sCn;
+  const float2* A = nullptr;
+  const float2* B = nullptr;
+  float2* C = nullptr;
 };
 
 constexpr int kCgBM = 64, kCgBN = 64, kCgBK = 16, kCgThreads = 256;
@@ -258,9 +258,10 @@ __global__ void __launch_bounds__(kCgThreads, 2) cgemm_bins_kernel(const CgemmPa
       if (kConjB) rb[l].y = -rb[l].y;
     }
   };
-  for (int64_t tile = blockIdx.x; tile < ((p.M + kCgBM - 1) / kCgBM) * p.tiles_n;
+  const int64_t tiles_n = (p.N + kCgBN - 1) / kCgBN;
+  for (int64_t tile = blockIdx.x; tile < ((p.M + kCgBM - 1) / kCgBM) * tiles_n;
        tile += gridDim.x) {
-    const int64_t m0 = (tile / p.tiles_n) * kCgBM, n0 = (tile % p.tiles_n) * kCgBN;
+    const int64_t m0 = (tile / tiles_n) * kCgBM, n0 = (tile % tiles_n) * kCgBN;
     float2 acc[4][4];
 #pragma unroll
     for (int i = 0; i < 4; ++i)

@@ -452,7 +452,7 @@ cudaError_t fft_inverse(const float2* spec, const FftPlanes& pl, int lph, int lp
 
 template <bool kAUnitK, bool kBUnitN, bool kConjB>
 cudaError_t launch_cgemm(const CgemmParams& p, int64_t bins, cudaStream_t stream) {
-  const int64_t tiles = cdiv(p.M, kCgBM) * p.tiles_n;
+  const int64_t tiles = cdiv(p.M, kCgBM) * cdiv(p.N, kCgBN);
   cgemm_bins_kernel<kAUnitK, kBUnitN, kConjB>
       <<<dim3(unsigned(std::min<int64_t>(tiles, 65535)), unsigned(bins)), kCgThreads, 0, stream>>>(
           p);
@@ -493,35 +493,37 @@ std::optional<cudaError_t> run_fft(const jcn::ConvGeometry& g, const void* a, co
   // Within a bin: X(n, c) at n * sXn + c * sXc, W(c, f) at c * F + f, H(n, f) likewise.
   const int64_t sXn = c01b ? 1 : C, sXc = c01b ? N : 1, sHn = c01b ? 1 : F, sHf = c01b ? N : 1;
 
-  cudaError_t err = cudaSuccess;
-  CgemmParams cg{};
-  const float2* spec_out = nullptr;
-  const FftPlanes* out_planes = nullptr;
+  // Per op: which planes the operands a and b and the result are, where their spectra go, and
+  // the bin GEMM over them (dimensions and strides; its operands are those spectra).
+  struct Side {
+    const FftPlanes* planes;
+    float2* spec;
+  };
+  Side in_a, in_b, res;
+  CgemmParams cg;
   if constexpr (K == OpKind::kFA) {  // H = X conj(W): (n x c) (c x f)
-    if ((err = fft_forward<T>(a, images, lph, lpw, spec_x, nsm, stream)) != cudaSuccess ||
-        (err = fft_forward<T>(b, filters, lph, lpw, spec_w, nsm, stream)) != cudaSuccess)
-      return err;
-    cg = CgemmParams{spec_x, spec_w, spec_h, N,   F, C, cdiv(F, kCgBN), N * C, sXn, sXc,
-                     C * F,  F,      1,      N * F, sHn, sHf};
-    spec_out = spec_h;
-    out_planes = &hidden;
+    in_a = {&images, spec_x};
+    in_b = {&filters, spec_w};
+    res = {&hidden, spec_h};
+    cg = CgemmParams{N, F, C, N * C, sXn, sXc, C * F, F, 1, N * F, sHn, sHf};
   } else if constexpr (K == OpKind::kIA) {  // X = H W^T: (n x f) (f x c)
-    if ((err = fft_forward<T>(a, hidden, lph, lpw, spec_h, nsm, stream)) != cudaSuccess ||
-        (err = fft_forward<T>(b, filters, lph, lpw, spec_w, nsm, stream)) != cudaSuccess)
-      return err;
-    cg = CgemmParams{spec_h, spec_w, spec_x, N,   C, F, cdiv(C, kCgBN), N * F, sHn, sHf,
-                     C * F,  1,      F,      N * C, sXn, sXc};
-    spec_out = spec_x;
-    out_planes = &images;
+    in_a = {&hidden, spec_h};
+    in_b = {&filters, spec_w};
+    res = {&images, spec_x};
+    cg = CgemmParams{N, C, F, N * F, sHn, sHf, C * F, 1, F, N * C, sXn, sXc};
   } else {  // W = X^T conj(H): (c x n) (n x f)
-    if ((err = fft_forward<T>(a, images, lph, lpw, spec_x, nsm, stream)) != cudaSuccess ||
-        (err = fft_forward<T>(b, hidden, lph, lpw, spec_h, nsm, stream)) != cudaSuccess)
-      return err;
-    cg = CgemmParams{spec_x, spec_h, spec_w, C,   F,   N, cdiv(F, kCgBN), N * C, sXc, sXn,
-                     N * F,  sHn,    sHf,    C * F, F,   1};
-    spec_out = spec_w;
-    out_planes = &filters;
+    in_a = {&images, spec_x};
+    in_b = {&hidden, spec_h};
+    res = {&filters, spec_w};
+    cg = CgemmParams{C, F, N, N * C, sXc, sXn, N * F, sHn, sHf, C * F, F, 1};
   }
+  cg.A = in_a.spec;
+  cg.B = in_b.spec;
+  cg.C = res.spec;
+  cudaError_t err;
+  if ((err = fft_forward<T>(a, *in_a.planes, lph, lpw, in_a.spec, nsm, stream)) != cudaSuccess ||
+      (err = fft_forward<T>(b, *in_b.planes, lph, lpw, in_b.spec, nsm, stream)) != cudaSuccess)
+    return err;
   constexpr bool kConj = K != OpKind::kIA;
   const bool a_unit_k = cg.sAk == 1, b_unit_n = cg.sBn == 1;
   if (a_unit_k) {
@@ -532,7 +534,7 @@ std::optional<cudaError_t> run_fft(const jcn::ConvGeometry& g, const void* a, co
                    : launch_cgemm<false, false, kConj>(cg, bins, stream);
   }
   if (err != cudaSuccess) return err;
-  return fft_inverse<T>(spec_out, *out_planes, lph, lpw, out, nsm, stream);
+  return fft_inverse<T>(res.spec, *res.planes, lph, lpw, out, nsm, stream);
 }
 
 // The op for one layout and element type, once geometry and attributes are checked.
