@@ -230,19 +230,15 @@ def _float64_reference_errors(xla_fn, fn_args, outputs) -> list[float]:
     """max |y - ref| / max |ref| of each output against XLA's float64 convolution."""
     with jax.enable_x64(True):
         ref = jax.jit(xla_fn)(*(a.astype(jnp.float64) for a in fn_args))
-        return [float(_max_rel_err_f64(y, ref)) for y in outputs]
+        return [float(_max_rel_err(y, ref, jnp.float64)) for y in outputs]
 
 
-@jax.jit
-def _max_rel_err_f64(a, b):
-    a, b = a.astype(jnp.float64), b.astype(jnp.float64)
-    return jnp.max(jnp.abs(a - b)) / jnp.maximum(jnp.max(jnp.abs(b)), 1e-300)
-
-
-@jax.jit
-def _max_rel_err(a, b):
-    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
-    return jnp.max(jnp.abs(a - b)) / jnp.maximum(jnp.max(jnp.abs(b)), jnp.float32(1e-30))
+@functools.partial(jax.jit, static_argnums=2)
+def _max_rel_err(a, b, dtype=jnp.float32):
+    """max |a - b| / max |b|, computed in ``dtype`` (float32, or float64 against a reference)."""
+    tiny = 1e-30 if dtype == jnp.float32 else 1e-300
+    a, b = a.astype(dtype), b.astype(dtype)
+    return jnp.max(jnp.abs(a - b)) / jnp.maximum(jnp.max(jnp.abs(b)), jnp.asarray(tiny, dtype))
 
 
 # ----------------------------------------------------------------------------- timing

@@ -8,6 +8,7 @@ import pytest
 from jax.test_util import check_grads
 
 import jax_convnet as jcn
+from jax_convnet import benchmark
 from jax_convnet import reference as ref
 from conftest import (DTYPES, LAYOUTS, assert_close, filters, hlo_text, images, rand,
                       run_poisoned)
@@ -234,17 +235,13 @@ def test_fft_path_takes_stride_one_layers_with_large_filters():
     workspace holds the images', filters' and hidden tensor's spectra. Baseline layers at batch
     128: at float32 accuracy L2 / L3 (9x9), L4 (7x7) and AlexNet conv2 (5x5), for TF32 L2 / L3,
     in 16-bit types none; never L5 / conv3 (3x3), L1 (128 x 128 images) or conv1 (stride 4)."""
-    layers = {  # C, H, W, F, fh, stride, pad
-        "L1": (3, 128, 128, 96, 11, 1, 0), "L2": (64, 64, 64, 128, 9, 1, 0),
-        "L3": (128, 32, 32, 128, 9, 1, 0), "L4": (128, 16, 16, 128, 7, 1, 0),
-        "L5": (384, 13, 13, 384, 3, 1, 0), "alex1": (3, 224, 224, 64, 11, 4, 2),
-        "alex2": (64, 27, 27, 192, 5, 1, 2), "alex3": (192, 13, 13, 384, 3, 1, 1)}
+    layers = benchmark.GPU_LAYERS  # (N, C, H, W, F, fh, fw, stride, pad), N = 128
 
     def plan(name, itemsize=4, precision="highest", op="filter_acts", partial_sum=0,
              cap_bytes=jcn.geometry.FFT_MAX_BYTES):
-        c, h, w, f, k, stride, pad = layers[name]
+        n, c, h, w, f, fh, fw, stride, pad = layers[name]
         return jcn.geometry.fft_conv_plan(
-            op=op, batch=128, channels=c, filters=f, image_hw=(h, w), filter_hw=(k, k),
+            op=op, batch=n, channels=c, filters=f, image_hw=(h, w), filter_hw=(fh, fw),
             stride=(stride, stride), pads=((pad, pad), (pad, pad)), partial_sum=partial_sum,
             itemsize=itemsize, precision=precision, cap_bytes=cap_bytes)
 
