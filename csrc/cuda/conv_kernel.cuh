@@ -19,11 +19,8 @@
 namespace jax_convnet {
 namespace cuda_conv {
 
-// Gathers one operand tile (R rows x BK) per k-step. kMayWalkK: allow the k-walking thread order
-// (below); the cp.async pipeline does not, since its 16-byte copies bypass L1 and a k-walk reads
-// half of each 32-byte sector.
-template <class Op, bool kIsA, int R, int BK, int NT, typename T, typename Idx, int VEC,
-          bool kMayWalkK = true>
+// Gathers one operand tile (R rows x BK) per k-step.
+template <class Op, bool kIsA, int R, int BK, int NT, typename T, typename Idx, int VEC>
 struct Loader {
   static constexpr bool ROWC = kIsA ? Op::A_ROWC : Op::B_ROWC;
   static constexpr int NV = R * BK / VEC;  // vectors per tile
@@ -31,9 +28,12 @@ struct Loader {
   // Thread order over the tile. Row-contiguous operands normally put consecutive threads on
   // consecutive vectors of one k (fully coalesced, one row per thread, SLOTS k's per thread).
   // When a thread would own >= 4 k's of an operand whose k decomposition costs divisions,
-  // consecutive threads walk k instead (one k per thread and k-tile, SLOTS rows per thread).
+  // consecutive threads walk k instead: one k per thread and k-tile (one decomposition), SLOTS
+  // consecutive vectors along the rows. A warp's access then reads half of each 32-byte sector
+  // and the thread's next one the other half: the second read hits L1 (register loads do not
+  // bypass it; cp.async is asked to go through it).
   static constexpr bool KWALK =
-      kMayWalkK && ROWC && SLOTS >= 4 && (kIsA ? Op::A_KDIV : Op::B_KDIV) && NT % BK == 0;
+      ROWC && SLOTS >= 4 && (kIsA ? Op::A_KDIV : Op::B_KDIV) && NT % BK == 0;
   static_assert(R * BK % VEC == 0 && (ROWC ? R % VEC == 0 : BK % VEC == 0), "vec");
   using V = Vec<T, VEC>;
 
@@ -44,19 +44,24 @@ struct Loader {
   V reg[SLOTS];
 
   __device__ __forceinline__ static bool live(int s) {
-    return NV % NT == 0 || int(threadIdx.x) + s * NT < NV;
+    if constexpr (KWALK) {
+      return NV % NT == 0 || int(threadIdx.x) / BK * SLOTS + s < R / VEC;
+    } else {
+      return NV % NT == 0 || int(threadIdx.x) + s * NT < NV;
+    }
   }
   // Tile position (row, kk) of slot s's first element; the vector runs along rows (ROWC) or k.
   __device__ __forceinline__ static void pos(int s, int& row, int& kk) {
-    const int v = int(threadIdx.x) + s * NT;
     if constexpr (KWALK) {
-      kk = v % BK;
-      row = (v / BK) * VEC;
+      kk = int(threadIdx.x) % BK;
+      row = (int(threadIdx.x) / BK * SLOTS + s) * VEC;
     } else if constexpr (ROWC) {
+      const int v = int(threadIdx.x) + s * NT;
       constexpr int Q = R / VEC;
       row = (v % Q) * VEC;
       kk = v / Q;
     } else {
+      const int v = int(threadIdx.x) + s * NT;
       constexpr int Q = BK / VEC;
       kk = (v % Q) * VEC;
       row = v / Q;
@@ -123,16 +128,11 @@ struct Loader {
   // Stages as in store(): the vector is contiguous in the stage.
   __device__ __forceinline__ void copy_async(T* stage, int ld, const KParams& p, const Tile<Idx>& t,
                                              const T* src, int64_t seg, Idx k0) const {
-    constexpr int kBytes = VEC * int(sizeof(T));
     for_each_slot(p, t, seg, k0, [&](int s, Idx off, bool ok) {
       int row, kk;
       pos(s, row, kk);
       T* dst = stage + (ROWC ? kk * ld + row : row * ld + kk);
-      if constexpr (kBytes == 16) {
-        cp_async16(dst, ok ? src + off : src, ok);
-      } else {
-        cp_async_small<kBytes>(dst, ok ? src + off : src, ok);
-      }
+      cp_async<VEC * int(sizeof(T)), KWALK>(dst, ok ? src + off : src, ok);
     });
   }
   // buf: one stage of S, [BK][ld] (kKMajor) or [R][ld] (row-major, operands contiguous along k).

@@ -20,9 +20,9 @@
 //          count 4 bytes at a time, 16-bit ones of weight_acts 8):
 //          mma.sync with a cp.async pipeline (conv_mma.cuh); bf16 / f16,
 //          float32 as TF32 (precision Default) or 3xTF32 (High / Highest: float32 accuracy);
-//          a 128 x 32 tile up to 32 columns (kMmaThin: image_acts into RGB), else 128 x 128
-//          (kMmaWide) unless 64 columns waste fewer or the device's shared memory per block is
-//          too small for it (kMmaNarrow, 128 x 64).
+//          a 128 x 32 tile up to 32 columns (kMmaThin: image_acts into RGB), else the widest of
+//          128 x 128 (kMmaWide), 128 x 96 (kMmaMid) and 128 x 64 (kMmaNarrow) that wastes the
+//          fewest columns and fits the device's shared memory per block.
 //   kWmma  otherwise, when N >= 16: bf16 / f16 / TF32: nvcuda::wmma, register-staged
 //          (conv_kernel.cuh).
 // Else FFMA with a 128x64 tile (or 512x4 for N <= 8). Accumulation is float32 everywhere.
@@ -65,7 +65,7 @@ using namespace jax_convnet::cuda_conv;
 using jcn::Layout;
 
 enum class OpKind { kFA, kIA, kWA };
-enum class Path { kWide, kNarrow, kWmma, kMmaWide, kMmaNarrow, kMmaThin };
+enum class Path { kWide, kNarrow, kWmma, kMmaWide, kMmaMid, kMmaNarrow, kMmaThin };
 
 constexpr int64_t kIdx32Limit = int64_t(1) << 30;  // everything below this uses 32-bit indices
 // Temporary memory of image_acts and weight_acts, an extra result of their custom calls (graph
@@ -126,15 +126,29 @@ cudaError_t launch_mma(const KParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-// The mma tile for N columns: 32 wide up to 32 columns, else 128 unless 64 wastes fewer (or the
-// 128-wide tile's shared memory does not fit the device).
-inline Path mma_path(int64_t N, bool wide_fits) {
+// The mma tile for N columns: 32 wide up to 32 columns, else the widest of 128, 96 and 64 that
+// wastes the fewest columns (128 / 96 only where the device's shared memory fits them; 96 not for
+// 3xTF32, split, whose extra fragments make it spill).
+inline Path mma_path(int64_t N, bool wide_fits, bool mid_fits, bool split) {
   if (N <= 32) return Path::kMmaThin;
-  const bool wide = cdiv(N, 128) * 128 - N <= cdiv(N, 64) * 64 - N;
-  return wide && wide_fits ? Path::kMmaWide : Path::kMmaNarrow;
+  mid_fits = mid_fits && !split;
+  auto waste = [N](int64_t width) { return cdiv(N, width) * width - N; };
+  const int64_t least =
+      std::min({wide_fits ? waste(128) : N, mid_fits ? waste(96) : N, waste(64)});
+  if (wide_fits && waste(128) == least) return Path::kMmaWide;
+  if (mid_fits && waste(96) == least) return Path::kMmaMid;
+  return Path::kMmaNarrow;
 }
 bool is_mma(Path path) {
-  return path == Path::kMmaWide || path == Path::kMmaNarrow || path == Path::kMmaThin;
+  return path == Path::kMmaWide || path == Path::kMmaMid || path == Path::kMmaNarrow ||
+         path == Path::kMmaThin;
+}
+template <typename T>
+int mma_tile_columns(Path path) {
+  return path == Path::kMmaWide  ? MmaWide<T>::BN
+         : path == Path::kMmaMid ? MmaMid<T>::BN
+         : path == Path::kMmaThin ? MmaThin<T>::BN
+                                  : MmaNarrow<T>::BN;
 }
 
 template <class Op, class Cfg, typename T, int kAVec>
@@ -148,9 +162,14 @@ cudaError_t launch_mma_split(const KParams& p, bool split, cudaStream_t stream) 
 template <class Op, typename T, int kAVec = 16 / int(sizeof(T))>
 cudaError_t launch_mma_for(const KParams& p, Path path, bool split, cudaStream_t stream) {
   if (path == Path::kMmaThin) return launch_mma_split<Op, MmaThin<T>, T, kAVec>(p, split, stream);
-  if constexpr (kAVec * int(sizeof(T)) >= 8) {  // (single-float copies: never the wide tile)
+  if constexpr (kAVec * int(sizeof(T)) >= 8) {  // (single-float copies: never these two)
     if (path == Path::kMmaWide)
       return launch_mma_split<Op, MmaWide<T>, T, kAVec>(p, split, stream);
+    // 128 x 96: mma_path and run() never choose it with 3xTF32 or for the fold.
+    if constexpr (!Op::kFold) {
+      if (path == Path::kMmaMid && !split)
+        return launch_mma<Op, MmaMid<T>, T, false, kAVec>(p, stream);
+    }
   }
   return launch_mma_split<Op, MmaNarrow<T>, T, kAVec>(p, split, stream);
 }
@@ -338,11 +357,13 @@ cudaError_t launch_col2im(const KParams& q, int nsm, cudaStream_t stream) {
 // time: when the workspace holds at least one chunk (jax_convnet/conv.py sizes it only where this
 // path pays: few channels, large filters) and the tensor cores can read both operands in place.
 // OpIACols reads the hidden tensor and the filters along the same contiguous dimensions as OpIA,
-// with the same shared-memory plans: run()'s mma_ok / mma_wide_fits hold for it too.
+// with the same shared-memory plans: run()'s mma_ok / mma_wide_fits / mma_mid_fits hold for it
+// too.
 // nullopt: not applicable here (the caller picks another kernel).
 template <Layout L, typename T>
 std::optional<cudaError_t> run_ia_columns(KParams p, Workspace ws, bool split, bool mma_ok,
-                                          bool mma_wide_fits, int nsm, cudaStream_t stream) {
+                                          bool mma_wide_fits, bool mma_mid_fits, int nsm,
+                                          cudaStream_t stream) {
   using Op = OpIACols<L, int32_t>;
   static_assert(Op::A_ROWC == OpIA<L, int32_t>::A_ROWC && Op::B_ROWC == OpIA<L, int32_t>::B_ROWC,
                 "the mma plans of OpIACols and OpIA are the same");
@@ -358,8 +379,8 @@ std::optional<cudaError_t> run_ia_columns(KParams p, Workspace ws, bool split, b
     return std::nullopt;
   int64_t nb = cdiv(p.B, cdiv(p.B, nb_max));  // the fewest chunks, balanced
   if (c01b) nb = std::min(nb_max, cdiv(nb, kVec) * kVec);
-  const Path path = mma_path(N, mma_wide_fits);
-  const int BN = path == Path::kMmaWide ? MmaWide<T>::BN : MmaNarrow<T>::BN;
+  const Path path = mma_path(N, mma_wide_fits, mma_mid_fits, split);
+  const int BN = mma_tile_columns<T>(path);
   p.slots = static_cast<float*>(ws.data);
   p.N = N;
   p.K = p.F;
@@ -373,9 +394,7 @@ std::optional<cudaError_t> run_ia_columns(KParams p, Workspace ws, bool split, b
     q.M = q.B * positions;
     q.tiles_m = cdiv(q.M, MmaWide<T>::BM);
     q.units = q.tiles_m * q.tiles_n;
-    cudaError_t err = path == Path::kMmaWide
-                          ? launch_mma_split<Op, MmaWide<T>, T, kVec>(q, split, stream)
-                          : launch_mma_split<Op, MmaNarrow<T>, T, kVec>(q, split, stream);
+    cudaError_t err = launch_mma_for<Op, T, kVec>(q, path, split, stream);
     if (err != cudaSuccess) return err;
     if ((err = launch_col2im<T, L>(q, nsm, stream)) != cudaSuccess) return err;
   }
@@ -675,6 +694,7 @@ ffi::Error run(cudaStream_t stream, Workspace workspace, const jcn::ConvGeometry
   const bool mma_ok = (a_vec16 || a_narrow) && cb % kMmaVec == 0 && aligned(b, 16) &&
                       MmaPlanOf<OpMma, MmaNarrow<T>, T, int32_t>::TOTAL <= smem_optin;
   const bool mma_wide_fits = MmaPlanOf<OpMma, MmaWide<T>, T, int32_t>::TOTAL <= smem_optin;
+  const bool mma_mid_fits = MmaPlanOf<OpMma, MmaMid<T>, T, int32_t>::TOTAL <= smem_optin;
 
   // image_acts into RGB: through columns where the call has a workspace (large filters: L1 /
   // alex1 2.3-2.8x the direct kernel, H200), else the direct kernel for float32 (3 to 4x the
@@ -683,7 +703,8 @@ ffi::Error run(cudaStream_t stream, Workspace workspace, const jcn::ConvGeometry
   if constexpr (K == OpKind::kIA) {
     if (!idx64 && workspace.bytes > 0) {
       const std::optional<cudaError_t> done =
-          run_ia_columns<L, T>(p, workspace, split, mma_ok, mma_wide_fits, nsm, stream);
+          run_ia_columns<L, T>(p, workspace, split, mma_ok, mma_wide_fits, mma_mid_fits, nsm,
+                               stream);
       if (done && *done != cudaSuccess) return cuda_error(kOp, "kernel launch", *done);
       if (done) return ffi::Error::Success();
     }
@@ -696,8 +717,12 @@ ffi::Error run(cudaStream_t stream, Workspace workspace, const jcn::ConvGeometry
 
   Path path = Path::kWide;
   if (!idx64 && M >= 16 && mma_ok) {
-    // Single-float copies of A: the 128 x 128 tile spills (16 or 32 copies per thread and k-tile).
-    path = mma_path(N, mma_wide_fits && !(a_narrow && kNarrow * sizeof(T) < 8));
+    // Single-float copies of A: the 128 x 128 tile spills (16 or 32 copies per thread and k-tile);
+    // the 128 x 96 one is not instantiated for them, nor for weight_acts with partial sums (the
+    // kernel that folds them holds two accumulator sets: it would spill).
+    const bool a_single = a_narrow && kNarrow * sizeof(T) < 8;
+    const bool folds = K == OpKind::kWA && p.nseg > 1;
+    path = mma_path(N, mma_wide_fits && !a_single, mma_mid_fits && !a_single && !folds, split);
   } else if (!idx64 && !split && N >= 16 && M >= 16) {
     path = Path::kWmma;
   } else if (!idx64 && K != OpKind::kWA && N <= 8) {
@@ -714,9 +739,7 @@ ffi::Error run(cudaStream_t stream, Workspace workspace, const jcn::ConvGeometry
   }
   int BM = 128, BN = 64, BK = CfgWide::BK;
   if (mma) {
-    BN = path == Path::kMmaWide ? MmaWide<T>::BN
-         : path == Path::kMmaThin ? MmaThin<T>::BN
-                                  : MmaNarrow<T>::BN;
+    BN = mma_tile_columns<T>(path);
     BK = MmaWide<T>::BK;
   } else if (path == Path::kWmma) {
     BK = WmmaCfgOf<T>::BK;
