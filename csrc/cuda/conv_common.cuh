@@ -80,6 +80,8 @@ struct KParams {
   // weight_acts: the filters' channel count; < C where the kernels read images padded with zero
   // channels (conv_launch.cuh), whose GEMM rows are not stored.
   int64_t C_out;
+  // filter_acts: bytes of the mma kernel's k table (0: none; conv_launch.cuh, k_table_bytes).
+  int64_t k_table_bytes;
 };
 
 // ---- element types -------------------------------------------------------------------------
@@ -148,23 +150,22 @@ __device__ __forceinline__ T zero_elem() {
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return uint32_t(__cvta_generic_to_shared(p));
 }
-// kBytes (4, 8 or 16) global -> shared; zero-filled (nothing read) when !valid. 16-byte copies
-// bypass L1 (.cg) unless kViaL1; smaller ones always go through it (.ca, the only form below 16
-// bytes: float32 3-channel images, 16-bit images of 4 channels). Through L1 pays where a warp's
-// copy reads half of each 32-byte sector and the thread's next copy the other half (the k-walk
-// order of Loader).
-template <int kBytes, bool kViaL1, typename T>
-__device__ __forceinline__ void cp_async(T* dst, const T* src, bool valid) {
-  static_assert(kBytes == 4 || kBytes == 8 || kBytes == 16, "cp.async copies 4, 8 or 16 bytes");
-  if constexpr (kBytes == 16 && !kViaL1) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)),
-                 "l"(src), "r"(valid ? 16 : 0)
-                 : "memory");
-  } else {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(smem_addr(dst)),
-                 "l"(src), "n"(kBytes), "r"(valid ? kBytes : 0)
-                 : "memory");
-  }
+// 16 bytes global -> shared, bypassing L1; zero-filled (nothing read) when !valid.
+template <typename T>
+__device__ __forceinline__ void cp_async16(T* dst, const T* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)),
+               "l"(src), "r"(valid ? 16 : 0)
+               : "memory");
+}
+// 4 or 8 bytes global -> shared (through L1: .ca, the only form below 16 bytes); zero-filled
+// when !valid. For operands whose rows cannot be read 16 bytes at a time (float32 3-channel
+// images; 16-bit images of 4 channels).
+template <int kBytes, typename T>
+__device__ __forceinline__ void cp_async_small(T* dst, const T* src, bool valid) {
+  static_assert(kBytes == 4 || kBytes == 8, "cp.async.ca copies 4, 8 or 16 bytes");
+  asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(smem_addr(dst)),
+               "l"(src), "n"(kBytes), "r"(valid ? kBytes : 0)
+               : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() {
   asm volatile("cp.async.commit_group;\n" ::: "memory");

@@ -19,8 +19,13 @@
 namespace jax_convnet {
 namespace cuda_conv {
 
-// Gathers one operand tile (R rows x BK) per k-step.
-template <class Op, bool kIsA, int R, int BK, int NT, typename T, typename Idx, int VEC>
+// Gathers one operand tile (R rows x BK) per k-step. kMayWalkK: allow the k-walking thread order
+// (below); the cp.async pipeline does not, since its 16-byte copies bypass L1 and a k-walk reads
+// half of each 32-byte sector (tried: 1.1-2x slower through L1 too, a warp's copy touching 32
+// lines). kKTable: where each k lies is read from `ktab` (a table in shared memory built once
+// per block, conv_mma_kernel) instead of decomposed per copy.
+template <class Op, bool kIsA, int R, int BK, int NT, typename T, typename Idx, int VEC,
+          bool kMayWalkK = true, bool kKTable = false>
 struct Loader {
   static constexpr bool ROWC = kIsA ? Op::A_ROWC : Op::B_ROWC;
   static constexpr int NV = R * BK / VEC;  // vectors per tile
@@ -28,12 +33,9 @@ struct Loader {
   // Thread order over the tile. Row-contiguous operands normally put consecutive threads on
   // consecutive vectors of one k (fully coalesced, one row per thread, SLOTS k's per thread).
   // When a thread would own >= 4 k's of an operand whose k decomposition costs divisions,
-  // consecutive threads walk k instead: one k per thread and k-tile (one decomposition), SLOTS
-  // consecutive vectors along the rows. A warp's access then reads half of each 32-byte sector
-  // and the thread's next one the other half: the second read hits L1 (register loads do not
-  // bypass it; cp.async is asked to go through it).
+  // consecutive threads walk k instead (one k per thread and k-tile, SLOTS rows per thread).
   static constexpr bool KWALK =
-      ROWC && SLOTS >= 4 && (kIsA ? Op::A_KDIV : Op::B_KDIV) && NT % BK == 0;
+      kMayWalkK && ROWC && SLOTS >= 4 && (kIsA ? Op::A_KDIV : Op::B_KDIV) && NT % BK == 0;
   static_assert(R * BK % VEC == 0 && (ROWC ? R % VEC == 0 : BK % VEC == 0), "vec");
   using V = Vec<T, VEC>;
 
@@ -42,26 +44,22 @@ struct Loader {
   static constexpr bool ONE_ROW = ROWC && !KWALK && NT % (R / VEC) == 0;
   RowSt<Idx> rs[ONE_ROW ? 1 : SLOTS];
   V reg[SLOTS];
+  const KEntry* ktab;  // kKTable: entry k = where k lies (k past K: y = kKEntryBad)
 
   __device__ __forceinline__ static bool live(int s) {
-    if constexpr (KWALK) {
-      return NV % NT == 0 || int(threadIdx.x) / BK * SLOTS + s < R / VEC;
-    } else {
-      return NV % NT == 0 || int(threadIdx.x) + s * NT < NV;
-    }
+    return NV % NT == 0 || int(threadIdx.x) + s * NT < NV;
   }
   // Tile position (row, kk) of slot s's first element; the vector runs along rows (ROWC) or k.
   __device__ __forceinline__ static void pos(int s, int& row, int& kk) {
+    const int v = int(threadIdx.x) + s * NT;
     if constexpr (KWALK) {
-      kk = int(threadIdx.x) % BK;
-      row = (int(threadIdx.x) / BK * SLOTS + s) * VEC;
+      kk = v % BK;
+      row = (v / BK) * VEC;
     } else if constexpr (ROWC) {
-      const int v = int(threadIdx.x) + s * NT;
       constexpr int Q = R / VEC;
       row = (v % Q) * VEC;
       kk = v / Q;
     } else {
-      const int v = int(threadIdx.x) + s * NT;
       constexpr int Q = BK / VEC;
       kk = (v % Q) * VEC;
       row = v / Q;
@@ -83,6 +81,8 @@ struct Loader {
   // Every slot of a thread sits at the same kk (k walks across threads, or vectors run along k
   // and NT is a multiple of the vectors per row): one k decomposition per k-tile serves them all.
   static constexpr bool SHARED_K = KWALK || (!ROWC && NT % (BK / VEC) == 0);
+  static_assert(!kKTable || (kIsA && Op::A_K_FIXED && !SHARED_K), "the k table replaces "
+                "per-copy decompositions of k that are the same for every unit");
 
   // Where slot s's k lies in the k-tile starting at k0.
   __device__ __forceinline__ static KSt<Idx> kstate(const KParams& p, const Tile<Idx>& t, int s,
@@ -106,7 +106,15 @@ struct Loader {
 #pragma unroll
     for (int s = 0; s < SLOTS; ++s) {
       if (!live(s)) continue;
-      const KSt<Idx> ks = SHARED_K ? ks0 : kstate(p, t, s, seg, k0);
+      KSt<Idx> ks;
+      if constexpr (kKTable) {
+        int row, kk;
+        pos(s, row, kk);
+        const KEntry e = ktab[k0 + Idx(kk)];
+        ks = {Idx(e.off), int(e.y), int(e.x)};
+      } else {
+        ks = SHARED_K ? ks0 : kstate(p, t, s, seg, k0);
+      }
       const RowSt<Idx>& r = rs[ONE_ROW ? 0 : s];
       f(s, r.base + ks.off,
         unsigned(r.y + ks.y) < unsigned(ylim) && unsigned(r.x + ks.x) < unsigned(xlim));
@@ -128,11 +136,16 @@ struct Loader {
   // Stages as in store(): the vector is contiguous in the stage.
   __device__ __forceinline__ void copy_async(T* stage, int ld, const KParams& p, const Tile<Idx>& t,
                                              const T* src, int64_t seg, Idx k0) const {
+    constexpr int kBytes = VEC * int(sizeof(T));
     for_each_slot(p, t, seg, k0, [&](int s, Idx off, bool ok) {
       int row, kk;
       pos(s, row, kk);
       T* dst = stage + (ROWC ? kk * ld + row : row * ld + kk);
-      cp_async<VEC * int(sizeof(T)), KWALK>(dst, ok ? src + off : src, ok);
+      if constexpr (kBytes == 16) {
+        cp_async16(dst, ok ? src + off : src, ok);
+      } else {
+        cp_async_small<kBytes>(dst, ok ? src + off : src, ok);
+      }
     });
   }
   // buf: one stage of S, [BK][ld] (kKMajor) or [R][ld] (row-major, operands contiguous along k).

@@ -114,16 +114,29 @@ cudaError_t opt_in_shared_memory(int bytes) {
   return cudaSuccess;
 }
 
-template <class Op, class Cfg, typename T, bool kSplit, int kAVec>
+// The largest k table of the mma kernel (kKTable; k_table_bytes decides where it is used).
+constexpr int kKTableMaxBytes = 32 * 1024;
+
+template <class Op, class Cfg, typename T, bool kSplit, int kAVec, bool kKTable = false>
 cudaError_t launch_mma(const KParams& p, cudaStream_t stream) {
   if (p.units < 1) return cudaSuccess;
-  constexpr int bytes = MmaPlanOf<Op, Cfg, T, int32_t>::TOTAL;
-  constexpr auto kernel = conv_mma_kernel<Op, Cfg, T, int32_t, kSplit, kAVec>;
-  cudaError_t err = opt_in_shared_memory<kernel>(bytes);
+  constexpr int plan_bytes = MmaPlanOf<Op, Cfg, T, int32_t>::TOTAL;
+  static_assert(!kKTable || plan_bytes + kKTableMaxBytes <= 227 * 1024, "shared memory per block");
+  constexpr auto kernel = conv_mma_kernel<Op, Cfg, T, int32_t, kSplit, kAVec, kKTable>;
+  cudaError_t err = opt_in_shared_memory<kernel>(plan_bytes + (kKTable ? kKTableMaxBytes : 0));
   if (err != cudaSuccess) return err;
+  const int bytes = plan_bytes + (kKTable ? int(p.k_table_bytes) : 0);
   const int64_t blocks = std::min<int64_t>(p.units, int64_t(0x7fffffff));
   kernel<<<dim3(unsigned(blocks)), Cfg::NT, bytes, stream>>>(p);
   return cudaGetLastError();
+}
+// One mma.sync per tile pair (TF32 or 16-bit), with the k table where the host planned one.
+template <class Op, class Cfg, typename T, int kAVec>
+cudaError_t launch_mma_single(const KParams& p, cudaStream_t stream) {
+  if constexpr (Op::A_K_FIXED && Op::A_ROWC) {
+    if (p.k_table_bytes > 0) return launch_mma<Op, Cfg, T, false, kAVec, true>(p, stream);
+  }
+  return launch_mma<Op, Cfg, T, false, kAVec>(p, stream);
 }
 
 // The mma tile for N columns: 32 wide up to 32 columns, else the widest of 128, 96 and 64 that
@@ -143,6 +156,14 @@ bool is_mma(Path path) {
   return path == Path::kMmaWide || path == Path::kMmaMid || path == Path::kMmaNarrow ||
          path == Path::kMmaThin;
 }
+// Shared memory of the mma kernel's plan for a path.
+template <class Op, typename T>
+int mma_plan_bytes(Path path) {
+  return path == Path::kMmaWide  ? MmaPlanOf<Op, MmaWide<T>, T, int32_t>::TOTAL
+         : path == Path::kMmaMid ? MmaPlanOf<Op, MmaMid<T>, T, int32_t>::TOTAL
+         : path == Path::kMmaThin ? MmaPlanOf<Op, MmaThin<T>, T, int32_t>::TOTAL
+                                  : MmaPlanOf<Op, MmaNarrow<T>, T, int32_t>::TOTAL;
+}
 template <typename T>
 int mma_tile_columns(Path path) {
   return path == Path::kMmaWide  ? MmaWide<T>::BN
@@ -156,7 +177,7 @@ cudaError_t launch_mma_split(const KParams& p, bool split, cudaStream_t stream) 
   if constexpr (std::is_same_v<T, float>) {
     if (split) return launch_mma<Op, Cfg, T, true, kAVec>(p, stream);
   }
-  return launch_mma<Op, Cfg, T, false, kAVec>(p, stream);
+  return launch_mma_single<Op, Cfg, T, kAVec>(p, stream);
 }
 
 template <class Op, typename T, int kAVec = 16 / int(sizeof(T))>
@@ -168,7 +189,7 @@ cudaError_t launch_mma_for(const KParams& p, Path path, bool split, cudaStream_t
     // 128 x 96: mma_path and run() never choose it with 3xTF32 or for the fold.
     if constexpr (!Op::kFold) {
       if (path == Path::kMmaMid && !split)
-        return launch_mma<Op, MmaMid<T>, T, false, kAVec>(p, stream);
+        return launch_mma_single<Op, MmaMid<T>, T, kAVec>(p, stream);
     }
   }
   return launch_mma_split<Op, MmaNarrow<T>, T, kAVec>(p, split, stream);
@@ -591,12 +612,16 @@ ffi::Error run(cudaStream_t stream, Workspace workspace, const jcn::ConvGeometry
   const int64_t T_ = p.fh * p.fw;
 
   // The device's limits the plan depends on (cached by the runtime: no synchronisation).
-  int dev = 0, nsm = 0, smem_optin = 0;
+  int dev = 0, nsm = 0, smem_optin = 0, smem_sm = 0, smem_reserved = 0;
   cudaError_t err;
   if ((err = cudaGetDevice(&dev)) != cudaSuccess) return cuda_error(kOp, "cudaGetDevice", err);
   if ((err = cudaDeviceGetAttribute(&nsm, cudaDevAttrMultiProcessorCount, dev)) != cudaSuccess ||
       (err = cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev)) !=
-          cudaSuccess)
+          cudaSuccess ||
+      (err = cudaDeviceGetAttribute(&smem_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev)) !=
+          cudaSuccess ||
+      (err = cudaDeviceGetAttribute(&smem_reserved, cudaDevAttrReservedSharedMemoryPerBlock,
+                                    dev)) != cudaSuccess)
     return cuda_error(kOp, "cudaDeviceGetAttribute", err);
   nsm = std::max(nsm, 1);
 
@@ -754,6 +779,13 @@ ffi::Error run(cudaStream_t stream, Workspace workspace, const jcn::ConvGeometry
   const int64_t tiles = p.tiles_m * p.tiles_n;
   if (K == OpKind::kFA) {
     p.units = tiles;
+    // The mma kernel's k table for C01B images (conv_mma_kernel, kKTable): where it leaves two
+    // blocks per SM and rows and taps fit its 16-bit fields.
+    const int64_t table = round_up(Kd, BK) * int64_t(sizeof(KEntry));
+    const int64_t block = mma ? mma_plan_bytes<OpMma, T>(path) + table + smem_reserved : 0;
+    if (c01b && mma && !split && table <= kKTableMaxBytes && 2 * block <= smem_sm &&
+        p.Ho * p.sh + p.fh < (int64_t(1) << 15) && p.fw < (int64_t(1) << 15))
+      p.k_table_bytes = table;
   } else if (K == OpKind::kIA) {
     p.units = p.ncy * p.ncx * tiles;
   }

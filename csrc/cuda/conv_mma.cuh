@@ -152,7 +152,12 @@ __device__ __forceinline__ void split_tf32(uint32_t (&big)[N], uint32_t (&small)
 // kSplit: float32 as 3xTF32 (precision highest); otherwise one mma per tile pair.
 // kAVec: elements per copy of operand A: 16 bytes, or single floats for float32 operands whose
 // rows cannot be read 16 bytes at a time (NHWC images of 3 channels).
-template <class Op, class Cfg, typename T, typename Idx, bool kSplit, int kAVec = Cfg::VEC>
+// kKTable: operand A's k decompositions (the same for every unit: filter_acts) are computed once
+// per block into a table of K (rounded up to BK) entries after the plan's shared memory. Where A
+// is contiguous along m (C01B images) each copy sits at its own k and would decompose it (two
+// divisions and the offset: about 30 instructions per copy, 8 copies per thread and k-tile).
+template <class Op, class Cfg, typename T, typename Idx, bool kSplit, int kAVec = Cfg::VEC,
+          bool kKTable = false>
 __global__ void __launch_bounds__(Cfg::NT, Op::kFold ? 1 : 2)
     conv_mma_kernel(const __grid_constant__ KParams p) {
   constexpr int BM = Cfg::BM, BN = Cfg::BN, BK = Cfg::BK, NT = Cfg::NT, STAGES = Cfg::STAGES;
@@ -162,8 +167,8 @@ __global__ void __launch_bounds__(Cfg::NT, Op::kFold ? 1 : 2)
   static_assert(!kSplit || std::is_same_v<T, float>, "3xTF32 is for float32");
   using Plan = MmaPlanOf<Op, Cfg, T, Idx>;
   constexpr int LDA = Plan::LDA, LDB = Plan::LDB, LDC = Plan::LDC;
-  using LA = Loader<Op, true, BM, BK, NT, T, Idx, kAVec>;
-  using LB = Loader<Op, false, BN, BK, NT, T, Idx, Cfg::VEC>;
+  using LA = Loader<Op, true, BM, BK, NT, T, Idx, kAVec, false, kKTable>;
+  using LB = Loader<Op, false, BN, BK, NT, T, Idx, Cfg::VEC, false>;
 
   extern __shared__ __align__(128) unsigned char smem[];
   T* const As = reinterpret_cast<T*>(smem + Plan::A_OFF);
@@ -178,6 +183,17 @@ __global__ void __launch_bounds__(Cfg::NT, Op::kFold ? 1 : 2)
   const int wm0 = (warp % Cfg::WARPS_M) * Cfg::WM, wn0 = (warp / Cfg::WARPS_M) * Cfg::WN;
   constexpr int FI = Op::kFold ? MI : 1, FJ = Op::kFold ? NI : 1;  // the fold's running sum
 
+  KEntry* const ktab = reinterpret_cast<KEntry*>(smem + Plan::TOTAL);
+  if constexpr (kKTable) {
+    const Tile<Idx> t0 = Op::tile(p, 0, BM, BN);
+    const Idx kpad = (Idx(p.K) + Idx(BK - 1)) / Idx(BK) * Idx(BK);
+    for (Idx k = Idx(tid); k < kpad; k += Idx(NT)) {
+      const KSt<Idx> ks = Op::a_k(p, t0, 0, k);
+      ktab[k] = {int32_t(ks.off), int16_t(ks.y < 0 ? kKEntryBad : ks.y), int16_t(ks.x)};
+    }
+    __syncthreads();
+  }
+
   for (int64_t u = blockIdx.x; u < p.units; u += gridDim.x) {
     const Tile<Idx> t = Op::tile(p, u, BM, BN);
     if (t.skip) continue;  // uniform across the block
@@ -187,6 +203,7 @@ __global__ void __launch_bounds__(Cfg::NT, Op::kFold ? 1 : 2)
 
     LA la;
     LB lb;
+    la.ktab = ktab;
     la.init_rows(p, t);
     lb.init_rows(p, t);
     float acc[MI][NI][4], tot[FI][FJ][4];

@@ -39,6 +39,13 @@ struct KSt {
   Idx off;
   int y, x;
 };
+// A KSt packed for the mma kernel's k table (conv_mma.cuh): y = kKEntryBad for k past K (a row's
+// y plus it stays negative: the host uses the table only where rows and taps are below 2^15).
+struct KEntry {
+  int32_t off;
+  int16_t y, x;
+};
+constexpr int kKEntryBad = -(1 << 15);
 
 template <typename Idx>
 struct Tile {
@@ -59,6 +66,7 @@ struct OpFA {
   static constexpr bool A_ROWC = (L == Layout::kC01B);  // images: b (C01B) / c (NHWC) contiguous
   static constexpr bool B_ROWC = true;                  // filters: f contiguous
   static constexpr bool A_KDIV = true, B_KDIV = false;  // k decomposition needs divisions
+  static constexpr bool A_K_FIXED = true;  // a_k is the same for every unit (the mma k table)
   static constexpr bool OUT_ROWC = (L == Layout::kC01B);
   static constexpr bool kFold = false;
 
@@ -162,6 +170,7 @@ struct OpIA {
   static constexpr bool A_ROWC = (L == Layout::kC01B);  // hidden: b (C01B) / f (NHWC)
   static constexpr bool B_ROWC = false;                 // filters: f (= k innermost)
   static constexpr bool A_KDIV = true, B_KDIV = true;
+  static constexpr bool A_K_FIXED = false;
   static constexpr bool OUT_ROWC = (L == Layout::kC01B);
   static constexpr bool kFold = false;
 
@@ -266,6 +275,7 @@ struct OpIACols {
   static constexpr bool A_ROWC = (L == Layout::kC01B);  // hidden: b (C01B) / f (NHWC, = k)
   static constexpr bool B_ROWC = false;                 // filters: f (= k) contiguous
   static constexpr bool A_KDIV = false, B_KDIV = false;
+  static constexpr bool A_K_FIXED = false;
   static constexpr bool OUT_ROWC = true;                // cols: m contiguous
   static constexpr bool kFold = false;
 
@@ -317,6 +327,7 @@ struct OpWA {
   static constexpr bool A_ROWC = (L == Layout::kNHWC);  // images: b (C01B, = k) / c (NHWC, = m)
   static constexpr bool B_ROWC = (L == Layout::kNHWC);  // hidden: b (C01B, = k) / f (NHWC, = n)
   static constexpr bool A_KDIV = true, B_KDIV = true;
+  static constexpr bool A_K_FIXED = false;
   static constexpr bool OUT_ROWC = false;               // filters: f (= n) contiguous
   static constexpr bool kFold = kFused;
 
