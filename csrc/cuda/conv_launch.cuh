@@ -186,8 +186,8 @@ cudaError_t launch_mma_for(const KParams& p, Path path, bool split, cudaStream_t
   if constexpr (kAVec * int(sizeof(T)) >= 8) {  // (single-float copies: never these two)
     if (path == Path::kMmaWide)
       return launch_mma_split<Op, MmaWide<T>, T, kAVec>(p, split, stream);
-    // 128 x 96: mma_path and run() never choose it with 3xTF32 or for the fold.
-    if constexpr (!Op::kFold) {
+    // 128 x 96: mma_path and run() never choose it with 3xTF32 or for other ops.
+    if constexpr (Op::kMidTile) {
       if (path == Path::kMmaMid && !split)
         return launch_mma_single<Op, MmaMid<T>, T, kAVec>(p, stream);
     }
@@ -378,13 +378,11 @@ cudaError_t launch_col2im(const KParams& q, int nsm, cudaStream_t stream) {
 // time: when the workspace holds at least one chunk (jax_convnet/conv.py sizes it only where this
 // path pays: few channels, large filters) and the tensor cores can read both operands in place.
 // OpIACols reads the hidden tensor and the filters along the same contiguous dimensions as OpIA,
-// with the same shared-memory plans: run()'s mma_ok / mma_wide_fits / mma_mid_fits hold for it
-// too.
+// with the same shared-memory plans: run()'s mma_ok / mma_wide_fits hold for it too.
 // nullopt: not applicable here (the caller picks another kernel).
 template <Layout L, typename T>
 std::optional<cudaError_t> run_ia_columns(KParams p, Workspace ws, bool split, bool mma_ok,
-                                          bool mma_wide_fits, bool mma_mid_fits, int nsm,
-                                          cudaStream_t stream) {
+                                          bool mma_wide_fits, int nsm, cudaStream_t stream) {
   using Op = OpIACols<L, int32_t>;
   static_assert(Op::A_ROWC == OpIA<L, int32_t>::A_ROWC && Op::B_ROWC == OpIA<L, int32_t>::B_ROWC,
                 "the mma plans of OpIACols and OpIA are the same");
@@ -400,7 +398,7 @@ std::optional<cudaError_t> run_ia_columns(KParams p, Workspace ws, bool split, b
     return std::nullopt;
   int64_t nb = cdiv(p.B, cdiv(p.B, nb_max));  // the fewest chunks, balanced
   if (c01b) nb = std::min(nb_max, cdiv(nb, kVec) * kVec);
-  const Path path = mma_path(N, mma_wide_fits, mma_mid_fits, split);
+  const Path path = mma_path(N, mma_wide_fits, Op::kMidTile, split);
   const int BN = mma_tile_columns<T>(path);
   p.slots = static_cast<float*>(ws.data);
   p.N = N;
@@ -728,8 +726,7 @@ ffi::Error run(cudaStream_t stream, Workspace workspace, const jcn::ConvGeometry
   if constexpr (K == OpKind::kIA) {
     if (!idx64 && workspace.bytes > 0) {
       const std::optional<cudaError_t> done =
-          run_ia_columns<L, T>(p, workspace, split, mma_ok, mma_wide_fits, mma_mid_fits, nsm,
-                               stream);
+          run_ia_columns<L, T>(p, workspace, split, mma_ok, mma_wide_fits, nsm, stream);
       if (done && *done != cudaSuccess) return cuda_error(kOp, "kernel launch", *done);
       if (done) return ffi::Error::Success();
     }
@@ -743,11 +740,10 @@ ffi::Error run(cudaStream_t stream, Workspace workspace, const jcn::ConvGeometry
   Path path = Path::kWide;
   if (!idx64 && M >= 16 && mma_ok) {
     // Single-float copies of A: the 128 x 128 tile spills (16 or 32 copies per thread and k-tile);
-    // the 128 x 96 one is not instantiated for them, nor for weight_acts with partial sums (the
-    // kernel that folds them holds two accumulator sets: it would spill).
+    // the 128 x 96 one is not instantiated for them.
     const bool a_single = a_narrow && kNarrow * sizeof(T) < 8;
-    const bool folds = K == OpKind::kWA && p.nseg > 1;
-    path = mma_path(N, mma_wide_fits && !a_single, mma_mid_fits && !a_single && !folds, split);
+    path = mma_path(N, mma_wide_fits && !a_single, mma_mid_fits && OpMma::kMidTile && !a_single,
+                    split);
   } else if (!idx64 && !split && N >= 16 && M >= 16) {
     path = Path::kWmma;
   } else if (!idx64 && K != OpKind::kWA && N <= 8) {

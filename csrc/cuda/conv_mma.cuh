@@ -38,9 +38,9 @@ template <typename T>
 using MmaWide = MmaCfg<T, 2, 4, 64, 32, 3>;  // 128 x 128
 template <typename T>
 using MmaNarrow = MmaCfg<T, 2, 2, 64, 32, 3>;  // 128 x 64
-// Column counts that 96 divides and 128 does not (192 filters: AlexNet conv2): 4 warps of 64 x 48,
-// no wasted columns and half as many tiles as the narrow one, each warp doing 1.5x the mma per
-// copied operand element and per fragment read.
+// filter_acts into column counts that 96 divides and 128 does not (192 filters: AlexNet conv2;
+// Op::kMidTile): 4 warps of 64 x 48, no wasted columns, each warp doing 1.5x the mma of the
+// narrow tile's per copied operand element and per fragment read.
 template <typename T>
 using MmaMid = MmaCfg<T, 2, 2, 64, 48, 3>;  // 128 x 96
 // Up to 32 columns (image_acts into a few channels, e.g. RGB): 4 warps of 32 x 32; the 8-column
