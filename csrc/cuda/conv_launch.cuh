@@ -398,7 +398,7 @@ std::optional<cudaError_t> run_ia_columns(KParams p, Workspace ws, bool split, b
     return std::nullopt;
   int64_t nb = cdiv(p.B, cdiv(p.B, nb_max));  // the fewest chunks, balanced
   if (c01b) nb = std::min(nb_max, cdiv(nb, kVec) * kVec);
-  const Path path = mma_path(N, mma_wide_fits, Op::kMidTile, split);
+  const Path path = mma_path(N, mma_wide_fits, false, split);  // (128 x 96: filter_acts only)
   const int BN = mma_tile_columns<T>(path);
   p.slots = static_cast<float*>(ws.data);
   p.N = N;
