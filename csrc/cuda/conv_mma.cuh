@@ -42,7 +42,7 @@ using MmaNarrow = MmaCfg<T, 2, 2, 64, 32, 3>;  // 128 x 64
 // Op::kMidTile): 4 warps of 64 x 48, no wasted columns, each warp doing 1.5x the mma of the
 // narrow tile's per copied operand element and per fragment read.
 template <typename T>
-using MmaMid = MmaCfg<T, 2, 2, 64, 48, 3>;  // 128 x 96
+using MmaMid = MmaCfg<T, 4, 2, 32, 48, 3>;  // 128 x 96
 // Up to 32 columns (image_acts into a few channels, e.g. RGB): 4 warps of 32 x 32; the 8-column
 // mma tiles past the operand's last column are skipped (N = 3: one in four runs).
 template <typename T>
