@@ -116,6 +116,10 @@ cudaError_t opt_in_shared_memory(int bytes) {
 
 // The largest k table of the mma kernel (kKTable; k_table_bytes decides where it is used).
 constexpr int kKTableMaxBytes = 32 * 1024;
+// The 128 x 96 tile and the k table are for 16-bit types: float32 (TF32) AlexNet conv2 C01B took
+// 0.523-0.527 ms with them, 0.489 without (H200); bf16 0.238 with them, 0.277-0.286 without.
+template <typename T>
+constexpr bool kMidTileAndKTable = sizeof(T) == 2;
 
 template <class Op, class Cfg, typename T, bool kSplit, int kAVec, bool kKTable = false>
 cudaError_t launch_mma(const KParams& p, cudaStream_t stream) {
@@ -133,23 +137,22 @@ cudaError_t launch_mma(const KParams& p, cudaStream_t stream) {
 // One mma.sync per tile pair (TF32 or 16-bit), with the k table where the host planned one.
 template <class Op, class Cfg, typename T, int kAVec>
 cudaError_t launch_mma_single(const KParams& p, cudaStream_t stream) {
-  if constexpr (Op::A_K_FIXED && Op::A_ROWC) {
+  if constexpr (Op::A_K_FIXED && Op::A_ROWC && kMidTileAndKTable<T>) {
     if (p.k_table_bytes > 0) return launch_mma<Op, Cfg, T, false, kAVec, true>(p, stream);
   }
   return launch_mma<Op, Cfg, T, false, kAVec>(p, stream);
 }
 
 // The mma tile for N columns: 32 wide up to 32 columns, else the widest of 128, 96 and 64 that
-// wastes the fewest columns (128 / 96 only where the device's shared memory fits them; 96 not for
-// 3xTF32, split, whose extra fragments make it spill).
-inline Path mma_path(int64_t N, bool wide_fits, bool mid_fits, bool split) {
+// wastes the fewest columns (128 / 96 only where the device's shared memory fits them, 96 where
+// the caller allows it: filter_acts in 16-bit types).
+inline Path mma_path(int64_t N, bool wide_fits, bool mid_ok) {
   if (N <= 32) return Path::kMmaThin;
-  mid_fits = mid_fits && !split;
   auto waste = [N](int64_t width) { return cdiv(N, width) * width - N; };
   const int64_t least =
-      std::min({wide_fits ? waste(128) : N, mid_fits ? waste(96) : N, waste(64)});
+      std::min({wide_fits ? waste(128) : N, mid_ok ? waste(96) : N, waste(64)});
   if (wide_fits && waste(128) == least) return Path::kMmaWide;
-  if (mid_fits && waste(96) == least) return Path::kMmaMid;
+  if (mid_ok && waste(96) == least) return Path::kMmaMid;
   return Path::kMmaNarrow;
 }
 bool is_mma(Path path) {
@@ -186,10 +189,9 @@ cudaError_t launch_mma_for(const KParams& p, Path path, bool split, cudaStream_t
   if constexpr (kAVec * int(sizeof(T)) >= 8) {  // (single-float copies: never these two)
     if (path == Path::kMmaWide)
       return launch_mma_split<Op, MmaWide<T>, T, kAVec>(p, split, stream);
-    // 128 x 96: mma_path and run() never choose it with 3xTF32 or for other ops.
-    if constexpr (Op::kMidTile) {
-      if (path == Path::kMmaMid && !split)
-        return launch_mma_single<Op, MmaMid<T>, T, kAVec>(p, stream);
+    // 128 x 96: mma_path and run() choose it for filter_acts in 16-bit types only.
+    if constexpr (Op::kMidTile && kMidTileAndKTable<T>) {
+      if (path == Path::kMmaMid) return launch_mma_single<Op, MmaMid<T>, T, kAVec>(p, stream);
     }
   }
   return launch_mma_split<Op, MmaNarrow<T>, T, kAVec>(p, split, stream);
@@ -398,7 +400,7 @@ std::optional<cudaError_t> run_ia_columns(KParams p, Workspace ws, bool split, b
     return std::nullopt;
   int64_t nb = cdiv(p.B, cdiv(p.B, nb_max));  // the fewest chunks, balanced
   if (c01b) nb = std::min(nb_max, cdiv(nb, kVec) * kVec);
-  const Path path = mma_path(N, mma_wide_fits, false, split);  // (128 x 96: filter_acts only)
+  const Path path = mma_path(N, mma_wide_fits, false);  // (128 x 96: filter_acts only)
   const int BN = mma_tile_columns<T>(path);
   p.slots = static_cast<float*>(ws.data);
   p.N = N;
@@ -742,8 +744,8 @@ ffi::Error run(cudaStream_t stream, Workspace workspace, const jcn::ConvGeometry
     // Single-float copies of A: the 128 x 128 tile spills (16 or 32 copies per thread and k-tile);
     // the 128 x 96 one is not instantiated for them.
     const bool a_single = a_narrow && kNarrow * sizeof(T) < 8;
-    path = mma_path(N, mma_wide_fits && !a_single, mma_mid_fits && OpMma::kMidTile && !a_single,
-                    split);
+    const bool mid = mma_mid_fits && OpMma::kMidTile && kMidTileAndKTable<T> && !a_single;
+    path = mma_path(N, mma_wide_fits && !a_single, mid);
   } else if (!idx64 && !split && N >= 16 && M >= 16) {
     path = Path::kWmma;
   } else if (!idx64 && K != OpKind::kWA && N <= 8) {
@@ -779,8 +781,9 @@ ffi::Error run(cudaStream_t stream, Workspace workspace, const jcn::ConvGeometry
     // blocks per SM and rows and taps fit its 16-bit fields.
     const int64_t table = round_up(Kd, BK) * int64_t(sizeof(KEntry));
     const int64_t block = mma ? mma_plan_bytes<OpMma, T>(path) + table + smem_reserved : 0;
-    if (c01b && mma && !split && table <= kKTableMaxBytes && 2 * block <= smem_sm &&
-        p.Ho * p.sh + p.fh < (int64_t(1) << 15) && p.fw < (int64_t(1) << 15))
+    if (kMidTileAndKTable<T> && c01b && mma && !split && table <= kKTableMaxBytes &&
+        2 * block <= smem_sm && p.Ho * p.sh + p.fh < (int64_t(1) << 15) &&
+        p.fw < (int64_t(1) << 15))
       p.k_table_bytes = table;
   } else if (K == OpKind::kIA) {
     p.units = p.ncy * p.ncx * tiles;
