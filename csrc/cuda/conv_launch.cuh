@@ -415,7 +415,9 @@ std::optional<cudaError_t> run_ia_columns(KParams p, Workspace ws, bool split, b
     q.M = q.B * positions;
     q.tiles_m = cdiv(q.M, MmaWide<T>::BM);
     q.units = q.tiles_m * q.tiles_n;
-    cudaError_t err = launch_mma_for<Op, T, kVec>(q, path, split, stream);
+    cudaError_t err = path == Path::kMmaWide
+                          ? launch_mma_split<Op, MmaWide<T>, T, kVec>(q, split, stream)
+                          : launch_mma_split<Op, MmaNarrow<T>, T, kVec>(q, split, stream);
     if (err != cudaSuccess) return err;
     if ((err = launch_col2im<T, L>(q, nsm, stream)) != cudaSuccess) return err;
   }
