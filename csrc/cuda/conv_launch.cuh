@@ -21,8 +21,10 @@
 //          mma.sync with a cp.async pipeline (conv_mma.cuh); bf16 / f16,
 //          float32 as TF32 (precision Default) or 3xTF32 (High / Highest: float32 accuracy);
 //          a 128 x 32 tile up to 32 columns (kMmaThin: image_acts into RGB), else the widest of
-//          128 x 128 (kMmaWide), 128 x 96 (kMmaMid) and 128 x 64 (kMmaNarrow) that wastes the
-//          fewest columns and fits the device's shared memory per block.
+//          128 x 128 (kMmaWide), 128 x 96 (kMmaMid: filter_acts in 16-bit types) and 128 x 64
+//          (kMmaNarrow) that wastes the fewest columns and fits the device's shared memory per
+//          block; filter_acts of C01B images in 16-bit types reads where each k lies from a table
+//          in shared memory (conv_mma_kernel's kKTable).
 //   kWmma  otherwise, when N >= 16: bf16 / f16 / TF32: nvcuda::wmma, register-staged
 //          (conv_kernel.cuh).
 // Else FFMA with a 128x64 tile (or 512x4 for N <= 8). Accumulation is float32 everywhere.
