@@ -19,7 +19,7 @@ for stage in $stages; do
 case $stage in
 build)
   step build
-  export JAX_CONVNET_CUDA=ON CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=90 ${CMAKE_ARGS:-}"
+  export JAX_CONVNET_CUDA=ON CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=90a ${CMAKE_ARGS:-}"
   # The conv ops compile as separate translation units: in parallel under any generator.
   export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
   python3 -m pip install --no-build-isolation --no-deps -q . >"$OUT/build.log" 2>&1 \
@@ -72,7 +72,7 @@ profile)
     echo "=== $row" >>"$OUT/profile.txt"
     launches=${PROFILE_LAUNCHES:-1}
     timeout ${PROFILE_TIMEOUT_S:-120} "$ncu" \
-      --kernel-name "${PROFILE_KERNELS:-regex:conv_(gemm|mma)|max_pool|fft_|cgemm_}" \
+      --kernel-name "${PROFILE_KERNELS:-regex:conv_(gemm|mma|wgmma)|max_pool|fft_|cgemm_}" \
       --launch-skip $launches --launch-count $launches --section SpeedOfLight --section Occupancy \
       --section LaunchStats --section WarpStateStats --section SchedulerStats \
       --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis --metrics "$stalls" \

@@ -120,6 +120,25 @@ def test_tensor_core_path_matches_reference(channels, n_filters, precision, dtyp
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("channels,n_filters", [(24, 192), (40, 384)])
+def test_filter_acts_into_multiples_of_192_filters(channels, n_filters, dtype, layout):
+    """16-bit filter_acts into 192 or 384 filters: on Hopper the wgmma kernel, with images
+    contiguous along the batch (C01B, with the k table) or the channels (NHWC), a partial last row
+    tile, one or two column tiles and a k tail (K = 360 / 600)."""
+    x = images(10, layout, 8, channels, 17, 15, dtype)
+    w = filters(11, layout, n_filters, channels, 5, 3, dtype) * 0.1
+    pad, stride = (2, 1), (2, 1)
+    fa = jax.jit(lambda x, w: jcn.filter_acts(x, w, pad=pad, stride=stride, layout=layout))
+    ours = run_poisoned(fa, *jax.device_put((x, w), gpu()))
+    want = jax.jit(lambda x, w: ref.filter_acts(x, w, pad=pad, stride=stride, layout=layout,
+                                                precision="highest"))(*exact(x, w))
+    assert ours.dtype == dtype
+    assert_close(ours, want, dtype)
+    assert np.array_equal(np.asarray(ours), np.asarray(fa(*jax.device_put((x, w), gpu()))))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_default_precision_float32_is_within_tf32_error(layout):
     (x, w, g), stride, pad = layer_operands("alex2", layout, jnp.float32)
     with jax.default_matmul_precision("default"):

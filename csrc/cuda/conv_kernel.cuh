@@ -136,11 +136,20 @@ struct Loader {
   // Stages as in store(): the vector is contiguous in the stage.
   __device__ __forceinline__ void copy_async(T* stage, int ld, const KParams& p, const Tile<Idx>& t,
                                              const T* src, int64_t seg, Idx k0) const {
+    copy_async_to(
+        [&](int, int row, int kk) { return stage + (ROWC ? kk * ld + row : row * ld + kk); }, p,
+        t, src, seg, k0);
+  }
+  // As copy_async, into the stage position dst_of(slot, row, kk) of each vector (the wgmma
+  // kernel's swizzled stages).
+  template <class DstOf>
+  __device__ __forceinline__ void copy_async_to(DstOf&& dst_of, const KParams& p, const Tile<Idx>& t,
+                                                const T* src, int64_t seg, Idx k0) const {
     constexpr int kBytes = VEC * int(sizeof(T));
     for_each_slot(p, t, seg, k0, [&](int s, Idx off, bool ok) {
       int row, kk;
       pos(s, row, kk);
-      T* dst = stage + (ROWC ? kk * ld + row : row * ld + kk);
+      T* dst = dst_of(s, row, kk);
       if constexpr (kBytes == 16) {
         cp_async16(dst, ok ? src + off : src, ok);
       } else {
@@ -175,6 +184,19 @@ struct Loader {
     }
   }
 };
+
+// The k table (Loader's kKTable): where each k of operand A lies, K rounded up to BK entries (those
+// past K marked kKEntryBad), built by the block's NT threads; ends with a barrier.
+template <class Op, int BK, int NT, typename Idx>
+__device__ __forceinline__ void build_k_table(const KParams& p, KEntry* ktab) {
+  const Tile<Idx> t0 = Op::tile(p, 0, 128, 128);  // (a_k reads only the k bound K of a tile)
+  const Idx kpad = (Idx(p.K) + Idx(BK - 1)) / Idx(BK) * Idx(BK);
+  for (Idx k = Idx(threadIdx.x); k < kpad; k += Idx(NT)) {
+    const KSt<Idx> ks = Op::a_k(p, t0, 0, k);
+    ktab[k] = {int32_t(ks.off), int16_t(ks.y < 0 ? kKEntryBad : ks.y), int16_t(ks.x)};
+  }
+  __syncthreads();
+}
 
 template <typename T>
 struct WmmaType {

@@ -55,6 +55,7 @@
 #include "conv_mma.cuh"
 #include "conv_ops.cuh"
 #include "conv_weight_acts_padding.cuh"
+#include "conv_wgmma.cuh"
 #include "ffi_common.h"
 #include "targets.h"
 
@@ -67,7 +68,7 @@ using namespace jax_convnet::cuda_conv;
 using jcn::Layout;
 
 enum class OpKind { kFA, kIA, kWA };
-enum class Path { kWide, kNarrow, kWmma, kMmaWide, kMmaMid, kMmaNarrow, kMmaThin };
+enum class Path { kWide, kNarrow, kWmma, kMmaWide, kMmaMid, kMmaNarrow, kMmaThin, kWgmma };
 
 constexpr int64_t kIdx32Limit = int64_t(1) << 30;  // everything below this uses 32-bit indices
 // Temporary memory of image_acts and weight_acts, an extra result of their custom calls (graph
@@ -143,6 +144,45 @@ cudaError_t launch_mma_single(const KParams& p, cudaStream_t stream) {
     if (p.k_table_bytes > 0) return launch_mma<Op, Cfg, T, false, kAVec, true>(p, stream);
   }
   return launch_mma<Op, Cfg, T, false, kAVec>(p, stream);
+}
+
+// The wgmma kernel (Hopper, sm_90a builds): filter_acts in 16-bit types into multiples of its
+// tile's 192 columns.
+#ifdef JAX_CONVNET_WGMMA
+constexpr bool kBuiltWgmma = true;
+#else
+constexpr bool kBuiltWgmma = false;
+#endif
+template <typename T>
+using WgmmaFA = WgmmaCfg<T, 192>;
+template <class Op, typename T>
+int wgmma_plan_bytes() {
+  if constexpr (sizeof(T) == 2) {
+    return WgmmaPlan<Op, WgmmaFA<T>, T, int32_t>::TOTAL;
+  } else {
+    return 0;
+  }
+}
+template <class Op, typename T, bool kKTable>
+cudaError_t launch_wgmma_k(const KParams& p, cudaStream_t stream) {
+  using Cfg = WgmmaFA<T>;
+  constexpr int plan_bytes = WgmmaPlan<Op, Cfg, T, int32_t>::TOTAL;
+  static_assert(plan_bytes + kKTableMaxBytes <= 227 * 1024, "shared memory per block");
+  constexpr auto kernel = conv_wgmma_kernel<Op, Cfg, T, int32_t, kKTable>;
+  cudaError_t err = opt_in_shared_memory<kernel>(plan_bytes + (kKTable ? kKTableMaxBytes : 0));
+  if (err != cudaSuccess) return err;
+  const int bytes = plan_bytes + (kKTable ? int(p.k_table_bytes) : 0);
+  const int64_t blocks = std::min<int64_t>(p.units, int64_t(0x7fffffff));
+  kernel<<<dim3(unsigned(blocks)), Cfg::NT, bytes, stream>>>(p);
+  return cudaGetLastError();
+}
+template <class Op, typename T>
+cudaError_t launch_wgmma(const KParams& p, cudaStream_t stream) {
+  if (p.units < 1) return cudaSuccess;
+  if constexpr (Op::A_K_FIXED && Op::A_ROWC) {
+    if (p.k_table_bytes > 0) return launch_wgmma_k<Op, T, true>(p, stream);
+  }
+  return launch_wgmma_k<Op, T, false>(p, stream);
 }
 
 // The mma tile for N columns: 32 wide up to 32 columns, else the widest of 128, 96 and 64 that
@@ -269,6 +309,10 @@ void vec_widths_path(Path path, int* va, int* vb) {
 template <OpKind K, Layout L, typename T>
 cudaError_t launch_path(const KParams& p, Path path, bool idx64, int mask, bool split,
                         bool a_narrow, cudaStream_t stream) {
+  if constexpr (K == OpKind::kFA && sizeof(T) == 2) {
+    if (path == Path::kWgmma)
+      return launch_wgmma<typename OpOf<K>::template type<L, int32_t>, T>(p, stream);
+  }
   if (is_mma(path)) {
     using Op = typename OpOf<K>::template type<L, int32_t>;
     constexpr int kNarrow = kANarrowCopy<K, L, T>;
@@ -616,7 +660,7 @@ ffi::Error run(cudaStream_t stream, Workspace workspace, const jcn::ConvGeometry
   const int64_t T_ = p.fh * p.fw;
 
   // The device's limits the plan depends on (cached by the runtime: no synchronisation).
-  int dev = 0, nsm = 0, smem_optin = 0, smem_sm = 0, smem_reserved = 0;
+  int dev = 0, nsm = 0, smem_optin = 0, smem_sm = 0, smem_reserved = 0, cc_major = 0, cc_minor = 0;
   cudaError_t err;
   if ((err = cudaGetDevice(&dev)) != cudaSuccess) return cuda_error(kOp, "cudaGetDevice", err);
   if ((err = cudaDeviceGetAttribute(&nsm, cudaDevAttrMultiProcessorCount, dev)) != cudaSuccess ||
@@ -625,7 +669,11 @@ ffi::Error run(cudaStream_t stream, Workspace workspace, const jcn::ConvGeometry
       (err = cudaDeviceGetAttribute(&smem_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev)) !=
           cudaSuccess ||
       (err = cudaDeviceGetAttribute(&smem_reserved, cudaDevAttrReservedSharedMemoryPerBlock,
-                                    dev)) != cudaSuccess)
+                                    dev)) != cudaSuccess ||
+      (err = cudaDeviceGetAttribute(&cc_major, cudaDevAttrComputeCapabilityMajor, dev)) !=
+          cudaSuccess ||
+      (err = cudaDeviceGetAttribute(&cc_minor, cudaDevAttrComputeCapabilityMinor, dev)) !=
+          cudaSuccess)
     return cuda_error(kOp, "cudaDeviceGetAttribute", err);
   nsm = std::max(nsm, 1);
 
@@ -750,6 +798,12 @@ ffi::Error run(cudaStream_t stream, Workspace workspace, const jcn::ConvGeometry
     const bool a_single = a_narrow && kNarrow * sizeof(T) < 8;
     const bool mid = mma_mid_fits && OpMma::kMidTile && kMidTileAndKTable<T> && !a_single;
     path = mma_path(N, mma_wide_fits && !a_single, mid);
+    // Hopper: the wgmma kernel (sm_90a code runs on compute capability 9.0 only).
+    if constexpr (K == OpKind::kFA && sizeof(T) == 2 && kBuiltWgmma) {
+      if (cc_major == 9 && cc_minor == 0 && a_vec16 && N % WgmmaFA<T>::BN == 0 &&
+          wgmma_plan_bytes<OpMma, T>() <= smem_optin)
+        path = Path::kWgmma;
+    }
   } else if (!idx64 && !split && N >= 16 && M >= 16) {
     path = Path::kWmma;
   } else if (!idx64 && K != OpKind::kWA && N <= 8) {
@@ -765,7 +819,10 @@ ffi::Error run(cudaStream_t stream, Workspace workspace, const jcn::ConvGeometry
     mask = vec_mask(path);
   }
   int BM = 128, BN = 64, BK = CfgWide::BK;
-  if (mma) {
+  if (path == Path::kWgmma) {
+    BN = 192;
+    BK = 64;
+  } else if (mma) {
     BN = mma_tile_columns<T>(path);
     BK = MmaWide<T>::BK;
   } else if (path == Path::kWmma) {
@@ -781,13 +838,15 @@ ffi::Error run(cudaStream_t stream, Workspace workspace, const jcn::ConvGeometry
   const int64_t tiles = p.tiles_m * p.tiles_n;
   if (K == OpKind::kFA) {
     p.units = tiles;
-    // The mma kernel's k table for C01B images (conv_mma_kernel, kKTable): where it leaves two
-    // blocks per SM and rows and taps fit its 16-bit fields.
+    // The k table for C01B images (Loader's kKTable): where rows and taps fit its 16-bit fields
+    // and the mma kernel keeps two blocks per SM (the wgmma kernel runs one: beside its stages).
     const int64_t table = round_up(Kd, BK) * int64_t(sizeof(KEntry));
     const int64_t block = mma ? mma_plan_bytes<OpMma, T>(path) + table + smem_reserved : 0;
-    if (kMidTileAndKTable<T> && c01b && mma && !split && table <= kKTableMaxBytes &&
-        2 * block <= smem_sm && p.Ho * p.sh + p.fh < (int64_t(1) << 15) &&
-        p.fw < (int64_t(1) << 15))
+    const bool wgmma = path == Path::kWgmma;
+    const bool table_fits = wgmma ? wgmma_plan_bytes<OpMma, T>() + table <= smem_optin
+                                  : mma && 2 * block <= smem_sm;
+    if (kMidTileAndKTable<T> && c01b && table_fits && !split && table <= kKTableMaxBytes &&
+        p.Ho * p.sh + p.fh < (int64_t(1) << 15) && p.fw < (int64_t(1) << 15))
       p.k_table_bytes = table;
   } else if (K == OpKind::kIA) {
     p.units = p.ncy * p.ncx * tiles;

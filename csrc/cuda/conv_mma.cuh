@@ -186,15 +186,7 @@ __global__ void __launch_bounds__(Cfg::NT, Op::kFold ? 1 : 2)
   constexpr int FI = Op::kFold ? MI : 1, FJ = Op::kFold ? NI : 1;  // the fold's running sum
 
   KEntry* const ktab = reinterpret_cast<KEntry*>(smem + Plan::TOTAL);
-  if constexpr (kKTable) {
-    const Tile<Idx> t0 = Op::tile(p, 0, BM, BN);
-    const Idx kpad = (Idx(p.K) + Idx(BK - 1)) / Idx(BK) * Idx(BK);
-    for (Idx k = Idx(tid); k < kpad; k += Idx(NT)) {
-      const KSt<Idx> ks = Op::a_k(p, t0, 0, k);
-      ktab[k] = {int32_t(ks.off), int16_t(ks.y < 0 ? kKEntryBad : ks.y), int16_t(ks.x)};
-    }
-    __syncthreads();
-  }
+  if constexpr (kKTable) build_k_table<Op, BK, NT, Idx>(p, ktab);
 
   for (int64_t u = blockIdx.x; u < p.units; u += gridDim.x) {
     const Tile<Idx> t = Op::tile(p, u, BM, BN);
