@@ -30,10 +30,10 @@
 namespace jax_convnet {
 namespace cuda_conv {
 
-template <typename T, int BN_>
+template <typename T, int BN_, int STAGES_ = 4>
 struct WgmmaCfg {
   static_assert(sizeof(T) == 2, "wgmma with transposed (MN-major) operands: 16-bit types");
-  static constexpr int BM = 128, BN = BN_, BK = 64, STAGES = 4;  // BK: 128 bytes of k
+  static constexpr int BM = 128, BN = BN_, BK = 64, STAGES = STAGES_;  // BK: 128 bytes of k
   static constexpr int NT = 256;                                  // two warpgroups
   static constexpr int VEC = 8;                                   // elements per cp.async
   static constexpr int KSTEP = 16;                                // k of one wgmma
@@ -92,8 +92,9 @@ __device__ __forceinline__ void wgmma_fence() {
 __device__ __forceinline__ void wgmma_commit() {
   asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
 }
-__device__ __forceinline__ void wgmma_wait_all() {
-  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {  // at most N commit groups still in flight
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 }
 // Pins the accumulators' registers in place at this point of the program (the compiler may
 // not move their reads or writes across it): around the asynchronous wgmma.
@@ -156,7 +157,8 @@ struct WgmmaPlan {
   static constexpr int TOTAL = Off::TOTAL + kAlignSlack;  // bytes to allocate (k table apart)
 };
 
-template <class Op, class Cfg, typename T, typename Idx, bool kKTable>
+template <class Op, class Cfg, typename T, typename Idx, bool kKTable, bool kProxyFence = true,
+          bool kPipelined = false>
 __global__ void __launch_bounds__(Cfg::NT, 1) conv_wgmma_kernel(const __grid_constant__ KParams p) {
 #ifdef JCN_WGMMA_DEVICE
   constexpr int BM = Cfg::BM, BN = Cfg::BN, BK = Cfg::BK, NT = Cfg::NT, STAGES = Cfg::STAGES;
@@ -228,13 +230,14 @@ __global__ void __launch_bounds__(Cfg::NT, 1) conv_wgmma_kernel(const __grid_con
       ++issued;
       cp_async_commit();  // an empty group past the end keeps the wait counts uniform
     };
+    constexpr int AHEAD = kPipelined ? STAGES - 2 : STAGES - 1;  // k-tiles copied ahead
 #pragma unroll
-    for (int s = 0; s < STAGES - 1; ++s) issue(s);
+    for (int s = 0; s < AHEAD; ++s) issue(s);
 
-    int stage = 0;
+    int stage = 0, wstage = AHEAD;
     for (Idx it = 0; it < nkt; ++it) {
-      cp_async_wait<STAGES - 2>();  // this thread's copies of k-tile `it` landed ...
-      fence_proxy_async_smem();     // ... are visible to the tensor cores ...
+      cp_async_wait<AHEAD - 1>();  // this thread's copies of k-tile `it` landed ...
+      if constexpr (kProxyFence) fence_proxy_async_smem();  // ... are visible to the tensor cores ...
       __syncthreads();              // ... and everyone's; every wgmma of it - 1 has finished
       const uint64_t a_st = a_desc + uint64_t((stage * A_BYTES) >> 4);
       const uint64_t b_st = b_desc + uint64_t((stage * B_BYTES) >> 4);
@@ -245,11 +248,14 @@ __global__ void __launch_bounds__(Cfg::NT, 1) conv_wgmma_kernel(const __grid_con
         wgmma_bn<T, BN, Op::A_ROWC ? 1 : 0, Op::B_ROWC ? 1 : 0>(
             d, a_st + uint64_t(ks * (SA::kStepBytes >> 4)), b_st + uint64_t(ks * (SB::kStepBytes >> 4)));
       wgmma_commit();
-      issue(stage == 0 ? STAGES - 1 : stage - 1);  // the stage of it - 1: read by now
-      wgmma_wait_all();
+      issue(wstage);  // the stage of it - (STAGES - AHEAD): read by now
+      wgmma_wait<kPipelined ? 1 : 0>();
       wgmma_fence_operands(d);  // no access to d moves above the wait
       stage = stage + 1 == STAGES ? 0 : stage + 1;
+      wstage = wstage + 1 == STAGES ? 0 : wstage + 1;
     }
+    wgmma_wait<0>();
+    wgmma_fence_operands(d);
     cp_async_wait<0>();
     __syncthreads();  // all stage reads done: Cs may overwrite them
 
