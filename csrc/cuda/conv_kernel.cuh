@@ -19,6 +19,13 @@
 namespace jax_convnet {
 namespace cuda_conv {
 
+// Entry k of the k table, read as one 8-byte word.
+template <typename Idx>
+__device__ __forceinline__ KSt<Idx> k_entry(const KEntry* ktab, Idx k) {
+  const int2 w = *reinterpret_cast<const int2*>(ktab + k);
+  return {Idx(w.x), int(int16_t(w.y & 0xffff)), w.y >> 16};  // KEntry: off, then y, x
+}
+
 // Gathers one operand tile (R rows x BK) per k-step. kMayWalkK: allow the k-walking thread order
 // (below); the cp.async pipeline does not, since its 16-byte copies bypass L1 and a k-walk reads
 // half of each 32-byte sector (tried: 1.1-2x slower through L1 too, a warp's copy touching 32
@@ -110,14 +117,14 @@ struct Loader {
       if constexpr (kKTable) {
         int row, kk;
         pos(s, row, kk);
-        const KEntry e = ktab[k0 + Idx(kk)];
-        ks = {Idx(e.off), int(e.y), int(e.x)};
+        ks = k_entry(ktab, k0 + Idx(kk));
       } else {
         ks = SHARED_K ? ks0 : kstate(p, t, s, seg, k0);
       }
       const RowSt<Idx>& r = rs[ONE_ROW ? 0 : s];
+      // Both bounds always evaluated (&, not &&): no branch, no conditional loads.
       f(s, r.base + ks.off,
-        unsigned(r.y + ks.y) < unsigned(ylim) && unsigned(r.x + ks.x) < unsigned(xlim));
+        (unsigned(r.y + ks.y) < unsigned(ylim)) & (unsigned(r.x + ks.x) < unsigned(xlim)));
     }
   }
   __device__ __forceinline__ void load(const KParams& p, const Tile<Idx>& t, const T* src,
@@ -136,20 +143,11 @@ struct Loader {
   // Stages as in store(): the vector is contiguous in the stage.
   __device__ __forceinline__ void copy_async(T* stage, int ld, const KParams& p, const Tile<Idx>& t,
                                              const T* src, int64_t seg, Idx k0) const {
-    copy_async_to(
-        [&](int, int row, int kk) { return stage + (ROWC ? kk * ld + row : row * ld + kk); }, p,
-        t, src, seg, k0);
-  }
-  // As copy_async, into the stage position dst_of(slot, row, kk) of each vector (the wgmma
-  // kernel's swizzled stages).
-  template <class DstOf>
-  __device__ __forceinline__ void copy_async_to(DstOf&& dst_of, const KParams& p, const Tile<Idx>& t,
-                                                const T* src, int64_t seg, Idx k0) const {
     constexpr int kBytes = VEC * int(sizeof(T));
     for_each_slot(p, t, seg, k0, [&](int s, Idx off, bool ok) {
       int row, kk;
       pos(s, row, kk);
-      T* dst = dst_of(s, row, kk);
+      T* dst = stage + (ROWC ? kk * ld + row : row * ld + kk);
       if constexpr (kBytes == 16) {
         cp_async16(dst, ok ? src + off : src, ok);
       } else {

@@ -41,7 +41,7 @@ struct KSt {
 };
 // A KSt packed for the mma kernel's k table (conv_mma.cuh): y = kKEntryBad for k past K (a row's
 // y plus it stays negative: the host uses the table only where rows and taps are below 2^15).
-struct KEntry {
+struct __align__(8) KEntry {
   int32_t off;
   int16_t y, x;
 };
@@ -123,13 +123,17 @@ struct OpFA {
   __device__ static int a_ylim(const KParams& p) { return int(p.H); }
   __device__ static int a_xlim(const KParams& p) { return int(p.W); }
 
+  // Operand B is a plain K x F matrix: the filter offset of (k, n) = k * F + f (see top).
+  __device__ static Idx b_offset(const KParams& p, Idx k, Idx n) {
+    return k * Idx(p.F) + n * Idx(p.fs.n);
+  }
   __device__ static RowSt<Idx> b_row(const KParams& p, const Tile<Idx>& t, Idx n) {
     const bool v = n < t.N;
-    return {(v ? n : Idx(0)) * Idx(p.fs.n), v ? 0 : kBad, 0};
+    return {b_offset(p, Idx(0), v ? n : Idx(0)), v ? 0 : kBad, 0};
   }
   __device__ static KSt<Idx> b_k(const KParams& p, const Tile<Idx>& t, int64_t, Idx k) {
     const bool v = k < t.K;
-    return {(v ? k : Idx(0)) * Idx(p.F), v ? 0 : kBad, 0};  // filter offset k*F + f (see top)
+    return {b_offset(p, v ? k : Idx(0), Idx(0)), v ? 0 : kBad, 0};
   }
   __device__ static int b_ylim(const KParams&) { return 1; }
   __device__ static int b_xlim(const KParams&) { return 1; }

@@ -66,8 +66,8 @@ struct WgmmaStage {
     return uint32_t(atom * 1024 + line * 128 + ((chunk ^ line) << 4));
   }
   // Descriptor of the sub-tile starting at row `row0` (a multiple of 64) of the stage at shared
-  // address `stage` (1024-aligned), first k step. The start address is the low field: later
-  // stages and k steps add (bytes >> 4) to it (step_bytes; addresses stay below 2^18).
+  // address `stage` (1024-aligned), first k step. The start address is its lowest field: later
+  // stages and k steps add (bytes >> 4) to the low word (no carry: addresses stay below 2^18).
   __device__ __forceinline__ static uint64_t desc(uint32_t stage, int row0) {
     uint32_t start, lbo;
     if constexpr (kRowC) {
@@ -91,6 +91,11 @@ __device__ __forceinline__ void wgmma_fence() {
 }
 __device__ __forceinline__ void wgmma_commit() {
   asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ uint64_t pack_desc(uint32_t lo, uint32_t hi) {
+  uint64_t d;
+  asm("mov.b64 %0, {%1, %2};\n" : "=l"(d) : "r"(lo), "r"(hi));
+  return d;
 }
 template <int N>
 __device__ __forceinline__ void wgmma_wait() {  // at most N commit groups still in flight
@@ -167,8 +172,14 @@ __global__ void __launch_bounds__(Cfg::NT, 1) conv_wgmma_kernel(const __grid_con
   using SA = WgmmaStage<Op::A_ROWC, BK>;
   using SB = WgmmaStage<Op::B_ROWC, BK>;
   using LA = Loader<Op, true, BM, BK, NT, T, Idx, Cfg::VEC, false, kKTable>;
-  using LB = Loader<Op, false, BN, BK, NT, T, Idx, Cfg::VEC, false>;
   static_assert(!Op::kFold, "filter_acts-like ops: one k range per unit");
+  // Operand B (the filters) is a plain K x F matrix (Op::b_offset) and N a multiple of BN (the
+  // host's rule): each B copy of a thread keeps one offset for the whole kernel, a k-tile adds
+  // its k0 rows, and only rows past K are zero-filled (cp.async of 0 bytes: nothing is read).
+  // The generic loader took ~90 of the ~250 instructions per k-tile and warp here (alex2).
+  constexpr int B_Q = BN / Cfg::VEC, B_SLOTS = BN * BK / Cfg::VEC / NT;
+  static_assert(BN * BK / Cfg::VEC % NT == 0, "whole B copies per thread");
+  static_assert(Op::B_ROWC, "filters contiguous along n");
 
   extern __shared__ __align__(128) unsigned char smem_raw[];
   const uint32_t raw = smem_addr(smem_raw);
@@ -188,7 +199,9 @@ __global__ void __launch_bounds__(Cfg::NT, 1) conv_wgmma_kernel(const __grid_con
   const int wg = warp >> 2;  // warpgroup: rows wg * 64 ... + 63 of the tile
   if constexpr (kKTable) build_k_table<Op, BK, NT, Idx>(p, ktab);
   // Each copy slot of a thread lands at the same place of every stage: swizzle once.
-  uint32_t a_dst[LA::SLOTS], b_dst[LB::SLOTS];
+  uint32_t a_dst[LA::SLOTS], b_dst[B_SLOTS];
+  uint32_t b_bytes[B_SLOTS];
+  int b_kk[B_SLOTS];
 #pragma unroll
   for (int s = 0; s < LA::SLOTS; ++s) {
     int row, kk;
@@ -196,21 +209,23 @@ __global__ void __launch_bounds__(Cfg::NT, 1) conv_wgmma_kernel(const __grid_con
     a_dst[s] = SA::offset(row, kk);
   }
 #pragma unroll
-  for (int s = 0; s < LB::SLOTS; ++s) {
-    int row, kk;
-    LB::pos(s, row, kk);
-    b_dst[s] = SB::offset(row, kk);
+  for (int s = 0; s < B_SLOTS; ++s) {
+    const int v = tid + s * NT, row = (v % B_Q) * Cfg::VEC;
+    b_kk[s] = v / B_Q;
+    b_bytes[s] = uint32_t(Op::b_offset(p, Idx(b_kk[s]), Idx(row))) * uint32_t(sizeof(T));
+    b_dst[s] = SB::offset(row, b_kk[s]);
   }
   const uint64_t a_desc = SA::desc(base + uint32_t(Off::A_OFF), wg * 64);
   const uint64_t b_desc = SB::desc(base + uint32_t(Off::B_OFF), 0);
+  const uint32_t a_lo = uint32_t(a_desc), a_hi = uint32_t(a_desc >> 32);
+  const uint32_t b_lo = uint32_t(b_desc), b_hi = uint32_t(b_desc >> 32);
 
   for (int64_t u = blockIdx.x; u < p.units; u += gridDim.x) {
     const Tile<Idx> t = Op::tile(p, u, BM, BN);
     LA la;
-    LB lb;
     la.ktab = ktab;
     la.init_rows(p, t);
-    lb.init_rows(p, t);
+    const T* const b_unit = srcB + Op::b_offset(p, Idx(0), t.n0);
     float d[BN / 2];
 #pragma unroll
     for (int e = 0; e < BN / 2; ++e) d[e] = 0.f;
@@ -220,12 +235,18 @@ __global__ void __launch_bounds__(Cfg::NT, 1) conv_wgmma_kernel(const __grid_con
     auto issue = [&](int stage) {
       if (issued < nkt) {
         const Idx k0 = t.kb + issued * Idx(BK);
-        unsigned char* a_st = As + stage * A_BYTES;
-        unsigned char* b_st = Bs + stage * B_BYTES;
-        la.copy_async_to([&](int s, int, int) { return reinterpret_cast<T*>(a_st + a_dst[s]); }, p,
-                         t, srcA, 0, k0);
-        lb.copy_async_to([&](int s, int, int) { return reinterpret_cast<T*>(b_st + b_dst[s]); }, p,
-                         t, srcB, 0, k0);
+        unsigned char* const a_st = As + stage * A_BYTES;
+        unsigned char* const b_st = Bs + stage * B_BYTES;
+        // Zero-filled copies read nothing (0 source bytes): their address needs no clamping.
+        la.for_each_slot(p, t, 0, k0, [&](int s, Idx off, bool ok) {
+          cp_async16(reinterpret_cast<T*>(a_st + a_dst[s]), srcA + off, ok);
+        });
+        const char* const b_k0 =
+            reinterpret_cast<const char*>(b_unit + Op::b_offset(p, k0, Idx(0)));
+#pragma unroll
+        for (int s = 0; s < B_SLOTS; ++s)
+          cp_async16(reinterpret_cast<T*>(b_st + b_dst[s]),
+                     reinterpret_cast<const T*>(b_k0 + b_bytes[s]), k0 + b_kk[s] < t.K);
       }
       ++issued;
       cp_async_commit();  // an empty group past the end keeps the wait counts uniform
@@ -239,14 +260,15 @@ __global__ void __launch_bounds__(Cfg::NT, 1) conv_wgmma_kernel(const __grid_con
       cp_async_wait<AHEAD - 1>();  // this thread's copies of k-tile `it` landed ...
       if constexpr (kProxyFence) fence_proxy_async_smem();  // ... are visible to the tensor cores ...
       __syncthreads();              // ... and everyone's; every wgmma of it - 1 has finished
-      const uint64_t a_st = a_desc + uint64_t((stage * A_BYTES) >> 4);
-      const uint64_t b_st = b_desc + uint64_t((stage * B_BYTES) >> 4);
+      const uint32_t a_st = a_lo + uint32_t((stage * A_BYTES) >> 4);
+      const uint32_t b_st = b_lo + uint32_t((stage * B_BYTES) >> 4);
       wgmma_fence_operands(d);
       wgmma_fence();
 #pragma unroll
       for (int ks = 0; ks < BK / Cfg::KSTEP; ++ks)
         wgmma_bn<T, BN, Op::A_ROWC ? 1 : 0, Op::B_ROWC ? 1 : 0>(
-            d, a_st + uint64_t(ks * (SA::kStepBytes >> 4)), b_st + uint64_t(ks * (SB::kStepBytes >> 4)));
+            d, pack_desc(a_st + uint32_t(ks * (SA::kStepBytes >> 4)), a_hi),
+            pack_desc(b_st + uint32_t(ks * (SB::kStepBytes >> 4)), b_hi));
       wgmma_commit();
       issue(wstage);  // the stage of it - (STAGES - AHEAD): read by now
       wgmma_wait<kPipelined ? 1 : 0>();
