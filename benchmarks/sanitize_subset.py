@@ -34,6 +34,12 @@ for layout in ("C01B", "NHWC"):
                     partial_sum="auto").astype(jnp.float32) ** 2)
                 jax.block_until_ready(jax.jit(jax.grad(loss, (0, 1)))(x, w))
 
+# 16-bit filter_acts into 192 filters: on Hopper the wgmma kernel (C01B with its k table, NHWC).
+for layout in ("C01B", "NHWC"):
+    x = jax.random.normal(key, jcn.geometry.image_shape(layout, 8, 16, 11, 10), jnp.bfloat16)
+    w = jax.random.normal(key, jcn.geometry.filter_shape(layout, 192, 16, 3, 3), jnp.bfloat16)
+    jax.block_until_ready(jax.jit(lambda x, w: jcn.filter_acts(x, w, layout=layout, pad=1))(x, w))
+
 
 def image_acts_into_rgb(layout, dtype, n, f, hw, size, column_images, **kw):
     """image_acts into 3 channels with a column buffer of `column_images` images (0: none)."""

@@ -122,9 +122,8 @@ struct Loader {
         ks = SHARED_K ? ks0 : kstate(p, t, s, seg, k0);
       }
       const RowSt<Idx>& r = rs[ONE_ROW ? 0 : s];
-      // Both bounds always evaluated (&, not &&): no branch, no conditional loads.
       f(s, r.base + ks.off,
-        (unsigned(r.y + ks.y) < unsigned(ylim)) & (unsigned(r.x + ks.x) < unsigned(xlim)));
+        unsigned(r.y + ks.y) < unsigned(ylim) && unsigned(r.x + ks.x) < unsigned(xlim));
     }
   }
   __device__ __forceinline__ void load(const KParams& p, const Tile<Idx>& t, const T* src,

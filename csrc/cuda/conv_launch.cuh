@@ -158,16 +158,17 @@ using WgmmaFA = WgmmaCfg<T, 192>;
 template <class Op, typename T>
 int wgmma_plan_bytes() {
   if constexpr (sizeof(T) == 2) {
-    return std::max(WgmmaPlan<Op, WgmmaFA<T>, T, int32_t>::TOTAL,
-                    WgmmaPlan<Op, WgmmaCfg<T, 192, 5>, T, int32_t>::TOTAL);
+    return WgmmaPlan<Op, WgmmaFA<T>, T, int32_t>::TOTAL;
   } else {
     return 0;
   }
 }
-template <class Op, class Cfg, typename T, bool kKTable, bool kFence, bool kPipe>
+template <class Op, typename T, bool kKTable>
 cudaError_t launch_wgmma_k(const KParams& p, cudaStream_t stream) {
+  using Cfg = WgmmaFA<T>;
   constexpr int plan_bytes = WgmmaPlan<Op, Cfg, T, int32_t>::TOTAL;
-  constexpr auto kernel = conv_wgmma_kernel<Op, Cfg, T, int32_t, kKTable, kFence, kPipe>;
+  constexpr auto kernel = conv_wgmma_kernel<Op, Cfg, T, int32_t, kKTable>;
+  // (run() keeps plan + table within the device's limit; the largest table may not fit.)
   cudaError_t err = opt_in_shared_memory<kernel>(
       std::min(plan_bytes + (kKTable ? kKTableMaxBytes : 0), 227 * 1024));
   if (err != cudaSuccess) return err;
@@ -176,28 +177,13 @@ cudaError_t launch_wgmma_k(const KParams& p, cudaStream_t stream) {
   kernel<<<dim3(unsigned(blocks)), Cfg::NT, bytes, stream>>>(p);
   return cudaGetLastError();
 }
-template <class Op, typename T, bool kKTable>
-cudaError_t launch_wgmma_v(const KParams& p, cudaStream_t stream) {
-  static const int variant = [] {
-    const char* v = std::getenv("JCN_WGMMA_VARIANT");
-    return v ? std::atoi(v) : 0;
-  }();
-  using C4 = WgmmaFA<T>;
-  using C5 = WgmmaCfg<T, 192, 5>;
-  switch (variant) {
-    case 1: return launch_wgmma_k<Op, C4, T, kKTable, false, false>(p, stream);
-    case 2: return launch_wgmma_k<Op, C5, T, kKTable, false, true>(p, stream);
-    case 3: return launch_wgmma_k<Op, C5, T, kKTable, true, true>(p, stream);
-    default: return launch_wgmma_k<Op, C4, T, kKTable, true, false>(p, stream);
-  }
-}
 template <class Op, typename T>
 cudaError_t launch_wgmma(const KParams& p, cudaStream_t stream) {
   if (p.units < 1) return cudaSuccess;
   if constexpr (Op::A_K_FIXED && Op::A_ROWC) {
-    if (p.k_table_bytes > 0) return launch_wgmma_v<Op, T, true>(p, stream);
+    if (p.k_table_bytes > 0) return launch_wgmma_k<Op, T, true>(p, stream);
   }
-  return launch_wgmma_v<Op, T, false>(p, stream);
+  return launch_wgmma_k<Op, T, false>(p, stream);
 }
 
 // The mma tile for N columns: 32 wide up to 32 columns, else the widest of 128, 96 and 64 that

@@ -7,13 +7,17 @@
 // stalls first, L2 47%). wgmma reads its operands from shared memory itself, a warpgroup (4 warps)
 // at a time, 64 x BN per instruction.
 //
-// Same units, tiles and operand addressing as the other conv kernels (conv_ops.cuh, Loader with
-// cp.async, the k table of conv_mma_kernel); block tile 128 x BN: two warpgroups of 64 rows, all
-// BN columns each. Stages are laid out in wgmma's canonical 128-byte-swizzled form (below), so
-// no padding and no bank conflicts. Per k-tile: wait for the stage, fence it to the async proxy,
-// one barrier, 4 wgmma of k 16 (one commit group), the copies of the k-tile STAGES - 1 ahead
-// (overlapping the tensor cores), then wait for the group. One block of 256 threads per SM (BN
-// / 2 accumulators per thread, 4 stages of 40 KiB at BN = 192).
+// Same units, tiles and operand addressing as the other conv kernels (conv_ops.cuh: the Loader's
+// row states and k table for the images, the filters as a K x F matrix); block tile 128 x BN:
+// two warpgroups of 64 rows, all BN columns each. Stages are laid out in wgmma's canonical
+// 128-byte-swizzled form (WgmmaStage), so no padding and no bank conflicts. Per k-tile: wait for
+// the stage, fence it to the async proxy, one barrier, 4 wgmma of k 16 (one commit group), the
+// copies of the k-tile 3 ahead (overlapping the tensor cores), then wait until one group is left
+// in flight. One block of 256 threads per SM (BN / 2 accumulators per thread, 5 stages of 40 KiB
+// at BN = 192). AlexNet conv2 bf16 C01B on an H200: 0.133 ms (mma.sync: 0.238); 0.148-0.157
+// with every wgmma drained each k-tile (4 stages; tensor pipe 46% busy). The copies' address
+// arithmetic is the longest path now: ~180 instructions per k-tile and warp at two warps per
+// scheduler (253 before B's offsets were fixed per thread: 0.148-0.180 ms drained).
 //
 // Compiled for sm_90a only (`90a` in CMAKE_CUDA_ARCHITECTURES defines JAX_CONVNET_WGMMA for the
 // host); other targets get an empty kernel that the host never launches.
@@ -30,10 +34,10 @@
 namespace jax_convnet {
 namespace cuda_conv {
 
-template <typename T, int BN_, int STAGES_ = 4>
+template <typename T, int BN_>
 struct WgmmaCfg {
   static_assert(sizeof(T) == 2, "wgmma with transposed (MN-major) operands: 16-bit types");
-  static constexpr int BM = 128, BN = BN_, BK = 64, STAGES = STAGES_;  // BK: 128 bytes of k
+  static constexpr int BM = 128, BN = BN_, BK = 64, STAGES = 5;  // BK: 128 bytes of k
   static constexpr int NT = 256;                                  // two warpgroups
   static constexpr int VEC = 8;                                   // elements per cp.async
   static constexpr int KSTEP = 16;                                // k of one wgmma
@@ -162,8 +166,7 @@ struct WgmmaPlan {
   static constexpr int TOTAL = Off::TOTAL + kAlignSlack;  // bytes to allocate (k table apart)
 };
 
-template <class Op, class Cfg, typename T, typename Idx, bool kKTable, bool kProxyFence = true,
-          bool kPipelined = false>
+template <class Op, class Cfg, typename T, typename Idx, bool kKTable>
 __global__ void __launch_bounds__(Cfg::NT, 1) conv_wgmma_kernel(const __grid_constant__ KParams p) {
 #ifdef JCN_WGMMA_DEVICE
   constexpr int BM = Cfg::BM, BN = Cfg::BN, BK = Cfg::BK, NT = Cfg::NT, STAGES = Cfg::STAGES;
@@ -251,15 +254,17 @@ __global__ void __launch_bounds__(Cfg::NT, 1) conv_wgmma_kernel(const __grid_con
       ++issued;
       cp_async_commit();  // an empty group past the end keeps the wait counts uniform
     };
-    constexpr int AHEAD = kPipelined ? STAGES - 2 : STAGES - 1;  // k-tiles copied ahead
+    // One group of wgmma stays in flight across iterations: k-tile it's copies go into the stage
+    // of it - 2, the last one whose wgmma every warpgroup has waited for.
+    constexpr int AHEAD = STAGES - 2;  // k-tiles copied ahead of the math
 #pragma unroll
     for (int s = 0; s < AHEAD; ++s) issue(s);
 
     int stage = 0, wstage = AHEAD;
     for (Idx it = 0; it < nkt; ++it) {
       cp_async_wait<AHEAD - 1>();  // this thread's copies of k-tile `it` landed ...
-      if constexpr (kProxyFence) fence_proxy_async_smem();  // ... are visible to the tensor cores ...
-      __syncthreads();              // ... and everyone's; every wgmma of it - 1 has finished
+      fence_proxy_async_smem();    // ... are visible to the tensor cores (async proxy) ...
+      __syncthreads();             // ... and everyone's; every wgmma of it - 2 has finished
       const uint32_t a_st = a_lo + uint32_t((stage * A_BYTES) >> 4);
       const uint32_t b_st = b_lo + uint32_t((stage * B_BYTES) >> 4);
       wgmma_fence_operands(d);
@@ -270,8 +275,8 @@ __global__ void __launch_bounds__(Cfg::NT, 1) conv_wgmma_kernel(const __grid_con
             d, pack_desc(a_st + uint32_t(ks * (SA::kStepBytes >> 4)), a_hi),
             pack_desc(b_st + uint32_t(ks * (SB::kStepBytes >> 4)), b_hi));
       wgmma_commit();
-      issue(wstage);  // the stage of it - (STAGES - AHEAD): read by now
-      wgmma_wait<kPipelined ? 1 : 0>();
+      issue(wstage);   // k-tile it + AHEAD, into the stage of it - 2
+      wgmma_wait<1>();  // this warpgroup's wgmma of it - 1 finished
       wgmma_fence_operands(d);  // no access to d moves above the wait
       stage = stage + 1 == STAGES ? 0 : stage + 1;
       wstage = wstage + 1 == STAGES ? 0 : wstage + 1;
