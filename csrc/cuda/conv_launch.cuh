@@ -25,6 +25,9 @@
 //          (kMmaNarrow) that wastes the fewest columns and fits the device's shared memory per
 //          block; filter_acts of C01B images in 16-bit types reads where each k lies from a table
 //          in shared memory (conv_mma_kernel's kKTable).
+//   kWgmma where kMma* can run, for filter_acts in 16-bit types into a multiple of 192 filters on
+//          compute capability 9.0 in sm_90a builds (JAX_CONVNET_WGMMA): Hopper's wgmma, 128 x 192
+//          tiles (conv_wgmma.cuh).
 //   kWmma  otherwise, when N >= 16: bf16 / f16 / TF32: nvcuda::wmma, register-staged
 //          (conv_kernel.cuh).
 // Else FFMA with a 128x64 tile (or 512x4 for N <= 8). Accumulation is float32 everywhere.
@@ -661,7 +664,8 @@ ffi::Error run(cudaStream_t stream, Workspace workspace, const jcn::ConvGeometry
   const int64_t T_ = p.fh * p.fw;
 
   // The device's limits the plan depends on (cached by the runtime: no synchronisation).
-  int dev = 0, nsm = 0, smem_optin = 0, smem_sm = 0, smem_reserved = 0, cc_major = 0, cc_minor = 0;
+  int dev = 0, nsm = 0, smem_optin = 0, smem_sm = 0, smem_reserved = 0;
+  int cc_major = 0, cc_minor = 0;
   cudaError_t err;
   if ((err = cudaGetDevice(&dev)) != cudaSuccess) return cuda_error(kOp, "cudaGetDevice", err);
   if ((err = cudaDeviceGetAttribute(&nsm, cudaDevAttrMultiProcessorCount, dev)) != cudaSuccess ||

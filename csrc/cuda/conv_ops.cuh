@@ -39,8 +39,9 @@ struct KSt {
   Idx off;
   int y, x;
 };
-// A KSt packed for the mma kernel's k table (conv_mma.cuh): y = kKEntryBad for k past K (a row's
-// y plus it stays negative: the host uses the table only where rows and taps are below 2^15).
+// A KSt packed for the k table of the mma and wgmma kernels (Loader's kKTable), 8 bytes read as
+// one word (k_entry): y = kKEntryBad for k past K (a row's y plus it stays negative: the host uses
+// the table only where rows and taps are below 2^15).
 struct __align__(8) KEntry {
   int32_t off;
   int16_t y, x;

@@ -149,7 +149,7 @@ __device__ __forceinline__ void wgmma_bn(float (&d)[BN / 2], uint64_t da, uint64
 #undef JCN_D8
 #endif  // JCN_WGMMA_DEVICE
 
-// Shared memory of the wgmma kernel, from a 1024-aligned base (the host adds kAlignSlack):
+// Shared memory of the wgmma kernel, from a 1024-aligned base (TOTAL includes the slack to align):
 // STAGES stages of A and of B, overlaid by the epilogue's float tile; the output offsets of the
 // tile's rows and columns; the k table (kKTable).
 template <class Op, class Cfg, typename T, typename Idx>
