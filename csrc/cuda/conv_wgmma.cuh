@@ -20,7 +20,7 @@
 // scheduler (253 before B's offsets were fixed per thread: 0.148-0.180 ms drained).
 //
 // Compiled for sm_90a only (`90a` in CMAKE_CUDA_ARCHITECTURES defines JAX_CONVNET_WGMMA for the
-// host); other targets get an empty kernel that the host never launches.
+// host); other targets get a kernel that traps, which the host never launches.
 #pragma once
 
 #include "conv_common.cuh"
@@ -311,6 +311,8 @@ __global__ void __launch_bounds__(Cfg::NT, 1) conv_wgmma_kernel(const __grid_con
     store_tile<Op, BM, BN, NT, T>(p, t, Cs, kCsM, kCsN, rowoff, coloff);
     __syncthreads();  // Cs / rowoff / coloff are reused by the next unit
   }
+#elif defined(__CUDA_ARCH__)
+  __trap();  // not sm_90a code: the host never launches it here, and it must not pass silently
 #endif  // JCN_WGMMA_DEVICE
 }
 
