@@ -254,6 +254,25 @@ __device__ __forceinline__ void tile_out_offsets(const KParams& p, const Tile<Id
     coloff[i] = (t.n0 + Idx(i) < t.N) ? Op::out_col(p, t, t.n0 + Idx(i)) : Idx(-1);
 }
 
+// Epilogue, middle step: one m16n8 float accumulator tile of mma.sync or wgmma into Cs. The lane
+// holds (m, n), (m, n + 1), (m + 8, n), (m + 8, n + 1) with m = its row, n = its first column;
+// element (m, n) at m * kCsM + n * kCsN (kCsM == 1: Cs is transposed, else float2 stores).
+template <int kCsM, int kCsN>
+__device__ __forceinline__ void store_acc_tile(float* Cs, int m, int n, float v0, float v1,
+                                               float v2, float v3) {
+  float* const c = Cs + m * kCsM + n * kCsN;
+  if constexpr (kCsM == 1) {
+    c[0] = v0;
+    c[kCsN] = v1;
+    c[8] = v2;
+    c[8 + kCsN] = v3;
+  } else {
+    static_assert(kCsN == 1, "row-major Cs");
+    *reinterpret_cast<float2*>(c) = make_float2(v0, v1);
+    *reinterpret_cast<float2*>(c + 8 * kCsM) = make_float2(v2, v3);
+  }
+}
+
 // Epilogue, last step (the tile's float sums in Cs, element (m, n) at m * cs_m + n * cs_n;
 // offsets filled, after a barrier): to the output, or to the unit's partial-sum slot, coalesced
 // along the output's contiguous dimension.

@@ -127,18 +127,28 @@ constexpr int kKTableMaxBytes = 32 * 1024;
 template <typename T>
 constexpr bool kMidTileAndKTable = sizeof(T) == 2;
 
+// A kernel of the cp.async pipelines (mma, wgmma): kPlanBytes of dynamic shared memory plus, with
+// kKTable, the k table the host planned (p.k_table_bytes); one block per unit up to the grid's
+// limit (the kernels loop over units). Opted in once for the largest table that fits beside the
+// plan (run() checks the table it plans against the device).
+template <auto kKernel, int kThreads, int kPlanBytes, bool kKTable>
+cudaError_t launch_pipelined(const KParams& p, cudaStream_t stream) {
+  if (p.units < 1) return cudaSuccess;
+  cudaError_t err = opt_in_shared_memory<kKernel>(
+      std::min(kPlanBytes + (kKTable ? kKTableMaxBytes : 0), 227 * 1024));
+  if (err != cudaSuccess) return err;
+  const int bytes = kPlanBytes + (kKTable ? int(p.k_table_bytes) : 0);
+  const int64_t blocks = std::min<int64_t>(p.units, int64_t(0x7fffffff));
+  kKernel<<<dim3(unsigned(blocks)), kThreads, bytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
 template <class Op, class Cfg, typename T, bool kSplit, int kAVec, bool kKTable = false>
 cudaError_t launch_mma(const KParams& p, cudaStream_t stream) {
-  if (p.units < 1) return cudaSuccess;
   constexpr int plan_bytes = MmaPlanOf<Op, Cfg, T, int32_t>::TOTAL;
   static_assert(!kKTable || plan_bytes + kKTableMaxBytes <= 227 * 1024, "shared memory per block");
-  constexpr auto kernel = conv_mma_kernel<Op, Cfg, T, int32_t, kSplit, kAVec, kKTable>;
-  cudaError_t err = opt_in_shared_memory<kernel>(plan_bytes + (kKTable ? kKTableMaxBytes : 0));
-  if (err != cudaSuccess) return err;
-  const int bytes = plan_bytes + (kKTable ? int(p.k_table_bytes) : 0);
-  const int64_t blocks = std::min<int64_t>(p.units, int64_t(0x7fffffff));
-  kernel<<<dim3(unsigned(blocks)), Cfg::NT, bytes, stream>>>(p);
-  return cudaGetLastError();
+  return launch_pipelined<conv_mma_kernel<Op, Cfg, T, int32_t, kSplit, kAVec, kKTable>, Cfg::NT,
+                          plan_bytes, kKTable>(p, stream);
 }
 // One mma.sync per tile pair (TF32 or 16-bit), with the k table where the host planned one.
 template <class Op, class Cfg, typename T, int kAVec>
@@ -156,8 +166,9 @@ constexpr bool kBuiltWgmma = true;
 #else
 constexpr bool kBuiltWgmma = false;
 #endif
+constexpr int kWgmmaColumns = 192;
 template <typename T>
-using WgmmaFA = WgmmaCfg<T, 192>;
+using WgmmaFA = WgmmaCfg<T, kWgmmaColumns>;
 template <class Op, typename T>
 int wgmma_plan_bytes() {
   if constexpr (sizeof(T) == 2) {
@@ -169,20 +180,12 @@ int wgmma_plan_bytes() {
 template <class Op, typename T, bool kKTable>
 cudaError_t launch_wgmma_k(const KParams& p, cudaStream_t stream) {
   using Cfg = WgmmaFA<T>;
-  constexpr int plan_bytes = WgmmaPlan<Op, Cfg, T, int32_t>::TOTAL;
-  constexpr auto kernel = conv_wgmma_kernel<Op, Cfg, T, int32_t, kKTable>;
-  // (run() keeps plan + table within the device's limit; the largest table may not fit.)
-  cudaError_t err = opt_in_shared_memory<kernel>(
-      std::min(plan_bytes + (kKTable ? kKTableMaxBytes : 0), 227 * 1024));
-  if (err != cudaSuccess) return err;
-  const int bytes = plan_bytes + (kKTable ? int(p.k_table_bytes) : 0);
-  const int64_t blocks = std::min<int64_t>(p.units, int64_t(0x7fffffff));
-  kernel<<<dim3(unsigned(blocks)), Cfg::NT, bytes, stream>>>(p);
-  return cudaGetLastError();
+  static_assert(Cfg::BN == kWgmmaColumns && Cfg::BK == MmaWide<T>::BK, "run()'s tile sizes");
+  return launch_pipelined<conv_wgmma_kernel<Op, Cfg, T, int32_t, kKTable>, Cfg::NT,
+                          WgmmaPlan<Op, Cfg, T, int32_t>::TOTAL, kKTable>(p, stream);
 }
 template <class Op, typename T>
 cudaError_t launch_wgmma(const KParams& p, cudaStream_t stream) {
-  if (p.units < 1) return cudaSuccess;
   if constexpr (Op::A_K_FIXED && Op::A_ROWC) {
     if (p.k_table_bytes > 0) return launch_wgmma_k<Op, T, true>(p, stream);
   }
@@ -805,7 +808,7 @@ ffi::Error run(cudaStream_t stream, Workspace workspace, const jcn::ConvGeometry
     path = mma_path(N, mma_wide_fits && !a_single, mid);
     // Hopper: the wgmma kernel (sm_90a code runs on compute capability 9.0 only).
     if constexpr (K == OpKind::kFA && sizeof(T) == 2 && kBuiltWgmma) {
-      if (cc_major == 9 && cc_minor == 0 && a_vec16 && N % WgmmaFA<T>::BN == 0 &&
+      if (cc_major == 9 && cc_minor == 0 && a_vec16 && N % kWgmmaColumns == 0 &&
           wgmma_plan_bytes<OpMma, T>() <= smem_optin)
         path = Path::kWgmma;
     }
@@ -824,11 +827,8 @@ ffi::Error run(cudaStream_t stream, Workspace workspace, const jcn::ConvGeometry
     mask = vec_mask(path);
   }
   int BM = 128, BN = 64, BK = CfgWide::BK;
-  if (path == Path::kWgmma) {
-    BN = 192;
-    BK = 64;
-  } else if (mma) {
-    BN = mma_tile_columns<T>(path);
+  if (mma || path == Path::kWgmma) {  // (both: 128 bytes of k per stage)
+    BN = path == Path::kWgmma ? kWgmmaColumns : mma_tile_columns<T>(path);
     BK = MmaWide<T>::BK;
   } else if (path == Path::kWmma) {
     BK = WmmaCfgOf<T>::BK;

@@ -294,16 +294,8 @@ __global__ void __launch_bounds__(Cfg::NT, Op::kFold ? 1 : 2)
 #pragma unroll
         for (int j = 0; j < NI; ++j) {
           const float* v = Op::kFold ? tot[i % FI][j % FJ] : acc[i][j];
-          float* c = Cs + (wm0 + i * 16 + g) * kCsM + (wn0 + j * 8 + 2 * q) * kCsN;
-          if constexpr (Op::OUT_ROWC) {
-            c[0] = v[0];
-            c[kCsN] = v[1];
-            c[8] = v[2];
-            c[8 + kCsN] = v[3];
-          } else {
-            *reinterpret_cast<float2*>(c) = make_float2(v[0], v[1]);
-            *reinterpret_cast<float2*>(c + 8 * LDC) = make_float2(v[2], v[3]);
-          }
+          store_acc_tile<kCsM, kCsN>(Cs, wm0 + i * 16 + g, wn0 + j * 8 + 2 * q, v[0], v[1], v[2],
+                                     v[3]);
         }
     }
     __syncthreads();

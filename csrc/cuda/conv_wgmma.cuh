@@ -294,18 +294,9 @@ __global__ void __launch_bounds__(Cfg::NT, 1) conv_wgmma_kernel(const __grid_con
       const int g = lane >> 2, q = lane & 3;
       const int m0 = wg * 64 + (warp & 3) * 16 + g;
 #pragma unroll
-      for (int j = 0; j < BN / 8; ++j) {
-        float* c = Cs + m0 * kCsM + (j * 8 + 2 * q) * kCsN;
-        if constexpr (Op::OUT_ROWC) {
-          c[0] = d[4 * j];
-          c[kCsN] = d[4 * j + 1];
-          c[8] = d[4 * j + 2];
-          c[8 + kCsN] = d[4 * j + 3];
-        } else {
-          *reinterpret_cast<float2*>(c) = make_float2(d[4 * j], d[4 * j + 1]);
-          *reinterpret_cast<float2*>(c + 8 * Plan::LDC) = make_float2(d[4 * j + 2], d[4 * j + 3]);
-        }
-      }
+      for (int j = 0; j < BN / 8; ++j)
+        store_acc_tile<kCsM, kCsN>(Cs, m0, j * 8 + 2 * q, d[4 * j], d[4 * j + 1], d[4 * j + 2],
+                                   d[4 * j + 3]);
     }
     __syncthreads();
     store_tile<Op, BM, BN, NT, T>(p, t, Cs, kCsM, kCsN, rowoff, coloff);
