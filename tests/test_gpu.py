@@ -94,7 +94,8 @@ def test_half_precision_layers(name, dtype, layout):
 @pytest.mark.parametrize("precision,dtype",
                          [("highest", jnp.float32), (None, jnp.float32), (None, jnp.bfloat16)],
                          ids=["f32-highest", "f32", "bf16"])
-@pytest.mark.parametrize("channels,n_filters", [(3, 16), (3, 40), (24, 40), (24, 192), (136, 128)])
+@pytest.mark.parametrize("channels,n_filters",
+                         [(3, 16), (3, 40), (24, 40), (24, 96), (24, 192), (136, 128)])
 @pytest.mark.parametrize("partial_sum", [None, "auto"])
 def test_tensor_core_path_matches_reference(channels, n_filters, precision, dtype, layout,
                                             partial_sum):
@@ -103,8 +104,9 @@ def test_tensor_core_path_matches_reference(channels, n_filters, precision, dtyp
     mma.sync kernel in both layouts (3-channel NHWC images only in float32, copied one float at a
     time; image_acts into RGB in float32 takes the direct kernel), with all four tile widths (32
     for up to 32 columns: 16 filters or image_acts into 24 channels, 64 for 40 filters, 96 for
-    192 in 16-bit types, 128), filter_acts of C01B images with and without its k table (16-bit
-    types only), partial tiles, a k tail and every weight_acts plan."""
+    96 or 192 in 16-bit types, 128; on Hopper 192 go to the wgmma kernel instead), filter_acts of
+    C01B images with and without its k table (16-bit types only), partial tiles, a k tail and every
+    weight_acts plan."""
     x = images(7, layout, 8, channels, 17, 15, dtype)
     w = filters(8, layout, n_filters, channels, 5, 3, dtype) * 0.1
     pad, stride = (2, 1), (2, 1)
