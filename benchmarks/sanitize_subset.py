@@ -34,11 +34,14 @@ for layout in ("C01B", "NHWC"):
                     partial_sum="auto").astype(jnp.float32) ** 2)
                 jax.block_until_ready(jax.jit(jax.grad(loss, (0, 1)))(x, w))
 
-# 16-bit filter_acts into 192 filters: on Hopper the wgmma kernel (C01B with its k table, NHWC).
+# filter_acts into 192 filters in bf16 and float32 at default precision: on Hopper the wgmma
+# kernels (C01B with the k table, NHWC; float32 stores transposed operands).
 for layout in ("C01B", "NHWC"):
-    x = jax.random.normal(key, jcn.geometry.image_shape(layout, 8, 16, 11, 10), jnp.bfloat16)
-    w = jax.random.normal(key, jcn.geometry.filter_shape(layout, 192, 16, 3, 3), jnp.bfloat16)
-    jax.block_until_ready(jax.jit(lambda x, w: jcn.filter_acts(x, w, layout=layout, pad=1))(x, w))
+    for dtype in (jnp.bfloat16, jnp.float32):
+        x = jax.random.normal(key, jcn.geometry.image_shape(layout, 8, 16, 11, 10), dtype)
+        w = jax.random.normal(key, jcn.geometry.filter_shape(layout, 192, 16, 3, 3), dtype)
+        jax.block_until_ready(jax.jit(lambda x, w: jcn.filter_acts(
+            x, w, layout=layout, pad=1, precision="default"))(x, w))
 
 
 def image_acts_into_rgb(layout, dtype, n, f, hw, size, column_images, **kw):

@@ -30,11 +30,21 @@ __device__ __forceinline__ KSt<Idx> k_entry(const KEntry* ktab, Idx k) {
 // (below); the cp.async pipeline does not, since its 16-byte copies bypass L1 and a k-walk reads
 // half of each 32-byte sector (tried: 1.1-2x slower through L1 too, a warp's copy touching 32
 // lines). kKTable: where each k lies is read from `ktab` (a table in shared memory built once
-// per block, conv_mma_kernel) instead of decomposed per copy.
+// per block, conv_mma_kernel) instead of decomposed per copy. kUnits: the thread order of
+// transposing stores (below).
 template <class Op, bool kIsA, int R, int BK, int NT, typename T, typename Idx, int VEC,
-          bool kMayWalkK = true, bool kKTable = false>
+          bool kMayWalkK = true, bool kKTable = false, bool kUnits = false>
 struct Loader {
   static constexpr bool ROWC = kIsA ? Op::A_ROWC : Op::B_ROWC;
+  // kUnits: vectors of 4 floats along rows, stored transposed into a k-contiguous stage
+  // (conv_wgmma_tf32_kernel's WgmmaStageTf32T), taken in warp units of 4 k x 32 rows (lane l: k
+  // l / 8, rows 4 (l % 8) ... + 3): the 8 lanes of a k read 128 contiguous bytes, and each of the
+  // 4 stores of a vector hits 32 distinct banks. Units run along rows first, so a thread keeps
+  // its rows where the warps cover whole row spans (operand A: one row state).
+  static constexpr int UNIT_SPANS = R / 32, WARPS = NT / 32;
+  static_assert(!kUnits || (ROWC && VEC == 4 && sizeof(T) == 4 && R % 32 == 0 && BK % 4 == 0 &&
+                            UNIT_SPANS * (BK / 4) % WARPS == 0),
+                "warp units of 4 k x 32 rows of floats");
   static constexpr int NV = R * BK / VEC;  // vectors per tile
   static constexpr int SLOTS = (NV + NT - 1) / NT;
   // Thread order over the tile. Row-contiguous operands normally put consecutive threads on
@@ -42,13 +52,15 @@ struct Loader {
   // When a thread would own >= 4 k's of an operand whose k decomposition costs divisions,
   // consecutive threads walk k instead (one k per thread and k-tile, SLOTS rows per thread).
   static constexpr bool KWALK =
-      kMayWalkK && ROWC && SLOTS >= 4 && (kIsA ? Op::A_KDIV : Op::B_KDIV) && NT % BK == 0;
+      kMayWalkK && !kUnits && ROWC && SLOTS >= 4 && (kIsA ? Op::A_KDIV : Op::B_KDIV) &&
+      NT % BK == 0;
   static_assert(R * BK % VEC == 0 && (ROWC ? R % VEC == 0 : BK % VEC == 0), "vec");
   using V = Vec<T, VEC>;
 
   // Row-contiguous vectors with NT a multiple of the vectors per k: every slot of a thread is
   // on the same row (row = (tid + s * NT) % Q * VEC), so one row state serves them all.
-  static constexpr bool ONE_ROW = ROWC && !KWALK && NT % (R / VEC) == 0;
+  static constexpr bool ONE_ROW =
+      kUnits ? WARPS % UNIT_SPANS == 0 : ROWC && !KWALK && NT % (R / VEC) == 0;
   RowSt<Idx> rs[ONE_ROW ? 1 : SLOTS];
   V reg[SLOTS];
   const KEntry* ktab;  // kKTable: entry k = where k lies (k past K: y = kKEntryBad)
@@ -59,7 +71,11 @@ struct Loader {
   // Tile position (row, kk) of slot s's first element; the vector runs along rows (ROWC) or k.
   __device__ __forceinline__ static void pos(int s, int& row, int& kk) {
     const int v = int(threadIdx.x) + s * NT;
-    if constexpr (KWALK) {
+    if constexpr (kUnits) {
+      const int lane = int(threadIdx.x) % 32, unit = int(threadIdx.x) / 32 + WARPS * s;
+      row = (unit % UNIT_SPANS) * 32 + (lane % 8) * 4;
+      kk = (unit / UNIT_SPANS) * 4 + lane / 8;
+    } else if constexpr (KWALK) {
       kk = v % BK;
       row = (v / BK) * VEC;
     } else if constexpr (ROWC) {

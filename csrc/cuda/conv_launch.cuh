@@ -159,8 +159,8 @@ cudaError_t launch_mma_single(const KParams& p, cudaStream_t stream) {
   return launch_mma<Op, Cfg, T, false, kAVec>(p, stream);
 }
 
-// The wgmma kernel (Hopper, sm_90a builds): filter_acts in 16-bit types into multiples of its
-// tile's 192 columns.
+// The wgmma kernels (Hopper, sm_90a builds): filter_acts in 16-bit types or float32 at default
+// precision (TF32) into multiples of their tile's 192 columns.
 #ifdef JAX_CONVNET_WGMMA
 constexpr bool kBuiltWgmma = true;
 #else
@@ -171,18 +171,20 @@ template <typename T>
 using WgmmaFA = WgmmaCfg<T, kWgmmaColumns>;
 template <class Op, typename T>
 int wgmma_plan_bytes() {
-  if constexpr (sizeof(T) == 2) {
-    return WgmmaPlan<Op, WgmmaFA<T>, T, int32_t>::TOTAL;
-  } else {
-    return 0;
-  }
+  return WgmmaPlan<Op, WgmmaFA<T>, T, int32_t>::TOTAL;
 }
 template <class Op, typename T, bool kKTable>
 cudaError_t launch_wgmma_k(const KParams& p, cudaStream_t stream) {
   using Cfg = WgmmaFA<T>;
   static_assert(Cfg::BN == kWgmmaColumns && Cfg::BK == MmaWide<T>::BK, "run()'s tile sizes");
-  return launch_pipelined<conv_wgmma_kernel<Op, Cfg, T, int32_t, kKTable>, Cfg::NT,
-                          WgmmaPlan<Op, Cfg, T, int32_t>::TOTAL, kKTable>(p, stream);
+  constexpr int kBytes = WgmmaPlan<Op, Cfg, T, int32_t>::TOTAL;
+  if constexpr (std::is_same_v<T, float>) {
+    return launch_pipelined<conv_wgmma_tf32_kernel<Op, Cfg, int32_t, kKTable>, Cfg::NT, kBytes,
+                            kKTable>(p, stream);
+  } else {
+    return launch_pipelined<conv_wgmma_kernel<Op, Cfg, T, int32_t, kKTable>, Cfg::NT, kBytes,
+                            kKTable>(p, stream);
+  }
 }
 template <class Op, typename T>
 cudaError_t launch_wgmma(const KParams& p, cudaStream_t stream) {
@@ -316,7 +318,7 @@ void vec_widths_path(Path path, int* va, int* vb) {
 template <OpKind K, Layout L, typename T>
 cudaError_t launch_path(const KParams& p, Path path, bool idx64, int mask, bool split,
                         bool a_narrow, cudaStream_t stream) {
-  if constexpr (K == OpKind::kFA && sizeof(T) == 2) {
+  if constexpr (K == OpKind::kFA) {
     if (path == Path::kWgmma)
       return launch_wgmma<typename OpOf<K>::template type<L, int32_t>, T>(p, stream);
   }
@@ -806,9 +808,10 @@ ffi::Error run(cudaStream_t stream, Workspace workspace, const jcn::ConvGeometry
     const bool a_single = a_narrow && kNarrow * sizeof(T) < 8;
     const bool mid = mma_mid_fits && OpMma::kMidTile && kMidTileAndKTable<T> && !a_single;
     path = mma_path(N, mma_wide_fits && !a_single, mid);
-    // Hopper: the wgmma kernel (sm_90a code runs on compute capability 9.0 only).
-    if constexpr (K == OpKind::kFA && sizeof(T) == 2 && kBuiltWgmma) {
-      if (cc_major == 9 && cc_minor == 0 && a_vec16 && N % kWgmmaColumns == 0 &&
+    // Hopper: the wgmma kernels (sm_90a code runs on compute capability 9.0 only; float32 as
+    // TF32, not 3xTF32).
+    if constexpr (K == OpKind::kFA && kBuiltWgmma) {
+      if (cc_major == 9 && cc_minor == 0 && a_vec16 && N % kWgmmaColumns == 0 && !split &&
           wgmma_plan_bytes<OpMma, T>() <= smem_optin)
         path = Path::kWgmma;
     }
@@ -841,19 +844,21 @@ ffi::Error run(cudaStream_t stream, Workspace workspace, const jcn::ConvGeometry
   p.tiles_m = cdiv(M, BM);
   p.tiles_n = cdiv(N, BN);
   const int64_t tiles = p.tiles_m * p.tiles_n;
-  if (K == OpKind::kFA) {
+  if constexpr (K == OpKind::kFA) {
     p.units = tiles;
-    // The k table for C01B images (Loader's kKTable): where rows and taps fit its 16-bit fields
-    // and the mma kernel keeps two blocks per SM (the wgmma kernel runs one: beside its stages).
+    // The k table for C01B images (Loader's kKTable; with the mma kernel 16-bit types only):
+    // where rows and taps fit its 16-bit fields and the mma kernel keeps two blocks per SM (the
+    // wgmma kernels run one: beside its stages).
     const int64_t table = round_up(Kd, BK) * int64_t(sizeof(KEntry));
     const int64_t block = mma ? mma_plan_bytes<OpMma, T>(path) + table + smem_reserved : 0;
     const bool wgmma = path == Path::kWgmma;
     const bool table_fits = wgmma ? wgmma_plan_bytes<OpMma, T>() + table <= smem_optin
                                   : mma && 2 * block <= smem_sm;
-    if (kMidTileAndKTable<T> && c01b && table_fits && !split && table <= kKTableMaxBytes &&
+    if ((kMidTileAndKTable<T> || wgmma) && c01b && table_fits && !split &&
+        table <= kKTableMaxBytes &&
         p.Ho * p.sh + p.fh < (int64_t(1) << 15) && p.fw < (int64_t(1) << 15))
       p.k_table_bytes = table;
-  } else if (K == OpKind::kIA) {
+  } else if constexpr (K == OpKind::kIA) {
     p.units = p.ncy * p.ncx * tiles;
   }
 
