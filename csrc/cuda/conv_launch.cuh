@@ -25,9 +25,10 @@
 //          (kMmaNarrow) that wastes the fewest columns and fits the device's shared memory per
 //          block; filter_acts of C01B images in 16-bit types reads where each k lies from a table
 //          in shared memory (conv_mma_kernel's kKTable).
-//   kWgmma where kMma* can run, for filter_acts in 16-bit types into a multiple of 192 filters on
-//          compute capability 9.0 in sm_90a builds (JAX_CONVNET_WGMMA): Hopper's wgmma, 128 x 192
-//          tiles (conv_wgmma.cuh).
+//   kWgmma where kMma* can run, for filter_acts in 16-bit types or float32 at precision Default
+//          (TF32) into a multiple of 192 filters on compute capability 9.0 in sm_90a builds
+//          (JAX_CONVNET_WGMMA): Hopper's wgmma, 128 x 192 tiles (conv_wgmma.cuh); with the k
+//          table for C01B images in both types.
 //   kWmma  otherwise, when N >= 16: bf16 / f16 / TF32: nvcuda::wmma, register-staged
 //          (conv_kernel.cuh).
 // Else FFMA with a 128x64 tile (or 512x4 for N <= 8). Accumulation is float32 everywhere.
