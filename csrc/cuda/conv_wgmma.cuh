@@ -239,6 +239,34 @@ __device__ __forceinline__ unsigned char* wgmma_smem(unsigned char* raw) {
   return raw + ((1024u - (smem_addr(raw) & 1023u)) & 1023u);
 }
 
+// The descriptors' words of both operands' first stage (row0: the warpgroup's first row of A);
+// a stage or k step adds its bytes >> 4 to the low word (WgmmaStage::desc).
+struct WgmmaDescs {
+  uint32_t a_lo, a_hi, b_lo, b_hi;
+  template <class SA, class SB>
+  __device__ __forceinline__ static WgmmaDescs of(uint32_t a_stage, uint32_t b_stage, int row0) {
+    const uint64_t a = SA::desc(a_stage, row0), b = SB::desc(b_stage, 0);
+    return {uint32_t(a), uint32_t(a >> 32), uint32_t(b), uint32_t(b >> 32)};
+  }
+};
+
+// One k-tile's wgmma (BK / KSTEP of them) as one commit group, on the stages that start
+// a_stage_bytes / b_stage_bytes after the descriptors' first ones.
+template <class Cfg, typename T, class SA, class SB, int kTransA, int kTransB>
+__device__ __forceinline__ void wgmma_k_tile(float (&d)[Cfg::BN / 2], const WgmmaDescs& ds,
+                                             int a_stage_bytes, int b_stage_bytes) {
+  const uint32_t a_st = ds.a_lo + uint32_t(a_stage_bytes >> 4);
+  const uint32_t b_st = ds.b_lo + uint32_t(b_stage_bytes >> 4);
+  wgmma_fence_operands(d);
+  wgmma_fence();
+#pragma unroll
+  for (int ks = 0; ks < Cfg::BK / Cfg::KSTEP; ++ks)
+    wgmma_bn<T, Cfg::BN, kTransA, kTransB>(
+        d, pack_desc(a_st + uint32_t(ks * (SA::kStepBytes >> 4)), ds.a_hi),
+        pack_desc(b_st + uint32_t(ks * (SB::kStepBytes >> 4)), ds.b_hi));
+  wgmma_commit();
+}
+
 // Epilogue of both kernels (as conv_mma_kernel's), after the last wgmma and a barrier:
 // accumulators -> Cs -> global. Warp w of warpgroup wg holds rows 64 wg + 16 (w % 4) + g and
 // + 8, columns 8 j + 2 q and + 1 (m16n8 accumulator tiles). Ends with a barrier (Cs, rowoff and
@@ -313,10 +341,8 @@ __global__ void __launch_bounds__(Cfg::NT, 1) conv_wgmma_kernel(const __grid_con
     b_bytes[s] = uint32_t(Op::b_offset(p, Idx(b_kk[s]), Idx(row))) * uint32_t(sizeof(T));
     b_dst[s] = SB::offset(row, b_kk[s]);
   }
-  const uint64_t a_desc = SA::desc(base + uint32_t(Off::A_OFF), wg * 64);
-  const uint64_t b_desc = SB::desc(base + uint32_t(Off::B_OFF), 0);
-  const uint32_t a_lo = uint32_t(a_desc), a_hi = uint32_t(a_desc >> 32);
-  const uint32_t b_lo = uint32_t(b_desc), b_hi = uint32_t(b_desc >> 32);
+  const WgmmaDescs descs =
+      WgmmaDescs::of<SA, SB>(base + uint32_t(Off::A_OFF), base + uint32_t(Off::B_OFF), wg * 64);
 
   for (int64_t u = blockIdx.x; u < p.units; u += gridDim.x) {
     const Tile<Idx> t = Op::tile(p, u, BM, BN);
@@ -360,16 +386,8 @@ __global__ void __launch_bounds__(Cfg::NT, 1) conv_wgmma_kernel(const __grid_con
       cp_async_wait<AHEAD - 1>();  // this thread's copies of k-tile `it` landed ...
       fence_proxy_async_smem();    // ... are visible to the tensor cores (async proxy) ...
       __syncthreads();             // ... and everyone's; every wgmma of it - 2 has finished
-      const uint32_t a_st = a_lo + uint32_t((stage * A_BYTES) >> 4);
-      const uint32_t b_st = b_lo + uint32_t((stage * B_BYTES) >> 4);
-      wgmma_fence_operands(d);
-      wgmma_fence();
-#pragma unroll
-      for (int ks = 0; ks < BK / Cfg::KSTEP; ++ks)
-        wgmma_bn<T, BN, Op::A_ROWC ? 1 : 0, Op::B_ROWC ? 1 : 0>(
-            d, pack_desc(a_st + uint32_t(ks * (SA::kStepBytes >> 4)), a_hi),
-            pack_desc(b_st + uint32_t(ks * (SB::kStepBytes >> 4)), b_hi));
-      wgmma_commit();
+      wgmma_k_tile<Cfg, T, SA, SB, Op::A_ROWC ? 1 : 0, Op::B_ROWC ? 1 : 0>(
+          d, descs, stage * A_BYTES, stage * B_BYTES);
       issue(wstage);   // k-tile it + AHEAD, into the stage of it - 2
       wgmma_wait<1>();  // this warpgroup's wgmma of it - 1 finished
       wgmma_fence_operands(d);  // no access to d moves above the wait
@@ -454,10 +472,7 @@ __global__ void __launch_bounds__(Cfg::NT, 1)
     b_bytes[s] = uint32_t(Op::b_offset(p, Idx(kk), Idx(n))) * 4u;
     b_dst[s] = SB::offset(n, kk);
   }
-  const uint64_t a_desc = SA::desc(a_base, wg * 64);
-  const uint64_t b_desc = SB::desc(b_base, 0);
-  const uint32_t a_lo = uint32_t(a_desc), a_hi = uint32_t(a_desc >> 32);
-  const uint32_t b_lo = uint32_t(b_desc), b_hi = uint32_t(b_desc >> 32);
+  const WgmmaDescs descs = WgmmaDescs::of<SA, SB>(a_base, b_base, wg * 64);
 
   for (int64_t u = blockIdx.x; u < p.units; u += gridDim.x) {
     const Tile<Idx> t = Op::tile(p, u, BM, BN);
@@ -508,15 +523,7 @@ __global__ void __launch_bounds__(Cfg::NT, 1)
     for (Idx it = 0; it < nkt; ++it) {
       fence_proxy_async_smem();  // this thread's stores of k-tile `it` are visible to the
       __syncthreads();           // tensor cores, and everyone's; every wgmma of it - 2 finished
-      const uint32_t a_st = a_lo + uint32_t((stage * A_BYTES) >> 4);
-      const uint32_t b_st = b_lo + uint32_t((stage * B_BYTES) >> 4);
-      wgmma_fence_operands(d);
-      wgmma_fence();
-#pragma unroll
-      for (int ks = 0; ks < BK / Cfg::KSTEP; ++ks)
-        wgmma_bn<T, BN, 0, 0>(d, pack_desc(a_st + uint32_t(ks * (SA::kStepBytes >> 4)), a_hi),
-                              pack_desc(b_st + uint32_t(ks * (SB::kStepBytes >> 4)), b_hi));
-      wgmma_commit();
+      wgmma_k_tile<Cfg, T, SA, SB, 0, 0>(d, descs, stage * A_BYTES, stage * B_BYTES);
       const int next = stage + 1 == STAGES ? 0 : stage + 1;
       if (it + 1 < nkt) store(next);    // k-tile it + 1 into the stage of it - 2
       if (it + 2 < nkt) load(it + 2);
