@@ -104,7 +104,7 @@ def test_tensor_core_path_matches_reference(channels, n_filters, precision, dtyp
     mma.sync kernel in both layouts (3-channel NHWC images only in float32, copied one float at a
     time; image_acts into RGB in float32 takes the direct kernel), with all four tile widths (32
     for up to 32 columns: 16 filters or image_acts into 24 channels, 64 for 40 filters, 96 for
-    96 or 192 in 16-bit types, 128; on Hopper 192 go to the wgmma kernel instead), filter_acts of
+    96 or 192 in 16-bit types, 128; on Hopper filter_acts into 192 takes a wgmma kernel), filter_acts of
     C01B images with and without its k table (16-bit types only), partial tiles, a k tail and every
     weight_acts plan."""
     x = images(7, layout, 8, channels, 17, 15, dtype)
