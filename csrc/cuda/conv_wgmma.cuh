@@ -151,7 +151,8 @@ __device__ __forceinline__ void wgmma_fence_operands(float (&d)[N]) {
 #pragma unroll
   for (int e = 0; e < N; ++e) asm volatile("" : "+f"(d[e])::"memory");
 }
-// cp.async wrote the stage through the generic proxy; wgmma reads it through the async proxy.
+// cp.async or st.shared wrote the stage through the generic proxy; wgmma reads it through the
+// async proxy.
 __device__ __forceinline__ void fence_proxy_async_smem() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
@@ -250,6 +251,32 @@ struct WgmmaDescs {
   }
 };
 
+// Where each copy slot of a thread lands in every stage (the same place in each: computed once),
+// and operand B's source: the filters are a plain K x F matrix (Op::b_offset) and N a multiple of
+// BN (the host's rule), so a B slot keeps one source offset for the whole kernel (bytes from the
+// unit's first filter at k 0; a k-tile adds its k0 rows) and only its k decides whether it lies
+// past K. LA / LB: the slots' order (Loader::pos).
+template <class Op, class LA, class LB, class SA, class SB, typename T, typename Idx>
+__device__ __forceinline__ void wgmma_slot_places(const KParams& p, uint32_t (&a_dst)[LA::SLOTS],
+                                                  uint32_t (&b_dst)[LB::SLOTS],
+                                                  uint32_t (&b_bytes)[LB::SLOTS],
+                                                  int (&b_kk)[LB::SLOTS]) {
+#pragma unroll
+  for (int s = 0; s < LA::SLOTS; ++s) {
+    int row, kk;
+    LA::pos(s, row, kk);
+    a_dst[s] = SA::offset(row, kk);
+  }
+#pragma unroll
+  for (int s = 0; s < LB::SLOTS; ++s) {
+    int n, kk;
+    LB::pos(s, n, kk);
+    b_kk[s] = kk;
+    b_bytes[s] = uint32_t(Op::b_offset(p, Idx(kk), Idx(n))) * uint32_t(sizeof(T));
+    b_dst[s] = SB::offset(n, kk);
+  }
+}
+
 // One k-tile's wgmma (BK / KSTEP of them) as one commit group, on the stages that start
 // a_stage_bytes / b_stage_bytes after the descriptors' first ones.
 template <class Cfg, typename T, class SA, class SB, int kTransA, int kTransB>
@@ -268,13 +295,16 @@ __device__ __forceinline__ void wgmma_k_tile(float (&d)[Cfg::BN / 2], const Wgmm
 }
 
 // Epilogue of both kernels (as conv_mma_kernel's), after the last wgmma and a barrier:
-// accumulators -> Cs -> global. Warp w of warpgroup wg holds rows 64 wg + 16 (w % 4) + g and
-// + 8, columns 8 j + 2 q and + 1 (m16n8 accumulator tiles). Ends with a barrier (Cs, rowoff and
-// coloff are reused by the next unit).
+// accumulators -> Cs -> global, through the plan's tile and offsets in `smem` (the aligned base).
+// Warp w of warpgroup wg holds rows 64 wg + 16 (w % 4) + g and + 8, columns 8 j + 2 q and + 1
+// (m16n8 accumulator tiles). Ends with a barrier (Cs, rowoff and coloff are reused by the next
+// unit).
 template <class Op, class Plan, int BM, int BN, int NT, typename T, typename Idx>
 __device__ __forceinline__ void wgmma_epilogue(const KParams& p, const Tile<Idx>& t,
-                                               const float (&d)[BN / 2], float* Cs, Idx* rowoff,
-                                               Idx* coloff) {
+                                               const float (&d)[BN / 2], unsigned char* smem) {
+  float* const Cs = reinterpret_cast<float*>(smem);
+  Idx* const rowoff = reinterpret_cast<Idx*>(smem + Plan::Off::ROW_OFF);
+  Idx* const coloff = reinterpret_cast<Idx*>(smem + Plan::Off::COL_OFF);
   tile_out_offsets<Op, BM, BN, NT>(p, t, rowoff, coloff);
   constexpr int kCsM = Op::OUT_ROWC ? 1 : Plan::LDC, kCsN = Op::OUT_ROWC ? Plan::LDCT : 1;
   const int lane = int(threadIdx.x) & 31, warp = int(threadIdx.x) >> 5;
@@ -300,11 +330,12 @@ __global__ void __launch_bounds__(Cfg::NT, 1) conv_wgmma_kernel(const __grid_con
   using SB = typename Plan::SB;
   using LA = Loader<Op, true, BM, BK, NT, T, Idx, Cfg::VEC, false, kKTable>;
   static_assert(!Op::kFold, "filter_acts-like ops: one k range per unit");
-  // Operand B (the filters) is a plain K x F matrix (Op::b_offset) and N a multiple of BN (the
-  // host's rule): each B copy of a thread keeps one offset for the whole kernel, a k-tile adds
-  // its k0 rows, and only rows past K are zero-filled (cp.async of 0 bytes: nothing is read).
-  // The generic loader took ~90 of the ~250 instructions per k-tile and warp here (alex2).
-  constexpr int B_Q = BN / Cfg::VEC, B_SLOTS = BN * BK / Cfg::VEC / NT;
+  // Operand B (the filters) at offsets fixed per thread (wgmma_slot_places), in the Loader's
+  // order (LB serves only its positions); rows past K are zero-filled (cp.async of 0 bytes:
+  // nothing is read). The generic loader took ~90 of the ~250 instructions per k-tile and warp
+  // here (alex2).
+  using LB = Loader<Op, false, BN, BK, NT, T, Idx, Cfg::VEC, false>;
+  constexpr int B_SLOTS = LB::SLOTS;
   static_assert(BN * BK / Cfg::VEC % NT == 0, "whole B copies per thread");
   static_assert(Op::B_ROWC, "filters contiguous along n");
 
@@ -313,34 +344,16 @@ __global__ void __launch_bounds__(Cfg::NT, 1) conv_wgmma_kernel(const __grid_con
   const uint32_t base = smem_addr(smem);
   unsigned char* const As = smem + Off::A_OFF;
   unsigned char* const Bs = smem + Off::B_OFF;
-  float* const Cs = reinterpret_cast<float*>(smem);
-  Idx* const rowoff = reinterpret_cast<Idx*>(smem + Off::ROW_OFF);
-  Idx* const coloff = reinterpret_cast<Idx*>(smem + Off::COL_OFF);
   KEntry* const ktab = reinterpret_cast<KEntry*>(smem + Off::TOTAL);
   constexpr int A_BYTES = Plan::A_BYTES, B_BYTES = Plan::B_BYTES;
 
   const T* const srcA = static_cast<const T*>(p.a);
   const T* const srcB = static_cast<const T*>(p.b);
-  const int tid = int(threadIdx.x);
-  const int wg = tid >> 7;  // warpgroup: rows wg * 64 ... + 63 of the tile
+  const int wg = int(threadIdx.x) >> 7;  // warpgroup: rows wg * 64 ... + 63 of the tile
   if constexpr (kKTable) build_k_table<Op, BK, NT, Idx>(p, ktab);
-  // Each copy slot of a thread lands at the same place of every stage: swizzle once.
-  uint32_t a_dst[LA::SLOTS], b_dst[B_SLOTS];
-  uint32_t b_bytes[B_SLOTS];
+  uint32_t a_dst[LA::SLOTS], b_dst[B_SLOTS], b_bytes[B_SLOTS];
   int b_kk[B_SLOTS];
-#pragma unroll
-  for (int s = 0; s < LA::SLOTS; ++s) {
-    int row, kk;
-    LA::pos(s, row, kk);
-    a_dst[s] = SA::offset(row, kk);
-  }
-#pragma unroll
-  for (int s = 0; s < B_SLOTS; ++s) {
-    const int v = tid + s * NT, row = (v % B_Q) * Cfg::VEC;
-    b_kk[s] = v / B_Q;
-    b_bytes[s] = uint32_t(Op::b_offset(p, Idx(b_kk[s]), Idx(row))) * uint32_t(sizeof(T));
-    b_dst[s] = SB::offset(row, b_kk[s]);
-  }
+  wgmma_slot_places<Op, LA, LB, SA, SB, T, Idx>(p, a_dst, b_dst, b_bytes, b_kk);
   const WgmmaDescs descs =
       WgmmaDescs::of<SA, SB>(base + uint32_t(Off::A_OFF), base + uint32_t(Off::B_OFF), wg * 64);
 
@@ -399,7 +412,7 @@ __global__ void __launch_bounds__(Cfg::NT, 1) conv_wgmma_kernel(const __grid_con
     cp_async_wait<0>();
     __syncthreads();  // all stage reads done: Cs may overwrite them
 
-    wgmma_epilogue<Op, Plan, BM, BN, NT, T>(p, t, d, Cs, rowoff, coloff);
+    wgmma_epilogue<Op, Plan, BM, BN, NT, T>(p, t, d, smem);
   }
 #elif defined(__CUDA_ARCH__)
   __trap();  // not sm_90a code: the host never launches it here, and it must not pass silently
@@ -444,10 +457,6 @@ __global__ void __launch_bounds__(Cfg::NT, 1)
   unsigned char* const smem = wgmma_smem(smem_raw);
   const uint32_t a_base = smem_addr(smem) + uint32_t(Off::A_OFF);
   const uint32_t b_base = smem_addr(smem) + uint32_t(Off::B_OFF);
-
-  float* const Cs = reinterpret_cast<float*>(smem);
-  Idx* const rowoff = reinterpret_cast<Idx*>(smem + Off::ROW_OFF);
-  Idx* const coloff = reinterpret_cast<Idx*>(smem + Off::COL_OFF);
   KEntry* const ktab = reinterpret_cast<KEntry*>(smem + Off::TOTAL);
   constexpr int A_BYTES = Plan::A_BYTES, B_BYTES = Plan::B_BYTES;
 
@@ -455,23 +464,10 @@ __global__ void __launch_bounds__(Cfg::NT, 1)
   const T* const srcB = static_cast<const T*>(p.b);
   const int wg = int(threadIdx.x) >> 7;  // warpgroup: rows wg * 64 ... + 63 of the tile
   if constexpr (kKTable) build_k_table<Op, BK, NT, Idx>(p, ktab);
-  // Where each slot's (first) float lands in a stage, and B's source offsets: fixed per thread.
+  // (A slots: each one's first float; SA::offset of (row, k) includes k's place in its chunk.)
   uint32_t a_dst[LA::SLOTS], b_dst[LB::SLOTS], b_bytes[LB::SLOTS];
   int b_kk[LB::SLOTS];
-#pragma unroll
-  for (int s = 0; s < LA::SLOTS; ++s) {
-    int row, kk;
-    LA::pos(s, row, kk);
-    a_dst[s] = SA::offset(row, kk);
-  }
-#pragma unroll
-  for (int s = 0; s < LB::SLOTS; ++s) {
-    int n, kk;
-    LB::pos(s, n, kk);
-    b_kk[s] = kk;
-    b_bytes[s] = uint32_t(Op::b_offset(p, Idx(kk), Idx(n))) * 4u;
-    b_dst[s] = SB::offset(n, kk);
-  }
+  wgmma_slot_places<Op, LA, LB, SA, SB, T, Idx>(p, a_dst, b_dst, b_bytes, b_kk);
   const WgmmaDescs descs = WgmmaDescs::of<SA, SB>(a_base, b_base, wg * 64);
 
   for (int64_t u = blockIdx.x; u < p.units; u += gridDim.x) {
@@ -535,7 +531,7 @@ __global__ void __launch_bounds__(Cfg::NT, 1)
     wgmma_fence_operands(d);
     __syncthreads();  // all stage reads done: Cs may overwrite them
 
-    wgmma_epilogue<Op, Plan, BM, BN, NT, T>(p, t, d, Cs, rowoff, coloff);
+    wgmma_epilogue<Op, Plan, BM, BN, NT, T>(p, t, d, smem);
   }
 #elif defined(__CUDA_ARCH__)
   __trap();  // not sm_90a code: the host never launches it here, and it must not pass silently
