@@ -58,6 +58,7 @@
 #include "conv_kernel.cuh"
 #include "conv_mma.cuh"
 #include "conv_ops.cuh"
+#include "conv_tma.cuh"
 #include "conv_weight_acts_padding.cuh"
 #include "conv_wgmma.cuh"
 #include "ffi_common.h"
@@ -635,6 +636,222 @@ std::optional<cudaError_t> run_fft(const jcn::ConvGeometry& g, const void* a, co
   return fft_inverse<T>(res.spec, *res.planes, lph, lpw, out, nsm, stream);
 }
 
+// ---- The TMA kernels (conv_tma.cuh): 16-bit filter_acts, and image_acts at stride 1 ----
+
+using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*,
+                                   const cuuint64_t*, const cuuint64_t*, const cuuint32_t*,
+                                   const cuuint32_t*, CUtensorMapInterleave, CUtensorMapSwizzle,
+                                   CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+using EncodeIm2colFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*,
+                                    const cuuint64_t*, const cuuint64_t*, const int*, const int*,
+                                    cuuint32_t, cuuint32_t, const cuuint32_t*,
+                                    CUtensorMapInterleave, CUtensorMapSwizzle,
+                                    CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+// The driver's tensor-map encoders (through the runtime: the module links no libcuda), and
+// whether the TMA kernels may run at all (JAX_CONVNET_TMA=0 turns them off, to compare paths).
+struct TmaDriver {
+  EncodeTiledFn tiled = nullptr;
+  EncodeIm2colFn im2col = nullptr;
+  int driver_version = 0;
+  bool usable = false;
+};
+const TmaDriver& tma_driver() {
+  static const TmaDriver drv = [] {
+    TmaDriver d;
+    const char* env = std::getenv("JAX_CONVNET_TMA");
+    if (env && std::string(env) == "0") return d;
+    cudaDriverEntryPointQueryResult q;
+    void* fn = nullptr;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault,
+                                         &q) == cudaSuccess &&
+        q == cudaDriverEntryPointSuccess)
+      d.tiled = reinterpret_cast<EncodeTiledFn>(fn);
+    fn = nullptr;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeIm2col", &fn, 12000,
+                                         cudaEnableDefault, &q) == cudaSuccess &&
+        q == cudaDriverEntryPointSuccess)
+      d.im2col = reinterpret_cast<EncodeIm2colFn>(fn);
+    if (cudaDriverGetVersion(&d.driver_version) != cudaSuccess) d.driver_version = 0;
+    d.usable = d.tiled && d.im2col && d.driver_version > 0;
+    return d;
+  }();
+  return drv;
+}
+// Drivers up to 13.1 mis-handle one descriptor bit for tensors under 128 KiB (CUTLASS clears it
+// likewise).
+void tma_small_tensor_fix(CUtensorMap* map, int64_t tensor_bytes, int driver_version) {
+  if (driver_version <= 13010 && tensor_bytes < 131072)
+    reinterpret_cast<uint64_t*>(map)[1] &= ~(uint64_t(1) << 21);
+}
+
+// The convolution a TMA kernel runs (conv_tma.cuh): X (cin channels) by W's taps into Y (cout
+// channels), with X / W / Y's element strides (W's n stride: its filters).
+struct TmaProblem {
+  int64_t batch, cin, cout, in_h, in_w, out_h, out_w, fh, fw, sh, sw, pt, pl, pb, pr;
+  jcn::Strides4 xs, ws, ys;
+  bool flip;  // image_acts: X = hidden, Y = images, the taps flipped and transposed
+};
+TmaProblem tma_problem(OpKind k, const jcn::ConvGeometry& g, const jcn::ConvParams& cp) {
+  if (k == OpKind::kFA)
+    return {g.batch,    g.channels, g.filters,     g.in_h,       g.in_w,
+            g.out_h,    g.out_w,    g.filter_h,    g.filter_w,   g.stride_h,
+            g.stride_w, g.pad_top,  g.pad_left,    cp.pad_bottom, cp.pad_right,
+            g.image,    g.filter,   g.hidden,      false};
+  // image_acts at stride 1: out(y) = sum_i hid(y - (fh - 1 - pt) + i) w(fh - 1 - i).
+  return {g.batch,     g.filters,   g.channels,
+          g.out_h,     g.out_w,     g.in_h,
+          g.in_w,      g.filter_h,  g.filter_w,
+          1,           1,           g.filter_h - 1 - g.pad_top,
+          g.filter_w - 1 - g.pad_left, g.in_h - g.out_h + g.pad_top, g.in_w - g.out_w + g.pad_left,
+          g.hidden,    g.filter,    g.image,
+          true};
+}
+
+// The tile width: of 64, 128, 192 and 256 columns, the one with the fewest rounds of tiles over
+// the SMs times a tile's cost (its width plus a fixed share for operand A); ties to the widest.
+int tma_tile_columns(int64_t tiles_m, int64_t cout, int nsm) {
+  int best = 0;
+  int64_t best_cost = 0;
+  for (int bn : {256, 192, 128, 64}) {
+    const int64_t cost = cdiv(tiles_m * cdiv(cout, bn), nsm) * (bn + 64);
+    if (best == 0 || cost < best_cost) best = bn, best_cost = cost;
+  }
+  return best;
+}
+
+template <Layout L, typename T, int BN, bool kFlip>
+cudaError_t launch_tma(const CUtensorMap& mx, const CUtensorMap& mw, const TmaConvParams& kp,
+                       int nsm, cudaStream_t stream) {
+  constexpr auto kernel = conv_tma_kernel<L, T, BN, kFlip>;
+  cudaError_t err = opt_in_shared_memory<kernel>(TmaPlan<BN>::SMEM);
+  if (err != cudaSuccess) return err;
+  const unsigned blocks = unsigned(std::min<int64_t>(kp.tiles, nsm));
+  kernel<<<blocks, kTmaThreads, TmaPlan<BN>::SMEM, stream>>>(mx, mw, kp);
+  return cudaGetLastError();
+}
+
+// Runs the problem on a TMA kernel where one can (Hopper, sm_90a build, 16-bit types, the TMA's
+// alignment and range rules, batch >= 64 in C01B); nullopt: another kernel runs it.
+template <Layout L, typename T, bool kFlip>
+std::optional<cudaError_t> run_tma(const TmaProblem& pr, const void* x, const void* w, void* y,
+                                   int nsm, int smem_optin, cudaStream_t stream) {
+  static_assert(sizeof(T) == 2, "16-bit types");
+  constexpr bool c01b = L == Layout::kC01B;
+  const TmaDriver& drv = tma_driver();
+  if (!kBuiltWgmma || !drv.usable || TmaPlan<256>::SMEM > smem_optin) return std::nullopt;
+  const int64_t nf = kFlip ? pr.cin : pr.cout, nc = kFlip ? pr.cout : pr.cin;
+  const int64_t lim = int64_t(1) << 31;
+  for (int64_t v : {pr.batch, pr.cin, pr.cout, pr.in_h, pr.in_w, pr.out_h, pr.out_w,
+                    pr.batch * pr.out_h * pr.out_w})
+    if (v >= lim) return std::nullopt;
+  // 16-byte aligned bases and strides, filters contiguous, pairs of outputs per store.
+  if (!aligned(x, 16) || !aligned(w, 16) || !aligned(y, 16) || pr.ws.n != 1 || nf % 8 != 0 ||
+      pr.cout % 8 != 0 || pr.ws.c % 8 != 0 || pr.ws.y % 8 != 0 || pr.ws.x % 8 != 0)
+    return std::nullopt;
+  if (kFlip && (pr.sh != 1 || pr.sw != 1)) return std::nullopt;
+  if (c01b) {  // X and Y (C, H, W, B): batch contiguous, runs of 64 images
+    if (pr.xs.n != 1 || pr.ys.n != 1 || pr.batch % 8 != 0 || pr.batch < 64) return std::nullopt;
+  } else {  // X and Y (B, H, W, C), Y dense; im2col's corner and offset ranges
+    const bool y_dense = pr.ys.c == 1 && pr.ys.x == pr.cout && pr.ys.y == pr.out_w * pr.cout &&
+                         pr.ys.n == pr.out_h * pr.ys.y;
+    if (pr.xs.c != 1 || pr.cin % 8 != 0 || !y_dense) return std::nullopt;
+    for (int64_t corner : {-pr.pl, -pr.pt, pr.pr - (pr.fw - 1), pr.pb - (pr.fh - 1)})
+      if (corner < -128 || corner > 127) return std::nullopt;
+    if (pr.fh > 255 || pr.fw > 255 || pr.pt < 0 || pr.pl < 0) return std::nullopt;
+    // The copies walk the output rows of the corners' box: it must have out_h x out_w pixels.
+    if (jcn::conv_out_size(pr.in_h, pr.fh, pr.sh, pr.pt, pr.pb) != pr.out_h ||
+        jcn::conv_out_size(pr.in_w, pr.fw, pr.sw, pr.pl, pr.pr) != pr.out_w)
+      return std::nullopt;
+  }
+  for (int64_t s : {pr.xs.c, pr.xs.y, pr.xs.x, pr.xs.n})
+    if (s % 8 != 0 && s != 1) return std::nullopt;
+
+  TmaConvParams kp{};
+  kp.batch = int32_t(pr.batch);
+  kp.cin = int32_t(pr.cin);
+  kp.cout = int32_t(pr.cout);
+  kp.out_h = int32_t(pr.out_h);
+  kp.out_w = int32_t(pr.out_w);
+  kp.fh = int32_t(pr.fh);
+  kp.fw = int32_t(pr.fw);
+  kp.stride_h = int32_t(pr.sh);
+  kp.stride_w = int32_t(pr.sw);
+  kp.pad_top = int32_t(pr.pt);
+  kp.pad_left = int32_t(pr.pl);
+  kp.cblocks = int32_t(cdiv(pr.cin, kTmaBK));
+  kp.kblocks = int32_t(pr.fh * pr.fw * kp.cblocks);
+  kp.m_total = pr.batch * pr.out_h * pr.out_w;
+  kp.b_runs = int32_t(cdiv(pr.batch, 64));
+  kp.x_pairs = int32_t(cdiv(pr.out_w, 2));
+  kp.ys = {pr.ys.n, pr.ys.c, pr.ys.y, pr.ys.x};
+  kp.y = y;
+  const int64_t tiles_m = c01b ? pr.out_h * kp.x_pairs * kp.b_runs : cdiv(kp.m_total, kTmaBM);
+  const int bn = tma_tile_columns(tiles_m, pr.cout, nsm);
+  kp.tiles_n = int32_t(cdiv(pr.cout, bn));
+  if (tiles_m * kp.tiles_n >= lim) return std::nullopt;
+  kp.tiles = int32_t(tiles_m * kp.tiles_n);
+  if (kp.tiles < 1 || kp.kblocks < 1) return cudaSuccess;
+
+  constexpr CUtensorMapDataType dtype = std::is_same_v<T, __nv_bfloat16>
+                                            ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+                                            : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  constexpr int64_t E = 2;
+  const auto sw128 = CU_TENSOR_MAP_SWIZZLE_128B;
+  const auto l2 = CU_TENSOR_MAP_L2_PROMOTION_L2_256B;
+  const auto zero = CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE;  // out-of-bounds elements read as zeros
+  const auto none = CU_TENSOR_MAP_INTERLEAVE_NONE;
+  const cuuint32_t unit[4] = {1, 1, 1, 1};
+  CUtensorMap mx, mw;
+  CUresult rx, rw;
+  const int64_t x_bytes = E * pr.batch * pr.cin * pr.in_h * pr.in_w;
+  if (c01b) {  // X (C, H, W, B) as (B, W, H, C): boxes of 64 images x 64 channels
+    const cuuint64_t dims[4] = {cuuint64_t(pr.batch), cuuint64_t(pr.in_w), cuuint64_t(pr.in_h),
+                                cuuint64_t(pr.cin)};
+    const cuuint64_t strides[3] = {cuuint64_t(pr.xs.x * E), cuuint64_t(pr.xs.y * E),
+                                   cuuint64_t(pr.xs.c * E)};
+    const cuuint32_t box[4] = {64, 1, 1, kTmaBK};
+    rx = drv.tiled(&mx, dtype, 4, const_cast<void*>(x), dims, strides, box, unit, none, sw128,
+                   l2, zero);
+  } else {  // X (B, H, W, C) as (C, W, H, B), im2col: 128 pixels x 64 channels per copy
+    const cuuint64_t dims[4] = {cuuint64_t(pr.cin), cuuint64_t(pr.in_w), cuuint64_t(pr.in_h),
+                                cuuint64_t(pr.batch)};
+    const cuuint64_t strides[3] = {cuuint64_t(pr.xs.x * E), cuuint64_t(pr.xs.y * E),
+                                   cuuint64_t(pr.xs.n * E)};
+    const int lower[2] = {int(-pr.pl), int(-pr.pt)};
+    const int upper[2] = {int(pr.pr - (pr.fw - 1)), int(pr.pb - (pr.fh - 1))};
+    const cuuint32_t traversal[4] = {1, cuuint32_t(pr.sw), cuuint32_t(pr.sh), 1};
+    rx = drv.im2col(&mx, dtype, 4, const_cast<void*>(x), dims, strides, lower, upper, kTmaBK,
+                    kTmaBM, traversal, none, sw128, l2, zero);
+  }
+  // W: C01B (C, fh, fw, F) as (F, fw, fh, C), NHWC (fh, fw, C, F) as (F, C, fw, fh); boxes of
+  // 64 filters x 64 channels (filter_acts) or 64 filters x BN channels (image_acts).
+  {
+    const cuuint64_t dims[4] = {
+        cuuint64_t(nf), cuuint64_t(c01b ? pr.fw : nc), cuuint64_t(c01b ? pr.fh : pr.fw),
+        cuuint64_t(c01b ? nc : pr.fh)};
+    const cuuint64_t strides[3] = {cuuint64_t((c01b ? pr.ws.x : pr.ws.c) * E),
+                                   cuuint64_t((c01b ? pr.ws.y : pr.ws.x) * E),
+                                   cuuint64_t((c01b ? pr.ws.c : pr.ws.y) * E)};
+    const cuuint32_t channels = kFlip ? cuuint32_t(bn) : cuuint32_t(kTmaBK);
+    const cuuint32_t box[4] = {64, c01b ? 1u : channels, 1, c01b ? channels : 1u};
+    rw = drv.tiled(&mw, dtype, 4, const_cast<void*>(w), dims, strides, box, unit, none, sw128,
+                   l2, zero);
+  }
+  if (rx != CUDA_SUCCESS || rw != CUDA_SUCCESS) return cudaErrorInvalidValue;
+  tma_small_tensor_fix(&mx, x_bytes, drv.driver_version);
+  tma_small_tensor_fix(&mw, E * nf * nc * pr.fh * pr.fw, drv.driver_version);
+  switch (bn) {
+    case 256:
+      return launch_tma<L, T, 256, kFlip>(mx, mw, kp, nsm, stream);
+    case 192:
+      return launch_tma<L, T, 192, kFlip>(mx, mw, kp, nsm, stream);
+    case 128:
+      return launch_tma<L, T, 128, kFlip>(mx, mw, kp, nsm, stream);
+    default:
+      return launch_tma<L, T, 64, kFlip>(mx, mw, kp, nsm, stream);
+  }
+}
+
 // The op for one layout and element type, once geometry and attributes are checked.
 // a / b: the GEMM operands A / B (FA: images / filters, IA: hidden / filters, WA: images / hidden).
 template <OpKind K, Layout L, typename T>
@@ -691,6 +908,17 @@ ffi::Error run(cudaStream_t stream, Workspace workspace, const jcn::ConvGeometry
   if (const std::optional<cudaError_t> fft = run_fft<K, L, T>(g, a, b, out, workspace, nsm, stream)) {
     if (*fft != cudaSuccess) return cuda_error(kOp, "FFT path launch", *fft);
     return ffi::Error::Success();
+  }
+  // Hopper, 16-bit types: the TMA kernels (filter_acts; image_acts at stride 1).
+  if constexpr (K != OpKind::kWA && sizeof(T) == 2) {
+    if (cc_major == 9 && cc_minor == 0 &&
+        (K == OpKind::kFA || (g.stride_h == 1 && g.stride_w == 1))) {
+      if (const std::optional<cudaError_t> done = run_tma<L, T, K == OpKind::kIA>(
+              tma_problem(K, g, cp), a, b, out, nsm, smem_optin, stream)) {
+        if (*done != cudaSuccess) return cuda_error(kOp, "TMA kernel launch", *done);
+        return ffi::Error::Success();
+      }
+    }
   }
   if constexpr (K == OpKind::kWA && L == Layout::kNHWC) {
     const std::optional<cudaError_t> padded = run_wa_padding<T>(p, a, workspace, nsm, stream);
