@@ -719,52 +719,118 @@ int tma_tile_columns(int64_t tiles_m, int64_t cout, int nsm) {
   return best;
 }
 
-template <Layout L, typename T, int BN, bool kFlip>
-cudaError_t launch_tma(const CUtensorMap& mx, const CUtensorMap& mw, const TmaConvParams& kp,
+template <Layout L, typename T, int BN, TmaMode kMode>
+cudaError_t launch_tma(const CUtensorMap& ma, const CUtensorMap& mb, const TmaConvParams& kp,
                        int nsm, cudaStream_t stream) {
-  constexpr auto kernel = conv_tma_kernel<L, T, BN, kFlip>;
+  constexpr auto kernel = conv_tma_kernel<L, T, BN, kMode>;
   cudaError_t err = opt_in_shared_memory<kernel>(TmaPlan<BN>::SMEM);
   if (err != cudaSuccess) return err;
   const unsigned blocks = unsigned(std::min<int64_t>(kp.tiles, nsm));
-  kernel<<<blocks, kTmaThreads, TmaPlan<BN>::SMEM, stream>>>(mx, mw, kp);
+  kernel<<<blocks, kTmaThreads, TmaPlan<BN>::SMEM, stream>>>(ma, mb, kp);
   return cudaGetLastError();
 }
+template <Layout L, typename T, TmaMode kMode>
+cudaError_t launch_tma_bn(int bn, const CUtensorMap& ma, const CUtensorMap& mb,
+                          const TmaConvParams& kp, int nsm, cudaStream_t stream) {
+  switch (bn) {
+    case 256:
+      return launch_tma<L, T, 256, kMode>(ma, mb, kp, nsm, stream);
+    case 192:
+      return launch_tma<L, T, 192, kMode>(ma, mb, kp, nsm, stream);
+    case 128:
+      return launch_tma<L, T, 128, kMode>(ma, mb, kp, nsm, stream);
+    default:
+      return launch_tma<L, T, 64, kMode>(ma, mb, kp, nsm, stream);
+  }
+}
 
-// Runs the problem on a TMA kernel where one can (Hopper, sm_90a build, 16-bit types, the TMA's
-// alignment and range rules, batch >= 64 in C01B); nullopt: another kernel runs it.
+template <typename T>
+constexpr CUtensorMapDataType kTmaDataType = std::is_same_v<T, __nv_bfloat16>
+                                                 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+                                                 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+// Tensor maps of 16-bit tensors with 128-byte swizzled boxes; out-of-bounds elements read as
+// zeros. dims / strides / box innermost first; strides in elements (all but the first dim's).
+template <typename T>
+CUresult tma_tiled_map(CUtensorMap* map, const void* ptr, int rank, const int64_t* dims,
+                       const int64_t* strides, const int* box, int64_t tensor_bytes) {
+  const TmaDriver& drv = tma_driver();
+  cuuint64_t d[5], st[4];
+  cuuint32_t b[5], unit[5] = {1, 1, 1, 1, 1};
+  for (int i = 0; i < rank; ++i) {
+    d[i] = cuuint64_t(dims[i]);
+    b[i] = cuuint32_t(box[i]);
+    if (i + 1 < rank) st[i] = cuuint64_t(strides[i] * 2);
+  }
+  const CUresult r = drv.tiled(map, kTmaDataType<T>, cuuint32_t(rank), const_cast<void*>(ptr), d,
+                               st, b, unit, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                               CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                               CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  tma_small_tensor_fix(map, tensor_bytes, drv.driver_version);
+  return r;
+}
+// NHWC images (B, H, W, C) as (C, W, H, B) in im2col mode: `pixels` output pixels (raster order)
+// of 64 channels per copy, for the convolution of pr's geometry (its corners and strides).
+template <typename T>
+CUresult tma_im2col_map(CUtensorMap* map, const void* ptr, const TmaProblem& pr, int pixels) {
+  const TmaDriver& drv = tma_driver();
+  const cuuint64_t dims[4] = {cuuint64_t(pr.cin), cuuint64_t(pr.in_w), cuuint64_t(pr.in_h),
+                              cuuint64_t(pr.batch)};
+  const cuuint64_t strides[3] = {cuuint64_t(pr.xs.x * 2), cuuint64_t(pr.xs.y * 2),
+                                 cuuint64_t(pr.xs.n * 2)};
+  const int lower[2] = {int(-pr.pl), int(-pr.pt)};
+  const int upper[2] = {int(pr.pr - (pr.fw - 1)), int(pr.pb - (pr.fh - 1))};
+  const cuuint32_t traversal[4] = {1, cuuint32_t(pr.sw), cuuint32_t(pr.sh), 1};
+  const CUresult r = drv.im2col(map, kTmaDataType<T>, 4, const_cast<void*>(ptr), dims, strides,
+                                lower, upper, kTmaBK, cuuint32_t(pixels), traversal,
+                                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                                CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  tma_small_tensor_fix(map, 2 * pr.batch * pr.cin * pr.in_h * pr.in_w, drv.driver_version);
+  return r;
+}
+
+// Whether pr's X (the images, or image_acts' hidden tensor) can be read by the TMA kernels, and
+// their common rules: Hopper builds, 16-bit types, sizes within 31 bits, 16-byte aligned bases
+// and strides, filters contiguous, at least half of each 64-channel block used; C01B: batch
+// contiguous, runs of 64 images; NHWC: im2col's corner and offset ranges, and the corners' box
+// holding out_h x out_w pixels.
+template <Layout L>
+bool tma_can_read(const TmaProblem& pr, const void* x, const void* w, const void* y,
+                  int smem_optin) {
+  const TmaDriver& drv = tma_driver();
+  if (!kBuiltWgmma || !drv.usable || TmaPlan<256>::SMEM > smem_optin) return false;
+  const int64_t lim = int64_t(1) << 31;
+  for (int64_t v : {pr.batch, pr.cin, pr.cout, pr.in_h, pr.in_w, pr.out_h, pr.out_w,
+                    pr.batch * pr.out_h * pr.out_w, pr.batch * pr.in_h * pr.in_w})
+    if (v >= lim) return false;
+  if (!aligned(x, 16) || !aligned(w, 16) || !aligned(y, 16) || pr.ws.n != 1 ||
+      pr.cin % 8 != 0 || pr.cout % 8 != 0 || 2 * pr.cin < cdiv(pr.cin, kTmaBK) * kTmaBK)
+    return false;
+  for (int64_t s : {pr.xs.c, pr.xs.y, pr.xs.x, pr.xs.n, pr.ws.c, pr.ws.y, pr.ws.x})
+    if (s % 8 != 0 && s != 1) return false;
+  if (L == Layout::kC01B) return pr.xs.n == 1 && pr.batch % 8 == 0 && pr.batch >= 64;
+  if (pr.xs.c != 1) return false;
+  for (int64_t corner : {-pr.pl, -pr.pt, pr.pr - (pr.fw - 1), pr.pb - (pr.fh - 1)})
+    if (corner < -128 || corner > 127) return false;
+  return pr.fh <= 255 && pr.fw <= 255 && pr.pt >= 0 && pr.pl >= 0 &&
+         jcn::conv_out_size(pr.in_h, pr.fh, pr.sh, pr.pt, pr.pb) == pr.out_h &&
+         jcn::conv_out_size(pr.in_w, pr.fw, pr.sw, pr.pl, pr.pr) == pr.out_w;
+}
+
+// filter_acts / image_acts on a TMA kernel where one can (tma_can_read; Y contiguous along
+// the batch in C01B, dense in NHWC; image_acts at stride 1); nullopt: another kernel runs it.
 template <Layout L, typename T, bool kFlip>
 std::optional<cudaError_t> run_tma(const TmaProblem& pr, const void* x, const void* w, void* y,
                                    int nsm, int smem_optin, cudaStream_t stream) {
   static_assert(sizeof(T) == 2, "16-bit types");
   constexpr bool c01b = L == Layout::kC01B;
-  const TmaDriver& drv = tma_driver();
-  if (!kBuiltWgmma || !drv.usable || TmaPlan<256>::SMEM > smem_optin) return std::nullopt;
-  const int64_t nf = kFlip ? pr.cin : pr.cout, nc = kFlip ? pr.cout : pr.cin;
-  const int64_t lim = int64_t(1) << 31;
-  for (int64_t v : {pr.batch, pr.cin, pr.cout, pr.in_h, pr.in_w, pr.out_h, pr.out_w,
-                    pr.batch * pr.out_h * pr.out_w})
-    if (v >= lim) return std::nullopt;
-  // 16-byte aligned bases and strides, filters contiguous, pairs of outputs per store.
-  if (!aligned(x, 16) || !aligned(w, 16) || !aligned(y, 16) || pr.ws.n != 1 || nf % 8 != 0 ||
-      pr.cout % 8 != 0 || pr.ws.c % 8 != 0 || pr.ws.y % 8 != 0 || pr.ws.x % 8 != 0)
+  if (!tma_can_read<L>(pr, x, w, y, smem_optin) || (kFlip && (pr.sh != 1 || pr.sw != 1)))
     return std::nullopt;
-  if (kFlip && (pr.sh != 1 || pr.sw != 1)) return std::nullopt;
-  if (c01b) {  // X and Y (C, H, W, B): batch contiguous, runs of 64 images
-    if (pr.xs.n != 1 || pr.ys.n != 1 || pr.batch % 8 != 0 || pr.batch < 64) return std::nullopt;
-  } else {  // X and Y (B, H, W, C), Y dense; im2col's corner and offset ranges
-    const bool y_dense = pr.ys.c == 1 && pr.ys.x == pr.cout && pr.ys.y == pr.out_w * pr.cout &&
-                         pr.ys.n == pr.out_h * pr.ys.y;
-    if (pr.xs.c != 1 || pr.cin % 8 != 0 || !y_dense) return std::nullopt;
-    for (int64_t corner : {-pr.pl, -pr.pt, pr.pr - (pr.fw - 1), pr.pb - (pr.fh - 1)})
-      if (corner < -128 || corner > 127) return std::nullopt;
-    if (pr.fh > 255 || pr.fw > 255 || pr.pt < 0 || pr.pl < 0) return std::nullopt;
-    // The copies walk the output rows of the corners' box: it must have out_h x out_w pixels.
-    if (jcn::conv_out_size(pr.in_h, pr.fh, pr.sh, pr.pt, pr.pb) != pr.out_h ||
-        jcn::conv_out_size(pr.in_w, pr.fw, pr.sw, pr.pl, pr.pr) != pr.out_w)
-      return std::nullopt;
-  }
-  for (int64_t s : {pr.xs.c, pr.xs.y, pr.xs.x, pr.xs.n})
-    if (s % 8 != 0 && s != 1) return std::nullopt;
+  const bool y_ok = c01b ? pr.ys.n == 1
+                         : pr.ys.c == 1 && pr.ys.x == pr.cout && pr.ys.y == pr.out_w * pr.cout &&
+                               pr.ys.n == pr.out_h * pr.ys.y;
+  if (!y_ok) return std::nullopt;
+  const int64_t nf = kFlip ? pr.cin : pr.cout, nc = kFlip ? pr.cout : pr.cin;
 
   TmaConvParams kp{};
   kp.batch = int32_t(pr.batch);
@@ -788,68 +854,118 @@ std::optional<cudaError_t> run_tma(const TmaProblem& pr, const void* x, const vo
   const int64_t tiles_m = c01b ? pr.out_h * kp.x_pairs * kp.b_runs : cdiv(kp.m_total, kTmaBM);
   const int bn = tma_tile_columns(tiles_m, pr.cout, nsm);
   kp.tiles_n = int32_t(cdiv(pr.cout, bn));
-  if (tiles_m * kp.tiles_n >= lim) return std::nullopt;
+  if (tiles_m * kp.tiles_n >= (int64_t(1) << 31)) return std::nullopt;
   kp.tiles = int32_t(tiles_m * kp.tiles_n);
   if (kp.tiles < 1 || kp.kblocks < 1) return cudaSuccess;
 
-  constexpr CUtensorMapDataType dtype = std::is_same_v<T, __nv_bfloat16>
-                                            ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
-                                            : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
-  constexpr int64_t E = 2;
-  const auto sw128 = CU_TENSOR_MAP_SWIZZLE_128B;
-  const auto l2 = CU_TENSOR_MAP_L2_PROMOTION_L2_256B;
-  const auto zero = CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE;  // out-of-bounds elements read as zeros
-  const auto none = CU_TENSOR_MAP_INTERLEAVE_NONE;
-  const cuuint32_t unit[4] = {1, 1, 1, 1};
   CUtensorMap mx, mw;
-  CUresult rx, rw;
-  const int64_t x_bytes = E * pr.batch * pr.cin * pr.in_h * pr.in_w;
+  CUresult rx;
   if (c01b) {  // X (C, H, W, B) as (B, W, H, C): boxes of 64 images x 64 channels
-    const cuuint64_t dims[4] = {cuuint64_t(pr.batch), cuuint64_t(pr.in_w), cuuint64_t(pr.in_h),
-                                cuuint64_t(pr.cin)};
-    const cuuint64_t strides[3] = {cuuint64_t(pr.xs.x * E), cuuint64_t(pr.xs.y * E),
-                                   cuuint64_t(pr.xs.c * E)};
-    const cuuint32_t box[4] = {64, 1, 1, kTmaBK};
-    rx = drv.tiled(&mx, dtype, 4, const_cast<void*>(x), dims, strides, box, unit, none, sw128,
-                   l2, zero);
-  } else {  // X (B, H, W, C) as (C, W, H, B), im2col: 128 pixels x 64 channels per copy
-    const cuuint64_t dims[4] = {cuuint64_t(pr.cin), cuuint64_t(pr.in_w), cuuint64_t(pr.in_h),
-                                cuuint64_t(pr.batch)};
-    const cuuint64_t strides[3] = {cuuint64_t(pr.xs.x * E), cuuint64_t(pr.xs.y * E),
-                                   cuuint64_t(pr.xs.n * E)};
-    const int lower[2] = {int(-pr.pl), int(-pr.pt)};
-    const int upper[2] = {int(pr.pr - (pr.fw - 1)), int(pr.pb - (pr.fh - 1))};
-    const cuuint32_t traversal[4] = {1, cuuint32_t(pr.sw), cuuint32_t(pr.sh), 1};
-    rx = drv.im2col(&mx, dtype, 4, const_cast<void*>(x), dims, strides, lower, upper, kTmaBK,
-                    kTmaBM, traversal, none, sw128, l2, zero);
+    const int64_t dims[4] = {pr.batch, pr.in_w, pr.in_h, pr.cin};
+    const int64_t strides[3] = {pr.xs.x, pr.xs.y, pr.xs.c};
+    const int box[4] = {64, 1, 1, kTmaBK};
+    rx = tma_tiled_map<T>(&mx, x, 4, dims, strides, box, 2 * pr.batch * pr.cin * pr.in_h * pr.in_w);
+  } else {  // X (B, H, W, C) in im2col mode: 128 pixels x 64 channels per copy
+    rx = tma_im2col_map<T>(&mx, x, pr, kTmaBM);
   }
   // W: C01B (C, fh, fw, F) as (F, fw, fh, C), NHWC (fh, fw, C, F) as (F, C, fw, fh); boxes of
   // 64 filters x 64 channels (filter_acts) or 64 filters x BN channels (image_acts).
-  {
-    const cuuint64_t dims[4] = {
-        cuuint64_t(nf), cuuint64_t(c01b ? pr.fw : nc), cuuint64_t(c01b ? pr.fh : pr.fw),
-        cuuint64_t(c01b ? nc : pr.fh)};
-    const cuuint64_t strides[3] = {cuuint64_t((c01b ? pr.ws.x : pr.ws.c) * E),
-                                   cuuint64_t((c01b ? pr.ws.y : pr.ws.x) * E),
-                                   cuuint64_t((c01b ? pr.ws.c : pr.ws.y) * E)};
-    const cuuint32_t channels = kFlip ? cuuint32_t(bn) : cuuint32_t(kTmaBK);
-    const cuuint32_t box[4] = {64, c01b ? 1u : channels, 1, c01b ? channels : 1u};
-    rw = drv.tiled(&mw, dtype, 4, const_cast<void*>(w), dims, strides, box, unit, none, sw128,
-                   l2, zero);
-  }
+  const int64_t wdims[4] = {nf, c01b ? pr.fw : nc, c01b ? pr.fh : pr.fw, c01b ? nc : pr.fh};
+  const int64_t wstrides[3] = {c01b ? pr.ws.x : pr.ws.c, c01b ? pr.ws.y : pr.ws.x,
+                               c01b ? pr.ws.c : pr.ws.y};
+  const int channels = kFlip ? bn : kTmaBK;
+  const int wbox[4] = {64, c01b ? 1 : channels, 1, c01b ? channels : 1};
+  const CUresult rw =
+      tma_tiled_map<T>(&mw, w, 4, wdims, wstrides, wbox, 2 * nf * nc * pr.fh * pr.fw);
   if (rx != CUDA_SUCCESS || rw != CUDA_SUCCESS) return cudaErrorInvalidValue;
-  tma_small_tensor_fix(&mx, x_bytes, drv.driver_version);
-  tma_small_tensor_fix(&mw, E * nf * nc * pr.fh * pr.fw, drv.driver_version);
-  switch (bn) {
-    case 256:
-      return launch_tma<L, T, 256, kFlip>(mx, mw, kp, nsm, stream);
-    case 192:
-      return launch_tma<L, T, 192, kFlip>(mx, mw, kp, nsm, stream);
-    case 128:
-      return launch_tma<L, T, 128, kFlip>(mx, mw, kp, nsm, stream);
-    default:
-      return launch_tma<L, T, 64, kFlip>(mx, mw, kp, nsm, stream);
+  return launch_tma_bn<L, T, kFlip ? TmaMode::kFlipped : TmaMode::kForward>(bn, mx, mw, kp, nsm,
+                                                                         stream);
+}
+
+// weight_acts on a TMA kernel where one can (tma_can_read with pr = filter_acts' problem; the
+// hidden tensor contiguous along the batch in C01B, dense in NHWC; the workspace holds at least
+// one float32 copy of the filters): K (the output pixels) split into ranges whose float32 sums
+// land in the workspace, then added in order (wa_reduce_kernel). partial_sum only sets the
+// order of additions (the value beyond rounding never depends on it), so the kernel keeps its own.
+template <Layout L, typename T>
+std::optional<cudaError_t> run_tma_weights(const TmaProblem& pr, const void* x, const void* hid,
+                                           void* out, Workspace ws, int nsm, int smem_optin,
+                                           cudaStream_t stream) {
+  static_assert(sizeof(T) == 2, "16-bit types");
+  constexpr bool c01b = L == Layout::kC01B;
+  const jcn::Strides4& hs = pr.ys;
+  if (!tma_can_read<L>(pr, x, out, hid, smem_optin)) return std::nullopt;
+  const bool hid_ok = c01b ? hs.n == 1 && hs.x % 8 == 0 && hs.y % 8 == 0 && hs.c % 8 == 0
+                           : hs.c == 1 && hs.x == pr.cout && hs.y == pr.out_w * pr.cout &&
+                                 hs.n == pr.out_h * hs.y;
+  const int64_t taps = pr.fh * pr.fw, E = pr.cout * pr.cin * taps;
+  const int64_t cap = ws.bytes / (4 * E);  // splits whose sums the workspace holds
+  if (!hid_ok || cap < 1 || !aligned(ws.data, 16)) return std::nullopt;
+
+  TmaConvParams kp{};
+  kp.batch = int32_t(pr.batch);
+  kp.cin = int32_t(pr.cin);
+  kp.cout = int32_t(pr.cout);
+  kp.out_h = int32_t(pr.out_h);
+  kp.out_w = int32_t(pr.out_w);
+  kp.fh = int32_t(pr.fh);
+  kp.fw = int32_t(pr.fw);
+  kp.stride_h = int32_t(pr.sh);
+  kp.stride_w = int32_t(pr.sw);
+  kp.pad_top = int32_t(pr.pt);
+  kp.pad_left = int32_t(pr.pl);
+  kp.cblocks = int32_t(cdiv(pr.cin, kTmaBK));
+  kp.m_total = pr.batch * pr.out_h * pr.out_w;
+  kp.b_runs = int32_t(cdiv(pr.batch, 64));
+  kp.ys = {pr.ws.n, pr.ws.c, pr.ws.y, pr.ws.x};
+  kp.filter_elems = E;
+  const int64_t columns = taps * kp.cblocks * kTmaBK;
+  const int bn = int(std::min<int64_t>(columns, 256));
+  kp.tiles_m = int32_t(cdiv(pr.cout, kTmaBM));
+  kp.tiles_n = int32_t(cdiv(columns, bn));
+  const int64_t kblocks = c01b ? pr.out_h * pr.out_w * kp.b_runs : cdiv(kp.m_total, 64);
+  if (kblocks >= (int64_t(1) << 31) || kp.tiles_n >= (int64_t(1) << 20)) return std::nullopt;
+  kp.kblocks_total = int32_t(kblocks);
+  // Splits: the fewest rounds of tiles over the SMs per unit of work, within the workspace.
+  const int64_t tiles = int64_t(kp.tiles_m) * kp.tiles_n;
+  int64_t splits = 1;
+  double best = 0;
+  for (int64_t s = 1; s <= std::min<int64_t>({cap, kblocks, 4 * int64_t(nsm)}); ++s) {
+    const double cost = double(cdiv(tiles * s, nsm)) / double(s);
+    if (s == 1 || cost < best * 0.999) best = cost, splits = s;
   }
+  kp.kblocks = int32_t(cdiv(kblocks, splits));
+  splits = cdiv(kblocks, kp.kblocks);
+  kp.splits = int32_t(splits);
+  if (tiles * splits >= (int64_t(1) << 31)) return std::nullopt;
+  kp.tiles = int32_t(tiles * splits);
+  kp.y = ws.data;
+
+  CUtensorMap ma, mb;
+  CUresult ra, rb;
+  if (c01b) {  // hidden (F, Ho, Wo, B) as (B, Wo, Ho, F): 64 images x 128 filters
+    const int64_t dims[4] = {pr.batch, pr.out_w, pr.out_h, pr.cout};
+    const int64_t strides[3] = {hs.x, hs.y, hs.c};
+    const int box[4] = {64, 1, 1, kTmaBM};
+    ra = tma_tiled_map<T>(&ma, hid, 4, dims, strides, box, 2 * kp.m_total * pr.cout);
+    const int64_t idims[4] = {pr.batch, pr.in_w, pr.in_h, pr.cin};
+    const int64_t istrides[3] = {pr.xs.x, pr.xs.y, pr.xs.c};
+    const int ibox[4] = {64, 1, 1, kTmaBK};
+    rb = tma_tiled_map<T>(&mb, x, 4, idims, istrides, ibox,
+                          2 * pr.batch * pr.cin * pr.in_h * pr.in_w);
+  } else {  // hidden as a (pixels x F) matrix: 64 pixels x 64 filters; images in im2col mode
+    const int64_t dims[2] = {pr.cout, kp.m_total};
+    const int64_t strides[1] = {pr.cout};
+    const int box[2] = {64, 64};
+    ra = tma_tiled_map<T>(&ma, hid, 2, dims, strides, box, 2 * kp.m_total * pr.cout);
+    rb = tma_im2col_map<T>(&mb, x, pr, 64);
+  }
+  if (ra != CUDA_SUCCESS || rb != CUDA_SUCCESS) return cudaErrorInvalidValue;
+  cudaError_t err =
+      launch_tma_bn<L, T, TmaMode::kWeights>(bn, ma, mb, kp, nsm, stream);
+  if (err != cudaSuccess) return err;
+  return launch_reduce<T>(static_cast<const float*>(ws.data), 1, splits, E, nullptr, out, true,
+                          true, nsm, stream);
 }
 
 // The op for one layout and element type, once geometry and attributes are checked.
@@ -909,12 +1025,17 @@ ffi::Error run(cudaStream_t stream, Workspace workspace, const jcn::ConvGeometry
     if (*fft != cudaSuccess) return cuda_error(kOp, "FFT path launch", *fft);
     return ffi::Error::Success();
   }
-  // Hopper, 16-bit types: the TMA kernels (filter_acts; image_acts at stride 1).
-  if constexpr (K != OpKind::kWA && sizeof(T) == 2) {
-    if (cc_major == 9 && cc_minor == 0 &&
-        (K == OpKind::kFA || (g.stride_h == 1 && g.stride_w == 1))) {
-      if (const std::optional<cudaError_t> done = run_tma<L, T, K == OpKind::kIA>(
-              tma_problem(K, g, cp), a, b, out, nsm, smem_optin, stream)) {
+  // Hopper, 16-bit types: the TMA kernels (filter_acts, weight_acts; image_acts at stride 1).
+  if constexpr (sizeof(T) == 2) {
+    if (cc_major == 9 && cc_minor == 0) {
+      std::optional<cudaError_t> done;
+      if constexpr (K == OpKind::kWA)
+        done = run_tma_weights<L, T>(tma_problem(OpKind::kFA, g, cp), a, b, out, workspace, nsm,
+                                     smem_optin, stream);
+      else if (K == OpKind::kFA || (g.stride_h == 1 && g.stride_w == 1))
+        done = run_tma<L, T, K == OpKind::kIA>(tma_problem(K, g, cp), a, b, out, nsm, smem_optin,
+                                               stream);
+      if (done) {
         if (*done != cudaSuccess) return cuda_error(kOp, "TMA kernel launch", *done);
         return ffi::Error::Success();
       }

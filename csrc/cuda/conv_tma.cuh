@@ -1,10 +1,13 @@
-// Hopper's TMA-fed, warp-specialized implicit GEMM for 16-bit convolutions (sm_90a): filter_acts
-// in both layouts, and image_acts at stride 1 as the convolution of the hidden tensor with the
-// flipped, transposed taps.
+// Hopper's TMA-fed, warp-specialized implicit GEMMs for 16-bit convolutions (sm_90a), in both
+// layouts: filter_acts, image_acts at stride 1 (the convolution of the hidden tensor with the
+// flipped, transposed taps) and weight_acts.
 //
-// The kernel sees one problem: a forward convolution of X (cin channels) by the taps of W into Y
-// (cout channels): M = output pixels, N = cout, K = taps x cin, walked tap by tap, 64 channels
-// (128 bytes) per k-block. A block of 384 threads:
+// filter_acts / image_acts (TmaMode::kForward / kFlipped) see one problem: a forward convolution
+// of X (cin channels) by the taps of W into Y (cout channels): M = output pixels, N = cout, K =
+// taps x cin, walked tap by tap, 64 channels (128 bytes) per k-block. weight_acts (kWeights):
+// M = filters, N = (tap, channel) pairs (64-channel blocks of one tap each), K = output pixels, 64
+// per k-block, split into `splits` ranges whose float32 sums an ordered reduction adds. A block of
+// 384 threads:
 //  - warpgroup 0, the producer: one thread issues the Tensor Memory Accelerator's copies of each
 //    k-block's A (128 x 64) and B (64 x BN) tiles into a ring of STAGES shared-memory stages,
 //    each guarded by a "full" mbarrier (the copies' bytes landed) and an "empty" one (both
@@ -24,10 +27,15 @@
 //    tiles are M-major (wgmma's transposed A).
 // Operand B, the taps: W is (C, fh, fw, F) or (fh, fw, C, F), filters contiguous.
 //  - filter_acts: B[k = c][n = f]: BN / 64 boxes of 64 filters x 64 channels (N-major).
-//  - image_acts (kFlip): B[k = f][n = c] at the flipped tap: one box of 64 filters x BN channels
+//  - image_acts: B[k = f][n = c] at the flipped tap: one box of 64 filters x BN channels
 //    (k-contiguous).
-// The epilogue stores each consumer's accumulators straight to global memory (pairs of
-// elements; C01B pairs neighbouring images through a shuffle).
+// weight_acts reads the hidden tensor as A (filters x pixels) and the images as B (pixels x
+// channels, one copy per 64-column block at its tap): NHWC the hidden tensor as a (pixels x F)
+// matrix in boxes of 64 x 64 (M-major) and the images through im2col copies of 64 pixels
+// (N-major); C01B both in boxes of 64 images (k-contiguous): the hidden tensor 128 filters deep,
+// the images 64 channels deep.
+// The epilogue stores each consumer's accumulators straight to global memory: pairs of elements
+// (C01B pairs neighbouring images through a shuffle), or weight_acts' float32 partial sums.
 #pragma once
 
 #include <cuda.h>  // CUtensorMap and its enums (the encoders come from the driver at run time)
@@ -59,17 +67,22 @@ struct TmaPlan {
   static constexpr int SMEM = BAR_OFF + 2 * 8 * STAGES + 1024;
 };
 
+enum class TmaMode { kForward, kFlipped, kWeights };
+
 // The problem as the kernel sees it (see the top of this file); all sizes fit 31 bits (the
-// host's rule).
+// host's rule). weight_acts: cin = image channels, cout = filters, and out_h / out_w the hidden
+// tensor's.
 struct TmaConvParams {
   int32_t batch, cin, cout, out_h, out_w, fh, fw, stride_h, stride_w, pad_top, pad_left;
-  int32_t cblocks;  // k-blocks per tap: ceil(cin / 64)
-  int32_t kblocks;  // fh * fw * cblocks
+  int32_t cblocks;  // 64-channel blocks per tap: ceil(cin / 64)
+  int32_t kblocks;  // k-blocks per tile: fh * fw * cblocks (weight_acts: per split but the last)
   int32_t tiles_n, tiles;
-  int32_t b_runs, x_pairs;  // C01B: tiles of 64 images, of 2 output columns
-  int64_t m_total;          // NHWC: batch * out_h * out_w
-  Str4 ys;                  // Y's element strides (n, c, y, x)
-  void* y;
+  int32_t b_runs, x_pairs;  // C01B: runs of 64 images, pairs of output columns
+  int64_t m_total;          // batch * out_h * out_w
+  Str4 ys;                  // Y's element strides (n, c, y, x); weight_acts: the filters'
+  void* y;                  // weight_acts: the float32 partial sums, [split][filter element]
+  int32_t tiles_m, splits, kblocks_total;  // weight_acts
+  int64_t filter_elems;                    // weight_acts: one split's slot
 };
 
 #ifdef JCN_WGMMA_DEVICE
@@ -102,6 +115,14 @@ __device__ __forceinline__ void tma_load_tile_4d(uint32_t dst, const CUtensorMap
       "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
       : "memory");
 }
+__device__ __forceinline__ void tma_load_tile_2d(uint32_t dst, const CUtensorMap* map,
+                                                 uint32_t bar, int c0, int c1) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%3, %4}], [%2];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(c0), "r"(c1)
+      : "memory");
+}
 __device__ __forceinline__ void tma_load_im2col_4d(uint32_t dst, const CUtensorMap* map,
                                                    uint32_t bar, int c, int w, int h, int n,
                                                    uint16_t off_w, uint16_t off_h) {
@@ -124,27 +145,49 @@ __device__ __forceinline__ void wgmma_tile_k16(float (&d)[BN / 2], uint64_t da, 
   if constexpr (BN == 256) wgmma_m64n256k16<kTransA, kTransB, kBf16>(d, da, db);
 }
 
-// Where tile `tm` of M starts. NHWC: image n, output pixel (oy, ox) of its first row; C01B:
-// output row oy, columns ox .. ox + 1, images b0 .. b0 + 63.
+// Where a tile or k-block starts: NHWC image n, output pixel (oy, ox); C01B output pixel
+// (oy, ox) and images b0 .. b0 + 63.
 struct TmaTileOrigin {
   int n, oy, ox, b0;
 };
+// The output pixel of raster index m0 (NHWC).
+__device__ __forceinline__ TmaTileOrigin tma_pixel(const TmaConvParams& p, int64_t m0) {
+  TmaTileOrigin o{};
+  const int64_t plane = int64_t(p.out_h) * p.out_w;
+  o.n = int(m0 / plane);
+  const int rem = int(m0 - int64_t(o.n) * plane);
+  o.oy = rem / p.out_w;
+  o.ox = rem - o.oy * p.out_w;
+  return o;
+}
+// Row tile `tm` of filter_acts / image_acts: NHWC 128 consecutive pixels; C01B output columns
+// ox and ox + 1 of row oy.
 template <bool kC01B>
 __device__ __forceinline__ TmaTileOrigin tma_tile_origin(const TmaConvParams& p, int tm) {
-  TmaTileOrigin o{};
   if constexpr (kC01B) {
+    TmaTileOrigin o{};
     const int run = tm % p.b_runs, rest = tm / p.b_runs;
     o.b0 = run * 64;
     o.ox = (rest % p.x_pairs) * 2;
     o.oy = rest / p.x_pairs;
+    return o;
   } else {
-    const int64_t m0 = int64_t(tm) * kTmaBM, plane = int64_t(p.out_h) * p.out_w;
-    o.n = int(m0 / plane);
-    const int rem = int(m0 - int64_t(o.n) * plane);
-    o.oy = rem / p.out_w;
-    o.ox = rem - o.oy * p.out_w;
+    return tma_pixel(p, int64_t(tm) * kTmaBM);
   }
-  return o;
+}
+// weight_acts' k-block `kb`: NHWC 64 consecutive pixels; C01B one output pixel.
+template <bool kC01B>
+__device__ __forceinline__ TmaTileOrigin tma_k_block_origin(const TmaConvParams& p, int kb) {
+  if constexpr (kC01B) {
+    TmaTileOrigin o{};
+    const int run = kb % p.b_runs, rest = kb / p.b_runs;
+    o.b0 = run * 64;
+    o.ox = rest % p.out_w;
+    o.oy = rest / p.out_w;
+    return o;
+  } else {
+    return tma_pixel(p, int64_t(kb) * 64);
+  }
 }
 
 template <typename T>
@@ -155,21 +198,59 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
   memcpy(&ub, &b, 2);
   return uint32_t(ua) | (uint32_t(ub) << 16);
 }
+
+// A tile's place: its split of K (weight_acts), row tile and column tile.
+struct TmaTileIndex {
+  int split, tm, tn;
+};
+template <TmaMode kMode>
+__device__ __forceinline__ TmaTileIndex tma_tile_index(const TmaConvParams& p, int tile) {
+  if constexpr (kMode == TmaMode::kWeights) {
+    const int per_split = p.tiles_m * p.tiles_n, rem = tile % per_split;
+    return {tile / per_split, rem / p.tiles_n, rem % p.tiles_n};
+  } else {
+    return {0, tile / p.tiles_n, tile % p.tiles_n};
+  }
+}
+// A tile's k-blocks: all of them, or weight_acts' split.
+template <TmaMode kMode>
+__device__ __forceinline__ void tma_k_range(const TmaConvParams& p, int split, int& kb0,
+                                            int& kb1) {
+  if constexpr (kMode == TmaMode::kWeights) {
+    kb0 = split * p.kblocks;
+    kb1 = min(kb0 + p.kblocks, p.kblocks_total);
+  } else {
+    kb0 = 0;
+    kb1 = p.kblocks;
+  }
+}
+// weight_acts' column block `nb` (64 columns): its tap (clamped to the last: the columns past
+// the last tap are loaded but not stored) and first channel.
+__device__ __forceinline__ void tma_column_block(const TmaConvParams& p, int nb, int& r, int& s,
+                                                 int& c0) {
+  int tap = nb / p.cblocks;
+  c0 = (nb - tap * p.cblocks) * 64;
+  tap = min(tap, p.fh * p.fw - 1);
+  r = tap / p.fw;
+  s = tap - r * p.fw;
+}
 #endif  // JCN_WGMMA_DEVICE
 
-template <Layout L, typename T, int BN, bool kFlip>
+template <Layout L, typename T, int BN, TmaMode kMode>
 __global__ void __launch_bounds__(kTmaThreads, 1)
-    conv_tma_kernel(const __grid_constant__ CUtensorMap map_x,
-                    const __grid_constant__ CUtensorMap map_w,
+    conv_tma_kernel(const __grid_constant__ CUtensorMap map_a,
+                    const __grid_constant__ CUtensorMap map_b,
                     const __grid_constant__ TmaConvParams p) {
 #ifdef JCN_WGMMA_DEVICE
   using Plan = TmaPlan<BN>;
   constexpr int STAGES = Plan::STAGES;
   constexpr bool kC01B = L == Layout::kC01B;
-  // Stage layouts (WgmmaStage): A M-major in C01B, k-contiguous in NHWC; B N-major
-  // (filter_acts) or k-contiguous (image_acts).
-  using SA = WgmmaStage<kC01B, 2>;
-  using SB = WgmmaStage<!kFlip, 2>;
+  constexpr bool kFlip = kMode == TmaMode::kFlipped, kWeights = kMode == TmaMode::kWeights;
+  // Stage layouts (WgmmaStage): which operands arrive M- / N-major (wgmma's transposed ones).
+  constexpr bool kAMajorM = kWeights ? !kC01B : kC01B;
+  constexpr bool kBMajorN = kWeights ? !kC01B : !kFlip;
+  using SA = WgmmaStage<kAMajorM, 2>;
+  using SB = WgmmaStage<kBMajorN, 2>;
   static_assert(SA::BK == kTmaBK && SB::BK == kTmaBK, "128 bytes of k per stage");
 
   extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -191,46 +272,76 @@ __global__ void __launch_bounds__(kTmaThreads, 1)
   if (wg == 0) {  // ---- producer ----
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
     if (warp == 0 && lane == 0) {
-      tma_prefetch_map(&map_x);
-      tma_prefetch_map(&map_w);
+      tma_prefetch_map(&map_a);
+      tma_prefetch_map(&map_b);
       int stage = 0;
       uint32_t phase = 0;
       for (int tile = blockIdx.x; tile < p.tiles; tile += gridDim.x) {
-        const int tn = tile % p.tiles_n;
-        const TmaTileOrigin o = tma_tile_origin<kC01B>(p, tile / p.tiles_n);
-        const int n0 = tn * BN;
-        for (int kb = 0; kb < p.kblocks; ++kb) {
-          const int tap = kb / p.cblocks, c0 = (kb - tap * p.cblocks) * kTmaBK;
-          const int r = tap / p.fw, s = tap - r * p.fw;
+        const TmaTileIndex t = tma_tile_index<kMode>(p, tile);
+        const int n0 = t.tn * BN;
+        const TmaTileOrigin o = kWeights ? TmaTileOrigin{} : tma_tile_origin<kC01B>(p, t.tm);
+        int kb0, kb1;
+        tma_k_range<kMode>(p, t.split, kb0, kb1);
+        for (int kb = kb0; kb < kb1; ++kb) {
           mbar_wait(empty_bar + 8 * stage, phase ^ 1);  // both consumers released the stage
           const uint32_t bar = full_bar + 8 * stage;
           mbar_expect_tx(bar, Plan::STAGE_BYTES);  // zero-filled bytes count too
           const uint32_t a_dst = a_base + stage * kTmaABytes;
           const uint32_t b_dst = b_base + stage * Plan::B_BYTES;
-          if constexpr (kC01B) {  // map_x dims (B, W, H, C)
-            const int iy = o.oy * p.stride_h + r - p.pad_top;
+          if constexpr (kWeights) {
+            // A: the hidden tensor, 128 filters x 64 pixels; B: the images at each column
+            // block's tap, 64 pixels x 64 channels.
+            const TmaTileOrigin k = tma_k_block_origin<kC01B>(p, kb);
+            const int f0 = t.tm * kTmaBM;
+            if constexpr (kC01B) {  // map_a (B, Wo, Ho, F), map_b (B, W, H, C)
+              tma_load_tile_4d(a_dst, &map_a, bar, k.b0, k.ox, k.oy, f0);
+            } else {  // map_a (F, pixels), map_b im2col (C, W, H, B)
 #pragma unroll
-            for (int j = 0; j < 2; ++j)
-              tma_load_tile_4d(a_dst + j * 8192, &map_x, bar, o.b0,
-                               (o.ox + j) * p.stride_w + s - p.pad_left, iy, c0);
-          } else {  // map_x dims (C, W, H, B), im2col: the tap is the offset
-            tma_load_im2col_4d(a_dst, &map_x, bar, c0, o.ox * p.stride_w - p.pad_left,
-                               o.oy * p.stride_h - p.pad_top, o.n, uint16_t(s), uint16_t(r));
-          }
-          // map_w dims: C01B (F, fw, fh, C), NHWC (F, C, fw, fh).
-          const int wr = kFlip ? p.fh - 1 - r : r, ws = kFlip ? p.fw - 1 - s : s;
-          if constexpr (kFlip) {  // k = filters (c0), n = channels (n0): one box
-            if constexpr (kC01B)
-              tma_load_tile_4d(b_dst, &map_w, bar, c0, ws, wr, n0);
-            else
-              tma_load_tile_4d(b_dst, &map_w, bar, c0, n0, ws, wr);
-          } else {  // k = channels (c0), n = filters: one box per 64 filters
+              for (int j = 0; j < 2; ++j)
+                tma_load_tile_2d(a_dst + j * 8192, &map_a, bar, f0 + 64 * j, kb * 64);
+            }
 #pragma unroll
             for (int j = 0; j < BN / 64; ++j) {
+              int r, s, c0;
+              tma_column_block(p, n0 / 64 + j, r, s, c0);
               if constexpr (kC01B)
-                tma_load_tile_4d(b_dst + j * 8192, &map_w, bar, n0 + 64 * j, ws, wr, c0);
+                tma_load_tile_4d(b_dst + j * 8192, &map_b, bar, k.b0,
+                                 k.ox * p.stride_w + s - p.pad_left,
+                                 k.oy * p.stride_h + r - p.pad_top, c0);
               else
-                tma_load_tile_4d(b_dst + j * 8192, &map_w, bar, n0 + 64 * j, c0, ws, wr);
+                tma_load_im2col_4d(b_dst + j * 8192, &map_b, bar, c0,
+                                   k.ox * p.stride_w - p.pad_left,
+                                   k.oy * p.stride_h - p.pad_top, k.n, uint16_t(s),
+                                   uint16_t(r));
+            }
+          } else {
+            const int tap = kb / p.cblocks, c0 = (kb - tap * p.cblocks) * kTmaBK;
+            const int r = tap / p.fw, s = tap - r * p.fw;
+            if constexpr (kC01B) {  // map_a dims (B, W, H, C)
+              const int iy = o.oy * p.stride_h + r - p.pad_top;
+#pragma unroll
+              for (int j = 0; j < 2; ++j)
+                tma_load_tile_4d(a_dst + j * 8192, &map_a, bar, o.b0,
+                                 (o.ox + j) * p.stride_w + s - p.pad_left, iy, c0);
+            } else {  // map_a dims (C, W, H, B), im2col: the tap is the offset
+              tma_load_im2col_4d(a_dst, &map_a, bar, c0, o.ox * p.stride_w - p.pad_left,
+                                 o.oy * p.stride_h - p.pad_top, o.n, uint16_t(s), uint16_t(r));
+            }
+            // map_b dims: C01B (F, fw, fh, C), NHWC (F, C, fw, fh).
+            const int wr = kFlip ? p.fh - 1 - r : r, ws = kFlip ? p.fw - 1 - s : s;
+            if constexpr (kFlip) {  // k = filters (c0), n = channels (n0): one box
+              if constexpr (kC01B)
+                tma_load_tile_4d(b_dst, &map_b, bar, c0, ws, wr, n0);
+              else
+                tma_load_tile_4d(b_dst, &map_b, bar, c0, n0, ws, wr);
+            } else {  // k = channels (c0), n = filters: one box per 64 filters
+#pragma unroll
+              for (int j = 0; j < BN / 64; ++j) {
+                if constexpr (kC01B)
+                  tma_load_tile_4d(b_dst + j * 8192, &map_b, bar, n0 + 64 * j, ws, wr, c0);
+                else
+                  tma_load_tile_4d(b_dst + j * 8192, &map_b, bar, n0 + 64 * j, c0, ws, wr);
+              }
             }
           }
           if (++stage == STAGES) {
@@ -252,11 +363,13 @@ __global__ void __launch_bounds__(kTmaThreads, 1)
     uint32_t phase = 0;
     float d[BN / 2];
     for (int tile = blockIdx.x; tile < p.tiles; tile += gridDim.x) {
-      const int tn = tile % p.tiles_n, tm = tile / p.tiles_n;
+      const TmaTileIndex t = tma_tile_index<kMode>(p, tile);
+      int kb0, kb1;
+      tma_k_range<kMode>(p, t.split, kb0, kb1);
 #pragma unroll
       for (int e = 0; e < BN / 2; ++e) d[e] = 0.f;
       int prev = 0;
-      for (int kb = 0; kb < p.kblocks; ++kb) {
+      for (int kb = kb0; kb < kb1; ++kb) {
         mbar_wait(full_bar + 8 * stage, phase);
         const uint32_t a_st = a_lo + uint32_t((stage * kTmaABytes) >> 4);
         const uint32_t b_st = b_lo + uint32_t((stage * Plan::B_BYTES) >> 4);
@@ -264,13 +377,14 @@ __global__ void __launch_bounds__(kTmaThreads, 1)
         wgmma_fence();
 #pragma unroll
         for (int ks = 0; ks < kTmaBK / 16; ++ks)
-          wgmma_tile_k16<BN, kC01B ? 1 : 0, kFlip ? 0 : 1, std::is_same_v<T, __nv_bfloat16>>(
+          wgmma_tile_k16<BN, kAMajorM ? 1 : 0, kBMajorN ? 1 : 0,
+                         std::is_same_v<T, __nv_bfloat16>>(
               d, pack_desc(a_st + uint32_t(ks * (SA::kStepBytes >> 4)), a_hi),
               pack_desc(b_st + uint32_t(ks * (SB::kStepBytes >> 4)), b_hi));
         wgmma_commit();
         wgmma_wait<1>();  // the previous k-block's wgmma finished: its stage is free
         wgmma_fence_operands(d);
-        if (kb > 0 && releaser) mbar_arrive(empty_bar + 8 * prev);
+        if (kb > kb0 && releaser) mbar_arrive(empty_bar + 8 * prev);
         prev = stage;
         if (++stage == STAGES) {
           stage = 0;
@@ -282,15 +396,40 @@ __global__ void __launch_bounds__(kTmaThreads, 1)
       if (releaser) mbar_arrive(empty_bar + 8 * prev);
 
       // Epilogue: thread (wi, g, q) holds rows 16 wi + g (+ 8) of its 64, columns 8 j + 2 q (+ 1).
-      const TmaTileOrigin o = tma_tile_origin<kC01B>(p, tm);
-      const int n0 = tn * BN;
-      T* const y = static_cast<T*>(p.y);
-      if constexpr (kC01B) {
+      const int n0 = t.tn * BN;
+      if constexpr (kWeights) {
+        // Rows are filters, columns (tap, channel): float32 partial sums into the split's slot,
+        // laid out as the filters.
+        float* const slot = static_cast<float*>(p.y) + int64_t(t.split) * p.filter_elems;
+        const int f = t.tm * kTmaBM + 64 * cw + 16 * wi + g;
+#pragma unroll
+        for (int jb = 0; jb < BN / 64; ++jb) {
+          const int nb = n0 / 64 + jb, tap = nb / p.cblocks;
+          const int c0 = (nb - tap * p.cblocks) * 64 + 2 * q;
+          const int r = tap / p.fw, s = tap - r * p.fw;
+          if (tap < p.fh * p.fw) {
+            float* const at = slot + int64_t(r) * p.ys.y + int64_t(s) * p.ys.x;
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+#pragma unroll
+              for (int e = 0; e < 2; ++e) {
+                const int c = c0 + 8 * j + e;
+#pragma unroll
+                for (int h = 0; h < 2; ++h)
+                  if (c < p.cin && f + 8 * h < p.cout)
+                    at[int64_t(f + 8 * h) * p.ys.n + int64_t(c) * p.ys.c] =
+                        d[4 * (8 * jb + j) + 2 * h + e];
+              }
+            }
+          }
+        }
+      } else if constexpr (kC01B) {
         // Rows are images: lanes g and g ^ 1 swap halves so each stores two neighbouring images.
+        const TmaTileOrigin o = tma_tile_origin<kC01B>(p, t.tm);
         const int x = o.ox + cw;
         if (x < p.out_w) {
           const bool even = (g & 1) == 0;
-          T* const pix = y + int64_t(o.oy) * p.ys.y + int64_t(x) * p.ys.x;
+          T* const pix = static_cast<T*>(p.y) + int64_t(o.oy) * p.ys.y + int64_t(x) * p.ys.x;
 #pragma unroll
           for (int j = 0; j < BN / 8; ++j) {
 #pragma unroll
@@ -309,9 +448,9 @@ __global__ void __launch_bounds__(kTmaThreads, 1)
       } else {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          const int64_t m = int64_t(tm) * kTmaBM + 64 * cw + 16 * wi + g + 8 * h;
+          const int64_t m = int64_t(t.tm) * kTmaBM + 64 * cw + 16 * wi + g + 8 * h;
           if (m < p.m_total) {
-            T* const row = y + m * p.cout + n0;
+            T* const row = static_cast<T*>(p.y) + m * p.cout + n0;
 #pragma unroll
             for (int j = 0; j < BN / 8; ++j) {
               const int f = 8 * j + 2 * q;
