@@ -3,8 +3,8 @@
     python -m jax_convnet.benchmark [--quick] [--ops conv,pool] [--filter L1/] [--out DIR]
     jax-convnet-benchmark ...
 
-On a GPU: the convnet-benchmarks layers L1-L5 and AlexNet conv1-3 (as in
-``baselines/xla_baseline.py``): fprop, bprop_data (``jax.vjp`` of ``filter_acts`` in the images)
+On a GPU: the convnet-benchmarks layers L1-L5 and AlexNet conv1-3 (``jax_convnet._layers``):
+fprop, bprop_data (``jax.vjp`` of ``filter_acts`` in the images)
 and bprop_filter (in the filters), in float32 (default precision, which may use TF32), float32
 ``"highest"`` and bfloat16, layouts C01B and NHWC; XLA runs ``lax.conv_general_dilated`` in the
 same layout. Pools: the AlexNet pools (64x55x55, 192x27x27, 256x13x13, batch 128) and VGG's
@@ -20,10 +20,10 @@ Each row also compares our output with XLA's (max |ours - XLA| / max |XLA|); flo
 rows (and every conv row with ``--ref-err``) compare both with a float64 reference (XLA's float64
 convolution), which shows whose result has float32 accuracy. ``--xla-no-tf32`` sets
 ``NVIDIA_TF32_OVERRIDE=0`` before the GPU starts, so that cuDNN may not use TF32 for any of XLA's
-float32 convolutions (for the "highest" rows, in a run of their own: on the H200 their times and
-errors are the same either way, see benchmarks/RESULTS.md). Convolutions report
+float32 convolutions (for the "highest" rows, in a run of their own: their times and errors were
+the same either way, benchmarks/history/2026-11-29_session5_fft.md). Convolutions report
 TFLOP/s (2 * N * F * Ho * Wo * C * fh * fw), pools GB/s counting (input + output) bytes forward and
-(2 * input + output) backward, as the baselines do; with pool rows the run also measures the
+(2 * input + output) backward; with pool rows the run also measures the
 device's copy bandwidth (``measure_copy_gbps``) and records it as ``copy_gbps``. The ratio is XLA's time over ours (> 1: ours is
 faster). Results go to ``--out`` as ``benchmark.json`` and ``benchmark.png``.
 """
@@ -47,33 +47,8 @@ from jax import lax
 
 import jax_convnet as jcn
 from jax_convnet import geometry as G
+from jax_convnet._layers import CPU_LAYERS, CPU_POOLS, GPU_LAYERS, GPU_POOLS
 
-# (N, C, H, W, F, fh, fw, stride, pad), as baselines/xla_baseline.py
-GPU_LAYERS = {
-    "L1": (128, 3, 128, 128, 96, 11, 11, 1, 0),
-    "L2": (128, 64, 64, 64, 128, 9, 9, 1, 0),
-    "L3": (128, 128, 32, 32, 128, 9, 9, 1, 0),
-    "L4": (128, 128, 16, 16, 128, 7, 7, 1, 0),
-    "L5": (128, 384, 13, 13, 384, 3, 3, 1, 0),
-    "alex1": (128, 3, 224, 224, 64, 11, 11, 4, 2),
-    "alex2": (128, 64, 27, 27, 192, 5, 5, 1, 2),
-    "alex3": (128, 192, 13, 13, 384, 3, 3, 1, 1),
-}
-CPU_LAYERS = {
-    "conv1": (64, 3, 32, 32, 32, 5, 5, 1, 2),
-    "conv2": (64, 32, 16, 16, 64, 5, 5, 1, 2),
-}
-# (N, C, H, W), windows (ds, stride)
-GPU_POOLS = {
-    "alexpool1": ((128, 64, 55, 55), [(3, 2), (2, 2)]),
-    "alexpool2": ((128, 192, 27, 27), [(3, 2), (2, 2)]),
-    "alexpool3": ((128, 256, 13, 13), [(3, 2), (2, 2)]),
-    "vggpool": ((64, 128, 112, 112), [(3, 2), (2, 2)]),
-}
-CPU_POOLS = {
-    "pool1": ((64, 32, 32, 32), [(2, 2)]),
-    "pool2": ((64, 64, 16, 16), [(3, 2)]),
-}
 GPU_QUICK_LAYERS = ("L2", "L5", "alex2")
 GPU_QUICK_POOLS = ("alexpool1", "vggpool")
 

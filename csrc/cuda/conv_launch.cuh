@@ -124,8 +124,8 @@ cudaError_t opt_in_shared_memory(int bytes) {
 
 // The largest k table of the mma kernel (kKTable; k_table_bytes decides where it is used).
 constexpr int kKTableMaxBytes = 32 * 1024;
-// The 128 x 96 tile and the k table are for 16-bit types: float32 (TF32) AlexNet conv2 C01B took
-// 0.523-0.527 ms with them, 0.489 without (H200); bf16 0.238 with them, 0.277-0.286 without.
+// The 128 x 96 tile and the k table are for 16-bit types: they made AlexNet conv2 C01B faster in
+// bf16 and slower in float32 (TF32) (benchmarks/history/2026-11-29_session6_alex2_bf16_c01b.md).
 template <typename T>
 constexpr bool kMidTileAndKTable = sizeof(T) == 2;
 
@@ -1133,10 +1133,10 @@ ffi::Error run(cudaStream_t stream, Workspace workspace, const jcn::ConvGeometry
   const bool mma_wide_fits = MmaPlanOf<OpMma, MmaWide<T>, T, int32_t>::TOTAL <= smem_optin;
   const bool mma_mid_fits = MmaPlanOf<OpMma, MmaMid<T>, T, int32_t>::TOTAL <= smem_optin;
 
-  // image_acts into RGB: through columns where the call has a workspace (large filters: L1 /
-  // alex1 2.3-2.8x the direct kernel, H200), else the direct kernel for float32 (3 to 4x the
-  // TF32 / 3xTF32 thin tile on L1 / alex1) and for 16-bit types the tensor cores cannot read
-  // (they are 0.8-0.9x of the bf16 thin tile where it runs).
+  // image_acts into RGB: through columns where the call has a workspace (faster than the direct
+  // kernel with large filters, L1 / alex1), else the direct kernel for float32 (faster than the
+  // TF32 / 3xTF32 thin tile there) and for 16-bit types the tensor cores cannot read (the bf16
+  // thin tile is faster where it runs). Measured: benchmarks/history/2026-11-29_session{2,3}_*.
   if constexpr (K == OpKind::kIA) {
     if (!idx64 && workspace.bytes > 0) {
       const std::optional<cudaError_t> done =
