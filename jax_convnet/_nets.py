@@ -18,6 +18,7 @@ Parameters are float32 and cast to the compute dtype inside the step (as
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -80,13 +81,15 @@ def feature_sizes(net: Net, image_size: int | None = None) -> list[int]:
     of ``image_size`` is too small for the network."""
     size = image_size or net.image_size
     sizes = []
-    for c in net.convs:
-        size = G.filter_acts_output_size(size, c.k, stride=c.stride, padding=_pads(c))[0]
-        if size < 1:
-            raise ValueError(f"image_size={image_size} is too small for {net.name}")
-        if c.pool:
-            size = G.max_pool_output_size(size, POOL_WINDOW, stride=POOL_STRIDE)[0]
-        sizes.append(size)
+    try:
+        for c in net.convs:
+            size = G.filter_acts_output_size(size, c.k, stride=c.stride, padding=_pads(c))[0]
+            if c.pool:
+                size = G.max_pool_output_size(size, POOL_WINDOW, stride=POOL_STRIDE)[0]
+            sizes.append(size)
+    except ValueError as e:
+        raise ValueError(f"image_size={image_size or net.image_size} is too small for "
+                         f"{net.name} (block {len(sizes) + 1}: {e})") from None
     return sizes
 
 
@@ -94,19 +97,25 @@ def dense_input_size(net: Net, image_size: int | None = None) -> int:
     return net.convs[-1].cout * feature_sizes(net, image_size)[-1] ** 2
 
 
-def init_params(net: Net, layout: str, seed: int = 0, image_size: int | None = None) -> list:
-    """He-normal float32 filters (the layout's filter order) and dense weights, drawn by NumPy (no
-    compilation per shape, as ``jax.random`` would need)."""
-    rng = np.random.default_rng(seed)
-    params = []
-    for c in net.convs:
-        scale = np.float32((2.0 / (c.cin * c.k * c.k)) ** 0.5)
-        params.append(rng.standard_normal(G.filter_shape(layout, c.cout, c.cin, c.k, c.k),
-                                          np.float32) * scale)
+def param_shapes(net: Net, layout: str, image_size: int | None = None) -> list[tuple]:
+    """The filters' shapes (the layout's filter order), then the dense weights' (in, out)."""
+    shapes = [G.filter_shape(layout, c.cout, c.cin, c.k, c.k) for c in net.convs]
     width = dense_input_size(net, image_size)
     for out in net.dense:
-        params.append(rng.standard_normal((width, out), np.float32) * np.float32(width ** -0.5))
+        shapes.append((width, out))
         width = out
+    return shapes
+
+
+def init_params(net: Net, layout: str, seed: int = 0, image_size: int | None = None) -> list:
+    """He-normal float32 parameters, drawn by NumPy (no compilation per shape, as
+    ``jax.random`` would need)."""
+    rng = np.random.default_rng(seed)
+    params = []
+    for shape in param_shapes(net, layout, image_size):
+        fan_in = math.prod(shape[:-1])  # filters: C * fh * fw in either layout
+        gain = 2.0 if len(shape) == 4 else 1.0
+        params.append(rng.standard_normal(shape, np.float32) * np.float32((gain / fan_in) ** 0.5))
     return [jnp.asarray(p) for p in params]
 
 

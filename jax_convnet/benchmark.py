@@ -1,6 +1,7 @@
 """Benchmark jax_convnet's ops against XLA's on the current device.
 
     python -m jax_convnet.benchmark [--quick] [--ops conv,pool] [--filter L1/] [--out DIR]
+    python -m jax_convnet.benchmark --nets [--batch N] [--alexnet-size PX] [--out DIR]
     jax-convnet-benchmark ...
 
 On a GPU: the convnet-benchmarks layers L1-L5 and AlexNet conv1-3 (as in
@@ -26,6 +27,18 @@ TFLOP/s (2 * N * F * Ho * Wo * C * fh * fw), pools GB/s counting (input + output
 (2 * input + output) backward, as the baselines do; with pool rows the run also measures the
 device's copy bandwidth (``measure_copy_gbps``) and records it as ``copy_gbps``. The ratio is XLA's time over ours (> 1: ours is
 faster). Results go to ``--out`` as ``benchmark.json`` and ``benchmark.png``.
+
+``--nets`` times whole training steps instead (``jax_convnet._nets``): AlexNet ("one weird
+trick", batch 128, 224x224) and cuda-convnet's CIFAR-10 net (batch 128, 32x32), forward, backward
+and SGD update in one ``jax.jit``, built from ``filter_acts`` + ``max_pool`` and from
+``lax.conv_general_dilated`` + ``lax.reduce_window``, in both layouts, float32 and bfloat16
+(float32 parameters cast inside the step). Before timing, each pair of steps runs once on the same
+parameters and data and must agree on the loss and on every parameter's update (``NET_TOLERANCE``;
+float32 at precision highest on a GPU, where the timed default may use TF32); a pair that does not
+gets an error instead of times. Each step is timed as the median of ``--reps`` loops of
+``--inner`` calls (default 11 x 5 on a GPU, 3 x 1 on the CPU) after warm-up; the table gives
+XLA's time over ours in the same layout and in XLA's faster layout (``ratio``, ``ratio_best``),
+and goes to ``--out`` as ``nets.json``.
 """
 from __future__ import annotations
 
@@ -610,10 +623,11 @@ def parse_args(argv=None):
                         "like conv/L1/fprop/f32-highest/NHWC, pool/alexpool1/3x3s2/bwd/bf16/C01B")
     p.add_argument("--reps", type=int, default=None,
                    help="timed measurements per function (median taken; default 11 on GPU, "
-                        "7 on CPU)")
+                        "7 on CPU, 3 on CPU with --nets)")
     p.add_argument("--inner", type=int, default=None,
                    help="time loops of this many host calls per measurement (default: 1 on "
-                        "CPU; on GPU the calls are repeated inside one executable instead)")
+                        "CPU; on GPU the calls are repeated inside one executable instead; "
+                        "--nets on GPU: 5)")
     p.add_argument("--batch", type=int, default=None, help="override every row's batch size")
     p.add_argument("--partial-sum", default=None,
                    help="partial_sum for our filter_acts (an int, or 'auto'; default None)")
