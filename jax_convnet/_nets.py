@@ -1,6 +1,6 @@
 """Whole networks for ``python -m jax_convnet.benchmark --nets``: AlexNet and cuda-convnet's
-CIFAR-10 net as one jitted training step (forward, backward, SGD update), built either from jax_convnet's
-ops (``filter_acts`` + ``max_pool``) or from XLA's (``lax.conv_general_dilated`` +
+CIFAR-10 net as one jitted training step (forward, backward, SGD update), built either from
+jax_convnet's ops (``filter_acts`` + ``max_pool``) or from XLA's (``lax.conv_general_dilated`` +
 ``lax.reduce_window``), in either layout and compute dtype.
 
 Both variants compute the same network on the same parameters:

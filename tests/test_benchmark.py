@@ -140,11 +140,15 @@ def test_nets_time_every_training_step_after_checking_it_against_xla(tmp_path, c
     assert {r["name"] for r in rows} == NET_ROWS and len(rows) == len(NET_ROWS)
     for r in rows:
         assert "error" not in r, r
-        assert r["ms"] > 0 and r["xla_ms"] > 0 and r["ratio"] == pytest.approx(r["xla_ms"] / r["ms"])
+        assert r["ms"] > 0 and r["xla_ms"] > 0
+        assert r["ratio"] == pytest.approx(r["xla_ms"] / r["ms"])
         best = min(s["xla_ms"] for s in rows if (s["net"], s["config"]) == (r["net"], r["config"]))
         assert r["ratio_best"] == pytest.approx(best / r["ms"])
-        loss_bound, update_bound = r["check_tolerance"]
-        assert r["loss_rel_err"] <= loss_bound and 0 < r["update_rel_err"] <= update_bound
+        assert [c["precision"] for c in r["checks"]] == ["default"]  # the CPU: float32 exact
+        for check in r["checks"]:
+            loss_bound, update_bound = check["bounds"]
+            assert check["loss_rel_err"] <= loss_bound
+            assert 0 < check["update_rel_err"] <= update_bound
         assert r["jax"] == jax.__version__ and r["device_kind"] == jax.devices()[0].device_kind
         assert (r["batch"], r["image_size"]) == (2, 51 if r["net"] == "alexnet" else 32)
     printed = capsys.readouterr().out
@@ -166,7 +170,19 @@ def test_nets_check_catches_a_different_network(monkeypatch):
     (row,) = benchmark.net_rows(batch=2, filters=["net/cifar10/f32/NHWC"])
     r = benchmark.run_net_row(row, gpu=False, reps=1, inner=1)
     assert "disagree" in r["error"] and "ms" not in r
-    assert r["update_rel_err"] > 10 * r["check_tolerance"][1]
+    assert r["update_rel_err"] > 10 * r["checks"][0]["bounds"][1]
+
+
+def test_nets_check_float32_at_precision_highest_first_where_the_device_may_use_tf32():
+    """The GPU's sequence (run here on the default device): float32 steps compiled at precision
+    highest within the tight bounds, then the timed steps within TF32's."""
+    (row,) = benchmark.net_rows(batch=2, filters=["net/cifar10/f32/C01B"])
+    r = benchmark.run_net_row(row, gpu=True, reps=1, inner=1)
+    assert "error" not in r and r["ms"] > 0 and r["xla_ms"] > 0
+    assert [(c["precision"], c["bounds"]) for c in r["checks"]] == [
+        ("highest", list(benchmark.NET_TOLERANCE["f32"])),
+        ("default", list(benchmark.NET_TOLERANCE["tf32"]))]
+    assert all(c["update_rel_err"] <= c["bounds"][1] for c in r["checks"])
 
 
 def test_nets_compute_the_specified_networks():
