@@ -414,8 +414,12 @@ NET_DTYPES = {"f32": "float32", "bf16": "bfloat16"}
 # compiled at precision highest) agrees to ~1e-6 (CPU, AlexNet: 1e-7 and 3e-6). In bfloat16 the
 # rounding points differ and pooled ties break on different values: up to ~1e-1 on the first
 # layer's update (AlexNet, CPU); "tf32" bounds the timed float32 steps on a GPU, which may round
-# to TF32 (10 bits) on either side. A different network (say, flipped filters) is off by order 1.
-NET_TOLERANCE = {"f32": (1e-5, 1e-3), "tf32": (2e-2, 0.2), "bf16": (2e-2, 0.2)}
+# to TF32 (10 bits) on either side. XLA's own float32 convolutions at precision highest on a GPU
+# are not float32-exact (cuDNN's algorithms; tests/test_gpu.py judges ours against float64
+# instead): "f32-gpu" bounds that check (H200, AlexNet: 1.7e-5 and 6.5e-3 seen). A different
+# network (say, flipped filters) is off by order 1.
+NET_TOLERANCE = {"f32": (1e-5, 1e-3), "f32-gpu": (1e-4, 2e-2), "tf32": (2e-2, 0.2),
+                 "bf16": (2e-2, 0.2)}
 NET_HEADER = (f"{'net':<8} {'dtype':<5} {'layout':<6} {'XLA ms':>9} {'ours ms':>9} "
               f"{'XLA/ours':>8} {'XLA best/ours':>13}  check: loss, update err")
 
@@ -489,7 +493,7 @@ def run_net_row(row: dict, *, gpu: bool, reps: int, inner: int) -> dict:
     if gpu and row["config"] == "f32":  # the same steps at float32 accuracy, then the timed ones
         with jax.default_matmul_precision("highest"):
             highest = {ops: c for ops, (c, _) in compile_steps().items()}
-        checks = [("highest", highest, NET_TOLERANCE["f32"]),
+        checks = [("highest", highest, NET_TOLERANCE["f32-gpu"]),
                   ("default", steps, NET_TOLERANCE["tf32"])]
         del highest
     else:
