@@ -20,21 +20,23 @@ HALF_IDS = ["bfloat16", "float16"]
 # (batch, channels, height, width, filters, window, stride, pad). In C01B the kernels take a
 # batch of at least 64: runs of 64 images (72: a partial run), two output columns per tile
 # (odd widths: a half-empty last pair). In NHWC 128 consecutive output pixels per tile cross rows
-# and images (weight_acts: 64 per k-block). Channels past a multiple of 64 (40, 72, 136) are the
-# copies' zero fill; fewer than half a block (8) take the other kernels. Filter counts pick each
-# tile width (64, 128, 192, 256) and a partial last column tile (40, 200); weight_acts' columns
-# are (tap, channel) pairs, its rows the filters.
+# and images (weight_acts: 64 per k-block). Channels past a multiple of 64 (48, 112) are the
+# copies' zero fill; convolutions using under 3/4 of their channel blocks (8 channels) or into
+# fewer than 64 channels (32 filters; image_acts into 48 channels) take the other kernels. Filter
+# counts pick each tile width (64, 128, 192, 256) and partial last column tiles (96, 200);
+# weight_acts' columns are (tap, channel) pairs, its rows the filters.
 CASES = {
     "alex2-like": (64, 64, 27, 27, 192, (5, 5), 1, 2),
     "alex3-like": (64, 192, 13, 13, 384, (3, 3), 1, 1),
-    "partial-run": (72, 40, 9, 11, 40, (3, 3), 1, 1),
-    "wide-tile": (64, 136, 8, 7, 256, (3, 2), 1, (1, 0)),
+    "partial-run": (72, 48, 9, 11, 96, (3, 3), 1, 1),
+    "wide-tile": (64, 112, 8, 7, 256, (3, 2), 1, (1, 0)),
     "narrow-tile": (128, 64, 6, 9, 64, (1, 1), 1, 0),
-    "mid-tile": (64, 72, 10, 10, 200, (4, 4), 1, (2, 1)),
+    "mid-tile": (64, 64, 10, 10, 200, (4, 4), 1, (2, 1)),
     "few-channels": (64, 8, 10, 10, 64, (3, 3), 1, 1),
-    "ceil-rule": (64, 32, 7, 8, 128, (2, 2), 2, 0),
+    "few-filters": (64, 64, 10, 10, 32, (3, 3), 1, 1),
+    "ceil-rule": (64, 64, 7, 8, 128, (2, 2), 2, 0),
     "strided": (64, 64, 23, 19, 96, (5, 3), (2, 3), (2, 1)),
-    "alex1-like": (64, 32, 35, 35, 64, (11, 11), 4, 2),
+    "alex1-like": (64, 64, 35, 35, 64, (11, 11), 4, 2),
 }
 
 

@@ -791,7 +791,9 @@ CUresult tma_im2col_map(CUtensorMap* map, const void* ptr, const TmaProblem& pr,
 
 // Whether pr's X (the images, or image_acts' hidden tensor) can be read by the TMA kernels, and
 // their common rules: Hopper builds, 16-bit types, sizes within 31 bits, 16-byte aligned bases
-// and strides, filters contiguous, at least half of each 64-channel block used; C01B: batch
+// and strides, filters contiguous, at least 3/4 of the 64-channel blocks used and 64 output
+// channels (narrower convolutions, e.g. the CIFAR-10 net's 32 channels, run faster on the other
+// kernels: benchmarks/history/2026-12-02_session9_tma_core.md); C01B: batch
 // contiguous, runs of 64 images; NHWC: im2col's corner and offset ranges, and the corners' box
 // holding out_h x out_w pixels.
 template <Layout L>
@@ -804,7 +806,8 @@ bool tma_can_read(const TmaProblem& pr, const void* x, const void* w, const void
                     pr.batch * pr.out_h * pr.out_w, pr.batch * pr.in_h * pr.in_w})
     if (v >= lim) return false;
   if (!aligned(x, 16) || !aligned(w, 16) || !aligned(y, 16) || pr.ws.n != 1 ||
-      pr.cin % 8 != 0 || pr.cout % 8 != 0 || 2 * pr.cin < cdiv(pr.cin, kTmaBK) * kTmaBK)
+      pr.cin % 8 != 0 || pr.cout % 8 != 0 || pr.cout < 64 ||
+      4 * pr.cin < 3 * cdiv(pr.cin, kTmaBK) * kTmaBK)
     return false;
   for (int64_t s : {pr.xs.c, pr.xs.y, pr.xs.x, pr.xs.n, pr.ws.c, pr.ws.y, pr.ws.x})
     if (s % 8 != 0 && s != 1) return false;
