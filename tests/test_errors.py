@@ -278,6 +278,19 @@ def test_argument_matrix(case):
         assert name in str(e.value), f"{name!r} not in {str(e.value)!r}"
 
 
+@pytest.mark.parametrize("call", [
+    lambda m: m.filter_acts(X, W, stride=2**31 - 1, padding="VALID"),
+    lambda m: m.filter_acts(X, W, stride=(2**31 - 1, 1), padding=((0, 2**16), (3, 0))),
+    lambda m: m.image_acts(H[:, :1, :1], W, (10, 9), stride=2**31 - 1, padding="VALID"),
+    lambda m: m.max_pool(X, 2, stride=2**31 - 1, padding="SAME"),
+    lambda m: m.max_pool(X, (3, 2), stride=(2**31 - 1, 1), padding=((2, 2**16), (1, 1))),
+], ids=["fa-stride", "fa-padding", "ia-stride", "mp-stride", "mp-padding"])
+def test_extreme_valid_arguments_run(call):
+    """At the edge of the range (strides of 2**31 - 1, large pads) the ops run and agree
+    with the reference."""
+    np.testing.assert_allclose(call(jcn), call(jcn.reference), rtol=1e-5, atol=1e-5)
+
+
 def test_bad_arguments_are_caught_when_traced():
     """Under jit nothing out of range reaches lowering: the same error at trace time."""
     for fn in (lambda x, w: jcn.filter_acts(x, w, pad=2**40),
@@ -346,6 +359,19 @@ def test_symbolic_batch_under_jax_export():
     assert exp.out_avals[0].shape == (b, 10, 9, 3)
     for n in (5, 2):
         for got, want in zip(exp.call(XN[:n], WN), f(XN[:n], WN)):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+    # The adjoints with the images' own (symbolic) shape as image_shape.
+    def adjoints(x, w, h):
+        return (jcn.image_acts(h, w, x.shape, layout="NHWC"),
+                jcn.weight_acts(x, h, w.shape, layout="NHWC", partial_sum="auto"))
+
+    hn = rand(7, (5, 7, 6, 16))
+    exp = export.export(jax.jit(adjoints), disabled_checks=checks)(
+        jax.ShapeDtypeStruct((b, 10, 9, 3), jnp.float32), jax.ShapeDtypeStruct(WN.shape, WN.dtype),
+        jax.ShapeDtypeStruct((b, 7, 6, 16), jnp.float32))
+    for n in (5, 1):
+        for got, want in zip(exp.call(XN[:n], WN, hn[:n]), adjoints(XN[:n], WN, hn[:n])):
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 

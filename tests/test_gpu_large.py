@@ -9,7 +9,7 @@ import pytest
 
 import jax_convnet as jcn
 from jax_convnet import reference as ref
-from conftest import LAYOUTS
+from conftest import LAYOUTS, has_gpu
 
 pytestmark = pytest.mark.gpu
 
@@ -22,6 +22,8 @@ def gpu():
 
 @pytest.fixture(autouse=True)
 def _large_gpu():
+    if not has_gpu():
+        pytest.skip("needs an NVIDIA GPU")
     stats = gpu().memory_stats() or {}
     if stats.get("bytes_limit", 0) < 64 << 30:
         pytest.skip("needs a GPU with 64 GB or more")
@@ -47,11 +49,17 @@ def test_conv_family_past_2_31_elements(layout):
     """Images of 2.29e9 elements and a hidden tensor of 2.15e9 (bfloat16, batch 2, 17 channels,
     16 3x3 filters): the forward, image_acts and weight_acts of one VJP, checked per batch
     element (1.1e9 elements each) against the reference in float32."""
-    n, c, h, w, f, k = 2, 17, 8200, 8200, 16, 3
+    check_conv_family(layout, n=2, c=17, h=8200, w=8200, f=16, k=3, over=LIMIT)
+
+
+def check_conv_family(layout, *, n, c, h, w, f, k, over):
+    """The forward, image_acts and weight_acts of one VJP (bfloat16, VALID, stride 1) against
+    the reference per batch element; the images and the hidden tensor have more than ``over``
+    elements."""
     x_shape = jcn.geometry.image_shape(layout, n, c, h, w)
     w_shape = jcn.geometry.filter_shape(layout, f, c, k, k)
     h_shape = jcn.geometry.image_shape(layout, n, f, h - k + 1, w - k + 1)
-    assert np.prod(x_shape) > LIMIT and np.prod(h_shape) > LIMIT
+    assert np.prod(x_shape) > over and np.prod(h_shape) > over
     keys = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(keys[0], x_shape, jnp.bfloat16)
     wt = jax.random.normal(keys[1], w_shape, jnp.bfloat16)
@@ -87,9 +95,13 @@ def test_max_pool_past_2_31_elements(layout):
     """max_pool 3/2 (cuda-convnet's overlapping AlexNet pool) on 2.18e9 bfloat16 elements, its
     forward exactly and its gradient (integer cotangents: sums exact in bfloat16) exactly,
     against the reference run per channel chunk."""
-    n, c, h, w = 8, 260, 1024, 1024
+    check_max_pool(layout, n=8, c=260, h=1024, w=1024, chunk=65, over=LIMIT)
+
+
+def check_max_pool(layout, *, n, c, h, w, chunk, over):
+    """max_pool 3/2 forward and gradient against the reference per ``chunk`` channels."""
     shape = jcn.geometry.image_shape(layout, n, c, h, w)
-    assert np.prod(shape) > LIMIT
+    assert np.prod(shape) > over
     x = jax.random.normal(jax.random.key(1), shape, jnp.bfloat16)
     pool = lambda x: jcn.max_pool(x, 3, stride=2, layout=layout)
     out_shape = jax.eval_shape(pool, x).shape
@@ -108,8 +120,8 @@ def test_max_pool_past_2_31_elements(layout):
         return y, vjp(g)[0]
 
     axis = jcn.geometry.image_axes(layout)["c"]
-    for c0 in range(0, c, 65):
-        part = lambda a: jax.lax.slice_in_dim(a, c0, c0 + 65, axis=axis)
+    for c0 in range(0, c, chunk):
+        part = lambda a: jax.lax.slice_in_dim(a, c0, min(c0 + chunk, c), axis=axis)
         y_ref, dx_ref = reference(part(x), part(g))
         assert bool(jnp.array_equal(part(y), y_ref)), ("forward", c0)
         assert bool(jnp.array_equal(part(dx), dx_ref)), ("gradient", c0)
