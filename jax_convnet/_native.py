@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
 import warnings
 
 import jax
@@ -36,10 +37,25 @@ def native_module(platform: str):
         warnings.warn(f"jax_convnet: native {platform} kernels are unavailable ({e}); "
                       f"falling back to the pure-lax reference on {platform}", stacklevel=3)
         return None
+    if platform == "cpu":
+        _check_cpu_isa_env()
     for name, capsule in module.registrations().items():
         jax.ffi.register_ffi_target(name, capsule, platform=platform.upper()
                                     if platform == "cuda" else platform)
     return module
+
+
+CPU_ISA_VALUES = ("sse2", "avx2", "avx512")
+
+
+def _check_cpu_isa_env():
+    """JAX_CONVNET_CPU_ISA caps the CPU conv kernels' instruction set (any case; unset or empty:
+    no cap). The kernels return an error naming an unrecognised value; warn as the module loads."""
+    value = os.environ.get("JAX_CONVNET_CPU_ISA", "")
+    if value and value.lower() not in CPU_ISA_VALUES:
+        warnings.warn(f"JAX_CONVNET_CPU_ISA={value!r} is not one of {CPU_ISA_VALUES} "
+                      f"(case-insensitive) or empty: the CPU conv kernels will refuse to run",
+                      stacklevel=4)
 
 
 def has_native(platform: str) -> bool:

@@ -41,6 +41,7 @@ def filter_acts(images, filters, *, stride=1, pad=0, padding=None, partial_sum=N
     ``pad=`` uses cuda-convnet's ceil rule, ``padding=`` XLA's (see ``jax_convnet.geometry``).
     ``partial_sum`` only changes how the filter gradient is computed.
     """
+    images, filters = G.canonical_operand(images), G.canonical_operand(filters)
     geom = G.filter_acts_geometry(images, filters, stride=stride, pad=pad, padding=padding,
                                   partial_sum=partial_sum, layout=layout, precision=precision)
     return filter_acts_p.bind(images, filters, geom=geom)
@@ -53,6 +54,7 @@ def image_acts(hid_acts, filters, image_shape, *, stride=1, pad=0, padding=None,
     ``image_shape`` is the images' full shape (in the layout's order) or their (H, W): several
     image sizes give one output size under the ceil rule.
     """
+    hid_acts, filters = G.canonical_operand(hid_acts), G.canonical_operand(filters)
     geom, image_hw = G.image_acts_geometry(hid_acts, filters, image_shape, stride=stride, pad=pad,
                                            padding=padding, partial_sum=partial_sum, layout=layout,
                                            precision=precision)
@@ -63,6 +65,7 @@ def weight_acts(images, hid_grads, filter_shape, *, stride=1, pad=0, padding=Non
                 partial_sum=None, layout="C01B", precision=None):
     """cuda-convnet's WeightActs: the adjoint of ``filter_acts`` in its filters argument,
     summed as Ho*Wo/partial_sum partial sums over runs of ``partial_sum`` output positions."""
+    images, hid_grads = G.canonical_operand(images), G.canonical_operand(hid_grads)
     geom, filter_hw = G.weight_acts_geometry(images, hid_grads, filter_shape, stride=stride,
                                              pad=pad, padding=padding, partial_sum=partial_sum,
                                              layout=layout, precision=precision)
@@ -173,12 +176,27 @@ def _unfold(y, axis, size):
     return y.reshape(shape[:axis] + (size, shape[axis] // size) + shape[axis + 1:])
 
 
+def _empty_batch(primitive, args, dims, params):
+    """The result of mapping ``primitive`` over a size-0 axis (as lax gives it: an empty array
+    with the mapped axis in front), or None where the mapped axis is not empty."""
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+    if not (isinstance(size, int) and size == 0):
+        return None
+    unmapped = [jax.ShapeDtypeStruct(a.shape if d is None else a.shape[:d] + a.shape[d + 1:],
+                                     a.dtype) for a, d in zip(args, dims)]
+    out = jax.eval_shape(lambda *xs: primitive.bind(*xs, **params), *unmapped)
+    return jax.numpy.zeros((0, *out.shape), out.dtype)
+
+
 def _batch_rule(primitive):
     operand_folds, result_folds = _FOLDS[primitive]
 
     def rule(args, dims, **params):
         layout = params["geom"].layout
         batched = [d is not None for d in dims]
+        empty = _empty_batch(primitive, args, dims, params)
+        if empty is not None:
+            return empty, 0
         if all(batched):
             # Both operands mapped (e.g. per-example gradients): one call per slice.
             a = jax.numpy.moveaxis(args[0], dims[0], 0)

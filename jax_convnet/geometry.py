@@ -15,6 +15,7 @@ naming the parameter, at trace time.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 from typing import Sequence
@@ -31,6 +32,14 @@ PRECISION_CODES = {"default": 0, "high": 1, "highest": 2}
 SUPPORTED_DTYPES = (np.dtype("float32"), np.dtype(jax.numpy.bfloat16), np.dtype("float16"),
                     np.dtype("float64"))
 
+# Bounds of what the kernels (csrc/common/geometry.h checks the same) and XLA accept: every size,
+# window, stride and pad, and every derived extent (a padded image, an output), fits a signed
+# 32-bit int; every operand and result has at most MAX_ELEMENTS elements, so that its size in
+# bytes fits int64 with room for index arithmetic. Larger values raise a ValueError naming the
+# parameter instead of overflowing XLA's shape arithmetic (which aborts the process).
+MAX_EXTENT = 2**31 - 1
+MAX_ELEMENTS = 2**58
+
 
 # ----------------------------------------------------------------------------- small parsers
 
@@ -38,8 +47,41 @@ def _is_int(v) -> bool:
     return isinstance(v, (numbers.Integral, np.integer)) and not isinstance(v, bool)
 
 
+@functools.cache
+def _symbolic_dim_type():
+    from jax import export
+    return type(export.symbolic_shape("b")[0])
+
+
+def _is_symbolic(v) -> bool:
+    """A symbolic size of shape-polymorphic ``jax.export``."""
+    return isinstance(v, _symbolic_dim_type())
+
+
+def _is_dim(v) -> bool:
+    """A concrete size (a symbolic one, from shape-polymorphic export, is not)."""
+    return isinstance(v, (int, np.integer))
+
+
+def check_extent(value: int, name: str, *, what: str | None = None, minimum: int = 0) -> int:
+    """``minimum <= value <= MAX_EXTENT``, else a ValueError naming ``name``."""
+    if not minimum <= value <= MAX_EXTENT:
+        raise ValueError(f"{name} must be in [{minimum}, {MAX_EXTENT}] (2**31 - 1, the largest "
+                         f"extent the kernels take), got {value}"
+                         + ("" if what is None else f" in {what!r}"))
+    return value
+
+
+def check_elements(shape, name: str) -> None:
+    """At most MAX_ELEMENTS elements (symbolic batch sizes are not bounded here)."""
+    if all(_is_dim(d) for d in shape) and math.prod(int(d) for d in shape) > MAX_ELEMENTS:
+        raise ValueError(f"{name} would have shape {tuple(int(d) for d in shape)}: "
+                         f"{math.prod(int(d) for d in shape)} elements, more than the "
+                         f"{MAX_ELEMENTS} (2**58) the kernels take")
+
+
 def int_pair(value, name: str, *, minimum: int | None = None) -> tuple[int, int]:
-    """An int or a pair of ints as ``(rows, cols)``."""
+    """An int or a pair of ints as ``(rows, cols)``, each of magnitude at most MAX_EXTENT."""
     if _is_int(value):
         pair = (int(value), int(value))
     elif isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2 \
@@ -49,6 +91,9 @@ def int_pair(value, name: str, *, minimum: int | None = None) -> tuple[int, int]
         raise TypeError(f"{name} must be an int or a pair of ints (rows, cols), got {value!r}")
     if minimum is not None and min(pair) < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    for v in pair:
+        check_extent(v, name, what=None if _is_int(value) else value,
+                     minimum=-MAX_EXTENT if minimum is None else minimum)
     return pair
 
 
@@ -98,22 +143,45 @@ def filter_shape(layout: str, f: int, c: int, h: int, w: int) -> tuple[int, ...]
     return (c, h, w, f) if layout == "C01B" else (h, w, c, f)
 
 
+# (image_shape / filter_shape are also parameter names of the entry points below.)
+_image_shape_of, _filter_shape_of = image_shape, filter_shape
+
+
 def _dims(shape, axes) -> dict[str, int]:
-    return {k: int(shape[a]) for k, a in axes.items()}
+    """Sizes by axis name; a symbolic (batch) size stays symbolic."""
+    return {k: int(shape[a]) if _is_dim(shape[a]) else shape[a] for k, a in axes.items()}
 
 
-def check_array(x, name: str, *, rank: int = 4):
+def check_array(x, name: str, *, rank: int = 4, batch_axis: int | None = None):
+    """Shape and dtype of an operand; only its ``batch_axis`` may have a symbolic size."""
     shape = getattr(x, "shape", None)
     dtype = getattr(x, "dtype", None)
     if shape is None or dtype is None:
         raise TypeError(f"{name} must be an array, got {type(x).__name__}")
     if len(shape) != rank:
         raise ValueError(f"{name} must have rank {rank}, got shape {tuple(shape)}")
-    if np.dtype(dtype) not in SUPPORTED_DTYPES:
+    try:
+        dtype = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {dtype}") \
+            from None
+    if dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {dtype}")
-    if min(shape) < 1:
+    for axis, d in enumerate(shape):
+        if not _is_dim(d) and axis != batch_axis:
+            raise ValueError(f"{name} has shape {tuple(shape)}: only the batch dimension may be "
+                             f"symbolic (shape-polymorphic export); the others must be concrete")
+    if min(int(d) for d in shape if _is_dim(d)) < 1:
         raise ValueError(f"{name} must not be empty, got shape {tuple(shape)}")
-    return shape, np.dtype(dtype)
+    return shape, dtype
+
+
+def canonical_operand(x):
+    """NumPy arrays and scalars become JAX arrays as ``jax.numpy`` makes them (float64 becomes
+    float32 when x64 is off); JAX arrays and tracers are returned as they are."""
+    if isinstance(x, (np.ndarray, np.generic)):
+        return jax.numpy.asarray(x)
+    return x
 
 
 def check_same_dtype(**arrays):
@@ -154,7 +222,21 @@ def _explicit_padding(padding, sizes, windows, strides, name="padding"):
     pairs = tuple((int(lo), int(hi)) for lo, hi in pairs)
     if min(min(p) for p in pairs) < 0:
         raise ValueError(f"{name} must be non-negative, got {padding!r}")
+    for v in (v for p in pairs for v in p):
+        check_extent(v, f"every pad in {name}", what=padding)
     return pairs
+
+
+def check_padded_extents(image_hw, pads, name: str) -> None:
+    """The padded image (explicit per-side padding, the ceil rule's overhang included) fits
+    MAX_EXTENT in each axis."""
+    for k in range(2):
+        extent = image_hw[k] + pads[k][0] + pads[k][1]
+        if extent > MAX_EXTENT:
+            raise ValueError(f"{name} gives a padded image of {extent} "
+                             f"{('rows', 'cols')[k]} (image {tuple(image_hw)}, padding "
+                             f"{pads}), more than {MAX_EXTENT} (2**31 - 1), the largest extent "
+                             f"the kernels take")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,6 +284,8 @@ def conv_padding(image_hw, filter_hw, stride, pad, padding):
     for k in range(2):
         if image_hw[k] + sum(pads[k]) < filter_hw[k]:
             raise ValueError(_too_big(image_hw, filter_hw, pads, k))
+    check_padded_extents(image_hw, pads, "padding" if padding is not None else
+                         "pad with stride (the ceil rule's overhang)")
     return stride, pads
 
 
@@ -234,10 +318,9 @@ def resolve_partial_sum(partial_sum, out_hw, n_filter_elems: int) -> int:
             raise ValueError(f"partial_sum must be None, 'auto' or a positive int dividing "
                              f"Ho*Wo={positions}, got {partial_sum!r}")
         budget = max(1, min(64, (4 << 20) // max(1, n_filter_elems)))
-        for p in range(1, positions + 1):
-            if positions % p == 0 and positions // p <= budget:
-                return 0 if p == positions else p
-        return 0
+        # The smallest divisor P is Ho*Wo over the most partial sums (a divisor) within budget.
+        sums = next(q for q in range(min(budget, positions), 0, -1) if positions % q == 0)
+        return 0 if sums == 1 else positions // sums
     if not _is_int(partial_sum):
         raise TypeError(f"partial_sum must be None, 'auto' or an int, got {partial_sum!r}")
     partial_sum = int(partial_sum)
@@ -267,7 +350,8 @@ def image_acts_column_bytes(batch: int, channels: int, filter_hw, hidden_hw,
     (4 * channels * fh * fw * Ho * Wo bytes each), as many as ``cap_bytes`` holds and the batch
     has; 0 where the path does not apply or one image does not fit."""
     rows = channels * filter_hw[0] * filter_hw[1]
-    if channels > IMAGE_ACTS_COLUMN_MAX_CHANNELS or rows < IMAGE_ACTS_COLUMN_MIN_ROWS:
+    if (channels > IMAGE_ACTS_COLUMN_MAX_CHANNELS or rows < IMAGE_ACTS_COLUMN_MIN_ROWS
+            or not _is_dim(batch)):  # (a symbolic batch: the path is off)
         return 0
     image_bytes = 4 * rows * hidden_hw[0] * hidden_hw[1]
     return min(batch, cap_bytes // image_bytes) * image_bytes
@@ -293,7 +377,8 @@ def weight_acts_workspace_bytes(filter_elems: int, *, layout: str, batch: int, c
     filter_bytes = 4 * filter_elems
     sums = _round_up(max(WEIGHT_ACTS_MIN_PARTIAL_SUM_BYTES, filter_bytes) + filter_bytes, 256)
     padded = 0
-    if check_layout(layout) == "NHWC" and channels < WEIGHT_ACTS_PADDED_CHANNELS:
+    if (check_layout(layout) == "NHWC" and channels < WEIGHT_ACTS_PADDED_CHANNELS
+            and _is_dim(batch)):  # (a symbolic batch: no padded copy)
         padded = _round_up(batch * image_hw[0] * image_hw[1] * WEIGHT_ACTS_PADDED_CHANNELS
                            * itemsize, 256)
     return sums + (padded if padded <= padded_cap_bytes else 0)
@@ -334,7 +419,8 @@ def fft_conv_plan(*, op: str, batch: int, channels: int, filters: int, image_hw,
     (or needs more than ``cap_bytes``). ``pads`` ((top, bottom), (left, right)); ``partial_sum``
     as ConvGeometry holds it (0: all positions)."""
     none = (0, 0, 0)
-    if tuple(stride) != (1, 1) or (op == "weight_acts" and partial_sum != 0):
+    if tuple(stride) != (1, 1) or (op == "weight_acts" and partial_sum != 0) \
+            or not _is_dim(batch):  # (a symbolic batch: the path is off)
         return none
     padded = [image_hw[k] + pads[k][0] + pads[k][1] for k in range(2)]
     ph, pw = (_fft_size(e) for e in padded)
@@ -368,8 +454,9 @@ def conv_operand_dims(images=None, filters=None, hidden=None, *, layout):
     fh, fw, oh, ow (those that the given operands determine)."""
     layout = check_layout(layout)
     d = {}
+    batch_axis = image_axes(layout)["n"]
     if images is not None:
-        shape, _ = check_array(images, "images")
+        shape, _ = check_array(images, "images", batch_axis=batch_axis)
         im = _dims(shape, image_axes(layout))
         d.update(n=im["n"], c=im["c"], h=im["h"], w=im["w"])
     if filters is not None:
@@ -382,7 +469,7 @@ def conv_operand_dims(images=None, filters=None, hidden=None, *, layout):
         d.update(c=fi["c"], f=fi["f"], fh=fi["h"], fw=fi["w"])
     if hidden is not None:
         name = "hid_acts" if images is None else "hid_grads"
-        shape, _ = check_array(hidden, name)
+        shape, _ = check_array(hidden, name, batch_axis=batch_axis)
         hi = _dims(shape, image_axes(layout))
         if "n" in d and hi["n"] != d["n"]:
             raise ValueError(f"{name} has batch size {hi['n']} but images have {d['n']}")
@@ -437,6 +524,7 @@ def pool_geometry(image_hw, ds, *, stride=None, start=0, padding=None, layout="C
             if image_hw[k] + sum(pads[k]) < window[k]:
                 raise ValueError(f"ds={window} is larger than the padded image {tuple(image_hw)} "
                                  f"(padding {pads})")
+        check_padded_extents(image_hw, pads, "padding")
         return PoolGeometry(layout, window, stride, pads)
     start = int_pair(start, "start")
     pads = []
@@ -457,6 +545,7 @@ def pool_geometry(image_hw, ds, *, stride=None, start=0, padding=None, layout="C
                              f"window in the image {tuple(image_hw)} ({axis})")
         # ceil rule: the last window may overhang the bottom/right edge; it is clipped.
         pads.append((-start[k], (out - 1) * stride[k] + window[k] - image_hw[k] + start[k]))
+    check_padded_extents(image_hw, pads, "start with ds and stride (the ceil rule's overhang)")
     return PoolGeometry(layout, window, stride, tuple(pads))
 
 
@@ -467,8 +556,8 @@ def max_pool_output_size(image_size, ds, *, stride=None, start=0, padding=None):
 
 
 def pool_operand_hw(images, layout):
-    shape, _ = check_array(images, "images")
     ax = image_axes(check_layout(layout))
+    shape, _ = check_array(images, "images", batch_axis=ax["n"])
     return int(shape[ax["h"]]), int(shape[ax["w"]])
 
 
@@ -485,19 +574,27 @@ def filter_acts_geometry(images, filters, *, stride, pad, padding, partial_sum, 
                          precision) -> ConvGeometry:
     d = conv_operand_dims(images=images, filters=filters, layout=layout)
     check_same_dtype(images=images, filters=filters)
-    return _conv_geometry(d, stride=stride, pad=pad, padding=padding, partial_sum=partial_sum,
+    geom = _conv_geometry(d, stride=stride, pad=pad, padding=padding, partial_sum=partial_sum,
                           layout=layout, precision=precision)
+    out_hw = geom.output_hw((d["h"], d["w"]), (d["fh"], d["fw"]))
+    check_elements(image_shape(layout, d["n"], d["f"], *out_hw),
+                   "filter_acts' output (from the images, filters, stride and padding)")
+    return geom
 
 
-def _spatial_from_shape(value, name, full_shape_of):
-    """Accepts a full 4-d shape in the layout's order or just (H, W); returns (H, W)."""
-    if isinstance(value, Sequence) and len(value) == 4 and all(_is_int(v) for v in value):
-        return full_shape_of(tuple(int(v) for v in value))
-    if isinstance(value, Sequence) and len(value) == 2 and all(_is_int(v) for v in value):
-        hw = tuple(int(v) for v in value)
-        if min(hw) < 1:
-            raise ValueError(f"{name} must be positive, got {value!r}")
-        return hw
+def _spatial_from_shape(value, name, full_shape_of, batch_axis=None):
+    """Accepts a full 4-d shape in the layout's order or just (H, W); returns (H, W). Every size
+    is in [1, MAX_EXTENT]; only the 4-d form's ``batch_axis`` entry may be symbolic (it must then
+    be the operands' own batch size)."""
+    def size_ok(i, v):
+        return _is_int(v) or (i == batch_axis and _is_symbolic(v))
+    if isinstance(value, Sequence) and not isinstance(value, str) and len(value) in (2, 4) \
+            and all(size_ok(i if len(value) == 4 else None, v) for i, v in enumerate(value)):
+        sizes = tuple(int(v) if _is_int(v) else v for v in value)
+        for v in sizes:
+            if _is_int(v):
+                check_extent(v, f"every size in {name}", what=value, minimum=1)
+        return full_shape_of(sizes) if len(sizes) == 4 else sizes
     raise TypeError(f"{name} must be a 4-d shape in the layout's order or (rows, cols), "
                     f"got {value!r}")
 
@@ -514,7 +611,9 @@ def image_acts_geometry(hid_acts, filters, image_shape, *, stride, pad, padding,
                              f"{d['c']} channels to match hid_acts and filters")
         return shape[ax["h"]], shape[ax["w"]]
 
-    d["h"], d["w"] = _spatial_from_shape(image_shape, "image_shape", from_full)
+    d["h"], d["w"] = _spatial_from_shape(image_shape, "image_shape", from_full, ax["n"])
+    check_elements(_image_shape_of(layout, d["n"], d["c"], d["h"], d["w"]),
+                   "image_shape")
     geom = _conv_geometry(d, stride=stride, pad=pad, padding=padding, partial_sum=partial_sum,
                           layout=layout, precision=precision)
     check_hidden_hw(geom, (d["h"], d["w"]), (d["fh"], d["fw"]), (d["oh"], d["ow"]), "hid_acts")
@@ -534,6 +633,8 @@ def weight_acts_geometry(images, hid_grads, filter_shape, *, stride, pad, paddin
         return shape[ax["h"]], shape[ax["w"]]
 
     d["fh"], d["fw"] = _spatial_from_shape(filter_shape, "filter_shape", from_full)
+    check_elements(_filter_shape_of(layout, d["f"], d["c"], d["fh"], d["fw"]),
+                   "filter_shape")
     geom = _conv_geometry(d, stride=stride, pad=pad, padding=padding, partial_sum=partial_sum,
                           layout=layout, precision=precision)
     check_hidden_hw(geom, (d["h"], d["w"]), (d["fh"], d["fw"]), (d["oh"], d["ow"]), "hid_grads")
@@ -541,5 +642,10 @@ def weight_acts_geometry(images, hid_grads, filter_shape, *, stride, pad, paddin
 
 
 def max_pool_geometry(images, ds, *, stride, start, padding, layout) -> PoolGeometry:
-    return pool_geometry(pool_operand_hw(images, layout), ds, stride=stride, start=start,
-                         padding=padding, layout=layout)
+    image_hw = pool_operand_hw(images, layout)
+    geom = pool_geometry(image_hw, ds, stride=stride, start=start, padding=padding, layout=layout)
+    ax = image_axes(layout)
+    check_elements(image_shape(layout, images.shape[ax["n"]], images.shape[ax["c"]],
+                               *geom.output_hw(image_hw)),
+                   "max_pool's output (from the images, ds, stride and padding)")
+    return geom

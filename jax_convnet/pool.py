@@ -33,6 +33,7 @@ def max_pool(images, ds, *, stride=None, start=0, padding=None, layout="C01B"):
     ``padding=`` ("SAME", "VALID" or pairs) gives ``flax.linen.max_pool`` semantics instead.
     NaN propagates; the gradient goes to the first maximal element of each window.
     """
+    images = G.canonical_operand(images)
     geom = G.max_pool_geometry(images, ds, stride=stride, start=start, padding=padding,
                                layout=layout)
     return max_pool_p.bind(images, geom=geom)
@@ -110,6 +111,12 @@ def _fold_batch(x, bdim, size, layout):
 def _batch_rule(primitive):
     def rule(args, dims, *, geom):
         size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+        if isinstance(size, int) and size == 0:  # an empty result, as lax gives it
+            unmapped = [jax.ShapeDtypeStruct(
+                a.shape if d is None else a.shape[:d] + a.shape[d + 1:], a.dtype)
+                for a, d in zip(args, dims)]
+            out = jax.eval_shape(lambda *xs: primitive.bind(*xs, geom=geom), *unmapped)
+            return jnp.zeros((0, *out.shape), out.dtype), 0
         folded = [_fold_batch(a, d, size, geom.layout) for a, d in zip(args, dims)]
         out = primitive.bind(*folded, geom=geom)
         n_axis = G.image_axes(geom.layout)["n"]

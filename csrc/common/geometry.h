@@ -14,6 +14,25 @@ namespace jax_convnet {
 enum class Layout : int64_t { kC01B = 0, kNHWC = 1 };
 enum class Precision : int64_t { kDefault = 0, kHigh = 1, kHighest = 2 };
 
+// Bounds (geometry.py's MAX_EXTENT, MAX_ELEMENTS): every size, window, stride and pad, and every
+// padded extent, fits a signed 32-bit int; every tensor has at most 2**58 elements. The Python
+// side rejects larger values with a ValueError; the handlers re-check and return an error.
+constexpr int64_t kMaxExtent = (int64_t(1) << 31) - 1;
+constexpr int64_t kMaxElements = int64_t(1) << 58;
+
+inline bool extent_ok(int64_t v) { return v >= -kMaxExtent && v <= kMaxExtent; }
+
+// The four dims are each in [1, kMaxExtent] and their product is at most kMaxElements.
+inline bool tensor_dims_ok(const int64_t* d) {
+  int64_t elements = 1;
+  for (int i = 0; i < 4; ++i) {
+    if (d[i] < 1 || d[i] > kMaxExtent) return false;
+    if (elements > kMaxElements / d[i]) return false;
+    elements *= d[i];
+  }
+  return true;
+}
+
 // Element strides of a logical 4-d tensor (batch-or-filter, channel, row, col).
 struct Strides4 {
   int64_t n, c, y, x;
@@ -92,12 +111,19 @@ inline std::string make_conv_geometry(const ConvParams& p, const int64_t* image_
   if (p.pad_top < 0 || p.pad_bottom < 0 || p.pad_left < 0 || p.pad_right < 0)
     return "padding must be >= 0";
   if (p.partial_sum < 0) return "partial_sum must be >= 0";
+  if (!extent_ok(p.stride_h) || !extent_ok(p.stride_w) || !extent_ok(p.pad_top) ||
+      !extent_ok(p.pad_bottom) || !extent_ok(p.pad_left) || !extent_ok(p.pad_right))
+    return "strides and padding must be at most 2**31 - 1";
   ImageDims im = image_dims(p.layout, image_d);
   FilterDims fi = filter_dims(p.layout, filter_d);
   ImageDims hid = image_dims(p.layout, hidden_d);
   if (im.n < 1 || im.c < 1 || im.h < 1 || im.w < 1) return "images must be non-empty";
   if (fi.f < 1 || fi.c < 1 || fi.h < 1 || fi.w < 1) return "filters must be non-empty";
+  if (!tensor_dims_ok(image_d) || !tensor_dims_ok(filter_d) || !tensor_dims_ok(hidden_d))
+    return "every dimension must be in [1, 2**31 - 1] and every tensor at most 2**58 elements";
   if (fi.c != im.c) return "filters' channel count differs from the images'";
+  if (im.h + p.pad_top + p.pad_bottom > kMaxExtent || im.w + p.pad_left + p.pad_right > kMaxExtent)
+    return "the padded image must be at most 2**31 - 1 in each axis";
   if (hid.n != im.n) return "hidden batch size differs from the images'";
   if (hid.c != fi.f) return "hidden channel count differs from the filter count";
   int64_t oh = conv_out_size(im.h, fi.h, p.stride_h, p.pad_top, p.pad_bottom);
@@ -183,11 +209,16 @@ inline std::string make_pool_geometry(const PoolParams& p, const int64_t* image_
   if (p.layout != Layout::kC01B && p.layout != Layout::kNHWC) return "layout must be 0 or 1";
   if (p.window_h < 1 || p.window_w < 1) return "window must be >= 1";
   if (p.stride_h < 1 || p.stride_w < 1) return "strides must be >= 1";
+  if (!extent_ok(p.window_h) || !extent_ok(p.window_w) || !extent_ok(p.stride_h) ||
+      !extent_ok(p.stride_w) || !extent_ok(p.pad_top) || !extent_ok(p.pad_left))
+    return "windows, strides and padding must be at most 2**31 - 1 in magnitude";
   ImageDims im = image_dims(p.layout, image_d);
   ImageDims out = image_dims(p.layout, pooled_d);
   if (im.n < 1 || im.c < 1 || im.h < 1 || im.w < 1) return "images must be non-empty";
   if (out.n != im.n || out.c != im.c) return "pooled batch/channels differ from the images'";
   if (out.h < 1 || out.w < 1) return "pooled output must be non-empty";
+  if (!tensor_dims_ok(image_d) || !tensor_dims_ok(pooled_d))
+    return "every dimension must be in [1, 2**31 - 1] and every tensor at most 2**58 elements";
   *g = PoolGeometry{p.layout, im.n, im.c, im.h, im.w, out.h, out.w,
                     p.window_h, p.window_w, p.stride_h, p.stride_w, p.pad_top, p.pad_left,
                     image_strides(p.layout, im), image_strides(p.layout, out)};

@@ -733,6 +733,7 @@ bool compute_16bit(ConvOp op, const ConvGeometry& g, const ffi::AnyBuffer& a,
 ffi::Error conv_handler(ConvOp op, ffi::AnyBuffer a, ffi::AnyBuffer b,
                         ffi::Result<ffi::AnyBuffer> out, ConvParams params) {
   const std::string name = op_name(op);
+  if (!isa_cap().error.empty()) return invalid(name, isa_cap().error);
   if (!is_rank4(a) || !is_rank4(b) || !is_rank4(*out))
     return invalid(name, "operands and result must have rank 4");
   const ffi::DataType dtype = a.element_type();

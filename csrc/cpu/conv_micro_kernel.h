@@ -13,6 +13,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cctype>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -203,14 +204,32 @@ KernelSet<T> make_kernel_set(std::integer_sequence<int, kMRm1...>) {
   return set;
 }
 
-// The best kernel set this CPU runs. JAX_CONVNET_CPU_ISA=sse2|avx2|avx512 caps the choice
-// (for testing the portable paths).
+// JAX_CONVNET_CPU_ISA=sse2|avx2|avx512 (any case; unset or empty: no cap) caps the instruction
+// set of the kernels (for testing the portable paths). Read once, as the kernel sets are chosen.
+struct IsaCap {
+  std::string limit;  // "", "sse2", "avx2" or "avx512"
+  std::string error;  // non-empty for an unrecognised value: the handlers return it
+};
+
+inline const IsaCap& isa_cap() {
+  static const IsaCap cap = [] {
+    const char* env = std::getenv("JAX_CONVNET_CPU_ISA");
+    std::string value = env ? env : "";
+    for (char& ch : value) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+    if (value.empty() || value == "sse2" || value == "avx2" || value == "avx512")
+      return IsaCap{value, ""};
+    return IsaCap{"", "JAX_CONVNET_CPU_ISA='" + std::string(env) +
+                          "' is not one of sse2, avx2, avx512 (case-insensitive) or empty"};
+  }();
+  return cap;
+}
+
+// The best kernel set this CPU runs, within isa_cap().
 template <typename T>
 const KernelSet<T>& best_kernel_set() {
   static const KernelSet<T> set = [] {
 #ifdef JCN_X86_DISPATCH
-    const char* cap = std::getenv("JAX_CONVNET_CPU_ISA");
-    const std::string limit = cap ? cap : "";
+    const std::string& limit = isa_cap().limit;
     __builtin_cpu_init();
     const bool allow512 = limit.empty() || limit == "avx512";
     const bool allow2 = allow512 || limit == "avx2";
