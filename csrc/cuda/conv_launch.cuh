@@ -32,6 +32,9 @@
 //   kWmma  otherwise, when N >= 16: bf16 / f16 / TF32: nvcuda::wmma, register-staged
 //          (conv_kernel.cuh).
 // Else FFMA with a 128x64 tile (or 512x4 for N <= 8). Accumulation is float32 everywhere.
+// Before all of these, on Hopper in sm_90a builds, 16-bit filter_acts, weight_acts and
+// image_acts at stride 1 take the TMA-fed wgmma core (conv_tma.cuh; run_tma, run_tma_weights)
+// where tma_can_read allows it.
 // Operands are read in place in either layout, except NHWC images of fewer than 4 channels in
 // weight_acts: copied once with zero channels up to 4 (conv_weight_acts_padding.cuh).
 //
