@@ -1,7 +1,7 @@
-"""Hopper's TMA-fed wgmma kernels (csrc/cuda/conv_tma.cuh): filter_acts and weight_acts in 16-bit
-types in both layouts, and image_acts at stride 1. Every case against the float64 reference with poisoned
-outputs, and bitwise equal from one run to the next. On other GPUs the same cases run the other
-kernels (and must pass there too); skipped without a GPU."""
+"""Hopper's TMA-fed wgmma kernels (csrc/cuda/conv_tma.cuh): filter_acts and weight_acts in
+16-bit types in both layouts, and image_acts at stride 1. Every case against the float64
+reference with poisoned outputs, and bitwise equal from one run to the next. On other GPUs the
+same cases run the other kernels (and must pass there too); skipped without a GPU."""
 
 import jax
 import jax.numpy as jnp

@@ -792,6 +792,30 @@ CUresult tma_im2col_map(CUtensorMap* map, const void* ptr, const TmaProblem& pr,
   return r;
 }
 
+// The kernel parameters every mode shares, from the problem (tma_can_read bounds them to 31 bits).
+TmaConvParams tma_params(const TmaProblem& pr) {
+  TmaConvParams kp{};
+  kp.batch = int32_t(pr.batch);
+  kp.cin = int32_t(pr.cin);
+  kp.cout = int32_t(pr.cout);
+  kp.out_h = int32_t(pr.out_h);
+  kp.out_w = int32_t(pr.out_w);
+  kp.fh = int32_t(pr.fh);
+  kp.fw = int32_t(pr.fw);
+  kp.stride_h = int32_t(pr.sh);
+  kp.stride_w = int32_t(pr.sw);
+  kp.pad_top = int32_t(pr.pt);
+  kp.pad_left = int32_t(pr.pl);
+  kp.cblocks = int32_t(cdiv(pr.cin, kTmaBK));
+  kp.m_total = pr.batch * pr.out_h * pr.out_w;
+  kp.b_runs = int32_t(cdiv(pr.batch, 64));
+  return kp;
+}
+// Element strides (n, c, y, x) of a dense NHWC tensor of `c` channels, w columns and h rows.
+bool dense_nhwc(const jcn::Strides4& s, int64_t c, int64_t w, int64_t h) {
+  return s.c == 1 && s.x == c && s.y == w * c && s.n == h * s.y;
+}
+
 // Whether pr's X (the images, or image_acts' hidden tensor) can be read by the TMA kernels, and
 // their common rules: Hopper builds, 16-bit types, sizes within 31 bits, 16-byte aligned bases
 // and strides, filters contiguous, at least 3/4 of the 64-channel blocks used and 64 output
@@ -832,28 +856,12 @@ std::optional<cudaError_t> run_tma(const TmaProblem& pr, const void* x, const vo
   constexpr bool c01b = L == Layout::kC01B;
   if (!tma_can_read<L>(pr, x, w, y, smem_optin) || (kFlip && (pr.sh != 1 || pr.sw != 1)))
     return std::nullopt;
-  const bool y_ok = c01b ? pr.ys.n == 1
-                         : pr.ys.c == 1 && pr.ys.x == pr.cout && pr.ys.y == pr.out_w * pr.cout &&
-                               pr.ys.n == pr.out_h * pr.ys.y;
+  const bool y_ok = c01b ? pr.ys.n == 1 : dense_nhwc(pr.ys, pr.cout, pr.out_w, pr.out_h);
   if (!y_ok) return std::nullopt;
   const int64_t nf = kFlip ? pr.cin : pr.cout, nc = kFlip ? pr.cout : pr.cin;
 
-  TmaConvParams kp{};
-  kp.batch = int32_t(pr.batch);
-  kp.cin = int32_t(pr.cin);
-  kp.cout = int32_t(pr.cout);
-  kp.out_h = int32_t(pr.out_h);
-  kp.out_w = int32_t(pr.out_w);
-  kp.fh = int32_t(pr.fh);
-  kp.fw = int32_t(pr.fw);
-  kp.stride_h = int32_t(pr.sh);
-  kp.stride_w = int32_t(pr.sw);
-  kp.pad_top = int32_t(pr.pt);
-  kp.pad_left = int32_t(pr.pl);
-  kp.cblocks = int32_t(cdiv(pr.cin, kTmaBK));
+  TmaConvParams kp = tma_params(pr);
   kp.kblocks = int32_t(pr.fh * pr.fw * kp.cblocks);
-  kp.m_total = pr.batch * pr.out_h * pr.out_w;
-  kp.b_runs = int32_t(cdiv(pr.batch, 64));
   kp.x_pairs = int32_t(cdiv(pr.out_w, 2));
   kp.ys = {pr.ys.n, pr.ys.c, pr.ys.y, pr.ys.x};
   kp.y = y;
@@ -902,27 +910,12 @@ std::optional<cudaError_t> run_tma_weights(const TmaProblem& pr, const void* x, 
   const jcn::Strides4& hs = pr.ys;
   if (!tma_can_read<L>(pr, x, out, hid, smem_optin)) return std::nullopt;
   const bool hid_ok = c01b ? hs.n == 1 && hs.x % 8 == 0 && hs.y % 8 == 0 && hs.c % 8 == 0
-                           : hs.c == 1 && hs.x == pr.cout && hs.y == pr.out_w * pr.cout &&
-                                 hs.n == pr.out_h * hs.y;
+                           : dense_nhwc(hs, pr.cout, pr.out_w, pr.out_h);
   const int64_t taps = pr.fh * pr.fw, E = pr.cout * pr.cin * taps;
   const int64_t cap = ws.bytes / (4 * E);  // splits whose sums the workspace holds
   if (!hid_ok || cap < 1 || !aligned(ws.data, 16)) return std::nullopt;
 
-  TmaConvParams kp{};
-  kp.batch = int32_t(pr.batch);
-  kp.cin = int32_t(pr.cin);
-  kp.cout = int32_t(pr.cout);
-  kp.out_h = int32_t(pr.out_h);
-  kp.out_w = int32_t(pr.out_w);
-  kp.fh = int32_t(pr.fh);
-  kp.fw = int32_t(pr.fw);
-  kp.stride_h = int32_t(pr.sh);
-  kp.stride_w = int32_t(pr.sw);
-  kp.pad_top = int32_t(pr.pt);
-  kp.pad_left = int32_t(pr.pl);
-  kp.cblocks = int32_t(cdiv(pr.cin, kTmaBK));
-  kp.m_total = pr.batch * pr.out_h * pr.out_w;
-  kp.b_runs = int32_t(cdiv(pr.batch, 64));
+  TmaConvParams kp = tma_params(pr);
   kp.ys = {pr.ws.n, pr.ws.c, pr.ws.y, pr.ws.x};
   kp.filter_elems = E;
   const int64_t columns = taps * kp.cblocks * kTmaBK;

@@ -61,7 +61,8 @@ struct TmaPlan {
   static_assert(BN % 64 == 0 && BN <= 256, "wgmma widths of 64 to 256");
   static constexpr int B_BYTES = BN * 128;
   static constexpr int STAGE_BYTES = kTmaABytes + B_BYTES;
-  static constexpr int STAGES = kTmaStageBudget / STAGE_BYTES > 8 ? 8 : kTmaStageBudget / STAGE_BYTES;
+  static constexpr int STAGES =
+      kTmaStageBudget / STAGE_BYTES > 8 ? 8 : kTmaStageBudget / STAGE_BYTES;
   static constexpr int B_OFF = STAGES * kTmaABytes;
   static constexpr int BAR_OFF = B_OFF + STAGES * B_BYTES;
   static constexpr int SMEM = BAR_OFF + 2 * 8 * STAGES + 1024;
