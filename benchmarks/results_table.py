@@ -10,7 +10,7 @@ later files winning; ``--under 0.333`` lists the rows whose XLA/ours ratio is be
 Pool rows get the bytes each row must move at least (forward: input read + output written;
 backward as jax.grad runs it: input and cotangent read, gradient written) and the time that takes
 at the card's copy bandwidth: the one the run measured (``copy_gbps`` in the JSON), or
-``--copy-tbps`` for older files (DESIGN.md section 5: 2.88 TB/s on the H100).
+``--copy-tbps`` for older files (the H100 of the first runs: 2.88 TB/s, measured with XLA).
 """
 import argparse
 import json

@@ -1,10 +1,11 @@
 """Benchmark jax_convnet's ops against XLA's on the current device.
 
     python -m jax_convnet.benchmark [--quick] [--ops conv,pool] [--filter L1/] [--out DIR]
+    python -m jax_convnet.benchmark --nets [--batch N] [--alexnet-size PX] [--out DIR]
     jax-convnet-benchmark ...
 
-On a GPU: the convnet-benchmarks layers L1-L5 and AlexNet conv1-3 (as in
-``baselines/xla_baseline.py``): fprop, bprop_data (``jax.vjp`` of ``filter_acts`` in the images)
+On a GPU: the convnet-benchmarks layers L1-L5 and AlexNet conv1-3 (``jax_convnet._layers``):
+fprop, bprop_data (``jax.vjp`` of ``filter_acts`` in the images)
 and bprop_filter (in the filters), in float32 (default precision, which may use TF32), float32
 ``"highest"`` and bfloat16, layouts C01B and NHWC; XLA runs ``lax.conv_general_dilated`` in the
 same layout. Pools: the AlexNet pools (64x55x55, 192x27x27, 256x13x13, batch 128) and VGG's
@@ -20,12 +21,24 @@ Each row also compares our output with XLA's (max |ours - XLA| / max |XLA|); flo
 rows (and every conv row with ``--ref-err``) compare both with a float64 reference (XLA's float64
 convolution), which shows whose result has float32 accuracy. ``--xla-no-tf32`` sets
 ``NVIDIA_TF32_OVERRIDE=0`` before the GPU starts, so that cuDNN may not use TF32 for any of XLA's
-float32 convolutions (for the "highest" rows, in a run of their own: on the H200 their times and
-errors are the same either way, see benchmarks/RESULTS.md). Convolutions report
+float32 convolutions (for the "highest" rows, in a run of their own: their times and errors were
+the same either way, benchmarks/history/2026-11-29_session5_fft.md). Convolutions report
 TFLOP/s (2 * N * F * Ho * Wo * C * fh * fw), pools GB/s counting (input + output) bytes forward and
-(2 * input + output) backward, as the baselines do; with pool rows the run also measures the
+(2 * input + output) backward; with pool rows the run also measures the
 device's copy bandwidth (``measure_copy_gbps``) and records it as ``copy_gbps``. The ratio is XLA's time over ours (> 1: ours is
 faster). Results go to ``--out`` as ``benchmark.json`` and ``benchmark.png``.
+
+``--nets`` times whole training steps instead (``jax_convnet._nets``): AlexNet ("one weird
+trick", batch 128, 224x224) and cuda-convnet's CIFAR-10 net (batch 128, 32x32), forward, backward
+and SGD update in one ``jax.jit``, built from ``filter_acts`` + ``max_pool`` and from
+``lax.conv_general_dilated`` + ``lax.reduce_window``, in both layouts, float32 and bfloat16
+(float32 parameters cast inside the step). Before timing, each pair of steps runs once on the same
+parameters and data and must agree on the loss and on every parameter's update (``NET_TOLERANCE``;
+on a GPU, float32 steps compiled at precision highest within tight bounds, then the timed ones,
+which may use TF32, within loose ones); a pair that does not gets an error instead of times.
+Each step is timed as the median of ``--reps`` loops of ``--inner`` calls (default 11 x 5 on a
+GPU, 3 x 1 on the CPU) after warm-up; the table gives XLA's time over ours in the same layout and
+in XLA's faster layout (``ratio``, ``ratio_best``), and goes to ``--out`` as ``nets.json``.
 """
 from __future__ import annotations
 
@@ -47,33 +60,8 @@ from jax import lax
 
 import jax_convnet as jcn
 from jax_convnet import geometry as G
+from jax_convnet._layers import CPU_LAYERS, CPU_POOLS, GPU_LAYERS, GPU_POOLS
 
-# (N, C, H, W, F, fh, fw, stride, pad), as baselines/xla_baseline.py
-GPU_LAYERS = {
-    "L1": (128, 3, 128, 128, 96, 11, 11, 1, 0),
-    "L2": (128, 64, 64, 64, 128, 9, 9, 1, 0),
-    "L3": (128, 128, 32, 32, 128, 9, 9, 1, 0),
-    "L4": (128, 128, 16, 16, 128, 7, 7, 1, 0),
-    "L5": (128, 384, 13, 13, 384, 3, 3, 1, 0),
-    "alex1": (128, 3, 224, 224, 64, 11, 11, 4, 2),
-    "alex2": (128, 64, 27, 27, 192, 5, 5, 1, 2),
-    "alex3": (128, 192, 13, 13, 384, 3, 3, 1, 1),
-}
-CPU_LAYERS = {
-    "conv1": (64, 3, 32, 32, 32, 5, 5, 1, 2),
-    "conv2": (64, 32, 16, 16, 64, 5, 5, 1, 2),
-}
-# (N, C, H, W), windows (ds, stride)
-GPU_POOLS = {
-    "alexpool1": ((128, 64, 55, 55), [(3, 2), (2, 2)]),
-    "alexpool2": ((128, 192, 27, 27), [(3, 2), (2, 2)]),
-    "alexpool3": ((128, 256, 13, 13), [(3, 2), (2, 2)]),
-    "vggpool": ((64, 128, 112, 112), [(3, 2), (2, 2)]),
-}
-CPU_POOLS = {
-    "pool1": ((64, 32, 32, 32), [(2, 2)]),
-    "pool2": ((64, 64, 16, 16), [(3, 2)]),
-}
 GPU_QUICK_LAYERS = ("L2", "L5", "alex2")
 GPU_QUICK_POOLS = ("alexpool1", "vggpool")
 
@@ -417,6 +405,195 @@ def plot(results, path, title):
     return path
 
 
+# ----------------------------------------------------------------------------- networks
+
+NET_DTYPES = {"f32": "float32", "bf16": "bfloat16"}
+# Our step against XLA's on the same parameters and data, before timing: bounds on
+# |loss difference| / |loss| and, for every parameter, ||our update - XLA's|| / ||XLA's update||
+# (update: learning rate times gradient). float32 at full precision (the CPU; on a GPU, steps
+# compiled at precision highest) agrees to ~1e-6 (CPU, AlexNet: 1e-7 and 3e-6). In bfloat16 the
+# rounding points differ and pooled ties break on different values: up to ~1e-1 on the first
+# layer's update (AlexNet, CPU); "tf32" bounds the timed float32 steps on a GPU, which may round
+# to TF32 (10 bits) on either side. A different network (say, flipped filters) is off by order 1.
+NET_TOLERANCE = {"f32": (1e-5, 1e-3), "tf32": (2e-2, 0.2), "bf16": (2e-2, 0.2)}
+NET_HEADER = (f"{'net':<8} {'dtype':<5} {'layout':<6} {'XLA ms':>9} {'ours ms':>9} "
+              f"{'XLA/ours':>8} {'XLA best/ours':>13}  check: loss, update err")
+
+
+def net_rows(*, batch=None, alexnet_size=None, filters=None) -> list[dict]:
+    """One row per net, dtype and layout: name, net, config, dtype, layout, batch, image_size."""
+    from jax_convnet import _nets
+    rows = []
+    for net in _nets.NETS.values():
+        size = (alexnet_size if net.name == "alexnet" and alexnet_size else net.image_size)
+        _nets.feature_sizes(net, size)  # ValueError now if the images are too small
+        for config, dtype in NET_DTYPES.items():
+            for layout in LAYOUTS:
+                rows.append(dict(name=f"net/{net.name}/{config}/{layout}", kind="net",
+                                 op="train_step", layer=net.name, net=net.name, layout=layout,
+                                 dtype=dtype, config=config, batch=batch or net.batch,
+                                 image_size=size))
+    if filters:
+        rows = [r for r in rows if any(f in r["name"] for f in filters)]
+    return rows
+
+
+@jax.jit
+def _update_errors(params, ours, xla):
+    """||ours - xla|| / ||xla - params|| per parameter (float32 differences of float32 values are
+    exact to rounding of the result)."""
+    return [jnp.linalg.norm((a - b).ravel()) /
+            jnp.maximum(jnp.linalg.norm((b - p).ravel()), 1e-30)
+            for p, a, b in zip(params, ours, xla)]
+
+
+def _net_step_check(steps, params, x, y) -> tuple[float, float, float, float]:
+    """(our loss, XLA's loss, loss relative error, largest update relative error)."""
+    (p_ours, loss_ours), (p_xla, loss_xla) = (steps[o](params, x, y) for o in ("ours", "xla"))
+    loss_ours, loss_xla = float(loss_ours), float(loss_xla)
+    loss_err = abs(loss_ours - loss_xla) / max(abs(loss_xla), 1e-30)
+    update_err = max(float(e) for e in _update_errors(params, p_ours, p_xla))
+    return loss_ours, loss_xla, loss_err, update_err
+
+
+def _compile_both(fns: dict, args, *, threads: int) -> dict:
+    """{name: (executable, seconds)}: traced here (under the caller's config), then compiled
+    in ``threads`` threads (XLA's compiler releases the GIL; on the CPU compiling is most of a
+    --nets run; on a GPU one at a time, as XLA's autotuning times kernels while compiling)."""
+    import concurrent.futures
+
+    def compile_lowered(lowered):
+        t = time.perf_counter()
+        return lowered.compile(), time.perf_counter() - t
+    lowered = {name: jax.jit(fn).lower(*args) for name, fn in fns.items()}
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        futures = {name: pool.submit(compile_lowered, low) for name, low in lowered.items()}
+        return {name: f.result() for name, f in futures.items()}
+
+
+def run_net_row(row: dict, *, gpu: bool, reps: int, inner: int) -> dict:
+    """Compiles our training step and XLA's, checks that they agree, times both."""
+    from jax_convnet import _nets
+    net, layout, dtype = _nets.NETS[row["net"]], row["layout"], jnp.dtype(row["dtype"])
+    size, batch = row["image_size"], row["batch"]
+    params = _nets.init_params(net, layout, 0, size)
+    x, y = _nets.make_batch(net, layout, 1, batch=batch, image_size=size)
+    args = (params, x, y)
+
+    def compile_steps():
+        return _compile_both({ops: _nets.train_step(net, ops=ops, layout=layout, dtype=dtype)
+                              for ops in _nets.OPS}, args, threads=1 if gpu else 2)
+    compiled = compile_steps()
+    steps = {ops: c for ops, (c, _) in compiled.items()}
+    # (precision, executables, bounds); the first check is the tightest, shown in the table.
+    if gpu and row["config"] == "f32":  # the same steps at float32 accuracy, then the timed ones
+        with jax.default_matmul_precision("highest"):
+            highest = {ops: c for ops, (c, _) in compile_steps().items()}
+        checks = [("highest", highest, NET_TOLERANCE["f32"]),
+                  ("default", steps, NET_TOLERANCE["tf32"])]
+        del highest
+    else:
+        checks = [("default", steps, NET_TOLERANCE[row["config"]])]
+    r = dict(row, checks=[])
+    for precision, executables, (loss_tol, update_tol) in checks:
+        loss, xla_loss, loss_err, update_err = _net_step_check(executables, *args)
+        r["checks"].append(dict(precision=precision, loss=loss, xla_loss=xla_loss,
+                                loss_rel_err=loss_err, update_rel_err=update_err,
+                                bounds=[loss_tol, update_tol]))
+        if not (loss_err <= loss_tol and update_err <= update_tol):
+            r["error"] = (f"our step and XLA's disagree (precision {precision}): loss "
+                          f"{loss:.6g} vs {xla_loss:.6g} (relative error {loss_err:.1e}, bound "
+                          f"{loss_tol:g}), update error {update_err:.1e} (bound {update_tol:g})")
+    del checks
+    r.update({k: r["checks"][0][k] for k in ("loss", "xla_loss", "loss_rel_err",
+                                             "update_rel_err")})
+    if "error" in r:
+        return r
+    # The check ran the timed steps once; on the CPU (~1 s a step) that is their warm-up.
+    warmup = 2 if gpu else 0
+    ms = time_fn(steps["ours"], args, reps=reps, inner=inner, warmup=warmup)
+    xla_ms = time_fn(steps["xla"], args, reps=reps, inner=inner, warmup=warmup)
+    r.update(ms=ms, xla_ms=xla_ms, ratio=xla_ms / ms, compile_s=round(compiled["ours"][1], 3),
+             xla_compile_s=round(compiled["xla"][1], 3))
+    return r
+
+
+def add_best_layout_ratios(results) -> None:
+    """ratio_best: XLA's time in its faster layout (same net and dtype) over ours."""
+    best = {}
+    for r in results:
+        if "xla_ms" in r:
+            key = (r["net"], r["config"])
+            if key not in best or r["xla_ms"] < best[key][0]:
+                best[key] = (r["xla_ms"], r["layout"])
+    for r in results:
+        if "ms" in r:
+            r["xla_best_ms"], r["xla_best_layout"] = best[(r["net"], r["config"])]
+            r["ratio_best"] = r["xla_best_ms"] / r["ms"]
+
+
+def format_net_row(r) -> str:
+    head = f"{r['net']:<8} {r['config']:<5} {r['layout']:<6}"
+    check = ""
+    if "loss_rel_err" in r:
+        check = f"  {r['loss_rel_err']:.1e}, {r['update_rel_err']:.1e}"
+    if "ms" not in r:
+        return f"{head} ERROR {r.get('error')}"
+    best = (f"{r['ratio_best']:9.2f} ({r['xla_best_layout']})" if "ratio_best" in r
+            else " " * 13)
+    return (f"{head} {r['xla_ms']:9.3f} {r['ms']:9.3f} {r['ratio']:8.2f} {best}{check}")
+
+
+def _write_json(args, device, native, results, path, **meta):
+    os.makedirs(args.out, exist_ok=True)
+    meta = dict(jax_convnet=jcn.__version__, jax=jax.__version__, platform=device.platform,
+                device_kind=device.device_kind, native_kernels=native,
+                python=_platform.python_version(), date=time.strftime("%Y-%m-%d %H:%M:%S"),
+                args=vars(args), nvidia_tf32_override=os.environ.get("NVIDIA_TF32_OVERRIDE"),
+                **meta)
+    with open(path, "w") as f:
+        json.dump(dict(meta=meta, rows=results), f, indent=1)
+
+
+def run_nets(args, device, native) -> list[dict]:
+    """``--nets``: the training-step table, printed and written to ``--out``/nets.json."""
+    gpu = device.platform != "cpu"
+    rows = net_rows(batch=args.batch, alexnet_size=args.alexnet_size, filters=args.filter)
+    if args.list:
+        print("\n".join(r["name"] for r in rows))
+        return []
+    reps = args.reps or (11 if gpu else 3)
+    inner = args.inner or (5 if gpu else 1)
+    print(f"jax_convnet {jcn.__version__}, jax {jax.__version__}, {device.platform} "
+          f"({device.device_kind}); native kernels: "
+          f"{'yes' if native else 'NO (ours lowers the pure-lax reference)'}; {len(rows)} "
+          f"training steps, median of {reps} x {inner} calls", flush=True)
+    t_start = time.perf_counter()
+    results = []
+    for row in rows:
+        try:
+            r = run_net_row(row, gpu=gpu, reps=reps, inner=inner)
+        except Exception as e:  # one failing row must not end the run
+            r = dict(row, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        r.update(jax=jax.__version__, platform=device.platform, device_kind=device.device_kind)
+        results.append(r)
+        print(f"  {r['name']}: " + ("ERROR " + r["error"] if "error" in r else
+                                    f"ours {r['ms']:.3f} ms, XLA {r['xla_ms']:.3f} ms"),
+              flush=True)
+    add_best_layout_ratios(results)
+    wall = time.perf_counter() - t_start
+    print(f"\nwhole training steps (forward, backward, SGD) in {wall:.1f} s; batch and image size:"
+          + "".join(f" {n} {b}x{s}x{s}" for n, b, s in
+                    dict.fromkeys((r["net"], r["batch"], r["image_size"]) for r in results)))
+    print(NET_HEADER)
+    print("\n".join(format_net_row(r) for r in results))
+    path = os.path.join(args.out, "nets.json")
+    _write_json(args, device, native, results, path, reps=reps, inner=inner,
+                wall_s=round(wall, 1))
+    print(f"wrote {path}")
+    return results
+
+
 # ----------------------------------------------------------------------------- main
 
 def parse_args(argv=None):
@@ -430,10 +607,11 @@ def parse_args(argv=None):
                         "like conv/L1/fprop/f32-highest/NHWC, pool/alexpool1/3x3s2/bwd/bf16/C01B")
     p.add_argument("--reps", type=int, default=None,
                    help="timed measurements per function (median taken; default 11 on GPU, "
-                        "7 on CPU)")
+                        "7 on CPU, 3 on CPU with --nets)")
     p.add_argument("--inner", type=int, default=None,
                    help="time loops of this many host calls per measurement (default: 1 on "
-                        "CPU; on GPU the calls are repeated inside one executable instead)")
+                        "CPU; on GPU the calls are repeated inside one executable instead; "
+                        "--nets on GPU: 5)")
     p.add_argument("--batch", type=int, default=None, help="override every row's batch size")
     p.add_argument("--partial-sum", default=None,
                    help="partial_sum for our filter_acts (an int, or 'auto'; default None)")
@@ -452,6 +630,12 @@ def parse_args(argv=None):
     p.add_argument("--no-fft", action="store_true",
                    help="keep our convolutions off the FFT path (jax_convnet.conv."
                         "FFT_WORKSPACE_CAP_BYTES = 0): the direct kernels' times")
+    p.add_argument("--nets", action="store_true",
+                   help="time whole training steps (AlexNet, cuda-convnet's CIFAR-10 net) "
+                        "instead of single ops; writes nets.json")
+    p.add_argument("--alexnet-size", type=int, default=None, metavar="PX",
+                   help="--nets: AlexNet's input height and width (default 224; at least 51, "
+                        "the dense layer's input follows)")
     p.add_argument("--list", action="store_true", help="list the rows and exit")
     return p.parse_args(argv)
 
@@ -472,6 +656,10 @@ def main(argv=None):
         os.environ["NVIDIA_TF32_OVERRIDE"] = "0"
     device = jax.devices()[0]
     gpu = device.platform != "cpu"
+    native_platform = "cuda" if device.platform == "gpu" else device.platform
+    native = jcn.has_native(native_platform) if native_platform in ("cpu", "cuda") else False
+    if args.nets:
+        return run_nets(args, device, native)
     row_set = device.platform if args.set == "auto" else args.set
     rows = build_rows(row_set, quick=args.quick, ops=ops, batch=args.batch,
                       filters=args.filter)
@@ -480,8 +668,6 @@ def main(argv=None):
         return []
     reps = args.reps or (11 if gpu else 7)
     inner = args.inner or 1
-    native_platform = "cuda" if device.platform == "gpu" else device.platform
-    native = jcn.has_native(native_platform) if native_platform in ("cpu", "cuda") else False
 
     print(f"jax_convnet {jcn.__version__}, jax {jax.__version__}, {device.platform} "
           f"({device.device_kind}); native {native_platform} kernels: "
@@ -553,15 +739,9 @@ def main(argv=None):
     print(f"\n{len(results)} rows in {wall:.1f} s; geometric mean of XLA/ours:")
     print("\n".join(summarize(results)))
 
-    os.makedirs(args.out, exist_ok=True)
-    meta = dict(jax_convnet=jcn.__version__, jax=jax.__version__, platform=device.platform,
-                device_kind=device.device_kind, native_kernels=native,
-                python=_platform.python_version(), date=time.strftime("%Y-%m-%d %H:%M:%S"),
-                args=vars(args), reps=reps, wall_s=round(wall, 1), rows_skipped=skipped,
-                copy_gbps=copy_gbps, nvidia_tf32_override=os.environ.get("NVIDIA_TF32_OVERRIDE"))
     json_path = os.path.join(args.out, "benchmark.json")
-    with open(json_path, "w") as f:
-        json.dump(dict(meta=meta, rows=results), f, indent=1)
+    _write_json(args, device, native, results, json_path, reps=reps, wall_s=round(wall, 1),
+                rows_skipped=skipped, copy_gbps=copy_gbps)
     png = plot(results, os.path.join(args.out, "benchmark.png"),
                f"jax_convnet vs XLA on {device.device_kind} ({device.platform}), "
                f"jax {jax.__version__}")

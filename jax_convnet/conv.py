@@ -231,8 +231,8 @@ def _weight_acts_split(*, geom, **_):
 
 # The column buffer of image_acts into a few channels on the GPU holds at most this many bytes
 # (whole images; G.image_acts_column_bytes); 0 turns that path off. Fewer, larger chunks run
-# faster (L1 at batch 128 on an H200, float32 NHWC: 128 MiB 4.0 ms, 256 MiB 3.6, the whole 2.6
-# GB 3.2; C01B in 16-bit types needs chunks of 8 images: 155 MiB on L1).
+# faster, so the cap trades memory for speed (benchmarks/history/2026-12-02_numbers_from_comments.md);
+# C01B in 16-bit types needs chunks of 8 images (155 MiB on L1 at batch 128).
 IMAGE_ACTS_COLUMN_CAP_BYTES = 256 << 20
 
 

@@ -313,9 +313,9 @@ def weight_acts_workspace_bytes(filter_elems: int, *, layout: str, batch: int, c
 # workspace has the size the rule gives (jax_convnet.conv.FFT_WORKSPACE_CAP_BYTES below it turns
 # the path off).
 FFT_MIN_SIZE, FFT_MAX_SIZE = 8, 64
-# Measured on an H200 (benchmarks/RESULTS.md): float32 accuracy gains from L4 / AlexNet conv2
-# (7x7 / 5x5, ~8x) on, TF32 only from L3 / L2 (9x9, 21x / 30x); 16-bit types lose even on L2 to
-# the tensor cores' direct GEMM.
+# Where the FFT path won on the GPU (benchmarks/history/2026-11-29_session5_fft.md): at float32
+# accuracy from L4 / AlexNet conv2 (7x7 / 5x5, ~8x) on, TF32 only from L3 / L2 (9x9, 21x / 30x);
+# 16-bit types lose even on L2 to the tensor cores' direct GEMM.
 FFT_MIN_SAVING = {"float32_accurate": 3.0, "tf32": 12.0, "16bit": 40.0}
 FFT_MAX_BYTES = 2 << 30
 

@@ -124,3 +124,82 @@ def test_conv_rows_report_their_error_against_a_float64_reference(tmp_path, caps
     assert "vs float64: ours" in capsys.readouterr().out
     _results_table().main([str(tmp_path / "benchmark.json")])
     assert "ours err vs f64 | XLA err vs f64 |" in capsys.readouterr().out
+
+
+NET_ROWS = {f"net/{net}/{config}/{layout}" for net in ("alexnet", "cifar10")
+            for config in ("f32", "bf16") for layout in ("NHWC", "C01B")}
+
+
+def test_nets_time_every_training_step_after_checking_it_against_xla(tmp_path, capsys):
+    """--nets at a tiny size (batch 2, AlexNet on 51x51 images): every net, dtype and layout gets
+    a row whose two steps agreed on loss and update before both were timed."""
+    benchmark.main(["--nets", "--batch", "2", "--alexnet-size", "51", "--reps", "1",
+                    "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "nets.json").read_text())
+    rows = saved["rows"]
+    assert {r["name"] for r in rows} == NET_ROWS and len(rows) == len(NET_ROWS)
+    for r in rows:
+        assert "error" not in r, r
+        assert r["ms"] > 0 and r["xla_ms"] > 0
+        assert r["ratio"] == pytest.approx(r["xla_ms"] / r["ms"])
+        best = min(s["xla_ms"] for s in rows if (s["net"], s["config"]) == (r["net"], r["config"]))
+        assert r["ratio_best"] == pytest.approx(best / r["ms"])
+        assert [c["precision"] for c in r["checks"]] == ["default"]  # the CPU: float32 exact
+        for check in r["checks"]:
+            loss_bound, update_bound = check["bounds"]
+            assert check["loss_rel_err"] <= loss_bound
+            assert 0 < check["update_rel_err"] <= update_bound
+        assert r["jax"] == jax.__version__ and r["device_kind"] == jax.devices()[0].device_kind
+        assert (r["batch"], r["image_size"]) == (2, 51 if r["net"] == "alexnet" else 32)
+    printed = capsys.readouterr().out
+    assert "XLA best/ours" in printed and "alexnet  bf16  C01B" in printed
+
+
+def test_nets_check_catches_a_different_network(monkeypatch):
+    """XLA's convolutions with flipped filters (convolution instead of cross-correlation): same
+    shapes, different network, and the row reports the disagreement instead of times."""
+    from jax_convnet import _nets
+    conv = _nets._conv
+
+    def flipped_for_xla(ops, h, w, c, layout):
+        if ops == "xla":
+            ax = jcn.geometry.filter_axes(layout)
+            w = jnp.flip(w, (ax["h"], ax["w"]))
+        return conv(ops, h, w, c, layout)
+    monkeypatch.setattr(_nets, "_conv", flipped_for_xla)
+    (row,) = benchmark.net_rows(batch=2, filters=["net/cifar10/f32/NHWC"])
+    r = benchmark.run_net_row(row, gpu=False, reps=1, inner=1)
+    assert "disagree" in r["error"] and "ms" not in r
+    assert r["update_rel_err"] > 10 * r["checks"][0]["bounds"][1]
+
+
+def test_nets_check_float32_at_precision_highest_first_where_the_device_may_use_tf32():
+    """The GPU's sequence (run here on the default device): float32 steps compiled at precision
+    highest within the tight bounds, then the timed steps within TF32's."""
+    (row,) = benchmark.net_rows(batch=2, filters=["net/cifar10/f32/C01B"])
+    r = benchmark.run_net_row(row, gpu=True, reps=1, inner=1)
+    assert "error" not in r and r["ms"] > 0 and r["xla_ms"] > 0
+    assert [(c["precision"], c["bounds"]) for c in r["checks"]] == [
+        ("highest", list(benchmark.NET_TOLERANCE["f32"])),
+        ("default", list(benchmark.NET_TOLERANCE["tf32"]))]
+    assert all(c["update_rel_err"] <= c["bounds"][1] for c in r["checks"])
+
+
+def test_nets_compute_the_specified_networks():
+    """Full size: AlexNet's dense layer takes 256x6x6 features, the CIFAR-10 net's 64x4x4 (the
+    ceil rule's 32 -> 16 -> 8 -> 4, XLA's pools padded to match); both variants, both layouts."""
+    from jax_convnet import _nets
+    assert _nets.feature_sizes(_nets.NETS["alexnet"]) == [27, 13, 13, 13, 6]
+    assert _nets.feature_sizes(_nets.NETS["cifar10"]) == [16, 8, 4]
+    for net, classes in ((_nets.NETS["alexnet"], 1000), (_nets.NETS["cifar10"], 10)):
+        for layout in ("NHWC", "C01B"):
+            params = [jax.ShapeDtypeStruct(s, jnp.float32)
+                      for s in _nets.param_shapes(net, layout)]
+            x = jax.ShapeDtypeStruct(jcn.geometry.image_shape(layout, 128, 3, net.image_size,
+                                                              net.image_size), jnp.float32)
+            for ops in _nets.OPS:
+                out = jax.eval_shape(lambda p, x: _nets.forward(p, x, net, ops=ops, layout=layout,
+                                                                dtype=jnp.bfloat16), params, x)
+                assert out.shape == (128, classes) and out.dtype == jnp.float32
+    with pytest.raises(ValueError, match="image_size=50 is too small for alexnet"):
+        benchmark.net_rows(alexnet_size=50)

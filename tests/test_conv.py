@@ -8,8 +8,8 @@ import pytest
 from jax.test_util import check_grads
 
 import jax_convnet as jcn
-from jax_convnet import benchmark
 from jax_convnet import reference as ref
+from jax_convnet._layers import GPU_LAYERS
 from conftest import (DTYPES, LAYOUTS, assert_close, filters, hlo_text, images, rand,
                       run_poisoned)
 
@@ -236,7 +236,7 @@ def test_fft_path_takes_stride_one_layers_with_large_filters():
     workspace holds the images', filters' and hidden tensor's spectra. Baseline layers at batch
     128: at float32 accuracy L2 / L3 (9x9), L4 (7x7) and AlexNet conv2 (5x5), for TF32 L2 / L3,
     in 16-bit types none; never L5 / conv3 (3x3), L1 (128 x 128 images) or conv1 (stride 4)."""
-    layers = benchmark.GPU_LAYERS  # (N, C, H, W, F, fh, fw, stride, pad), N = 128
+    layers = GPU_LAYERS  # batch 128
 
     def plan(name, itemsize=4, precision="highest", op="filter_acts", partial_sum=0,
              cap_bytes=jcn.geometry.FFT_MAX_BYTES):

@@ -10,18 +10,12 @@ import pytest
 
 import jax_convnet as jcn
 from jax_convnet import reference as ref
+from jax_convnet._layers import GPU_LAYERS
 from conftest import LAYOUTS, assert_close, filters, images, rand, run_poisoned
 
 pytestmark = pytest.mark.gpu
 
-# convnet-benchmarks layers and AlexNet conv1-3 (../shared/baselines): C, H, W, F, fh, stride, pad,
-# at reduced batch.
-LAYERS = {
-    "L1": (3, 128, 128, 96, 11, 1, 0), "L2": (64, 64, 64, 128, 9, 1, 0),
-    "L3": (128, 32, 32, 128, 9, 1, 0), "L4": (128, 16, 16, 128, 7, 1, 0),
-    "L5": (384, 13, 13, 384, 3, 1, 0), "alex1": (3, 224, 224, 64, 11, 4, 2),
-    "alex2": (64, 27, 27, 192, 5, 1, 2), "alex3": (192, 13, 13, 384, 3, 1, 1),
-}
+# The benchmark's GPU layers (convnet-benchmarks L1-L5, AlexNet conv1-3), at a reduced batch.
 BATCH = 4
 
 
@@ -57,16 +51,16 @@ def exact(*arrays):
 
 
 def layer_operands(name, layout, dtype, batch=BATCH):
-    c, h, w, f, fh, stride, pad = LAYERS[name]
+    _, c, h, w, f, fh, fw, stride, pad = GPU_LAYERS[name]
     x = images(1, layout, batch, c, h, w, dtype)
-    wt = filters(2, layout, f, c, fh, fh, dtype) * 0.05
-    out_hw = jcn.filter_acts_output_size((h, w), fh, stride=stride, pad=pad)
+    wt = filters(2, layout, f, c, fh, fw, dtype) * 0.05
+    out_hw = jcn.filter_acts_output_size((h, w), (fh, fw), stride=stride, pad=pad)
     g = rand(3, jcn.geometry.image_shape(layout, batch, f, *out_hw), dtype)
     return (x, wt, g), stride, pad
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("name", list(LAYERS))
+@pytest.mark.parametrize("name", list(GPU_LAYERS))
 def test_baseline_layers_match_reference_and_cpu_kernels(name, layout):
     (x, w, g), stride, pad = layer_operands(name, layout, jnp.float32)
     ours = run_poisoned(all_three(layout, pad, stride, "highest"), *jax.device_put((x, w, g), gpu()))

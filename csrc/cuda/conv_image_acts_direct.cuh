@@ -3,10 +3,11 @@
 //
 // Why: the GEMM of image_acts has N = C columns, so every hidden element it copies into shared
 // memory feeds C products only; on L1 (121 taps, 3 channels) the tensor-core kernels spent their
-// time copying the k-tiles from L2 (~5.5 TB/s, 0.1-0.2 of XLA's speed). Here each hidden element
-// loaded into a register feeds up to nI * C products: a warp owns R consecutive rows of one image
-// column of a residue class (y = ry + yq * sh, x = rx + xq * sw, as OpIA in conv_ops.cuh), and for
-// each filter f and column tap jj slides a window of R + nI - 1 hidden rows down the column:
+// time copying the k-tiles from L2 (benchmarks/history/2026-11-29_session2_direct_image_acts.md).
+// Here each hidden element loaded into a register feeds up to nI * C products: a warp owns R
+// consecutive rows of one image column of a residue class (y = ry + yq * sh, x = rx + xq * sw, as
+// OpIA in conv_ops.cuh), and for each filter f and column tap jj slides a window of R + nI - 1
+// hidden rows down the column:
 //   img[b, c, y(yq0 + r), x] += hid[b, f, oy = qy + yq0 + r - ii, ox = qx + xq - jj] * w[f,c,i,j]
 // with i = i0 + ii * sh, j = j0 + jj * sw. Window slot t holds oy = qy + yq0 - (KMAX - 1) + t, so
 // the slot of (r, ii) is the compile-time r - ii + KMAX - 1.

@@ -28,8 +28,8 @@ __device__ __forceinline__ KSt<Idx> k_entry(const KEntry* ktab, Idx k) {
 
 // Gathers one operand tile (R rows x BK) per k-step. kMayWalkK: allow the k-walking thread order
 // (below); the cp.async pipeline does not, since its 16-byte copies bypass L1 and a k-walk reads
-// half of each 32-byte sector (tried: 1.1-2x slower through L1 too, a warp's copy touching 32
-// lines). kKTable: where each k lies is read from `ktab` (a table in shared memory built once
+// half of each 32-byte sector (through L1 it was slower too, a warp's copy touching 32 lines:
+// benchmarks/history/2026-11-29_session6_alex2_bf16_c01b.md). kKTable: where each k lies is read from `ktab` (a table in shared memory built once
 // per block, conv_mma_kernel) instead of decomposed per copy. kUnits: the thread order of
 // transposing stores (below).
 template <class Op, bool kIsA, int R, int BK, int NT, typename T, typename Idx, int VEC,

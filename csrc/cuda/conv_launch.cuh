@@ -58,6 +58,7 @@
 #include "conv_kernel.cuh"
 #include "conv_mma.cuh"
 #include "conv_ops.cuh"
+#include "conv_tma.cuh"
 #include "conv_weight_acts_padding.cuh"
 #include "conv_wgmma.cuh"
 #include "ffi_common.h"
@@ -123,8 +124,8 @@ cudaError_t opt_in_shared_memory(int bytes) {
 
 // The largest k table of the mma kernel (kKTable; k_table_bytes decides where it is used).
 constexpr int kKTableMaxBytes = 32 * 1024;
-// The 128 x 96 tile and the k table are for 16-bit types: float32 (TF32) AlexNet conv2 C01B took
-// 0.523-0.527 ms with them, 0.489 without (H200); bf16 0.238 with them, 0.277-0.286 without.
+// The 128 x 96 tile and the k table are for 16-bit types: they made AlexNet conv2 C01B faster in
+// bf16 and slower in float32 (TF32) (benchmarks/history/2026-11-29_session6_alex2_bf16_c01b.md).
 template <typename T>
 constexpr bool kMidTileAndKTable = sizeof(T) == 2;
 
@@ -635,6 +636,338 @@ std::optional<cudaError_t> run_fft(const jcn::ConvGeometry& g, const void* a, co
   return fft_inverse<T>(res.spec, *res.planes, lph, lpw, out, nsm, stream);
 }
 
+// ---- The TMA kernels (conv_tma.cuh): 16-bit filter_acts, and image_acts at stride 1 ----
+
+using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*,
+                                   const cuuint64_t*, const cuuint64_t*, const cuuint32_t*,
+                                   const cuuint32_t*, CUtensorMapInterleave, CUtensorMapSwizzle,
+                                   CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+using EncodeIm2colFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*,
+                                    const cuuint64_t*, const cuuint64_t*, const int*, const int*,
+                                    cuuint32_t, cuuint32_t, const cuuint32_t*,
+                                    CUtensorMapInterleave, CUtensorMapSwizzle,
+                                    CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+// The driver's tensor-map encoders (through the runtime: the module links no libcuda), and
+// whether the TMA kernels may run at all (JAX_CONVNET_TMA=0 turns them off, to compare paths).
+struct TmaDriver {
+  EncodeTiledFn tiled = nullptr;
+  EncodeIm2colFn im2col = nullptr;
+  int driver_version = 0;
+  bool usable = false;
+};
+const TmaDriver& tma_driver() {
+  static const TmaDriver drv = [] {
+    TmaDriver d;
+    const char* env = std::getenv("JAX_CONVNET_TMA");
+    if (env && std::string(env) == "0") return d;
+    cudaDriverEntryPointQueryResult q;
+    void* fn = nullptr;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault,
+                                         &q) == cudaSuccess &&
+        q == cudaDriverEntryPointSuccess)
+      d.tiled = reinterpret_cast<EncodeTiledFn>(fn);
+    fn = nullptr;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeIm2col", &fn, 12000,
+                                         cudaEnableDefault, &q) == cudaSuccess &&
+        q == cudaDriverEntryPointSuccess)
+      d.im2col = reinterpret_cast<EncodeIm2colFn>(fn);
+    if (cudaDriverGetVersion(&d.driver_version) != cudaSuccess) d.driver_version = 0;
+    d.usable = d.tiled && d.im2col && d.driver_version > 0;
+    return d;
+  }();
+  return drv;
+}
+// Drivers up to 13.1 mis-handle one descriptor bit for tensors under 128 KiB (CUTLASS clears it
+// likewise).
+void tma_small_tensor_fix(CUtensorMap* map, int64_t tensor_bytes, int driver_version) {
+  if (driver_version <= 13010 && tensor_bytes < 131072)
+    reinterpret_cast<uint64_t*>(map)[1] &= ~(uint64_t(1) << 21);
+}
+
+// The convolution a TMA kernel runs (conv_tma.cuh): X (cin channels) by W's taps into Y (cout
+// channels), with X / W / Y's element strides (W's n stride: its filters).
+struct TmaProblem {
+  int64_t batch, cin, cout, in_h, in_w, out_h, out_w, fh, fw, sh, sw, pt, pl, pb, pr;
+  jcn::Strides4 xs, ws, ys;
+  bool flip;  // image_acts: X = hidden, Y = images, the taps flipped and transposed
+};
+TmaProblem tma_problem(OpKind k, const jcn::ConvGeometry& g, const jcn::ConvParams& cp) {
+  if (k == OpKind::kFA)
+    return {g.batch,    g.channels, g.filters,     g.in_h,       g.in_w,
+            g.out_h,    g.out_w,    g.filter_h,    g.filter_w,   g.stride_h,
+            g.stride_w, g.pad_top,  g.pad_left,    cp.pad_bottom, cp.pad_right,
+            g.image,    g.filter,   g.hidden,      false};
+  // image_acts at stride 1: out(y) = sum_i hid(y - (fh - 1 - pt) + i) w(fh - 1 - i).
+  return {g.batch,     g.filters,   g.channels,
+          g.out_h,     g.out_w,     g.in_h,
+          g.in_w,      g.filter_h,  g.filter_w,
+          1,           1,           g.filter_h - 1 - g.pad_top,
+          g.filter_w - 1 - g.pad_left, g.in_h - g.out_h + g.pad_top, g.in_w - g.out_w + g.pad_left,
+          g.hidden,    g.filter,    g.image,
+          true};
+}
+
+// The tile width: of 64, 128, 192 and 256 columns, the one with the fewest rounds of tiles over
+// the SMs times a tile's cost (its width plus a fixed share for operand A); ties to the widest.
+int tma_tile_columns(int64_t tiles_m, int64_t cout, int nsm) {
+  int best = 0;
+  int64_t best_cost = 0;
+  for (int bn : {256, 192, 128, 64}) {
+    const int64_t cost = cdiv(tiles_m * cdiv(cout, bn), nsm) * (bn + 64);
+    if (best == 0 || cost < best_cost) best = bn, best_cost = cost;
+  }
+  return best;
+}
+
+template <Layout L, typename T, int BN, TmaMode kMode>
+cudaError_t launch_tma(const CUtensorMap& ma, const CUtensorMap& mb, const TmaConvParams& kp,
+                       int nsm, cudaStream_t stream) {
+  constexpr auto kernel = conv_tma_kernel<L, T, BN, kMode>;
+  cudaError_t err = opt_in_shared_memory<kernel>(TmaPlan<BN>::SMEM);
+  if (err != cudaSuccess) return err;
+  const unsigned blocks = unsigned(std::min<int64_t>(kp.tiles, nsm));
+  kernel<<<blocks, kTmaThreads, TmaPlan<BN>::SMEM, stream>>>(ma, mb, kp);
+  return cudaGetLastError();
+}
+template <Layout L, typename T, TmaMode kMode>
+cudaError_t launch_tma_bn(int bn, const CUtensorMap& ma, const CUtensorMap& mb,
+                          const TmaConvParams& kp, int nsm, cudaStream_t stream) {
+  switch (bn) {
+    case 256:
+      return launch_tma<L, T, 256, kMode>(ma, mb, kp, nsm, stream);
+    case 192:
+      return launch_tma<L, T, 192, kMode>(ma, mb, kp, nsm, stream);
+    case 128:
+      return launch_tma<L, T, 128, kMode>(ma, mb, kp, nsm, stream);
+    default:
+      return launch_tma<L, T, 64, kMode>(ma, mb, kp, nsm, stream);
+  }
+}
+
+template <typename T>
+constexpr CUtensorMapDataType kTmaDataType = std::is_same_v<T, __nv_bfloat16>
+                                                 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+                                                 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+// Tensor maps of 16-bit tensors with 128-byte swizzled boxes; out-of-bounds elements read as
+// zeros. dims / strides / box innermost first; strides in elements (all but the first dim's).
+template <typename T>
+CUresult tma_tiled_map(CUtensorMap* map, const void* ptr, int rank, const int64_t* dims,
+                       const int64_t* strides, const int* box, int64_t tensor_bytes) {
+  const TmaDriver& drv = tma_driver();
+  cuuint64_t d[5], st[4];
+  cuuint32_t b[5], unit[5] = {1, 1, 1, 1, 1};
+  for (int i = 0; i < rank; ++i) {
+    d[i] = cuuint64_t(dims[i]);
+    b[i] = cuuint32_t(box[i]);
+    if (i + 1 < rank) st[i] = cuuint64_t(strides[i] * 2);
+  }
+  const CUresult r = drv.tiled(map, kTmaDataType<T>, cuuint32_t(rank), const_cast<void*>(ptr), d,
+                               st, b, unit, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                               CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                               CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  tma_small_tensor_fix(map, tensor_bytes, drv.driver_version);
+  return r;
+}
+// NHWC images (B, H, W, C) as (C, W, H, B) in im2col mode: `pixels` output pixels (raster order)
+// of 64 channels per copy, for the convolution of pr's geometry (its corners and strides).
+template <typename T>
+CUresult tma_im2col_map(CUtensorMap* map, const void* ptr, const TmaProblem& pr, int pixels) {
+  const TmaDriver& drv = tma_driver();
+  const cuuint64_t dims[4] = {cuuint64_t(pr.cin), cuuint64_t(pr.in_w), cuuint64_t(pr.in_h),
+                              cuuint64_t(pr.batch)};
+  const cuuint64_t strides[3] = {cuuint64_t(pr.xs.x * 2), cuuint64_t(pr.xs.y * 2),
+                                 cuuint64_t(pr.xs.n * 2)};
+  const int lower[2] = {int(-pr.pl), int(-pr.pt)};
+  const int upper[2] = {int(pr.pr - (pr.fw - 1)), int(pr.pb - (pr.fh - 1))};
+  const cuuint32_t traversal[4] = {1, cuuint32_t(pr.sw), cuuint32_t(pr.sh), 1};
+  const CUresult r = drv.im2col(map, kTmaDataType<T>, 4, const_cast<void*>(ptr), dims, strides,
+                                lower, upper, kTmaBK, cuuint32_t(pixels), traversal,
+                                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                                CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  tma_small_tensor_fix(map, 2 * pr.batch * pr.cin * pr.in_h * pr.in_w, drv.driver_version);
+  return r;
+}
+
+// Whether pr's X (the images, or image_acts' hidden tensor) can be read by the TMA kernels, and
+// their common rules: Hopper builds, 16-bit types, sizes within 31 bits, 16-byte aligned bases
+// and strides, filters contiguous, at least half of each 64-channel block used; C01B: batch
+// contiguous, runs of 64 images; NHWC: im2col's corner and offset ranges, and the corners' box
+// holding out_h x out_w pixels.
+template <Layout L>
+bool tma_can_read(const TmaProblem& pr, const void* x, const void* w, const void* y,
+                  int smem_optin) {
+  const TmaDriver& drv = tma_driver();
+  if (!kBuiltWgmma || !drv.usable || TmaPlan<256>::SMEM > smem_optin) return false;
+  const int64_t lim = int64_t(1) << 31;
+  for (int64_t v : {pr.batch, pr.cin, pr.cout, pr.in_h, pr.in_w, pr.out_h, pr.out_w,
+                    pr.batch * pr.out_h * pr.out_w, pr.batch * pr.in_h * pr.in_w})
+    if (v >= lim) return false;
+  if (!aligned(x, 16) || !aligned(w, 16) || !aligned(y, 16) || pr.ws.n != 1 ||
+      pr.cin % 8 != 0 || pr.cout % 8 != 0 || 2 * pr.cin < cdiv(pr.cin, kTmaBK) * kTmaBK)
+    return false;
+  for (int64_t s : {pr.xs.c, pr.xs.y, pr.xs.x, pr.xs.n, pr.ws.c, pr.ws.y, pr.ws.x})
+    if (s % 8 != 0 && s != 1) return false;
+  if (L == Layout::kC01B) return pr.xs.n == 1 && pr.batch % 8 == 0 && pr.batch >= 64;
+  if (pr.xs.c != 1) return false;
+  for (int64_t corner : {-pr.pl, -pr.pt, pr.pr - (pr.fw - 1), pr.pb - (pr.fh - 1)})
+    if (corner < -128 || corner > 127) return false;
+  return pr.fh <= 255 && pr.fw <= 255 && pr.pt >= 0 && pr.pl >= 0 &&
+         jcn::conv_out_size(pr.in_h, pr.fh, pr.sh, pr.pt, pr.pb) == pr.out_h &&
+         jcn::conv_out_size(pr.in_w, pr.fw, pr.sw, pr.pl, pr.pr) == pr.out_w;
+}
+
+// filter_acts / image_acts on a TMA kernel where one can (tma_can_read; Y contiguous along
+// the batch in C01B, dense in NHWC; image_acts at stride 1); nullopt: another kernel runs it.
+template <Layout L, typename T, bool kFlip>
+std::optional<cudaError_t> run_tma(const TmaProblem& pr, const void* x, const void* w, void* y,
+                                   int nsm, int smem_optin, cudaStream_t stream) {
+  static_assert(sizeof(T) == 2, "16-bit types");
+  constexpr bool c01b = L == Layout::kC01B;
+  if (!tma_can_read<L>(pr, x, w, y, smem_optin) || (kFlip && (pr.sh != 1 || pr.sw != 1)))
+    return std::nullopt;
+  const bool y_ok = c01b ? pr.ys.n == 1
+                         : pr.ys.c == 1 && pr.ys.x == pr.cout && pr.ys.y == pr.out_w * pr.cout &&
+                               pr.ys.n == pr.out_h * pr.ys.y;
+  if (!y_ok) return std::nullopt;
+  const int64_t nf = kFlip ? pr.cin : pr.cout, nc = kFlip ? pr.cout : pr.cin;
+
+  TmaConvParams kp{};
+  kp.batch = int32_t(pr.batch);
+  kp.cin = int32_t(pr.cin);
+  kp.cout = int32_t(pr.cout);
+  kp.out_h = int32_t(pr.out_h);
+  kp.out_w = int32_t(pr.out_w);
+  kp.fh = int32_t(pr.fh);
+  kp.fw = int32_t(pr.fw);
+  kp.stride_h = int32_t(pr.sh);
+  kp.stride_w = int32_t(pr.sw);
+  kp.pad_top = int32_t(pr.pt);
+  kp.pad_left = int32_t(pr.pl);
+  kp.cblocks = int32_t(cdiv(pr.cin, kTmaBK));
+  kp.kblocks = int32_t(pr.fh * pr.fw * kp.cblocks);
+  kp.m_total = pr.batch * pr.out_h * pr.out_w;
+  kp.b_runs = int32_t(cdiv(pr.batch, 64));
+  kp.x_pairs = int32_t(cdiv(pr.out_w, 2));
+  kp.ys = {pr.ys.n, pr.ys.c, pr.ys.y, pr.ys.x};
+  kp.y = y;
+  const int64_t tiles_m = c01b ? pr.out_h * kp.x_pairs * kp.b_runs : cdiv(kp.m_total, kTmaBM);
+  const int bn = tma_tile_columns(tiles_m, pr.cout, nsm);
+  kp.tiles_n = int32_t(cdiv(pr.cout, bn));
+  if (tiles_m * kp.tiles_n >= (int64_t(1) << 31)) return std::nullopt;
+  kp.tiles = int32_t(tiles_m * kp.tiles_n);
+  if (kp.tiles < 1 || kp.kblocks < 1) return cudaSuccess;
+
+  CUtensorMap mx, mw;
+  CUresult rx;
+  if (c01b) {  // X (C, H, W, B) as (B, W, H, C): boxes of 64 images x 64 channels
+    const int64_t dims[4] = {pr.batch, pr.in_w, pr.in_h, pr.cin};
+    const int64_t strides[3] = {pr.xs.x, pr.xs.y, pr.xs.c};
+    const int box[4] = {64, 1, 1, kTmaBK};
+    rx = tma_tiled_map<T>(&mx, x, 4, dims, strides, box, 2 * pr.batch * pr.cin * pr.in_h * pr.in_w);
+  } else {  // X (B, H, W, C) in im2col mode: 128 pixels x 64 channels per copy
+    rx = tma_im2col_map<T>(&mx, x, pr, kTmaBM);
+  }
+  // W: C01B (C, fh, fw, F) as (F, fw, fh, C), NHWC (fh, fw, C, F) as (F, C, fw, fh); boxes of
+  // 64 filters x 64 channels (filter_acts) or 64 filters x BN channels (image_acts).
+  const int64_t wdims[4] = {nf, c01b ? pr.fw : nc, c01b ? pr.fh : pr.fw, c01b ? nc : pr.fh};
+  const int64_t wstrides[3] = {c01b ? pr.ws.x : pr.ws.c, c01b ? pr.ws.y : pr.ws.x,
+                               c01b ? pr.ws.c : pr.ws.y};
+  const int channels = kFlip ? bn : kTmaBK;
+  const int wbox[4] = {64, c01b ? 1 : channels, 1, c01b ? channels : 1};
+  const CUresult rw =
+      tma_tiled_map<T>(&mw, w, 4, wdims, wstrides, wbox, 2 * nf * nc * pr.fh * pr.fw);
+  if (rx != CUDA_SUCCESS || rw != CUDA_SUCCESS) return cudaErrorInvalidValue;
+  return launch_tma_bn<L, T, kFlip ? TmaMode::kFlipped : TmaMode::kForward>(bn, mx, mw, kp, nsm,
+                                                                         stream);
+}
+
+// weight_acts on a TMA kernel where one can (tma_can_read with pr = filter_acts' problem; the
+// hidden tensor contiguous along the batch in C01B, dense in NHWC; the workspace holds at least
+// one float32 copy of the filters): K (the output pixels) split into ranges whose float32 sums
+// land in the workspace, then added in order (wa_reduce_kernel). partial_sum only sets the
+// order of additions (the value beyond rounding never depends on it), so the kernel keeps its own.
+template <Layout L, typename T>
+std::optional<cudaError_t> run_tma_weights(const TmaProblem& pr, const void* x, const void* hid,
+                                           void* out, Workspace ws, int nsm, int smem_optin,
+                                           cudaStream_t stream) {
+  static_assert(sizeof(T) == 2, "16-bit types");
+  constexpr bool c01b = L == Layout::kC01B;
+  const jcn::Strides4& hs = pr.ys;
+  if (!tma_can_read<L>(pr, x, out, hid, smem_optin)) return std::nullopt;
+  const bool hid_ok = c01b ? hs.n == 1 && hs.x % 8 == 0 && hs.y % 8 == 0 && hs.c % 8 == 0
+                           : hs.c == 1 && hs.x == pr.cout && hs.y == pr.out_w * pr.cout &&
+                                 hs.n == pr.out_h * hs.y;
+  const int64_t taps = pr.fh * pr.fw, E = pr.cout * pr.cin * taps;
+  const int64_t cap = ws.bytes / (4 * E);  // splits whose sums the workspace holds
+  if (!hid_ok || cap < 1 || !aligned(ws.data, 16)) return std::nullopt;
+
+  TmaConvParams kp{};
+  kp.batch = int32_t(pr.batch);
+  kp.cin = int32_t(pr.cin);
+  kp.cout = int32_t(pr.cout);
+  kp.out_h = int32_t(pr.out_h);
+  kp.out_w = int32_t(pr.out_w);
+  kp.fh = int32_t(pr.fh);
+  kp.fw = int32_t(pr.fw);
+  kp.stride_h = int32_t(pr.sh);
+  kp.stride_w = int32_t(pr.sw);
+  kp.pad_top = int32_t(pr.pt);
+  kp.pad_left = int32_t(pr.pl);
+  kp.cblocks = int32_t(cdiv(pr.cin, kTmaBK));
+  kp.m_total = pr.batch * pr.out_h * pr.out_w;
+  kp.b_runs = int32_t(cdiv(pr.batch, 64));
+  kp.ys = {pr.ws.n, pr.ws.c, pr.ws.y, pr.ws.x};
+  kp.filter_elems = E;
+  const int64_t columns = taps * kp.cblocks * kTmaBK;
+  const int bn = int(std::min<int64_t>(columns, 256));
+  kp.tiles_m = int32_t(cdiv(pr.cout, kTmaBM));
+  kp.tiles_n = int32_t(cdiv(columns, bn));
+  const int64_t kblocks = c01b ? pr.out_h * pr.out_w * kp.b_runs : cdiv(kp.m_total, 64);
+  if (kblocks >= (int64_t(1) << 31) || kp.tiles_n >= (int64_t(1) << 20)) return std::nullopt;
+  kp.kblocks_total = int32_t(kblocks);
+  // Splits: the fewest rounds of tiles over the SMs per unit of work, within the workspace.
+  const int64_t tiles = int64_t(kp.tiles_m) * kp.tiles_n;
+  int64_t splits = 1;
+  double best = 0;
+  for (int64_t s = 1; s <= std::min<int64_t>({cap, kblocks, 4 * int64_t(nsm)}); ++s) {
+    const double cost = double(cdiv(tiles * s, nsm)) / double(s);
+    if (s == 1 || cost < best * 0.999) best = cost, splits = s;
+  }
+  kp.kblocks = int32_t(cdiv(kblocks, splits));
+  splits = cdiv(kblocks, kp.kblocks);
+  kp.splits = int32_t(splits);
+  if (tiles * splits >= (int64_t(1) << 31)) return std::nullopt;
+  kp.tiles = int32_t(tiles * splits);
+  kp.y = ws.data;
+
+  CUtensorMap ma, mb;
+  CUresult ra, rb;
+  if (c01b) {  // hidden (F, Ho, Wo, B) as (B, Wo, Ho, F): 64 images x 128 filters
+    const int64_t dims[4] = {pr.batch, pr.out_w, pr.out_h, pr.cout};
+    const int64_t strides[3] = {hs.x, hs.y, hs.c};
+    const int box[4] = {64, 1, 1, kTmaBM};
+    ra = tma_tiled_map<T>(&ma, hid, 4, dims, strides, box, 2 * kp.m_total * pr.cout);
+    const int64_t idims[4] = {pr.batch, pr.in_w, pr.in_h, pr.cin};
+    const int64_t istrides[3] = {pr.xs.x, pr.xs.y, pr.xs.c};
+    const int ibox[4] = {64, 1, 1, kTmaBK};
+    rb = tma_tiled_map<T>(&mb, x, 4, idims, istrides, ibox,
+                          2 * pr.batch * pr.cin * pr.in_h * pr.in_w);
+  } else {  // hidden as a (pixels x F) matrix: 64 pixels x 64 filters; images in im2col mode
+    const int64_t dims[2] = {pr.cout, kp.m_total};
+    const int64_t strides[1] = {pr.cout};
+    const int box[2] = {64, 64};
+    ra = tma_tiled_map<T>(&ma, hid, 2, dims, strides, box, 2 * kp.m_total * pr.cout);
+    rb = tma_im2col_map<T>(&mb, x, pr, 64);
+  }
+  if (ra != CUDA_SUCCESS || rb != CUDA_SUCCESS) return cudaErrorInvalidValue;
+  cudaError_t err =
+      launch_tma_bn<L, T, TmaMode::kWeights>(bn, ma, mb, kp, nsm, stream);
+  if (err != cudaSuccess) return err;
+  return launch_reduce<T>(static_cast<const float*>(ws.data), 1, splits, E, nullptr, out, true,
+                          true, nsm, stream);
+}
+
 // The op for one layout and element type, once geometry and attributes are checked.
 // a / b: the GEMM operands A / B (FA: images / filters, IA: hidden / filters, WA: images / hidden).
 template <OpKind K, Layout L, typename T>
@@ -691,6 +1024,22 @@ ffi::Error run(cudaStream_t stream, Workspace workspace, const jcn::ConvGeometry
   if (const std::optional<cudaError_t> fft = run_fft<K, L, T>(g, a, b, out, workspace, nsm, stream)) {
     if (*fft != cudaSuccess) return cuda_error(kOp, "FFT path launch", *fft);
     return ffi::Error::Success();
+  }
+  // Hopper, 16-bit types: the TMA kernels (filter_acts, weight_acts; image_acts at stride 1).
+  if constexpr (sizeof(T) == 2) {
+    if (cc_major == 9 && cc_minor == 0) {
+      std::optional<cudaError_t> done;
+      if constexpr (K == OpKind::kWA)
+        done = run_tma_weights<L, T>(tma_problem(OpKind::kFA, g, cp), a, b, out, workspace, nsm,
+                                     smem_optin, stream);
+      else if (K == OpKind::kFA || (g.stride_h == 1 && g.stride_w == 1))
+        done = run_tma<L, T, K == OpKind::kIA>(tma_problem(K, g, cp), a, b, out, nsm, smem_optin,
+                                               stream);
+      if (done) {
+        if (*done != cudaSuccess) return cuda_error(kOp, "TMA kernel launch", *done);
+        return ffi::Error::Success();
+      }
+    }
   }
   if constexpr (K == OpKind::kWA && L == Layout::kNHWC) {
     const std::optional<cudaError_t> padded = run_wa_padding<T>(p, a, workspace, nsm, stream);
@@ -784,10 +1133,10 @@ ffi::Error run(cudaStream_t stream, Workspace workspace, const jcn::ConvGeometry
   const bool mma_wide_fits = MmaPlanOf<OpMma, MmaWide<T>, T, int32_t>::TOTAL <= smem_optin;
   const bool mma_mid_fits = MmaPlanOf<OpMma, MmaMid<T>, T, int32_t>::TOTAL <= smem_optin;
 
-  // image_acts into RGB: through columns where the call has a workspace (large filters: L1 /
-  // alex1 2.3-2.8x the direct kernel, H200), else the direct kernel for float32 (3 to 4x the
-  // TF32 / 3xTF32 thin tile on L1 / alex1) and for 16-bit types the tensor cores cannot read
-  // (they are 0.8-0.9x of the bf16 thin tile where it runs).
+  // image_acts into RGB: through columns where the call has a workspace (faster than the direct
+  // kernel with large filters, L1 / alex1), else the direct kernel for float32 (faster than the
+  // TF32 / 3xTF32 thin tile there) and for 16-bit types the tensor cores cannot read (the bf16
+  // thin tile is faster where it runs). Measured: benchmarks/history/2026-11-29_session{2,3}_*.
   if constexpr (K == OpKind::kIA) {
     if (!idx64 && workspace.bytes > 0) {
       const std::optional<cudaError_t> done =

@@ -33,16 +33,17 @@ struct MmaCfg {
 // Warps of 64 x 32: a warp reads 3 KiB of fragments per k-step of 16 mma (bf16; TF32 half the
 // k). The wide tile has 8 of them (256 threads, two blocks per SM at <= 128 registers, 2 x 105
 // KiB of shared memory); the narrow one 4 (128 threads, ~200 registers): 8 warps of 32 x 32
-// there read a third more shared memory per mma and were 3-14% slower (L2 image_acts, H200).
+// there read a third more shared memory per mma and were slower
+// (benchmarks/history/2026-11-29_session1_tf32_narrow_tiles.md).
 template <typename T>
 using MmaWide = MmaCfg<T, 2, 4, 64, 32, 3>;  // 128 x 128
 template <typename T>
 using MmaNarrow = MmaCfg<T, 2, 2, 64, 32, 3>;  // 128 x 64
 // filter_acts into column counts that 96 divides and 128 does not (192 filters: AlexNet conv2;
 // Op::kMidTile): no wasted columns, and 8 warps of 32 x 48 at 128 registers, two blocks and 16
-// warps per SM (the narrow tile holds 8: its 192 registers). With 4 warps of 64 x 48 (1.5x the
-// mma per fragment read, 224-230 registers) AlexNet conv2 C01B took 0.263-0.274 ms, with these
-// 0.238 (H200, bf16).
+// warps per SM (the narrow tile holds 8: its 192 registers). 4 warps of 64 x 48 (1.5x the mma
+// per fragment read, 224-230 registers) were slower on AlexNet conv2
+// (benchmarks/history/2026-11-29_session6_alex2_bf16_c01b.md).
 template <typename T>
 using MmaMid = MmaCfg<T, 4, 2, 32, 48, 3>;  // 128 x 96
 // Up to 32 columns (image_acts into a few channels, e.g. RGB): 4 warps of 32 x 32; the 8-column

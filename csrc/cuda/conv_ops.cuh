@@ -71,9 +71,9 @@ struct OpFA {
   static constexpr bool OUT_ROWC = (L == Layout::kC01B);
   static constexpr bool kFold = false;
   // The mma kernel's 128 x 96 tile (conv_mma.cuh, MmaMid) where 96 wastes the fewest columns:
-  // filter_acts only (AlexNet conv2 bf16 C01B on an H200, with the k table: 0.238 ms, the 64-wide
-  // tile 0.277-0.286; weight_acts was 1.4x slower with its first, 4-warp form, image_acts no
-  // faster).
+  // filter_acts only: there it beats the 64-wide tile (with the k table); weight_acts was slower
+  // with the tile's first, 4-warp form, image_acts no faster
+  // (benchmarks/history/2026-11-29_session6_alex2_bf16_c01b.md).
   static constexpr bool kMidTile = true;
 
   __device__ static Tile<Idx> tile(const KParams& p, int64_t u, int BM, int BN) {

@@ -4,9 +4,9 @@
 //
 // Why: the mma.sync kernel (conv_mma.cuh) is bound by shared memory there. Every fragment goes
 // through ldmatrix into registers, ~290 bytes of shared-memory traffic per HMMA with the 128 x 96
-// tile (AlexNet conv2 bf16 C01B on an H200: tensor pipe 42% busy, L1/shared 69%, short-scoreboard
-// stalls first, L2 47%). wgmma reads its operands from shared memory itself, a warpgroup (4 warps)
-// at a time, 64 x BN per instruction.
+// tile (the profile: benchmarks/history/2026-11-29_session7_wgmma_16bit.md).
+// wgmma reads its operands from shared memory itself, a warpgroup (4 warps) at a time, 64 x BN
+// per instruction.
 //
 // Same units, tiles and operand addressing as the other conv kernels (conv_ops.cuh: the Loader's
 // row states and k table for the images, the filters as a K x F matrix); block tile 128 x BN:
@@ -15,10 +15,9 @@
 // the stage, fence it to the async proxy, one barrier, 4 wgmma of k 16 (one commit group), the
 // copies of the k-tile 3 ahead (overlapping the tensor cores), then wait until one group is left
 // in flight. One block of 256 threads per SM (BN / 2 accumulators per thread, 5 stages of 40 KiB
-// at BN = 192). AlexNet conv2 bf16 C01B on an H200: 0.133 ms (mma.sync: 0.238); 0.148-0.157
-// with every wgmma drained each k-tile (4 stages; tensor pipe 46% busy). The copies' address
-// arithmetic is the longest path now: ~180 instructions per k-tile and warp at two warps per
-// scheduler (253 before B's offsets were fixed per thread: 0.148-0.180 ms drained).
+// at BN = 192). One group in flight is faster than draining every wgmma each k-tile; the copies'
+// address arithmetic is the longest path now (both measured:
+// benchmarks/history/2026-11-29_session7_wgmma_16bit.md).
 //
 // Compiled for sm_90a only (`90a` in CMAKE_CUDA_ARCHITECTURES defines JAX_CONVNET_WGMMA for the
 // host); other targets get a kernel that traps, which the host never launches.
@@ -427,9 +426,8 @@ __global__ void __launch_bounds__(Cfg::NT, 1) conv_wgmma_kernel(const __grid_con
 // (WgmmaStageTf32T), in the Loader's kUnits order: 128 contiguous bytes per k for the loads, 32
 // banks per store. NHWC images are k-contiguous: stored whole into a swizzled stage. 3 stages:
 // k-tile it + 1 is stored while the wgmma of it and it - 1 may still read theirs.
-// AlexNet conv2 C01B on an H200: 0.28 ms (the mma.sync TF32 kernel: 0.47-0.51). The first form,
-// in the swizzled layout with units of 16 k x 8 rows (a warp's load touching 16 lines), took
-// 0.47.
+// Not the swizzled layout: its conflict-free stores need units of 16 k x 8 rows, and a warp's load
+// then touches 16 cache lines (benchmarks/history/2026-11-29_session8_tf32_wgmma.md).
 template <class Op, class Cfg, typename Idx, bool kKTable>
 __global__ void __launch_bounds__(Cfg::NT, 1)
     conv_wgmma_tf32_kernel(const __grid_constant__ KParams p) {

@@ -1,0 +1,55 @@
+"""The layer and pool shapes that the benchmark times and the tests check: one table for both.
+
+GPU_LAYERS are the five layers of soumith/convnet-benchmarks (L1-L5) and AlexNet's conv1-3, batch
+128; GPU_POOLS the AlexNet pools and VGG's first. The CPU sets are small enough for two cores.
+Every shape is in NCHW order whatever layout a row runs in.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+
+class ConvLayer(NamedTuple):
+    """A convolution: images (batch, channels, height, width), `filters` filters of
+    filter_h x filter_w, the same stride and pad along both axes."""
+    batch: int
+    channels: int
+    height: int
+    width: int
+    filters: int
+    filter_h: int
+    filter_w: int
+    stride: int
+    pad: int
+
+
+class PoolLayer(NamedTuple):
+    """Pooled images (batch, channels, height, width) and the (ds, stride) windows run on them."""
+    nchw: tuple
+    windows: tuple
+
+
+GPU_LAYERS = {
+    "L1": ConvLayer(128, 3, 128, 128, 96, 11, 11, 1, 0),
+    "L2": ConvLayer(128, 64, 64, 64, 128, 9, 9, 1, 0),
+    "L3": ConvLayer(128, 128, 32, 32, 128, 9, 9, 1, 0),
+    "L4": ConvLayer(128, 128, 16, 16, 128, 7, 7, 1, 0),
+    "L5": ConvLayer(128, 384, 13, 13, 384, 3, 3, 1, 0),
+    "alex1": ConvLayer(128, 3, 224, 224, 64, 11, 11, 4, 2),
+    "alex2": ConvLayer(128, 64, 27, 27, 192, 5, 5, 1, 2),
+    "alex3": ConvLayer(128, 192, 13, 13, 384, 3, 3, 1, 1),
+}
+CPU_LAYERS = {
+    "conv1": ConvLayer(64, 3, 32, 32, 32, 5, 5, 1, 2),
+    "conv2": ConvLayer(64, 32, 16, 16, 64, 5, 5, 1, 2),
+}
+GPU_POOLS = {
+    "alexpool1": PoolLayer((128, 64, 55, 55), ((3, 2), (2, 2))),
+    "alexpool2": PoolLayer((128, 192, 27, 27), ((3, 2), (2, 2))),
+    "alexpool3": PoolLayer((128, 256, 13, 13), ((3, 2), (2, 2))),
+    "vggpool": PoolLayer((64, 128, 112, 112), ((3, 2), (2, 2))),
+}
+CPU_POOLS = {
+    "pool1": PoolLayer((64, 32, 32, 32), ((2, 2),)),
+    "pool2": PoolLayer((64, 64, 16, 16), ((3, 2),)),
+}

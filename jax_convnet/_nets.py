@@ -1,0 +1,183 @@
+"""Whole networks for ``python -m jax_convnet.benchmark --nets``: AlexNet and cuda-convnet's
+CIFAR-10 net as one jitted training step (forward, backward, SGD update), built either from
+jax_convnet's ops (``filter_acts`` + ``max_pool``) or from XLA's (``lax.conv_general_dilated`` +
+``lax.reduce_window``), in either layout and compute dtype.
+
+Both variants compute the same network on the same parameters:
+
+* convolutions take XLA's ``padding=`` (floor rule) in both: under cuda-convnet's ceil rule
+  (``pad=``) AlexNet's conv1 (224 + 2*2 - 11 over stride 4) would have 56 outputs, not 55;
+* pools are cuda-convnet's 3x3 windows every 2 pixels with the ceil rule (our ``max_pool``'s
+  default), and XLA's ``reduce_window`` gets the same windows as -inf padding at the bottom/right
+  from ``geometry.pool_geometry`` (none for AlexNet at 224, where the rule agrees with VALID; one
+  pixel for the CIFAR-10 net: 32 -> 16 -> 8 -> 4 as in cuda-convnet, where VALID gives 15, 7, 3).
+
+Parameters are float32 and cast to the compute dtype inside the step (as
+``baselines/xla_e2e.py``); no biases; logits go to float32 for the softmax cross entropy.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from . import geometry as G
+from .conv import filter_acts
+from .pool import max_pool
+
+OPS = ("ours", "xla")
+_DIMENSION_NUMBERS = {"NHWC": ("NHWC", "HWIO", "NHWC"), "C01B": ("CHWN", "IHWO", "CHWN")}
+POOL_WINDOW, POOL_STRIDE = 3, 2
+LEARNING_RATE = 0.01
+
+
+@dataclasses.dataclass(frozen=True)
+class Conv:
+    cin: int
+    cout: int
+    k: int
+    stride: int
+    pad: int
+    pool: bool  # a 3x3 / 2 max pool after the ReLU
+
+
+@dataclasses.dataclass(frozen=True)
+class Net:
+    name: str
+    image_size: int  # input height = width
+    batch: int
+    convs: tuple[Conv, ...]
+    dense: tuple[int, ...]  # output widths of the dense layers (ReLU between them); last: classes
+
+
+NETS = {
+    # Krizhevsky's "one weird trick" AlexNet, as baselines/xla_e2e.py.
+    "alexnet": Net("alexnet", 224, 128, (
+        Conv(3, 64, 11, 4, 2, True), Conv(64, 192, 5, 1, 2, True), Conv(192, 384, 3, 1, 1, False),
+        Conv(384, 256, 3, 1, 1, False), Conv(256, 256, 3, 1, 1, True)), (4096, 4096, 1000)),
+    # cuda-convnet's layers-18pct / layers-80sec CIFAR-10 net: three 5x5 conv + pool blocks
+    # (all max pools here, no response normalization).
+    "cifar10": Net("cifar10", 32, 128, (
+        Conv(3, 32, 5, 1, 2, True), Conv(32, 32, 5, 1, 2, True), Conv(32, 64, 5, 1, 2, True)),
+        (10,)),
+}
+
+
+def _pads(c: Conv):
+    return ((c.pad, c.pad), (c.pad, c.pad))
+
+
+def _pool_padding(hw):
+    """-inf padding ((top, bottom), (left, right)) that gives XLA the ceil rule's windows."""
+    return G.pool_geometry(hw, POOL_WINDOW, stride=POOL_STRIDE).padding
+
+
+def feature_sizes(net: Net, image_size: int | None = None) -> list[int]:
+    """Height (= width) after each conv block, from the geometry rules; ValueError when an image
+    of ``image_size`` is too small for the network."""
+    size = image_size or net.image_size
+    sizes = []
+    try:
+        for c in net.convs:
+            size = G.filter_acts_output_size(size, c.k, stride=c.stride, padding=_pads(c))[0]
+            if c.pool:
+                size = G.max_pool_output_size(size, POOL_WINDOW, stride=POOL_STRIDE)[0]
+            sizes.append(size)
+    except ValueError as e:
+        raise ValueError(f"image_size={image_size or net.image_size} is too small for "
+                         f"{net.name} (block {len(sizes) + 1}: {e})") from None
+    return sizes
+
+
+def dense_input_size(net: Net, image_size: int | None = None) -> int:
+    return net.convs[-1].cout * feature_sizes(net, image_size)[-1] ** 2
+
+
+def param_shapes(net: Net, layout: str, image_size: int | None = None) -> list[tuple]:
+    """The filters' shapes (the layout's filter order), then the dense weights' (in, out)."""
+    shapes = [G.filter_shape(layout, c.cout, c.cin, c.k, c.k) for c in net.convs]
+    width = dense_input_size(net, image_size)
+    for out in net.dense:
+        shapes.append((width, out))
+        width = out
+    return shapes
+
+
+def init_params(net: Net, layout: str, seed: int = 0, image_size: int | None = None) -> list:
+    """He-normal float32 parameters, drawn by NumPy (no compilation per shape, as
+    ``jax.random`` would need)."""
+    rng = np.random.default_rng(seed)
+    params = []
+    for shape in param_shapes(net, layout, image_size):
+        fan_in = math.prod(shape[:-1])  # filters: C * fh * fw in either layout
+        gain = 2.0 if len(shape) == 4 else 1.0
+        params.append(rng.standard_normal(shape, np.float32) * np.float32((gain / fan_in) ** 0.5))
+    return [jnp.asarray(p) for p in params]
+
+
+def make_batch(net: Net, layout: str, seed: int = 1, *, batch: int | None = None,
+               image_size: int | None = None):
+    """(float32 images in the layout, int32 labels)."""
+    n, size = batch or net.batch, image_size or net.image_size
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(G.image_shape(layout, n, net.convs[0].cin, size, size), np.float32)
+    return jnp.asarray(x), jnp.asarray(rng.integers(0, net.dense[-1], n, dtype=np.int32))
+
+
+def _conv(ops, h, w, c: Conv, layout):
+    if ops == "ours":
+        return filter_acts(h, w, stride=c.stride, padding=_pads(c), layout=layout)
+    return lax.conv_general_dilated(h, w, (c.stride, c.stride), _pads(c),
+                                    dimension_numbers=_DIMENSION_NUMBERS[layout])
+
+
+def _pool(ops, h, layout):
+    if ops == "ours":
+        return max_pool(h, POOL_WINDOW, stride=POOL_STRIDE, layout=layout)
+    ax = G.image_axes(layout)
+    window, strides, padding = [1] * 4, [1] * 4, [(0, 0)] * 4
+    hw_pads = _pool_padding((h.shape[ax["h"]], h.shape[ax["w"]]))
+    for axis, pads in zip(("h", "w"), hw_pads):
+        window[ax[axis]], strides[ax[axis]], padding[ax[axis]] = POOL_WINDOW, POOL_STRIDE, pads
+    return lax.reduce_window(h, -jnp.inf, lax.max, tuple(window), tuple(strides), padding)
+
+
+def forward(params, x, net: Net, *, ops: str, layout: str, dtype):
+    """float32 logits of ``x`` (float32, cast to ``dtype`` like the parameters)."""
+    if ops not in OPS:
+        raise ValueError(f"ops must be one of {OPS}, got {ops!r}")
+    h = x.astype(dtype)
+    for w, c in zip(params, net.convs):
+        h = jax.nn.relu(_conv(ops, h, w.astype(dtype), c, layout))
+        if c.pool:
+            h = _pool(ops, h, layout)
+    if layout == "C01B":
+        h = jnp.transpose(h, (3, 0, 1, 2))
+    h = h.reshape(h.shape[0], -1)
+    dense = params[len(net.convs):]
+    for i, w in enumerate(dense):
+        h = h @ w.astype(dtype)
+        if i < len(dense) - 1:
+            h = jax.nn.relu(h)
+    return h.astype(jnp.float32)
+
+
+def loss(params, x, y, net: Net, *, ops: str, layout: str, dtype):
+    """Mean softmax cross entropy."""
+    logits = forward(params, x, net, ops=ops, layout=layout, dtype=dtype)
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=1))
+
+
+def train_step(net: Net, *, ops: str, layout: str, dtype, learning_rate=LEARNING_RATE):
+    """``(params, x, y) -> (params after one SGD step, loss)``, not jitted."""
+    value_and_grad = jax.value_and_grad(
+        lambda p, x, y: loss(p, x, y, net, ops=ops, layout=layout, dtype=dtype))
+
+    def step(params, x, y):
+        value, grads = value_and_grad(params, x, y)
+        return jax.tree.map(lambda p, g: p - learning_rate * g, params, grads), value
+    return step

@@ -1,0 +1,128 @@
+"""Hopper's TMA-fed wgmma kernels (csrc/cuda/conv_tma.cuh): filter_acts and weight_acts in 16-bit
+types in both layouts, and image_acts at stride 1. Every case against the float64 reference with poisoned
+outputs, and bitwise equal from one run to the next. On other GPUs the same cases run the other
+kernels (and must pass there too); skipped without a GPU."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_convnet as jcn
+from jax_convnet import reference as ref
+from conftest import LAYOUTS, assert_close, filters, images, rand, run_poisoned
+
+pytestmark = pytest.mark.gpu
+
+HALF = [jnp.bfloat16, jnp.float16]
+HALF_IDS = ["bfloat16", "float16"]
+
+# (batch, channels, height, width, filters, window, stride, pad). In C01B the kernels take a
+# batch of at least 64: runs of 64 images (72: a partial run), two output columns per tile
+# (odd widths: a half-empty last pair). In NHWC 128 consecutive output pixels per tile cross rows
+# and images (weight_acts: 64 per k-block). Channels past a multiple of 64 (40, 72, 136) are the
+# copies' zero fill; fewer than half a block (8) take the other kernels. Filter counts pick each
+# tile width (64, 128, 192, 256) and a partial last column tile (40, 200); weight_acts' columns
+# are (tap, channel) pairs, its rows the filters.
+CASES = {
+    "alex2-like": (64, 64, 27, 27, 192, (5, 5), 1, 2),
+    "alex3-like": (64, 192, 13, 13, 384, (3, 3), 1, 1),
+    "partial-run": (72, 40, 9, 11, 40, (3, 3), 1, 1),
+    "wide-tile": (64, 136, 8, 7, 256, (3, 2), 1, (1, 0)),
+    "narrow-tile": (128, 64, 6, 9, 64, (1, 1), 1, 0),
+    "mid-tile": (64, 72, 10, 10, 200, (4, 4), 1, (2, 1)),
+    "few-channels": (64, 8, 10, 10, 64, (3, 3), 1, 1),
+    "ceil-rule": (64, 32, 7, 8, 128, (2, 2), 2, 0),
+    "strided": (64, 64, 23, 19, 96, (5, 3), (2, 3), (2, 1)),
+    "alex1-like": (64, 32, 35, 35, 64, (11, 11), 4, 2),
+}
+
+
+def gpu():
+    return jax.devices("gpu")[0]
+
+
+def operands(name, layout, dtype):
+    n, c, h, w, f, window, stride, pad = CASES[name]
+    x = images(1, layout, n, c, h, w, dtype)
+    wt = filters(2, layout, f, c, *window, dtype) * 0.1
+    out_hw = jcn.filter_acts_output_size((h, w), window, stride=stride, pad=pad)
+    g = rand(3, jcn.geometry.image_shape(layout, n, f, *out_hw), dtype)
+    return x, wt, g, dict(stride=stride, pad=pad, layout=layout)
+
+
+def exact(*arrays):
+    return jax.device_put([a.astype(jnp.float64) for a in arrays], jax.devices("cpu")[0])
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", HALF, ids=HALF_IDS)
+@pytest.mark.parametrize("name", list(CASES))
+def test_filter_acts_matches_reference_and_repeats_bitwise(name, dtype, layout):
+    x, w, _, kw = operands(name, layout, dtype)
+    fa = jax.jit(lambda x, w: jcn.filter_acts(x, w, **kw))
+    args = jax.device_put((x, w), gpu())
+    ours = run_poisoned(fa, *args)
+    want = jax.jit(lambda x, w: ref.filter_acts(x, w, precision="highest", **kw))(*exact(x, w))
+    assert ours.dtype == dtype
+    assert_close(ours, want, dtype)
+    assert np.array_equal(np.asarray(ours), np.asarray(run_poisoned(fa, *args)))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", HALF, ids=HALF_IDS)
+@pytest.mark.parametrize("name", [k for k, v in CASES.items() if v[6] == 1])
+def test_image_acts_at_stride_1_matches_reference_and_repeats_bitwise(name, dtype, layout):
+    x, w, g, kw = operands(name, layout, dtype)
+    ia = jax.jit(lambda g, w: jcn.image_acts(g, w, x.shape, **kw))
+    args = jax.device_put((g, w), gpu())
+    ours = run_poisoned(ia, *args)
+    want = jax.jit(lambda g, w: ref.image_acts(g, w, x.shape, precision="highest", **kw))(
+        *exact(g, w))
+    assert ours.dtype == dtype
+    assert_close(ours, want, dtype)
+    assert np.array_equal(np.asarray(ours), np.asarray(run_poisoned(ia, *args)))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", HALF, ids=HALF_IDS)
+@pytest.mark.parametrize("name", list(CASES))
+def test_weight_acts_matches_reference_and_repeats_bitwise(name, dtype, layout):
+    x, w, g, kw = operands(name, layout, dtype)
+    wa = jax.jit(lambda x, g: jcn.weight_acts(x, g, w.shape, **kw))
+    args = jax.device_put((x, g), gpu())
+    ours = run_poisoned(wa, *args)
+    want = jax.jit(lambda x, g: ref.weight_acts(x, g, w.shape, precision="highest", **kw))(
+        *exact(x, g))
+    assert ours.dtype == dtype
+    assert_close(ours, want, dtype)
+    assert np.array_equal(np.asarray(ours), np.asarray(run_poisoned(wa, *args)))
+
+
+@pytest.mark.parametrize("partial_sum", [1, 13, "auto"])
+def test_weight_acts_partial_sum_changes_rounding_only(partial_sum):
+    x, w, g, kw = operands("alex3-like", "NHWC", jnp.bfloat16)
+    args = jax.device_put((x, g), gpu())
+    ours = jax.jit(lambda x, g: jcn.weight_acts(x, g, w.shape, partial_sum=partial_sum, **kw))(
+        *args)
+    want = jax.jit(lambda x, g: ref.weight_acts(x, g, w.shape, precision="highest", **kw))(
+        *exact(x, g))
+    assert_close(ours, want, jnp.bfloat16)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_gradient_of_a_training_loss_runs_all_three_kernels(layout):
+    """jax.grad of a conv + ReLU loss: filter_acts forward, image_acts (stride 1) and
+    weight_acts backward."""
+    x, w, g, kw = operands("alex3-like", layout, jnp.bfloat16)
+
+    def loss(x, w):
+        return jnp.sum(jax.nn.relu(jcn.filter_acts(x, w, **kw)).astype(jnp.float32) ** 2)
+
+    def ref_loss(x, w):
+        return jnp.sum(jax.nn.relu(ref.filter_acts(x, w, precision="highest", **kw)) ** 2)
+
+    dx, dw = jax.jit(jax.grad(loss, (0, 1)))(*jax.device_put((x, w), gpu()))
+    want_dx, want_dw = jax.jit(jax.grad(ref_loss, (0, 1)))(*exact(x, w))
+    assert_close(dx, want_dx, jnp.bfloat16, scale=2)
+    assert_close(dw, want_dw, jnp.bfloat16, scale=2)
