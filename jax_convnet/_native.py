@@ -1,15 +1,21 @@
 """Loading the native modules, registering their FFI targets, and the lowering rules.
 
 Each primitive lowers to its FFI target on ``cpu`` (module ``_cpu_kernels``) and ``cuda``
-(module ``_cuda_kernels``, imported lazily); on any other platform, or when a module is missing,
-the pure-lax reference is lowered instead (with one warning). In programs split across devices
-the custom calls are split by each op's dimension rule (``_sharding``).
+(module ``_cuda_kernels``); on any other platform, or when a module is missing, the pure-lax
+reference is lowered instead (with one warning). Both modules are imported and their targets
+registered with XLA when this module is imported (no CUDA context is made), so a program
+serialized with ``jax.export`` runs in a fresh process after ``import jax_convnet``. Lowering
+for export onto a platform whose module is missing raises instead of baking in the reference,
+unless :func:`allow_reference_lowering` says to. In programs split across devices the custom
+calls are split by each op's dimension rule (``_sharding``).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import os
+import threading
 import warnings
 
 import jax
@@ -28,21 +34,9 @@ _NATIVE_DTYPES = {
 }
 
 
-@functools.cache
-def native_module(platform: str):
-    """The imported kernel module for ``platform`` with its targets registered, or None."""
-    try:
-        module = importlib.import_module(f"jax_convnet.{_MODULES[platform]}")
-    except ImportError as e:
-        warnings.warn(f"jax_convnet: native {platform} kernels are unavailable ({e}); "
-                      f"falling back to the pure-lax reference on {platform}", stacklevel=3)
-        return None
-    if platform == "cpu":
-        _check_cpu_isa_env()
-    for name, capsule in module.registrations().items():
-        jax.ffi.register_ffi_target(name, capsule, platform=platform.upper()
-                                    if platform == "cuda" else platform)
-    return module
+# The XLA FFI target names, the same on every platform (csrc/common/targets.h).
+FFI_TARGETS = ("jax_convnet_filter_acts", "jax_convnet_image_acts", "jax_convnet_weight_acts",
+               "jax_convnet_max_pool", "jax_convnet_max_pool_jvp", "jax_convnet_max_pool_grad")
 
 
 CPU_ISA_VALUES = ("sse2", "avx2", "avx512")
@@ -58,8 +52,78 @@ def _check_cpu_isa_env():
                       stacklevel=4)
 
 
+def _load(platform: str):
+    """(module, None) with the module's targets registered with XLA, or (None, the ImportError).
+    Registration only records the handlers: no backend or CUDA context is started."""
+    try:
+        module = importlib.import_module(f"jax_convnet.{_MODULES[platform]}")
+    except ImportError as e:
+        return None, e
+    if platform == "cpu":
+        _check_cpu_isa_env()
+    for name, capsule in module.registrations().items():
+        jax.ffi.register_ffi_target(name, capsule, platform="CUDA" if platform == "cuda"
+                                    else platform)
+    return module, None
+
+
+_LOADED = {platform: _load(platform) for platform in _MODULES}
+
+
+def native_module(platform: str):
+    """The imported kernel module for ``platform`` (its targets registered), or None."""
+    return _LOADED[platform][0] if platform in _LOADED else None
+
+
 def has_native(platform: str) -> bool:
+    """Whether the native kernels for ``platform`` ("cpu" or "cuda") were built and load."""
     return native_module(platform) is not None
+
+
+def export_safety_checks():
+    """The ``jax.export.DisabledSafetyCheck`` list that lets ``jax.export`` serialize programs
+    holding our custom calls: ``jax.export.export(f, disabled_checks=export_safety_checks())``.
+    Their handlers are registered again by ``import jax_convnet`` in the process that
+    deserializes and calls the program."""
+    from jax import export
+    return [export.DisabledSafetyCheck.custom_call(name) for name in FFI_TARGETS]
+
+
+_reference_allowed = threading.local()
+
+
+@contextlib.contextmanager
+def allow_reference_lowering():
+    """Inside this context, lowering for export onto a platform whose native module is missing
+    lowers the pure-lax reference (with a warning) instead of raising."""
+    previous = getattr(_reference_allowed, "value", False)
+    _reference_allowed.value = True
+    try:
+        yield
+    finally:
+        _reference_allowed.value = previous
+
+
+def _missing_module(ctx, platform: str):
+    """Called where a native platform's module is missing: raises when lowering for export (the
+    exported program would run the reference there without anyone knowing), else warns once."""
+    if (ctx.module_context.lowering_parameters.for_export
+            and not getattr(_reference_allowed, "value", False)):
+        error = _LOADED[platform][1]
+        raise ValueError(
+            f"jax_convnet: cannot export for platform {platform!r}: the native {platform} module "
+            f"was not built or does not load ({error}). Export for the platforms whose kernels "
+            f"this install has (jax_convnet.has_native), install a build with them "
+            f"(JAX_CONVNET_CUDA=ON), or export inside "
+            f"jax_convnet.allow_reference_lowering() to put the pure-lax reference there.")
+    _warn_missing(platform)
+
+
+@functools.cache
+def _warn_missing(platform: str):
+    warnings.warn(f"jax_convnet: native {platform} kernels are unavailable "
+                  f"({_LOADED[platform][1]}); lowering the pure-lax reference on {platform}",
+                  stacklevel=4)
 
 
 @functools.cache
@@ -86,7 +150,12 @@ def register_lowerings(primitive, target: str, reference, *, cuda_workspace_byte
         return reference_rule(ctx, *operands, **params)
 
     def has_kernel(ctx, platform):
-        return np.dtype(ctx.avals_in[0].dtype) in _NATIVE_DTYPES[platform] and has_native(platform)
+        if np.dtype(ctx.avals_in[0].dtype) not in _NATIVE_DTYPES[platform]:
+            return False
+        if not has_native(platform):
+            _missing_module(ctx, platform)
+            return False
+        return True
 
     def custom_call_rule(platform):
         def rule(ctx, *operands, geom, **params):

@@ -22,18 +22,20 @@ def has_gpu():
         return False
 
 
-def rand(key, shape, dtype=jnp.float32):
-    """Standard normal data of ``dtype``: never zeros, so unwritten outputs and bad indexing show."""
-    if isinstance(key, int):
-        key = jax.random.key(key)
-    return jax.random.normal(key, shape, jnp.float32).astype(dtype)
+def rand(seed, shape, dtype=jnp.float32):
+    """Standard normal data of ``dtype``: never zeros, so unwritten outputs and bad indexing show.
+    Drawn with NumPy (``seed``: an int or a jax key): jax.random would compile for every shape."""
+    if not isinstance(seed, (int, np.integer)):
+        seed = np.asarray(jax.random.key_data(seed)).astype(np.uint64)
+    x = np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+    return jnp.asarray(x.astype(jnp.dtype(dtype)))
 
 
 def assert_close(actual, expected, dtype=None, *, scale=1.0):
     """Max error relative to the reference's largest magnitude, per dtype."""
     dtype = dtype or expected.dtype
-    actual = np.asarray(jnp.asarray(actual, jnp.float64))
-    expected = np.asarray(jnp.asarray(expected, jnp.float64))
+    actual = np.asarray(actual).astype(np.float64)  # in NumPy: no compilation per shape
+    expected = np.asarray(expected).astype(np.float64)
     assert actual.shape == expected.shape
     assert np.all(np.isfinite(actual)), "non-finite values in the result"
     denom = max(np.max(np.abs(expected)), 1e-30)
@@ -58,7 +60,7 @@ def run_poisoned(fn, *args):
     """Runs ``fn`` right after NaN-filled buffers of its outputs' sizes were freed, so an allocator
     that hands the same memory back makes any element the kernel fails to write show as NaN."""
     for s in jax.tree_util.tree_leaves(jax.eval_shape(fn, *args)):
-        jax.block_until_ready(jnp.full(s.shape, jnp.nan, s.dtype)).delete()
+        jax.block_until_ready(jax.device_put(np.full(s.shape, np.nan, s.dtype))).delete()
     return fn(*args)
 
 

@@ -25,7 +25,9 @@ FEATURES = 4
 
 
 def rand(seed, shape, dtype=jnp.float32):
-    return jax.random.normal(jax.random.key(seed), shape, jnp.float32).astype(dtype)
+    # NumPy's generator: jax.random would compile for every shape.
+    x = np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+    return jnp.asarray(x.astype(jnp.dtype(dtype)))
 
 
 # NHWC <-> C01B
@@ -244,6 +246,7 @@ UNSUPPORTED = [
     (dict(feature_group_count=3), "feature_group_count"),
     (dict(mask=jnp.ones((*KERNEL, 3, FEATURES))), "mask"),
     (dict(kernel_size=(3,)), "kernel_size"),
+    (dict(kernel_size=3), r"kernel_size=3 is a 1-d \(3,\) kernel.*kernel_size=\(3, 3\)"),
     (dict(kernel_size=(3, 3, 3)), "kernel_size"),
     (dict(layout="NCHW"), "layout"),
 ]
@@ -265,15 +268,21 @@ def test_nnx_unsupported_arguments(kwargs, name):
         cn.Conv(3, FEATURES, rngs=nnx.Rngs(0), **kwargs)
 
 
-def test_unbatched_inputs():
+def test_unbatched_inputs_as_in_flax():
+    """An (H, W, C) image gives the (Ho, Wo, F) result flax gives (a batch axis of 1 inside)."""
     x = rand(0, X_SHAPE[1:])
-    with pytest.raises(ValueError, match="unbatched"):
-        cl.Conv(FEATURES, KERNEL).init(jax.random.key(0), x)
-    with pytest.raises(ValueError, match="unbatched"):
-        cn.Conv(3, FEATURES, KERNEL, rngs=nnx.Rngs(0))(x)
-    with pytest.raises(ValueError, match="unbatched"):
-        cl.max_pool(x, (2, 2))
-    with pytest.raises(ValueError, match="rank 4"):
+    ref = nn.Conv(FEATURES, KERNEL, padding="SAME", precision="highest")
+    params = ref.init(jax.random.key(1), x)
+    y_ref = ref.apply(params, x)
+    assert y_ref.shape == X_SHAPE[1:3] + (FEATURES,)
+    assert_close(cl.Conv(FEATURES, KERNEL, padding="SAME", precision="highest").apply(params, x),
+                 y_ref)
+    conv = cn.Conv(3, FEATURES, KERNEL, padding="SAME", precision="highest", rngs=nnx.Rngs(0))
+    conv.kernel[...], conv.bias[...] = params["params"]["kernel"], params["params"]["bias"]
+    assert_close(conv(x), y_ref)
+    assert_close(cl.max_pool(x, (2, 2), strides=(2, 2)), nn.max_pool(x, (2, 2), strides=(2, 2)))
+    assert_close(cn.MaxPool((3, 2), padding="SAME")(x), nn.max_pool(x, (3, 2), padding="SAME"))
+    with pytest.raises(ValueError, match="rank 4"):  # C01B has no unbatched form
         cl.Conv(FEATURES, KERNEL, layout="C01B").init(jax.random.key(0), rand(0, (3, 7, 8)))
 
 

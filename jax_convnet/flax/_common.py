@@ -42,11 +42,19 @@ def check_layout(layout, owner: str) -> str:
     return layout
 
 
-def window_pair(value, name: str, owner: str) -> tuple[int, int]:
-    """``kernel_size`` / ``window_shape``: an int (square) or two ints (rows, cols).
+def kernel_pair(value, owner: str) -> tuple[int, int]:
+    """``kernel_size``: two ints (rows, cols). An int k means a 1-d (k,) kernel in flax's Conv,
+    which jax_convnet (2-d only, as cuda-convnet) cannot do: ``ValueError`` saying to pass (k, k)."""
+    if _is_int(value):
+        raise ValueError(f"{owner}: kernel_size={value!r} is a 1-d ({value},) kernel, as in "
+                         f"flax's Conv; jax_convnet convolves 2-d images only: pass "
+                         f"kernel_size=({value}, {value}) for a square kernel")
+    return window_pair(value, "kernel_size", owner)
 
-    Unlike flax, where an int kernel_size means a 1-d convolution, an int here is a square window
-    (jax_convnet convolves 2-d images only, as cuda-convnet did)."""
+
+def window_pair(value, name: str, owner: str) -> tuple[int, int]:
+    """``window_shape`` (and ``strides``): an int (square, which flax's pools do not take) or two
+    ints (rows, cols)."""
     if _is_int(value):
         pair = (int(value), int(value))
     elif isinstance(value, Sequence) and not isinstance(value, str) \
@@ -154,15 +162,15 @@ def resolve_same_lower(padding, image_hw, window, strides):
 # ----------------------------------------------------------------------------- inputs
 
 def flatten_batch(inputs, layout: str, owner: str, *, what: str = "inputs"):
-    """4-d inputs in the layout's order; NHWC inputs may have several leading batch axes
-    (flattened, as flax does). Returns (flat inputs, batch shape or None)."""
+    """4-d inputs in the layout's order; NHWC inputs may, as in flax, have several leading batch
+    axes (flattened) or none (an unbatched (H, W, C) image gets a batch axis of 1). Returns
+    (flat inputs, the batch shape to restore, or None)."""
     ndim = getattr(inputs, "ndim", None)
     if ndim is None:
         raise TypeError(f"{owner}: {what} must be an array, got {type(inputs).__name__}")
     if layout == "NHWC":
         if ndim == 3:
-            raise ValueError(f"{owner}: unbatched {what} of shape {tuple(inputs.shape)} are not "
-                             f"supported; add a batch axis (inputs[None]) for (B, H, W, C)")
+            return inputs[None], ()
         if ndim < 3:
             raise ValueError(f"{owner}: {what} of shape {tuple(inputs.shape)} have rank {ndim}; "
                              f"only 2-d images (B, H, W, C) are supported")

@@ -7,10 +7,11 @@ parameter tree made for ``flax.linen.Conv`` works unchanged. In ``layout="C01B"`
 initialised as the transpose of the HWIO kernel flax would draw, so both layouts start equal.
 
 Padding follows flax (XLA's floor rule): ``"SAME"``, ``"VALID"``, an int ``p`` meaning
-``((p, p), (p, p))``, or a pair of ints / ``(low, high)`` pairs. Unlike flax, an int
-``kernel_size`` means a square window (there are no 1-d convolutions here). Arguments flax takes
-that jax_convnet cannot honour (CIRCULAR / REFLECT / CAUSAL padding, dilations, feature groups,
-masks, 1-d or 3-d windows, unbatched inputs) raise ``ValueError`` naming the argument.
+``((p, p), (p, p))``, or a pair of ints / ``(low, high)`` pairs. Inputs may have several leading
+batch axes or none (an unbatched ``(H, W, C)`` image), as in flax. An int ``kernel_size`` means a
+1-d kernel in flax, so it raises here (pass ``(k, k)``). Arguments flax takes that jax_convnet
+cannot honour (CIRCULAR / REFLECT / CAUSAL padding, dilations, feature groups, masks, 1-d or 3-d
+windows) raise ``ValueError`` naming the argument.
 
 Example::
 
@@ -45,7 +46,7 @@ class Conv(nn.Module):
 
     Attributes (as ``flax.linen.Conv``'s, plus ``layout`` and ``partial_sum``):
       features: number of filters F.
-      kernel_size: (fh, fw), or an int for a square window.
+      kernel_size: (fh, fw); an int (flax: a 1-d kernel) raises, saying to pass (k, k).
       strides: int or (rows, cols); None means 1.
       padding: "SAME", "VALID", int p, or ((top, bottom), (left, right)) / (p_rows, p_cols).
       input_dilation, kernel_dilation, feature_group_count, mask: only their defaults (1, 1, 1,
@@ -85,7 +86,7 @@ class Conv(nn.Module):
     def __post_init__(self):
         owner = type(self).__name__
         C.check_layout(self.layout, owner)
-        C.window_pair(self.kernel_size, "kernel_size", owner)
+        C.kernel_pair(self.kernel_size, owner)
         C.stride_pair(self.strides, "strides", owner)
         C.conv_padding(self.padding, owner)
         C.check_unsupported(owner, input_dilation=self.input_dilation,
@@ -101,7 +102,7 @@ class Conv(nn.Module):
     def __call__(self, inputs):
         owner = type(self).__name__
         layout = self.layout
-        kernel_hw = C.window_pair(self.kernel_size, "kernel_size", owner)
+        kernel_hw = C.kernel_pair(self.kernel_size, owner)
         strides = C.stride_pair(self.strides, "strides", owner)
         padding = C.conv_padding(self.padding, owner)
         flat, _ = C.flatten_batch(inputs, layout, owner)

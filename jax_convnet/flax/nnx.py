@@ -42,7 +42,7 @@ class Conv(_nnx.Module):
 
     Args (as ``flax.nnx.Conv``'s, plus ``layout`` and ``partial_sum``):
       in_features, out_features: channels C and filters F.
-      kernel_size: (fh, fw), or an int for a square window (flax: an int means 1-d).
+      kernel_size: (fh, fw); an int (flax: a 1-d kernel) raises, saying to pass (k, k).
       strides: int or (rows, cols); None means 1.
       padding: "SAME", "VALID", int p, or ((top, bottom), (left, right)) / (p_rows, p_cols).
       input_dilation, kernel_dilation, feature_group_count, mask, conv_general_dilated,
@@ -85,7 +85,7 @@ class Conv(_nnx.Module):
     ):
         owner = type(self).__name__
         layout = C.check_layout(layout, owner)
-        kernel_size = C.window_pair(kernel_size, "kernel_size", owner)
+        kernel_size = C.kernel_pair(kernel_size, owner)
         C.stride_pair(strides, "strides", owner)
         C.conv_padding(padding, owner)
         C.check_unsupported(owner, input_dilation=input_dilation,
