@@ -600,10 +600,21 @@ def run_nets(args, device, native) -> list[dict]:
 
 # ----------------------------------------------------------------------------- main
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Each default said once: appended where the help text does not already say it, and not
+    for flags and options that default to nothing."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return text + " (default: %(default)s)"
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         prog="python -m jax_convnet.benchmark", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_HelpFormatter)
     p.add_argument("--quick", action="store_true", help="a smaller set of rows")
     p.add_argument("--ops", default="conv,pool", help="comma-separated: conv, pool")
     p.add_argument("--filter", action="append", default=None, metavar="TEXT",

@@ -203,3 +203,12 @@ def test_nets_compute_the_specified_networks():
                 assert out.shape == (128, classes) and out.dtype == jnp.float32
     with pytest.raises(ValueError, match="image_size=50 is too small for alexnet"):
         benchmark.net_rows(alexnet_size=50)
+
+
+def test_help_says_each_default_once(capsys):
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--help"])
+    options = re.split(r"\n  (?=-)", capsys.readouterr().out)
+    assert len(options) > 10
+    for text in options:
+        assert text.lower().count("default") <= 1, text
