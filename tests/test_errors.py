@@ -161,7 +161,7 @@ def _mp(*args, **kw):
 def _flax_conv(**kw):
     def run():
         from jax_convnet.flax import linen
-        module = linen.Conv(**{"features": 4, "kernel_size": 3, **kw})
+        module = linen.Conv(**{"features": 4, "kernel_size": (3, 3), **kw})
         return module.init(jax.random.key(0), XN)
     return run
 
@@ -385,12 +385,12 @@ def test_only_the_batch_may_be_symbolic():
 
 _ISA_SCRIPT = """
 import warnings, jax, jax.numpy as jnp, numpy as np
-import jax_convnet as jcn
+with warnings.catch_warnings(record=True) as caught:  # the native modules load at import
+    warnings.simplefilter("always")
+    import jax_convnet as jcn
+    jcn.has_native("cpu")
 x = jax.random.normal(jax.random.key(0), (3, 10, 9, 5))
 w = jax.random.normal(jax.random.key(1), (3, 4, 4, 16))
-with warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter("always")
-    jcn.has_native("cpu")
 print("WARNED", any("JAX_CONVNET_CPU_ISA" in str(c.message) for c in caught))
 try:
     y = jax.block_until_ready(jcn.filter_acts(x, w))
