@@ -692,22 +692,21 @@ void tma_small_tensor_fix(CUtensorMap* map, int64_t tensor_bytes, int driver_ver
 struct TmaProblem {
   int64_t batch, cin, cout, in_h, in_w, out_h, out_w, fh, fw, sh, sw, pt, pl, pb, pr;
   jcn::Strides4 xs, ws, ys;
-  bool flip;  // image_acts: X = hidden, Y = images, the taps flipped and transposed
 };
 TmaProblem tma_problem(OpKind k, const jcn::ConvGeometry& g, const jcn::ConvParams& cp) {
   if (k == OpKind::kFA)
     return {g.batch,    g.channels, g.filters,     g.in_h,       g.in_w,
             g.out_h,    g.out_w,    g.filter_h,    g.filter_w,   g.stride_h,
             g.stride_w, g.pad_top,  g.pad_left,    cp.pad_bottom, cp.pad_right,
-            g.image,    g.filter,   g.hidden,      false};
-  // image_acts at stride 1: out(y) = sum_i hid(y - (fh - 1 - pt) + i) w(fh - 1 - i).
+            g.image,    g.filter,   g.hidden};
+  // image_acts at stride 1 (X = hidden, Y = images, the taps flipped and transposed):
+  // out(y) = sum_i hid(y - (fh - 1 - pt) + i) w(fh - 1 - i).
   return {g.batch,     g.filters,   g.channels,
           g.out_h,     g.out_w,     g.in_h,
           g.in_w,      g.filter_h,  g.filter_w,
           1,           1,           g.filter_h - 1 - g.pad_top,
           g.filter_w - 1 - g.pad_left, g.in_h - g.out_h + g.pad_top, g.in_w - g.out_w + g.pad_left,
-          g.hidden,    g.filter,    g.image,
-          true};
+          g.hidden,    g.filter,    g.image};
 }
 
 // The tile width: of 64, 128, 192 and 256 columns, the one with the fewest rounds of tiles over
