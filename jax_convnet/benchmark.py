@@ -2,6 +2,7 @@
 
     python -m jax_convnet.benchmark [--quick] [--ops conv,pool] [--filter L1/] [--out DIR]
     python -m jax_convnet.benchmark --nets [--batch N] [--alexnet-size PX] [--out DIR]
+    python -m jax_convnet.benchmark --nets --devices 2,4,8 [--batch N] ...
     jax-convnet-benchmark ...
 
 On a GPU: the convnet-benchmarks layers L1-L5 and AlexNet conv1-3 (``jax_convnet._layers``):
@@ -39,6 +40,17 @@ which may use TF32, within loose ones); a pair that does not gets an error inste
 Each step is timed as the median of ``--reps`` loops of ``--inner`` calls (default 11 x 5 on a
 GPU, 3 x 1 on the CPU) after warm-up; the table gives XLA's time over ours in the same layout and
 in XLA's faster layout (``ratio``, ``ratio_best``), and goes to ``--out`` as ``nets.json``.
+
+``--nets --devices 2,4,8`` runs the same steps over a ``Mesh`` of the first N devices (axes
+"data", "model"; one ``jax.jit`` with the parameters' and the batch's ``NamedSharding`` as in and
+out shardings): the batch split over N with the batch per device fixed (``weak/N``: N times the
+net's batch) and with the global batch fixed (``strong/N``), and for AlexNet where N is even
+``model/N``, an (N/2) x 2 mesh with conv3-conv5's filters split over "model"
+(``_nets.step_shardings``). Each row is checked against XLA's step and against our one-device
+step at the same global batch (``NET_TOLERANCE``; the sums over the batch run in another order)
+and run twice (``reproducible``: bitwise the same), then timed; it reports the scaling efficiency
+against the group's one-device row (``.../1``) and the collectives in each compiled step's HLO
+(operations and arrays moved). Written to ``--out`` as ``nets_devices.json``.
 """
 from __future__ import annotations
 
@@ -759,8 +771,11 @@ def format_device_row(r) -> str:
 def run_nets_devices(args, device, native) -> list[dict]:
     """``--nets --devices``: the scaling table, printed and written to --out/nets_devices.json."""
     gpu = device.platform != "cpu"
-    counts = sorted({int(c) for c in args.devices.split(",") if c.strip()})
-    if not counts or min(counts) < 1 or max(counts) > len(jax.devices()):
+    try:
+        counts = sorted({int(c) for c in args.devices.split(",") if c.strip()})
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1 or (max(counts) > len(jax.devices()) and not args.list):
         raise SystemExit(f"--devices takes counts from 1 to the {len(jax.devices())} devices "
                          f"present, got {args.devices!r}")
     counts = [c for c in counts if c > 1]
