@@ -52,13 +52,16 @@ class Net:
     batch: int
     convs: tuple[Conv, ...]
     dense: tuple[int, ...]  # output widths of the dense layers (ReLU between them); last: classes
+    # convs whose filters (output channels) split over the mesh axis "model" in model_shardings
+    model_split: tuple[int, ...] = ()
 
 
 NETS = {
     # Krizhevsky's "one weird trick" AlexNet, as baselines/xla_e2e.py.
     "alexnet": Net("alexnet", 224, 128, (
         Conv(3, 64, 11, 4, 2, True), Conv(64, 192, 5, 1, 2, True), Conv(192, 384, 3, 1, 1, False),
-        Conv(384, 256, 3, 1, 1, False), Conv(256, 256, 3, 1, 1, True)), (4096, 4096, 1000)),
+        Conv(384, 256, 3, 1, 1, False), Conv(256, 256, 3, 1, 1, True)), (4096, 4096, 1000),
+        model_split=(2, 3, 4)),  # conv3-conv5: the widest (384, 256, 256 filters)
     # cuda-convnet's layers-18pct / layers-80sec CIFAR-10 net: three 5x5 conv + pool blocks
     # (all max pools here, no response normalization).
     "cifar10": Net("cifar10", 32, 128, (
@@ -181,3 +184,23 @@ def train_step(net: Net, *, ops: str, layout: str, dtype, learning_rate=LEARNING
         value, grads = value_and_grad(params, x, y)
         return jax.tree.map(lambda p, g: p - learning_rate * g, params, grads), value
     return step
+
+
+def step_shardings(net: Net, layout: str, mesh, *, model: bool = False):
+    """(parameter shardings, image sharding, label sharding) on ``mesh`` (axes "data" and, with
+    ``model``, "model"): the batch split over "data", the parameters replicated, except with
+    ``model`` the filters of ``net.model_split`` split over "model" on their output-channel axis
+    (cuda-convnet2's model parallelism, here left to the ops' sharding rules)."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    if model and not net.model_split:
+        raise ValueError(f"{net.name} has no layers to split over a model axis")
+    f_axis = G.filter_axes(layout)["f"]
+    params = []
+    for i in range(len(net.convs) + len(net.dense)):
+        spec = [None] * (4 if i < len(net.convs) else 2)
+        if model and i in net.model_split:
+            spec[f_axis] = "model"
+        params.append(NamedSharding(mesh, P(*spec)))
+    image = [None] * 4
+    image[G.image_axes(layout)["n"]] = "data"
+    return params, NamedSharding(mesh, P(*image)), NamedSharding(mesh, P("data"))

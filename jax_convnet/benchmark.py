@@ -2,6 +2,7 @@
 
     python -m jax_convnet.benchmark [--quick] [--ops conv,pool] [--filter L1/] [--out DIR]
     python -m jax_convnet.benchmark --nets [--batch N] [--alexnet-size PX] [--out DIR]
+    python -m jax_convnet.benchmark --nets --devices 2,4,8 [--batch N] ...
     jax-convnet-benchmark ...
 
 On a GPU: the convnet-benchmarks layers L1-L5 and AlexNet conv1-3 (``jax_convnet._layers``):
@@ -39,6 +40,17 @@ which may use TF32, within loose ones); a pair that does not gets an error inste
 Each step is timed as the median of ``--reps`` loops of ``--inner`` calls (default 11 x 5 on a
 GPU, 3 x 1 on the CPU) after warm-up; the table gives XLA's time over ours in the same layout and
 in XLA's faster layout (``ratio``, ``ratio_best``), and goes to ``--out`` as ``nets.json``.
+
+``--nets --devices 2,4,8`` runs the same steps over a ``Mesh`` of the first N devices (axes
+"data", "model"; one ``jax.jit`` with the parameters' and the batch's ``NamedSharding`` as in and
+out shardings): the batch split over N with the batch per device fixed (``weak/N``: N times the
+net's batch) and with the global batch fixed (``strong/N``), and for AlexNet where N is even
+``model/N``, an (N/2) x 2 mesh with conv3-conv5's filters split over "model"
+(``_nets.step_shardings``). Each row is checked against XLA's step and against our one-device
+step at the same global batch (``NET_TOLERANCE``; the sums over the batch run in another order)
+and run twice (``reproducible``: bitwise the same), then timed; it reports the scaling efficiency
+against the group's one-device row (``.../1``) and the collectives in each compiled step's HLO
+(operations and arrays moved). Written to ``--out`` as ``nets_devices.json``.
 """
 from __future__ import annotations
 
@@ -49,6 +61,7 @@ import json
 import math
 import os
 import platform as _platform
+import re
 import sys
 import time
 from typing import Callable
@@ -460,7 +473,7 @@ def _net_step_check(steps, params, x, y) -> tuple[float, float, float, float]:
     return loss_ours, loss_xla, loss_err, update_err
 
 
-def _compile_both(fns: dict, args, *, threads: int) -> dict:
+def _compile_both(fns: dict, args, *, threads: int, **jit_kwargs) -> dict:
     """{name: (executable, seconds)}: traced here (under the caller's config), then compiled
     in ``threads`` threads (XLA's compiler releases the GIL; on the CPU compiling is most of a
     --nets run; on a GPU one at a time, as XLA's autotuning times kernels while compiling)."""
@@ -469,7 +482,7 @@ def _compile_both(fns: dict, args, *, threads: int) -> dict:
     def compile_lowered(lowered):
         t = time.perf_counter()
         return lowered.compile(), time.perf_counter() - t
-    lowered = {name: jax.jit(fn).lower(*args) for name, fn in fns.items()}
+    lowered = {name: jax.jit(fn, **jit_kwargs).lower(*args) for name, fn in fns.items()}
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
         futures = {name: pool.submit(compile_lowered, low) for name, low in lowered.items()}
         return {name: f.result() for name, f in futures.items()}
@@ -598,6 +611,216 @@ def run_nets(args, device, native) -> list[dict]:
     return results
 
 
+# ----------------------------------------------------------------------------- several devices
+
+# Collective operations counted in a compiled step's HLO (async pairs count once, by -start).
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+_COLLECTIVE_RE = re.compile(r"=\s*(\S.*?)\s(" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
+# mode: (mesh shape (data, model) for N devices, global batch for the net's batch b)
+DEVICE_MODES = {
+    "weak": (lambda n: (n, 1), lambda b, n: b * n),    # per-device batch fixed
+    "strong": (lambda n: (n, 1), lambda b, n: b),      # global batch fixed
+    "model": (lambda n: (n // 2, 2), lambda b, n: b),  # global batch fixed, filters split in 2
+}
+DEVICE_HEADER = (f"{'row':<34} {'mesh':>5} {'batch':>5} {'XLA ms':>9} {'ours ms':>9} "
+                 f"{'XLA/ours':>8} {'XLA eff':>7} {'ours eff':>8}  collectives ours | XLA "
+                 f"(ag ar rs a2a cp)  check: vs XLA, vs 1 device")
+
+
+def count_collectives(hlo_text: str) -> tuple[dict[str, int], dict[str, int]]:
+    """How many of each collective a compiled module (``compiled.as_text()``) runs, and how
+    many arrays they move in all (XLA combines collectives into ones over tuples)."""
+    ops, arrays = dict.fromkeys(COLLECTIVES, 0), dict.fromkeys(COLLECTIVES, 0)
+    for result_type, kind in _COLLECTIVE_RE.findall(hlo_text):
+        ops[kind] += 1
+        arrays[kind] += len(re.findall(r"\b[a-z]\w*\[", result_type))
+    return ops, arrays
+
+
+def device_net_rows(counts, *, batch=None, alexnet_size=None, filters=None) -> list[dict]:
+    """``--nets --devices``: per net, dtype and layout, the one-device step (``.../1``), then for
+    each N in ``counts`` the data-parallel step with the batch per device fixed (``weak/N``) and
+    the global batch fixed (``strong/N``), and for nets with ``model_split`` where N is even,
+    the (N/2 data) x (2 model) step at the global batch (``model/N``). Rows of a group share
+    their one-device row, which ``--filter`` always keeps."""
+    from jax_convnet import _nets
+    rows = []
+    for base in net_rows(batch=batch, alexnet_size=alexnet_size):
+        net, b = _nets.NETS[base["net"]], base["batch"]
+        group = [dict(base, name=base["name"] + "/1", mode="one", devices=1, mesh=(1, 1),
+                      global_batch=b)]
+        for n in counts:
+            for mode, (mesh_shape, global_batch) in DEVICE_MODES.items():
+                if mode == "model" and (n % 2 or not net.model_split):
+                    continue
+                shape = mesh_shape(n)
+                if global_batch(b, n) % shape[0]:
+                    raise ValueError(f"batch {b} does not split evenly over {shape[0]} devices "
+                                     f"({mode}/{n}): choose --batch divisible by each N")
+                group.append(dict(base, name=f"{base['name']}/{mode}/{n}", mode=mode,
+                                  devices=n, mesh=shape, global_batch=global_batch(b, n)))
+        chosen = [r for r in group[1:] if not filters or any(f in r["name"] for f in filters)]
+        if chosen or not filters or any(f in group[0]["name"] for f in filters):
+            rows += group[:1] + chosen
+    return rows
+
+
+def _to_host(tree):
+    return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+def run_device_row(row: dict, *, gpu: bool, reps: int, inner: int, one_device: dict) -> dict:
+    """Compiles our step and XLA's with the batch (and filters) split over a mesh of
+    ``row["devices"]`` devices, checks ours against XLA's and against the one-device step at the
+    same global batch (``one_device``: {global batch: (params, new params, loss)} on the host,
+    filled here), counts the collectives, times both."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from jax_convnet import _nets
+    net, layout, dtype = _nets.NETS[row["net"]], row["layout"], jnp.dtype(row["dtype"])
+    size, batch, n = row["image_size"], row["global_batch"], row["devices"]
+    if len(jax.devices()) < n:
+        raise ValueError(f"{n} devices wanted, {len(jax.devices())} present")
+    mesh = Mesh(np.array(jax.devices()[:n]).reshape(row["mesh"]), ("data", "model"))
+    p_sh, x_sh, y_sh = _nets.step_shardings(net, layout, mesh, model=row["mode"] == "model")
+    params = _nets.init_params(net, layout, 0, size)
+    x, y = _nets.make_batch(net, layout, 1, batch=batch, image_size=size)
+    args = (jax.device_put(params, p_sh), jax.device_put(x, x_sh), jax.device_put(y, y_sh))
+    compiled = _compile_both(
+        {ops: _nets.train_step(net, ops=ops, layout=layout, dtype=dtype) for ops in _nets.OPS},
+        args, threads=1 if gpu else 2, in_shardings=(p_sh, x_sh, y_sh),
+        out_shardings=(p_sh, NamedSharding(mesh, P())))
+    steps = {ops: c for ops, (c, _) in compiled.items()}
+    # The timed steps on both sides: on a GPU float32 may round to TF32 in either.
+    loss_tol, update_tol = NET_TOLERANCE["tf32" if gpu and row["config"] == "f32"
+                                          else row["config"]]
+    r = dict(row, bounds=[loss_tol, update_tol])
+    for prefix, ops in (("", "ours"), ("xla_", "xla")):
+        r[prefix + "collectives"], r[prefix + "collective_arrays"] = count_collectives(
+            steps[ops].as_text())
+    ours_out, xla_out = (_to_host(steps[ops](*args)) for ops in ("ours", "xla"))
+    host_params = _to_host(params)
+    loss, xla_loss = float(ours_out[1]), float(xla_out[1])
+    loss_err = abs(loss - xla_loss) / max(abs(xla_loss), 1e-30)
+    update_err = max(float(e) for e in _update_errors(host_params, ours_out[0], xla_out[0]))
+    r.update(loss=loss, xla_loss=xla_loss, loss_rel_err=loss_err, update_rel_err=update_err)
+    if n == 1:  # this is the one-device step; later rows of the group compare with it
+        one_device[batch] = ours_out
+    elif batch not in one_device:  # the one-device step of this global batch (ours)
+        one = jax.devices()[0]
+        single = jax.jit(_nets.train_step(net, ops="ours", layout=layout, dtype=dtype))
+        one_device[batch] = _to_host(single(*jax.device_put((params, x, y), one)))
+    want_params, want_loss = one_device[batch]
+    r["one_device_loss_rel_err"] = abs(float(ours_out[1]) - float(want_loss)) / max(
+        abs(float(want_loss)), 1e-30)
+    r["one_device_update_rel_err"] = max(float(e) for e in _update_errors(
+        host_params, ours_out[0], want_params))
+    again = _to_host(steps["ours"](*args))
+    r["reproducible"] = all(np.array_equal(a, b) for a, b in zip(
+        jax.tree.leaves(again), jax.tree.leaves(ours_out)))
+    problems = []
+    if not (loss_err <= loss_tol and update_err <= update_tol):
+        problems.append(f"our step and XLA's disagree: loss relative error {loss_err:.1e}, "
+                        f"update error {update_err:.1e}")
+    if not (r["one_device_loss_rel_err"] <= loss_tol
+            and r["one_device_update_rel_err"] <= update_tol):
+        problems.append(f"the step on {n} devices differs from one device's: loss relative "
+                        f"error {r['one_device_loss_rel_err']:.1e}, update error "
+                        f"{r['one_device_update_rel_err']:.1e}")
+    if problems:
+        r["error"] = f"{'; '.join(problems)} (bounds {loss_tol:g}, {update_tol:g})"
+        return r
+    warmup = 2 if gpu else 0  # the checks ran the steps: on the CPU that is their warm-up
+    ms = time_fn(steps["ours"], args, reps=reps, inner=inner, warmup=warmup)
+    xla_ms = time_fn(steps["xla"], args, reps=reps, inner=inner, warmup=warmup)
+    r.update(ms=ms, xla_ms=xla_ms, ratio=xla_ms / ms, compile_s=round(compiled["ours"][1], 3),
+             xla_compile_s=round(compiled["xla"][1], 3))
+    return r
+
+
+def add_scaling_efficiency(results) -> None:
+    """efficiency (ours), xla_efficiency: the one-device time of the group over N times the
+    time per sample on N devices, i.e. t1 / tN for weak scaling (N times the samples in tN) and
+    t1 / (N tN) for a fixed global batch; 1 is perfect scaling."""
+    one = {}
+    for r in results:
+        if r["mode"] == "one" and "ms" in r:
+            one[(r["net"], r["config"], r["layout"])] = r
+    for r in results:
+        base = one.get((r["net"], r["config"], r["layout"]))
+        if "ms" not in r or base is None:
+            continue
+        samples = r["global_batch"] / base["global_batch"]  # N (weak) or 1
+        for key, eff in (("ms", "efficiency"), ("xla_ms", "xla_efficiency")):
+            r[eff] = base[key] * samples / (r["devices"] * r[key])
+
+
+def format_device_row(r) -> str:
+    head = f"{r['name']:<34} {'x'.join(map(str, r['mesh'])):>5} {r['global_batch']:>5}"
+    if "ms" not in r:
+        return f"{head} ERROR {r.get('error')}"
+
+    def coll(c):
+        return " ".join(str(c[k]) for k in COLLECTIVES)
+    eff = (f"{r['xla_efficiency']:7.2f} {r['efficiency']:8.2f}" if "efficiency" in r
+           else " " * 16)
+    return (f"{head} {r['xla_ms']:9.3f} {r['ms']:9.3f} {r['ratio']:8.2f} {eff}  "
+            f"{coll(r['collectives'])} | {coll(r['xla_collectives'])}  "
+            f"{r['update_rel_err']:.1e}, {r['one_device_update_rel_err']:.1e}")
+
+
+def run_nets_devices(args, device, native) -> list[dict]:
+    """``--nets --devices``: the scaling table, printed and written to --out/nets_devices.json."""
+    gpu = device.platform != "cpu"
+    try:
+        counts = sorted({int(c) for c in args.devices.split(",") if c.strip()})
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1 or (max(counts) > len(jax.devices()) and not args.list):
+        raise SystemExit(f"--devices takes counts from 1 to the {len(jax.devices())} devices "
+                         f"present, got {args.devices!r}")
+    counts = [c for c in counts if c > 1]
+    try:
+        rows = device_net_rows(counts, batch=args.batch, alexnet_size=args.alexnet_size,
+                               filters=args.filter)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    if args.list:
+        print("\n".join(r["name"] for r in rows))
+        return []
+    reps = args.reps or (11 if gpu else 3)
+    inner = args.inner or (5 if gpu else 1)
+    print(f"jax_convnet {jcn.__version__}, jax {jax.__version__}, {len(jax.devices())} x "
+          f"{device.platform} ({device.device_kind}); native kernels: "
+          f"{'yes' if native else 'NO (ours lowers the pure-lax reference)'}; {len(rows)} "
+          f"training steps, median of {reps} x {inner} calls", flush=True)
+    t_start = time.perf_counter()
+    results, one_device = [], {}
+    for row in rows:
+        if row["mode"] == "one":
+            one_device = {}  # a new group: new network, dtype or layout
+        try:
+            r = run_device_row(row, gpu=gpu, reps=reps, inner=inner, one_device=one_device)
+        except Exception as e:  # one failing row must not end the run
+            r = dict(row, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        r.update(jax=jax.__version__, platform=device.platform, device_kind=device.device_kind)
+        results.append(r)
+        print(f"  {r['name']}: " + ("ERROR " + r["error"] if "error" in r else
+                                    f"ours {r['ms']:.3f} ms, XLA {r['xla_ms']:.3f} ms"),
+              flush=True)
+    add_scaling_efficiency(results)
+    wall = time.perf_counter() - t_start
+    print(f"\ntraining steps over several devices in {wall:.1f} s; eff: scaling efficiency "
+          f"against the one-device row (weak: same batch per device; strong, model: same "
+          f"global batch)")
+    print(DEVICE_HEADER)
+    print("\n".join(format_device_row(r) for r in results))
+    path = os.path.join(args.out, "nets_devices.json")
+    _write_json(args, device, native, results, path, reps=reps, inner=inner,
+                wall_s=round(wall, 1), device_count=len(jax.devices()))
+    print(f"wrote {path}")
+    return results
+
+
 # ----------------------------------------------------------------------------- main
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -651,6 +874,10 @@ def parse_args(argv=None):
     p.add_argument("--alexnet-size", type=int, default=None, metavar="PX",
                    help="--nets: AlexNet's input height and width (default 224; at least 51, "
                         "the dense layer's input follows)")
+    p.add_argument("--devices", default=None, metavar="N[,N...]",
+                   help="--nets: the steps with the batch split over the first N devices (weak "
+                        "and strong scaling; AlexNet also with conv3-conv5's filters split over "
+                        "2), each against the one-device step; writes nets_devices.json")
     p.add_argument("--list", action="store_true", help="list the rows and exit")
     return p.parse_args(argv)
 
@@ -673,7 +900,11 @@ def main(argv=None):
     gpu = device.platform != "cpu"
     native_platform = "cuda" if device.platform == "gpu" else device.platform
     native = jcn.has_native(native_platform) if native_platform in ("cpu", "cuda") else False
+    if args.devices and not args.nets:
+        raise SystemExit("--devices goes with --nets")
     if args.nets:
+        if args.devices:
+            return run_nets_devices(args, device, native)
         return run_nets(args, device, native)
     row_set = device.platform if args.set == "auto" else args.set
     rows = build_rows(row_set, quick=args.quick, ops=ops, batch=args.batch,
