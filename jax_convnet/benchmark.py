@@ -572,6 +572,18 @@ def _write_json(args, device, native, results, path, **meta):
         json.dump(dict(meta=meta, rows=results), f, indent=1)
 
 
+def _net_repetitions(args, gpu: bool) -> tuple[int, int]:
+    """(timed measurements, calls per measurement) of a training-step run."""
+    return args.reps or (11 if gpu else 3), args.inner or (5 if gpu else 1)
+
+
+def _print_net_header(device, native, n_rows, reps, inner, *, devices):
+    print(f"jax_convnet {jcn.__version__}, jax {jax.__version__}, {devices}{device.platform} "
+          f"({device.device_kind}); native kernels: "
+          f"{'yes' if native else 'NO (ours lowers the pure-lax reference)'}; {n_rows} "
+          f"training steps, median of {reps} x {inner} calls", flush=True)
+
+
 def run_nets(args, device, native) -> list[dict]:
     """``--nets``: the training-step table, printed and written to ``--out``/nets.json."""
     gpu = device.platform != "cpu"
@@ -579,12 +591,8 @@ def run_nets(args, device, native) -> list[dict]:
     if args.list:
         print("\n".join(r["name"] for r in rows))
         return []
-    reps = args.reps or (11 if gpu else 3)
-    inner = args.inner or (5 if gpu else 1)
-    print(f"jax_convnet {jcn.__version__}, jax {jax.__version__}, {device.platform} "
-          f"({device.device_kind}); native kernels: "
-          f"{'yes' if native else 'NO (ours lowers the pure-lax reference)'}; {len(rows)} "
-          f"training steps, median of {reps} x {inner} calls", flush=True)
+    reps, inner = _net_repetitions(args, gpu)
+    _print_net_header(device, native, len(rows), reps, inner, devices="")
     t_start = time.perf_counter()
     results = []
     for row in rows:
@@ -787,12 +795,9 @@ def run_nets_devices(args, device, native) -> list[dict]:
     if args.list:
         print("\n".join(r["name"] for r in rows))
         return []
-    reps = args.reps or (11 if gpu else 3)
-    inner = args.inner or (5 if gpu else 1)
-    print(f"jax_convnet {jcn.__version__}, jax {jax.__version__}, {len(jax.devices())} x "
-          f"{device.platform} ({device.device_kind}); native kernels: "
-          f"{'yes' if native else 'NO (ours lowers the pure-lax reference)'}; {len(rows)} "
-          f"training steps, median of {reps} x {inner} calls", flush=True)
+    reps, inner = _net_repetitions(args, gpu)
+    _print_net_header(device, native, len(rows), reps, inner,
+                      devices=f"{len(jax.devices())} x ")
     t_start = time.perf_counter()
     results, one_device = [], {}
     for row in rows:

@@ -2,15 +2,12 @@
 devices, at tiny size on eight virtual CPU devices. The device count is fixed when JAX starts, so
 the tests run in a subprocess (test_in_eight_cpu_devices starts it)."""
 import json
-import os
-import re
-import subprocess
-import sys
 
 import jax
 import pytest
 
 from jax_convnet import benchmark
+from conftest import run_in_cpu_devices
 
 N_DEVICES = 8
 # AlexNet's replicated dense layers (21M parameters at 51x51) make its steps slow on virtual
@@ -25,16 +22,7 @@ NONE = dict.fromkeys(benchmark.COLLECTIVES, 0)
 
 
 def test_in_eight_cpu_devices():
-    if len(jax.devices("cpu")) >= N_DEVICES:
-        pytest.skip("this is the eight-device run")
-    flags = (os.environ.get("XLA_FLAGS", "")
-             + f" --xla_force_host_platform_device_count={N_DEVICES}")
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.basename(__file__)],
-        cwd=os.path.dirname(os.path.abspath(__file__)), env=dict(os.environ, XLA_FLAGS=flags),
-        capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
-    assert re.search(r"\b[1-9]\d* passed", done.stdout), done.stdout[-2000:]
+    run_in_cpu_devices(__file__, N_DEVICES)
 
 
 @pytest.fixture(scope="module")

@@ -2,10 +2,7 @@
 (batch, channels, filters) instead of gathering the whole tensors, and the results equal the
 single-device ones. The device count is fixed when JAX starts, so the tests run in a subprocess
 with four virtual CPU devices (test_in_four_cpu_devices starts it)."""
-import os
 import re
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -15,22 +12,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import jax_convnet as jcn
 from jax_convnet._sharding import DimensionRule, _factor_axes
-from conftest import LAYOUTS, assert_close, filters, images, rand
+from conftest import LAYOUTS, assert_close, filters, images, rand, run_in_cpu_devices
 
 N_DEVICES = 4
 
 
 def test_in_four_cpu_devices():
-    if len(jax.devices("cpu")) >= N_DEVICES:
-        pytest.skip("this is the four-device run")
-    flags = (os.environ.get("XLA_FLAGS", "")
-             + f" --xla_force_host_platform_device_count={N_DEVICES}")
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.basename(__file__)],
-        cwd=os.path.dirname(os.path.abspath(__file__)), env=dict(os.environ, XLA_FLAGS=flags),
-        capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
-    assert re.search(r"\b[1-9]\d* passed", done.stdout), done.stdout[-2000:]
+    run_in_cpu_devices(__file__, N_DEVICES)
 
 
 @pytest.fixture
