@@ -100,13 +100,15 @@ def test_alexnet_split_over_a_model_axis(rows):
     layer (a split filter set gives channel-split outputs, and the next layer sums over all
     channels) and the first dense layer's weight for its replicated update: 4 all-gathers, plus
     the data axis' all-reduce of the 8 parameter gradients and the loss. In the backward pass
-    XLA adds the partial gradients of conv3-conv5's inputs (3 all-reduces over "model"), where our image_acts / weight_acts rules gather instead:
-    the 3 split filter sets and 3 channel-split gradients (6 more all-gathers) and 2 all-to-alls
-    (of 2 arrays each) to re-split weight_acts' operands: more traffic than XLA's plan, which
-    this test records so that a better rule shows here."""
+    XLA adds the partial gradients of conv3-conv5's inputs (3 all-reduces over "model"), where
+    our image_acts / weight_acts rules gather instead: the 3 split filter sets and 3
+    channel-split gradients (6 more all-gathers), and 2 collectives to re-split weight_acts'
+    operands (all-to-alls on JAX 0.10, all-gathers on newer XLA): more traffic than XLA's plan,
+    which this test records so that a better rule shows here."""
     r = rows["alexnet/f32/NHWC/model/4"]
     assert r["xla_collectives"] == dict(NONE, **{"all-gather": 4, "all-reduce": 4})
     assert r["xla_collective_arrays"] == dict(NONE, **{"all-gather": 4, "all-reduce": 9 + 3})
-    assert r["collectives"] == dict(NONE, **{"all-gather": 10, "all-reduce": 1, "all-to-all": 2})
-    assert r["collective_arrays"] == dict(NONE, **{"all-gather": 10, "all-reduce": 9,
-                                                   "all-to-all": 4})
+    ours = r["collectives"]
+    assert ours["all-reduce"] == 1 and r["collective_arrays"]["all-reduce"] == 9
+    assert ours["all-gather"] + ours["all-to-all"] == 12 and ours["all-gather"] >= 10
+    assert ours["reduce-scatter"] == ours["collective-permute"] == 0
