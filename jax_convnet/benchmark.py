@@ -572,6 +572,19 @@ def _write_json(args, device, native, results, path, **meta):
         json.dump(dict(meta=meta, rows=results), f, indent=1)
 
 
+def _run_step_row(run, row: dict, device) -> dict:
+    """``run()``'s row (or the row with the error that ended it: one failing row must not end
+    the run), stamped with the jax version and device, its times printed as it ends."""
+    try:
+        r = run()
+    except Exception as e:
+        r = dict(row, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    r.update(jax=jax.__version__, platform=device.platform, device_kind=device.device_kind)
+    print(f"  {r['name']}: " + ("ERROR " + r["error"] if "error" in r else
+                                f"ours {r['ms']:.3f} ms, XLA {r['xla_ms']:.3f} ms"), flush=True)
+    return r
+
+
 def _net_repetitions(args, gpu: bool) -> tuple[int, int]:
     """(timed measurements, calls per measurement) of a training-step run."""
     return args.reps or (11 if gpu else 3), args.inner or (5 if gpu else 1)
@@ -596,15 +609,8 @@ def run_nets(args, device, native) -> list[dict]:
     t_start = time.perf_counter()
     results = []
     for row in rows:
-        try:
-            r = run_net_row(row, gpu=gpu, reps=reps, inner=inner)
-        except Exception as e:  # one failing row must not end the run
-            r = dict(row, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
-        r.update(jax=jax.__version__, platform=device.platform, device_kind=device.device_kind)
-        results.append(r)
-        print(f"  {r['name']}: " + ("ERROR " + r["error"] if "error" in r else
-                                    f"ours {r['ms']:.3f} ms, XLA {r['xla_ms']:.3f} ms"),
-              flush=True)
+        results.append(_run_step_row(
+            lambda: run_net_row(row, gpu=gpu, reps=reps, inner=inner), row, device))
     add_best_layout_ratios(results)
     wall = time.perf_counter() - t_start
     print(f"\nwhole training steps (forward, backward, SGD) in {wall:.1f} s; batch and image size:"
@@ -803,15 +809,9 @@ def run_nets_devices(args, device, native) -> list[dict]:
     for row in rows:
         if row["mode"] == "one":
             one_device = {}  # a new group: new network, dtype or layout
-        try:
-            r = run_device_row(row, gpu=gpu, reps=reps, inner=inner, one_device=one_device)
-        except Exception as e:  # one failing row must not end the run
-            r = dict(row, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
-        r.update(jax=jax.__version__, platform=device.platform, device_kind=device.device_kind)
-        results.append(r)
-        print(f"  {r['name']}: " + ("ERROR " + r["error"] if "error" in r else
-                                    f"ours {r['ms']:.3f} ms, XLA {r['xla_ms']:.3f} ms"),
-              flush=True)
+        results.append(_run_step_row(
+            lambda: run_device_row(row, gpu=gpu, reps=reps, inner=inner, one_device=one_device),
+            row, device))
     add_scaling_efficiency(results)
     wall = time.perf_counter() - t_start
     print(f"\ntraining steps over several devices in {wall:.1f} s; eff: scaling efficiency "
