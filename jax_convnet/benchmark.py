@@ -526,7 +526,12 @@ def run_net_row(row: dict, *, gpu: bool, reps: int, inner: int) -> dict:
                                              "update_rel_err")})
     if "error" in r:
         return r
-    # The check ran the timed steps once; on the CPU (~1 s a step) that is their warm-up.
+    return _time_steps(r, steps, compiled, args, gpu=gpu, reps=reps, inner=inner)
+
+
+def _time_steps(r: dict, steps, compiled, args, *, gpu, reps, inner) -> dict:
+    """r with our step's and XLA's times, their ratio and compile times. The checks ran the
+    steps once already: on the CPU (~1 s a step) that is their warm-up."""
     warmup = 2 if gpu else 0
     ms = time_fn(steps["ours"], args, reps=reps, inner=inner, warmup=warmup)
     xla_ms = time_fn(steps["xla"], args, reps=reps, inner=inner, warmup=warmup)
@@ -743,12 +748,7 @@ def run_device_row(row: dict, *, gpu: bool, reps: int, inner: int, one_device: d
     if problems:
         r["error"] = f"{'; '.join(problems)} (bounds {loss_tol:g}, {update_tol:g})"
         return r
-    warmup = 2 if gpu else 0  # the checks ran the steps: on the CPU that is their warm-up
-    ms = time_fn(steps["ours"], args, reps=reps, inner=inner, warmup=warmup)
-    xla_ms = time_fn(steps["xla"], args, reps=reps, inner=inner, warmup=warmup)
-    r.update(ms=ms, xla_ms=xla_ms, ratio=xla_ms / ms, compile_s=round(compiled["ours"][1], 3),
-             xla_compile_s=round(compiled["xla"][1], 3))
-    return r
+    return _time_steps(r, steps, compiled, args, gpu=gpu, reps=reps, inner=inner)
 
 
 def add_scaling_efficiency(results) -> None:
