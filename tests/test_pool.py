@@ -266,3 +266,29 @@ def test_hessian_and_jvp_of_gradient_equal_the_reference():
     np.testing.assert_allclose(jax.jit(hvp)(jnp.stack([t, x])),
                                jnp.stack([jnp.tensordot(h, v, 4) for v in (t, x)]),
                                rtol=1e-12, atol=1e-12)
+
+
+def test_handlers_check_the_winners(platform):
+    # The checks every pool handler shares (csrc/common/pool_checks.h), on the default device.
+    name = {"gpu": "cuda"}.get(jax.default_backend(), jax.default_backend())
+    assert jcn.has_native(name)  # (registers the targets ffi_call needs)
+    x = rand(0, (3, 9, 9, 4))
+    attrs = G.pool_geometry((9, 9), 3, stride=2).ffi_attrs()
+    grad = lambda winners_dtype, cotangents_shape=(3, 4, 4, 4): jax.ffi.ffi_call(
+        "jax_convnet_max_pool_grad", jax.ShapeDtypeStruct(x.shape, x.dtype))(
+            jnp.ones(cotangents_shape, x.dtype), jnp.zeros((3, 4, 4, 4), winners_dtype), **attrs)
+    dx = grad(jnp.uint8)  # every winner at its window's origin (2*oy, 2*ox)
+    np.testing.assert_array_equal(dx[:, 0:8:2, 0:8:2, :], 1.0)
+    assert float(dx.sum()) == 3 * 16 * 4
+    with pytest.raises(Exception, match="winners must be uint8"):
+        jax.block_until_ready(grad(jnp.int32))
+    with pytest.raises(Exception, match="shape differs"):
+        jax.block_until_ready(grad(jnp.uint8, (3, 4, 4, 5)))
+    jvp = jax.ffi.ffi_call("jax_convnet_max_pool_jvp", jax.ShapeDtypeStruct((3, 4, 4, 4), x.dtype))
+    with pytest.raises(Exception, match="winners must be uint8"):
+        jax.block_until_ready(jvp(x, jnp.zeros((3, 4, 4, 4), jnp.int8), **attrs))
+    winners = jax.ffi.ffi_call("jax_convnet_max_pool_winners",
+                               (jax.ShapeDtypeStruct((3, 4, 4, 4), x.dtype),
+                                jax.ShapeDtypeStruct((3, 4, 4, 4), jnp.int32)))
+    with pytest.raises(Exception, match="winners must be uint8"):
+        jax.block_until_ready(winners(x, **attrs))
