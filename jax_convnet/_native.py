@@ -138,11 +138,13 @@ def register_lowerings(primitive, target: str, reference, *, cuda_workspace_byte
     gives the FFI attributes. ``cuda_workspace_bytes(operand_avals, result_aval, **params)``, if
     given, sizes an extra uint8 result of the CUDA custom call that its kernels use as temporary
     memory (a handler captured into a CUDA graph cannot allocate). ``dimension_rule(**params)``, if
-    given, says how the custom call splits across devices (``_sharding.DimensionRule``)."""
+    given, says how the custom call splits across devices (``_sharding.DimensionRule``). A
+    primitive with ``multiple_results`` lowers to a custom call with one result per output."""
+    multiple = primitive.multiple_results
 
     def reference_rule(ctx, *operands, **params):
         return mlir.lower_fun(functools.partial(reference, **params),
-                              multiple_results=False)(ctx, *operands)
+                              multiple_results=multiple)(ctx, *operands)
 
     def fallback_rule(ctx, *operands, **params):
         platform = ctx.module_context.platforms[0] if ctx.module_context.platforms else "?"
@@ -172,6 +174,7 @@ def register_lowerings(primitive, target: str, reference, *, cuda_workspace_byte
 
     # The custom call as each device runs it in a program split across devices.
     on_device = Primitive(primitive.name + "_on_device")
+    on_device.multiple_results = multiple
     on_device.def_effectful_abstract_eval(primitive.abstract_eval)
 
     def native_rule(platform):
@@ -183,7 +186,7 @@ def register_lowerings(primitive, target: str, reference, *, cuda_workspace_byte
                 return plain(ctx, *operands, **params)
             split = _sharding.partitioned(on_device, dimension_rule(**params),
                                           tuple(sorted(params.items())))
-            return mlir.lower_fun(split, multiple_results=False)(ctx, *operands)
+            return mlir.lower_fun(split, multiple_results=multiple)(ctx, *operands)
         return rule
 
     for prim, rule in ((primitive, native_rule), (on_device, custom_call_rule)):

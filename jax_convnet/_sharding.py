@@ -28,21 +28,25 @@ from jax.sharding import NamedSharding, PartitionSpec
 @dataclasses.dataclass(frozen=True)
 class DimensionRule:
     operands: tuple[str, ...]  # factors of each operand's dimensions, e.g. ("b h w c", "i j c f")
-    result: str  # e.g. "b o p f"
+    result: str | tuple[str, ...]  # e.g. "b o p f"; a tuple for several results
     split: frozenset[str]  # factors that may stay sharded, slices independent
     summed: frozenset[str] = frozenset()  # sharded factors absent from the result: psum
 
     def __post_init__(self):
-        result = set(self.result.split())
+        result = {f for spec in self.results for f in spec.split()}
         assert self.split <= result and not self.summed & result, self
+
+    @property
+    def results(self) -> tuple[str, ...]:
+        return (self.result,) if isinstance(self.result, str) else tuple(self.result)
 
     def shardy_rule(self) -> tuple[str, dict]:
         # Shardy numbers the factors in order of first appearance and wants each kind's list in
         # that order.
-        order = list(dict.fromkeys(f for spec in (*self.operands, self.result)
+        order = list(dict.fromkeys(f for spec in (*self.operands, *self.results)
                                    for f in spec.split()))
         keep = self.split | self.summed
-        return (", ".join(self.operands) + " -> " + self.result,
+        return (", ".join(self.operands) + " -> " + ", ".join(self.results),
                 dict(reduction_factors=tuple(f for f in order if f in self.summed),
                      need_replication_factors=tuple(f for f in order if f not in keep)))
 
@@ -122,10 +126,16 @@ def partitioned(local: Primitive, rule: DimensionRule, params: tuple):
 
     @custom_partitioning
     def call(*operands):
-        return local.bind(*operands, **kwargs)
+        out = local.bind(*operands, **kwargs)
+        return tuple(out) if local.multiple_results else out
+
+    def result_shardings(mesh, axes):
+        if isinstance(rule.result, str):
+            return _sharding(mesh, rule.result, axes)
+        return tuple(_sharding(mesh, f, axes) for f in rule.results)
 
     def infer_sharding_from_operands(mesh, arg_shapes, result_shape):
-        return _sharding(_mesh(mesh, arg_shapes), rule.result, _factor_axes(rule, arg_shapes))
+        return result_shardings(_mesh(mesh, arg_shapes), _factor_axes(rule, arg_shapes))
 
     def partition(mesh, arg_shapes, result_shape):
         axes = _factor_axes(rule, arg_shapes)
@@ -134,9 +144,11 @@ def partitioned(local: Primitive, rule: DimensionRule, params: tuple):
 
         def per_device(*operands):
             out = local.bind(*operands, **kwargs)
+            if local.multiple_results:
+                out = tuple(out)
             return lax.psum(out, summed_axes) if summed_axes else out
 
-        return (mesh, per_device, _sharding(mesh, rule.result, axes),
+        return (mesh, per_device, result_shardings(mesh, axes),
                 tuple(_sharding(mesh, f, axes) for f in rule.operands))
 
     rule_text, factor_kinds = rule.shardy_rule()

@@ -11,7 +11,11 @@ and bprop_filter (in the filters), in float32 (default precision, which may use 
 ``"highest"`` and bfloat16, layouts C01B and NHWC; XLA runs ``lax.conv_general_dilated`` in the
 same layout. Pools: the AlexNet pools (64x55x55, 192x27x27, 256x13x13, batch 128) and VGG's
 (128x112x112, batch 64), 3x3 stride 2 and 2x2 stride 2 windows (VALID), float32 and bfloat16, both
-layouts, forward and backward as ``jax.grad`` runs it; XLA runs ``lax.reduce_window``.
+layouts, forward, backward as ``jax.grad`` runs it, and "train": forward + backward as
+``jax.value_and_grad`` runs them in a training step (printed with its floor: the bytes the design
+must move, images read and pooled values and winners written forward, cotangents and winners read
+and image gradient written backward, at the copy rate of the same run); XLA runs
+``lax.reduce_window``.
 On the CPU a small set (32x32 and 16x16 images, 5x5 filters, batch 64; a 2x2 and a 3x3/2 pool).
 
 Each function is compiled, warmed up and timed as the median of ``--reps`` measurements. On a GPU
@@ -143,7 +147,7 @@ def build_rows(device_platform: str, *, quick=False, ops=("conv", "pool"), batch
             for config in dtypes:
                 for layout in LAYOUTS:  # consecutive rows share their inputs
                     for ds, stride in windows:
-                        for op in ("fwd", "bwd"):
+                        for op in ("fwd", "bwd", "train"):
                             name = f"pool/{layer}/{ds}x{ds}s{stride}/{op}/{config}/{layout}"
                             rows.append(Row(name, "pool", op, layer, layout, POOL_DTYPES[config],
                                             config, nchw + (ds, stride),
@@ -223,6 +227,10 @@ def row_functions(row: Row, inputs, partial_sum=None):
     if row.op == "fwd":
         return ours, xla, (x,), (nx + ny) * itemsize
     g = _normal(jax.random.key(1), jax.eval_shape(ours, x).shape, row.dtype)
+    if row.op == "train":  # bytes: x, dx, y, g (itemsize each); winners written and read
+        wrap = lambda pool: lambda x, g: jax.value_and_grad(lambda x: jnp.vdot(pool(x), g))(x)
+        winner_bytes = 1 if ds * ds <= 256 else 4
+        return wrap(ours), wrap(xla), (x, g), 2 * (nx + ny) * itemsize + 2 * ny * winner_bytes
     wrap = lambda pool: lambda x, g: jax.grad(lambda x: jnp.vdot(pool(x), g))(x)
     return wrap(ours), wrap(xla), (x, g), (2 * nx + ny) * itemsize
 
@@ -284,7 +292,9 @@ def repeated(fn: Callable, n: int, copies: int = 1) -> Callable:
         sets = [flat_sets[i * arity:(i + 1) * arity] for i in range(copies)]
         out = fn(*sets[0])
         for i in range(1, n):
-            seed = lax.optimization_barrier(jax.tree_util.tree_leaves(out)[0]).reshape(-1)[:1]
+            # every output feeds the seed (value_and_grad: else the earlier gradients are dead)
+            leaves = lax.optimization_barrier(jax.tree_util.tree_leaves(out))
+            seed = sum(leaf.reshape(-1)[:1].astype(jnp.float32) for leaf in leaves)
             sets[i % copies] = tuple(
                 lax.dynamic_update_slice(a, seed.astype(a.dtype).reshape((1,) * a.ndim),
                                          (0,) * a.ndim) for a in sets[i % copies])
@@ -367,6 +377,8 @@ def format_row(r) -> str:
             f"{r['ratio']:8.2f} {r['max_rel_err']:11.2e}")
     if "ref_err" in r:
         line += f"  vs float64: ours {r['ref_err']:.1e}, XLA {r['xla_ref_err']:.1e}"
+    if "floor_ms" in r:
+        line += f"  floor {r['floor_ms']:.4f} ms (ours {r['ms'] / r['floor_ms']:.2f}x)"
     return line
 
 
@@ -389,7 +401,7 @@ def plot(results, path, title):
     if not ok:
         return None
     colors = {"fprop": "tab:blue", "bprop_data": "tab:orange", "bprop_filter": "tab:green",
-              "fwd": "tab:purple", "bwd": "tab:red"}
+              "fwd": "tab:purple", "bwd": "tab:red", "train": "tab:brown"}
     fig, ax = plt.subplots(figsize=(9, 1.2 + 0.2 * len(ok)))
     y = np.arange(len(ok))[::-1]
     ratios = np.array([r["ratio"] for r in ok])
@@ -960,7 +972,8 @@ def main(argv=None):
             ours, t_ours = compile_fn(ours_fn, fn_args)
             xla, t_xla = compile_fn(xla_fn, fn_args)
             outputs = ours(*fn_args), xla(*fn_args)
-            err = float(_max_rel_err(*outputs))
+            err = max(float(_max_rel_err(a, b)) for a, b in
+                      zip(jax.tree.leaves(outputs[0]), jax.tree.leaves(outputs[1])))
             if gpu and args.inner is None:
                 ms = time_on_device(ours_fn, ours, fn_args, reps=reps)
                 xla_ms = time_on_device(xla_fn, xla, fn_args, reps=reps)
@@ -976,6 +989,8 @@ def main(argv=None):
                         xla_fn, fn_args, outputs)
             else:
                 r.update(bytes=work, gbps=work / ms / 1e6, xla_gbps=work / xla_ms / 1e6)
+                if row.op == "train":  # the design's bytes at the copy rate
+                    r["floor_ms"] = work / copy_gbps / 1e6
             del ours, xla, fn_args, outputs
         except Exception as e:  # one failing row must not end the run
             r["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"

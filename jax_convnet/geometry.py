@@ -503,6 +503,18 @@ class PoolGeometry:
         return tuple(floor_rule_size(image_hw[k], self.window[k], self.strides[k], *self.padding[k])
                      for k in range(2))
 
+    def winner_dtype(self) -> np.dtype:
+        """dtype of the winners (each window's selected element as its row-major offset
+        ``i * window_w + j`` in the whole, unclipped window): one byte while a window has at most
+        256 elements, int32 beyond that."""
+        elements = self.window[0] * self.window[1]
+        if elements <= 256:
+            return np.dtype(np.uint8)
+        if elements <= 2 ** 31:
+            return np.dtype(np.int32)
+        raise ValueError(f"ds={self.window}: windows of more than 2**31 elements cannot be "
+                         f"differentiated (their winners do not fit int32)")
+
     def ffi_attrs(self) -> dict:
         i64 = np.int64
         return dict(layout=i64(LAYOUT_CODES[self.layout]), window_h=i64(self.window[0]),

@@ -1,14 +1,21 @@
 """max_pool and all its rules.
 
-Three primitives: ``max_pool_p`` (the forward), ``max_pool_jvp_p`` (linear in the tangents: the
-tangent of each window's selected element) and ``max_pool_grad_p`` (linear in the cotangents:
-the transpose of the JVP). The JVP and the gradient are each other's transposes, so derivatives
-of any order need no other primitive; the selection depends on the images only, whose own
-derivative through the selection is zero almost everywhere.
+Four primitives:
+- ``max_pool_p(images)``: the pooled values; what a program that is not differentiated runs.
+- ``max_pool_winners_p(images)``: the pooled values and each window's **winner**, its selected
+  element as the row-major offset ``i * window_w + j`` in the whole (unclipped) window, in
+  ``geom.winner_dtype()`` (one byte while a window has at most 256 elements). The JVP of max_pool
+  runs it instead of ``max_pool_p``, so under differentiation the forward pass finds the winners
+  once and keeps them as the residual.
+- ``max_pool_jvp_p(tangents, winners)``: each window's tangent at its winner (0 for an empty
+  window), linear in the tangents.
+- ``max_pool_grad_p(cotangents, winners, image_hw)``: each image element gets the sum of the
+  cotangents of the windows whose winner it is, linear in the cotangents; the transpose of the JVP.
+Neither the JVP nor the gradient reads the images. The winners are integers (no derivative), the
+JVP and the gradient are each other's transposes, so derivatives of any order need no other
+primitive.
 """
 from __future__ import annotations
-
-import math
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +28,8 @@ from ._native import def_impl_via_jit, register_lowerings
 from ._sharding import DimensionRule, factors
 
 max_pool_p = Primitive("jax_convnet_max_pool")
+max_pool_winners_p = Primitive("jax_convnet_max_pool_winners")
+max_pool_winners_p.multiple_results = True
 max_pool_jvp_p = Primitive("jax_convnet_max_pool_jvp")
 max_pool_grad_p = Primitive("jax_convnet_max_pool_grad")
 
@@ -47,52 +56,109 @@ def _pooled_abstract(images, *, geom):
         images.dtype)
 
 
-def _same_as_images(images, _, *, geom):
-    return jax.core.ShapedArray(images.shape, images.dtype)
+def _winners_abstract(images, *, geom):
+    pooled = _pooled_abstract(images, geom=geom)
+    return [pooled, jax.core.ShapedArray(pooled.shape, geom.winner_dtype())]
+
+
+def _check_winners(winners, geom):
+    if winners.dtype != geom.winner_dtype():
+        raise TypeError(f"max_pool winners must be {geom.winner_dtype()} for ds={geom.window}, "
+                        f"got {winners.dtype}")
+
+
+def _jvp_abstract(tangents, winners, *, geom):
+    _check_winners(winners, geom)
+    pooled = _pooled_abstract(tangents, geom=geom)
+    if pooled.shape != winners.shape:
+        raise ValueError(f"max_pool winners of shape {winners.shape} do not fit tangents of "
+                         f"shape {tangents.shape} (pooled shape {pooled.shape})")
+    return pooled
+
+
+def _grad_abstract(cotangents, winners, *, geom, image_hw):
+    _check_winners(winners, geom)
+    ax = G.image_axes(geom.layout)
+    shape = G.image_shape(geom.layout, cotangents.shape[ax["n"]], cotangents.shape[ax["c"]],
+                          *image_hw)
+    if (cotangents.shape != winners.shape
+            or geom.output_hw(image_hw) != (cotangents.shape[ax["h"]], cotangents.shape[ax["w"]])):
+        raise ValueError(f"max_pool cotangents {cotangents.shape} and winners {winners.shape} do "
+                         f"not fit images of shape {shape}")
+    return jax.core.ShapedArray(shape, cotangents.dtype)
 
 
 max_pool_p.def_abstract_eval(_pooled_abstract)
-max_pool_jvp_p.def_abstract_eval(lambda images, tangents, *, geom: _pooled_abstract(images, geom=geom))
-max_pool_grad_p.def_abstract_eval(_same_as_images)
+max_pool_winners_p.def_abstract_eval(_winners_abstract)
+max_pool_jvp_p.def_abstract_eval(_jvp_abstract)
+max_pool_grad_p.def_abstract_eval(_grad_abstract)
 
 
 # ----------------------------------------------------------------------------- differentiation
 
+def _image_hw(x, geom):
+    ax = G.image_axes(geom.layout)
+    return (x.shape[ax["h"]], x.shape[ax["w"]])
+
+
+def _zero_tangent(x):
+    """The symbolic zero tangent of ``x`` (float0 for the integer winners)."""
+    return ad.Zero(jax.typeof(x).to_tangent_aval())
+
+
 def _max_pool_jvp_rule(primals, tangents, *, geom):
     (images,), (t,) = primals, tangents
-    out = max_pool_p.bind(images, geom=geom)
-    t = ad.instantiate_zeros(t)
-    return out, max_pool_jvp_p.bind(images, t, geom=geom)
+    pooled, winners = max_pool_winners_p.bind(images, geom=geom)
+    if type(t) is ad.Zero:
+        return pooled, _zero_tangent(pooled)
+    return pooled, max_pool_jvp_p.bind(t, winners, geom=geom)
 
 
-def _linear_in_second(primitive):
-    """JVP of ``primitive(images, v)``, linear in ``v`` and locally constant in ``images``."""
-    def rule(primals, tangents, *, geom):
-        images, v = primals
-        out = primitive.bind(images, v, geom=geom)
-        dv = tangents[1]
+def _winners_jvp_rule(primals, tangents, *, geom):
+    (images,), (t,) = primals, tangents
+    pooled, winners = max_pool_winners_p.bind(images, geom=geom)
+    dpooled = (_zero_tangent(pooled) if type(t) is ad.Zero
+               else max_pool_jvp_p.bind(t, winners, geom=geom))
+    return (pooled, winners), (dpooled, _zero_tangent(winners))
+
+
+def _linear_in_first(primitive):
+    """JVP of ``primitive(v, winners)``: linear in ``v``; the integer winners have no tangent."""
+    def rule(primals, tangents, **params):
+        v, winners = primals
+        out = primitive.bind(v, winners, **params)
+        dv = tangents[0]
         if type(dv) is ad.Zero:
-            return out, ad.Zero.from_primal_value(out)
-        return out, primitive.bind(images, dv, geom=geom)
+            return out, _zero_tangent(out)
+        return out, primitive.bind(dv, winners, **params)
     return rule
 
 
-def _transpose_to(other):
-    def rule(ct, images, v, *, geom):
-        if ad.is_undefined_primal(images):
-            raise ValueError("max_pool's JVP and gradient are linear in their second operand "
-                             "only; the images must be known when transposing")
-        if type(ct) is ad.Zero:
-            return None, ad.Zero(v.aval)
-        return None, other.bind(images, ct, geom=geom)
-    return rule
+def _jvp_transpose(ct, tangents, winners, *, geom):
+    if ad.is_undefined_primal(winners):
+        raise ValueError("max_pool's JVP is linear in the tangents only; the winners must be "
+                         "known when transposing")
+    if type(ct) is ad.Zero:
+        return ad.Zero(tangents.aval), None
+    return max_pool_grad_p.bind(ct, winners, geom=geom,
+                                image_hw=_image_hw(tangents.aval, geom)), None
+
+
+def _grad_transpose(ct, cotangents, winners, *, geom, image_hw):
+    if ad.is_undefined_primal(winners):
+        raise ValueError("max_pool's gradient is linear in the cotangents only; the winners must "
+                         "be known when transposing")
+    if type(ct) is ad.Zero:
+        return ad.Zero(cotangents.aval), None
+    return max_pool_jvp_p.bind(ct, winners, geom=geom), None
 
 
 ad.primitive_jvps[max_pool_p] = _max_pool_jvp_rule
-ad.primitive_jvps[max_pool_jvp_p] = _linear_in_second(max_pool_jvp_p)
-ad.primitive_jvps[max_pool_grad_p] = _linear_in_second(max_pool_grad_p)
-ad.primitive_transposes[max_pool_jvp_p] = _transpose_to(max_pool_grad_p)
-ad.primitive_transposes[max_pool_grad_p] = _transpose_to(max_pool_jvp_p)
+ad.primitive_jvps[max_pool_winners_p] = _winners_jvp_rule
+ad.primitive_jvps[max_pool_jvp_p] = _linear_in_first(max_pool_jvp_p)
+ad.primitive_jvps[max_pool_grad_p] = _linear_in_first(max_pool_grad_p)
+ad.primitive_transposes[max_pool_jvp_p] = _jvp_transpose
+ad.primitive_transposes[max_pool_grad_p] = _grad_transpose
 
 
 # ----------------------------------------------------------------------------- batching
@@ -109,7 +175,7 @@ def _fold_batch(x, bdim, size, layout):
 
 
 def _batch_rule(primitive):
-    def rule(args, dims, *, geom):
+    def rule(args, dims, *, geom, **params):
         size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
         if isinstance(size, int) and size == 0:  # an empty result, as lax gives it
             unmapped = [jax.ShapeDtypeStruct(
@@ -118,37 +184,37 @@ def _batch_rule(primitive):
             out = jax.eval_shape(lambda *xs: primitive.bind(*xs, geom=geom), *unmapped)
             return jnp.zeros((0, *out.shape), out.dtype), 0
         folded = [_fold_batch(a, d, size, geom.layout) for a, d in zip(args, dims)]
-        out = primitive.bind(*folded, geom=geom)
         n_axis = G.image_axes(geom.layout)["n"]
-        shape = out.shape
-        return out.reshape(shape[:n_axis] + (size, shape[n_axis] // size) + shape[n_axis + 1:]), n_axis
+
+        def unfold(out):
+            shape = out.shape
+            return out.reshape(shape[:n_axis] + (size, shape[n_axis] // size)
+                               + shape[n_axis + 1:])
+        out = primitive.bind(*folded, geom=geom, **params)
+        if primitive.multiple_results:
+            return [unfold(o) for o in out], [n_axis] * len(out)
+        return unfold(out), n_axis
     return rule
 
 
 def _pool_split(primitive):
     """Across devices the batch and the channels split freely; rows and columns are gathered."""
-    def rule(*, geom):
+    def rule(*, geom, **_):
         images = factors(G.image_axes(geom.layout), n="b", c="c", h="h", w="w")
         pooled = factors(G.image_axes(geom.layout), n="b", c="c", h="o", w="p")
         operands, result = {max_pool_p: ((images,), pooled),
-                            max_pool_jvp_p: ((images, images), pooled),
-                            max_pool_grad_p: ((images, pooled), images)}[primitive]
+                            max_pool_winners_p: ((images,), (pooled, pooled)),
+                            max_pool_jvp_p: ((images, pooled), pooled),
+                            max_pool_grad_p: ((pooled, pooled), images)}[primitive]
         return DimensionRule(operands, result, split=frozenset("bc"))
     return rule
 
 
-def _grad_cuda_workspace_bytes(operand_avals, result_aval, **_):
-    """One byte per pooled element: the two-pass gradient records each window's selected element
-    there (csrc/cuda/pool.cu; the kernels decide when to use it)."""
-    return math.prod(operand_avals[1].shape)
-
-
 for _p, _ref, _target in (
         (max_pool_p, reference.max_pool_canonical, "jax_convnet_max_pool"),
+        (max_pool_winners_p, reference.max_pool_winners_canonical, "jax_convnet_max_pool_winners"),
         (max_pool_jvp_p, reference.max_pool_jvp_canonical, "jax_convnet_max_pool_jvp"),
         (max_pool_grad_p, reference.max_pool_grad_canonical, "jax_convnet_max_pool_grad")):
     batching.primitive_batchers[_p] = _batch_rule(_p)
     def_impl_via_jit(_p)
-    register_lowerings(_p, _target, _ref, dimension_rule=_pool_split(_p),
-                       cuda_workspace_bytes=(_grad_cuda_workspace_bytes
-                                             if _p is max_pool_grad_p else None))
+    register_lowerings(_p, _target, _ref, dimension_rule=_pool_split(_p))

@@ -87,14 +87,26 @@ def max_pool_canonical(images, *, geom: G.PoolGeometry):
     return jnp.take_along_axis(values, index[None], axis=0)[0]
 
 
-def max_pool_jvp_canonical(images, tangents, *, geom: G.PoolGeometry):
-    _, index = _selected(images, geom)
-    return jnp.take_along_axis(_window_elements(tangents, geom, 0), index[None], axis=0)[0]
+def max_pool_winners_canonical(images, *, geom: G.PoolGeometry):
+    """(pooled, winners): each window's selected element as its row-major offset in the whole
+    window, ``i * window_w + j``, in ``geom.winner_dtype()`` (0 for an empty window)."""
+    values, index = _selected(images, geom)
+    pooled = jnp.take_along_axis(values, index[None], axis=0)[0]
+    return pooled, index.astype(geom.winner_dtype())
 
 
-def max_pool_grad_canonical(images, cotangents, *, geom: G.PoolGeometry):
-    jvp = lambda t: max_pool_jvp_canonical(images, t, geom=geom)
-    return jax.linear_transpose(jvp, jax.ShapeDtypeStruct(images.shape, images.dtype))(cotangents)[0]
+def max_pool_jvp_canonical(tangents, winners, *, geom: G.PoolGeometry):
+    """The tangent at each window's winner (0 for an empty window: its winner is padding)."""
+    index = winners.astype(jnp.int32)[None]
+    return jnp.take_along_axis(_window_elements(tangents, geom, 0), index, axis=0)[0]
+
+
+def max_pool_grad_canonical(cotangents, winners, *, geom: G.PoolGeometry, image_hw):
+    ax = G.image_axes(geom.layout)
+    shape = G.image_shape(geom.layout, cotangents.shape[ax["n"]], cotangents.shape[ax["c"]],
+                          *image_hw)
+    jvp = lambda t: max_pool_jvp_canonical(t, winners, geom=geom)
+    return jax.linear_transpose(jvp, jax.ShapeDtypeStruct(shape, cotangents.dtype))(cotangents)[0]
 
 
 # ----------------------------------------------------------------------------- public API

@@ -2,6 +2,7 @@
 bitwise reproducible, and the TF32 path within TF32's error. Skipped without a GPU."""
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -349,12 +350,12 @@ def value_tangent_and_gradient(pool):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16],
                          ids=["float32", "bfloat16", "float16"])
-# Overlapping windows take the two-pass gradient (selection bytes, then a gather) up to 15 x 16
-# windows and recompute the selection beyond; non-overlapping ones always recompute.
+# Unrolled 2x2 / 3x3 kernels and runtime windows; uint8 winners up to 16 x 16 (offsets to 255),
+# int32 winners beyond (17 x 16).
 @pytest.mark.parametrize("shape,ds,stride", [((16, 55, 55), 3, 2), ((8, 27, 27), 2, 2),
                                              ((24, 13, 13), 3, 2), ((5, 12, 11), 3, 1),
                                              ((8, 20, 40), (15, 16), (2, 5)),
-                                             ((8, 40, 21), 16, 3)])
+                                             ((8, 40, 21), 16, 3), ((8, 40, 21), (17, 16), 3)])
 def test_pools_match_cpu_kernels_bitwise(shape, ds, stride, dtype, layout):
     c, h, w = shape
     x = images(4, layout, 6, c, h, w, dtype)
@@ -398,6 +399,64 @@ def test_pools_on_special_values_match_cpu_kernels_bit_for_bit(ds, stride, paddi
     on_cpu = run(*jax.device_put((x, t, g), cpu()))
     for a, b in zip(on_gpu, on_cpu):  # pooled values, tangents and gradients, bit for bit
         np.testing.assert_array_equal(np.asarray(a).view(uint), np.asarray(b).view(uint))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16],
+                         ids=["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("ds,stride,padding", [(3, 2, None), (2, 2, None), ((17, 16), 3, None),
+                                               (2, 2, ((3, 3), (0, 1))), (5, 1, "SAME")])
+def test_pool_winners_match_cpu_kernels_bitwise(ds, stride, padding, dtype, layout):
+    # The forward with winners, the JVP and the gradient custom calls, each on its own, against
+    # the CPU kernels and the reference (windows of more than 256 elements: int32 winners; empty
+    # windows: padding rows only).
+    from jax_convnet import geometry as G
+    from jax_convnet import pool as P
+    x = jnp.round(images(14, layout, 6, 8, 23, 21, dtype) * 4) / 4  # ties
+    x = x.at[(1,) * 4].set(jnp.nan)
+    geom = G.max_pool_geometry(x, ds, stride=stride, start=0, padding=padding, layout=layout)
+    ax = G.image_axes(layout)
+    image_hw = (x.shape[ax["h"]], x.shape[ax["w"]])
+
+    def run(x, t):
+        pooled, winners = P.max_pool_winners_p.bind(x, geom=geom)
+        tangent = P.max_pool_jvp_p.bind(t, winners, geom=geom)
+        grad = P.max_pool_grad_p.bind(tangent, winners, geom=geom, image_hw=image_hw)  # finite
+        return pooled, winners, tangent, grad
+    t = rand(15, x.shape, dtype)
+    on_gpu = run_poisoned(jax.jit(run), *jax.device_put((x, t), gpu()))
+    on_cpu = jax.jit(run)(*jax.device_put((x, t), cpu()))
+    pooled, winners = ref.max_pool_winners_canonical(*jax.device_put((x,), cpu()), geom=geom)
+    np.testing.assert_array_equal(np.asarray(on_gpu[1]), np.asarray(winners))
+    for a, b in zip(on_gpu, on_cpu):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))
+
+
+def test_training_step_on_the_gpu_finds_the_winners_once():
+    x = jax.device_put(images(16, "NHWC", 8, 16, 27, 27), gpu())
+    step = jax.jit(jax.value_and_grad(
+        lambda x: jnp.sum(jcn.max_pool(x, 3, stride=2, layout="NHWC") ** 2)))
+    hlo = step.lower(x).compile().as_text()
+    targets = [t for t in re.findall(r'custom_call_target="(\w+)"', hlo) if "jax_convnet" in t]
+    assert sorted(targets) == ["jax_convnet_max_pool_grad", "jax_convnet_max_pool_winners"]
+    _, grad = step(x)
+    _, want_grad = step(jax.device_put(x, cpu()))
+    np.testing.assert_array_equal(np.asarray(grad), np.asarray(want_grad))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_pool_derivatives_of_second_order_match_cpu_kernels_bitwise(layout):
+    x = jnp.round(images(17, layout, 4, 8, 13, 12) * 4) / 4
+    t = rand(18, x.shape)
+    loss = lambda x: jnp.sum(jcn.max_pool(x, 3, stride=2, layout=layout) ** 2)  # exact
+    jvp_of_grad = jax.jit(lambda x, t: jax.jvp(jax.grad(loss), (x,), (t,)))
+    hvp = jax.jit(jax.vmap(lambda v, x: jax.grad(lambda x: jnp.vdot(jax.grad(loss)(x), v))(x),
+                           (0, None)))
+    on_gpu = jvp_of_grad(*jax.device_put((x, t), gpu())), hvp(*jax.device_put((t[None], x), gpu()))
+    on_cpu = jvp_of_grad(*jax.device_put((x, t), cpu())), hvp(*jax.device_put((t[None], x), cpu()))
+    for a, b in zip(jax.tree.leaves(on_gpu), jax.tree.leaves(on_cpu)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])

@@ -108,6 +108,9 @@ def test_pool_splits_batch_and_channels(mesh, layout):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     hlo = compiled_text(run, xs, gs)
     assert "all-gather" not in hlo and "all-reduce" not in hlo
+    # the forward with winners, the JVP and the gradient each run on the local slices
+    for target in ("max_pool_winners", "max_pool_jvp", "max_pool_grad"):
+        assert f'custom_call_target="jax_convnet_{target}"' in hlo
 
 
 def test_a_dimension_splits_only_where_it_divides_evenly(mesh):

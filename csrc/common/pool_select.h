@@ -1,7 +1,7 @@
 // Max-pool helpers shared by the CPU (csrc/cpu/pool.cc) and CUDA (csrc/cuda/pool.cu) kernels:
-// the selection rule of the contract, the integer arithmetic that finds the windows covering
-// an image position, and the host-side range checks that keep every index the kernels form
-// free of overflow (so both backends accept and reject exactly the same calls).
+// the selection rule of the contract, the winners' encoding, the integer arithmetic that finds
+// the windows covering an image position, and the host-side range checks that keep every index
+// the kernels form free of overflow (so both backends accept and reject exactly the same calls).
 #pragma once
 
 #include <cstdint>
@@ -95,6 +95,19 @@ inline bool fits_int32(const PoolGeometry& g, int64_t image_elems, int64_t poole
   return image_elems <= lim && pooled_elems <= lim &&
          axis_extent_within(g.out_h, g.stride_h, g.window_h, g.pad_top, g.in_h, lim) &&
          axis_extent_within(g.out_w, g.stride_w, g.window_w, g.pad_left, g.in_w, lim);
+}
+
+// Bytes per winner (each window's selected element as its row-major offset i * window_w + j in
+// the whole, unclipped window; jax_convnet/geometry.py PoolGeometry.winner_dtype): 1 (uint8)
+// while a window has at most 256 elements, 4 (int32) up to 2^31 elements, 0 beyond (such windows
+// cannot be differentiated). An empty window's winner is 0: offset (0, 0) lies outside the image
+// for every empty window, so the JVP and the gradient find no element there.
+inline int winner_bytes(const PoolGeometry& g) {
+  if (g.window_h < 1 || g.window_w < 1) return 0;
+  if (g.window_h <= 256 && g.window_w <= 256 / g.window_h) return 1;
+  const int64_t lim = int64_t(1) << 31;
+  if (g.window_h <= lim && g.window_w <= lim / g.window_h) return 4;
+  return 0;
 }
 
 // Both layouts store images as [outer][H][W][inner] with `inner` contiguous:

@@ -4,12 +4,13 @@
 
 #include "xla/ffi/api/ffi.h"
 
-#define JCN_FOR_EACH_TARGET(X)                  \
-  X("jax_convnet_filter_acts", FilterActs)      \
-  X("jax_convnet_image_acts", ImageActs)        \
-  X("jax_convnet_weight_acts", WeightActs)      \
-  X("jax_convnet_max_pool", MaxPool)            \
-  X("jax_convnet_max_pool_jvp", MaxPoolJvp)     \
+#define JCN_FOR_EACH_TARGET(X)                      \
+  X("jax_convnet_filter_acts", FilterActs)          \
+  X("jax_convnet_image_acts", ImageActs)            \
+  X("jax_convnet_weight_acts", WeightActs)          \
+  X("jax_convnet_max_pool", MaxPool)                \
+  X("jax_convnet_max_pool_winners", MaxPoolWinners) \
+  X("jax_convnet_max_pool_jvp", MaxPoolJvp)         \
   X("jax_convnet_max_pool_grad", MaxPoolGrad)
 
 #define JCN_DECLARE_CPU(name, sym) XLA_FFI_DECLARE_HANDLER_SYMBOL(sym##Cpu);

@@ -1,4 +1,5 @@
-// Max pooling on the CPU: max_pool, its JVP and its gradient (see csrc/README.md, "Max pool").
+// Max pooling on the CPU: max_pool, max_pool with winners, the JVP and the gradient (see
+// csrc/README.md, "Max pool"). The JVP and the gradient read the winners, never the images.
 //
 // Both layouts are handled as one memory pattern [outer][H][W][inner] (C01B: outer = C,
 // inner = B; NHWC: outer = B, inner = C); every inner loop runs over the contiguous `inner`
@@ -6,7 +7,7 @@
 // or image rows (gradient), so every output element is written by exactly one thread.
 //
 // Results are bit-identical to the CUDA kernels (csrc/cuda/pool.cu):
-// - forward / JVP copy the selected element (image / tangent) unchanged;
+// - forward / JVP copy the selected element (image / tangent at the winner) unchanged;
 // - the gradient of an image element is 0 + ct(w1) + ct(w2) + ... over the windows that selected
 //   it in increasing (oy, ox) order, accumulated in float32 (float64 for float64), then rounded
 //   to the storage type to nearest even (NaN becomes the canonical NaN 0x7fff for bf16 / f16,
@@ -18,6 +19,7 @@
 #include <limits>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64) || defined(__i386__)
@@ -25,6 +27,7 @@
 #endif
 
 #include "ffi_common.h"
+#include "pool_checks.h"
 #include "pool_select.h"
 #include "targets.h"
 
@@ -244,103 +247,152 @@ Window window_of(const Dims& d, int64_t oy, int64_t ox) {
                 std::max<int64_t>(x0, 0), std::min<int64_t>(x0 + d.ww, d.W)};
 }
 
-// Selection of a non-empty window of slice o for all I lanes: sel[i] = row-major index k of the
-// selected element of lane i within the clipped window. Branch-free inner loop (vectorisable).
-// K: int32_t, or int64_t for windows of more than 2^31 - 1 elements.
-template <typename T, typename K>
-void select_window(const T* img, const Dims& d, int64_t o, const Window& w,
-                   typename Num<T>::F* best, K* sel) {
-  using F = typename Num<T>::F;
-  K k = 0;
-  for (int64_t y = w.ys; y < w.ye; ++y) {
-    for (int64_t x = w.xs; x < w.xe; ++x, ++k) {
-      const T* p = img + ((o * d.H + y) * d.W + x) * d.I;
-      if (k == 0) {
-        for (int64_t i = 0; i < d.I; ++i) {
-          best[i] = Num<T>::to_f(p[i]);
-          sel[i] = 0;
-        }
-        continue;
-      }
-      for (int64_t i = 0; i < d.I; ++i) {
-        const F v = Num<T>::to_f(p[i]);
-        const F b = best[i];
-        const bool take = jcn::pool::takes(false, v, b);
-        best[i] = take ? v : b;
-        sel[i] = take ? k : sel[i];
-      }
-    }
-  }
-}
-
 // One element of a window for all n lanes: take it where it beats the best so far (or is the
-// first), carrying its src value along. Separate function so that `restrict` holds (compilers
+// first), carrying its value along. Separate function so that `restrict` holds (compilers
 // ignore it on locals): q and best are both float for float32 and could otherwise alias.
 template <typename T>
-void scan_element(const T* __restrict p, const T* __restrict src,
-                  typename Num<T>::F* __restrict best, T* __restrict q, int64_t n, bool first) {
+void scan_element(const T* __restrict p, typename Num<T>::F* __restrict best, T* __restrict q,
+                  int64_t n, bool first) {
   using F = typename Num<T>::F;
   if (first) {
     for (int64_t i = 0; i < n; ++i) {
       best[i] = Num<T>::to_f(p[i]);
-      q[i] = src[i];
+      q[i] = p[i];
     }
     return;
   }
   for (int64_t i = 0; i < n; ++i) {
     const F v = Num<T>::to_f(p[i]);
-    const T candidate = src[i];  // loaded unconditionally: a conditional load blocks vectorising
+    const T candidate = p[i];
     const bool take = jcn::pool::takes(false, v, best[i]);
     best[i] = take ? v : best[i];
     q[i] = pick(take, candidate, q[i]);
   }
 }
 
-// Forward (src = images, empty = -inf) or JVP (src = tangents, empty = 0):
-// out[o][oy][ox][i] = src[selected element of lane i]. The selected src value is carried along the
-// scan (a select per lane, vectorisable) and written straight to the output: no index, no gather.
+// The same, also keeping the winner: the element's offset k in the whole window.
 template <typename T>
-void pool_forward(const T* img, const T* src, T* out, const Dims& d, T empty) {
+void scan_element_winner(const T* __restrict p, typename Num<T>::F* __restrict best,
+                         T* __restrict q, int32_t* __restrict win, int64_t n, bool first,
+                         int32_t k) {
   using F = typename Num<T>::F;
+  if (first) {
+    for (int64_t i = 0; i < n; ++i) {
+      best[i] = Num<T>::to_f(p[i]);
+      q[i] = p[i];
+      win[i] = k;
+    }
+    return;
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const F v = Num<T>::to_f(p[i]);
+    const T candidate = p[i];
+    const bool take = jcn::pool::takes(false, v, best[i]);
+    best[i] = take ? v : best[i];
+    q[i] = pick(take, candidate, q[i]);
+    // a select by mask: the vectoriser turns `take ? k : win[i]` into a conditional store
+    const int32_t mask = -int32_t(take);
+    win[i] = (k & mask) | (win[i] & ~mask);
+  }
+}
+
+// Forward: out[o][oy][ox][i] = the selected image element of lane i (-inf for an empty window),
+// carried along the scan (a select per lane, vectorisable) and written straight to the output.
+// With winners (K = uint8_t / int32_t; K = void: none) also its offset i * ww + j in the whole
+// window (0 for an empty window), kept as int32 during the scan.
+template <typename T, typename K>
+void pool_forward(const T* img, T* out, K* winners, const Dims& d) {
+  using F = typename Num<T>::F;
+  constexpr bool kWinners = !std::is_void_v<K>;
   const int64_t rows = d.O * d.Ho;
   const int64_t cost =
       d.Wo * d.I * std::max<int64_t>(1, std::min(d.wh, d.H) * std::min(d.ww, d.W));
   parallel_for(rows, cost, [&](int64_t begin, int64_t end) {
     std::vector<F> best(size_t(d.I));
+    std::vector<int32_t> win(kWinners ? size_t(d.I) : size_t(0));
     F* b = best.data();
+    int32_t* wk = win.data();
     for (int64_t r = begin; r < end; ++r) {
       const int64_t o = r / d.Ho, oy = r % d.Ho;
       for (int64_t ox = 0; ox < d.Wo; ++ox) {
-        T* q = out + ((o * d.Ho + oy) * d.Wo + ox) * d.I;
+        const int64_t at_out = ((o * d.Ho + oy) * d.Wo + ox) * d.I;
+        T* q = out + at_out;
         const Window w = window_of(d, oy, ox);
         if (w.empty()) {
-          for (int64_t i = 0; i < d.I; ++i) q[i] = empty;
+          for (int64_t i = 0; i < d.I; ++i) q[i] = Num<T>::neg_inf();
+          if constexpr (kWinners)
+            for (int64_t i = 0; i < d.I; ++i) winners[at_out + i] = K(0);
           continue;
         }
+        const int64_t y0 = oy * d.sh - d.pt, x0 = ox * d.sw - d.pl;
         for (int64_t y = w.ys; y < w.ye; ++y) {
           for (int64_t x = w.xs; x < w.xe; ++x) {
             const int64_t at = ((o * d.H + y) * d.W + x) * d.I;
-            scan_element(img + at, src + at, b, q, d.I, y == w.ys && x == w.xs);
+            const bool first = y == w.ys && x == w.xs;
+            if constexpr (kWinners)  // k < 2^31: pool::winner_bytes
+              scan_element_winner(img + at, b, q, wk, d.I, first,
+                                  int32_t((y - y0) * d.ww + (x - x0)));
+            else
+              scan_element(img + at, b, q, d.I, first);
           }
+        }
+        if constexpr (kWinners)
+          for (int64_t i = 0; i < d.I; ++i) winners[at_out + i] = K(wk[i]);
+      }
+    }
+  });
+}
+
+// JVP: out[o][oy][ox][i] = tangents at the winner of lane i, 0 where the winner lies outside the
+// image (an empty window's).
+template <typename T, typename K>
+void pool_jvp(const T* tan, const K* winners, T* out, const Dims& d) {
+  const int64_t rows = d.O * d.Ho;
+  parallel_for(rows, d.Wo * d.I, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t o = r / d.Ho, oy = r % d.Ho;
+      const int64_t y0 = oy * d.sh - d.pt;
+      for (int64_t ox = 0; ox < d.Wo; ++ox) {
+        const int64_t x0 = ox * d.sw - d.pl;
+        const int64_t at_out = ((o * d.Ho + oy) * d.Wo + ox) * d.I;
+        for (int64_t i = 0; i < d.I; ++i) {
+          const int64_t k = int64_t(winners[at_out + i]);
+          const int64_t dy = k / d.ww;
+          const int64_t y = y0 + dy, x = x0 + (k - dy * d.ww);
+          const bool inside = k >= 0 && y >= 0 && y < d.H && x >= 0 && x < d.W;
+          out[at_out + i] = inside ? tan[((o * d.H + y) * d.W + x) * d.I + i] : Num<T>::zero();
         }
       }
     }
   });
 }
 
-// Gradient, gathered per image row (o, y): the windows covering row y are visited in increasing
-// (oy, ox); a window adds its cotangent to the element of row y it selected. Each element thus
-// sums its windows in increasing (oy, ox) order, starting from 0, as the CUDA kernel does.
+// Windows up to this wide add their cotangents in one vectorised pass per column.
+constexpr int64_t kColumnPasses = 4;
+
+// acc[i] += ct[i] for the lanes whose winner is k (+0.0 for the others).
 template <typename T, typename K>
-void pool_grad(const T* img, const T* ct, T* out, const Dims& d) {
+void add_where(typename Num<T>::F* __restrict acc, const T* __restrict ct,
+               const K* __restrict winners, int32_t k, int64_t n) {
+  using F = typename Num<T>::F;
+  for (int64_t i = 0; i < n; ++i) {
+    const F c = Num<T>::to_f(ct[i]);  // loaded unconditionally: a conditional load blocks vectorising
+    acc[i] += int32_t(winners[i]) == k ? c : F(0);
+  }
+}
+
+// Gradient, gathered per image row (o, y): the windows covering row y are visited in increasing
+// (oy, ox); a window whose winner lies in row y adds its cotangent there. Each element thus sums
+// its windows in increasing (oy, ox) order, starting from 0, as the CUDA kernel does; accumulated
+// in float32 (float64 for float64), rounded once. The images are not read.
+template <typename T, typename K>
+void pool_grad(const T* ct, const K* winners, T* out, const Dims& d) {
   using F = typename Num<T>::F;
   const int64_t rows = d.O * d.H;
-  const int64_t cost =
-      d.W * d.I * std::max<int64_t>(1, std::min(d.wh, d.H) * std::min(d.ww, d.W));
-  parallel_for(rows, cost, [&](int64_t begin, int64_t end) {
-    std::vector<F> best(size_t(d.I));
-    std::vector<K> sel(size_t(d.I));
+  const int64_t covering_rows = (std::min(d.wh, d.H) + d.sh - 1) / d.sh + 1;
+  parallel_for(rows, d.Wo * d.I * covering_rows + d.W * d.I, [&](int64_t begin, int64_t end) {
     std::vector<F> acc(size_t(d.W * d.I));
+    F* a = acc.data();
     for (int64_t r = begin; r < end; ++r) {
       const int64_t o = r / d.H, y = r % d.H;
       std::fill(acc.begin(), acc.end(), F(0));
@@ -348,21 +400,34 @@ void pool_grad(const T* img, const T* ct, T* out, const Dims& d) {
       jcn::pool::covering_windows<int64_t>(y, y, d.pt, d.wh, d.sh, d.Ho, &oy_lo, &oy_hi);
       jcn::pool::covering_windows<int64_t>(0, d.W - 1, d.pl, d.ww, d.sw, d.Wo, &ox_lo, &ox_hi);
       for (int64_t oy = oy_lo; oy <= oy_hi; ++oy) {
+        const int64_t k_lo = (y - (oy * d.sh - d.pt)) * d.ww;  // winners in row y: [k_lo, +ww)
         for (int64_t ox = ox_lo; ox <= ox_hi; ++ox) {
-          const Window w = window_of(d, oy, ox);
-          if (w.empty()) continue;
-          select_window(img, d, o, w, best.data(), sel.data());
-          const T* c = ct + ((o * d.Ho + oy) * d.Wo + ox) * d.I;
-          const int64_t nx = w.xe - w.xs;
-          const int64_t k_lo = (y - w.ys) * nx;  // selections in row y: k in [k_lo, k_lo + nx)
-          for (int64_t i = 0; i < d.I; ++i) {
-            const int64_t dk = sel[i] - k_lo;
-            if (dk >= 0 && dk < nx) acc[size_t((w.xs + dk) * d.I + i)] += Num<T>::to_f(c[i]);
+          const int64_t x0 = ox * d.sw - d.pl;
+          const int64_t at = ((o * d.Ho + oy) * d.Wo + ox) * d.I;
+          const T* c = ct + at;
+          const K* wv = winners + at;
+          // Branch-free (winners are data: a branch would be mispredicted half the time). A
+          // lane adds +0.0 where its winner is not, which leaves the sum unchanged (acc starts
+          // at +0.0, and a sum is -0.0 only when both terms are).
+          if (d.ww <= kColumnPasses) {
+            // one vectorised pass per column of the window inside the image
+            const int64_t j_lo = std::max<int64_t>(0, -x0), j_hi = std::min(d.ww, d.W - x0);
+            for (int64_t j = j_lo; j < j_hi; ++j)
+              add_where(a + (x0 + j) * d.I, c, wv, int32_t(k_lo + j), d.I);
+          } else {
+            // one scatter per lane; a lane whose winner is elsewhere adds to column 0
+            for (int64_t i = 0; i < d.I; ++i) {
+              const int64_t dk = int64_t(wv[i]) - k_lo;
+              const int64_t x = x0 + dk;
+              const bool hit = (dk >= 0) & (dk < d.ww) & (x >= 0) & (x < d.W);
+              const F cf = Num<T>::to_f(c[i]);
+              a[(x & -int64_t(hit)) * d.I + i] += hit ? cf : F(0);
+            }
           }
         }
       }
       T* q = out + (o * d.H + y) * d.W * d.I;
-      for (int64_t k = 0; k < d.W * d.I; ++k) q[k] = Num<T>::from_f(acc[size_t(k)]);
+      for (int64_t k = 0; k < d.W * d.I; ++k) q[k] = Num<T>::from_f(a[k]);
     }
   });
 }
@@ -370,53 +435,23 @@ void pool_grad(const T* img, const T* ct, T* out, const Dims& d) {
 // ----------------------------------------------------------------------------------------------
 // Handlers.
 
-bool same_dims(const ffi::AnyBuffer& a, const ffi::AnyBuffer& b) {
-  return a.dimensions() == b.dimensions();
-}
-
-enum class Op { kForward, kJvp, kGrad };
-
 constexpr bool kAllowF64 = true;  // float64 too on the CPU
 
-template <typename T>
-void run_typed(Op op, const Dims& d, const void* img, const void* second, void* out) {
-  const T* x = static_cast<const T*>(img);
-  const T* s = static_cast<const T*>(second);
-  T* y = static_cast<T*>(out);
-  switch (op) {
-    case Op::kForward:
-      pool_forward<T>(x, x, y, d, Num<T>::neg_inf());
-      break;
-    case Op::kJvp:
-      pool_forward<T>(x, s, y, d, Num<T>::zero());
-      break;
-    case Op::kGrad: {
-      // The gradient numbers window elements with int32 unless a clipped window can hold more.
-      const int64_t max_window = std::min(d.wh, d.H) * std::min(d.ww, d.W);
-      if (max_window <= int64_t(INT32_MAX))
-        pool_grad<T, int32_t>(x, s, y, d);
-      else
-        pool_grad<T, int64_t>(x, s, y, d);
-      break;
-    }
-  }
-}
-
-ffi::Error run(Op op, ffi::DataType t, const jcn::PoolGeometry& g, const void* img,
-               const void* second, void* out) {
-  const Dims d = dims_of(g);
+// Calls fn(T{}) with the storage type of `t`.
+template <typename Fn>
+ffi::Error with_type(ffi::DataType t, const Fn& fn) {
   switch (t) {
     case ffi::DataType::F32:
-      run_typed<float>(op, d, img, second, out);
+      fn(float{});
       break;
     case ffi::DataType::F64:
-      run_typed<double>(op, d, img, second, out);
+      fn(double{});
       break;
     case ffi::DataType::BF16:
-      run_typed<Bf16>(op, d, img, second, out);
+      fn(Bf16{});
       break;
     case ffi::DataType::F16:
-      run_typed<F16>(op, d, img, second, out);
+      fn(F16{});
       break;
     default:
       return ffi::Error::InvalidArgument("jax_convnet max_pool: unsupported dtype");
@@ -424,42 +459,73 @@ ffi::Error run(Op op, ffi::DataType t, const jcn::PoolGeometry& g, const void* i
   return ffi::Error::Success();
 }
 
+// Calls fn(T{}, K{}) with the storage type of `t` and the winners' type K of the geometry.
+template <typename Fn>
+ffi::Error with_types(ffi::DataType t, const jcn::PoolGeometry& g, const Fn& fn) {
+  const bool narrow = jcn::pool::winner_bytes(g) == 1;
+  return with_type(t, [&](auto zero) {
+    if (narrow)
+      fn(zero, uint8_t{});
+    else
+      fn(zero, int32_t{});
+  });
+}
+
 ffi::Error MaxPoolImpl(ffi::AnyBuffer images, ffi::Result<ffi::AnyBuffer> pooled,
                        jcn::PoolParams p) {
-  const char* op = "max_pool";
   jcn::PoolGeometry g;
-  ffi::Error checked = jcn::check_pool_call(op, p, images, *pooled, kAllowF64, &g);
+  ffi::Error checked = jcn::check_pool_call("max_pool", p, images, *pooled, kAllowF64, &g);
   if (checked.failure()) return checked;
-  return run(Op::kForward, images.element_type(), g, images.untyped_data(), nullptr,
-             pooled->untyped_data());
+  return with_type(images.element_type(), [&](auto zero) {
+    using T = decltype(zero);
+    pool_forward<T, void>(static_cast<const T*>(images.untyped_data()),
+                             static_cast<T*>(pooled->untyped_data()), nullptr, dims_of(g));
+  });
 }
 
-ffi::Error MaxPoolJvpImpl(ffi::AnyBuffer images, ffi::AnyBuffer tangents,
+ffi::Error MaxPoolWinnersImpl(ffi::AnyBuffer images, ffi::Result<ffi::AnyBuffer> pooled,
+                              ffi::Result<ffi::AnyBuffer> winners, jcn::PoolParams p) {
+  jcn::PoolGeometry g;
+  ffi::Error checked = jcn::check_pool_winners_call("max_pool_winners", p, images, *pooled,
+                                                    *winners, kAllowF64, &g);
+  if (checked.failure()) return checked;
+  return with_types(images.element_type(), g, [&](auto zero, auto kzero) {
+    using T = decltype(zero);
+    using K = decltype(kzero);
+    pool_forward<T, K>(static_cast<const T*>(images.untyped_data()),
+                       static_cast<T*>(pooled->untyped_data()),
+                       static_cast<K*>(winners->untyped_data()), dims_of(g));
+  });
+}
+
+ffi::Error MaxPoolJvpImpl(ffi::AnyBuffer tangents, ffi::AnyBuffer winners,
                           ffi::Result<ffi::AnyBuffer> pooled_tangents, jcn::PoolParams p) {
-  const char* op = "max_pool_jvp";
   jcn::PoolGeometry g;
-  ffi::Error checked = jcn::check_pool_call(op, p, images, *pooled_tangents, kAllowF64, &g);
+  ffi::Error checked = jcn::check_pool_winners_call("max_pool_jvp", p, tangents,
+                                                    *pooled_tangents, winners, kAllowF64, &g);
   if (checked.failure()) return checked;
-  if (tangents.element_type() != images.element_type())
-    return jcn::invalid(op, "operands and result must share one dtype");
-  if (!same_dims(tangents, images))
-    return jcn::invalid(op, "tangents' shape differs from the images'");
-  return run(Op::kJvp, images.element_type(), g, images.untyped_data(), tangents.untyped_data(),
-             pooled_tangents->untyped_data());
+  return with_types(tangents.element_type(), g, [&](auto zero, auto kzero) {
+    using T = decltype(zero);
+    using K = decltype(kzero);
+    pool_jvp<T, K>(static_cast<const T*>(tangents.untyped_data()),
+                   static_cast<const K*>(winners.untyped_data()),
+                   static_cast<T*>(pooled_tangents->untyped_data()), dims_of(g));
+  });
 }
 
-ffi::Error MaxPoolGradImpl(ffi::AnyBuffer images, ffi::AnyBuffer cotangents,
+ffi::Error MaxPoolGradImpl(ffi::AnyBuffer cotangents, ffi::AnyBuffer winners,
                            ffi::Result<ffi::AnyBuffer> image_cotangents, jcn::PoolParams p) {
-  const char* op = "max_pool_grad";
   jcn::PoolGeometry g;
-  ffi::Error checked = jcn::check_pool_call(op, p, images, cotangents, kAllowF64, &g);
+  ffi::Error checked = jcn::check_pool_winners_call("max_pool_grad", p, *image_cotangents,
+                                                    cotangents, winners, kAllowF64, &g);
   if (checked.failure()) return checked;
-  if (image_cotangents->element_type() != images.element_type())
-    return jcn::invalid(op, "operands and result must share one dtype");
-  if (!same_dims(*image_cotangents, images))
-    return jcn::invalid(op, "image cotangents' shape differs from the images'");
-  return run(Op::kGrad, images.element_type(), g, images.untyped_data(), cotangents.untyped_data(),
-             image_cotangents->untyped_data());
+  return with_types(cotangents.element_type(), g, [&](auto zero, auto kzero) {
+    using T = decltype(zero);
+    using K = decltype(kzero);
+    pool_grad<T, K>(static_cast<const T*>(cotangents.untyped_data()),
+                    static_cast<const K*>(winners.untyped_data()),
+                    static_cast<T*>(image_cotangents->untyped_data()), dims_of(g));
+  });
 }
 
 }  // namespace
@@ -467,6 +533,13 @@ ffi::Error MaxPoolGradImpl(ffi::AnyBuffer images, ffi::AnyBuffer cotangents,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MaxPoolCpu, MaxPoolImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attrs<jax_convnet::PoolParams>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MaxPoolWinnersCpu, MaxPoolWinnersImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Attrs<jax_convnet::PoolParams>());
 

@@ -1,10 +1,12 @@
-// Max pooling on CUDA: max_pool, its JVP and its gradient (see csrc/README.md, "Max pool").
+// Max pooling on CUDA: max_pool, max_pool with winners, the JVP and the gradient (see
+// csrc/README.md, "Max pool").
 //
 // Both layouts are one memory pattern [outer][H][W][inner] (C01B: outer = C, inner = B;
 // NHWC: outer = B, inner = C), `inner` contiguous. Every thread works on a vector of V
 // consecutive `inner` elements: V = 16 bytes / sizeof(T) (4 x f32, 8 x bf16 / f16) when `inner`
-// is a multiple of V and all buffers are 16-byte aligned, otherwise V = 1 (scalar fallback).
-// Consecutive threads take consecutive vectors, so every warp-wide load / store is contiguous.
+// is a multiple of V and all buffers are aligned to their vectors, otherwise V = 1 (scalar
+// fallback). Consecutive threads take consecutive vectors, so every warp-wide load / store is
+// contiguous.
 //
 // Bit-identical to the CPU kernels (csrc/cpu/pool.cc): forward / JVP copy the selected element
 // unchanged; the gradient of an image element is 0 + ct(w1) + ct(w2) + ... over the windows that
@@ -12,15 +14,14 @@
 // (Only NaN payloads of the gradient may differ: the GPU produces canonical NaNs.) Subnormals
 // are compared and summed as IEEE values: do not build this file with -ftz=true / fast math.
 //
-// Gradient: overlapping windows (window > stride) take two passes, which move the fewest bytes
-// and no atomics: the forward kernel records each window's selected element in one byte per
-// lane (in the custom call's workspace result), then a gather sums the cotangents of the windows
-// that selected each image element. Non-overlapping windows take one pass that recomputes the
-// selection (each image element is read once either way). See the kernels for byte counts.
+// Under differentiation the forward kernel also writes each window's winner (the selected
+// element's offset i * ww + j in the whole window, uint8 or int32: pool::winner_bytes); the JVP
+// gathers the tangents at the winners and the gradient gathers, for each image element, the
+// cotangents of the windows whose winner it is (no atomics). Neither reads the images.
 //
-// Graph-safe: no allocation, no synchronisation, no host access to device data; one or two
-// kernel launches per call on the given stream. Index arithmetic is 32-bit when everything
-// provably fits (pool::fits_int32), else 64-bit; grids are 1-d with grid-stride loops (any size).
+// Graph-safe: no allocation, no synchronisation, no host access to device data; one kernel
+// launch per call on the given stream. Index arithmetic is 32-bit when everything provably fits
+// (pool::fits_int32), else 64-bit; grids are 1-d with grid-stride loops (any size).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -29,6 +30,7 @@
 #include <string>
 
 #include "ffi_common.h"
+#include "pool_checks.h"
 #include "pool_select.h"
 #include "targets.h"
 
@@ -42,7 +44,7 @@ constexpr int kThreads = 256;            // threads per block
 constexpr int64_t kMaxBlocks = 1 << 22;  // grid cap: kMaxBlocks * kThreads = 2^30 (int32-safe)
 constexpr int kTile = 2;                 // gradient: one thread owns kTile x kTile positions
 // Bytes per thread along the contiguous dimension (16 or 8). 16 B vectors cost the bf16 / f16
-// gradient kernel ~95 registers (32 float accumulators); 8 B would halve that per thread.
+// gradient kernel 32 float accumulators per thread; 8 B would halve that.
 constexpr int kFwdVecBytes = 16;
 constexpr int kGradVecBytes = 16;
 
@@ -97,12 +99,10 @@ __device__ __forceinline__ Vec<T, V> load_vec(const T* __restrict__ p, Idx off) 
   return *reinterpret_cast<const Vec<T, V>*>(p + off);
 }
 
-// Selected window offset (i << 4) | j of V lanes; i <= 14 and j <= 15 (uses_selection), so
-// kSelNone (empty window) is never a valid offset.
-constexpr int kSelNone = 255;
-template <int V>
-struct alignas(V) SelVec {
-  uint8_t s[V];
+// V winners of one pooled vector, loaded / stored with one instruction.
+template <typename W, int V>
+struct alignas(sizeof(W) * V) WinVec {
+  W w[V];
 };
 
 // v clamped to [0, n - 1].
@@ -122,25 +122,20 @@ struct KGeom {
 };
 
 // ----------------------------------------------------------------------------------------------
-// Forward, JVP and selection. One thread per pooled vector (o, oy, ox, V lanes at i = iv*V): it
-// scans the clipped window in row-major order, per lane keeps the selected value, and writes the
-// selected image element (forward), the tangent at that element (JVP; -inf / 0 for an empty
-// window), or its window offset as the byte (i << 4) | j (selection; kSelNone when empty).
-// Bytes moved per image element (windows tiling the image, stride s_h x s_w; overlapping
-// re-reads are served by L1/L2):
-//   forward: sizeof(T) * (1 + 1/(s_h*s_w))   -- f32 2x2/2: 5 B, bf16: 2.5 B
-//   JVP:     sizeof(T) * (2 + 1/(s_h*s_w))   -- f32 2x2/2: 9 B
-//   select:  sizeof(T) + 1/(s_h*s_w)          -- f32 3x3/2: 4.25 B
+// Forward, with or without winners. One thread per pooled vector (o, oy, ox, V lanes at
+// i = iv*V): it scans the clipped window in row-major order, per lane keeps the selected value,
+// and writes it (-inf for an empty window) and, with winners, its offset i * ww + j in the whole
+// window (0 for an empty window). Bytes moved per image element (windows tiling the image,
+// stride s_h x s_w; overlapping re-reads are served by L1/L2):
+//   forward:          sizeof(T) * (1 + 1/(s_h*s_w))                  -- f32 2x2/2: 5 B
+//   with winners:     sizeof(T) * (1 + 1/(s_h*s_w)) + sizeof(W)/(s_h*s_w)
 // KH / KW > 0: window size fixed at compile time (loops fully unrolled, all loads of a window in
 // flight at once; out-of-image elements predicated off); 0: runtime window over the clipped range.
-enum class Scan { kValue, kTangent, kSelect };
-
-template <typename T, int V, int KH, int KW, Scan kScan, typename Idx>
+template <typename T, typename W, int V, int KH, int KW, bool kWinners, typename Idx>
 __global__ void __launch_bounds__(kThreads)
-    max_pool_fwd_kernel(const T* __restrict__ img, const T* __restrict__ tan,
-                        T* __restrict__ out, uint8_t* __restrict__ sel, const KGeom<Idx> g) {
+    max_pool_fwd_kernel(const T* __restrict__ img, T* __restrict__ out, W* __restrict__ win,
+                        const KGeom<Idx> g) {
   using N = Num<T>;
-  constexpr bool kJvp = kScan == Scan::kTangent;
   const Idx step = Idx(gridDim.x) * Idx(blockDim.x);
   for (Idx t = Idx(blockIdx.x) * Idx(blockDim.x) + Idx(threadIdx.x); t < g.total; t += step) {
     // t = ((o*Ho + oy)*Wo + ox)*IV + iv, so the pooled vector sits at out + t*V.
@@ -163,20 +158,20 @@ __global__ void __launch_bounds__(kThreads)
     const Idx j_hi = ww < g.W - x0 ? ww : g.W - x0;
 
     // The scan starts from best = -inf and uses takes_over(): no first-element case. A window
-    // of -inf only selects its first element: the selection and the tangent start there.
-    // kValue writes `best` back (exact: it holds a T value; bf16 by its bits, keeping NaN
-    // payloads); float16's round trip through float could change a NaN's payload, so it keeps
-    // the selected element itself.
-    constexpr bool kBestIsResult = kScan == Scan::kValue && N::kExactFromFloatBits;
+    // of -inf only selects its first element: the winner starts there. float32 and bfloat16
+    // write `best` back (exact: it holds a T value; bf16 by its bits, keeping NaN payloads);
+    // float16's round trip through float could change a NaN's payload, so it keeps the selected
+    // element itself.
+    constexpr bool kBestIsResult = N::kExactFromFloatBits;
     const bool empty = i_lo >= i_hi || j_lo >= j_hi;
-    const uint8_t first_code = empty ? uint8_t(kSelNone) : uint8_t((int(i_lo) << 4) | int(j_lo));
+    const W first_code = empty ? W(0) : W(i_lo * ww + j_lo);
     Vec<T, V> res;
-    SelVec<V> code;
+    WinVec<W, V> code;
     float best[V];
 #pragma unroll
     for (int l = 0; l < V; ++l) {
-      res.v[l] = kJvp ? N::zero() : N::neg_inf();
-      code.s[l] = first_code;
+      res.v[l] = N::neg_inf();
+      code.w[l] = first_code;
       best[l] = -INFINITY;
     }
     // Compile-time window: all KH*KW positions, out-of-image ones masked by `ok` and loaded from
@@ -191,23 +186,16 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (Idx j = j_beg; j < j_end; ++j) {
         const bool ok = row_ok && j >= j_lo && j < j_hi;
-        const bool first = i == i_lo && j == j_lo;  // (only the tangent needs it)
         const Idx off = (row + clamp_idx<Idx>(x0 + j, g.W)) * g.I + lane;
         const Vec<T, V> v = load_vec<T, V>(img, off);
-        Vec<T, V> tv;
-        if (kJvp) tv = load_vec<T, V>(tan, off);
+        const W k = W(i * ww + j);  // < 2^31: pool::winner_bytes
 #pragma unroll
         for (int l = 0; l < V; ++l) {
           const float f = N::to_f(v.v[l]);
           const bool take = ok & jcn::pool::takes_over(f, best[l]);
           best[l] = take ? f : best[l];
-          if constexpr (kScan == Scan::kSelect) {
-            code.s[l] = take ? uint8_t((int(i) << 4) | int(j)) : code.s[l];
-          } else if constexpr (kJvp) {
-            res.v[l] = (take | (ok & first)) ? tv.v[l] : res.v[l];
-          } else if constexpr (!kBestIsResult) {
-            res.v[l] = take ? v.v[l] : res.v[l];
-          }
+          if constexpr (kWinners) code.w[l] = take ? k : code.w[l];
+          if constexpr (!kBestIsResult) res.v[l] = take ? v.v[l] : res.v[l];
         }
       }
     }
@@ -215,20 +203,65 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int l = 0; l < V; ++l) res.v[l] = N::from_float_bits(best[l]);
     }
-    if constexpr (kScan == Scan::kSelect) {
-      *reinterpret_cast<SelVec<V>*>(sel + t * V) = code;
-    } else {
-      *reinterpret_cast<Vec<T, V>*>(out + t * V) = res;
+    *reinterpret_cast<Vec<T, V>*>(out + t * V) = res;
+    if constexpr (kWinners) *reinterpret_cast<WinVec<W, V>*>(win + t * V) = code;
+  }
+}
+
+// The window-relative position (dy, dx) of winner k, or false when k is no offset of the
+// window (never for winners the forward kernel wrote; checked so that any value is safe).
+template <int KW, typename W, typename Idx>
+__device__ __forceinline__ bool winner_offset(W code, const KGeom<Idx>& g, Idx* dy, Idx* dx) {
+  const Idx ww = KW > 0 ? Idx(KW) : g.ww;
+  const Idx k = Idx(code);
+  const Idx q = k / ww;
+  *dy = q;
+  *dx = k - q * ww;
+  return k >= 0 && q < g.wh;
+}
+
+// ----------------------------------------------------------------------------------------------
+// JVP: one thread per pooled vector: the tangent at each lane's winner (0 where the winner lies
+// outside the image, as an empty window's does). Bytes per pooled element:
+// sizeof(W) + 2 * sizeof(T).
+template <typename T, typename W, int V, int KW, typename Idx>
+__global__ void __launch_bounds__(kThreads)
+    max_pool_jvp_kernel(const T* __restrict__ tan, const W* __restrict__ win,
+                        T* __restrict__ out, const KGeom<Idx> g) {
+  const Idx step = Idx(gridDim.x) * Idx(blockDim.x);
+  for (Idx t = Idx(blockIdx.x) * Idx(blockDim.x) + Idx(threadIdx.x); t < g.total; t += step) {
+    const Idx iv = t % g.IV;
+    Idx r = t / g.IV;
+    const Idx ox = r % g.Wo;
+    r /= g.Wo;
+    const Idx oy = r % g.Ho;
+    const Idx o = r / g.Ho;
+    const Idx lane = iv * V;
+    const Idx y0 = oy * g.sh - g.pt;
+    const Idx x0 = ox * g.sw - g.pl;
+    const WinVec<W, V> code = *reinterpret_cast<const WinVec<W, V>*>(win + t * V);
+    Vec<T, V> res;
+#pragma unroll
+    for (int l = 0; l < V; ++l) {
+      Idx dy, dx;
+      const bool in_window = winner_offset<KW>(code.w[l], g, &dy, &dx);
+      const Idx y = y0 + (in_window ? dy : Idx(0));
+      const Idx x = x0 + (in_window ? dx : Idx(0));
+      const bool inside = in_window && y >= 0 && y < g.H && x >= 0 && x < g.W;
+      res.v[l] = inside ? tan[((o * g.H + y) * g.W + x) * g.I + lane + l] : Num<T>::zero();
     }
+    *reinterpret_cast<Vec<T, V>*>(out + t * V) = res;
   }
 }
 
 // ----------------------------------------------------------------------------------------------
-// Gradient kernels (gather, no atomics). One thread owns a kTile x kTile tile of image positions
+// Gradient (gather, no atomics). One thread owns a kTile x kTile tile of image positions
 // (rows y0 = ty*kTile.., cols x0 = tx*kTile..) for V lanes. It visits the windows covering its
-// tile in increasing (oy, ox), finds each window's selection per lane as the slot
+// tile in increasing (oy, ox), finds each window's winner per lane as the slot
 // 0..kTile*kTile-1 of the tile it falls in (-1 when outside the tile), adds the window's
-// cotangent to that slot's float32 accumulator, and finally writes its tile once.
+// cotangent to that slot's float32 accumulator, and finally writes its tile once. Bytes per
+// image element: sizeof(T) (write) + (sizeof(T) + sizeof(W)) / (s_h*s_w) (reads, each window's
+// cotangent and winner; overlapping windows re-read from L1/L2).
 
 template <typename Idx>
 struct GradTile {
@@ -297,79 +330,10 @@ __device__ __forceinline__ void store_tile(const float (&acc)[kTile * kTile][V],
   }
 }
 
-// One pass, recomputing each covering window's selection from the image (non-overlapping
-// windows, or windows too large for a selection byte). Bytes moved per image element: read image
-// + write image cotangent + read cotangents: sizeof(T) * (2 + 1/(s_h*s_w)) -- f32 2x2/2: 9 B.
-// A 2 x 2 tile shares its windows between 4 positions (2x2/2: one window per tile).
-template <typename T, int V, int KH, int KW, typename Idx>
+template <typename T, typename W, int V, int KW, typename Idx>
 __global__ void __launch_bounds__(kThreads)
-    max_pool_grad_kernel(const T* __restrict__ img, const T* __restrict__ ct,
+    max_pool_grad_kernel(const T* __restrict__ ct, const W* __restrict__ win,
                          T* __restrict__ out, const KGeom<Idx> g) {
-  using N = Num<T>;
-  const Idx step = Idx(gridDim.x) * Idx(blockDim.x);
-  for (Idx t = Idx(blockIdx.x) * Idx(blockDim.x) + Idx(threadIdx.x); t < g.total; t += step) {
-    const GradTile<Idx> k = grad_tile<V>(t, g);
-    const Idx wh = KH > 0 ? Idx(KH) : g.wh;
-    const Idx ww = KW > 0 ? Idx(KW) : g.ww;
-    float acc[kTile * kTile][V] = {};
-    for (Idx oy = k.oy_lo; oy <= k.oy_hi; ++oy) {
-      const Idx wy0 = oy * g.sh - g.pt;
-      const Idx i_lo = wy0 < 0 ? -wy0 : Idx(0);
-      const Idx i_hi = wh < g.H - wy0 ? wh : g.H - wy0;
-      for (Idx ox = k.ox_lo; ox <= k.ox_hi; ++ox) {
-        const Idx wx0 = ox * g.sw - g.pl;
-        const Idx j_lo = wx0 < 0 ? -wx0 : Idx(0);
-        const Idx j_hi = ww < g.W - wx0 ? ww : g.W - wx0;
-        // Cotangent of this window, loaded up front so it is in flight with the image loads.
-        const Vec<T, V> c = load_vec<T, V>(ct, ((k.o * g.Ho + oy) * g.Wo + ox) * g.I + k.lane);
-        float best[V];
-        int sel[V];
-        // As in the forward kernel: the scan starts from -inf (takes_over), and a window of -inf
-        // selects its first element.
-        const int first_slot = tile_slot(wy0 + i_lo - k.y0, wx0 + j_lo - k.x0);
-#pragma unroll
-        for (int l = 0; l < V; ++l) {
-          best[l] = -INFINITY;
-          sel[l] = first_slot;
-        }
-        // As in the forward kernel: branch-free unrolled body for a compile-time window.
-        const Idx i_beg = KH > 0 ? Idx(0) : i_lo, i_end = KH > 0 ? Idx(KH) : i_hi;
-        const Idx j_beg = KW > 0 ? Idx(0) : j_lo, j_end = KW > 0 ? Idx(KW) : j_hi;
-#pragma unroll
-        for (Idx i = i_beg; i < i_end; ++i) {
-          const bool row_ok = i >= i_lo && i < i_hi;
-          const Idx sy = wy0 + i - k.y0;  // row within the tile (valid when 0 <= sy < kTile)
-          const Idx row = (k.o * g.H + clamp_idx<Idx>(wy0 + i, g.H)) * g.W;
-#pragma unroll
-          for (Idx j = j_beg; j < j_end; ++j) {
-            const bool ok = row_ok && j >= j_lo && j < j_hi;
-            const int slot = tile_slot(sy, wx0 + j - k.x0);
-            const Vec<T, V> v =
-                load_vec<T, V>(img, (row + clamp_idx<Idx>(wx0 + j, g.W)) * g.I + k.lane);
-#pragma unroll
-            for (int l = 0; l < V; ++l) {
-              const float f = N::to_f(v.v[l]);
-              const bool take = ok & jcn::pool::takes_over(f, best[l]);
-              best[l] = take ? f : best[l];
-              sel[l] = take ? slot : sel[l];
-            }
-          }
-        }
-        add_selected<T, V>(acc, sel, c);
-      }
-    }
-    store_tile<T, V>(acc, k, g, out);
-  }
-}
-
-// Second pass for overlapping windows: the selections recorded by max_pool_fwd_kernel<kSelect>
-// (one byte per pooled element) replace the recompute, so the image is not read again and each
-// window costs two loads instead of wh*ww. Bytes moved per image element, both passes:
-// sizeof(T) * (2 + 1/(s_h*s_w)) + 2/(s_h*s_w)  -- f32 3x3/2: 9.5 B, bf16: 5 B.
-template <typename T, int V, typename Idx>
-__global__ void __launch_bounds__(kThreads)
-    max_pool_grad_gather_kernel(const uint8_t* __restrict__ sel, const T* __restrict__ ct,
-                                T* __restrict__ out, const KGeom<Idx> g) {
   const Idx step = Idx(gridDim.x) * Idx(blockDim.x);
   for (Idx t = Idx(blockIdx.x) * Idx(blockDim.x) + Idx(threadIdx.x); t < g.total; t += step) {
     const GradTile<Idx> k = grad_tile<V>(t, g);
@@ -380,12 +344,13 @@ __global__ void __launch_bounds__(kThreads)
         const Idx sx0 = ox * g.sw - g.pl - k.x0;
         const Idx w = ((k.o * g.Ho + oy) * g.Wo + ox) * g.I + k.lane;
         const Vec<T, V> c = load_vec<T, V>(ct, w);
-        const SelVec<V> code = *reinterpret_cast<const SelVec<V>*>(sel + w);
+        const WinVec<W, V> code = *reinterpret_cast<const WinVec<W, V>*>(win + w);
         int slot[V];
 #pragma unroll
         for (int l = 0; l < V; ++l) {
-          const int s = code.s[l];
-          slot[l] = s != kSelNone ? tile_slot(sy0 + Idx(s >> 4), sx0 + Idx(s & 15)) : -1;
+          Idx dy, dx;
+          const bool in_window = winner_offset<KW>(code.w[l], g, &dy, &dx);
+          slot[l] = in_window ? tile_slot(sy0 + dy, sx0 + dx) : -1;
         }
         add_selected<T, V>(acc, slot, c);
       }
@@ -397,18 +362,11 @@ __global__ void __launch_bounds__(kThreads)
 // ----------------------------------------------------------------------------------------------
 // Launch.
 
-enum class Op { kForward, kJvp, kGrad };
+enum class Op { kForward, kWinners, kJvp, kGrad };
 
 constexpr bool kAllowF64 = false;  // no float64 on the GPU
 
-// The two-pass gradient: windows overlap (else one pass reads each image element once anyway)
-// and every window offset fits the selection byte (i <= 14, j <= 15).
-bool uses_selection(const jcn::PoolGeometry& pg) {
-  return (pg.window_h > pg.stride_h || pg.window_w > pg.stride_w) && pg.window_h <= 15 &&
-         pg.window_w <= 16;
-}
-
-// Work items: pooled vectors (kForward / kJvp / the selection pass) or image tiles (kGrad).
+// Work items: pooled vectors (kForward / kWinners / kJvp) or image tiles (kGrad).
 template <typename Idx>
 KGeom<Idx> make_kgeom(const jcn::PoolGeometry& pg, int V, Op op) {
   KGeom<Idx> g;
@@ -437,78 +395,74 @@ unsigned blocks_for(const KGeom<Idx>& g) {
   return unsigned(b < kMaxBlocks ? b : kMaxBlocks);
 }
 
-// The buffers of one call. sel: the workspace (pooled-element bytes) when uses_selection.
-template <typename T>
+// The buffers of one call: `in` is the images (kForward, kWinners), the tangents (kJvp) or the
+// cotangents (kGrad); `win` the winners (written by kWinners, read by kJvp / kGrad).
+template <typename T, typename W>
 struct Buffers {
-  const T* img;
-  const T* second;  // tangents (JVP) / cotangents (gradient)
+  const T* in;
   T* out;
-  uint8_t* sel;
+  W* win;
 };
 
-template <typename T, int V, int KH, int KW, typename Idx>
-void launch(cudaStream_t stream, Op op, const jcn::PoolGeometry& pg, const Buffers<T>& b) {
+template <typename T, typename W, int V, int KH, int KW, typename Idx>
+void launch(cudaStream_t stream, Op op, const jcn::PoolGeometry& pg, const Buffers<T, W>& b) {
   const KGeom<Idx> g = make_kgeom<Idx>(pg, V, op);
   switch (op) {
     case Op::kForward:
-      max_pool_fwd_kernel<T, V, KH, KW, Scan::kValue, Idx>
-          <<<blocks_for(g), kThreads, 0, stream>>>(b.img, nullptr, b.out, nullptr, g);
+      max_pool_fwd_kernel<T, W, V, KH, KW, false, Idx>
+          <<<blocks_for(g), kThreads, 0, stream>>>(b.in, b.out, nullptr, g);
+      break;
+    case Op::kWinners:
+      max_pool_fwd_kernel<T, W, V, KH, KW, true, Idx>
+          <<<blocks_for(g), kThreads, 0, stream>>>(b.in, b.out, b.win, g);
       break;
     case Op::kJvp:
-      max_pool_fwd_kernel<T, V, KH, KW, Scan::kTangent, Idx>
-          <<<blocks_for(g), kThreads, 0, stream>>>(b.img, b.second, b.out, nullptr, g);
+      max_pool_jvp_kernel<T, W, V, KW, Idx>
+          <<<blocks_for(g), kThreads, 0, stream>>>(b.in, b.win, b.out, g);
       break;
     case Op::kGrad:
-      if (b.sel != nullptr) {
-        const KGeom<Idx> gs = make_kgeom<Idx>(pg, V, Op::kForward);
-        max_pool_fwd_kernel<T, V, KH, KW, Scan::kSelect, Idx>
-            <<<blocks_for(gs), kThreads, 0, stream>>>(b.img, nullptr, nullptr, b.sel, gs);
-        max_pool_grad_gather_kernel<T, V, Idx>
-            <<<blocks_for(g), kThreads, 0, stream>>>(b.sel, b.second, b.out, g);
-      } else {
-        max_pool_grad_kernel<T, V, KH, KW, Idx>
-            <<<blocks_for(g), kThreads, 0, stream>>>(b.img, b.second, b.out, g);
-      }
+      max_pool_grad_kernel<T, W, V, KW, Idx>
+          <<<blocks_for(g), kThreads, 0, stream>>>(b.in, b.win, b.out, g);
       break;
   }
 }
 
 // 32-bit indices: 2x2 and 3x3 windows get unrolled kernels, others the runtime-window kernel.
 // 64-bit indices (huge tensors only): runtime-window kernel.
-template <typename T, int V>
+template <typename T, typename W, int V>
 void dispatch_window(cudaStream_t stream, Op op, const jcn::PoolGeometry& pg, bool idx32,
-                     const Buffers<T>& b) {
+                     const Buffers<T, W>& b) {
   if (!idx32)
-    launch<T, V, 0, 0, int64_t>(stream, op, pg, b);
+    launch<T, W, V, 0, 0, int64_t>(stream, op, pg, b);
   else if (pg.window_h == 2 && pg.window_w == 2)
-    launch<T, V, 2, 2, int32_t>(stream, op, pg, b);
+    launch<T, W, V, 2, 2, int32_t>(stream, op, pg, b);
   else if (pg.window_h == 3 && pg.window_w == 3)
-    launch<T, V, 3, 3, int32_t>(stream, op, pg, b);
+    launch<T, W, V, 3, 3, int32_t>(stream, op, pg, b);
   else
-    launch<T, V, 0, 0, int32_t>(stream, op, pg, b);
+    launch<T, W, V, 0, 0, int32_t>(stream, op, pg, b);
 }
 
-template <typename T>
+template <typename T, typename W>
 ffi::Error run_typed(cudaStream_t stream, Op op, const jcn::PoolGeometry& pg, int64_t image_elems,
-                     int64_t pooled_elems, const Buffers<T>& b) {
+                     int64_t pooled_elems, const Buffers<T, W>& b) {
   constexpr int kVecFwd = int(kFwdVecBytes / sizeof(T));
   constexpr int kVecGrad = int(kGradVecBytes / sizeof(T));
-  // Vector path: the contiguous dimension is a multiple of V and every buffer is aligned to the
+  // Vector path: the contiguous dimension is a multiple of V and every buffer is aligned to its
   // vector size (XLA's buffers always are; checked anyway, host-side pointer values only).
   auto vec_ok = [&](int v) {
     auto aligned = [v](const void* p, size_t elem) {
       return p == nullptr || uintptr_t(p) % (uintptr_t(v) * elem) == 0;
     };
-    return jcn::pool::inner_size(pg) % v == 0 && aligned(b.img, sizeof(T)) &&
-           aligned(b.second, sizeof(T)) && aligned(b.out, sizeof(T)) && aligned(b.sel, 1);
+    return jcn::pool::inner_size(pg) % v == 0 && aligned(b.in, sizeof(T)) &&
+           aligned(b.out, sizeof(T)) && aligned(b.win, sizeof(W));
   };
   const bool idx32 = jcn::pool::fits_int32(pg, image_elems, pooled_elems);
   if (op == Op::kGrad && vec_ok(kVecGrad))
-    dispatch_window<T, kVecGrad>(stream, op, pg, idx32, b);
+    dispatch_window<T, W, kVecGrad>(stream, op, pg, idx32, b);
   else if (op != Op::kGrad && vec_ok(kVecFwd))
-    dispatch_window<T, kVecFwd>(stream, op, pg, idx32, b);
+    dispatch_window<T, W, kVecFwd>(stream, op, pg, idx32, b);
   else
-    dispatch_window<T, 1>(stream, op, pg, idx32, b);
+    dispatch_window<T, W, 1>(stream, op, pg, idx32, b);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess)
     return ffi::Error::Internal(std::string("jax_convnet max_pool: kernel launch failed: ") +
@@ -516,14 +470,21 @@ ffi::Error run_typed(cudaStream_t stream, Op op, const jcn::PoolGeometry& pg, in
   return ffi::Error::Success();
 }
 
+// Runs `op` with the storage type of `t` and the winners' type of the geometry (the plain
+// forward, which has no winners, takes the one-byte instantiation).
 ffi::Error run(cudaStream_t stream, Op op, ffi::DataType t, const jcn::PoolGeometry& pg,
-               int64_t image_elems, int64_t pooled_elems, const void* img, const void* second,
-               void* out, void* sel = nullptr) {
+               int64_t image_elems, int64_t pooled_elems, const void* in, void* out,
+               void* win) {
+  const bool narrow = op == Op::kForward || jcn::pool::winner_bytes(pg) == 1;
   auto typed = [&](auto zero) {
     using T = decltype(zero);
-    return run_typed<T>(stream, op, pg, image_elems, pooled_elems,
-                        Buffers<T>{static_cast<const T*>(img), static_cast<const T*>(second),
-                                   static_cast<T*>(out), static_cast<uint8_t*>(sel)});
+    auto with = [&](auto wzero) {
+      using W = decltype(wzero);
+      return run_typed<T, W>(stream, op, pg, image_elems, pooled_elems,
+                             Buffers<T, W>{static_cast<const T*>(in), static_cast<T*>(out),
+                                           static_cast<W*>(win)});
+    };
+    return narrow ? with(uint8_t{}) : with(int32_t{});
   };
   switch (t) {
     case ffi::DataType::F32:
@@ -548,47 +509,44 @@ int64_t elems(const ffi::AnyBuffer& b) {
 
 ffi::Error MaxPoolImpl(cudaStream_t stream, ffi::AnyBuffer images,
                        ffi::Result<ffi::AnyBuffer> pooled, jcn::PoolParams p) {
-  const char* op = "max_pool";
   jcn::PoolGeometry g;
-  ffi::Error checked = jcn::check_pool_call(op, p, images, *pooled, kAllowF64, &g);
+  ffi::Error checked = jcn::check_pool_call("max_pool", p, images, *pooled, kAllowF64, &g);
   if (checked.failure()) return checked;
   return run(stream, Op::kForward, images.element_type(), g, elems(images), elems(*pooled),
-             images.untyped_data(), nullptr, pooled->untyped_data());
+             images.untyped_data(), pooled->untyped_data(), nullptr);
 }
 
-ffi::Error MaxPoolJvpImpl(cudaStream_t stream, ffi::AnyBuffer images, ffi::AnyBuffer tangents,
+ffi::Error MaxPoolWinnersImpl(cudaStream_t stream, ffi::AnyBuffer images,
+                              ffi::Result<ffi::AnyBuffer> pooled,
+                              ffi::Result<ffi::AnyBuffer> winners, jcn::PoolParams p) {
+  jcn::PoolGeometry g;
+  ffi::Error checked = jcn::check_pool_winners_call("max_pool_winners", p, images, *pooled,
+                                                    *winners, kAllowF64, &g);
+  if (checked.failure()) return checked;
+  return run(stream, Op::kWinners, images.element_type(), g, elems(images), elems(*pooled),
+             images.untyped_data(), pooled->untyped_data(), winners->untyped_data());
+}
+
+ffi::Error MaxPoolJvpImpl(cudaStream_t stream, ffi::AnyBuffer tangents, ffi::AnyBuffer winners,
                           ffi::Result<ffi::AnyBuffer> pooled_tangents, jcn::PoolParams p) {
-  const char* op = "max_pool_jvp";
   jcn::PoolGeometry g;
-  ffi::Error checked = jcn::check_pool_call(op, p, images, *pooled_tangents, kAllowF64, &g);
+  ffi::Error checked = jcn::check_pool_winners_call("max_pool_jvp", p, tangents,
+                                                    *pooled_tangents, winners, kAllowF64, &g);
   if (checked.failure()) return checked;
-  if (tangents.element_type() != images.element_type())
-    return jcn::invalid(op, "operands and result must share one dtype");
-  if (!(tangents.dimensions() == images.dimensions()))
-    return jcn::invalid(op, "tangents' shape differs from the images'");
-  return run(stream, Op::kJvp, images.element_type(), g, elems(images), elems(*pooled_tangents),
-             images.untyped_data(), tangents.untyped_data(), pooled_tangents->untyped_data());
+  return run(stream, Op::kJvp, tangents.element_type(), g, elems(tangents),
+             elems(*pooled_tangents), tangents.untyped_data(), pooled_tangents->untyped_data(),
+             winners.untyped_data());
 }
 
-// `workspace`: one byte per pooled element (jax_convnet/pool.py sizes it), for the selections
-// of the two-pass gradient.
-ffi::Error MaxPoolGradImpl(cudaStream_t stream, ffi::AnyBuffer images, ffi::AnyBuffer cotangents,
-                           ffi::Result<ffi::AnyBuffer> image_cotangents,
-                           ffi::Result<ffi::AnyBuffer> workspace, jcn::PoolParams p) {
-  const char* op = "max_pool_grad";
+ffi::Error MaxPoolGradImpl(cudaStream_t stream, ffi::AnyBuffer cotangents, ffi::AnyBuffer winners,
+                           ffi::Result<ffi::AnyBuffer> image_cotangents, jcn::PoolParams p) {
   jcn::PoolGeometry g;
-  ffi::Error checked = jcn::check_pool_call(op, p, images, cotangents, kAllowF64, &g);
+  ffi::Error checked = jcn::check_pool_winners_call("max_pool_grad", p, *image_cotangents,
+                                                    cotangents, winners, kAllowF64, &g);
   if (checked.failure()) return checked;
-  if (image_cotangents->element_type() != images.element_type())
-    return jcn::invalid(op, "operands and result must share one dtype");
-  if (!(image_cotangents->dimensions() == images.dimensions()))
-    return jcn::invalid(op, "image cotangents' shape differs from the images'");
-  if (int64_t(workspace->size_bytes()) < elems(cotangents))
-    return jcn::invalid(op, "workspace of " + std::to_string(workspace->size_bytes()) +
-                                " bytes is smaller than one byte per pooled element");
-  return run(stream, Op::kGrad, images.element_type(), g, elems(images), elems(cotangents),
-             images.untyped_data(), cotangents.untyped_data(), image_cotangents->untyped_data(),
-             uses_selection(g) ? workspace->untyped_data() : nullptr);
+  return run(stream, Op::kGrad, cotangents.element_type(), g, elems(*image_cotangents),
+             elems(cotangents), cotangents.untyped_data(), image_cotangents->untyped_data(),
+             winners.untyped_data());
 }
 
 }  // namespace
@@ -597,6 +555,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MaxPoolCuda, MaxPoolImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
                                   .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attrs<jax_convnet::PoolParams>(),
+                              {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MaxPoolWinnersCuda, MaxPoolWinnersImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Attrs<jax_convnet::PoolParams>(),
                               {ffi::Traits::kCmdBufferCompatible});
@@ -615,7 +582,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MaxPoolGradCuda, MaxPoolGradImpl,
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Attrs<jax_convnet::PoolParams>(),
                               {ffi::Traits::kCmdBufferCompatible});
