@@ -33,9 +33,15 @@ test)
   # test in the log and no stop at the first failure: a run cut by its timeout still shows which
   # tests ran and how they ended. With pytest-xdist (on the GPU machine's image), TEST_WORKERS
   # processes share the GPU: the suite's time is mostly XLA compilation, which runs on the CPUs.
+  # --dist loadgroup: tests marked with one xdist_group run in one worker, one after another
+  # (test_gpu_large.py's cases, each of which takes up to about half of the GPU's memory).
   workers=""
-  python3 -c "import xdist" 2>/dev/null && workers="-n ${TEST_WORKERS:-4}"
-  (cd tests && timeout ${TEST_TIMEOUT_S:-330} python3 -m pytest -v --maxfail=20 --durations=15 \
+  if python3 -c "import xdist" 2>/dev/null; then
+    workers="-n ${TEST_WORKERS:-4}"
+    python3 -c "from xdist.scheduler import LoadGroupScheduling" 2>/dev/null \
+      && workers+=" --dist loadgroup"
+  fi
+  (cd tests && timeout ${TEST_TIMEOUT_S:-480} python3 -m pytest -v --maxfail=20 --durations=15 \
      -p no:cacheprovider $workers ${PYTEST_K:+-k "$PYTEST_K"} ${PYTEST_ARGS:-} ${PYTEST_PATHS:-.} \
      >"$OUT/pytest.log" 2>&1); rc=$?
   grep -E "passed|failed|error" "$OUT/pytest.log" | tail -3
