@@ -91,14 +91,21 @@ conv_three("C01B", jnp.float32, 8, 16, 32, (12, 12), (3, 3), pad=1, precision="h
 #   folded into a float32 running sum;
 conv_three("C01B", jnp.float32, 4, 64, 64, (12, 12), (3, 3), pad=1, precision="highest",
            partial_sum=1)
-# - fused: 6 segments folded in registers by each block, with at least as many tiles as SMs
-#   (144 on 132-SM H100 / H200: 9 x 16 tiles): mma.sync (8 images, 2048 filters on 128-wide
-#   tiles), FFMA and wmma (5 images: no 16-byte vectors; 1024 filters on 64-wide tiles).
-conv_three("C01B", jnp.float32, 8, 128, 2048, (6, 6), (3, 3), pad=1, precision="highest",
-           partial_sum=6)
+# - fused: each block folds the segments (2 positions, partial_sum 1) in registers, where there
+#   are at least as many tiles as SMs (132 on H100 / H200): 1536 channels x 1536 filters, 1 x 1
+#   filters, on mma.sync's 128 x 128 tiles (8 images: 144 tiles), FFMA's and wmma's 128 x 64
+#   ones (5 images: no 16-byte vectors; 288 tiles). weight_acts alone: little work per tile.
+def weight_acts_alone(n, c, f, hw, precision, partial_sum):
+    x = jax.random.normal(key, jcn.geometry.image_shape("C01B", n, c, *hw), jnp.float32)
+    g = jax.random.normal(key, jcn.geometry.image_shape("C01B", n, f, *hw), jnp.float32)
+    w_shape = jcn.geometry.filter_shape("C01B", f, c, 1, 1)
+    jax.block_until_ready(jax.jit(lambda x, g: jcn.weight_acts(
+        x, g, w_shape, precision=precision, partial_sum=partial_sum))(x, g))
+
+
+weight_acts_alone(8, 1536, 1536, (2, 1), "highest", 1)
 for precision in ("highest", "default"):
-    conv_three("C01B", jnp.float32, 5, 128, 1024, (6, 6), (3, 3), pad=1, precision=precision,
-               partial_sum=6)
+    weight_acts_alone(5, 1536, 1536, (2, 1), precision, 1)
 
 
 # ---- Pool kernels the pool block at the end does not reach ----
