@@ -42,7 +42,7 @@ import pytest
 
 import jax_convnet as jcn
 from jax_convnet import reference as ref
-from conftest import TOLERANCE, has_gpu
+from conftest import TOLERANCE
 from test_fuzz import (SEED, check_conv_results, check_pool_results, conv_config, conv_operands,
                        conv_program, pool_config, pool_operands, pool_program)
 
@@ -273,9 +273,10 @@ def assert_same_bits(got, again, cfg, what="a second run"):
             f"{name} differs from {what} in {np.sum(a != b)} elements: {cfg}"
 
 
-def run_chunk(chunk, total, build, check):
+def run_chunk(chunk, total, config, build, check):
     """Configurations [chunk * CHUNK, ...) of ``total``: built (compiled, oracle run) in
-    THREADS threads, checked in order as they come; every failure collected and reported."""
+    THREADS threads, checked in order as they come; every failure collected and reported with
+    its index and configuration (a failed check's message names the configuration)."""
     indices = range(chunk * CHUNK, min((chunk + 1) * CHUNK, total))
     failures = []
     with ThreadPoolExecutor(THREADS) as pool:
@@ -283,17 +284,19 @@ def run_chunk(chunk, total, build, check):
             try:
                 check(*future.result())
             except Exception as e:  # noqa: BLE001 (one configuration's failure, reported below)
-                detail = "".join(traceback.format_exception_only(e)).strip()
-                failures.append(f"configuration {index}: {detail[:1500]}")
+                detail = "".join(traceback.format_exception_only(e)).strip()[:1500]
+                if not isinstance(e, AssertionError):
+                    detail += f" in {config(index)}"
+                failures.append(f"configuration {index}: {detail}")
     assert not failures, f"{len(failures)} of {len(indices)} failed:\n" + "\n".join(failures)
 
 
 @pytest.mark.parametrize("chunk", range(math.ceil(CONV_CONFIGS / CHUNK)))
 def test_conv_family_fuzz_on_gpu(chunk):
-    run_chunk(chunk, CONV_CONFIGS, build_conv, check_conv)
+    run_chunk(chunk, CONV_CONFIGS, gpu_conv_config, build_conv, check_conv)
 
 
 @pytest.mark.parametrize("chunk", range(math.ceil(POOL_CONFIGS / CHUNK)))
 def test_max_pool_fuzz_on_gpu(chunk):
-    run_chunk(chunk, POOL_CONFIGS, build_pool, check_pool)
+    run_chunk(chunk, POOL_CONFIGS, gpu_pool_config, build_pool, check_pool)
 
