@@ -498,7 +498,7 @@ __global__ void __launch_bounds__(kTmaThreads, 1)
 // TF32 filter_acts' taps, k-contiguous: W (f, c, r, s) at element strides ws (its filters
 // contiguous, ws.n = 1) copied to dense (fh, fw, F, C), through 32 x 32 tiles of (c, f) per tap.
 // Block (32, 8); grid (ceil(F / 32), ceil(C / 32), fh * fw).
-__global__ void tf32_taps_kernel(const float* __restrict__ w, float* __restrict__ out,
+static __global__ void tf32_taps_kernel(const float* __restrict__ w, float* __restrict__ out,
                                  int64_t filters, int64_t channels, int fw, Str4 ws) {
   __shared__ float tile[32][33];
   const int tap = int(blockIdx.z), r = tap / fw, s = tap - r * fw;
