@@ -5,6 +5,7 @@ at the smallest shapes that take it (a comment per block names its paths), excep
 index kernels of tensors past 2^30 elements (tests/test_gpu_large.py runs those).
 `sanitize_subset.py tma` runs only the Hopper TMA kernels' part. New ops add their block at the
 end of the file."""
+import itertools
 import math
 import sys
 
@@ -18,16 +19,15 @@ key = jax.random.key(0)
 
 
 def tma_kernels():
-    """Hopper's TMA kernels (16-bit): all three ops in both layouts, every mode (filter_acts,
-    image_acts at stride 1, weight_acts' split sums), a partial run of images, a partial channel
-    block, padding and a ceil-rule overhang, two tile widths."""
-    for layout in ("C01B", "NHWC"):
+    """Hopper's TMA kernels (16-bit, and TF32 where it runs: NHWC filter_acts with its taps'
+    copy, NHWC image_acts, C01B weight_acts): all three ops in both layouts, every mode
+    (filter_acts, image_acts at stride 1, weight_acts' split sums), a partial run of images, a
+    partial channel block, padding and a ceil-rule overhang, two tile widths."""
+    for layout, dtype in itertools.product(("C01B", "NHWC"), (jnp.bfloat16, jnp.float32)):
         for f, c, window, kw in ((192, 64, (3, 3), dict(pad=1)),
                                  (40, 40, (2, 3), dict(pad=(0, 1), stride=(2, 1)))):
-            x = jax.random.normal(key, jcn.geometry.image_shape(layout, 72, c, 9, 8),
-                                  jnp.bfloat16)
-            w = jax.random.normal(key, jcn.geometry.filter_shape(layout, f, c, *window),
-                                  jnp.bfloat16)
+            x = jax.random.normal(key, jcn.geometry.image_shape(layout, 72, c, 9, 8), dtype)
+            w = jax.random.normal(key, jcn.geometry.filter_shape(layout, f, c, *window), dtype)
             loss = lambda x, w: jnp.sum(jcn.filter_acts(
                 x, w, layout=layout, **kw).astype(jnp.float32) ** 2)
             jax.block_until_ready(jax.jit(jax.grad(loss, (0, 1)))(x, w))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 
 import jax
+import jax.numpy as jnp
 from jax import lax
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching
@@ -284,8 +285,14 @@ def _fft_workspace_bytes(op, images, filters, geom) -> int:
 
 
 def _filter_acts_cuda_workspace_bytes(operand_avals, hidden_aval, *, geom):
+    """The FFT path's spectra; else, for float32 NHWC at default precision, room for the taps'
+    k-contiguous copy that Hopper's TF32 kernel reads (csrc/cuda/conv_launch.cuh, run_tma)."""
     images, filters = operand_avals
-    return _fft_workspace_bytes("filter_acts", images, filters, geom)
+    fft = _fft_workspace_bytes("filter_acts", images, filters, geom)
+    if fft:
+        return fft
+    tf32 = images.dtype == jnp.float32 and geom.precision == "default"
+    return filters.size * 4 if tf32 and geom.layout == "NHWC" else 0
 
 
 register_lowerings(filter_acts_p, "jax_convnet_filter_acts", reference.filter_acts_canonical,
