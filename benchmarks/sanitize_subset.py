@@ -35,13 +35,16 @@ def tma_kernels():
 
 def tma_strided_kernels():
     """The TMA kernels at stride 2 (NHWC: im2col's traversal strides) with uneven padding, in
-    float16: filter_acts (64 filters: 64-wide tiles) and weight_acts (3 x 3 taps: 256-wide
-    tiles); image_acts at stride 2 takes the mma kernel."""
-    for layout, n in (("C01B", 64), ("NHWC", 8)):
-        x = jax.random.normal(key, jcn.geometry.image_shape(layout, n, 64, 9, 8), jnp.float16)
-        w = jax.random.normal(key, jcn.geometry.filter_shape(layout, 64, 64, 3, 3), jnp.float16)
+    float16 and TF32 (float32 at precision default: NHWC filter_acts, C01B weight_acts):
+    filter_acts (64 filters: 64-wide tiles) and weight_acts (3 x 3 taps: 256-wide tiles);
+    image_acts at stride 2 takes the mma kernel."""
+    for (layout, n), dtype in itertools.product((("C01B", 64), ("NHWC", 8)),
+                                              (jnp.float16, jnp.float32)):
+        x = jax.random.normal(key, jcn.geometry.image_shape(layout, n, 64, 9, 8), dtype)
+        w = jax.random.normal(key, jcn.geometry.filter_shape(layout, 64, 64, 3, 3), dtype)
         loss = lambda x, w: jnp.sum(jcn.filter_acts(
-            x, w, layout=layout, stride=2, pad=(1, 0)).astype(jnp.float32) ** 2)
+            x, w, layout=layout, stride=2, pad=(1, 0), precision="default").astype(
+                jnp.float32) ** 2)
         jax.block_until_ready(jax.jit(jax.grad(loss, (0, 1)))(x, w))
 
 

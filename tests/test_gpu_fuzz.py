@@ -13,8 +13,8 @@ has at most 64 elements (the reference's compile time grows with the window).
 Size classes (CONV_CLASSES, POOL_CLASSES), so that each path of csrc/cuda/conv_launch.cuh's plan
 and of pool.cu gets random shapes: test_fuzz's small sizes (generic FFMA / wmma kernels, scalar
 loads), contiguous dimensions in multiples of 16 bytes (cp.async / mma.sync with every tile width,
-wgmma into 192 / 384 filters), the Hopper TMA kernels' shapes (16-bit, channels filling 3/4 of
-64-channel blocks, >= 64 filters, C01B batches of 64+), few-channel first layers with large
+wgmma into 192 / 384 filters), the Hopper TMA kernels' shapes (16-bit or TF32, channels filling
+3/4 of 128-byte k-blocks, >= 64 filters, C01B batches of 64+), few-channel first layers with large
 filters (image_acts through columns or the direct kernel, weight_acts' padded copy), stride-1
 large filters (the FFT path); pools with vector-friendly inner sizes and windows past 256
 elements (int32 winners).
@@ -96,9 +96,10 @@ TMA_CHANNELS = [48, 56, 64, 96, 104, 112, 120, 128]
 
 
 def _tma_sizes(rng, layout):
-    """Hopper's TMA kernels (16-bit): channels from TMA_CHANNELS, 64 or more filters (mostly
-    from TMA_CHANNELS too, else any multiple of 8), C01B batches of 64 or 72 images (vmap
-    doubles them)."""
+    """Hopper's TMA kernels (16-bit types; float32 as TF32: NHWC filter_acts and image_acts,
+    C01B weight_acts): channels from TMA_CHANNELS, 64 or more filters (mostly from
+    TMA_CHANNELS too, else any multiple of 8), C01B batches of 64 or 72 images (vmap doubles
+    them)."""
     if layout == "C01B":
         n, hw_max = _choice(rng, [64, 72]), 6
         c = _choice(rng, [48, 56, 64, 64])
@@ -138,8 +139,8 @@ def _fft16_sizes(rng, layout):
 CONV_CLASSES = {
     "small": (0.30, None, GPU_DTYPES, 3),  # test_fuzz's sizes
     "tensor_core": (0.25, _tensor_core_sizes, GPU_DTYPES, 3),
-    "tma": (0.08, _tma_sizes, HALF_DTYPES, 2),
-    "tma_stride1": (0.07, _tma_sizes, HALF_DTYPES, 1),  # (image_acts' TMA kernel)
+    "tma": (0.08, _tma_sizes, GPU_DTYPES, 2),  # (float32: at precision default, TF32)
+    "tma_stride1": (0.07, _tma_sizes, GPU_DTYPES, 1),  # (image_acts' TMA kernel)
     "few_channels": (0.15, _few_channel_sizes, GPU_DTYPES, 4),
     "fft": (0.10, _fft_sizes, [jnp.float32], 1),
     "fft16": (0.05, _fft16_sizes, HALF_DTYPES, 1),
@@ -157,8 +158,11 @@ def gpu_conv_config(index):
     name = _class(rng, CONV_CLASSES)
     _, sizes, dtypes, max_stride = CONV_CLASSES[name]
     cfg = conv_config(index, rng=rng, sizes=sizes, dtypes=dtypes, max_stride=max_stride)
-    # float32: mostly at float32 accuracy (3xTF32 or FFMA), else TF32; 16-bit: either.
+    # float32: mostly at float32 accuracy (3xTF32 or FFMA), else TF32 (which the TMA kernels
+    # run); 16-bit: either.
     cfg["kw"]["precision"] = "highest" if rng.random() < 0.75 else "default"
+    if name.startswith("tma") and cfg["dtype"] == jnp.float32:
+        cfg["kw"]["precision"] = "default"
     cfg["class"] = name
     return cfg
 
