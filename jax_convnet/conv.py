@@ -311,13 +311,20 @@ WEIGHT_ACTS_PADDED_IMAGE_CAP_BYTES = 1 << 30
 
 def _weight_acts_cuda_workspace_bytes(operand_avals, filters_aval, *, geom, **_):
     """The FFT path's spectra, else partial sums and, for NHWC images of fewer than 4 channels,
-    their padded copy."""
-    images = operand_avals[0]
+    their padded copy; float32 NHWC at default precision: first the C01B copies of both operands
+    that Hopper's TF32 kernel reads."""
+    images, hidden = operand_avals
     fft = _fft_workspace_bytes("weight_acts", images, filters_aval, geom)
     if fft:
         return fft
     ax = G.image_axes(geom.layout)
-    return G.weight_acts_workspace_bytes(
+    copies = 0
+    if images.dtype == jnp.float32 and geom.precision == "default" and geom.layout == "NHWC":
+        copies = G.tf32_weight_acts_copies_bytes(
+            batch=images.shape[ax["n"]], channels=images.shape[ax["c"]],
+            filters=filters_aval.shape[G.filter_axes(geom.layout)["f"]],
+            image_hw=_image_hw(images, geom.layout), hidden_hw=_image_hw(hidden, geom.layout))
+    return copies + G.weight_acts_workspace_bytes(
         math.prod(filters_aval.shape), layout=geom.layout, batch=images.shape[ax["n"]],
         channels=images.shape[ax["c"]], image_hw=_image_hw(images, geom.layout),
         itemsize=images.dtype.itemsize,

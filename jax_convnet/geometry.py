@@ -384,6 +384,23 @@ def weight_acts_workspace_bytes(filter_elems: int, *, layout: str, batch: int, c
     return sums + (padded if padded <= padded_cap_bytes else 0)
 
 
+def tf32_weight_acts_copies_bytes(*, batch: int, channels: int, filters: int, image_hw,
+                                  hidden_hw) -> int:
+    """Bytes of the C01B copies of the images and the hidden tensor that float32 NHWC weight_acts
+    at default precision takes on Hopper's TF32 kernel (csrc/cuda/conv_launch.cuh,
+    run_tma_weights_nhwc_tf32; they lead its workspace), each rounded up to 256 bytes, where the
+    shapes are ones the kernel reads (tma_can_read: channels in 4s filling 3/4 of their 32-blocks,
+    filters in 4s and at least 64, a batch in 4s of at least 64); else 0."""
+    if not all(_is_dim(v) for v in (batch, channels, filters)):
+        return 0
+    readable = (channels % 4 == 0 and 4 * channels >= 3 * _round_up(channels, 32)
+                and filters % 4 == 0 and filters >= 64 and batch % 4 == 0 and batch >= 64)
+    if not readable:
+        return 0
+    return (_round_up(4 * batch * image_hw[0] * image_hw[1] * channels, 256)
+            + _round_up(4 * batch * hidden_hw[0] * hidden_hw[1] * filters, 256))
+
+
 # Convolutions of stride 1 with large filters run on the GPU through 2-d FFTs
 # (csrc/cuda/conv_fft.cuh): every plane of the two operands zero-padded to Ph x Pw (the padded
 # image's extent rounded up to a power of two), transformed, multiplied bin by bin (a complex

@@ -992,6 +992,44 @@ std::optional<cudaError_t> run_tma_weights(const TmaProblem& pr, const void* x, 
                           true, nsm, stream);
 }
 
+// float32 NHWC weight_acts as TF32: the images and the hidden tensor (dense) copied to C01B
+// (C, H, W, B) at the workspace's start, so that K (the pixels) is k-contiguous, then the C01B
+// kernel with the rest of the workspace for its partial sums (jax_convnet/geometry.py,
+// tf32_weight_acts_copies_bytes, sizes the copies).
+std::optional<cudaError_t> run_tma_weights_nhwc_tf32(const TmaProblem& pr, const void* x,
+                                                     const void* hid, void* out, Workspace ws,
+                                                     int nsm, int smem_optin,
+                                                     cudaStream_t stream) {
+  if (!dense_nhwc(pr.xs, pr.cin, pr.in_w, pr.in_h) ||
+      !dense_nhwc(pr.ys, pr.cout, pr.out_w, pr.out_h) || !aligned(ws.data, 16))
+    return std::nullopt;
+  const int64_t x_pixels = pr.in_h * pr.in_w, h_pixels = pr.out_h * pr.out_w;
+  const int64_t x_bytes = round_up(4 * pr.batch * x_pixels * pr.cin, 256);
+  const int64_t h_bytes = round_up(4 * pr.batch * h_pixels * pr.cout, 256);
+  const int64_t filter_bytes = 4 * pr.cin * pr.cout * pr.fh * pr.fw;
+  if (ws.bytes - x_bytes - h_bytes < filter_bytes) return std::nullopt;
+  char* const base = static_cast<char*>(ws.data);
+  float* const xc = reinterpret_cast<float*>(base);
+  float* const hc = reinterpret_cast<float*>(base + x_bytes);
+  TmaProblem pc = pr;
+  pc.xs = {1, x_pixels * pr.batch, pr.in_w * pr.batch, pr.batch};
+  pc.ys = {1, h_pixels * pr.batch, pr.out_w * pr.batch, pr.batch};
+  if (!tma_can_read<Layout::kC01B, float>(pc, xc, out, hc, smem_optin)) return std::nullopt;
+  const auto to_c01b = [&](const void* src, float* dst, int64_t pixels, int64_t channels) {
+    const dim3 grid(unsigned(cdiv(channels, 32)), unsigned(cdiv(pr.batch, 32)),
+                    unsigned(std::min<int64_t>(pixels, 65535)));
+    nhwc_to_c01b_kernel<<<grid, dim3(32, 8), 0, stream>>>(static_cast<const float*>(src), dst,
+                                                         pr.batch, pixels, channels);
+    return cudaGetLastError();
+  };
+  cudaError_t err;
+  if ((err = to_c01b(x, xc, x_pixels, pr.cin)) != cudaSuccess ||
+      (err = to_c01b(hid, hc, h_pixels, pr.cout)) != cudaSuccess)
+    return err;
+  const Workspace rest{base + x_bytes + h_bytes, ws.bytes - x_bytes - h_bytes};
+  return run_tma_weights<Layout::kC01B, float>(pc, xc, hc, out, rest, nsm, smem_optin, stream);
+}
+
 // The op for one layout and element type, once geometry and attributes are checked.
 // a / b: the GEMM operands A / B (FA: images / filters, IA: hidden / filters, WA: images / hidden).
 template <OpKind K, Layout L, typename T>
@@ -1045,29 +1083,42 @@ ffi::Error run(cudaStream_t stream, Workspace workspace, const jcn::ConvGeometry
     return cuda_error(kOp, "cudaDeviceGetAttribute", err);
   nsm = std::max(nsm, 1);
 
+  // Hopper: the TMA kernels (filter_acts, weight_acts; image_acts at stride 1), for 16-bit
+  // types, and for float32 at default precision (TF32) where both operands are k-contiguous:
+  // NHWC filter_acts and image_acts, weight_acts (NHWC through C01B copies). The FFT path where
+  // it is planned, but after the TF32 TMA kernel, which outruns it where both run (each path
+  // checks that the workspace holds what it needs).
+  constexpr bool kTf32Tma =
+      std::is_same_v<T, float> && (L == Layout::kNHWC || K == OpKind::kWA);
+  const auto run_tma_kernel = [&]() -> std::optional<ffi::Error> {
+    if constexpr (sizeof(T) == 2 || kTf32Tma) {
+      if (cc_major == 9 && cc_minor == 0 && !split) {
+        std::optional<cudaError_t> done;
+        if constexpr (K == OpKind::kWA && kTf32Tma && L == Layout::kNHWC)
+          done = run_tma_weights_nhwc_tf32(tma_problem(OpKind::kFA, g, cp), a, b, out, workspace,
+                                           nsm, smem_optin, stream);
+        else if constexpr (K == OpKind::kWA)
+          done = run_tma_weights<L, T>(tma_problem(OpKind::kFA, g, cp), a, b, out, workspace,
+                                       nsm, smem_optin, stream);
+        else if (K == OpKind::kFA || (g.stride_h == 1 && g.stride_w == 1))
+          done = run_tma<L, T, K == OpKind::kIA>(tma_problem(K, g, cp), a, b, out, workspace,
+                                                 nsm, smem_optin, stream);
+        if (done)
+          return *done != cudaSuccess ? cuda_error(kOp, "TMA kernel launch", *done)
+                                      : ffi::Error::Success();
+      }
+    }
+    return std::nullopt;
+  };
+  if constexpr (kTf32Tma) {
+    if (std::optional<ffi::Error> done = run_tma_kernel()) return *done;
+  }
   if (const std::optional<cudaError_t> fft = run_fft<K, L, T>(g, a, b, out, workspace, nsm, stream)) {
     if (*fft != cudaSuccess) return cuda_error(kOp, "FFT path launch", *fft);
     return ffi::Error::Success();
   }
-  // Hopper: the TMA kernels (filter_acts, weight_acts; image_acts at stride 1), for 16-bit
-  // types, and for float32 at default precision (TF32) where both operands are k-contiguous:
-  // NHWC filter_acts and image_acts, C01B weight_acts.
-  constexpr bool kTf32Tma =
-      std::is_same_v<T, float> && (L == Layout::kNHWC) == (K != OpKind::kWA);
-  if constexpr (sizeof(T) == 2 || kTf32Tma) {
-    if (cc_major == 9 && cc_minor == 0 && !split) {
-      std::optional<cudaError_t> done;
-      if constexpr (K == OpKind::kWA)
-        done = run_tma_weights<L, T>(tma_problem(OpKind::kFA, g, cp), a, b, out, workspace, nsm,
-                                     smem_optin, stream);
-      else if (K == OpKind::kFA || (g.stride_h == 1 && g.stride_w == 1))
-        done = run_tma<L, T, K == OpKind::kIA>(tma_problem(K, g, cp), a, b, out, workspace, nsm,
-                                               smem_optin, stream);
-      if (done) {
-        if (*done != cudaSuccess) return cuda_error(kOp, "TMA kernel launch", *done);
-        return ffi::Error::Success();
-      }
-    }
+  if constexpr (!kTf32Tma) {
+    if (std::optional<ffi::Error> done = run_tma_kernel()) return *done;
   }
   if constexpr (K == OpKind::kWA && L == Layout::kNHWC) {
     const std::optional<cudaError_t> padded = run_wa_padding<T>(p, a, workspace, nsm, stream);
