@@ -135,7 +135,7 @@ def norm_window_sum(v, *, geom: G.NormGeometry, transposed=False):
     dims, pads = [1] * v.ndim, [(0, 0)] * v.ndim
     for a in axes:
         dims[a], pads[a] = size, (lo, size - 1 - lo)
-    return lax.reduce_window(v, jnp.zeros((), v.dtype), lax.add, tuple(dims), (1,) * v.ndim,
+    return lax.reduce_window(v, np.zeros((), v.dtype), lax.add, tuple(dims), (1,) * v.ndim,
                              tuple(pads))
 
 
