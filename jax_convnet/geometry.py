@@ -725,13 +725,12 @@ def norm_residual_dtype(dtype) -> np.dtype:
     return np.dtype(np.float32) if dtype == np.dtype(np.float16) else dtype
 
 
-def norm_geometry(x, size, *, kind, add_scale, pow_scale, min_div, blocked, layout) \
-        -> NormGeometry:
+def norm_params(size, *, kind, add_scale, pow_scale, min_div, blocked, layout) -> NormGeometry:
     """Checks the arguments of cross_map_norm (``kind="cross_map"``) / response_norm
-    (``"same_map"``). ``min_div > 0`` and ``add_scale >= 0`` keep every denominator >= min_div."""
+    (``"same_map"``) other than the operand. ``min_div > 0`` and ``add_scale >= 0`` keep every
+    denominator >= min_div."""
     layout = check_layout(layout)
     assert kind in NORM_KINDS, kind
-    check_array(x, "x", batch_axis=image_axes(layout)["n"])
     if not _is_int(size):
         raise TypeError(f"size must be an int, got {size!r}")
     check_extent(int(size), "size", minimum=1)
@@ -743,3 +742,11 @@ def norm_geometry(x, size, *, kind, add_scale, pow_scale, min_div, blocked, layo
                         _finite_float(add_scale, "add_scale", minimum=0.0),
                         _finite_float(pow_scale, "pow_scale"),
                         _finite_float(min_div, "min_div", minimum=0.0, strictly=True))
+
+
+def norm_geometry(x, size, *, kind, add_scale, pow_scale, min_div, blocked, layout) \
+        -> NormGeometry:
+    """:func:`norm_params` after checking the operand ``x``."""
+    check_array(x, "x", batch_axis=image_axes(check_layout(layout))["n"])
+    return norm_params(size, kind=kind, add_scale=add_scale, pow_scale=pow_scale,
+                       min_div=min_div, blocked=blocked, layout=layout)
