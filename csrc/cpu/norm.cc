@@ -68,9 +68,82 @@ struct Buffers {
   R* d_out;     // denominators (forward with residual)
 };
 
-constexpr int64_t kChunk = 256;              // lanes of I per task (at most)
-constexpr int64_t kRingFloats = int64_t(1) << 16;  // ring budget in compute values
-constexpr int64_t kTaskCost = int64_t(1) << 15;    // elements x window per task, roughly
+constexpr int64_t kChunk = 256;                     // lanes of I per task (at most)
+constexpr int64_t kRingFloats = int64_t(1) << 16;   // ring budget in compute values
+constexpr int64_t kTaskCost = int64_t(1) << 15;     // elements x window per task, roughly
+
+// out[i] = d[i]^-p for the n values of d (> 0). The common powers take sqrt and division, which
+// vectorise (std::pow does not); any other p takes std::pow.
+template <typename F>
+void neg_pow(const F* __restrict d, F* __restrict out, int64_t n, F p) {
+  if (p == F(0.75)) {
+    for (int64_t i = 0; i < n; ++i) {
+      const F r = std::sqrt(d[i]);
+      out[i] = F(1) / (r * std::sqrt(r));
+    }
+  } else if (p == F(0.5)) {
+    for (int64_t i = 0; i < n; ++i) out[i] = F(1) / std::sqrt(d[i]);
+  } else if (p == F(1)) {
+    for (int64_t i = 0; i < n; ++i) out[i] = F(1) / d[i];
+  } else {
+    for (int64_t i = 0; i < n; ++i) out[i] = std::pow(d[i], -p);
+  }
+}
+
+template <typename T, typename F>
+void load(const T* __restrict src, F* __restrict dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = Num<T>::load(src[i]);
+}
+
+// The elementwise parts of one op on runs of n consecutive elements, with scratch for n values.
+template <Op kOp, typename T, typename R>
+struct Elementwise {
+  using F = typename Num<T>::F;
+  const Buffers<T, R>& b;
+  F a, p, k, two_ap;
+  F* x;  // scratch, n values each
+  F* w;
+  F* d;
+  F* e;
+
+  // q[i] = v of element at + i.
+  void v(int64_t at, int64_t n, F* __restrict q) {
+    load(b.x + at, x, n);
+    if constexpr (kOp == Op::kForward || kOp == Op::kForwardResidual) {
+      for (int64_t i = 0; i < n; ++i) q[i] = x[i] * x[i];
+    } else if constexpr (kOp == Op::kJvp) {
+      load(b.v + at, w, n);
+      for (int64_t i = 0; i < n; ++i) q[i] = x[i] * w[i];
+    } else {
+      load(b.v + at, w, n);
+      load(b.d + at, d, n);
+      neg_pow(d, e, n, p);
+      for (int64_t i = 0; i < n; ++i) q[i] = w[i] * x[i] * (e[i] / d[i]);
+    }
+  }
+
+  // The outputs of elements at + i from their window sums s[i].
+  void combine(int64_t at, int64_t n, const F* __restrict s) {
+    load(b.x + at, x, n);
+    if constexpr (kOp == Op::kForward || kOp == Op::kForwardResidual) {
+      for (int64_t i = 0; i < n; ++i) d[i] = k + a * s[i];
+      neg_pow(d, e, n, p);
+      for (int64_t i = 0; i < n; ++i) b.out[at + i] = Num<T>::store(x[i] * e[i]);
+      if constexpr (kOp == Op::kForwardResidual)
+        for (int64_t i = 0; i < n; ++i) b.d_out[at + i] = Num<R>::store(d[i]);
+    } else {
+      load(b.v + at, w, n);
+      load(b.d + at, d, n);
+      neg_pow(d, e, n, p);
+      if constexpr (kOp == Op::kJvp)
+        for (int64_t i = 0; i < n; ++i)
+          b.out[at + i] = Num<T>::store(w[i] * e[i] - two_ap * x[i] * (e[i] / d[i]) * s[i]);
+      else
+        for (int64_t i = 0; i < n; ++i)
+          b.out[at + i] = Num<T>::store(w[i] * e[i] - two_ap * x[i] * s[i]);
+    }
+  }
+};
 
 template <Op kOp, typename T, typename R>
 bool run(const Buffers<T, R>& b, const jcn::NormDims& d, double add_scale, double pow_scale,
@@ -82,23 +155,56 @@ bool run(const Buffers<T, R>& b, const jcn::NormDims& d, double add_scale, doubl
   const int64_t size = d.size;
   const int64_t lo = jcn::norm::lo_of(size, transposed);
   const bool blocked = d.blocked;
+  const F a = F(add_scale), p = F(pow_scale), k = F(min_div);
+  const F two_ap = F(2) * a * p;
+  const int64_t row = d.A2 * d.I;  // elements between consecutive a1
+
+  if (d.I == 1 && d.A2 == 1) {
+    // The window axis is the contiguous one (cross-map NHWC): a task takes whole runs of A1.
+    const int64_t unit_cost = d.A1 * std::min(size, d.A1);
+    const int64_t per_task = std::max<int64_t>(1, kTaskCost / std::max<int64_t>(1, unit_cost));
+    const int64_t n_tasks = (d.O + per_task - 1) / per_task;
+    return ThreadPool::shared().run(n_tasks, [&](int64_t task, int) {
+      std::vector<F> scratch(size_t(6 * d.A1));
+      F* v = scratch.data();
+      F* sum = v + d.A1;
+      Elementwise<kOp, T, R> ew{b, a, p, k, two_ap, sum + d.A1, sum + 2 * d.A1, sum + 3 * d.A1,
+                                sum + 4 * d.A1};
+      const int64_t o_end = std::min(d.O, (task + 1) * per_task);
+      for (int64_t o = task * per_task; o < o_end; ++o) {
+        const int64_t base = o * d.A1;
+        ew.v(base, d.A1, v);
+        for (int64_t a1 = 0; a1 < d.A1; ++a1) {
+          int64_t gb, ge;
+          jcn::norm::window<int64_t>(a1, d.A1, size, lo, blocked, &gb, &ge);
+          F s = F(0);
+          for (int64_t g = gb; g < ge; ++g) s += v[g];
+          sum[a1] = s;
+        }
+        ew.combine(base, d.A1, sum);
+      }
+    });
+  }
+
+  // Otherwise lanes along I: a task owns one o and a chunk of lanes, walking a1 upwards.
   const int64_t lo2 = d.same_map ? lo : 0, size2 = d.same_map ? size : 1;
   const int64_t ring_rows = std::min(size, d.A1);
   int64_t chunk = std::min(d.I, kChunk);
-  chunk = std::max<int64_t>(1, std::min(chunk, kRingFloats / std::max<int64_t>(1, ring_rows * d.A2)));
+  chunk = std::max<int64_t>(
+      1, std::min(chunk, kRingFloats / std::max<int64_t>(1, ring_rows * d.A2)));
   const int64_t n_chunks = (d.I + chunk - 1) / chunk;
   const int64_t units = d.O * n_chunks;
   const int64_t unit_cost = d.A1 * d.A2 * chunk * std::min(size, d.A1) *
                             (d.same_map ? std::min(size, d.A2) : 1);
   const int64_t per_task = std::max<int64_t>(1, kTaskCost / std::max<int64_t>(1, unit_cost));
   const int64_t n_tasks = (units + per_task - 1) / per_task;
-  const F a = F(add_scale), p = F(pow_scale), k = F(min_div);
-  const F two_ap = F(2) * a * p;
-  const int64_t row = d.A2 * d.I;  // elements between consecutive a1
 
   return ThreadPool::shared().run(n_tasks, [&](int64_t task, int) {
     std::vector<F> ring(size_t(ring_rows * d.A2 * chunk));
     std::vector<F> sum(size_t(d.A2 * chunk));
+    std::vector<F> scratch(size_t(4 * chunk));
+    Elementwise<kOp, T, R> ew{b, a, p, k, two_ap, scratch.data(), scratch.data() + chunk,
+                              scratch.data() + 2 * chunk, scratch.data() + 3 * chunk};
     const int64_t u_end = std::min(units, (task + 1) * per_task);
     for (int64_t u = task * per_task; u < u_end; ++u) {
       const int64_t o = u / n_chunks, i0 = (u % n_chunks) * chunk;
@@ -110,21 +216,8 @@ bool run(const Buffers<T, R>& b, const jcn::NormDims& d, double add_scale, doubl
         jcn::norm::window<int64_t>(a1, d.A1, size, lo, blocked, &rb, &re);
         for (; next_row < re; ++next_row) {  // v of row next_row into its ring slot
           F* dst = ring.data() + (next_row % ring_rows) * d.A2 * chunk;
-          for (int64_t a2 = 0; a2 < d.A2; ++a2) {
-            const int64_t at = base + next_row * row + a2 * d.I;
-            F* q = dst + a2 * chunk;
-            for (int64_t i = 0; i < n; ++i) {
-              const F xv = Num<T>::load(b.x[at + i]);
-              if constexpr (kOp == Op::kForward || kOp == Op::kForwardResidual) {
-                q[i] = xv * xv;
-              } else if constexpr (kOp == Op::kJvp) {
-                q[i] = xv * Num<T>::load(b.v[at + i]);
-              } else {
-                const F dv = Num<R>::load(b.d[at + i]);
-                q[i] = Num<T>::load(b.v[at + i]) * xv * (std::pow(dv, -p) / dv);
-              }
-            }
-          }
+          for (int64_t a2 = 0; a2 < d.A2; ++a2)
+            ew.v(base + next_row * row + a2 * d.I, n, dst + a2 * chunk);
         }
         // S of every (a2, lane) of output row a1, rows then columns in increasing order.
         std::fill(sum.begin(), sum.end(), F(0));
@@ -133,33 +226,15 @@ bool run(const Buffers<T, R>& b, const jcn::NormDims& d, double add_scale, doubl
           for (int64_t a2 = 0; a2 < d.A2; ++a2) {
             int64_t cb = 0, ce = 1;
             if (d.same_map) jcn::norm::window<int64_t>(a2, d.A2, size2, lo2, false, &cb, &ce);
-            F* s = sum.data() + a2 * chunk;
+            F* __restrict s = sum.data() + a2 * chunk;
             for (int64_t c = cb; c < ce; ++c) {
-              const F* q = src + c * chunk;
+              const F* __restrict q = src + c * chunk;
               for (int64_t i = 0; i < n; ++i) s[i] += q[i];
             }
           }
         }
-        for (int64_t a2 = 0; a2 < d.A2; ++a2) {
-          const int64_t at = base + a1 * row + a2 * d.I;
-          const F* s = sum.data() + a2 * chunk;
-          for (int64_t i = 0; i < n; ++i) {
-            const F xv = Num<T>::load(b.x[at + i]);
-            if constexpr (kOp == Op::kForward || kOp == Op::kForwardResidual) {
-              const F den = k + a * s[i];
-              b.out[at + i] = Num<T>::store(xv * std::pow(den, -p));
-              if constexpr (kOp == Op::kForwardResidual) b.d_out[at + i] = Num<R>::store(den);
-            } else {
-              const F dv = Num<R>::load(b.d[at + i]);
-              const F scale = std::pow(dv, -p);
-              const F vv = Num<T>::load(b.v[at + i]);
-              if constexpr (kOp == Op::kJvp)
-                b.out[at + i] = Num<T>::store(vv * scale - two_ap * xv * (scale / dv) * s[i]);
-              else
-                b.out[at + i] = Num<T>::store(vv * scale - two_ap * xv * s[i]);
-            }
-          }
-        }
+        for (int64_t a2 = 0; a2 < d.A2; ++a2)
+          ew.combine(base + a1 * row + a2 * d.I, n, sum.data() + a2 * chunk);
       }
     }
   });
