@@ -6,10 +6,13 @@
 //   forward:  v = x^2,               d = min_div + a S,   y = x d^-p
 //   JVP:      v = x t,               out = t d^-p - 2ap x d^(-p-1) S
 //   gradient: v = c x d^(-p-1),      out = c d^-p - 2ap x S   (S over the transposed windows)
-// One thread per output element, consecutive threads along the contiguous I, so every load of a
-// window element is a contiguous warp-wide load; the window's other elements are read again by
-// the neighbouring outputs' threads from L1 / L2. S is summed in float32 in the fixed order of
-// norm_checks.h (no atomics): bitwise reproducible. d^-p is exp2(-p log2 d) (d >= min_div > 0).
+// Two kernels, both summing S in float32 in the fixed order of norm_checks.h (no atomics):
+// bitwise reproducible. d^-p is exp2(-p log2 d) (d >= min_div > 0).
+// - norm_cross_tiled_kernel, cross-map with at least 32 lanes (C01B) and size <= 33: v is
+//   computed once per element (plus the tile's halo) into shared memory, windows summed there.
+// - norm_kernel, every other case: one thread per output element, consecutive threads along the
+//   contiguous I, so every load of a window element is a contiguous warp-wide load; the window's
+//   other elements are read again by the neighbouring outputs' threads from L1 / L2.
 //
 // Graph-safe: no allocation, no synchronisation, no host access to device data; one kernel
 // launch per call on the given stream. 32-bit indices when the tensor has fewer than 2^31
@@ -76,6 +79,40 @@ struct Scales {
 // d^-e for d > 0.
 __device__ __forceinline__ float pow_neg(float d, float e) { return exp2f(-e * __log2f(d)); }
 
+// v of element `at`: x^2, x t or c x d^(-p-1).
+template <Op kOp, typename T, typename R, typename Idx>
+__device__ __forceinline__ float v_at(const Buffers<T, R>& b, Idx at, const Scales& s) {
+  const float xv = Num<T>::load(b.x[at]);
+  if constexpr (kOp == Op::kForward || kOp == Op::kForwardResidual) {
+    return xv * xv;
+  } else if constexpr (kOp == Op::kJvp) {
+    return xv * Num<T>::load(b.v[at]);
+  } else {
+    return Num<T>::load(b.v[at]) * xv * pow_neg(Num<R>::load(b.d[at]), s.p + 1.0f);
+  }
+}
+
+// The outputs of element e from its window sum.
+template <Op kOp, typename T, typename R, typename Idx>
+__device__ __forceinline__ void combine_at(const Buffers<T, R>& b, Idx e, float sum,
+                                           const Scales& s) {
+  const float xv = Num<T>::load(b.x[e]);
+  if constexpr (kOp == Op::kForward || kOp == Op::kForwardResidual) {
+    const float den = __fadd_rn(s.k, __fmul_rn(s.a, sum));
+    b.out[e] = Num<T>::store(xv * pow_neg(den, s.p));
+    if constexpr (kOp == Op::kForwardResidual) b.d_out[e] = Num<R>::store(den);
+  } else {
+    const float dv = Num<R>::load(b.d[e]);
+    const float scale = pow_neg(dv, s.p);
+    const float vv = Num<T>::load(b.v[e]);
+    if constexpr (kOp == Op::kJvp)
+      b.out[e] = Num<T>::store(vv * scale - s.two_ap * xv * (scale / dv) * sum);
+    else
+      b.out[e] = Num<T>::store(vv * scale - s.two_ap * xv * sum);
+  }
+}
+
+// Any case: one thread per output element, the window's v read from global memory (L1 / L2).
 template <Op kOp, typename T, typename R, typename Idx>
 __global__ void __launch_bounds__(kThreads)
     norm_kernel(Buffers<T, R> b, KDims<Idx> g, Scales s) {
@@ -93,33 +130,50 @@ __global__ void __launch_bounds__(kThreads)
     float sum = 0.0f;
     for (Idx r = rb; r < re; ++r) {
       const Idx row = ((o * g.A1 + r) * g.A2) * g.I + i;
-      for (Idx c = cb; c < ce; ++c) {
-        const Idx at = row + c * g.I;
-        const float xv = Num<T>::load(b.x[at]);
-        float v;
-        if constexpr (kOp == Op::kForward || kOp == Op::kForwardResidual) {
-          v = xv * xv;
-        } else if constexpr (kOp == Op::kJvp) {
-          v = xv * Num<T>::load(b.v[at]);
-        } else {
-          v = Num<T>::load(b.v[at]) * xv * pow_neg(Num<R>::load(b.d[at]), s.p + 1.0f);
-        }
-        sum = __fadd_rn(sum, v);  // no contraction into an FMA: the order and rounding are fixed
-      }
+      for (Idx c = cb; c < ce; ++c)
+        // no contraction into an FMA: the order and rounding are fixed
+        sum = __fadd_rn(sum, v_at<kOp>(b, row + c * g.I, s));
     }
-    const float xv = Num<T>::load(b.x[e]);
-    if constexpr (kOp == Op::kForward || kOp == Op::kForwardResidual) {
-      const float den = __fadd_rn(s.k, __fmul_rn(s.a, sum));
-      b.out[e] = Num<T>::store(xv * pow_neg(den, s.p));
-      if constexpr (kOp == Op::kForwardResidual) b.d_out[e] = Num<R>::store(den);
-    } else {
-      const float dv = Num<R>::load(b.d[e]);
-      const float scale = pow_neg(dv, s.p);
-      const float vv = Num<T>::load(b.v[e]);
-      if constexpr (kOp == Op::kJvp)
-        b.out[e] = Num<T>::store(vv * scale - s.two_ap * xv * (scale / dv) * sum);
-      else
-        b.out[e] = Num<T>::store(vv * scale - s.two_ap * xv * sum);
+    combine_at<kOp>(b, e, sum, s);
+  }
+}
+
+// Cross-map with lanes (A2 = 1, I >= kLanes; C01B): a block takes kLanes consecutive lanes of
+// one o and kTileRows consecutive output channels, computes v once for the rows their windows
+// cover (at most kTileRows + 2 * (kMaxTiledSize - 1)) into shared memory and sums each window
+// from there in the same order as norm_kernel. blockIdx.x: (o, lane tile); blockIdx.y: channel
+// tile.
+constexpr int kLanes = 32;
+constexpr int kTileRows = 32;
+constexpr int kRowThreads = kThreads / kLanes;  // 8
+constexpr int kMaxTiledSize = 33;
+constexpr int kMaxTileRows = kTileRows + 2 * (kMaxTiledSize - 1);
+
+template <Op kOp, typename T, typename R, typename Idx>
+__global__ void __launch_bounds__(kThreads)
+    norm_cross_tiled_kernel(Buffers<T, R> b, KDims<Idx> g, Scales s, Idx lane_tiles) {
+  __shared__ float tile[kMaxTileRows * kLanes];
+  const int tx = int(threadIdx.x) % kLanes, ty = int(threadIdx.x) / kLanes;
+  const Idx f0 = Idx(blockIdx.y) * kTileRows;
+  const Idx f_last = (f0 + kTileRows < g.A1 ? f0 + kTileRows : g.A1) - 1;
+  Idx rb, re, unused;
+  jcn::norm::window<Idx>(f0, g.A1, g.size, g.lo, g.blocked, &rb, &unused);
+  jcn::norm::window<Idx>(f_last, g.A1, g.size, g.lo, g.blocked, &unused, &re);
+  for (Idx unit = Idx(blockIdx.x); unit < g.O * lane_tiles; unit += Idx(gridDim.x)) {
+    const Idx o = unit / lane_tiles;
+    const Idx i = (unit % lane_tiles) * kLanes + tx;
+    const bool lane_ok = i < g.I;
+    __syncthreads();  // the previous unit's reads of the tile are done
+    for (Idx r = rb + ty; r < re; r += kRowThreads)
+      tile[int(r - rb) * kLanes + tx] = lane_ok ? v_at<kOp>(b, (o * g.A1 + r) * g.I + i, s) : 0.0f;
+    __syncthreads();
+    if (!lane_ok) continue;
+    for (Idx f = f0 + ty; f <= f_last; f += kRowThreads) {
+      Idx wb, we;
+      jcn::norm::window<Idx>(f, g.A1, g.size, g.lo, g.blocked, &wb, &we);
+      float sum = 0.0f;
+      for (Idx r = wb; r < we; ++r) sum = __fadd_rn(sum, tile[int(r - rb) * kLanes + tx]);
+      combine_at<kOp>(b, (o * g.A1 + f) * g.I + i, sum, s);
     }
   }
 }
@@ -131,6 +185,16 @@ void launch_typed(cudaStream_t stream, const Buffers<T, R>& b, const jcn::NormDi
   KDims<Idx> g{Idx(d.O),    Idx(d.A1),   Idx(d.A2),
                Idx(d.I),    Idx(n),      Idx(d.size),
                Idx(jcn::norm::lo_of(d.size, transposed)), d.same_map, d.blocked};
+  const int64_t channel_tiles = (d.A1 + kTileRows - 1) / kTileRows;
+  if (!d.same_map && d.A2 == 1 && d.I >= kLanes && d.size <= kMaxTiledSize &&
+      channel_tiles <= 65535) {
+    const int64_t lane_tiles = (d.I + kLanes - 1) / kLanes;
+    const int64_t units = d.O * lane_tiles;
+    const dim3 grid(unsigned(units < kMaxBlocks ? units : kMaxBlocks), unsigned(channel_tiles));
+    norm_cross_tiled_kernel<kOp, T, R, Idx><<<grid, kThreads, 0, stream>>>(b, g, s,
+                                                                           Idx(lane_tiles));
+    return;
+  }
   int64_t blocks = (n + kThreads - 1) / kThreads;
   if (blocks > kMaxBlocks) blocks = kMaxBlocks;
   norm_kernel<kOp, T, R, Idx><<<unsigned(blocks), kThreads, 0, stream>>>(b, g, s);
