@@ -163,12 +163,14 @@ def build_rows(device_platform: str, *, quick=False, ops=("conv", "pool"), batch
         for layer, spec in norms.items():
             if batch:
                 spec = spec._replace(batch=batch)
-            for config in dtypes:
+            for dtype in dtypes:
                 for layout in LAYOUTS:  # consecutive rows share their inputs
                     for op in ("fwd", "train"):
-                        rows.append(Row(f"norm/{layer}/{op}/{config}/{layout}", "norm", op, layer,
-                                        layout, POOL_DTYPES[config], config, tuple(spec),
-                                        ("norm", layer, layout, config, tuple(spec))))
+                        for xla in NORM_XLA:
+                            config = dtype + xla
+                            rows.append(Row(f"norm/{layer}/{op}/{config}/{layout}", "norm", op,
+                                            layer, layout, POOL_DTYPES[dtype], config, tuple(spec),
+                                            ("norm", layer, layout, dtype, tuple(spec))))
     if filters:
         rows = [r for r in rows if any(f in r.name for f in filters)]
     return rows
@@ -257,9 +259,30 @@ def row_functions(row: Row, inputs, partial_sum=None):
     return wrap(ours), wrap(xla), (x, g), (2 * nx + ny) * itemsize
 
 
+def _shifted_norm(x, kind, size, *, add_scale, pow_scale, min_div, layout):
+    """A response norm in jnp whose window sums add ``size`` shifted slices of the padded squares
+    (per axis: rows then columns for the same-map op), which XLA fuses into one loop."""
+    ax = G.image_axes(layout)
+    f = jnp.float32 if x.dtype != jnp.float64 else jnp.float64
+    xf = x.astype(f)
+    s = xf * xf
+    for axis in ((ax["c"],) if kind == "cross" else (ax["h"], ax["w"])):
+        pads = [(0, 0)] * x.ndim
+        pads[axis] = (size // 2, size - 1 - size // 2)
+        padded = jnp.pad(s, pads)
+        s = sum(lax.slice_in_dim(padded, j, j + x.shape[axis], axis=axis) for j in range(size))
+    return (xf * (min_div + add_scale * s) ** -pow_scale).astype(x.dtype)
+
+
+# The XLA composites the norm rows time ours against (suffix of the row's config): the reference
+# (a lax.reduce_window sum) and the shifted-slices sum.
+NORM_XLA = {"": "reduce_window", "-slices": "shifted slices"}
+
+
 def _norm_functions(row: Row, inputs):
-    """Response-norm rows: ours against the pure-lax reference (``jax_convnet.reference``, a
-    ``lax.reduce_window`` sum of squares) as XLA compiles it. Bytes: "fwd" reads x and writes y;
+    """Response-norm rows: ours against an XLA composite (``NORM_XLA``: config "f32" the pure-lax
+    reference ``jax_convnet.reference``, a ``lax.reduce_window`` sum of squares; "f32-slices"
+    ``_shifted_norm``). Bytes: "fwd" reads x and writes y;
     "train" (``jax.value_and_grad``) moves the design's bytes: x read, y and the denominators d
     written forward, the cotangents, x and d read and the gradient written backward (d is float32
     for float16, the operands' dtype otherwise)."""
@@ -270,7 +293,11 @@ def _norm_functions(row: Row, inputs):
     (x,) = inputs
     module_op = lambda m: ((lambda x: m.response_norm(x, size, **kw)) if kind == "same"
                            else (lambda x: m.cross_map_norm(x, size, **kw)))
-    ours, xla = module_op(jcn), module_op(jcn.reference)
+    ours = module_op(jcn)
+    if row.config.endswith("-slices"):
+        xla = functools.partial(_shifted_norm, kind=kind, size=size, **kw)
+    else:
+        xla = module_op(jcn.reference)
     nx = n * c * h * w
     if row.op == "fwd":
         return ours, xla, (x,), 2 * nx * itemsize

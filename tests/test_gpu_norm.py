@@ -86,12 +86,19 @@ def test_bitwise_repeatable(dtype):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_more_than_2_31_elements():
-    # (C, H, W, B) = (4, 1024, 1024, 520) bfloat16: 2.18e9 elements, 64-bit indices. Every
-    # (row, col, batch) is normalised on its own, so the last batch columns equal the op on them.
+@pytest.mark.parametrize("layout,kind", [("C01B", "cross"), ("NHWC", "same")])
+def test_more_than_2_31_elements(layout, kind):
+    # 4 x 1024 x 1024 x 520 bfloat16: 2.18e9 elements, 64-bit indices (C01B cross-map: the tiled
+    # kernel; NHWC same-map: the other). Batch elements are normalised independently, so the
+    # last three equal the op on them alone.
+    shape = jcn.geometry.image_shape(layout, 520, 4, 1024, 1024)
     key = jax.device_put(jax.random.key(0), gpu())
-    x = jax.jit(lambda k: jax.random.normal(k, (4, 1024, 1024, 520), jnp.bfloat16))(key)
-    f = lambda x: jcn.cross_map_norm(x, 3, add_scale=0.5, pow_scale=0.75)
-    tail = jax.jit(lambda x: f(x)[:, -4:, :, -3:])(x)
-    want = ref.cross_map_norm(x[:, -4:, :, -3:], 3, add_scale=0.5, pow_scale=0.75)
+    x = jax.jit(lambda k: jax.random.normal(k, shape, jnp.bfloat16))(key)
+    kw = dict(add_scale=0.5, pow_scale=0.75, layout=layout)
+    f = (lambda m: lambda x: m.cross_map_norm(x, 3, **kw)) if kind == "cross" else \
+        (lambda m: lambda x: m.response_norm(x, 3, **kw))
+    last = (lambda x: x[..., -3:]) if layout == "C01B" else (lambda x: x[-3:])
+    tail = jax.jit(lambda x: last(f(jcn)(x)))(x)
+    want = f(ref)(last(x))
+    del x
     assert_close(tail, want, jnp.bfloat16)

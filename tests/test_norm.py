@@ -278,3 +278,19 @@ def test_flax_modules():
         cnn.CrossMapNorm(0, 0.3, 0.75)
     with pytest.raises(TypeError, match="ResponseNorm: add_scale"):
         cnnx.ResponseNorm(3, "0.3", 0.75)
+
+
+# ----------------------------------------------------------------------------- benchmark
+
+def test_benchmark_rows(tmp_path):
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("tqdm")
+    from jax_convnet import benchmark
+    rows = benchmark.main(["--quick", "--set", "cpu", "--ops", "norm", "--filter",
+                           "norm2/train/f32-slices/NHWC", "--filter", "norm2/fwd/f32/C01B",
+                           "--reps", "1", "--out", str(tmp_path)])
+    assert [r["name"] for r in rows] == ["norm/norm2/train/f32-slices/NHWC",
+                                         "norm/norm2/fwd/f32/C01B"]
+    # ours against both XLA composites, the training rows with their floor
+    assert all("error" not in r and r["max_rel_err"] < 1e-5 for r in rows)
+    assert all(r["floor_ms"] > 0 for r in rows if r["op"] == "train")
