@@ -102,7 +102,7 @@ def test_alexnet_parameters_on_a_larger_tensor(platform):
     check_norm(x, "same", 3, "NHWC", add_scale=1e-3 / 9, pow_scale=0.75, min_div=1.0)
 
 
-@pytest.mark.parametrize("kind", ["cross", "blocked", "same"])
+@pytest.mark.parametrize("kind", ["cross", "same"])
 def test_derivatives_to_second_order(kind):
     x = rand(6, (6, 4, 5, 3), jnp.float64)
     f = op(jcn, kind, 3, "C01B", add_scale=0.5, pow_scale=0.8)
@@ -287,10 +287,8 @@ def test_benchmark_rows(tmp_path):
     pytest.importorskip("tqdm")
     from jax_convnet import benchmark
     rows = benchmark.main(["--quick", "--set", "cpu", "--ops", "norm", "--filter",
-                           "norm2/train/f32-slices/NHWC", "--filter", "norm2/fwd/f32/C01B",
-                           "--reps", "1", "--out", str(tmp_path)])
-    assert [r["name"] for r in rows] == ["norm/norm2/train/f32-slices/NHWC",
-                                         "norm/norm2/fwd/f32/C01B"]
+                           "norm2/train/f32-slices/NHWC", "--reps", "1", "--out", str(tmp_path)])
+    assert [r["name"] for r in rows] == ["norm/norm2/train/f32-slices/NHWC"]
     # ours against both XLA composites, the training rows with their floor
     assert all("error" not in r and r["max_rel_err"] < 1e-5 for r in rows)
     assert all(r["floor_ms"] > 0 for r in rows if r["op"] == "train")
