@@ -10,6 +10,8 @@
 // bitwise reproducible. d^-p is exp2(-p log2 d) (d >= min_div > 0).
 // - norm_cross_tiled_kernel, cross-map with at least 32 lanes (C01B) and size <= 33: v is
 //   computed once per element (plus the tile's halo) into shared memory, windows summed there.
+// - norm_contiguous_tiled_kernel, cross-map with the channels contiguous (NHWC), size <= 33:
+//   the same along the contiguous axis.
 // - norm_kernel, every other case: one thread per output element, consecutive threads along the
 //   contiguous I, so every load of a window element is a contiguous warp-wide load; the window's
 //   other elements are read again by the neighbouring outputs' threads from L1 / L2.
@@ -178,6 +180,37 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Cross-map with the channels contiguous (NHWC: A2 = I = 1), size <= kMaxTiledSize: a block
+// takes kSpan consecutive elements, computes v once for them and the size - 1 elements either
+// side into shared memory (windows never reach further), and sums each window from there in the
+// same order as norm_kernel.
+constexpr int kSpan = 4 * kThreads;
+
+template <Op kOp, typename T, typename R, typename Idx>
+__global__ void __launch_bounds__(kThreads)
+    norm_contiguous_tiled_kernel(Buffers<T, R> b, KDims<Idx> g, Scales s) {
+  __shared__ float tile[kSpan + 2 * (kMaxTiledSize - 1)];
+  const Idx halo = g.size - 1;
+  for (Idx t0 = Idx(blockIdx.x) * kSpan; t0 < g.n; t0 += Idx(gridDim.x) * kSpan) {
+    const Idx t_end = t0 + kSpan < g.n ? t0 + kSpan : g.n;
+    const Idx mb = t0 > halo ? t0 - halo : Idx(0);
+    const Idx me = t_end + halo < g.n ? t_end + halo : g.n;
+    __syncthreads();  // the previous span's reads of the tile are done
+    for (Idx m = mb + Idx(threadIdx.x); m < me; m += kThreads)
+      tile[int(m - mb)] = v_at<kOp>(b, m, s);
+    __syncthreads();
+    for (Idx e = t0 + Idx(threadIdx.x); e < t_end; e += kThreads) {
+      const Idx c = e % g.A1;
+      const Idx first = e - c - mb;  // channel 0 of this position, in the tile
+      Idx wb, we;
+      jcn::norm::window<Idx>(c, g.A1, g.size, g.lo, g.blocked, &wb, &we);
+      float sum = 0.0f;
+      for (Idx r = wb; r < we; ++r) sum = __fadd_rn(sum, tile[int(first + r)]);
+      combine_at<kOp>(b, e, sum, s);
+    }
+  }
+}
+
 template <Op kOp, typename T, typename R, typename Idx>
 void launch_typed(cudaStream_t stream, const Buffers<T, R>& b, const jcn::NormDims& d,
                   bool transposed, const Scales& s) {
@@ -193,6 +226,13 @@ void launch_typed(cudaStream_t stream, const Buffers<T, R>& b, const jcn::NormDi
     const dim3 grid(unsigned(units < kMaxBlocks ? units : kMaxBlocks), unsigned(channel_tiles));
     norm_cross_tiled_kernel<kOp, T, R, Idx><<<grid, kThreads, 0, stream>>>(b, g, s,
                                                                            Idx(lane_tiles));
+    return;
+  }
+  if (!d.same_map && d.A2 == 1 && d.I == 1 && d.size <= kMaxTiledSize) {
+    // at most kMaxBlocks * kThreads elements per grid-stride step, as norm_kernel's
+    int64_t blocks = (n + kSpan - 1) / kSpan;
+    if (blocks > kMaxBlocks * kThreads / kSpan) blocks = kMaxBlocks * kThreads / kSpan;
+    norm_contiguous_tiled_kernel<kOp, T, R, Idx><<<unsigned(blocks), kThreads, 0, stream>>>(b, g, s);
     return;
   }
   int64_t blocks = (n + kThreads - 1) / kThreads;
