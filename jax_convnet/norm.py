@@ -183,7 +183,7 @@ def _batch_rule(primitive):
             s = out.shape
             return out.reshape(s[:n_axis] + (size, s[n_axis] // size) + s[n_axis + 1:])
 
-        if size == 0:  # an empty result, as lax gives it
+        if isinstance(size, int) and size == 0:  # an empty result, as lax gives it
             out = jax.eval_shape(lambda *xs: primitive.bind(*xs, geom=geom), *[
                 jax.ShapeDtypeStruct(a.shape if d is None else a.shape[:d] + a.shape[d + 1:],
                                      a.dtype) for a, d in zip(args, dims)])

@@ -292,3 +292,18 @@ def test_benchmark_rows(tmp_path):
     # ours against both XLA composites, the training rows with their floor
     assert all("error" not in r and r["max_rel_err"] < 1e-5 for r in rows)
     assert all(r["floor_ms"] > 0 for r in rows if r["op"] == "train")
+
+
+def test_vmap_over_an_empty_axis_and_export_with_a_symbolic_batch():
+    xs = jnp.zeros((0, 5, 3, 3, 2))
+    assert jax.vmap(op(jcn, "cross", 3, "C01B"))(xs).shape == xs.shape
+    assert jax.vmap(jax.grad(lambda x: jnp.sum(op(jcn, "same", 3, "C01B")(x))))(xs).shape == \
+        xs.shape
+    from jax import export
+    b, = export.symbolic_shape("b")
+    f = jax.grad(lambda x: jnp.sum(op(jcn, "cross", 5, "NHWC")(x) ** 2))
+    exported = export.export(jax.jit(f), platforms=("cpu",),
+                             disabled_checks=jcn.export_safety_checks())(
+        jax.ShapeDtypeStruct((b, 4, 4, 6), jnp.float32))
+    x = rand(3, (3, 4, 4, 6))
+    assert_close(exported.call(x), jax.grad(lambda x: jnp.sum(op(ref, "cross", 5, "NHWC")(x) ** 2))(x))
