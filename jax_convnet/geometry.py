@@ -384,21 +384,34 @@ def weight_acts_workspace_bytes(filter_elems: int, *, layout: str, batch: int, c
     return sums + (padded if padded <= padded_cap_bytes else 0)
 
 
-def tf32_weight_acts_copies_bytes(*, batch: int, channels: int, filters: int, image_hw,
-                                  hidden_hw) -> int:
-    """Bytes of the C01B copies of the images and the hidden tensor that float32 NHWC weight_acts
-    at default precision takes on Hopper's TF32 kernel (csrc/cuda/conv_launch.cuh,
-    run_tma_weights_nhwc_tf32; they lead its workspace), each rounded up to 256 bytes, where the
-    shapes are ones the kernel reads (tma_can_read: channels in 4s filling 3/4 of their 32-blocks,
-    filters in 4s and at least 64, a batch in 4s of at least 64); else 0."""
+def tf32_copies_bytes(op: str, *, layout: str, batch: int, channels: int, filters: int,
+                      image_hw, hidden_hw, filter_hw, stride) -> int:
+    """Bytes of the copies that float32 at default precision takes to Hopper's TF32 kernel, which
+    reads both operands k-contiguous only (csrc/cuda/conv_launch.cuh: run_tma,
+    run_tma_c01b_tf32, run_tma_weights_nhwc_tf32; the copies lead the op's workspace, each
+    rounded up to 256 bytes): NHWC filter_acts its taps; C01B filter_acts the images and the
+    hidden tensor as NHWC, then its taps; C01B image_acts at stride 1 the hidden tensor and the
+    images as NHWC; NHWC weight_acts the images and the hidden tensor as C01B. 0 elsewhere, and
+    where the shapes are not ones the kernel reads (tma_can_read: the convolution's input
+    channels in 4s filling 3/4 of their 32-blocks, its outputs in 4s and at least 64; for the
+    C01B kernel a batch in 4s of at least 64)."""
     if not all(_is_dim(v) for v in (batch, channels, filters)):
         return 0
-    readable = (channels % 4 == 0 and 4 * channels >= 3 * _round_up(channels, 32)
-                and filters % 4 == 0 and filters >= 64 and batch % 4 == 0 and batch >= 64)
-    if not readable:
+    c01b = check_layout(layout) == "C01B"
+    cin, cout = (filters, channels) if op == "image_acts" else (channels, filters)
+    if not (cin % 4 == 0 and 4 * cin >= 3 * _round_up(cin, 32) and cout % 4 == 0
+            and cout >= 64):
         return 0
-    return (_round_up(4 * batch * image_hw[0] * image_hw[1] * channels, 256)
-            + _round_up(4 * batch * hidden_hw[0] * hidden_hw[1] * filters, 256))
+    images = _round_up(4 * batch * image_hw[0] * image_hw[1] * channels, 256)
+    hidden = _round_up(4 * batch * hidden_hw[0] * hidden_hw[1] * filters, 256)
+    taps = 4 * channels * filters * filter_hw[0] * filter_hw[1]
+    if op == "filter_acts":
+        return images + hidden + taps if c01b else taps
+    if op == "image_acts":
+        return images + hidden if c01b and tuple(stride) == (1, 1) else 0
+    if op == "weight_acts" and not c01b and batch % 4 == 0 and batch >= 64:
+        return images + hidden
+    return 0
 
 
 # Convolutions of stride 1 with large filters run on the GPU through 2-d FFTs

@@ -1030,6 +1030,48 @@ std::optional<cudaError_t> run_tma_weights_nhwc_tf32(const TmaProblem& pr, const
   return run_tma_weights<Layout::kC01B, float>(pc, xc, hc, out, rest, nsm, smem_optin, stream);
 }
 
+// float32 C01B filter_acts / image_acts (stride 1) as TF32: X (dense) copied to NHWC at the
+// workspace's start, the NHWC kernel into an NHWC Y after it (the rest of the workspace for the
+// taps' copy), then Y copied to C01B (dense) (jax_convnet/geometry.py, tf32_copies_bytes, sizes
+// the copies).
+template <bool kFlip>
+std::optional<cudaError_t> run_tma_c01b_tf32(const TmaProblem& pr, const void* x, const void* w,
+                                             void* y, Workspace ws, int nsm, int smem_optin,
+                                             cudaStream_t stream) {
+  const int64_t x_pixels = pr.in_h * pr.in_w, y_pixels = pr.out_h * pr.out_w;
+  const auto dense_c01b = [&](const jcn::Strides4& s, int64_t w, int64_t pixels) {
+    return s.n == 1 && s.x == pr.batch && s.y == w * pr.batch && s.c == pixels * pr.batch;
+  };
+  if (!dense_c01b(pr.xs, pr.in_w, x_pixels) || !dense_c01b(pr.ys, pr.out_w, y_pixels) ||
+      !aligned(ws.data, 16) || (kFlip && (pr.sh != 1 || pr.sw != 1)))
+    return std::nullopt;
+  const int64_t x_bytes = round_up(4 * pr.batch * x_pixels * pr.cin, 256);
+  const int64_t y_bytes = round_up(4 * pr.batch * y_pixels * pr.cout, 256);
+  const int64_t taps_bytes = kFlip ? 0 : 4 * pr.cin * pr.cout * pr.fh * pr.fw;
+  if (ws.bytes - x_bytes - y_bytes < taps_bytes) return std::nullopt;
+  char* const base = static_cast<char*>(ws.data);
+  float* const xn = reinterpret_cast<float*>(base);
+  float* const yn = reinterpret_cast<float*>(base + x_bytes);
+  TmaProblem pn = pr;
+  pn.xs = {x_pixels * pr.cin, 1, pr.in_w * pr.cin, pr.cin};
+  pn.ys = {y_pixels * pr.cout, 1, pr.out_w * pr.cout, pr.cout};
+  if (!tma_can_read<Layout::kNHWC, float>(pn, xn, w, yn, smem_optin)) return std::nullopt;
+  const dim3 grid(unsigned(cdiv(pr.batch, 32)), unsigned(cdiv(pr.cin, 32)),
+                  unsigned(std::min<int64_t>(x_pixels, 65535)));
+  c01b_to_nhwc_kernel<<<grid, dim3(32, 8), 0, stream>>>(static_cast<const float*>(x), xn,
+                                                       pr.batch, x_pixels, pr.cin);
+  if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
+  const Workspace rest{base + x_bytes + y_bytes, ws.bytes - x_bytes - y_bytes};
+  const std::optional<cudaError_t> done = run_tma<Layout::kNHWC, float, kFlip>(
+      pn, xn, w, yn, rest, nsm, smem_optin, stream);
+  if (!done || *done != cudaSuccess) return done;
+  const dim3 back(unsigned(cdiv(pr.cout, 32)), unsigned(cdiv(pr.batch, 32)),
+                  unsigned(std::min<int64_t>(y_pixels, 65535)));
+  nhwc_to_c01b_kernel<<<back, dim3(32, 8), 0, stream>>>(yn, static_cast<float*>(y), pr.batch,
+                                                       y_pixels, pr.cout);
+  return cudaGetLastError();
+}
+
 // The op for one layout and element type, once geometry and attributes are checked.
 // a / b: the GEMM operands A / B (FA: images / filters, IA: hidden / filters, WA: images / hidden).
 template <OpKind K, Layout L, typename T>
@@ -1085,11 +1127,11 @@ ffi::Error run(cudaStream_t stream, Workspace workspace, const jcn::ConvGeometry
 
   // Hopper: the TMA kernels (filter_acts, weight_acts; image_acts at stride 1), for 16-bit
   // types, and for float32 at default precision (TF32) where both operands are k-contiguous:
-  // NHWC filter_acts and image_acts, weight_acts (NHWC through C01B copies). The FFT path where
-  // it is planned, but after the TF32 TMA kernel, which outruns it where both run (each path
-  // checks that the workspace holds what it needs).
-  constexpr bool kTf32Tma =
-      std::is_same_v<T, float> && (L == Layout::kNHWC || K == OpKind::kWA);
+  // filter_acts, image_acts and weight_acts, through copies of the operands that are not
+  // (C01B filter_acts / image_acts through NHWC, NHWC weight_acts through C01B). The FFT path
+  // where it is planned, but after the TF32 TMA kernel, which outruns it where both run (each
+  // path checks that the workspace holds what it needs).
+  constexpr bool kTf32Tma = std::is_same_v<T, float>;
   const auto run_tma_kernel = [&]() -> std::optional<ffi::Error> {
     if constexpr (sizeof(T) == 2 || kTf32Tma) {
       if (cc_major == 9 && cc_minor == 0 && !split) {
@@ -1100,9 +1142,14 @@ ffi::Error run(cudaStream_t stream, Workspace workspace, const jcn::ConvGeometry
         else if constexpr (K == OpKind::kWA)
           done = run_tma_weights<L, T>(tma_problem(OpKind::kFA, g, cp), a, b, out, workspace,
                                        nsm, smem_optin, stream);
-        else if (K == OpKind::kFA || (g.stride_h == 1 && g.stride_w == 1))
-          done = run_tma<L, T, K == OpKind::kIA>(tma_problem(K, g, cp), a, b, out, workspace,
-                                                 nsm, smem_optin, stream);
+        else if (K == OpKind::kFA || (g.stride_h == 1 && g.stride_w == 1)) {
+          if constexpr (kTf32Tma && L == Layout::kC01B)
+            done = run_tma_c01b_tf32<K == OpKind::kIA>(tma_problem(K, g, cp), a, b, out,
+                                                       workspace, nsm, smem_optin, stream);
+          else
+            done = run_tma<L, T, K == OpKind::kIA>(tma_problem(K, g, cp), a, b, out, workspace,
+                                                   nsm, smem_optin, stream);
+        }
         if (done)
           return *done != cudaSuccess ? cuda_error(kOp, "TMA kernel launch", *done)
                                       : ffi::Error::Success();

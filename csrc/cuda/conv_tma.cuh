@@ -516,6 +516,27 @@ static __global__ void nhwc_to_c01b_kernel(const float* __restrict__ src, float*
   }
 }
 
+// C01B float32 (C, P pixels, B) copied to NHWC (B, P, C), for TF32 filter_acts / image_acts
+// (whose K, the channels, NHWC holds k-contiguous). Block (32, 8); grid (ceil(B / 32),
+// ceil(C / 32), min(P, 65535)).
+static __global__ void c01b_to_nhwc_kernel(const float* __restrict__ src, float* __restrict__ dst,
+                                           int64_t batch, int64_t pixels, int64_t channels) {
+  __shared__ float tile[32][33];
+  const int64_t b0 = int64_t(blockIdx.x) * 32, c0 = int64_t(blockIdx.y) * 32;
+  for (int64_t p = blockIdx.z; p < pixels; p += gridDim.z) {
+    for (int i = int(threadIdx.y); i < 32; i += 8) {  // rows c, images along the lanes
+      const int64_t c = c0 + i, b = b0 + threadIdx.x;
+      if (b < batch && c < channels) tile[i][threadIdx.x] = src[(c * pixels + p) * batch + b];
+    }
+    __syncthreads();
+    for (int i = int(threadIdx.y); i < 32; i += 8) {  // rows b, channels along the lanes
+      const int64_t b = b0 + i, c = c0 + threadIdx.x;
+      if (b < batch && c < channels) dst[(b * pixels + p) * channels + c] = tile[threadIdx.x][i];
+    }
+    __syncthreads();
+  }
+}
+
 // TF32 filter_acts' taps, k-contiguous: W (f, c, r, s) at element strides ws (its filters
 // contiguous, ws.n = 1) copied to dense (fh, fw, F, C), through 32 x 32 tiles of (c, f) per tap.
 // Block (32, 8); grid (ceil(F / 32), ceil(C / 32), fh * fw).
