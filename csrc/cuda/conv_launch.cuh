@@ -992,6 +992,19 @@ std::optional<cudaError_t> run_tma_weights(const TmaProblem& pr, const void* x, 
                           true, nsm, stream);
 }
 
+// A float32 (outer, pixels, inner) tensor copied to (inner, pixels, outer)
+// (swap_outer_inner_kernel): NHWC to C01B with outer = batch, inner = channels, and back. Sizes
+// of the copies' grids: outer and inner at most kMaxSwapped.
+constexpr int64_t kMaxSwapped = int64_t(65535) * 32;
+cudaError_t swap_outer_inner(const void* src, void* dst, int64_t outer, int64_t pixels,
+                             int64_t inner, cudaStream_t stream) {
+  const dim3 grid(unsigned(cdiv(inner, 32)), unsigned(cdiv(outer, 32)),
+                  unsigned(std::min<int64_t>(pixels, 65535)));
+  swap_outer_inner_kernel<<<grid, dim3(32, 8), 0, stream>>>(
+      static_cast<const float*>(src), static_cast<float*>(dst), outer, pixels, inner);
+  return cudaGetLastError();
+}
+
 // float32 NHWC weight_acts as TF32: the images and the hidden tensor (dense) copied to C01B
 // (C, H, W, B) at the workspace's start, so that K (the pixels) is k-contiguous, then the C01B
 // kernel with the rest of the workspace for its partial sums (jax_convnet/geometry.py,
@@ -1001,7 +1014,8 @@ std::optional<cudaError_t> run_tma_weights_nhwc_tf32(const TmaProblem& pr, const
                                                      int nsm, int smem_optin,
                                                      cudaStream_t stream) {
   if (!dense_nhwc(pr.xs, pr.cin, pr.in_w, pr.in_h) ||
-      !dense_nhwc(pr.ys, pr.cout, pr.out_w, pr.out_h) || !aligned(ws.data, 16))
+      !dense_nhwc(pr.ys, pr.cout, pr.out_w, pr.out_h) || !aligned(ws.data, 16) ||
+      std::max({pr.batch, pr.cin, pr.cout}) > kMaxSwapped)
     return std::nullopt;
   const int64_t x_pixels = pr.in_h * pr.in_w, h_pixels = pr.out_h * pr.out_w;
   const int64_t x_bytes = round_up(4 * pr.batch * x_pixels * pr.cin, 256);
@@ -1015,16 +1029,9 @@ std::optional<cudaError_t> run_tma_weights_nhwc_tf32(const TmaProblem& pr, const
   pc.xs = {1, x_pixels * pr.batch, pr.in_w * pr.batch, pr.batch};
   pc.ys = {1, h_pixels * pr.batch, pr.out_w * pr.batch, pr.batch};
   if (!tma_can_read<Layout::kC01B, float>(pc, xc, out, hc, smem_optin)) return std::nullopt;
-  const auto to_c01b = [&](const void* src, float* dst, int64_t pixels, int64_t channels) {
-    const dim3 grid(unsigned(cdiv(channels, 32)), unsigned(cdiv(pr.batch, 32)),
-                    unsigned(std::min<int64_t>(pixels, 65535)));
-    nhwc_to_c01b_kernel<<<grid, dim3(32, 8), 0, stream>>>(static_cast<const float*>(src), dst,
-                                                         pr.batch, pixels, channels);
-    return cudaGetLastError();
-  };
   cudaError_t err;
-  if ((err = to_c01b(x, xc, x_pixels, pr.cin)) != cudaSuccess ||
-      (err = to_c01b(hid, hc, h_pixels, pr.cout)) != cudaSuccess)
+  if ((err = swap_outer_inner(x, xc, pr.batch, x_pixels, pr.cin, stream)) != cudaSuccess ||
+      (err = swap_outer_inner(hid, hc, pr.batch, h_pixels, pr.cout, stream)) != cudaSuccess)
     return err;
   const Workspace rest{base + x_bytes + h_bytes, ws.bytes - x_bytes - h_bytes};
   return run_tma_weights<Layout::kC01B, float>(pc, xc, hc, out, rest, nsm, smem_optin, stream);
@@ -1043,7 +1050,8 @@ std::optional<cudaError_t> run_tma_c01b_tf32(const TmaProblem& pr, const void* x
     return s.n == 1 && s.x == pr.batch && s.y == w * pr.batch && s.c == pixels * pr.batch;
   };
   if (!dense_c01b(pr.xs, pr.in_w, x_pixels) || !dense_c01b(pr.ys, pr.out_w, y_pixels) ||
-      !aligned(ws.data, 16) || (kFlip && (pr.sh != 1 || pr.sw != 1)))
+      !aligned(ws.data, 16) || (kFlip && (pr.sh != 1 || pr.sw != 1)) ||
+      std::max({pr.batch, pr.cin, pr.cout}) > kMaxSwapped)
     return std::nullopt;
   const int64_t x_bytes = round_up(4 * pr.batch * x_pixels * pr.cin, 256);
   const int64_t y_bytes = round_up(4 * pr.batch * y_pixels * pr.cout, 256);
@@ -1056,20 +1064,14 @@ std::optional<cudaError_t> run_tma_c01b_tf32(const TmaProblem& pr, const void* x
   pn.xs = {x_pixels * pr.cin, 1, pr.in_w * pr.cin, pr.cin};
   pn.ys = {y_pixels * pr.cout, 1, pr.out_w * pr.cout, pr.cout};
   if (!tma_can_read<Layout::kNHWC, float>(pn, xn, w, yn, smem_optin)) return std::nullopt;
-  const dim3 grid(unsigned(cdiv(pr.batch, 32)), unsigned(cdiv(pr.cin, 32)),
-                  unsigned(std::min<int64_t>(x_pixels, 65535)));
-  c01b_to_nhwc_kernel<<<grid, dim3(32, 8), 0, stream>>>(static_cast<const float*>(x), xn,
-                                                       pr.batch, x_pixels, pr.cin);
-  if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
+  if (cudaError_t err = swap_outer_inner(x, xn, pr.cin, x_pixels, pr.batch, stream);
+      err != cudaSuccess)
+    return err;
   const Workspace rest{base + x_bytes + y_bytes, ws.bytes - x_bytes - y_bytes};
   const std::optional<cudaError_t> done = run_tma<Layout::kNHWC, float, kFlip>(
       pn, xn, w, yn, rest, nsm, smem_optin, stream);
   if (!done || *done != cudaSuccess) return done;
-  const dim3 back(unsigned(cdiv(pr.cout, 32)), unsigned(cdiv(pr.batch, 32)),
-                  unsigned(std::min<int64_t>(y_pixels, 65535)));
-  nhwc_to_c01b_kernel<<<back, dim3(32, 8), 0, stream>>>(yn, static_cast<float*>(y), pr.batch,
-                                                       y_pixels, pr.cout);
-  return cudaGetLastError();
+  return swap_outer_inner(yn, y, pr.batch, y_pixels, pr.cout, stream);
 }
 
 // The op for one layout and element type, once geometry and attributes are checked.

@@ -495,43 +495,23 @@ __global__ void __launch_bounds__(kTmaThreads, 1)
 #endif  // JCN_WGMMA_DEVICE
 }
 
-// NHWC float32 (B, P pixels, C) copied to C01B (C, P, B), for TF32 weight_acts (whose K, the
-// pixels, C01B holds k-contiguous), through 32 x 32 tiles of (b, c) per pixel. Block (32, 8);
-// grid (ceil(C / 32), ceil(B / 32), min(P, 65535)).
-static __global__ void nhwc_to_c01b_kernel(const float* __restrict__ src, float* __restrict__ dst,
-                                           int64_t batch, int64_t pixels, int64_t channels) {
+// A float32 (O, P, I) tensor copied to (I, P, O): NHWC (B, pixels, C) to C01B (C, pixels, B) and
+// back, for the TF32 kernel, which reads both operands k-contiguous. Through 32 x 32 tiles of
+// (o, i) per pixel; block (32, 8), grid (ceil(I / 32), ceil(O / 32), min(P, 65535)).
+static __global__ void swap_outer_inner_kernel(const float* __restrict__ src,
+                                               float* __restrict__ dst, int64_t outer,
+                                               int64_t pixels, int64_t inner) {
   __shared__ float tile[32][33];
-  const int64_t c0 = int64_t(blockIdx.x) * 32, b0 = int64_t(blockIdx.y) * 32;
+  const int64_t i0 = int64_t(blockIdx.x) * 32, o0 = int64_t(blockIdx.y) * 32;
   for (int64_t p = blockIdx.z; p < pixels; p += gridDim.z) {
-    for (int i = int(threadIdx.y); i < 32; i += 8) {  // rows b, channels along the lanes
-      const int64_t b = b0 + i, c = c0 + threadIdx.x;
-      if (b < batch && c < channels) tile[i][threadIdx.x] = src[(b * pixels + p) * channels + c];
+    for (int r = int(threadIdx.y); r < 32; r += 8) {  // rows o, i along the lanes
+      const int64_t o = o0 + r, i = i0 + threadIdx.x;
+      if (o < outer && i < inner) tile[r][threadIdx.x] = src[(o * pixels + p) * inner + i];
     }
     __syncthreads();
-    for (int i = int(threadIdx.y); i < 32; i += 8) {  // rows c, images along the lanes
-      const int64_t c = c0 + i, b = b0 + threadIdx.x;
-      if (b < batch && c < channels) dst[(c * pixels + p) * batch + b] = tile[threadIdx.x][i];
-    }
-    __syncthreads();
-  }
-}
-
-// C01B float32 (C, P pixels, B) copied to NHWC (B, P, C), for TF32 filter_acts / image_acts
-// (whose K, the channels, NHWC holds k-contiguous). Block (32, 8); grid (ceil(B / 32),
-// ceil(C / 32), min(P, 65535)).
-static __global__ void c01b_to_nhwc_kernel(const float* __restrict__ src, float* __restrict__ dst,
-                                           int64_t batch, int64_t pixels, int64_t channels) {
-  __shared__ float tile[32][33];
-  const int64_t b0 = int64_t(blockIdx.x) * 32, c0 = int64_t(blockIdx.y) * 32;
-  for (int64_t p = blockIdx.z; p < pixels; p += gridDim.z) {
-    for (int i = int(threadIdx.y); i < 32; i += 8) {  // rows c, images along the lanes
-      const int64_t c = c0 + i, b = b0 + threadIdx.x;
-      if (b < batch && c < channels) tile[i][threadIdx.x] = src[(c * pixels + p) * batch + b];
-    }
-    __syncthreads();
-    for (int i = int(threadIdx.y); i < 32; i += 8) {  // rows b, channels along the lanes
-      const int64_t b = b0 + i, c = c0 + threadIdx.x;
-      if (b < batch && c < channels) dst[(b * pixels + p) * channels + c] = tile[threadIdx.x][i];
+    for (int r = int(threadIdx.y); r < 32; r += 8) {  // rows i, o along the lanes
+      const int64_t i = i0 + r, o = o0 + threadIdx.x;
+      if (o < outer && i < inner) dst[(i * pixels + p) * outer + o] = tile[threadIdx.x][r];
     }
     __syncthreads();
   }
