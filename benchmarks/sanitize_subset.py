@@ -228,4 +228,16 @@ for layout in ("C01B", "NHWC"):
             pool = lambda x: jcn.max_pool(x, ds, layout=layout, **kw)
             y, vjp = jax.vjp(pool, x)
             jax.block_until_ready((y, jax.jvp(pool, (x,), (x,))[1], vjp(y)[0]))
+# Response norms: every kernel (forward, forward with denominators, JVP, gradient), cross-map
+# (plain, blocked, size > C) and same-map windows clipped at every edge, each GPU dtype.
+for layout in ("C01B", "NHWC"):
+    for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
+        x = jax.random.normal(key, jcn.geometry.image_shape(layout, 6, 10, 9, 7), dtype)
+        kw = dict(add_scale=0.1, pow_scale=0.75, layout=layout)
+        for norm in (lambda x: jcn.cross_map_norm(x, 5, **kw),
+                     lambda x: jcn.cross_map_norm(x, 4, blocked=True, **kw),
+                     lambda x: jcn.cross_map_norm(x, 13, **kw),
+                     lambda x: jcn.response_norm(x, 3, **kw)):
+            y, vjp = jax.vjp(norm, x)
+            jax.block_until_ready((norm(x), y, jax.jvp(norm, (x,), (x,))[1], vjp(y)[0]))
 print("subset ok")

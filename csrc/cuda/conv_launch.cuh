@@ -992,6 +992,88 @@ std::optional<cudaError_t> run_tma_weights(const TmaProblem& pr, const void* x, 
                           true, nsm, stream);
 }
 
+// A float32 (outer, pixels, inner) tensor copied to (inner, pixels, outer)
+// (swap_outer_inner_kernel): NHWC to C01B with outer = batch, inner = channels, and back. Sizes
+// of the copies' grids: outer and inner at most kMaxSwapped.
+constexpr int64_t kMaxSwapped = int64_t(65535) * 32;
+cudaError_t swap_outer_inner(const void* src, void* dst, int64_t outer, int64_t pixels,
+                             int64_t inner, cudaStream_t stream) {
+  const dim3 grid(unsigned(cdiv(inner, 32)), unsigned(cdiv(outer, 32)),
+                  unsigned(std::min<int64_t>(pixels, 65535)));
+  swap_outer_inner_kernel<<<grid, dim3(32, 8), 0, stream>>>(
+      static_cast<const float*>(src), static_cast<float*>(dst), outer, pixels, inner);
+  return cudaGetLastError();
+}
+
+// float32 NHWC weight_acts as TF32: the images and the hidden tensor (dense) copied to C01B
+// (C, H, W, B) at the workspace's start, so that K (the pixels) is k-contiguous, then the C01B
+// kernel with the rest of the workspace for its partial sums (jax_convnet/geometry.py,
+// tf32_weight_acts_copies_bytes, sizes the copies).
+std::optional<cudaError_t> run_tma_weights_nhwc_tf32(const TmaProblem& pr, const void* x,
+                                                     const void* hid, void* out, Workspace ws,
+                                                     int nsm, int smem_optin,
+                                                     cudaStream_t stream) {
+  if (!dense_nhwc(pr.xs, pr.cin, pr.in_w, pr.in_h) ||
+      !dense_nhwc(pr.ys, pr.cout, pr.out_w, pr.out_h) || !aligned(ws.data, 16) ||
+      std::max({pr.batch, pr.cin, pr.cout}) > kMaxSwapped)
+    return std::nullopt;
+  const int64_t x_pixels = pr.in_h * pr.in_w, h_pixels = pr.out_h * pr.out_w;
+  const int64_t x_bytes = round_up(4 * pr.batch * x_pixels * pr.cin, 256);
+  const int64_t h_bytes = round_up(4 * pr.batch * h_pixels * pr.cout, 256);
+  const int64_t filter_bytes = 4 * pr.cin * pr.cout * pr.fh * pr.fw;
+  if (ws.bytes - x_bytes - h_bytes < filter_bytes) return std::nullopt;
+  char* const base = static_cast<char*>(ws.data);
+  float* const xc = reinterpret_cast<float*>(base);
+  float* const hc = reinterpret_cast<float*>(base + x_bytes);
+  TmaProblem pc = pr;
+  pc.xs = {1, x_pixels * pr.batch, pr.in_w * pr.batch, pr.batch};
+  pc.ys = {1, h_pixels * pr.batch, pr.out_w * pr.batch, pr.batch};
+  if (!tma_can_read<Layout::kC01B, float>(pc, xc, out, hc, smem_optin)) return std::nullopt;
+  cudaError_t err;
+  if ((err = swap_outer_inner(x, xc, pr.batch, x_pixels, pr.cin, stream)) != cudaSuccess ||
+      (err = swap_outer_inner(hid, hc, pr.batch, h_pixels, pr.cout, stream)) != cudaSuccess)
+    return err;
+  const Workspace rest{base + x_bytes + h_bytes, ws.bytes - x_bytes - h_bytes};
+  return run_tma_weights<Layout::kC01B, float>(pc, xc, hc, out, rest, nsm, smem_optin, stream);
+}
+
+// float32 C01B filter_acts / image_acts (stride 1) as TF32: X (dense) copied to NHWC at the
+// workspace's start, the NHWC kernel into an NHWC Y after it (the rest of the workspace for the
+// taps' copy), then Y copied to C01B (dense) (jax_convnet/geometry.py, tf32_copies_bytes, sizes
+// the copies).
+template <bool kFlip>
+std::optional<cudaError_t> run_tma_c01b_tf32(const TmaProblem& pr, const void* x, const void* w,
+                                             void* y, Workspace ws, int nsm, int smem_optin,
+                                             cudaStream_t stream) {
+  const int64_t x_pixels = pr.in_h * pr.in_w, y_pixels = pr.out_h * pr.out_w;
+  const auto dense_c01b = [&](const jcn::Strides4& s, int64_t w, int64_t pixels) {
+    return s.n == 1 && s.x == pr.batch && s.y == w * pr.batch && s.c == pixels * pr.batch;
+  };
+  if (!dense_c01b(pr.xs, pr.in_w, x_pixels) || !dense_c01b(pr.ys, pr.out_w, y_pixels) ||
+      !aligned(ws.data, 16) || (kFlip && (pr.sh != 1 || pr.sw != 1)) ||
+      std::max({pr.batch, pr.cin, pr.cout}) > kMaxSwapped)
+    return std::nullopt;
+  const int64_t x_bytes = round_up(4 * pr.batch * x_pixels * pr.cin, 256);
+  const int64_t y_bytes = round_up(4 * pr.batch * y_pixels * pr.cout, 256);
+  const int64_t taps_bytes = kFlip ? 0 : 4 * pr.cin * pr.cout * pr.fh * pr.fw;
+  if (ws.bytes - x_bytes - y_bytes < taps_bytes) return std::nullopt;
+  char* const base = static_cast<char*>(ws.data);
+  float* const xn = reinterpret_cast<float*>(base);
+  float* const yn = reinterpret_cast<float*>(base + x_bytes);
+  TmaProblem pn = pr;
+  pn.xs = {x_pixels * pr.cin, 1, pr.in_w * pr.cin, pr.cin};
+  pn.ys = {y_pixels * pr.cout, 1, pr.out_w * pr.cout, pr.cout};
+  if (!tma_can_read<Layout::kNHWC, float>(pn, xn, w, yn, smem_optin)) return std::nullopt;
+  if (cudaError_t err = swap_outer_inner(x, xn, pr.cin, x_pixels, pr.batch, stream);
+      err != cudaSuccess)
+    return err;
+  const Workspace rest{base + x_bytes + y_bytes, ws.bytes - x_bytes - y_bytes};
+  const std::optional<cudaError_t> done = run_tma<Layout::kNHWC, float, kFlip>(
+      pn, xn, w, yn, rest, nsm, smem_optin, stream);
+  if (!done || *done != cudaSuccess) return done;
+  return swap_outer_inner(yn, y, pr.batch, y_pixels, pr.cout, stream);
+}
+
 // The op for one layout and element type, once geometry and attributes are checked.
 // a / b: the GEMM operands A / B (FA: images / filters, IA: hidden / filters, WA: images / hidden).
 template <OpKind K, Layout L, typename T>
@@ -1045,29 +1127,47 @@ ffi::Error run(cudaStream_t stream, Workspace workspace, const jcn::ConvGeometry
     return cuda_error(kOp, "cudaDeviceGetAttribute", err);
   nsm = std::max(nsm, 1);
 
+  // Hopper: the TMA kernels (filter_acts, weight_acts; image_acts at stride 1), for 16-bit
+  // types, and for float32 at default precision (TF32) where both operands are k-contiguous:
+  // filter_acts, image_acts and weight_acts, through copies of the operands that are not
+  // (C01B filter_acts / image_acts through NHWC, NHWC weight_acts through C01B). The FFT path
+  // where it is planned, but after the TF32 TMA kernel, which outruns it where both run (each
+  // path checks that the workspace holds what it needs).
+  constexpr bool kTf32Tma = std::is_same_v<T, float>;
+  const auto run_tma_kernel = [&]() -> std::optional<ffi::Error> {
+    if constexpr (sizeof(T) == 2 || kTf32Tma) {
+      if (cc_major == 9 && cc_minor == 0 && !split) {
+        std::optional<cudaError_t> done;
+        if constexpr (K == OpKind::kWA && kTf32Tma && L == Layout::kNHWC)
+          done = run_tma_weights_nhwc_tf32(tma_problem(OpKind::kFA, g, cp), a, b, out, workspace,
+                                           nsm, smem_optin, stream);
+        else if constexpr (K == OpKind::kWA)
+          done = run_tma_weights<L, T>(tma_problem(OpKind::kFA, g, cp), a, b, out, workspace,
+                                       nsm, smem_optin, stream);
+        else if (K == OpKind::kFA || (g.stride_h == 1 && g.stride_w == 1)) {
+          if constexpr (kTf32Tma && L == Layout::kC01B)
+            done = run_tma_c01b_tf32<K == OpKind::kIA>(tma_problem(K, g, cp), a, b, out,
+                                                       workspace, nsm, smem_optin, stream);
+          else
+            done = run_tma<L, T, K == OpKind::kIA>(tma_problem(K, g, cp), a, b, out, workspace,
+                                                   nsm, smem_optin, stream);
+        }
+        if (done)
+          return *done != cudaSuccess ? cuda_error(kOp, "TMA kernel launch", *done)
+                                      : ffi::Error::Success();
+      }
+    }
+    return std::nullopt;
+  };
+  if constexpr (kTf32Tma) {
+    if (std::optional<ffi::Error> done = run_tma_kernel()) return *done;
+  }
   if (const std::optional<cudaError_t> fft = run_fft<K, L, T>(g, a, b, out, workspace, nsm, stream)) {
     if (*fft != cudaSuccess) return cuda_error(kOp, "FFT path launch", *fft);
     return ffi::Error::Success();
   }
-  // Hopper: the TMA kernels (filter_acts, weight_acts; image_acts at stride 1), for 16-bit
-  // types, and for float32 at default precision (TF32) where both operands are k-contiguous:
-  // NHWC filter_acts and image_acts, C01B weight_acts.
-  constexpr bool kTf32Tma =
-      std::is_same_v<T, float> && (L == Layout::kNHWC) == (K != OpKind::kWA);
-  if constexpr (sizeof(T) == 2 || kTf32Tma) {
-    if (cc_major == 9 && cc_minor == 0 && !split) {
-      std::optional<cudaError_t> done;
-      if constexpr (K == OpKind::kWA)
-        done = run_tma_weights<L, T>(tma_problem(OpKind::kFA, g, cp), a, b, out, workspace, nsm,
-                                     smem_optin, stream);
-      else if (K == OpKind::kFA || (g.stride_h == 1 && g.stride_w == 1))
-        done = run_tma<L, T, K == OpKind::kIA>(tma_problem(K, g, cp), a, b, out, workspace, nsm,
-                                               smem_optin, stream);
-      if (done) {
-        if (*done != cudaSuccess) return cuda_error(kOp, "TMA kernel launch", *done);
-        return ffi::Error::Success();
-      }
-    }
+  if constexpr (!kTf32Tma) {
+    if (std::optional<ffi::Error> done = run_tma_kernel()) return *done;
   }
   if constexpr (K == OpKind::kWA && L == Layout::kNHWC) {
     const std::optional<cudaError_t> padded = run_wa_padding<T>(p, a, workspace, nsm, stream);

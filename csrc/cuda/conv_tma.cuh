@@ -495,6 +495,28 @@ __global__ void __launch_bounds__(kTmaThreads, 1)
 #endif  // JCN_WGMMA_DEVICE
 }
 
+// A float32 (O, P, I) tensor copied to (I, P, O): NHWC (B, pixels, C) to C01B (C, pixels, B) and
+// back, for the TF32 kernel, which reads both operands k-contiguous. Through 32 x 32 tiles of
+// (o, i) per pixel; block (32, 8), grid (ceil(I / 32), ceil(O / 32), min(P, 65535)).
+static __global__ void swap_outer_inner_kernel(const float* __restrict__ src,
+                                               float* __restrict__ dst, int64_t outer,
+                                               int64_t pixels, int64_t inner) {
+  __shared__ float tile[32][33];
+  const int64_t i0 = int64_t(blockIdx.x) * 32, o0 = int64_t(blockIdx.y) * 32;
+  for (int64_t p = blockIdx.z; p < pixels; p += gridDim.z) {
+    for (int r = int(threadIdx.y); r < 32; r += 8) {  // rows o, i along the lanes
+      const int64_t o = o0 + r, i = i0 + threadIdx.x;
+      if (o < outer && i < inner) tile[r][threadIdx.x] = src[(o * pixels + p) * inner + i];
+    }
+    __syncthreads();
+    for (int r = int(threadIdx.y); r < 32; r += 8) {  // rows i, o along the lanes
+      const int64_t i = i0 + r, o = o0 + threadIdx.x;
+      if (o < outer && i < inner) dst[(i * pixels + p) * outer + o] = tile[threadIdx.x][r];
+    }
+    __syncthreads();
+  }
+}
+
 // TF32 filter_acts' taps, k-contiguous: W (f, c, r, s) at element strides ws (its filters
 // contiguous, ws.n = 1) copied to dense (fh, fw, F, C), through 32 x 32 tiles of (c, f) per tap.
 // Block (32, 8); grid (ceil(F / 32), ceil(C / 32), fh * fw).

@@ -17,6 +17,7 @@ from jax import lax
 
 from .. import conv as _conv
 from .. import geometry as G
+from .. import norm as _norm
 from .. import pool as _pool
 
 LAYOUTS = G.LAYOUTS
@@ -256,3 +257,25 @@ def max_pool(inputs, window_shape, strides=None, padding="VALID", *, layout="NHW
     y = _pool.max_pool(x, window, stride=strides, padding=padding, layout=layout)
     return unflatten_batch(y, batch)
 
+
+
+def norm_params(owner: str, **kwargs):
+    """geometry.norm_params, its errors prefixed with ``owner``."""
+    try:
+        return G.norm_params(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{owner}: {e}") from None
+
+
+def response_norm(inputs, size, *, kind, add_scale, pow_scale, min_div, blocked, layout, owner):
+    """cross_map_norm (kind "cross_map") / response_norm ("same_map") on flax-style inputs."""
+    norm_params(owner, size=size, kind=kind, add_scale=add_scale, pow_scale=pow_scale,
+                min_div=min_div, blocked=blocked, layout=layout)
+    x, batch = flatten_batch(inputs, layout, owner)
+    if kind == "cross_map":
+        y = _norm.cross_map_norm(x, size, add_scale=add_scale, pow_scale=pow_scale,
+                                 min_div=min_div, blocked=blocked, layout=layout)
+    else:
+        y = _norm.response_norm(x, size, add_scale=add_scale, pow_scale=pow_scale,
+                                min_div=min_div, layout=layout)
+    return unflatten_batch(y, batch)

@@ -1,4 +1,5 @@
-"""``flax.linen`` modules on jax_convnet's ops: :class:`Conv`, :class:`MaxPool`, :func:`max_pool`.
+"""``flax.linen`` modules on jax_convnet's ops: :class:`Conv`, :class:`MaxPool`, :func:`max_pool`,
+:class:`CrossMapNorm`, :class:`ResponseNorm`.
 
 ``Conv`` takes ``flax.linen.Conv``'s arguments (2-d, zero padding) and names and shapes its
 parameters like it: in NHWC ``kernel`` is HWIO ``(fh, fw, C, F)`` and ``bias`` ``(F,)``, so a
@@ -36,7 +37,7 @@ from flax.linen.linear import default_kernel_init
 
 from . import _common as C
 
-__all__ = ["Conv", "MaxPool", "max_pool"]
+__all__ = ["Conv", "MaxPool", "max_pool", "CrossMapNorm", "ResponseNorm"]
 
 PaddingLike = Any
 
@@ -153,3 +154,51 @@ class MaxPool(nn.Module):
     def __call__(self, inputs):
         return C.max_pool(inputs, self.window_shape, self.strides, self.padding,
                           layout=self.layout, owner=type(self).__name__)
+
+
+class CrossMapNorm(nn.Module):
+    """``jax_convnet.cross_map_norm`` as a module (no parameters): cuda-convnet's ``cmrnorm``,
+    pylearn2's ``CrossMapNorm``. ``add_scale`` is applied as given (a cuda-convnet cfg ``scale``
+    is ``add_scale * size``). NHWC inputs may have several leading batch axes or none."""
+
+    size: int
+    add_scale: float
+    pow_scale: float
+    min_div: float = 1.0
+    blocked: bool = False
+    layout: str = "NHWC"
+
+    def __post_init__(self):
+        C.norm_params(type(self).__name__, size=self.size, kind="cross_map",
+                      add_scale=self.add_scale, pow_scale=self.pow_scale, min_div=self.min_div,
+                      blocked=self.blocked, layout=self.layout)
+        super().__post_init__()
+
+    def __call__(self, inputs):
+        return C.response_norm(inputs, self.size, kind="cross_map", add_scale=self.add_scale,
+                               pow_scale=self.pow_scale, min_div=self.min_div,
+                               blocked=self.blocked, layout=self.layout,
+                               owner=type(self).__name__)
+
+
+class ResponseNorm(nn.Module):
+    """``jax_convnet.response_norm`` as a module (no parameters): cuda-convnet's ``rnorm``.
+    ``add_scale`` is applied as given (a cuda-convnet cfg ``scale`` is ``add_scale * size**2``).
+    NHWC inputs may have several leading batch axes or none."""
+
+    size: int
+    add_scale: float
+    pow_scale: float
+    min_div: float = 1.0
+    layout: str = "NHWC"
+
+    def __post_init__(self):
+        C.norm_params(type(self).__name__, size=self.size, kind="same_map",
+                      add_scale=self.add_scale, pow_scale=self.pow_scale, min_div=self.min_div,
+                      blocked=False, layout=self.layout)
+        super().__post_init__()
+
+    def __call__(self, inputs):
+        return C.response_norm(inputs, self.size, kind="same_map", add_scale=self.add_scale,
+                               pow_scale=self.pow_scale, min_div=self.min_div, blocked=False,
+                               layout=self.layout, owner=type(self).__name__)
