@@ -35,9 +35,9 @@ def tma_kernels():
 
 def tma_strided_kernels():
     """The TMA kernels at stride 2 (NHWC: im2col's traversal strides) with uneven padding, in
-    float16 and TF32 (float32 at precision default: NHWC filter_acts, C01B weight_acts):
-    filter_acts (64 filters: 64-wide tiles) and weight_acts (3 x 3 taps: 256-wide tiles);
-    image_acts at stride 2 takes the mma kernel."""
+    float16 and TF32 (float32 at precision default, through the k-contiguous copies where the
+    layout needs them): filter_acts (64 filters: 64-wide tiles) and weight_acts (3 x 3 taps:
+    256-wide tiles); image_acts at stride 2 takes the mma kernel."""
     for (layout, n), dtype in itertools.product((("C01B", 64), ("NHWC", 8)),
                                               (jnp.float16, jnp.float32)):
         x = jax.random.normal(key, jcn.geometry.image_shape(layout, n, 64, 9, 8), dtype)

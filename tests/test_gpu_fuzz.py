@@ -96,10 +96,10 @@ TMA_CHANNELS = [48, 56, 64, 96, 104, 112, 120, 128]
 
 
 def _tma_sizes(rng, layout):
-    """Hopper's TMA kernels (16-bit types; float32 as TF32: NHWC filter_acts and image_acts,
-    C01B weight_acts): channels from TMA_CHANNELS, 64 or more filters (mostly from
-    TMA_CHANNELS too, else any multiple of 8), C01B batches of 64 or 72 images (vmap doubles
-    them)."""
+    """Hopper's TMA kernels (16-bit types; float32 as TF32, through k-contiguous copies of the
+    operands where the layout needs them): channels from TMA_CHANNELS, 64 or more filters
+    (mostly from TMA_CHANNELS too, else any multiple of 8), C01B batches of 64 or 72 images
+    (vmap doubles them)."""
     if layout == "C01B":
         n, hw_max = _choice(rng, [64, 72]), 6
         c = _choice(rng, [48, 56, 64, 64])
