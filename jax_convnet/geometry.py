@@ -711,14 +711,15 @@ def local_operand_dims(images=None, filters=None, hidden=None, *, layout):
     return d
 
 
-def _check_local_filter_positions(d, out_hw, layout):
+def _check_local_filter_positions(d, out_hw, geom: ConvGeometry):
     """The filters hold one bank per output position: their leading (Ho, Wo) is the output size."""
     if (d["foh"], d["fow"]) != tuple(out_hw):
-        shape = local_filter_shape(layout, out_hw, d["f"], d["c"], d["fh"], d["fw"])
+        shape = local_filter_shape(geom.layout, out_hw, d["f"], d["c"], d["fh"], d["fw"])
         raise ValueError(f"filters have {d['foh']}x{d['fow']} output positions but images of "
-                         f"size {(d['h'], d['w'])} with filter size {(d['fh'], d['fw'])} give "
-                         f"an output of {tuple(out_hw)}: filters must have shape {shape} "
-                         f"(layout {layout})")
+                         f"size {(d['h'], d['w'])} with filter size {(d['fh'], d['fw'])}, "
+                         f"strides {geom.strides} and padding {geom.padding} give an output of "
+                         f"{tuple(out_hw)}: filters must have shape {shape} "
+                         f"(layout {geom.layout})")
 
 
 def _local_geometry(d, *, stride, pad, padding, layout, precision) -> ConvGeometry:
@@ -733,7 +734,7 @@ def local_filter_acts_geometry(images, filters, *, stride, pad, padding, layout,
     geom = _local_geometry(d, stride=stride, pad=pad, padding=padding, layout=layout,
                            precision=precision)
     out_hw = geom.output_hw((d["h"], d["w"]), (d["fh"], d["fw"]))
-    _check_local_filter_positions(d, out_hw, layout)
+    _check_local_filter_positions(d, out_hw, geom)
     check_elements(image_shape(layout, d["n"], d["f"], *out_hw),
                    "local_filter_acts' output (from the images, filters, stride and padding)")
     return geom
@@ -756,7 +757,7 @@ def local_image_acts_geometry(hid_acts, filters, image_shape, *, stride, pad, pa
     geom = _local_geometry(d, stride=stride, pad=pad, padding=padding, layout=layout,
                            precision=precision)
     check_hidden_hw(geom, (d["h"], d["w"]), (d["fh"], d["fw"]), (d["oh"], d["ow"]), "hid_acts")
-    _check_local_filter_positions(d, (d["oh"], d["ow"]), layout)
+    _check_local_filter_positions(d, (d["oh"], d["ow"]), geom)
     return geom, (d["h"], d["w"])
 
 

@@ -11,7 +11,10 @@
   X("jax_convnet_max_pool", MaxPool)                \
   X("jax_convnet_max_pool_winners", MaxPoolWinners) \
   X("jax_convnet_max_pool_jvp", MaxPoolJvp)         \
-  X("jax_convnet_max_pool_grad", MaxPoolGrad)
+  X("jax_convnet_max_pool_grad", MaxPoolGrad)       \
+  X("jax_convnet_local_filter_acts", LocalFilterActs) \
+  X("jax_convnet_local_image_acts", LocalImageActs)   \
+  X("jax_convnet_local_weight_acts", LocalWeightActs)
 
 #define JCN_DECLARE_CPU(name, sym) XLA_FFI_DECLARE_HANDLER_SYMBOL(sym##Cpu);
 #define JCN_DECLARE_CUDA(name, sym) XLA_FFI_DECLARE_HANDLER_SYMBOL(sym##Cuda);
