@@ -17,6 +17,11 @@ must move, images read and pooled values and winners written forward, cotangents
 and image gradient written backward, at the copy rate of the same run); XLA runs
 ``lax.reduce_window``.
 On the CPU a small set (32x32 and 16x16 images, 5x5 filters, batch 64; a 2x2 and a 3x3/2 pool).
+``--ops local``: the locally connected layers of cuda-convnet's CIFAR-10 11% net (local3, local4:
+3x3 filters on 8x8 images, 64 and 32 channels, 32 filters, batch 128; 32 on the CPU), fprop,
+bprop_data and bprop_filter of ``local_filter_acts`` against ``lax.conv_general_dilated_local``
+(the conv rows' configs and layouts; each given the filters in its own layout, so our
+bprop_filter includes rearranging its gradient into lax's).
 
 Each function is compiled, warmed up and timed as the median of ``--reps`` measurements. On a GPU
 the function is repeated n and 2n times inside one executable and the time per call is the
@@ -78,6 +83,7 @@ from jax import lax
 import jax_convnet as jcn
 from jax_convnet import geometry as G
 from jax_convnet._layers import CPU_LAYERS, CPU_POOLS, GPU_LAYERS, GPU_POOLS
+from jax_convnet._layers import CPU_LOCAL_LAYERS, GPU_LOCAL_LAYERS
 
 GPU_QUICK_LAYERS = ("L2", "L5", "alex2")
 GPU_QUICK_POOLS = ("alexpool1", "vggpool")
@@ -99,7 +105,7 @@ _DIMENSION_NUMBERS = {"NHWC": ("NHWC", "HWIO", "NHWC"), "C01B": ("CHWN", "IHWO",
 class Row:
     """One benchmark row: builds its inputs and the two functions to time on demand."""
     name: str
-    kind: str  # "conv" | "pool"
+    kind: str  # "conv" | "pool" | "local"
     op: str
     layer: str
     layout: str
@@ -152,6 +158,18 @@ def build_rows(device_platform: str, *, quick=False, ops=("conv", "pool"), batch
                             rows.append(Row(name, "pool", op, layer, layout, POOL_DTYPES[config],
                                             config, nchw + (ds, stride),
                                             ("pool", layer, layout, config, nchw)))
+    if "local" in ops:  # locally connected layers: conv's configs, ops and shapes
+        configs = (["f32", "bf16"] if quick else list(CONV_CONFIGS)) if gpu else ["f32"]
+        for layer, shape in (GPU_LOCAL_LAYERS if gpu else CPU_LOCAL_LAYERS).items():
+            if batch:
+                shape = (batch,) + shape[1:]
+            for layout in LAYOUTS:
+                for config in configs:
+                    dtype = CONV_CONFIGS[config][0]
+                    for op in ("fprop", "bprop_data", "bprop_filter"):
+                        rows.append(Row(f"local/{layer}/{op}/{config}/{layout}", "local", op,
+                                        layer, layout, dtype, config, shape,
+                                        ("local", layer, layout, dtype, shape)))
     if filters:
         rows = [r for r in rows if any(f in r.name for f in filters)]
     return rows
@@ -175,12 +193,64 @@ def make_inputs(row: Row):
             jnp.asarray(0.05, row.dtype)
         g = _normal(k3, G.image_shape(row.layout, n, f, oh, ow), row.dtype)
         return x, filt, g
+    if row.kind == "local":  # (x, our filters, g, the same filters as lax's local kernel)
+        n, c, h, w, f, fh, fw, stride, pad = row.shape
+        out_hw = jcn.filter_acts_output_size((h, w), (fh, fw), stride=stride, pad=pad)
+        x = _normal(k1, G.image_shape(row.layout, n, c, h, w), row.dtype)
+        filt = _normal(k2, G.local_filter_shape(row.layout, out_hw, f, c, fh, fw), row.dtype) * \
+            jnp.asarray(0.05, row.dtype)
+        g = _normal(k3, G.image_shape(row.layout, n, f, *out_hw), row.dtype)
+        return x, filt, g, _lax_local_kernel(filt, row.layout)
     n, c, h, w = row.shape[:4]
     return (_normal(k1, G.image_shape(row.layout, n, c, h, w), row.dtype),)
 
 
+def _lax_local_kernel(filters, layout):
+    """Our locally connected filters as lax.conv_general_dilated_local's kernel
+    (Ho, Wo, C * fh * fw, F), rows in (c, i, j) order: C01B's filters reshaped."""
+    if layout == "NHWC":
+        filters = jnp.transpose(filters, (0, 1, 4, 2, 3, 5))
+    return filters.reshape(*filters.shape[:2], -1, filters.shape[-1])
+
+
+def _local_functions(row: Row, inputs):
+    """Locally connected rows: ours (local_filter_acts) against lax.conv_general_dilated_local,
+    each given the filters in its own layout. bprop_filter returns lax's kernel layout, so ours
+    includes the rearrangement of its gradient (a transpose in NHWC, a reshape in C01B)."""
+    n, c, h, w, f, fh, fw, stride, pad = row.shape
+    _, ours_prec, xla_prec = CONV_CONFIGS[row.config]
+    out_hw = jcn.filter_acts_output_size((h, w), (fh, fw), stride=stride, pad=pad)
+    pads = G.conv_padding((h, w), (fh, fw), stride, pad, None)[1]
+    flop = 2 * n * f * out_hw[0] * out_hw[1] * c * fh * fw
+    dimension_numbers = (_DIMENSION_NUMBERS[row.layout][0], "HWIO",
+                         _DIMENSION_NUMBERS[row.layout][2])
+
+    def ours(x, k):
+        return jcn.local_filter_acts(x, k, stride=stride, pad=pad, layout=row.layout,
+                                     precision=ours_prec)
+
+    def xla(x, k):
+        return lax.conv_general_dilated_local(x, k, (stride, stride), pads, (fh, fw),
+                                              dimension_numbers=dimension_numbers,
+                                              precision=xla_prec)
+
+    x, k, g, k_lax = inputs
+    if row.op == "fprop":
+        return (lambda x, k, k_lax: ours(x, k)), (lambda x, k, k_lax: xla(x, k_lax)), \
+            (x, k, k_lax), flop
+    if row.op == "bprop_data":
+        wrap = lambda conv: lambda x, k, g: jax.vjp(lambda x: conv(x, k), x)[1](g)[0]
+        return (lambda x, k, k_lax, g: wrap(ours)(x, k, g)), \
+            (lambda x, k, k_lax, g: wrap(xla)(x, k_lax, g)), (x, k, k_lax, g), flop
+    wrap = lambda conv: lambda x, k, g: jax.vjp(lambda k: conv(x, k), k)[1](g)[0]
+    return (lambda x, k, k_lax, g: _lax_local_kernel(wrap(ours)(x, k, g), row.layout)), \
+        (lambda x, k, k_lax, g: wrap(xla)(x, k_lax, g)), (x, k, k_lax, g), flop
+
+
 def row_functions(row: Row, inputs, partial_sum=None):
     """(ours, xla, args, work): two functions of ``args`` and the flop / byte count."""
+    if row.kind == "local":
+        return _local_functions(row, inputs)
     if row.kind == "conv":
         n, c, h, w, f, fh, fw, stride, pad = row.shape
         pads = ((pad, pad), (pad, pad))
@@ -856,7 +926,9 @@ def parse_args(argv=None):
         prog="python -m jax_convnet.benchmark", description=__doc__.split("\n\n")[0],
         formatter_class=_HelpFormatter)
     p.add_argument("--quick", action="store_true", help="a smaller set of rows")
-    p.add_argument("--ops", default="conv,pool", help="comma-separated: conv, pool")
+    p.add_argument("--ops", default="conv,pool",
+                   help="comma-separated: conv, pool, local (the CIFAR-10 11%% net's locally "
+                        "connected layers)")
     p.add_argument("--filter", action="append", default=None, metavar="TEXT",
                    help="keep rows whose name contains TEXT (repeat: any of them); names look "
                         "like conv/L1/fprop/f32-highest/NHWC, pool/alexpool1/3x3s2/bwd/bf16/C01B")
@@ -902,9 +974,9 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     ops = tuple(o.strip() for o in args.ops.split(",") if o.strip())
-    bad = [o for o in ops if o not in ("conv", "pool")]
+    bad = [o for o in ops if o not in ("conv", "pool", "local")]
     if bad or not ops:
-        raise SystemExit(f"--ops takes conv and/or pool, got {args.ops!r}")
+        raise SystemExit(f"--ops takes conv, pool and/or local, got {args.ops!r}")
     partial_sum = args.partial_sum
     if partial_sum not in (None, "auto"):
         partial_sum = int(partial_sum)
@@ -982,7 +1054,7 @@ def main(argv=None):
                 xla_ms = time_fn(xla, fn_args, reps=reps, inner=inner)
             r.update(ms=ms, xla_ms=xla_ms, ratio=xla_ms / ms, max_rel_err=err,
                      compile_s=round(t_ours, 3), xla_compile_s=round(t_xla, 3))
-            if row.kind == "conv":
+            if row.kind in ("conv", "local"):
                 r.update(flop=work, tflops=work / ms / 1e9, xla_tflops=work / xla_ms / 1e9)
                 if args.ref_err or row.config == "f32-highest":
                     r["ref_err"], r["xla_ref_err"] = _float64_reference_errors(

@@ -7,7 +7,8 @@
 // zeros where it reads padding, k ordered as the filters' rows) and the position's filters
 // W[k][f]:
 //   local_filter_acts:  out[b][f] = sum_k P[b][k] * W[k][f]           (k ascending)
-//   local_weight_acts:  dW[k][f]  = sum_b P[b][k] * hid[b][f]         (b ascending)
+//   local_weight_acts:  dW[k][f]  = sum_b P[b][k] * hid[b][f]         (b ascending within
+//                       blocks of 256, the blocks' sums added in order)
 //   local_image_acts:   dP[b][k]  = sum_f hid[b][f] * W[k][f]         (f ascending), then each
 //     image element sums the dP entries that read it, positions in raster order.
 // Operands are widened into float32 (float64 for float64) panels as they are packed, products
@@ -57,6 +58,7 @@ struct F16 {
 
 constexpr int64_t kBatchBlock = 64;  // patch rows packed at a time
 constexpr int64_t kRowBlock = 128;   // filter rows per local_weight_acts task
+constexpr int64_t kWeightBatchBlock = 256;  // local_weight_acts sums the batch in these blocks
 constexpr int kRows = 4;             // rows of a register tile
 constexpr int64_t kCols = 64;        // columns of a register tile (a run of filters)
 // local_image_acts keeps dP of a batch slice for every position: at most this many elements.
@@ -103,6 +105,31 @@ void pack_patches(const LocalGeometry& g, const typename Io::S* img, const int64
     const typename Io::S* src = img + (b0 + b) * g.image.n;
     A* dst = P + b * kn;
     for (int64_t k = k0; k < k1; ++k) dst[k - k0] = off[k] < 0 ? A(0) : Io::load(src[off[k]]);
+  }
+}
+
+// PT[k - k0][b] for k in [k0, k1), b in [b0, b0 + nb): the patches transposed (batch
+// contiguous), widened.
+template <class Io>
+void pack_patches_t(const LocalGeometry& g, const typename Io::S* img, const int64_t* off,
+                    int64_t b0, int64_t nb, int64_t k0, int64_t k1, typename Io::A* PT) {
+  using A = typename Io::A;
+  if (g.image.n == 1) {  // C01B: runs along the batch are contiguous in the images
+    for (int64_t k = k0; k < k1; ++k) {
+      A* dst = PT + (k - k0) * nb;
+      if (off[k] < 0) {
+        std::fill(dst, dst + nb, A(0));
+        continue;
+      }
+      const typename Io::S* src = img + b0 + off[k];
+      for (int64_t b = 0; b < nb; ++b) dst[b] = Io::load(src[b]);
+    }
+    return;
+  }
+  for (int64_t b = 0; b < nb; ++b) {
+    const typename Io::S* src = img + (b0 + b) * g.image.n;
+    for (int64_t k = k0; k < k1; ++k)
+      PT[(k - k0) * nb + b] = off[k] < 0 ? A(0) : Io::load(src[off[k]]);
   }
 }
 
@@ -163,15 +190,34 @@ bool filter_acts(const LocalGeometry& g, const typename Io::S* img, const typena
   using A = typename Io::A;
   const int64_t K = g.rows(), F = g.filters, B = g.batch;
   const int64_t batch_blocks = ceil_div(B, kBatchBlock);
+  // C01B (batch contiguous): out[f][b] = sum_k WT[f][k] * PT[k][b], vectors along the batch.
+  // NHWC (filters contiguous): out[b][f] = sum_k P[b][k] * W[k][f], vectors along the filters.
+  const bool batch_last = g.layout == Layout::kC01B;
   return pool.run(g.positions() * batch_blocks, [&](int64_t task, int) {
     const int64_t pos = task / batch_blocks, b0 = task % batch_blocks * kBatchBlock;
     const int64_t nb = std::min(kBatchBlock, B - b0);
     const std::vector<int64_t> off = patch_offsets(g, pos);
     std::vector<A> P(nb * K), W(K * F);
-    pack_patches<Io>(g, img, off.data(), b0, nb, 0, K, P.data());
-    pack_filters<Io>(g, w, pos, false, W.data());
     const int64_t base = pos / g.out_w * g.hidden.y + pos % g.out_w * g.hidden.x;
     A acc[kRows][kCols];
+    if (batch_last) {
+      pack_patches_t<Io>(g, img, off.data(), b0, nb, 0, K, P.data());
+      pack_filters<Io>(g, w, pos, true, W.data());
+      for (int64_t f = 0; f < F; f += kRows) {
+        const int rows = static_cast<int>(std::min<int64_t>(kRows, F - f));
+        for (int64_t c0 = 0; c0 < nb; c0 += kCols) {
+          const int64_t n = std::min(kCols, nb - c0);
+          tile_product_rows(rows, W.data() + f * K, K, P.data() + c0, nb, K, n, acc);
+          for (int r = 0; r < rows; ++r) {
+            typename Io::S* dst = hid + base + (f + r) * g.hidden.c + (b0 + c0) * g.hidden.n;
+            for (int64_t t = 0; t < n; ++t) dst[t * g.hidden.n] = Io::store(acc[r][t]);
+          }
+        }
+      }
+      return;
+    }
+    pack_patches<Io>(g, img, off.data(), b0, nb, 0, K, P.data());
+    pack_filters<Io>(g, w, pos, false, W.data());
     for (int64_t b = 0; b < nb; b += kRows) {
       const int rows = static_cast<int>(std::min<int64_t>(kRows, nb - b));
       for (int64_t f0 = 0; f0 < F; f0 += kCols) {
@@ -196,21 +242,24 @@ bool weight_acts(const LocalGeometry& g, const typename Io::S* img, const typena
     const int64_t pos = task / row_blocks, k0 = task % row_blocks * kRowBlock;
     const int64_t kn = std::min(kRowBlock, K - k0);
     const std::vector<int64_t> off = patch_offsets(g, pos);
-    const int64_t nb_max = std::min(kBatchBlock, B);
-    std::vector<A> P(nb_max * kn), H(nb_max * F), sums(kn * F, A(0));
-    for (int64_t b0 = 0; b0 < B; b0 += kBatchBlock) {
-      const int64_t nb = std::min(kBatchBlock, B - b0);
-      pack_patches<Io>(g, img, off.data(), b0, nb, k0, k0 + kn, P.data());
+    const int64_t nb_max = std::min(kWeightBatchBlock, B);
+    // Patches transposed (PT[k][b]: the batch is the depth of the products), hidden H[b][f].
+    std::vector<A> PT(kn * nb_max), H(nb_max * F), sums(kn * F, A(0));
+    A acc[kRows][kCols];
+    // sums[k][f] = sum over batch blocks (in order) of sum over the block's b (ascending) of
+    // P[b][k] * H[b][f].
+    for (int64_t b0 = 0; b0 < B; b0 += kWeightBatchBlock) {
+      const int64_t nb = std::min(kWeightBatchBlock, B - b0);
+      pack_patches_t<Io>(g, img, off.data(), b0, nb, k0, k0 + kn, PT.data());
       pack_hidden<Io>(g, hid, pos, b0, nb, H.data());
-      // sums[k][f] += P[b][k] * H[b][f], b ascending, for a block of rows at a time.
       for (int64_t k = 0; k < kn; k += kRows) {
         const int rows = static_cast<int>(std::min<int64_t>(kRows, kn - k));
-        for (int64_t b = 0; b < nb; ++b) {
-          const A* h = H.data() + b * F;
+        for (int64_t f0 = 0; f0 < F; f0 += kCols) {
+          const int64_t n = std::min(kCols, F - f0);
+          tile_product_rows(rows, PT.data() + k * nb, nb, H.data() + f0, F, nb, n, acc);
           for (int r = 0; r < rows; ++r) {
-            const A p = P[b * kn + k + r];
-            A* s = sums.data() + (k + r) * F;
-            for (int64_t f = 0; f < F; ++f) s[f] += p * h[f];
+            A* s = sums.data() + (k + r) * F + f0;
+            for (int64_t t = 0; t < n; ++t) s[t] += acc[r][t];
           }
         }
       }
