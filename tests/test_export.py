@@ -15,8 +15,12 @@ from conftest import rand
 
 
 def net(x, w):
-    """filter_acts, max_pool and both gradients: every target on the CPU but max_pool_jvp."""
-    loss = lambda x, w: jnp.sum(jcn.max_pool(jcn.filter_acts(x, w, pad=1), 3, stride=2) ** 2)
+    """filter_acts, max_pool, a locally connected layer (with w at every position) and both
+    gradients: every target on the CPU but max_pool_jvp."""
+    def loss(x, w):
+        h = jcn.filter_acts(x, w, pad=1)
+        local = jcn.local_filter_acts(x, jnp.broadcast_to(w, h.shape[1:3] + w.shape), pad=1)
+        return jnp.sum(jcn.max_pool(h, 3, stride=2) ** 2) + jnp.sum(local ** 2)
     return loss(x, w), jax.grad(loss, (0, 1))(x, w)
 
 
