@@ -13,7 +13,8 @@
 // So local_image_acts gathers (no scatter, no atomics, no workspace). Every element of A and B
 // is addressed as a row part plus a column part (int64 offsets), one of which may be -1 for
 // "zero" (padding, or past the tile's edge); the kernel keeps the parts of a tile (the r parts of
-// kRChunk reduction steps) in shared memory, so the index arithmetic per loaded element is one add.
+// kRChunk reduction steps) in shared memory, so the index arithmetic per loaded element is one
+// add. Global loads of the next stage overlap the products of the current one.
 //
 // Operands are widened to float32 and every product is an FFMA into a float32 accumulator,
 // r ascending, for every dtype and precision (float32 accuracy): each output is one sum in a
@@ -55,16 +56,19 @@ template <>
 struct Cvt<float> {
   static __device__ __forceinline__ float load(float v) { return v; }
   static __device__ __forceinline__ float store(float v) { return v; }
+  static __device__ __forceinline__ float zero() { return 0.0f; }
 };
 template <>
 struct Cvt<__nv_bfloat16> {
   static __device__ __forceinline__ float load(__nv_bfloat16 v) { return __bfloat162float(v); }
   static __device__ __forceinline__ __nv_bfloat16 store(float v) { return __float2bfloat16_rn(v); }
+  static __device__ __forceinline__ __nv_bfloat16 zero() { return __ushort_as_bfloat16(0); }
 };
 template <>
 struct Cvt<__half> {
   static __device__ __forceinline__ float load(__half v) { return __half2float(v); }
   static __device__ __forceinline__ __half store(float v) { return __float2half_rn(v); }
+  static __device__ __forceinline__ __half zero() { return __ushort_as_half(0); }
 };
 
 // Filter rows per position, K = C * fh * fw.
@@ -213,8 +217,13 @@ struct ImageActsOp {
 };
 
 // ------------------------------------------------------------------------------------------------
-// The tiled kernel. A tile's m and n parts are computed once per tile, the r parts once per
-// stage; an element whose row or column part is -1 is zero.
+// The tiled kernel. A tile's m and n parts are computed once per tile, the r parts for kRChunk
+// reduction steps at a time (double-buffered: a chunk's parts are written one chunk ahead); an
+// element whose row or column part is -1 is zero. The stages are pipelined through registers:
+// each thread loads its elements of stage s + 1 from global memory before it computes stage s
+// from shared memory.
+
+constexpr int kALoads = kBR * kBM / kThreads, kBLoads = kBR * kBN / kThreads;
 
 template <typename T, class Op>
 __global__ void __launch_bounds__(kThreads)
@@ -222,22 +231,67 @@ __global__ void __launch_bounds__(kThreads)
                       int64_t m_tiles, int64_t n_tiles, int64_t tiles) {
   __shared__ __align__(16) float as[kBR][kBM + 4];
   __shared__ __align__(16) float bs[kBR][kBN + 2];
-  __shared__ int64_t a_m[kBM], b_n[kBN], a_r[kRChunk], b_r[kRChunk];
+  __shared__ int64_t a_m[kBM], b_n[kBN], a_r[2][kRChunk], b_r[2][kRChunk];
   const int tid = threadIdx.x;
   // Output coordinates of this thread in the tile: the store's contiguous dimension varies
   // fastest across threads.
   const int tm = Op::kStoreMFast ? tid % (kBM / kTM) : tid / (kBN / kTN);
   const int tn = Op::kStoreMFast ? tid / (kBM / kTM) : tid % (kBN / kTN);
   const int64_t M = op.M(), N = op.N();
+  // The (r, m) / (r, n) element of a stage that load i of this thread takes: consecutive threads
+  // take consecutive elements along the operand's contiguous dimension.
+  auto a_elem = [&](int i, int* r, int* m) {
+    const int e = tid + i * kThreads;
+    *m = Op::kAMFast ? e % kBM : e / kBR;
+    *r = Op::kAMFast ? e / kBM : e % kBR;
+  };
+  auto b_elem = [&](int i, int* r, int* n) {
+    const int e = tid + i * kThreads;
+    *n = Op::kBNFast ? e % kBN : e / kBR;
+    *r = Op::kBNFast ? e / kBN : e % kBR;
+  };
 
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
     const int64_t z = tile / (m_tiles * n_tiles);
     const int64_t mn = tile - z * (m_tiles * n_tiles);
     const int64_t m0 = mn / n_tiles * kBM, n0 = (mn % n_tiles) * kBN;
     const Problem p = op.problem(z);
+    const int64_t stages = (p.r + kBR - 1) / kBR;
+    // r parts of chunk q (reduction steps [q * kRChunk, (q + 1) * kRChunk)) into buffer q % 2.
+    auto r_chunk = [&](int64_t q) {
+      const int64_t r = q * kRChunk + tid;
+      int64_t ar = -1, br = -1;
+      if (r < p.r) op.r_parts(p, r, &ar, &br);
+      a_r[q & 1][tid] = ar;
+      b_r[q & 1][tid] = br;
+    };
+    T ra[kALoads], rb[kBLoads];
+    auto load_stage = [&](int64_t s) {  // stage s's elements into registers
+      const int q = static_cast<int>((s * kBR / kRChunk) & 1);
+      const int rc = static_cast<int>(s * kBR % kRChunk);
+#pragma unroll
+      for (int i = 0; i < kALoads; ++i) {
+        int r, m;
+        a_elem(i, &r, &m);
+        const int64_t row = a_m[m], col = a_r[q][rc + r];
+        // A row part of -1 with a valid r (padding) reads zero; a dead r reads zero in A and B.
+        ra[i] = row >= 0 && col >= 0 ? a[row + col] : Cvt<T>::zero();
+      }
+#pragma unroll
+      for (int i = 0; i < kBLoads; ++i) {
+        int r, n;
+        b_elem(i, &r, &n);
+        const int64_t col = b_n[n], row = b_r[q][rc + r];
+        rb[i] = row >= 0 && col >= 0 ? b[row + col] : Cvt<T>::zero();
+      }
+    };
+
     __syncthreads();  // the previous tile is done with the shared tables
     if (tid < kBM) a_m[tid] = m0 + tid < M ? op.a_row(p, m0 + tid) : -1;
     if (tid < kBN) b_n[tid] = n0 + tid < N ? op.b_col(p, n0 + tid) : -1;
+    r_chunk(0);
+    __syncthreads();
+    if (stages > 0) load_stage(0);
 
     float acc[kTM][kTN];
 #pragma unroll
@@ -245,29 +299,27 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int j = 0; j < kTN; ++j) acc[i][j] = 0.0f;
 
-    for (int64_t r0 = 0; r0 < p.r; r0 += kBR) {
-      const int rc = static_cast<int>(r0 % kRChunk);  // this stage's first entry in the r tables
-      if (rc == 0) {  // (the previous stage's closing barrier freed the tables)
-        int64_t ar = -1, br = -1;
-        if (r0 + tid < p.r) op.r_parts(p, r0 + tid, &ar, &br);
-        a_r[tid] = ar;
-        b_r[tid] = br;
+    for (int64_t s = 0; s < stages; ++s) {
+      __syncthreads();  // everyone is done computing stage s - 1 from the tiles
+#pragma unroll
+      for (int i = 0; i < kALoads; ++i) {
+        int r, m;
+        a_elem(i, &r, &m);
+        as[r][m] = Cvt<T>::load(ra[i]);
       }
+#pragma unroll
+      for (int i = 0; i < kBLoads; ++i) {
+        int r, n;
+        b_elem(i, &r, &n);
+        bs[r][n] = Cvt<T>::load(rb[i]);
+      }
+      // The next chunk's r parts, one chunk ahead: its buffer was last read by stage s's loads,
+      // issued before the barrier above; it is first read by the loads of that chunk's first
+      // stage, issued after the barrier below.
+      if (s * kBR % kRChunk == 0 && (s * kBR / kRChunk + 1) * kRChunk < p.r)
+        r_chunk(s * kBR / kRChunk + 1);
       __syncthreads();
-      for (int e = tid; e < kBR * kBM; e += kThreads) {
-        const int m = Op::kAMFast ? e % kBM : e / kBR;
-        const int r = Op::kAMFast ? e / kBM : e % kBR;
-        const int64_t row = a_m[m], col = a_r[rc + r];
-        // A row part of -1 with a valid r (padding) reads zero; a dead r reads zero in A and B.
-        as[r][m] = row >= 0 && col >= 0 ? Cvt<T>::load(a[row + col]) : 0.0f;
-      }
-      for (int e = tid; e < kBR * kBN; e += kThreads) {
-        const int n = Op::kBNFast ? e % kBN : e / kBR;
-        const int r = Op::kBNFast ? e / kBN : e % kBR;
-        const int64_t col = b_n[n], row = b_r[rc + r];
-        bs[r][n] = row >= 0 && col >= 0 ? Cvt<T>::load(b[row + col]) : 0.0f;
-      }
-      __syncthreads();
+      if (s + 1 < stages) load_stage(s + 1);  // in flight while stage s is computed
 #pragma unroll
       for (int r = 0; r < kBR; ++r) {
         const float4 av = *reinterpret_cast<const float4*>(&as[r][tm * kTM]);
@@ -279,7 +331,6 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
           for (int j = 0; j < kTN; ++j) acc[i][j] = fmaf(am[i], bn[j], acc[i][j]);
       }
-      __syncthreads();  // before the next stage overwrites the tiles and r parts
     }
 
 #pragma unroll
@@ -294,6 +345,8 @@ __global__ void __launch_bounds__(kThreads)
 static_assert(kTM == 4 && kTN == 2, "the inner loop reads float4 / float2 from shared memory");
 static_assert(kThreads >= kBM && kThreads >= kBN, "the m and n tables fill in one pass");
 static_assert(kRChunk == kThreads && kRChunk % kBR == 0, "r tables: one entry per thread");
+static_assert(kALoads * kThreads == kBR * kBM && kBLoads * kThreads == kBR * kBN,
+              "every thread loads the same number of elements per stage");
 
 enum class LocalOp { kFilterActs, kImageActs, kWeightActs };
 
