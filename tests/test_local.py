@@ -230,6 +230,35 @@ def test_precision_highest_gives_float32_accuracy(platform):
         assert_close(y, exact, jnp.float32)
 
 
+def test_symbolic_batch_under_jax_export():
+    """Shape-polymorphic export with a symbolic batch: the exported forward and gradients run at
+    any batch size and equal the eager result."""
+    from jax import export
+    x, w = local_case("NHWC", jnp.float32, n=5, c=3, h=7, w=6, f=4, fh=3, fw=3, pad=1)
+    loss = lambda x, w: jnp.sum(jcn.local_filter_acts(x, w, pad=1, layout="NHWC") ** 2)
+    f = jax.grad(loss, (0, 1))
+    b, = export.symbolic_shape("b")
+    exp = export.export(jax.jit(f), disabled_checks=jcn.export_safety_checks())(
+        jax.ShapeDtypeStruct((b, 7, 6, 3), jnp.float32), jax.ShapeDtypeStruct(w.shape, w.dtype))
+    assert exp.out_avals[0].shape == (b, 7, 6, 3)
+    for n in (5, 2):
+        for got, want in zip(exp.call(x[:n], w), f(x[:n], w)):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("op", ["filter_acts", "image_acts", "weight_acts"])
+def test_vmap_over_an_empty_axis_gives_an_empty_result(op):
+    x, w = local_case("C01B", jnp.float32, n=2, c=3, h=5, w=5, f=4, fh=2, fw=2)
+    g = rand(3, jcn.local_filter_acts(x, w).shape)
+    call, a, b = {
+        "filter_acts": (jcn.local_filter_acts, x, w),
+        "image_acts": (lambda g, w: jcn.local_image_acts(g, w, x.shape), g, w),
+        "weight_acts": (lambda x, g: jcn.local_weight_acts(x, g, w.shape), x, g),
+    }[op]
+    out = jax.vmap(call, (0, None))(jnp.zeros((0, *a.shape), a.dtype), b)
+    assert out.shape == (0, *jax.eval_shape(call, a, b).shape)
+
+
 # ----------------------------------------------------------------------------- bad arguments
 
 X = rand(0, (3, 10, 9, 5))  # C01B images
