@@ -293,6 +293,15 @@ W = rand(1, (7, 6, 3, 4, 4, 16))  # 4x4 filters: a 7x6 output at stride 1, no pa
     (lambda: jcn.local_weight_acts(X, rand(2, (16, 7, 6, 5)), 4), TypeError, ["filter_shape"]),
     (lambda: jcn.local_weight_acts(X, rand(2, (16, 7, 6, 4)), (4, 4)), ValueError,
      ["hid_grads", "batch size 4"]),
+    (lambda: jcn.local_weight_acts(X, rand(2, (16, 7, 6, 5)), (4, 2**31)), ValueError,
+     ["filter_shape", "2**31 - 1"]),
+    (lambda: jcn.local_filter_acts(X, W, pad=2**40), ValueError, ["pad", "2**31 - 1"]),
+    (lambda: jcn.local_filter_acts(X, W, stride=2**63), ValueError, ["stride"]),
+    (lambda: jcn.local_filter_acts(X > 0, W > 0), TypeError, ["images", "bool"]),
+    (lambda: jcn.local_filter_acts(X.astype(jnp.complex64), W.astype(jnp.complex64)), TypeError,
+     ["images"]),
+    (lambda: jcn.local_filter_acts(X, W[..., :0]), ValueError, ["filters", "empty"]),
+    (lambda: jcn.local_filter_acts(1.0, W), TypeError, ["images"]),
 ])
 def test_bad_arguments_name_the_parameter(call, error, names):
     with pytest.raises(error) as info:
