@@ -43,7 +43,7 @@ namespace jcn = jax_convnet;
 
 // Tile: BM x BN outputs per block, BR reduction steps per shared-memory stage; each thread owns
 // TM x TN outputs (TM consecutive m, TN consecutive n).
-constexpr int kBM = 32, kBN = 32, kBR = 16, kTM = 4, kTN = 2;
+constexpr int kBM = 32, kBN = 32, kBR = 32, kTM = 4, kTN = 2;
 constexpr int kThreads = (kBM / kTM) * (kBN / kTN);
 // The r parts of A's and B's offsets are computed for kRChunk reduction steps at a time, one
 // per thread (their index arithmetic has divisions).
