@@ -7,20 +7,21 @@
 // zeros where it reads padding, k ordered as the filters' rows) and the position's filters
 // W[k][f]:
 //   local_filter_acts:  out[b][f] = sum_k P[b][k] * W[k][f]           (k ascending)
-//   local_weight_acts:  dW[k][f]  = sum_b P[b][k] * hid[b][f]         (b ascending within
-//                       blocks of 256, the blocks' sums added in order)
+//   local_weight_acts:  dW[k][f]  = sum_b P[b][k] * hid[b][f]         (b ascending)
 //   local_image_acts:   dP[b][k]  = sum_f hid[b][f] * W[k][f]         (f ascending), then each
 //     image element sums the dP entries that read it, positions in raster order.
-// Operands are widened into float32 (float64 for float64) panels as they are packed, products
-// are accumulated in that type and rounded once to the storage type. Every output element is
-// one sum in a fixed order computed by one thread (threads own disjoint outputs), so results do
-// not depend on the thread count or timing.
+// Operands are widened into float32 (float64 for float64) panels as they are packed, and the
+// products run on the conv kernels' register-blocked micro-kernels (conv_micro_kernel.h, chosen
+// for the CPU's instruction set), accumulating in that type; results are rounded once to the
+// storage type. Every output element is one sum in a fixed order computed by one thread
+// (threads own disjoint outputs), so results do not depend on the thread count or timing.
 #include <algorithm>
 #include <cstdint>
 #include <exception>
 #include <string>
 #include <vector>
 
+#include "conv_micro_kernel.h"
 #include "conv_numeric.h"
 #include "conv_thread_pool.h"
 #include "ffi_common.h"
@@ -56,15 +57,14 @@ struct F16 {
   static S store(A v) { return float_to_f16(v); }
 };
 
-constexpr int64_t kBatchBlock = 64;  // patch rows packed at a time
-constexpr int64_t kRowBlock = 128;   // filter rows per local_weight_acts task
-constexpr int64_t kWeightBatchBlock = 256;  // local_weight_acts sums the batch in these blocks
-constexpr int kRows = 4;             // rows of a register tile
-constexpr int64_t kCols = 64;        // columns of a register tile (a run of filters)
+constexpr int64_t kBatchBlock = 64;         // patch rows per local_filter_acts task
+constexpr int64_t kRowBlock = 128;          // filter rows per local_weight_acts task
+constexpr int64_t kWeightBatchBlock = 256;  // local_weight_acts packs the batch in these blocks
 // local_image_acts keeps dP of a batch slice for every position: at most this many elements.
 constexpr int64_t kImageScratchElements = int64_t(16) << 20;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 
 // Offset in an image of batch 0 of every filter row k at position pos, or -1 where the filter
 // reads padding.
@@ -83,104 +83,110 @@ std::vector<int64_t> patch_offsets(const LocalGeometry& g, int64_t pos) {
   return off;
 }
 
-// P[b][k - k0] for b in [b0, b0 + nb), k in [k0, k1): the patches, widened.
+// The packers widen an operand into a zero-padded panel of rows `ld` elements apart (the
+// micro-kernels read whole register tiles, past the operand's edge).
+
+// P[b][k - k0] (b in [0, nb) for images b0 + b, k in [k0, k1)): the patches, k contiguous.
 template <class Io>
 void pack_patches(const LocalGeometry& g, const typename Io::S* img, const int64_t* off,
-                  int64_t b0, int64_t nb, int64_t k0, int64_t k1, typename Io::A* P) {
+                  int64_t b0, int64_t nb, int64_t k0, int64_t k1, typename Io::A* P, int64_t ld) {
   using A = typename Io::A;
-  const int64_t kn = k1 - k0;
-  if (g.image.n == 1) {  // C01B: the batch is contiguous, read along it
-    for (int64_t k = k0; k < k1; ++k) {
-      A* dst = P + (k - k0);
-      if (off[k] < 0) {
-        for (int64_t b = 0; b < nb; ++b) dst[b * kn] = A(0);
-        continue;
-      }
-      const typename Io::S* src = img + b0 + off[k];
-      for (int64_t b = 0; b < nb; ++b) dst[b * kn] = Io::load(src[b]);
-    }
-    return;
-  }
   for (int64_t b = 0; b < nb; ++b) {
     const typename Io::S* src = img + (b0 + b) * g.image.n;
-    A* dst = P + b * kn;
+    A* dst = P + b * ld;
     for (int64_t k = k0; k < k1; ++k) dst[k - k0] = off[k] < 0 ? A(0) : Io::load(src[off[k]]);
+    std::fill(dst + (k1 - k0), dst + ld, A(0));
   }
 }
 
-// PT[k - k0][b] for k in [k0, k1), b in [b0, b0 + nb): the patches transposed (batch
-// contiguous), widened.
+// PT[k - k0][b]: the patches transposed, the batch contiguous.
 template <class Io>
 void pack_patches_t(const LocalGeometry& g, const typename Io::S* img, const int64_t* off,
-                    int64_t b0, int64_t nb, int64_t k0, int64_t k1, typename Io::A* PT) {
+                    int64_t b0, int64_t nb, int64_t k0, int64_t k1, typename Io::A* PT,
+                    int64_t ld) {
   using A = typename Io::A;
-  if (g.image.n == 1) {  // C01B: runs along the batch are contiguous in the images
-    for (int64_t k = k0; k < k1; ++k) {
-      A* dst = PT + (k - k0) * nb;
-      if (off[k] < 0) {
-        std::fill(dst, dst + nb, A(0));
-        continue;
-      }
-      const typename Io::S* src = img + b0 + off[k];
-      for (int64_t b = 0; b < nb; ++b) dst[b] = Io::load(src[b]);
+  for (int64_t k = k0; k < k1; ++k) {
+    A* dst = PT + (k - k0) * ld;
+    if (off[k] < 0) {
+      std::fill(dst, dst + ld, A(0));
+      continue;
     }
-    return;
-  }
-  for (int64_t b = 0; b < nb; ++b) {
-    const typename Io::S* src = img + (b0 + b) * g.image.n;
-    for (int64_t k = k0; k < k1; ++k)
-      PT[(k - k0) * nb + b] = off[k] < 0 ? A(0) : Io::load(src[off[k]]);
+    const typename Io::S* src = img + off[k] + b0 * g.image.n;
+    for (int64_t b = 0; b < nb; ++b) dst[b] = Io::load(src[b * g.image.n]);
+    std::fill(dst + nb, dst + ld, A(0));
   }
 }
 
-// H[b][f] for b in [b0, b0 + nb): the hidden activations of position pos, widened.
+// The hidden activations of position pos for images [b0, b0 + nb): H[b][f], or transposed
+// H[f][b].
 template <class Io>
 void pack_hidden(const LocalGeometry& g, const typename Io::S* hid, int64_t pos, int64_t b0,
-                 int64_t nb, typename Io::A* H) {
+                 int64_t nb, bool transposed, typename Io::A* H, int64_t ld) {
+  using A = typename Io::A;
   const int64_t base = pos / g.out_w * g.hidden.y + pos % g.out_w * g.hidden.x;
   const int64_t F = g.filters;
+  const int64_t rows = transposed ? F : nb;
+  std::fill(H, H + rows * ld, A(0));
   for (int64_t b = 0; b < nb; ++b)
     for (int64_t f = 0; f < F; ++f)
-      H[b * F + f] = Io::load(hid[base + (b0 + b) * g.hidden.n + f * g.hidden.c]);
+      H[transposed ? f * ld + b : b * ld + f] =
+          Io::load(hid[base + (b0 + b) * g.hidden.n + f * g.hidden.c]);
 }
 
-// The filters of position pos, widened: W[k][f] (or, transposed, W[f][k]).
+// The filters of position pos: W[k][f], or transposed W[f][k].
 template <class Io>
 void pack_filters(const LocalGeometry& g, const typename Io::S* w, int64_t pos, bool transposed,
-                  typename Io::A* out) {
+                  typename Io::A* out, int64_t ld) {
+  using A = typename Io::A;
   const int64_t K = g.rows(), F = g.filters;
   const typename Io::S* src = w + pos * K * F;
+  std::fill(out, out + (transposed ? F : K) * ld, A(0));
   for (int64_t k = 0; k < K; ++k)
     for (int64_t f = 0; f < F; ++f)
-      out[transposed ? f * K + k : k * F + f] = Io::load(src[k * F + f]);
+      out[transposed ? f * ld + k : k * ld + f] = Io::load(src[k * F + f]);
 }
 
-// acc[r][t] = sum over d < depth (ascending) of a[r][d] * b[d][t], for R rows and n <= kCols
-// columns; a rows are lda apart, b rows ldb apart.
-template <int R, typename A>
-inline void tile_product(const A* a, int64_t lda, const A* b, int64_t ldb, int64_t depth,
-                         int64_t n, A (*acc)[kCols]) {
-  for (int r = 0; r < R; ++r)
-    for (int64_t t = 0; t < n; ++t) acc[r][t] = A(0);
-  for (int64_t d = 0; d < depth; ++d) {
-    const A* brow = b + d * ldb;
-    for (int r = 0; r < R; ++r) {
-      const A av = a[r * lda + d];
-      for (int64_t t = 0; t < n; ++t) acc[r][t] += av * brow[t];
+// One product C = sum over d < depth of a_d (x) b_d through the gathered micro-kernels
+// (conv_micro_kernel.h): C[m][n] = sum_d a[d * lda + m] * b[d * ldb + n] for m < rows,
+// n < cols, d ascending; `a` must be readable to a multiple of the kernel's mr rows, `b` to a
+// multiple of its nr columns (zero padding). emit(m, n, value) receives each element; with
+// `tiles` given, the tiles are kept there across calls and `accumulate` continues their sums.
+template <typename A>
+class Product {
+ public:
+  Product(int64_t cols)
+      : kernel_(kernel_for_columns(best_kernel_set<A>(), best_kernel_set<A>().gathered, cols,
+                                   best_kernel_set<A>().max_nv)) {}
+  int mr() const { return kernel_.mr; }
+  int nr() const { return kernel_.nr; }
+  int64_t tile_elements(int64_t rows, int64_t cols) const {
+    return round_up(rows, kernel_.mr) * round_up(cols, kernel_.nr);
+  }
+
+  template <typename Emit>
+  void run(int64_t depth, int64_t rows, int64_t cols, const A* a, int64_t lda, const A* b,
+           int64_t ldb, A* tiles, bool accumulate, Emit emit) {
+    const int mr = kernel_.mr, nr = kernel_.nr;
+    a_rows_.resize(depth);
+    b_rows_.resize(depth);
+    for (int64_t r0 = 0; r0 < rows; r0 += mr) {
+      for (int64_t d = 0; d < depth; ++d) a_rows_[d] = a + d * lda + r0;
+      for (int64_t c0 = 0; c0 < cols; c0 += nr) {
+        for (int64_t d = 0; d < depth; ++d) b_rows_[d] = b + d * ldb + c0;
+        A* tile = tiles + (r0 / mr * ceil_div(cols, nr) + c0 / nr) * mr * nr;
+        kernel_.fn(depth, a_rows_.data(), b_rows_.data(), tile, accumulate);
+        const int64_t m_end = std::min<int64_t>(mr, rows - r0);
+        const int64_t n_end = std::min<int64_t>(nr, cols - c0);
+        for (int64_t m = 0; m < m_end; ++m)
+          for (int64_t n = 0; n < n_end; ++n) emit(r0 + m, c0 + n, tile[m * nr + n]);
+      }
     }
   }
-}
 
-template <typename A>
-inline void tile_product_rows(int rows, const A* a, int64_t lda, const A* b, int64_t ldb,
-                              int64_t depth, int64_t n, A (*acc)[kCols]) {
-  switch (rows) {
-    case 4: return tile_product<4>(a, lda, b, ldb, depth, n, acc);
-    case 3: return tile_product<3>(a, lda, b, ldb, depth, n, acc);
-    case 2: return tile_product<2>(a, lda, b, ldb, depth, n, acc);
-    default: return tile_product<1>(a, lda, b, ldb, depth, n, acc);
-  }
-}
+ private:
+  const Kernel<GatheredFn<A>>& kernel_;
+  std::vector<const A*> a_rows_, b_rows_;
+};
 
 // ---------------------------------------------------------------------------------------------
 
@@ -190,45 +196,32 @@ bool filter_acts(const LocalGeometry& g, const typename Io::S* img, const typena
   using A = typename Io::A;
   const int64_t K = g.rows(), F = g.filters, B = g.batch;
   const int64_t batch_blocks = ceil_div(B, kBatchBlock);
-  // C01B (batch contiguous): out[f][b] = sum_k WT[f][k] * PT[k][b], vectors along the batch.
-  // NHWC (filters contiguous): out[b][f] = sum_k P[b][k] * W[k][f], vectors along the filters.
+  // C01B (batch contiguous): out[f][b] = sum_k W[k][f] * PT[k][b], vectors along the batch.
+  // NHWC (filters contiguous): out[b][f] = sum_k PT[k][b] * W[k][f], vectors along the filters.
   const bool batch_last = g.layout == Layout::kC01B;
   return pool.run(g.positions() * batch_blocks, [&](int64_t task, int) {
     const int64_t pos = task / batch_blocks, b0 = task % batch_blocks * kBatchBlock;
     const int64_t nb = std::min(kBatchBlock, B - b0);
+    const int64_t rows = batch_last ? F : nb, cols = batch_last ? nb : F;
+    Product<A> product(cols);
+    const int64_t ld_b = round_up(nb, batch_last ? product.nr() : product.mr());
+    const int64_t ld_f = round_up(F, batch_last ? product.mr() : product.nr());
     const std::vector<int64_t> off = patch_offsets(g, pos);
-    std::vector<A> P(nb * K), W(K * F);
-    const int64_t base = pos / g.out_w * g.hidden.y + pos % g.out_w * g.hidden.x;
-    A acc[kRows][kCols];
-    if (batch_last) {
-      pack_patches_t<Io>(g, img, off.data(), b0, nb, 0, K, P.data());
-      pack_filters<Io>(g, w, pos, true, W.data());
-      for (int64_t f = 0; f < F; f += kRows) {
-        const int rows = static_cast<int>(std::min<int64_t>(kRows, F - f));
-        for (int64_t c0 = 0; c0 < nb; c0 += kCols) {
-          const int64_t n = std::min(kCols, nb - c0);
-          tile_product_rows(rows, W.data() + f * K, K, P.data() + c0, nb, K, n, acc);
-          for (int r = 0; r < rows; ++r) {
-            typename Io::S* dst = hid + base + (f + r) * g.hidden.c + (b0 + c0) * g.hidden.n;
-            for (int64_t t = 0; t < n; ++t) dst[t * g.hidden.n] = Io::store(acc[r][t]);
-          }
-        }
-      }
-      return;
-    }
-    pack_patches<Io>(g, img, off.data(), b0, nb, 0, K, P.data());
-    pack_filters<Io>(g, w, pos, false, W.data());
-    for (int64_t b = 0; b < nb; b += kRows) {
-      const int rows = static_cast<int>(std::min<int64_t>(kRows, nb - b));
-      for (int64_t f0 = 0; f0 < F; f0 += kCols) {
-        const int64_t n = std::min(kCols, F - f0);
-        tile_product_rows(rows, P.data() + b * K, K, W.data() + f0, F, K, n, acc);
-        for (int r = 0; r < rows; ++r) {
-          typename Io::S* dst = hid + base + (b0 + b + r) * g.hidden.n + f0 * g.hidden.c;
-          for (int64_t t = 0; t < n; ++t) dst[t * g.hidden.c] = Io::store(acc[r][t]);
-        }
-      }
-    }
+    std::vector<A> PT(K * ld_b), W(K * ld_f), tiles(product.tile_elements(rows, cols));
+    pack_patches_t<Io>(g, img, off.data(), b0, nb, 0, K, PT.data(), ld_b);
+    pack_filters<Io>(g, w, pos, false, W.data(), ld_f);
+    typename Io::S* out = hid + pos / g.out_w * g.hidden.y + pos % g.out_w * g.hidden.x +
+                          b0 * g.hidden.n;
+    if (batch_last)
+      product.run(K, F, nb, W.data(), ld_f, PT.data(), ld_b, tiles.data(), false,
+                  [&](int64_t f, int64_t b, A v) {
+                    out[b * g.hidden.n + f * g.hidden.c] = Io::store(v);
+                  });
+    else
+      product.run(K, nb, F, PT.data(), ld_b, W.data(), ld_f, tiles.data(), false,
+                  [&](int64_t b, int64_t f, A v) {
+                    out[b * g.hidden.n + f * g.hidden.c] = Io::store(v);
+                  });
   });
 }
 
@@ -238,34 +231,27 @@ bool weight_acts(const LocalGeometry& g, const typename Io::S* img, const typena
   using A = typename Io::A;
   const int64_t K = g.rows(), F = g.filters, B = g.batch;
   const int64_t row_blocks = ceil_div(K, kRowBlock);
+  // dW[k][f] = sum_b P[b][k] * H[b][f], b ascending: the micro-kernel's tiles carry the sums
+  // across the batch blocks.
   return pool.run(g.positions() * row_blocks, [&](int64_t task, int) {
     const int64_t pos = task / row_blocks, k0 = task % row_blocks * kRowBlock;
     const int64_t kn = std::min(kRowBlock, K - k0);
+    Product<A> product(F);
+    const int64_t ld_k = round_up(kn, product.mr()), ld_f = round_up(F, product.nr());
     const std::vector<int64_t> off = patch_offsets(g, pos);
     const int64_t nb_max = std::min(kWeightBatchBlock, B);
-    // Patches transposed (PT[k][b]: the batch is the depth of the products), hidden H[b][f].
-    std::vector<A> PT(kn * nb_max), H(nb_max * F), sums(kn * F, A(0));
-    A acc[kRows][kCols];
-    // sums[k][f] = sum over batch blocks (in order) of sum over the block's b (ascending) of
-    // P[b][k] * H[b][f].
+    std::vector<A> P(nb_max * ld_k), H(nb_max * ld_f), tiles(product.tile_elements(kn, F));
+    typename Io::S* dst = w + (pos * K + k0) * F;
     for (int64_t b0 = 0; b0 < B; b0 += kWeightBatchBlock) {
       const int64_t nb = std::min(kWeightBatchBlock, B - b0);
-      pack_patches_t<Io>(g, img, off.data(), b0, nb, k0, k0 + kn, PT.data());
-      pack_hidden<Io>(g, hid, pos, b0, nb, H.data());
-      for (int64_t k = 0; k < kn; k += kRows) {
-        const int rows = static_cast<int>(std::min<int64_t>(kRows, kn - k));
-        for (int64_t f0 = 0; f0 < F; f0 += kCols) {
-          const int64_t n = std::min(kCols, F - f0);
-          tile_product_rows(rows, PT.data() + k * nb, nb, H.data() + f0, F, nb, n, acc);
-          for (int r = 0; r < rows; ++r) {
-            A* s = sums.data() + (k + r) * F + f0;
-            for (int64_t t = 0; t < n; ++t) s[t] += acc[r][t];
-          }
-        }
-      }
+      const bool last = b0 + nb == B;
+      pack_patches<Io>(g, img, off.data(), b0, nb, k0, k0 + kn, P.data(), ld_k);
+      pack_hidden<Io>(g, hid, pos, b0, nb, false, H.data(), ld_f);
+      product.run(nb, kn, F, P.data(), ld_k, H.data(), ld_f, tiles.data(), b0 > 0,
+                  [&](int64_t k, int64_t f, A v) {
+                    if (last) dst[k * F + f] = Io::store(v);
+                  });
     }
-    typename Io::S* dst = w + (pos * K + k0) * F;
-    for (int64_t e = 0; e < kn * F; ++e) dst[e] = Io::store(sums[e]);
   });
 }
 
@@ -278,20 +264,16 @@ bool image_acts(const LocalGeometry& g, const typename Io::S* hid, const typenam
   std::vector<A> dP(positions * chunk * K);  // [pos][b][k] of one batch slice
   for (int64_t b0 = 0; b0 < B; b0 += chunk) {
     const int64_t nb = std::min(chunk, B - b0);
-    // dP[pos][b][k] = sum_f hid[b][f] * W[k][f], f ascending.
+    // dP[pos][b][k] = sum_f H[f][b] * W[f][k], f ascending.
     bool ok = pool.run(positions, [&](int64_t pos, int) {
-      std::vector<A> Wt(F * K), H(nb * F);
-      pack_filters<Io>(g, w, pos, true, Wt.data());
-      pack_hidden<Io>(g, hid, pos, b0, nb, H.data());
-      for (int64_t b = 0; b < nb; ++b) {
-        A* d = dP.data() + (pos * nb + b) * K;
-        std::fill(d, d + K, A(0));
-        for (int64_t f = 0; f < F; ++f) {
-          const A h = H[b * F + f];
-          const A* wt = Wt.data() + f * K;
-          for (int64_t k = 0; k < K; ++k) d[k] += h * wt[k];
-        }
-      }
+      Product<A> product(K);
+      const int64_t ld_b = round_up(nb, product.mr()), ld_k = round_up(K, product.nr());
+      std::vector<A> HT(F * ld_b), WT(F * ld_k), tiles(product.tile_elements(nb, K));
+      pack_hidden<Io>(g, hid, pos, b0, nb, true, HT.data(), ld_b);
+      pack_filters<Io>(g, w, pos, true, WT.data(), ld_k);
+      A* d = dP.data() + pos * nb * K;
+      product.run(F, nb, K, HT.data(), ld_b, WT.data(), ld_k, tiles.data(), false,
+                  [&](int64_t b, int64_t k, A v) { d[b * K + k] = v; });
     });
     if (!ok) return false;
     // Each image element sums what the positions reading it got, positions in raster order.
@@ -358,6 +340,7 @@ bool compute(LocalOp op, const LocalGeometry& g, const void* a, const void* b, v
 ffi::Error local_handler(LocalOp op, ffi::AnyBuffer a, ffi::AnyBuffer b,
                          ffi::Result<ffi::AnyBuffer> out, ConvParams params) {
   const std::string name = op_name(op);
+  if (!isa_cap().error.empty()) return invalid(name, isa_cap().error);
   // Ranks: images and hidden 4, filters 6.
   const size_t rank_a = 4;
   const size_t rank_b = op == LocalOp::kWeightActs ? 4 : 6;
