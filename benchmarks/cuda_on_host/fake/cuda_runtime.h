@@ -1,5 +1,5 @@
-// Host stand-ins for the bits of CUDA that csrc/cuda/local.cu uses (benchmarks/cuda_on_host/run.sh) (one block at a time, one
-// std::thread per CUDA thread, __syncthreads as a std::barrier).
+// Host stand-ins for the bits of CUDA that csrc/cuda/local.cu uses (see ../run.sh): one block
+// at a time, one std::thread per CUDA thread, __syncthreads as a std::barrier.
 #pragma once
 #include <barrier>
 #include <cmath>
