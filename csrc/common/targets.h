@@ -11,7 +11,9 @@
   X("jax_convnet_max_pool", MaxPool)                \
   X("jax_convnet_max_pool_winners", MaxPoolWinners) \
   X("jax_convnet_max_pool_jvp", MaxPoolJvp)         \
-  X("jax_convnet_max_pool_grad", MaxPoolGrad)
+  X("jax_convnet_max_pool_grad", MaxPoolGrad)       \
+  X("jax_convnet_avg_pool", AvgPool)                \
+  X("jax_convnet_avg_pool_grad", AvgPoolGrad)
 
 #define JCN_DECLARE_CPU(name, sym) XLA_FFI_DECLARE_HANDLER_SYMBOL(sym##Cpu);
 #define JCN_DECLARE_CUDA(name, sym) XLA_FFI_DECLARE_HANDLER_SYMBOL(sym##Cuda);

@@ -1,5 +1,6 @@
 // Max pooling on the CPU: max_pool, max_pool with winners, the JVP and the gradient (see
 // csrc/README.md, "Max pool"). The JVP and the gradient read the winners, never the images.
+// Average pooling and its gradient follow the max-pool kernels (section "Average pooling").
 //
 // Both layouts are handled as one memory pattern [outer][H][W][inner] (C01B: outer = C,
 // inner = B; NHWC: outer = B, inner = C); every inner loop runs over the contiguous `inner`
@@ -433,6 +434,86 @@ void pool_grad(const T* ct, const K* winners, T* out, const Dims& d) {
 }
 
 // ----------------------------------------------------------------------------------------------
+// Average pooling (see csrc/README.md, "Average pool"). Bit-identical to the CUDA kernels:
+// - forward: each window's in-image elements summed in row-major order starting from 0, in
+//   float32 (float64 for float64), times the reciprocal of its divisor (1 / float(divisor),
+//   rounded to nearest), rounded once to the storage type;
+// - gradient: each image element is 0 + ct(w1) * r(w1) + ct(w2) * r(w2) + ... over the windows
+//   containing it in increasing (oy, ox), r the same reciprocal, each product rounded before it
+//   is added (no fused multiply-add: the products are formed in a loop of their own).
+
+// The reciprocal of window (oy, ox)'s divisor (inf for a divisor of 0).
+template <typename F>
+F avg_reciprocal(const Dims& d, bool count_include_pad, int64_t oy, int64_t ox) {
+  const int64_t count = jcn::pool::window_divisor<int64_t>(
+      count_include_pad, oy * d.sh - d.pt, ox * d.sw - d.pl, d.wh, d.ww, d.H, d.W);
+  return F(1) / F(count);
+}
+
+template <typename T>
+void avg_pool_forward(const T* img, T* out, const Dims& d, bool count_include_pad) {
+  using F = typename Num<T>::F;
+  const int64_t rows = d.O * d.Ho;
+  const int64_t cost =
+      d.Wo * d.I * std::max<int64_t>(1, std::min(d.wh, d.H) * std::min(d.ww, d.W));
+  parallel_for(rows, cost, [&](int64_t begin, int64_t end) {
+    std::vector<F> sum(size_t(d.I));
+    F* s = sum.data();
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t o = r / d.Ho, oy = r % d.Ho;
+      for (int64_t ox = 0; ox < d.Wo; ++ox) {
+        std::fill(sum.begin(), sum.end(), F(0));
+        const Window w = window_of(d, oy, ox);
+        for (int64_t y = w.ys; y < w.ye; ++y)
+          for (int64_t x = w.xs; x < w.xe; ++x) {
+            const T* p = img + ((o * d.H + y) * d.W + x) * d.I;
+            for (int64_t i = 0; i < d.I; ++i) s[i] += Num<T>::to_f(p[i]);
+          }
+        const F rcp = avg_reciprocal<F>(d, count_include_pad, oy, ox);
+        T* q = out + ((o * d.Ho + oy) * d.Wo + ox) * d.I;
+        for (int64_t i = 0; i < d.I; ++i) q[i] = Num<T>::from_f(s[i] * rcp);
+      }
+    }
+  });
+}
+
+// Gradient, gathered per image row (o, y): the windows covering row y in increasing (oy, ox)
+// each add their scaled cotangents to the columns they cover.
+template <typename T>
+void avg_pool_grad(const T* ct, T* out, const Dims& d, bool count_include_pad) {
+  using F = typename Num<T>::F;
+  const int64_t rows = d.O * d.H;
+  const int64_t covering_rows = (std::min(d.wh, d.H) + d.sh - 1) / d.sh + 1;
+  const int64_t cost = d.Wo * d.I * covering_rows * (1 + std::min(d.ww, d.W)) + d.W * d.I;
+  parallel_for(rows, cost, [&](int64_t begin, int64_t end) {
+    std::vector<F> acc(size_t(d.W * d.I)), scaled(size_t(d.I));
+    F* a = acc.data();
+    F* sc = scaled.data();
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t o = r / d.H, y = r % d.H;
+      std::fill(acc.begin(), acc.end(), F(0));
+      int64_t oy_lo, oy_hi, ox_lo, ox_hi;
+      jcn::pool::covering_windows<int64_t>(y, y, d.pt, d.wh, d.sh, d.Ho, &oy_lo, &oy_hi);
+      jcn::pool::covering_windows<int64_t>(0, d.W - 1, d.pl, d.ww, d.sw, d.Wo, &ox_lo, &ox_hi);
+      for (int64_t oy = oy_lo; oy <= oy_hi; ++oy) {
+        for (int64_t ox = ox_lo; ox <= ox_hi; ++ox) {
+          const F rcp = avg_reciprocal<F>(d, count_include_pad, oy, ox);
+          const T* c = ct + ((o * d.Ho + oy) * d.Wo + ox) * d.I;
+          for (int64_t i = 0; i < d.I; ++i) sc[i] = Num<T>::to_f(c[i]) * rcp;
+          const Window w = window_of(d, oy, ox);
+          for (int64_t x = w.xs; x < w.xe; ++x) {
+            F* q = a + x * d.I;
+            for (int64_t i = 0; i < d.I; ++i) q[i] += sc[i];
+          }
+        }
+      }
+      T* q = out + (o * d.H + y) * d.W * d.I;
+      for (int64_t k = 0; k < d.W * d.I; ++k) q[k] = Num<T>::from_f(a[k]);
+    }
+  });
+}
+
+// ----------------------------------------------------------------------------------------------
 // Handlers.
 
 constexpr bool kAllowF64 = true;  // float64 too on the CPU
@@ -528,7 +609,46 @@ ffi::Error MaxPoolGradImpl(ffi::AnyBuffer cotangents, ffi::AnyBuffer winners,
   });
 }
 
+ffi::Error AvgPoolImpl(ffi::AnyBuffer images, ffi::Result<ffi::AnyBuffer> pooled,
+                       jcn::AvgPoolParams p) {
+  jcn::PoolGeometry g;
+  ffi::Error checked = jcn::check_avg_pool_call("avg_pool", p, images, *pooled, kAllowF64, &g);
+  if (checked.failure()) return checked;
+  return with_type(images.element_type(), [&](auto zero) {
+    using T = decltype(zero);
+    avg_pool_forward<T>(static_cast<const T*>(images.untyped_data()),
+                        static_cast<T*>(pooled->untyped_data()), dims_of(g),
+                        p.count_include_pad == 1);
+  });
+}
+
+ffi::Error AvgPoolGradImpl(ffi::AnyBuffer cotangents,
+                           ffi::Result<ffi::AnyBuffer> image_cotangents, jcn::AvgPoolParams p) {
+  jcn::PoolGeometry g;
+  ffi::Error checked = jcn::check_avg_pool_call("avg_pool_grad", p, *image_cotangents,
+                                                cotangents, kAllowF64, &g);
+  if (checked.failure()) return checked;
+  return with_type(cotangents.element_type(), [&](auto zero) {
+    using T = decltype(zero);
+    avg_pool_grad<T>(static_cast<const T*>(cotangents.untyped_data()),
+                     static_cast<T*>(image_cotangents->untyped_data()), dims_of(g),
+                     p.count_include_pad == 1);
+  });
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AvgPoolCpu, AvgPoolImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attrs<jax_convnet::AvgPoolParams>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AvgPoolGradCpu, AvgPoolGradImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attrs<jax_convnet::AvgPoolParams>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MaxPoolCpu, MaxPoolImpl,
                               ffi::Ffi::Bind()
