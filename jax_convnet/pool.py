@@ -250,6 +250,8 @@ def _batch_rule(primitive):
                 for a, d in zip(args, dims)]
             out = jax.eval_shape(lambda *xs: primitive.bind(*xs, geom=geom, **params),
                                  *unmapped)
+            if primitive.multiple_results:
+                return [jnp.zeros((0, *o.shape), o.dtype) for o in out], [0] * len(out)
             return jnp.zeros((0, *out.shape), out.dtype), 0
         folded = [_fold_batch(a, d, size, geom.layout) for a, d in zip(args, dims)]
         n_axis = G.image_axes(geom.layout)["n"]

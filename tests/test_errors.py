@@ -320,7 +320,8 @@ def test_numpy_float64_operands_are_canonicalized_like_jax_numpy():
 
 
 @pytest.mark.parametrize("op", ["filter_acts-images", "filter_acts-filters", "filter_acts-both",
-                                "image_acts", "weight_acts", "max_pool", "max_pool-grad"])
+                                "image_acts", "weight_acts", "max_pool", "max_pool-grad",
+                                "avg_pool", "avg_pool-grad"])
 def test_vmap_over_an_empty_axis_gives_an_empty_result(op):
     """As lax does: the mapped axis of size 0 in front, the rest of the shape as for one slice."""
     xs, ws, hs = (jnp.zeros((0, *a.shape), a.dtype) for a in (X, W, H))
@@ -332,6 +333,8 @@ def test_vmap_over_an_empty_axis_gives_an_empty_result(op):
         "weight_acts": (lambda m: jax.vmap(lambda h: m.weight_acts(X, h, (4, 4))), (hs,)),
         "max_pool": (lambda m: jax.vmap(lambda x: m.max_pool(x, 3, stride=2)), (xs,)),
         "max_pool-grad": (lambda m: jax.vmap(jax.grad(lambda x: m.max_pool(x, 2).sum())), (xs,)),
+        "avg_pool": (lambda m: jax.vmap(lambda x: m.avg_pool(x, 3, stride=2)), (xs,)),
+        "avg_pool-grad": (lambda m: jax.vmap(jax.grad(lambda x: m.avg_pool(x, 2).sum())), (xs,)),
     }
     make, args = fns[op]
     got = make(jcn)(*args)
@@ -343,8 +346,8 @@ def test_symbolic_batch_under_jax_export():
     """Shape-polymorphic export with a symbolic batch size (the other sizes concrete): the
     exported forward and gradient run at any batch size and equal the eager result."""
     from jax import export
-    targets = ["filter_acts", "image_acts", "weight_acts", "max_pool", "max_pool_jvp",
-               "max_pool_grad"]
+    targets = ["filter_acts", "image_acts", "weight_acts", "max_pool", "max_pool_winners",
+               "max_pool_jvp", "max_pool_grad"]
     checks = [export.DisabledSafetyCheck.custom_call(f"jax_convnet_{t}") for t in targets]
 
     def f(x, w):

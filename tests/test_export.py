@@ -15,8 +15,10 @@ from conftest import rand
 
 
 def net(x, w):
-    """filter_acts, max_pool and both gradients: every target on the CPU but max_pool_jvp."""
-    loss = lambda x, w: jnp.sum(jcn.max_pool(jcn.filter_acts(x, w, pad=1), 3, stride=2) ** 2)
+    """filter_acts, max_pool, avg_pool and their gradients: every target on the CPU but
+    max_pool_jvp."""
+    loss = lambda x, w: (jnp.sum(jcn.max_pool(jcn.filter_acts(x, w, pad=1), 3, stride=2) ** 2)
+                         + jnp.sum(jcn.avg_pool(x, 2) ** 2))
     return loss(x, w), jax.grad(loss, (0, 1))(x, w)
 
 
