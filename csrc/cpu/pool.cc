@@ -440,7 +440,11 @@ void pool_grad(const T* ct, const K* winners, T* out, const Dims& d) {
 //   rounded to nearest), rounded once to the storage type;
 // - gradient: each image element is 0 + ct(w1) * r(w1) + ct(w2) * r(w2) + ... over the windows
 //   containing it in increasing (oy, ox), r the same reciprocal, each product rounded before it
-//   is added (no fused multiply-add: the products are formed in a loop of their own).
+//   is added (this file is built with -ffp-contract=off: no fused multiply-add).
+// Both gather: every output element is computed by one thread, its lanes in chunks of kAvgLanes
+// whose accumulators stay in registers.
+
+constexpr int64_t kAvgLanes = 16;
 
 // The reciprocal of window (oy, ox)'s divisor (inf for a divisor of 0).
 template <typename F>
@@ -450,6 +454,33 @@ F avg_reciprocal(const Dims& d, bool count_include_pad, int64_t oy, int64_t ox) 
   return F(1) / F(count);
 }
 
+// acc[i] += p[i] for the first n lanes (N: n known at compile time).
+template <int64_t N, typename T, typename F>
+inline void add_lanes(F (&acc)[kAvgLanes], const T* __restrict p, int64_t n) {
+  const int64_t m = N > 0 ? N : n;
+  for (int64_t i = 0; i < m; ++i) acc[i] += Num<T>::to_f(p[i]);
+}
+
+// acc[i] += p[i] * r for the first n lanes (the product rounded first: no FMA in this file).
+template <int64_t N, typename T, typename F>
+inline void add_scaled_lanes(F (&acc)[kAvgLanes], const T* __restrict p, F r, int64_t n) {
+  const int64_t m = N > 0 ? N : n;
+  for (int64_t i = 0; i < m; ++i) acc[i] += Num<T>::to_f(p[i]) * r;
+}
+
+// Forward: out[o][oy][ox][i0 .. i0 + n) for one chunk of lanes; N = n when it is kAvgLanes.
+template <int64_t N, typename T>
+inline void avg_window(const T* img, T* q, const Dims& d, int64_t o, const Window& w,
+                       typename Num<T>::F rcp, int64_t i0, int64_t n) {
+  using F = typename Num<T>::F;
+  F acc[kAvgLanes] = {};
+  for (int64_t y = w.ys; y < w.ye; ++y)
+    for (int64_t x = w.xs; x < w.xe; ++x)
+      add_lanes<N>(acc, img + ((o * d.H + y) * d.W + x) * d.I + i0, n);
+  const int64_t m = N > 0 ? N : n;
+  for (int64_t i = 0; i < m; ++i) q[i0 + i] = Num<T>::from_f(acc[i] * rcp);
+}
+
 template <typename T>
 void avg_pool_forward(const T* img, T* out, const Dims& d, bool count_include_pad) {
   using F = typename Num<T>::F;
@@ -457,58 +488,67 @@ void avg_pool_forward(const T* img, T* out, const Dims& d, bool count_include_pa
   const int64_t cost =
       d.Wo * d.I * std::max<int64_t>(1, std::min(d.wh, d.H) * std::min(d.ww, d.W));
   parallel_for(rows, cost, [&](int64_t begin, int64_t end) {
-    std::vector<F> sum(size_t(d.I));
-    F* s = sum.data();
     for (int64_t r = begin; r < end; ++r) {
       const int64_t o = r / d.Ho, oy = r % d.Ho;
       for (int64_t ox = 0; ox < d.Wo; ++ox) {
-        std::fill(sum.begin(), sum.end(), F(0));
         const Window w = window_of(d, oy, ox);
-        for (int64_t y = w.ys; y < w.ye; ++y)
-          for (int64_t x = w.xs; x < w.xe; ++x) {
-            const T* p = img + ((o * d.H + y) * d.W + x) * d.I;
-            for (int64_t i = 0; i < d.I; ++i) s[i] += Num<T>::to_f(p[i]);
-          }
         const F rcp = avg_reciprocal<F>(d, count_include_pad, oy, ox);
         T* q = out + ((o * d.Ho + oy) * d.Wo + ox) * d.I;
-        for (int64_t i = 0; i < d.I; ++i) q[i] = Num<T>::from_f(s[i] * rcp);
+        int64_t i0 = 0;
+        for (; i0 + kAvgLanes <= d.I; i0 += kAvgLanes)
+          avg_window<kAvgLanes>(img, q, d, o, w, rcp, i0, kAvgLanes);
+        if (i0 < d.I) avg_window<0>(img, q, d, o, w, rcp, i0, d.I - i0);
       }
     }
   });
 }
 
-// Gradient, gathered per image row (o, y): the windows covering row y in increasing (oy, ox)
-// each add their scaled cotangents to the columns they cover.
+// Gradient of image element (o, y, x), lanes [i0, i0 + n): the windows [oy_lo, oy_hi] x
+// [ox_lo, ox_hi] containing it, in increasing (oy, ox); rcp[(oy - oy_lo) * Wo + ox].
+template <int64_t N, typename T>
+inline void avg_grad_element(const T* ct, T* q, const Dims& d, int64_t o, int64_t oy_lo,
+                             int64_t oy_hi, int64_t ox_lo, int64_t ox_hi,
+                             const typename Num<T>::F* rcp, int64_t i0, int64_t n) {
+  using F = typename Num<T>::F;
+  F acc[kAvgLanes] = {};
+  for (int64_t oy = oy_lo; oy <= oy_hi; ++oy)
+    for (int64_t ox = ox_lo; ox <= ox_hi; ++ox)
+      add_scaled_lanes<N>(acc, ct + ((o * d.Ho + oy) * d.Wo + ox) * d.I + i0,
+                          rcp[(oy - oy_lo) * d.Wo + ox], n);
+  const int64_t m = N > 0 ? N : n;
+  for (int64_t i = 0; i < m; ++i) q[i0 + i] = Num<T>::from_f(acc[i]);
+}
+
+// Gradient, gathered per image row (o, y): the reciprocals of the windows covering row y first,
+// then each element of the row from the windows that contain it.
 template <typename T>
 void avg_pool_grad(const T* ct, T* out, const Dims& d, bool count_include_pad) {
   using F = typename Num<T>::F;
   const int64_t rows = d.O * d.H;
   const int64_t covering_rows = (std::min(d.wh, d.H) + d.sh - 1) / d.sh + 1;
-  const int64_t cost = d.Wo * d.I * covering_rows * (1 + std::min(d.ww, d.W)) + d.W * d.I;
-  parallel_for(rows, cost, [&](int64_t begin, int64_t end) {
-    std::vector<F> acc(size_t(d.W * d.I)), scaled(size_t(d.I));
-    F* a = acc.data();
-    F* sc = scaled.data();
+  const int64_t covering_cols = (std::min(d.ww, d.W) + d.sw - 1) / d.sw + 1;
+  parallel_for(rows, d.W * d.I * covering_rows * covering_cols, [&](int64_t begin, int64_t end) {
+    std::vector<F> rcp(size_t(std::min(covering_rows, d.Ho) * d.Wo));
     for (int64_t r = begin; r < end; ++r) {
       const int64_t o = r / d.H, y = r % d.H;
-      std::fill(acc.begin(), acc.end(), F(0));
-      int64_t oy_lo, oy_hi, ox_lo, ox_hi;
+      int64_t oy_lo, oy_hi;
       jcn::pool::covering_windows<int64_t>(y, y, d.pt, d.wh, d.sh, d.Ho, &oy_lo, &oy_hi);
-      jcn::pool::covering_windows<int64_t>(0, d.W - 1, d.pl, d.ww, d.sw, d.Wo, &ox_lo, &ox_hi);
-      for (int64_t oy = oy_lo; oy <= oy_hi; ++oy) {
-        for (int64_t ox = ox_lo; ox <= ox_hi; ++ox) {
-          const F rcp = avg_reciprocal<F>(d, count_include_pad, oy, ox);
-          const T* c = ct + ((o * d.Ho + oy) * d.Wo + ox) * d.I;
-          for (int64_t i = 0; i < d.I; ++i) sc[i] = Num<T>::to_f(c[i]) * rcp;
-          const Window w = window_of(d, oy, ox);
-          for (int64_t x = w.xs; x < w.xe; ++x) {
-            F* q = a + x * d.I;
-            for (int64_t i = 0; i < d.I; ++i) q[i] += sc[i];
-          }
-        }
-      }
+      for (int64_t oy = oy_lo; oy <= oy_hi; ++oy)
+        for (int64_t ox = 0; ox < d.Wo; ++ox)
+          rcp[size_t((oy - oy_lo) * d.Wo + ox)] =
+              avg_reciprocal<F>(d, count_include_pad, oy, ox);
       T* q = out + (o * d.H + y) * d.W * d.I;
-      for (int64_t k = 0; k < d.W * d.I; ++k) q[k] = Num<T>::from_f(a[k]);
+      for (int64_t x = 0; x < d.W; ++x) {
+        int64_t ox_lo, ox_hi;
+        jcn::pool::covering_windows<int64_t>(x, x, d.pl, d.ww, d.sw, d.Wo, &ox_lo, &ox_hi);
+        int64_t i0 = 0;
+        for (; i0 + kAvgLanes <= d.I; i0 += kAvgLanes)
+          avg_grad_element<kAvgLanes>(ct, q + x * d.I, d, o, oy_lo, oy_hi, ox_lo, ox_hi,
+                                      rcp.data(), i0, kAvgLanes);
+        if (i0 < d.I)
+          avg_grad_element<0>(ct, q + x * d.I, d, o, oy_lo, oy_hi, ox_lo, ox_hi, rcp.data(),
+                              i0, d.I - i0);
+      }
     }
   });
 }
