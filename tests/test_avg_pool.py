@@ -218,6 +218,10 @@ def test_large_windows_and_wide_rows(platform):
     # windows wider than any unrolled kernel; 9 lanes (no vector path), 8 lanes (vector path)
     check_avg_pool(rand(1, (2, 20, 21, 9)), (17, 6), stride=(3, 5))
     check_avg_pool(rand(2, (3, 20, 21, 8)), (5, 7), stride=(1, 2), layout="NHWC")
+    # windows larger than the image (padding=): every window covers every row
+    for include in (True, False):
+        check_avg_pool(rand(3, (2, 3, 4, 5)), (6, 7), stride=1, padding=((4, 4), (5, 5)),
+                       count_include_pad=include)
 
 
 def test_derivatives_to_second_order():
