@@ -284,11 +284,32 @@ def test_argument_matrix(case):
     lambda m: m.image_acts(H[:, :1, :1], W, (10, 9), stride=2**31 - 1, padding="VALID"),
     lambda m: m.max_pool(X, 2, stride=2**31 - 1, padding="SAME"),
     lambda m: m.max_pool(X, (3, 2), stride=(2**31 - 1, 1), padding=((2, 2**16), (1, 1))),
-], ids=["fa-stride", "fa-padding", "ia-stride", "mp-stride", "mp-padding"])
+    lambda m: m.avg_pool(X, 2, stride=2**31 - 1, padding="SAME"),
+    lambda m: m.avg_pool(X, (3, 2), stride=(2**31 - 1, 1), padding=((2, 2**16), (1, 1)),
+                         count_include_pad=False),
+], ids=["fa-stride", "fa-padding", "ia-stride", "mp-stride", "mp-padding", "ap-stride",
+        "ap-padding"])
 def test_extreme_valid_arguments_run(call):
     """At the edge of the range (strides of 2**31 - 1, large pads) the ops run and agree
     with the reference."""
     np.testing.assert_allclose(call(jcn), call(jcn.reference), rtol=1e-5, atol=1e-5)
+
+
+def test_avg_pool_windows_of_more_than_2_to_the_31_elements():
+    """The divisor window_h * window_w overflows int32; the kernels use int64 (the reference
+    would pad the image to 2**16 x 2**16)."""
+    pads = ((2**16, 2**17 - 10), (2**16, 2**17 - 9))  # windows: padding, the image, padding
+    pool = lambda x, include: jcn.avg_pool(x, 2**16, stride=2**16, padding=pads,
+                                           count_include_pad=include)
+    y = pool(X, True)  # 3 x 3 windows; the middle one holds the whole image
+    assert y.shape == (3, 3, 3, 5)
+    np.testing.assert_allclose(y[:, 1, 1], X.sum(axis=(1, 2)) / 2**32, rtol=1e-5)
+    assert np.count_nonzero(y) == 3 * 5
+    y = pool(X, False)
+    np.testing.assert_allclose(y[:, 1, 1], X.mean(axis=(1, 2)), rtol=1e-5)
+    assert np.count_nonzero(np.isnan(y)) == 8 * 3 * 5
+    dx = jax.vjp(lambda x: pool(x, True), X)[1](jnp.ones(y.shape, y.dtype))[0]
+    np.testing.assert_array_equal(dx, np.full(X.shape, 2.0**-32, np.float32))
 
 
 def test_bad_arguments_are_caught_when_traced():
