@@ -137,4 +137,16 @@ for layout in ("C01B", "NHWC"):
                      lambda x: jcn.response_norm(x, 3, **kw)):
             y, vjp = jax.vjp(norm, x)
             jax.block_until_ready((norm(x), y, jax.jvp(norm, (x,), (x,))[1], vjp(y)[0]))
+
+# Average pools: the unrolled 2x2 / 3x3 forward and the runtime window, vector (inner 32) and
+# scalar (inner 5) lanes, clipped (ceil rule) and padded edges, both divisors, the gradient.
+for layout in ("C01B", "NHWC"):
+    for dtype in (jnp.float32, jnp.bfloat16):
+        for inner in (32, 5):
+            x = jax.random.normal(key, jcn.geometry.image_shape(layout, inner, inner, 13, 12),
+                                  dtype)
+            for ds, kw in ((3, dict(stride=2)), (2, {}), ((4, 5), dict(stride=(3, 1), start=1)),
+                           (3, dict(stride=2, padding="SAME", count_include_pad=False))):
+                y, vjp = jax.vjp(lambda x: jcn.avg_pool(x, ds, layout=layout, **kw), x)
+                jax.block_until_ready((y, vjp(y)[0]))
 print("subset ok")

@@ -1,6 +1,7 @@
 """Benchmark jax_convnet's ops against XLA's on the current device.
 
-    python -m jax_convnet.benchmark [--quick] [--ops conv,pool,norm] [--filter L1/] [--out DIR]
+    python -m jax_convnet.benchmark [--quick] [--ops conv,pool,avgpool,norm] [--filter L1/]
+                                    [--out DIR]
     python -m jax_convnet.benchmark --nets [--batch N] [--alexnet-size PX] [--out DIR]
     python -m jax_convnet.benchmark --nets --devices 2,4,8 [--batch N] ...
     jax-convnet-benchmark ...
@@ -15,7 +16,10 @@ layouts, forward, backward as ``jax.grad`` runs it, and "train": forward + backw
 ``jax.value_and_grad`` runs them in a training step (printed with its floor: the bytes the design
 must move, images read and pooled values and winners written forward, cotangents and winners read
 and image gradient written backward, at the copy rate of the same run); XLA runs
-``lax.reduce_window``.
+``lax.reduce_window``. Average pools ("avgpool" rows) run on the same shapes, windows, dtypes and
+layouts: ``avg_pool`` against XLA's ``lax.reduce_window`` sum divided by the window area (as
+``flax.linen.avg_pool`` computes it); their bytes are images read and pooled values written
+forward, cotangents read and image gradient written backward (no winners).
 On the CPU a small set (32x32 and 16x16 images, 5x5 filters, batch 64; a 2x2 and a 3x3/2 pool).
 ``--ops norm`` (not in the default set): the response norms of AlexNet (cmrnorm size 5 on
 96x55x55 and 256x27x27, batch 128) and the CIFAR-10 nets (rnorm 3 on 32x16x16, cmrnorm 9 on
@@ -103,7 +107,7 @@ _DIMENSION_NUMBERS = {"NHWC": ("NHWC", "HWIO", "NHWC"), "C01B": ("CHWN", "IHWO",
 class Row:
     """One benchmark row: builds its inputs and the two functions to time on demand."""
     name: str
-    kind: str  # "conv" | "pool" | "norm"
+    kind: str  # "conv" | "pool" (max pool) | "avgpool" | "norm"
     op: str
     layer: str
     layout: str
@@ -119,7 +123,7 @@ class Row:
                     shape=list(self.shape))
 
 
-def build_rows(device_platform: str, *, quick=False, ops=("conv", "pool"), batch=None,
+def build_rows(device_platform: str, *, quick=False, ops=("conv", "pool", "avgpool"), batch=None,
                filters=None) -> list[Row]:
     gpu = device_platform != "cpu"
     rows = []
@@ -141,7 +145,8 @@ def build_rows(device_platform: str, *, quick=False, ops=("conv", "pool"), batch
                         rows.append(Row(f"conv/{layer}/{op}/{config}/{layout}", "conv", op, layer,
                                         layout, dtype, config, shape,
                                         ("conv", layer, layout, dtype, shape)))
-    if "pool" in ops:
+    pool_kinds = [kind for kind in ("pool", "avgpool") if kind in ops]
+    if pool_kinds:
         pools = GPU_POOLS if gpu else CPU_POOLS
         if gpu and quick:
             pools = {k: v for k, v in pools.items() if k in GPU_QUICK_POOLS}
@@ -151,12 +156,13 @@ def build_rows(device_platform: str, *, quick=False, ops=("conv", "pool"), batch
                 nchw = (batch,) + nchw[1:]
             for config in dtypes:
                 for layout in LAYOUTS:  # consecutive rows share their inputs
-                    for ds, stride in windows:
-                        for op in ("fwd", "bwd", "train"):
-                            name = f"pool/{layer}/{ds}x{ds}s{stride}/{op}/{config}/{layout}"
-                            rows.append(Row(name, "pool", op, layer, layout, POOL_DTYPES[config],
-                                            config, nchw + (ds, stride),
-                                            ("pool", layer, layout, config, nchw)))
+                    for kind in pool_kinds:
+                        for ds, stride in windows:
+                            for op in ("fwd", "bwd", "train"):
+                                name = f"{kind}/{layer}/{ds}x{ds}s{stride}/{op}/{config}/{layout}"
+                                rows.append(Row(name, kind, op, layer, layout,
+                                                POOL_DTYPES[config], config, nchw + (ds, stride),
+                                                ("pool", layer, layout, config, nchw)))
     if "norm" in ops:
         norms = GPU_NORMS if gpu else CPU_NORMS
         dtypes = ["f32"] if (quick and not gpu) else list(POOL_DTYPES)
@@ -233,24 +239,38 @@ def row_functions(row: Row, inputs, partial_sum=None):
     n, c, h, w, ds, stride = row.shape
     itemsize = np.dtype(jnp.dtype(row.dtype)).itemsize
     (x,) = inputs
+    window = [1] * 4
+    strides = [1] * 4
+    ax = G.image_axes(row.layout)
+    window[ax["h"]] = window[ax["w"]] = ds
+    strides[ax["h"]] = strides[ax["w"]] = stride
 
-    def ours(x):
-        return jcn.max_pool(x, ds, stride=stride, padding="VALID", layout=row.layout)
+    if row.kind == "avgpool":
+        def ours(x):
+            return jcn.avg_pool(x, ds, stride=stride, padding="VALID", layout=row.layout)
 
-    def xla(x):
-        window = [1] * 4
-        strides = [1] * 4
-        ax = G.image_axes(row.layout)
-        window[ax["h"]] = window[ax["w"]] = ds
-        strides[ax["h"]] = strides[ax["w"]] = stride
-        return lax.reduce_window(x, -jnp.inf, lax.max, tuple(window),
-                                 tuple(strides), "VALID")
+        def xla(x):  # flax.linen.avg_pool's formula
+            return lax.reduce_window(x, 0.0, lax.add, tuple(window), tuple(strides),
+                                     "VALID") / (ds * ds)
+    else:
+        def ours(x):
+            return jcn.max_pool(x, ds, stride=stride, padding="VALID", layout=row.layout)
+
+        def xla(x):
+            return lax.reduce_window(x, -jnp.inf, lax.max, tuple(window),
+                                     tuple(strides), "VALID")
 
     nx = n * c * h * w
     ny = math.prod(jax.eval_shape(ours, x).shape)
     if row.op == "fwd":
         return ours, xla, (x,), (nx + ny) * itemsize
     g = _normal(jax.random.key(1), jax.eval_shape(ours, x).shape, row.dtype)
+    if row.kind == "avgpool":  # bytes: x, y forward; g, dx backward (itemsize each)
+        if row.op == "train":
+            wrap = lambda pool: lambda x, g: jax.value_and_grad(lambda x: jnp.vdot(pool(x), g))(x)
+            return wrap(ours), wrap(xla), (x, g), 2 * (nx + ny) * itemsize
+        wrap = lambda pool: lambda x, g: jax.grad(lambda x: jnp.vdot(pool(x), g))(x)
+        return wrap(ours), wrap(xla), (x, g), (nx + ny) * itemsize
     if row.op == "train":  # bytes: x, dx, y, g (itemsize each); winners written and read
         wrap = lambda pool: lambda x, g: jax.value_and_grad(lambda x: jnp.vdot(pool(x), g))(x)
         winner_bytes = 1 if ds * ds <= 256 else 4
@@ -928,8 +948,9 @@ def parse_args(argv=None):
         prog="python -m jax_convnet.benchmark", description=__doc__.split("\n\n")[0],
         formatter_class=_HelpFormatter)
     p.add_argument("--quick", action="store_true", help="a smaller set of rows")
-    p.add_argument("--ops", default="conv,pool",
-                   help="comma-separated: conv, pool, norm (cross_map_norm / response_norm)")
+    p.add_argument("--ops", default="conv,pool,avgpool",
+                   help="comma-separated: conv, pool (max pool), avgpool, norm (cross_map_norm / "
+                        "response_norm)")
     p.add_argument("--filter", action="append", default=None, metavar="TEXT",
                    help="keep rows whose name contains TEXT (repeat: any of them); names look "
                         "like conv/L1/fprop/f32-highest/NHWC, pool/alexpool1/3x3s2/bwd/bf16/C01B")
@@ -975,9 +996,9 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     ops = tuple(o.strip() for o in args.ops.split(",") if o.strip())
-    bad = [o for o in ops if o not in ("conv", "pool", "norm")]
+    bad = [o for o in ops if o not in ("conv", "pool", "avgpool", "norm")]
     if bad or not ops:
-        raise SystemExit(f"--ops takes conv, pool and / or norm, got {args.ops!r}")
+        raise SystemExit(f"--ops takes conv, pool, avgpool and / or norm, got {args.ops!r}")
     partial_sum = args.partial_sum
     if partial_sum not in (None, "auto"):
         partial_sum = int(partial_sum)
@@ -1022,7 +1043,7 @@ def main(argv=None):
 
     t_start = time.perf_counter()
     copy_gbps = None
-    if any(r.kind in ("pool", "norm") for r in rows):  # pool and norm rows are judged against it
+    if any(r.kind in ("pool", "avgpool", "norm") for r in rows):  # judged against it
         copy_gbps = measure_copy_gbps(gpu, reps=reps, inner=args.inner)
         print(f"copy bandwidth (read + write): {copy_gbps:.1f} GB/s", flush=True)
     results = []

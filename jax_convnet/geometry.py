@@ -592,9 +592,31 @@ def pool_geometry(image_hw, ds, *, stride=None, start=0, padding=None, layout="C
 
 
 def max_pool_output_size(image_size, ds, *, stride=None, start=0, padding=None):
-    """(Ho, Wo) of ``max_pool`` for an image of ``image_size`` (int or (H, W))."""
+    """(Ho, Wo) of ``max_pool`` (and ``avg_pool``, whose windows are the same) for an image of
+    ``image_size`` (int or (H, W))."""
     image_hw = int_pair(image_size, "image_size", minimum=1)
     return pool_geometry(image_hw, ds, stride=stride, start=start, padding=padding).output_hw(image_hw)
+
+
+def check_count_include_pad(value) -> bool:
+    """``count_include_pad``: a bool (``True`` / ``False``, NumPy's included)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"count_include_pad must be True or False, got {value!r}")
+    return bool(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class AvgPoolGeometry(PoolGeometry):
+    """Canonical avg_pool parameters: the windows of :class:`PoolGeometry`, each output the sum
+    of its window's in-image elements divided by ``window_h * window_w`` when
+    ``count_include_pad`` (flax's ``padding=`` with ``count_include_pad=True``), else by the
+    number of those elements (cuda-convnet's convention, where the ceil rule's last window is
+    clipped, and flax's ``count_include_pad=False``; a window wholly in the padding gives 0/0,
+    NaN, as in flax)."""
+    count_include_pad: bool
+
+    def ffi_attrs(self) -> dict:
+        return dict(super().ffi_attrs(), count_include_pad=np.int64(self.count_include_pad))
 
 
 def pool_operand_hw(images, layout):
@@ -683,14 +705,32 @@ def weight_acts_geometry(images, hid_grads, filter_shape, *, stride, pad, paddin
     return geom, (d["fh"], d["fw"])
 
 
-def max_pool_geometry(images, ds, *, stride, start, padding, layout) -> PoolGeometry:
+def _checked_pool_geometry(images, ds, *, stride, start, padding, layout, op) -> PoolGeometry:
+    """The checks and the geometry every pool op shares (``op`` names it in errors)."""
     image_hw = pool_operand_hw(images, layout)
     geom = pool_geometry(image_hw, ds, stride=stride, start=start, padding=padding, layout=layout)
     ax = image_axes(layout)
     check_elements(image_shape(layout, images.shape[ax["n"]], images.shape[ax["c"]],
                                *geom.output_hw(image_hw)),
-                   "max_pool's output (from the images, ds, stride and padding)")
+                   f"{op}'s output (from the images, ds, stride and padding)")
     return geom
+
+
+def max_pool_geometry(images, ds, *, stride, start, padding, layout) -> PoolGeometry:
+    return _checked_pool_geometry(images, ds, stride=stride, start=start, padding=padding,
+                                  layout=layout, op="max_pool")
+
+
+def avg_pool_geometry(images, ds, *, stride, start, padding, count_include_pad,
+                      layout) -> AvgPoolGeometry:
+    """max_pool's windows and output size (both conventions, the same checks); without
+    ``padding`` every window is divided by its in-image element count whatever
+    ``count_include_pad`` says (there is no padding to count)."""
+    include = check_count_include_pad(count_include_pad)
+    geom = _checked_pool_geometry(images, ds, stride=stride, start=start, padding=padding,
+                                  layout=layout, op="avg_pool")
+    return AvgPoolGeometry(geom.layout, geom.window, geom.strides, geom.padding,
+                           include and padding is not None)
 
 
 # ----------------------------------------------------------------------------- response norms

@@ -174,6 +174,42 @@ def norm_grad_canonical(cotangents, x, denominators, *, geom: G.NormGeometry):
     s = norm_window_sum(c * xf * (scale / d), geom=geom, transposed=True)
     out = c * scale - (2 * geom.add_scale * geom.pow_scale) * xf * s
     return out.astype(cotangents.dtype)
+def _window_sums(x, geom: G.PoolGeometry):
+    """lax.reduce_window sum over each window's in-image elements (the geometry's padding,
+    negative where cuda-convnet's ``start`` crops, applied by lax.pad first)."""
+    ax = G.image_axes(geom.layout)
+    config = [(0, 0, 0)] * 4
+    config[ax["h"]] = (*geom.padding[0], 0)
+    config[ax["w"]] = (*geom.padding[1], 0)
+    zero = np.zeros((), x.dtype)  # concrete: lax picks its transposable window sum
+    padded = lax.pad(x, zero, config)
+    window, strides = [1] * 4, [1] * 4
+    window[ax["h"]], window[ax["w"]] = geom.window
+    strides[ax["h"]], strides[ax["w"]] = geom.strides
+    return lax.reduce_window(padded, zero, lax.add, window, strides, "VALID")
+
+
+def avg_pool_canonical(images, *, geom: G.AvgPoolGeometry):
+    """Each window's sum (in float32; float64 for float64) divided by its area
+    (``count_include_pad``) or by its in-image element count."""
+    accumulate = jnp.float64 if images.dtype == jnp.float64 else jnp.float32
+    sums = _window_sums(images.astype(accumulate), geom)
+    if geom.count_include_pad:
+        counts = jnp.asarray(geom.window[0] * geom.window[1], accumulate)
+    else:
+        ax = G.image_axes(geom.layout)
+        ones = np.ones([images.shape[a] if a in (ax["h"], ax["w"]) else 1 for a in range(4)])
+        counts = _window_sums(jnp.asarray(ones, accumulate), geom)
+    return (sums / counts).astype(images.dtype)
+
+
+def avg_pool_grad_canonical(cotangents, *, geom: G.AvgPoolGeometry, image_hw):
+    ax = G.image_axes(geom.layout)
+    shape = G.image_shape(geom.layout, cotangents.shape[ax["n"]], cotangents.shape[ax["c"]],
+                          *image_hw)
+    forward = lambda x: avg_pool_canonical(x, geom=geom)
+    return jax.linear_transpose(forward, jax.ShapeDtypeStruct(shape, cotangents.dtype))(
+        cotangents)[0]
 
 
 # ----------------------------------------------------------------------------- public API
@@ -217,3 +253,10 @@ def response_norm(x, size, *, add_scale, pow_scale, min_div=1.0, layout="C01B"):
     geom = G.norm_geometry(x, size, kind="same_map", add_scale=add_scale, pow_scale=pow_scale,
                            min_div=min_div, blocked=False, layout=layout)
     return norm_canonical(x, geom=geom)
+
+
+def avg_pool(images, ds, *, stride=None, start=0, padding=None, count_include_pad=True,
+             layout="C01B"):
+    geom = G.avg_pool_geometry(images, ds, stride=stride, start=start, padding=padding,
+                               count_include_pad=count_include_pad, layout=layout)
+    return avg_pool_canonical(images, geom=geom)

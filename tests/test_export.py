@@ -15,11 +15,12 @@ from conftest import rand
 
 
 def net(x, w):
-    """filter_acts, max_pool, the response norms and both gradients: every target on the CPU
-    but the JVPs."""
+    """filter_acts, max_pool, avg_pool, the response norms and their gradients: every target on
+    the CPU but the JVPs."""
     norms = lambda h: jcn.cross_map_norm(jcn.response_norm(h, 3, add_scale=0.1, pow_scale=0.75),
                                          5, add_scale=0.1, pow_scale=0.75)
-    loss = lambda x, w: jnp.sum(norms(jcn.max_pool(jcn.filter_acts(x, w, pad=1), 3, stride=2)) ** 2)
+    loss = lambda x, w: (jnp.sum(norms(jcn.max_pool(jcn.filter_acts(x, w, pad=1), 3, stride=2))
+                                 ** 2) + jnp.sum(jcn.avg_pool(x, 2) ** 2))
     return loss(x, w), jax.grad(loss, (0, 1))(x, w)
 
 

@@ -12,6 +12,8 @@
   X("jax_convnet_max_pool_winners", MaxPoolWinners) \
   X("jax_convnet_max_pool_jvp", MaxPoolJvp)         \
   X("jax_convnet_max_pool_grad", MaxPoolGrad)       \
+  X("jax_convnet_avg_pool", AvgPool)                \
+  X("jax_convnet_avg_pool_grad", AvgPoolGrad)       \
   X("jax_convnet_norm", Norm)                       \
   X("jax_convnet_norm_fwd", NormFwd)                \
   X("jax_convnet_norm_jvp", NormJvp)                \
