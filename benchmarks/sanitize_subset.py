@@ -1,5 +1,6 @@
 """A small representative run of every CUDA kernel, for compute-sanitizer (memcheck, racecheck).
 `sanitize_subset.py tma` runs only the Hopper TMA kernels' part."""
+import itertools
 import math
 import sys
 
@@ -13,16 +14,15 @@ key = jax.random.key(0)
 
 
 def tma_kernels():
-    """Hopper's TMA kernels (16-bit): all three ops in both layouts, every mode (filter_acts,
-    image_acts at stride 1, weight_acts' split sums), a partial run of images, a partial channel
-    block, padding and a ceil-rule overhang, two tile widths."""
-    for layout in ("C01B", "NHWC"):
+    """Hopper's TMA kernels (16-bit, and TF32 where it runs: NHWC filter_acts with its taps'
+    copy, NHWC image_acts, C01B weight_acts): all three ops in both layouts, every mode
+    (filter_acts, image_acts at stride 1, weight_acts' split sums), a partial run of images, a
+    partial channel block, padding and a ceil-rule overhang, two tile widths."""
+    for layout, dtype in itertools.product(("C01B", "NHWC"), (jnp.bfloat16, jnp.float32)):
         for f, c, window, kw in ((192, 64, (3, 3), dict(pad=1)),
                                  (40, 40, (2, 3), dict(pad=(0, 1), stride=(2, 1)))):
-            x = jax.random.normal(key, jcn.geometry.image_shape(layout, 72, c, 9, 8),
-                                  jnp.bfloat16)
-            w = jax.random.normal(key, jcn.geometry.filter_shape(layout, f, c, *window),
-                                  jnp.bfloat16)
+            x = jax.random.normal(key, jcn.geometry.image_shape(layout, 72, c, 9, 8), dtype)
+            w = jax.random.normal(key, jcn.geometry.filter_shape(layout, f, c, *window), dtype)
             loss = lambda x, w: jnp.sum(jcn.filter_acts(
                 x, w, layout=layout, **kw).astype(jnp.float32) ** 2)
             jax.block_until_ready(jax.jit(jax.grad(loss, (0, 1)))(x, w))
@@ -125,6 +125,31 @@ for layout in ("C01B", "NHWC"):
             pool = lambda x: jcn.max_pool(x, ds, layout=layout, **kw)
             y, vjp = jax.vjp(pool, x)
             jax.block_until_ready((y, jax.jvp(pool, (x,), (x,))[1], vjp(y)[0]))
+# Response norms: every kernel (forward, forward with denominators, JVP, gradient), cross-map
+# (plain, blocked, size > C) and same-map windows clipped at every edge, each GPU dtype.
+for layout in ("C01B", "NHWC"):
+    for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
+        x = jax.random.normal(key, jcn.geometry.image_shape(layout, 6, 10, 9, 7), dtype)
+        kw = dict(add_scale=0.1, pow_scale=0.75, layout=layout)
+        for norm in (lambda x: jcn.cross_map_norm(x, 5, **kw),
+                     lambda x: jcn.cross_map_norm(x, 4, blocked=True, **kw),
+                     lambda x: jcn.cross_map_norm(x, 13, **kw),
+                     lambda x: jcn.response_norm(x, 3, **kw)):
+            y, vjp = jax.vjp(norm, x)
+            jax.block_until_ready((norm(x), y, jax.jvp(norm, (x,), (x,))[1], vjp(y)[0]))
+
+# Average pools: the unrolled 2x2 / 3x3 forward and the runtime window, vector (inner 32) and
+# scalar (inner 5) lanes, clipped (ceil rule) and padded edges, both divisors, the gradient.
+for layout in ("C01B", "NHWC"):
+    for dtype in (jnp.float32, jnp.bfloat16):
+        for inner in (32, 5):
+            x = jax.random.normal(key, jcn.geometry.image_shape(layout, inner, inner, 13, 12),
+                                  dtype)
+            for ds, kw in ((3, dict(stride=2)), (2, {}), ((4, 5), dict(stride=(3, 1), start=1)),
+                           (3, dict(stride=2, padding="SAME", count_include_pad=False))):
+                y, vjp = jax.vjp(lambda x: jcn.avg_pool(x, ds, layout=layout, **kw), x)
+                jax.block_until_ready((y, vjp(y)[0]))
+
 # Locally connected layers (csrc/cuda/local.cu): all three ops, both layouts, float32 and
 # bfloat16; partial tiles in every dimension (37 images, 20 channels, 35 filters), padding, a
 # ceil-rule overhang, and a stride larger than the filter (image pixels no filter reads).

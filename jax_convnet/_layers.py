@@ -53,6 +53,35 @@ CPU_POOLS = {
     "pool1": PoolLayer((64, 32, 32, 32), ((2, 2),)),
     "pool2": PoolLayer((64, 64, 16, 16), ((3, 2),)),
 }
+
+
+class NormLayer(NamedTuple):
+    """A response norm: kind "cross" (cross_map_norm) or "same" (response_norm) over images
+    (batch, channels, height, width), with its size and scales (``add_scale`` as the kernel
+    takes it: the cfg ``scale`` / size for cmrnorm, / size**2 for rnorm)."""
+    kind: str
+    batch: int
+    channels: int
+    height: int
+    width: int
+    size: int
+    add_scale: float
+    pow_scale: float
+    min_div: float
+
+
+# AlexNet's two cmrnorms (cuda-convnet2, minDiv 2), the CIFAR-10 18% net's rnorm and the 11%
+# net's cmrnorm (size 9).
+GPU_NORMS = {
+    "alexnorm1": NormLayer("cross", 128, 96, 55, 55, 5, 1e-4 / 5, 0.75, 2.0),
+    "alexnorm2": NormLayer("cross", 128, 256, 27, 27, 5, 1e-4 / 5, 0.75, 2.0),
+    "cifar18norm": NormLayer("same", 128, 32, 16, 16, 3, 5e-5 / 9, 0.75, 1.0),
+    "cifar11norm": NormLayer("cross", 128, 64, 16, 16, 9, 1e-3 / 9, 0.75, 1.0),
+}
+CPU_NORMS = {
+    "norm1": NormLayer("cross", 16, 96, 27, 27, 5, 1e-4 / 5, 0.75, 2.0),
+    "norm2": NormLayer("same", 16, 32, 16, 16, 3, 5e-5 / 9, 0.75, 1.0),
+}
 # The locally connected layers of cuda-convnet's CIFAR-10 11% net (layers-conv-local-11pct):
 # local3 (64 -> 32 channels) and local4 (32 -> 32), 3x3 filters on 8x8 images, pad 1; one filter
 # bank per output position. The CPU set runs them at a quarter of the batch.

@@ -1,6 +1,7 @@
 """Benchmark jax_convnet's ops against XLA's on the current device.
 
-    python -m jax_convnet.benchmark [--quick] [--ops conv,pool] [--filter L1/] [--out DIR]
+    python -m jax_convnet.benchmark [--quick] [--ops conv,pool,avgpool,norm] [--filter L1/]
+                                    [--out DIR]
     python -m jax_convnet.benchmark --nets [--batch N] [--alexnet-size PX] [--out DIR]
     python -m jax_convnet.benchmark --nets --devices 2,4,8 [--batch N] ...
     jax-convnet-benchmark ...
@@ -15,8 +16,15 @@ layouts, forward, backward as ``jax.grad`` runs it, and "train": forward + backw
 ``jax.value_and_grad`` runs them in a training step (printed with its floor: the bytes the design
 must move, images read and pooled values and winners written forward, cotangents and winners read
 and image gradient written backward, at the copy rate of the same run); XLA runs
-``lax.reduce_window``.
+``lax.reduce_window``. Average pools ("avgpool" rows) run on the same shapes, windows, dtypes and
+layouts: ``avg_pool`` against XLA's ``lax.reduce_window`` sum divided by the window area (as
+``flax.linen.avg_pool`` computes it); their bytes are images read and pooled values written
+forward, cotangents read and image gradient written backward (no winners).
 On the CPU a small set (32x32 and 16x16 images, 5x5 filters, batch 64; a 2x2 and a 3x3/2 pool).
+``--ops norm`` (not in the default set): the response norms of AlexNet (cmrnorm size 5 on
+96x55x55 and 256x27x27, batch 128) and the CIFAR-10 nets (rnorm 3 on 32x16x16, cmrnorm 9 on
+64x16x16), float32 and bfloat16, both layouts, forward and "train" (with its floor, as the pools'),
+against the pure-lax reference (a ``lax.reduce_window`` sum) as XLA compiles it.
 ``--ops local``: the locally connected layers of cuda-convnet's CIFAR-10 11% net (local3, local4:
 3x3 filters on 8x8 images, 64 and 32 channels, 32 filters, batch 128; 32 on the CPU), fprop,
 bprop_data and bprop_filter of ``local_filter_acts`` against ``lax.conv_general_dilated_local``
@@ -82,7 +90,7 @@ from jax import lax
 
 import jax_convnet as jcn
 from jax_convnet import geometry as G
-from jax_convnet._layers import CPU_LAYERS, CPU_POOLS, GPU_LAYERS, GPU_POOLS
+from jax_convnet._layers import CPU_LAYERS, CPU_NORMS, CPU_POOLS, GPU_LAYERS, GPU_NORMS, GPU_POOLS
 from jax_convnet._layers import CPU_LOCAL_LAYERS, GPU_LOCAL_LAYERS
 
 GPU_QUICK_LAYERS = ("L2", "L5", "alex2")
@@ -105,13 +113,14 @@ _DIMENSION_NUMBERS = {"NHWC": ("NHWC", "HWIO", "NHWC"), "C01B": ("CHWN", "IHWO",
 class Row:
     """One benchmark row: builds its inputs and the two functions to time on demand."""
     name: str
-    kind: str  # "conv" | "pool" | "local"
+    kind: str  # "conv" | "pool" (max pool) | "avgpool" | "norm" | "local"
     op: str
     layer: str
     layout: str
     dtype: str
     config: str
-    shape: tuple  # conv: (N, C, H, W, F, fh, fw, stride, pad); pool: (N, C, H, W, ds, stride)
+    shape: tuple  # conv: (N, C, H, W, F, fh, fw, stride, pad); pool: (N, C, H, W, ds, stride);
+    # norm: a _layers.NormLayer as a tuple
     inputs_key: tuple = ()
 
     def info(self) -> dict:
@@ -120,7 +129,7 @@ class Row:
                     shape=list(self.shape))
 
 
-def build_rows(device_platform: str, *, quick=False, ops=("conv", "pool"), batch=None,
+def build_rows(device_platform: str, *, quick=False, ops=("conv", "pool", "avgpool"), batch=None,
                filters=None) -> list[Row]:
     gpu = device_platform != "cpu"
     rows = []
@@ -142,7 +151,8 @@ def build_rows(device_platform: str, *, quick=False, ops=("conv", "pool"), batch
                         rows.append(Row(f"conv/{layer}/{op}/{config}/{layout}", "conv", op, layer,
                                         layout, dtype, config, shape,
                                         ("conv", layer, layout, dtype, shape)))
-    if "pool" in ops:
+    pool_kinds = [kind for kind in ("pool", "avgpool") if kind in ops]
+    if pool_kinds:
         pools = GPU_POOLS if gpu else CPU_POOLS
         if gpu and quick:
             pools = {k: v for k, v in pools.items() if k in GPU_QUICK_POOLS}
@@ -152,12 +162,27 @@ def build_rows(device_platform: str, *, quick=False, ops=("conv", "pool"), batch
                 nchw = (batch,) + nchw[1:]
             for config in dtypes:
                 for layout in LAYOUTS:  # consecutive rows share their inputs
-                    for ds, stride in windows:
-                        for op in ("fwd", "bwd", "train"):
-                            name = f"pool/{layer}/{ds}x{ds}s{stride}/{op}/{config}/{layout}"
-                            rows.append(Row(name, "pool", op, layer, layout, POOL_DTYPES[config],
-                                            config, nchw + (ds, stride),
-                                            ("pool", layer, layout, config, nchw)))
+                    for kind in pool_kinds:
+                        for ds, stride in windows:
+                            for op in ("fwd", "bwd", "train"):
+                                name = f"{kind}/{layer}/{ds}x{ds}s{stride}/{op}/{config}/{layout}"
+                                rows.append(Row(name, kind, op, layer, layout,
+                                                POOL_DTYPES[config], config, nchw + (ds, stride),
+                                                ("pool", layer, layout, config, nchw)))
+    if "norm" in ops:
+        norms = GPU_NORMS if gpu else CPU_NORMS
+        dtypes = ["f32"] if (quick and not gpu) else list(POOL_DTYPES)
+        for layer, spec in norms.items():
+            if batch:
+                spec = spec._replace(batch=batch)
+            for dtype in dtypes:
+                for layout in LAYOUTS:  # consecutive rows share their inputs
+                    for op in ("fwd", "train"):
+                        for xla in NORM_XLA:
+                            config = dtype + xla
+                            rows.append(Row(f"norm/{layer}/{op}/{config}/{layout}", "norm", op,
+                                            layer, layout, POOL_DTYPES[dtype], config, tuple(spec),
+                                            ("norm", layer, layout, dtype, tuple(spec))))
     if "local" in ops:  # locally connected layers: conv's configs, ops and shapes
         configs = (["f32", "bf16"] if quick else list(CONV_CONFIGS)) if gpu else ["f32"]
         for layer, shape in (GPU_LOCAL_LAYERS if gpu else CPU_LOCAL_LAYERS).items():
@@ -201,6 +226,9 @@ def make_inputs(row: Row):
             jnp.asarray(0.05, row.dtype)
         g = _normal(k3, G.image_shape(row.layout, n, f, *out_hw), row.dtype)
         return x, filt, g, _lax_local_kernel(filt, row.layout)
+    if row.kind == "norm":
+        n, c, h, w = row.shape[1:5]
+        return (_normal(k1, G.image_shape(row.layout, n, c, h, w), row.dtype),)
     n, c, h, w = row.shape[:4]
     return (_normal(k1, G.image_shape(row.layout, n, c, h, w), row.dtype),)
 
@@ -276,33 +304,97 @@ def row_functions(row: Row, inputs, partial_sum=None):
             wrap = lambda conv: lambda x, k, g: jax.vjp(lambda k: conv(x, k), k)[1](g)[0]
         return wrap(ours), wrap(xla), (x, k, g), flop
 
+    if row.kind == "norm":
+        return _norm_functions(row, inputs)
     n, c, h, w, ds, stride = row.shape
     itemsize = np.dtype(jnp.dtype(row.dtype)).itemsize
     (x,) = inputs
+    window = [1] * 4
+    strides = [1] * 4
+    ax = G.image_axes(row.layout)
+    window[ax["h"]] = window[ax["w"]] = ds
+    strides[ax["h"]] = strides[ax["w"]] = stride
 
-    def ours(x):
-        return jcn.max_pool(x, ds, stride=stride, padding="VALID", layout=row.layout)
+    if row.kind == "avgpool":
+        def ours(x):
+            return jcn.avg_pool(x, ds, stride=stride, padding="VALID", layout=row.layout)
 
-    def xla(x):
-        window = [1] * 4
-        strides = [1] * 4
-        ax = G.image_axes(row.layout)
-        window[ax["h"]] = window[ax["w"]] = ds
-        strides[ax["h"]] = strides[ax["w"]] = stride
-        return lax.reduce_window(x, -jnp.inf, lax.max, tuple(window),
-                                 tuple(strides), "VALID")
+        def xla(x):  # flax.linen.avg_pool's formula
+            return lax.reduce_window(x, 0.0, lax.add, tuple(window), tuple(strides),
+                                     "VALID") / (ds * ds)
+    else:
+        def ours(x):
+            return jcn.max_pool(x, ds, stride=stride, padding="VALID", layout=row.layout)
+
+        def xla(x):
+            return lax.reduce_window(x, -jnp.inf, lax.max, tuple(window),
+                                     tuple(strides), "VALID")
 
     nx = n * c * h * w
     ny = math.prod(jax.eval_shape(ours, x).shape)
     if row.op == "fwd":
         return ours, xla, (x,), (nx + ny) * itemsize
     g = _normal(jax.random.key(1), jax.eval_shape(ours, x).shape, row.dtype)
+    if row.kind == "avgpool":  # bytes: x, y forward; g, dx backward (itemsize each)
+        if row.op == "train":
+            wrap = lambda pool: lambda x, g: jax.value_and_grad(lambda x: jnp.vdot(pool(x), g))(x)
+            return wrap(ours), wrap(xla), (x, g), 2 * (nx + ny) * itemsize
+        wrap = lambda pool: lambda x, g: jax.grad(lambda x: jnp.vdot(pool(x), g))(x)
+        return wrap(ours), wrap(xla), (x, g), (nx + ny) * itemsize
     if row.op == "train":  # bytes: x, dx, y, g (itemsize each); winners written and read
         wrap = lambda pool: lambda x, g: jax.value_and_grad(lambda x: jnp.vdot(pool(x), g))(x)
         winner_bytes = 1 if ds * ds <= 256 else 4
         return wrap(ours), wrap(xla), (x, g), 2 * (nx + ny) * itemsize + 2 * ny * winner_bytes
     wrap = lambda pool: lambda x, g: jax.grad(lambda x: jnp.vdot(pool(x), g))(x)
     return wrap(ours), wrap(xla), (x, g), (2 * nx + ny) * itemsize
+
+
+def _shifted_norm(x, kind, size, *, add_scale, pow_scale, min_div, layout):
+    """A response norm in jnp whose window sums add ``size`` shifted slices of the padded squares
+    (per axis: rows then columns for the same-map op), which XLA fuses into one loop."""
+    ax = G.image_axes(layout)
+    f = jnp.float32 if x.dtype != jnp.float64 else jnp.float64
+    xf = x.astype(f)
+    s = xf * xf
+    for axis in ((ax["c"],) if kind == "cross" else (ax["h"], ax["w"])):
+        pads = [(0, 0)] * x.ndim
+        pads[axis] = (size // 2, size - 1 - size // 2)
+        padded = jnp.pad(s, pads)
+        s = sum(lax.slice_in_dim(padded, j, j + x.shape[axis], axis=axis) for j in range(size))
+    return (xf * (min_div + add_scale * s) ** -pow_scale).astype(x.dtype)
+
+
+# The XLA composites the norm rows time ours against (suffix of the row's config): the reference
+# (a lax.reduce_window sum) and the shifted-slices sum.
+NORM_XLA = {"": "reduce_window", "-slices": "shifted slices"}
+
+
+def _norm_functions(row: Row, inputs):
+    """Response-norm rows: ours against an XLA composite (``NORM_XLA``: config "f32" the pure-lax
+    reference ``jax_convnet.reference``, a ``lax.reduce_window`` sum of squares; "f32-slices"
+    ``_shifted_norm``). Bytes: "fwd" reads x and writes y;
+    "train" (``jax.value_and_grad``) moves the design's bytes: x read, y and the denominators d
+    written forward, the cotangents, x and d read and the gradient written backward (d is float32
+    for float16, the operands' dtype otherwise)."""
+    kind, n, c, h, w, size, add_scale, pow_scale, min_div = row.shape
+    itemsize = np.dtype(jnp.dtype(row.dtype)).itemsize
+    d_itemsize = G.norm_residual_dtype(jnp.dtype(row.dtype)).itemsize
+    kw = dict(add_scale=add_scale, pow_scale=pow_scale, min_div=min_div, layout=row.layout)
+    (x,) = inputs
+    module_op = lambda m: ((lambda x: m.response_norm(x, size, **kw)) if kind == "same"
+                           else (lambda x: m.cross_map_norm(x, size, **kw)))
+    ours = module_op(jcn)
+    if row.config.endswith("-slices"):
+        xla = functools.partial(_shifted_norm, kind=kind, size=size, **kw)
+    else:
+        xla = module_op(jcn.reference)
+    nx = n * c * h * w
+    if row.op == "fwd":
+        return ours, xla, (x,), 2 * nx * itemsize
+    g = _normal(jax.random.key(1), x.shape, row.dtype)
+    wrap = lambda norm: lambda x, g: jax.value_and_grad(
+        lambda x: jnp.vdot(norm(x), g).astype(jnp.float32))(x)
+    return wrap(ours), wrap(xla), (x, g), nx * (5 * itemsize + 2 * d_itemsize)
 
 
 def _float64_reference_errors(xla_fn, fn_args, outputs) -> list[float]:
@@ -926,9 +1018,10 @@ def parse_args(argv=None):
         prog="python -m jax_convnet.benchmark", description=__doc__.split("\n\n")[0],
         formatter_class=_HelpFormatter)
     p.add_argument("--quick", action="store_true", help="a smaller set of rows")
-    p.add_argument("--ops", default="conv,pool",
-                   help="comma-separated: conv, pool, local (the CIFAR-10 11%% net's locally "
-                        "connected layers)")
+    p.add_argument("--ops", default="conv,pool,avgpool",
+                   help="comma-separated: conv, pool (max pool), avgpool, norm (cross_map_norm / "
+                        "response_norm), local (the CIFAR-10 11%% net's locally connected "
+                        "layers)")
     p.add_argument("--filter", action="append", default=None, metavar="TEXT",
                    help="keep rows whose name contains TEXT (repeat: any of them); names look "
                         "like conv/L1/fprop/f32-highest/NHWC, pool/alexpool1/3x3s2/bwd/bf16/C01B")
@@ -974,9 +1067,10 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     ops = tuple(o.strip() for o in args.ops.split(",") if o.strip())
-    bad = [o for o in ops if o not in ("conv", "pool", "local")]
+    bad = [o for o in ops if o not in ("conv", "pool", "avgpool", "norm", "local")]
     if bad or not ops:
-        raise SystemExit(f"--ops takes conv, pool and/or local, got {args.ops!r}")
+        raise SystemExit(f"--ops takes conv, pool, avgpool, norm and / or local, got "
+                         f"{args.ops!r}")
     partial_sum = args.partial_sum
     if partial_sum not in (None, "auto"):
         partial_sum = int(partial_sum)
@@ -1021,7 +1115,7 @@ def main(argv=None):
 
     t_start = time.perf_counter()
     copy_gbps = None
-    if any(r.kind == "pool" for r in rows):  # pool rows are judged against it
+    if any(r.kind in ("pool", "avgpool", "norm") for r in rows):  # judged against it
         copy_gbps = measure_copy_gbps(gpu, reps=reps, inner=args.inner)
         print(f"copy bandwidth (read + write): {copy_gbps:.1f} GB/s", flush=True)
     results = []

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 
 import jax
+import jax.numpy as jnp
 from jax import lax
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching
@@ -255,16 +256,17 @@ IMAGE_ACTS_COLUMN_CAP_BYTES = 256 << 20
 
 
 def _image_acts_cuda_workspace_bytes(operand_avals, images_aval, *, geom, image_hw):
-    """The FFT path's spectra, else the column buffer (csrc/cuda/conv_image_acts_columns.cuh), or
-    0 bytes where neither applies."""
+    """The FFT path's spectra, else the column buffer (csrc/cuda/conv_image_acts_columns.cuh) or
+    the copies of Hopper's TF32 kernel, or 0 bytes where none applies."""
     hid_acts, filters = operand_avals
     fft = _fft_workspace_bytes("image_acts", images_aval, filters, geom)
     if fft:
         return fft
     ax = G.image_axes(geom.layout)
-    return G.image_acts_column_bytes(
+    columns = G.image_acts_column_bytes(
         images_aval.shape[ax["n"]], images_aval.shape[ax["c"]], _filter_hw(filters, geom.layout),
         _image_hw(hid_acts, geom.layout), IMAGE_ACTS_COLUMN_CAP_BYTES)
+    return max(columns, _tf32_copies_bytes("image_acts", images_aval, hid_acts, filters, geom))
 
 
 # The FFT path of stride-1 convolutions with large filters on the GPU (G.fft_conv_plan) takes at
@@ -283,9 +285,23 @@ def _fft_workspace_bytes(op, images, filters, geom) -> int:
         precision=geom.precision, cap_bytes=FFT_WORKSPACE_CAP_BYTES)[2]
 
 
+def _tf32_copies_bytes(op, images, hidden, filters, geom) -> int:
+    """The copies Hopper's TF32 kernel takes for float32 at default precision (G.tf32_copies_bytes)."""
+    if images.dtype != jnp.float32 or geom.precision != "default":
+        return 0
+    ax, fax = G.image_axes(geom.layout), G.filter_axes(geom.layout)
+    return G.tf32_copies_bytes(
+        op, layout=geom.layout, batch=images.shape[ax["n"]], channels=images.shape[ax["c"]],
+        filters=filters.shape[fax["f"]], image_hw=_image_hw(images, geom.layout),
+        hidden_hw=_image_hw(hidden, geom.layout), filter_hw=_filter_hw(filters, geom.layout),
+        stride=geom.strides)
+
+
 def _filter_acts_cuda_workspace_bytes(operand_avals, hidden_aval, *, geom):
+    """The FFT path's spectra, else the copies of Hopper's TF32 kernel (or 0 bytes)."""
     images, filters = operand_avals
-    return _fft_workspace_bytes("filter_acts", images, filters, geom)
+    fft = _fft_workspace_bytes("filter_acts", images, filters, geom)
+    return fft or _tf32_copies_bytes("filter_acts", images, hidden_aval, filters, geom)
 
 
 register_lowerings(filter_acts_p, "jax_convnet_filter_acts", reference.filter_acts_canonical,
@@ -304,13 +320,14 @@ WEIGHT_ACTS_PADDED_IMAGE_CAP_BYTES = 1 << 30
 
 def _weight_acts_cuda_workspace_bytes(operand_avals, filters_aval, *, geom, **_):
     """The FFT path's spectra, else partial sums and, for NHWC images of fewer than 4 channels,
-    their padded copy."""
-    images = operand_avals[0]
+    their padded copy; first the copies of Hopper's TF32 kernel, where it takes them."""
+    images, hidden = operand_avals
     fft = _fft_workspace_bytes("weight_acts", images, filters_aval, geom)
     if fft:
         return fft
     ax = G.image_axes(geom.layout)
-    return G.weight_acts_workspace_bytes(
+    copies = _tf32_copies_bytes("weight_acts", images, hidden, filters_aval, geom)
+    return copies + G.weight_acts_workspace_bytes(
         math.prod(filters_aval.shape), layout=geom.layout, batch=images.shape[ax["n"]],
         channels=images.shape[ax["c"]], image_hw=_image_hw(images, geom.layout),
         itemsize=images.dtype.itemsize,

@@ -384,6 +384,36 @@ def weight_acts_workspace_bytes(filter_elems: int, *, layout: str, batch: int, c
     return sums + (padded if padded <= padded_cap_bytes else 0)
 
 
+def tf32_copies_bytes(op: str, *, layout: str, batch: int, channels: int, filters: int,
+                      image_hw, hidden_hw, filter_hw, stride) -> int:
+    """Bytes of the copies that float32 at default precision takes to Hopper's TF32 kernel, which
+    reads both operands k-contiguous only (csrc/cuda/conv_launch.cuh: run_tma,
+    run_tma_c01b_tf32, run_tma_weights_nhwc_tf32; the copies lead the op's workspace, each
+    rounded up to 256 bytes): NHWC filter_acts its taps; C01B filter_acts the images and the
+    hidden tensor as NHWC, then its taps; C01B image_acts at stride 1 the hidden tensor and the
+    images as NHWC; NHWC weight_acts the images and the hidden tensor as C01B. 0 elsewhere, and
+    where the shapes are not ones the kernel reads (tma_can_read: the convolution's input
+    channels in 4s filling 3/4 of their 32-blocks, its outputs in 4s and at least 64; for the
+    C01B kernel a batch in 4s of at least 64)."""
+    if not all(_is_dim(v) for v in (batch, channels, filters)):
+        return 0
+    c01b = check_layout(layout) == "C01B"
+    cin, cout = (filters, channels) if op == "image_acts" else (channels, filters)
+    if not (cin % 4 == 0 and 4 * cin >= 3 * _round_up(cin, 32) and cout % 4 == 0
+            and cout >= 64):
+        return 0
+    images = _round_up(4 * batch * image_hw[0] * image_hw[1] * channels, 256)
+    hidden = _round_up(4 * batch * hidden_hw[0] * hidden_hw[1] * filters, 256)
+    taps = 4 * channels * filters * filter_hw[0] * filter_hw[1]
+    if op == "filter_acts":
+        return images + hidden + taps if c01b else taps
+    if op == "image_acts":
+        return images + hidden if c01b and tuple(stride) == (1, 1) else 0
+    if op == "weight_acts" and not c01b and batch % 4 == 0 and batch >= 64:
+        return images + hidden
+    return 0
+
+
 # Convolutions of stride 1 with large filters run on the GPU through 2-d FFTs
 # (csrc/cuda/conv_fft.cuh): every plane of the two operands zero-padded to Ph x Pw (the padded
 # image's extent rounded up to a power of two), transformed, multiplied bin by bin (a complex
@@ -562,9 +592,31 @@ def pool_geometry(image_hw, ds, *, stride=None, start=0, padding=None, layout="C
 
 
 def max_pool_output_size(image_size, ds, *, stride=None, start=0, padding=None):
-    """(Ho, Wo) of ``max_pool`` for an image of ``image_size`` (int or (H, W))."""
+    """(Ho, Wo) of ``max_pool`` (and ``avg_pool``, whose windows are the same) for an image of
+    ``image_size`` (int or (H, W))."""
     image_hw = int_pair(image_size, "image_size", minimum=1)
     return pool_geometry(image_hw, ds, stride=stride, start=start, padding=padding).output_hw(image_hw)
+
+
+def check_count_include_pad(value) -> bool:
+    """``count_include_pad``: a bool (``True`` / ``False``, NumPy's included)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"count_include_pad must be True or False, got {value!r}")
+    return bool(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class AvgPoolGeometry(PoolGeometry):
+    """Canonical avg_pool parameters: the windows of :class:`PoolGeometry`, each output the sum
+    of its window's in-image elements divided by ``window_h * window_w`` when
+    ``count_include_pad`` (flax's ``padding=`` with ``count_include_pad=True``), else by the
+    number of those elements (cuda-convnet's convention, where the ceil rule's last window is
+    clipped, and flax's ``count_include_pad=False``; a window wholly in the padding gives 0/0,
+    NaN, as in flax)."""
+    count_include_pad: bool
+
+    def ffi_attrs(self) -> dict:
+        return dict(super().ffi_attrs(), count_include_pad=np.int64(self.count_include_pad))
 
 
 def pool_operand_hw(images, layout):
@@ -653,14 +705,121 @@ def weight_acts_geometry(images, hid_grads, filter_shape, *, stride, pad, paddin
     return geom, (d["fh"], d["fw"])
 
 
-def max_pool_geometry(images, ds, *, stride, start, padding, layout) -> PoolGeometry:
+def _checked_pool_geometry(images, ds, *, stride, start, padding, layout, op) -> PoolGeometry:
+    """The checks and the geometry every pool op shares (``op`` names it in errors)."""
     image_hw = pool_operand_hw(images, layout)
     geom = pool_geometry(image_hw, ds, stride=stride, start=start, padding=padding, layout=layout)
     ax = image_axes(layout)
     check_elements(image_shape(layout, images.shape[ax["n"]], images.shape[ax["c"]],
                                *geom.output_hw(image_hw)),
-                   "max_pool's output (from the images, ds, stride and padding)")
+                   f"{op}'s output (from the images, ds, stride and padding)")
     return geom
+
+
+def max_pool_geometry(images, ds, *, stride, start, padding, layout) -> PoolGeometry:
+    return _checked_pool_geometry(images, ds, stride=stride, start=start, padding=padding,
+                                  layout=layout, op="max_pool")
+
+
+def avg_pool_geometry(images, ds, *, stride, start, padding, count_include_pad,
+                      layout) -> AvgPoolGeometry:
+    """max_pool's windows and output size (both conventions, the same checks); without
+    ``padding`` every window is divided by its in-image element count whatever
+    ``count_include_pad`` says (there is no padding to count)."""
+    include = check_count_include_pad(count_include_pad)
+    geom = _checked_pool_geometry(images, ds, stride=stride, start=start, padding=padding,
+                                  layout=layout, op="avg_pool")
+    return AvgPoolGeometry(geom.layout, geom.window, geom.strides, geom.padding,
+                           include and padding is not None)
+
+
+# ----------------------------------------------------------------------------- response norms
+# y = x * d ** (-pow_scale), d = min_div + add_scale * S, S the sum of x**2 over a window:
+# cross_map_norm's over channels, response_norm's over a size x size square of the same channel.
+
+NORM_KINDS = ("cross_map", "same_map")
+
+
+def _finite_float(value, name: str, *, minimum: float | None = None,
+                  strictly: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, np.floating, np.integer)):
+        raise TypeError(f"{name} must be a real number (a Python or NumPy scalar), "
+                        f"got {value!r} of type {type(value).__name__}")
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    if minimum is not None and (v <= minimum if strictly else v < minimum):
+        raise ValueError(f"{name} must be {'>' if strictly else '>='} {minimum}, got {value!r}")
+    return v
+
+
+@dataclasses.dataclass(frozen=True)
+class NormGeometry:
+    """Canonical response-norm parameters. Along each windowed axis (channels for "cross_map",
+    rows and columns for "same_map") output ``a`` sums over ``[a + lo, a + lo + size)`` clipped
+    to the axis, ``lo = -(size // 2)``; with ``blocked`` (cross_map only) over the block
+    ``[(a // size) * size, (a // size) * size + size)`` clipped. The gradient sums over the
+    transposed windows: ``lo = size // 2 - size + 1`` (the same blocks when blocked)."""
+    layout: str
+    kind: str
+    size: int
+    blocked: bool
+    add_scale: float
+    pow_scale: float
+    min_div: float
+
+    def window_lo(self, transposed: bool = False) -> int:
+        return self.size // 2 - self.size + 1 if transposed else -(self.size // 2)
+
+    def window(self, a: int, extent: int, transposed: bool = False) -> tuple[int, int]:
+        """``[begin, end)`` of the window of output ``a`` on an axis of ``extent``, clipped."""
+        if self.blocked:
+            begin = (a // self.size) * self.size
+        else:
+            begin = a + self.window_lo(transposed)
+        return max(begin, 0), min(begin + self.size, extent)
+
+    def ffi_attrs(self) -> dict:
+        i64, f64 = np.int64, np.float64
+        return dict(layout=i64(LAYOUT_CODES[self.layout]),
+                    same_map=i64(self.kind == "same_map"), size=i64(self.size),
+                    blocked=i64(self.blocked), add_scale=f64(self.add_scale),
+                    pow_scale=f64(self.pow_scale), min_div=f64(self.min_div))
+
+
+def norm_residual_dtype(dtype) -> np.dtype:
+    """dtype of the denominators kept for the backward: the operands' own, except float32 for
+    float16 (whose range would overflow where ``add_scale * S`` passes 65504; bfloat16 has
+    float32's range)."""
+    dtype = np.dtype(dtype)
+    return np.dtype(np.float32) if dtype == np.dtype(np.float16) else dtype
+
+
+def norm_params(size, *, kind, add_scale, pow_scale, min_div, blocked, layout) -> NormGeometry:
+    """Checks the arguments of cross_map_norm (``kind="cross_map"``) / response_norm
+    (``"same_map"``) other than the operand. ``min_div > 0`` and ``add_scale >= 0`` keep every
+    denominator >= min_div."""
+    layout = check_layout(layout)
+    assert kind in NORM_KINDS, kind
+    if not _is_int(size):
+        raise TypeError(f"size must be an int, got {size!r}")
+    check_extent(int(size), "size", minimum=1)
+    if not isinstance(blocked, (bool, np.bool_)):
+        raise TypeError(f"blocked must be a bool, got {blocked!r}")
+    if blocked and kind != "cross_map":
+        raise ValueError("blocked=True exists for cross_map_norm only")
+    return NormGeometry(layout, kind, int(size), bool(blocked),
+                        _finite_float(add_scale, "add_scale", minimum=0.0),
+                        _finite_float(pow_scale, "pow_scale"),
+                        _finite_float(min_div, "min_div", minimum=0.0, strictly=True))
+
+
+def norm_geometry(x, size, *, kind, add_scale, pow_scale, min_div, blocked, layout) \
+        -> NormGeometry:
+    """:func:`norm_params` after checking the operand ``x``."""
+    check_array(x, "x", batch_axis=image_axes(check_layout(layout))["n"])
+    return norm_params(size, kind=kind, add_scale=add_scale, pow_scale=pow_scale,
+                       min_div=min_div, blocked=blocked, layout=layout)
 
 
 # ----------------------------------------------------------------------------- locally connected

@@ -154,6 +154,109 @@ def max_pool_grad_canonical(cotangents, winners, *, geom: G.PoolGeometry, image_
     return jax.linear_transpose(jvp, jax.ShapeDtypeStruct(shape, cotangents.dtype))(cotangents)[0]
 
 
+# Response norms: every function computes in float32 (float64 for float64) and rounds once.
+
+def _compute_dtype(dtype):
+    return jnp.float64 if dtype == jnp.float64 else jnp.float32
+
+
+def norm_window_sum(v, *, geom: G.NormGeometry, transposed=False):
+    """Each element's sum of ``v`` over its window (``geom.window``), clipped to the tensor."""
+    ax = G.image_axes(geom.layout)
+    axes = (ax["c"],) if geom.kind == "cross_map" else (ax["h"], ax["w"])
+    size = geom.size
+    if geom.blocked:
+        c_axis = axes[0]
+        c = v.shape[c_axis]
+        blocks = -(-c // size)
+        pads = [(0, 0)] * v.ndim
+        pads[c_axis] = (0, blocks * size - c)
+        padded = jnp.pad(v, pads)
+        shape = padded.shape[:c_axis] + (blocks, size) + padded.shape[c_axis + 1:]
+        sums = jnp.sum(padded.reshape(shape), axis=c_axis + 1, keepdims=True)
+        full = jnp.broadcast_to(sums, shape).reshape(padded.shape)
+        return lax.slice_in_dim(full, 0, c, axis=c_axis)
+    lo = -geom.window_lo(transposed)  # elements before the centre
+    dims, pads = [1] * v.ndim, [(0, 0)] * v.ndim
+    for a in axes:
+        dims[a], pads[a] = size, (lo, size - 1 - lo)
+    return lax.reduce_window(v, np.zeros((), v.dtype), lax.add, tuple(dims), (1,) * v.ndim,
+                             tuple(pads))
+
+
+def _denominators(x, geom):
+    xf = x.astype(_compute_dtype(x.dtype))
+    return xf, geom.min_div + geom.add_scale * norm_window_sum(xf * xf, geom=geom)
+
+
+def norm_canonical(x, *, geom: G.NormGeometry):
+    xf, d = _denominators(x, geom)
+    return (xf * d ** -geom.pow_scale).astype(x.dtype)
+
+
+def norm_fwd_canonical(x, *, geom: G.NormGeometry):
+    """(y, d): the output and the denominators in ``G.norm_residual_dtype``."""
+    xf, d = _denominators(x, geom)
+    return ((xf * d ** -geom.pow_scale).astype(x.dtype),
+            d.astype(G.norm_residual_dtype(x.dtype)))
+
+
+def norm_jvp_canonical(tangents, x, denominators, *, geom: G.NormGeometry):
+    """``t d^-p - 2 a p x d^(-p-1) W(x t)``: linear in the tangents."""
+    f = _compute_dtype(x.dtype)
+    t, xf, d = tangents.astype(f), x.astype(f), denominators.astype(f)
+    scale = d ** -geom.pow_scale
+    s = norm_window_sum(xf * t, geom=geom)
+    out = t * scale - (2 * geom.add_scale * geom.pow_scale) * xf * (scale / d) * s
+    return out.astype(tangents.dtype)
+
+
+def norm_grad_canonical(cotangents, x, denominators, *, geom: G.NormGeometry):
+    """``c d^-p - 2 a p x W^T(c x d^(-p-1))``: linear in the cotangents, the JVP's transpose."""
+    f = _compute_dtype(x.dtype)
+    c, xf, d = cotangents.astype(f), x.astype(f), denominators.astype(f)
+    scale = d ** -geom.pow_scale
+    s = norm_window_sum(c * xf * (scale / d), geom=geom, transposed=True)
+    out = c * scale - (2 * geom.add_scale * geom.pow_scale) * xf * s
+    return out.astype(cotangents.dtype)
+def _window_sums(x, geom: G.PoolGeometry):
+    """lax.reduce_window sum over each window's in-image elements (the geometry's padding,
+    negative where cuda-convnet's ``start`` crops, applied by lax.pad first)."""
+    ax = G.image_axes(geom.layout)
+    config = [(0, 0, 0)] * 4
+    config[ax["h"]] = (*geom.padding[0], 0)
+    config[ax["w"]] = (*geom.padding[1], 0)
+    zero = np.zeros((), x.dtype)  # concrete: lax picks its transposable window sum
+    padded = lax.pad(x, zero, config)
+    window, strides = [1] * 4, [1] * 4
+    window[ax["h"]], window[ax["w"]] = geom.window
+    strides[ax["h"]], strides[ax["w"]] = geom.strides
+    return lax.reduce_window(padded, zero, lax.add, window, strides, "VALID")
+
+
+def avg_pool_canonical(images, *, geom: G.AvgPoolGeometry):
+    """Each window's sum (in float32; float64 for float64) divided by its area
+    (``count_include_pad``) or by its in-image element count."""
+    accumulate = jnp.float64 if images.dtype == jnp.float64 else jnp.float32
+    sums = _window_sums(images.astype(accumulate), geom)
+    if geom.count_include_pad:
+        counts = jnp.asarray(geom.window[0] * geom.window[1], accumulate)
+    else:
+        ax = G.image_axes(geom.layout)
+        ones = np.ones([images.shape[a] if a in (ax["h"], ax["w"]) else 1 for a in range(4)])
+        counts = _window_sums(jnp.asarray(ones, accumulate), geom)
+    return (sums / counts).astype(images.dtype)
+
+
+def avg_pool_grad_canonical(cotangents, *, geom: G.AvgPoolGeometry, image_hw):
+    ax = G.image_axes(geom.layout)
+    shape = G.image_shape(geom.layout, cotangents.shape[ax["n"]], cotangents.shape[ax["c"]],
+                          *image_hw)
+    forward = lambda x: avg_pool_canonical(x, geom=geom)
+    return jax.linear_transpose(forward, jax.ShapeDtypeStruct(shape, cotangents.dtype))(
+        cotangents)[0]
+
+
 # ----------------------------------------------------------------------------- public API
 
 def filter_acts(images, filters, *, stride=1, pad=0, padding=None, partial_sum=None,
@@ -183,6 +286,25 @@ def max_pool(images, ds, *, stride=None, start=0, padding=None, layout="C01B"):
     geom = G.max_pool_geometry(images, ds, stride=stride, start=start, padding=padding,
                                layout=layout)
     return max_pool_canonical(images, geom=geom)
+
+
+def cross_map_norm(x, size, *, add_scale, pow_scale, min_div=1.0, blocked=False, layout="C01B"):
+    geom = G.norm_geometry(x, size, kind="cross_map", add_scale=add_scale, pow_scale=pow_scale,
+                           min_div=min_div, blocked=blocked, layout=layout)
+    return norm_canonical(x, geom=geom)
+
+
+def response_norm(x, size, *, add_scale, pow_scale, min_div=1.0, layout="C01B"):
+    geom = G.norm_geometry(x, size, kind="same_map", add_scale=add_scale, pow_scale=pow_scale,
+                           min_div=min_div, blocked=False, layout=layout)
+    return norm_canonical(x, geom=geom)
+
+
+def avg_pool(images, ds, *, stride=None, start=0, padding=None, count_include_pad=True,
+             layout="C01B"):
+    geom = G.avg_pool_geometry(images, ds, stride=stride, start=start, padding=padding,
+                               count_include_pad=count_include_pad, layout=layout)
+    return avg_pool_canonical(images, geom=geom)
 
 
 def local_filter_acts(images, filters, *, stride=1, pad=0, padding=None, layout="C01B",

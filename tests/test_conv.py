@@ -229,6 +229,27 @@ def test_weight_acts_workspace_holds_padded_few_channel_images():
                 padded_cap_bytes=1 << 30) == 2 * big + 1792  # 3 * 5 * 7 * 16 = 1680, rounded up
 
 
+def test_tf32_kernel_copies_lead_the_float32_workspace():
+    """On Hopper, float32 at default precision runs on the TF32 kernel, which reads both operands
+    k-contiguous: the copies that gives it (256-byte multiples) where the shapes are ones it
+    reads, and none elsewhere."""
+    rule = jcn.geometry.tf32_copies_bytes
+    alex2 = dict(batch=128, channels=64, filters=192, image_hw=(27, 27), hidden_hw=(27, 27),
+                 filter_hw=(5, 5), stride=(1, 1))
+    images, hidden, taps = 4 * 128 * 27 * 27 * 64, 4 * 128 * 27 * 27 * 192, 4 * 64 * 192 * 25
+    assert rule("filter_acts", layout="NHWC", **alex2) == taps  # (fh, fw, F, C)
+    assert rule("filter_acts", layout="C01B", **alex2) == images + hidden + taps  # as NHWC
+    assert rule("image_acts", layout="C01B", **alex2) == images + hidden
+    assert rule("image_acts", layout="NHWC", **alex2) == 0  # read in place
+    assert rule("weight_acts", layout="NHWC", **alex2) == images + hidden  # as C01B
+    assert rule("weight_acts", layout="C01B", **alex2) == 0
+    assert rule("image_acts", layout="C01B", **{**alex2, "stride": (2, 2)}) == 0
+    assert rule("filter_acts", layout="C01B", **{**alex2, "channels": 3}) == 0  # RGB
+    assert rule("filter_acts", layout="C01B", **{**alex2, "filters": 32}) == 0
+    assert rule("weight_acts", layout="NHWC", **{**alex2, "batch": 32}) == 0  # C01B runs of 64
+    assert rule("filter_acts", layout="NHWC", **{**alex2, "channels": 3}) == 0
+
+
 def test_fft_path_takes_stride_one_layers_with_large_filters():
     """On the GPU, stride-1 convolutions take the FFT path where the direct GEMM needs enough
     times the complex GEMM's multiply-adds for the dtype and precision (3x at float32 accuracy,

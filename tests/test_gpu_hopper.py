@@ -1,7 +1,9 @@
 """Hopper's TMA-fed wgmma kernels (csrc/cuda/conv_tma.cuh): filter_acts and weight_acts in
-16-bit types in both layouts, and image_acts at stride 1. Every case against the float64
-reference with poisoned outputs, and bitwise equal from one run to the next. On other GPUs the
-same cases run the other kernels (and must pass there too); skipped without a GPU."""
+16-bit types in both layouts, and image_acts at stride 1; float32 at default precision (TF32) in
+NHWC filter_acts / image_acts and C01B weight_acts (its other cases run the other kernels). Every
+case against the float64 reference with poisoned outputs, and bitwise equal from one run to the
+next. On other GPUs the same cases run the other kernels (and must pass there too); skipped
+without a GPU."""
 
 import jax
 import jax.numpy as jnp
@@ -14,8 +16,13 @@ from conftest import LAYOUTS, assert_close, filters, images, rand, run_poisoned
 
 pytestmark = pytest.mark.gpu
 
-HALF = [jnp.bfloat16, jnp.float16]
-HALF_IDS = ["bfloat16", "float16"]
+DTYPES = [jnp.bfloat16, jnp.float16, jnp.float32]
+DTYPE_IDS = ["bfloat16", "float16", "float32"]
+
+
+def tolerance_dtype(dtype):
+    """TF32 (float32 at default precision) keeps 10 mantissa bits: judged by bfloat16's bound."""
+    return jnp.bfloat16 if dtype == jnp.float32 else dtype
 
 # (batch, channels, height, width, filters, window, stride, pad). In C01B the kernels take a
 # batch of at least 64: runs of 64 images (72: a partial run), two output columns per tile
@@ -58,7 +65,7 @@ def exact(*arrays):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", HALF, ids=HALF_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("name", list(CASES))
 def test_filter_acts_matches_reference_and_repeats_bitwise(name, dtype, layout):
     x, w, _, kw = operands(name, layout, dtype)
@@ -67,12 +74,12 @@ def test_filter_acts_matches_reference_and_repeats_bitwise(name, dtype, layout):
     ours = run_poisoned(fa, *args)
     want = jax.jit(lambda x, w: ref.filter_acts(x, w, precision="highest", **kw))(*exact(x, w))
     assert ours.dtype == dtype
-    assert_close(ours, want, dtype)
+    assert_close(ours, want, tolerance_dtype(dtype))
     assert np.array_equal(np.asarray(ours), np.asarray(run_poisoned(fa, *args)))
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", HALF, ids=HALF_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("name", [k for k, v in CASES.items() if v[6] == 1])
 def test_image_acts_at_stride_1_matches_reference_and_repeats_bitwise(name, dtype, layout):
     x, w, g, kw = operands(name, layout, dtype)
@@ -82,12 +89,12 @@ def test_image_acts_at_stride_1_matches_reference_and_repeats_bitwise(name, dtyp
     want = jax.jit(lambda g, w: ref.image_acts(g, w, x.shape, precision="highest", **kw))(
         *exact(g, w))
     assert ours.dtype == dtype
-    assert_close(ours, want, dtype)
+    assert_close(ours, want, tolerance_dtype(dtype))
     assert np.array_equal(np.asarray(ours), np.asarray(run_poisoned(ia, *args)))
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", HALF, ids=HALF_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("name", list(CASES))
 def test_weight_acts_matches_reference_and_repeats_bitwise(name, dtype, layout):
     x, w, g, kw = operands(name, layout, dtype)
@@ -97,7 +104,7 @@ def test_weight_acts_matches_reference_and_repeats_bitwise(name, dtype, layout):
     want = jax.jit(lambda x, g: ref.weight_acts(x, g, w.shape, precision="highest", **kw))(
         *exact(x, g))
     assert ours.dtype == dtype
-    assert_close(ours, want, dtype)
+    assert_close(ours, want, tolerance_dtype(dtype))
     assert np.array_equal(np.asarray(ours), np.asarray(run_poisoned(wa, *args)))
 
 
@@ -113,10 +120,11 @@ def test_weight_acts_partial_sum_changes_rounding_only(partial_sum):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_gradient_of_a_training_loss_runs_all_three_kernels(layout):
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bfloat16", "float32"])
+def test_gradient_of_a_training_loss_runs_all_three_kernels(layout, dtype):
     """jax.grad of a conv + ReLU loss: filter_acts forward, image_acts (stride 1) and
     weight_acts backward."""
-    x, w, g, kw = operands("alex3-like", layout, jnp.bfloat16)
+    x, w, g, kw = operands("alex3-like", layout, dtype)
 
     def loss(x, w):
         return jnp.sum(jax.nn.relu(jcn.filter_acts(x, w, **kw)).astype(jnp.float32) ** 2)
@@ -126,5 +134,5 @@ def test_gradient_of_a_training_loss_runs_all_three_kernels(layout):
 
     dx, dw = jax.jit(jax.grad(loss, (0, 1)))(*jax.device_put((x, w), gpu()))
     want_dx, want_dw = jax.jit(jax.grad(ref_loss, (0, 1)))(*exact(x, w))
-    assert_close(dx, want_dx, jnp.bfloat16, scale=2)
-    assert_close(dw, want_dw, jnp.bfloat16, scale=2)
+    assert_close(dx, want_dx, tolerance_dtype(dtype), scale=2)
+    assert_close(dw, want_dw, tolerance_dtype(dtype), scale=2)

@@ -113,6 +113,22 @@ def test_pool_splits_batch_and_channels(mesh, layout):
         assert f'custom_call_target="jax_convnet_{target}"' in hlo
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_avg_pool_splits_batch_and_channels(mesh, layout):
+    pool = lambda x: jcn.avg_pool(x, 3, stride=2, layout=layout)
+    x = images(5, layout, 8, 6, 13, 13)
+    g = rand(6, jax.eval_shape(pool, x).shape)
+    xs = put(x, mesh, layout, n="data", c="model")
+    gs = put(g, mesh, layout, n="data", c="model")
+    run = jax.jit(lambda x, g: (pool(x), jax.vjp(pool, x)[1](g)[0]))
+    for got, want in zip(run(xs, gs), one_device(run, x, g)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    hlo = compiled_text(run, xs, gs)
+    assert "all-gather" not in hlo and "all-reduce" not in hlo
+    for target in ("avg_pool", "avg_pool_grad"):
+        assert f'custom_call_target="jax_convnet_{target}"' in hlo
+
+
 def test_a_dimension_splits_only_where_it_divides_evenly(mesh):
     # XLA would pad uneven slices, and padding must never reach a sum (weight_acts' batch).
     rule = DimensionRule(("b h w c", "b o p f"), "i j c f", split=frozenset("cf"),
@@ -140,3 +156,27 @@ def test_inside_shard_map(mesh):
     whole = jax.jit(lambda x, w: jcn.max_pool(jcn.filter_acts(x, w, pad=1, layout="NHWC"), 2,
                                               layout="NHWC"))
     assert_close(per_device(x, w), one_device(whole, x, w), jnp.float32)
+
+
+@pytest.mark.parametrize("kind", ["cross_map", "same_map"])
+def test_response_norms_split_batch_and_their_independent_axes(mesh, kind):
+    # cross-map: batch and rows split, channels gathered; same-map: batch and channels split
+    layout = "NHWC"
+    x = images(7, layout, 8, 6, 12, 12)
+    g = rand(8, x.shape)
+    second = dict(h="model") if kind == "cross_map" else dict(c="model")
+    xs, gs = put(x, mesh, layout, n="data", **second), put(g, mesh, layout, n="data", **second)
+    norm = (lambda x: jcn.cross_map_norm(x, 5, add_scale=0.3, pow_scale=0.75, layout=layout)) \
+        if kind == "cross_map" else \
+        (lambda x: jcn.response_norm(x, 3, add_scale=0.3, pow_scale=0.75, layout=layout))
+
+    def run(x, g):
+        y, vjp = jax.vjp(norm, x)
+        return y, jax.jvp(norm, (x,), (g,))[1], vjp(g)[0]
+    run = jax.jit(run)
+    for got, want in zip(run(xs, gs), one_device(run, x, g)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    hlo = compiled_text(run, xs, gs)
+    assert "all-gather" not in hlo and "all-reduce" not in hlo
+    for target in ("norm_fwd", "norm_jvp", "norm_grad"):
+        assert f'custom_call_target="jax_convnet_{target}"' in hlo

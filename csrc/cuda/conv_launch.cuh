@@ -639,7 +639,7 @@ std::optional<cudaError_t> run_fft(const jcn::ConvGeometry& g, const void* a, co
   return fft_inverse<T>(res.spec, *res.planes, lph, lpw, out, nsm, stream);
 }
 
-// ---- The TMA kernels (conv_tma.cuh): 16-bit filter_acts, and image_acts at stride 1 ----
+// ---- The TMA kernels (conv_tma.cuh): filter_acts, weight_acts, image_acts at stride 1 ----
 
 using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*,
                                    const cuuint64_t*, const cuuint64_t*, const cuuint32_t*,
@@ -747,11 +747,12 @@ cudaError_t launch_tma_bn(int bn, const CUtensorMap& ma, const CUtensorMap& mb,
 }
 
 template <typename T>
-constexpr CUtensorMapDataType kTmaDataType = std::is_same_v<T, __nv_bfloat16>
-                                                 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
-                                                 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
-// Tensor maps of 16-bit tensors with 128-byte swizzled boxes; out-of-bounds elements read as
-// zeros. dims / strides / box innermost first; strides in elements (all but the first dim's).
+constexpr CUtensorMapDataType kTmaDataType =
+    std::is_same_v<T, float>           ? CU_TENSOR_MAP_DATA_TYPE_FLOAT32
+    : std::is_same_v<T, __nv_bfloat16> ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+                                       : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+// Tensor maps with 128-byte swizzled boxes; out-of-bounds elements read as zeros. dims / strides /
+// box innermost first; strides in elements (all but the first dim's).
 template <typename T>
 CUresult tma_tiled_map(CUtensorMap* map, const void* ptr, int rank, const int64_t* dims,
                        const int64_t* strides, const int* box, int64_t tensor_bytes) {
@@ -761,7 +762,7 @@ CUresult tma_tiled_map(CUtensorMap* map, const void* ptr, int rank, const int64_
   for (int i = 0; i < rank; ++i) {
     d[i] = cuuint64_t(dims[i]);
     b[i] = cuuint32_t(box[i]);
-    if (i + 1 < rank) st[i] = cuuint64_t(strides[i] * 2);
+    if (i + 1 < rank) st[i] = cuuint64_t(strides[i] * int64_t(sizeof(T)));
   }
   const CUresult r = drv.tiled(map, kTmaDataType<T>, cuuint32_t(rank), const_cast<void*>(ptr), d,
                                st, b, unit, CU_TENSOR_MAP_INTERLEAVE_NONE,
@@ -771,28 +772,32 @@ CUresult tma_tiled_map(CUtensorMap* map, const void* ptr, int rank, const int64_
   return r;
 }
 // NHWC images (B, H, W, C) as (C, W, H, B) in im2col mode: `pixels` output pixels (raster order)
-// of 64 channels per copy, for the convolution of pr's geometry (its corners and strides).
+// of a k-block of channels per copy, for the convolution of pr's geometry (its corners and
+// strides).
 template <typename T>
 CUresult tma_im2col_map(CUtensorMap* map, const void* ptr, const TmaProblem& pr, int pixels) {
   const TmaDriver& drv = tma_driver();
+  constexpr int64_t E = sizeof(T);
   const cuuint64_t dims[4] = {cuuint64_t(pr.cin), cuuint64_t(pr.in_w), cuuint64_t(pr.in_h),
                               cuuint64_t(pr.batch)};
-  const cuuint64_t strides[3] = {cuuint64_t(pr.xs.x * 2), cuuint64_t(pr.xs.y * 2),
-                                 cuuint64_t(pr.xs.n * 2)};
+  const cuuint64_t strides[3] = {cuuint64_t(pr.xs.x * E), cuuint64_t(pr.xs.y * E),
+                                 cuuint64_t(pr.xs.n * E)};
   const int lower[2] = {int(-pr.pl), int(-pr.pt)};
   const int upper[2] = {int(pr.pr - (pr.fw - 1)), int(pr.pb - (pr.fh - 1))};
   const cuuint32_t traversal[4] = {1, cuuint32_t(pr.sw), cuuint32_t(pr.sh), 1};
   const CUresult r = drv.im2col(map, kTmaDataType<T>, 4, const_cast<void*>(ptr), dims, strides,
-                                lower, upper, kTmaBK, cuuint32_t(pixels), traversal,
+                                lower, upper, kTmaK<T>, cuuint32_t(pixels), traversal,
                                 CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
                                 CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
                                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  tma_small_tensor_fix(map, 2 * pr.batch * pr.cin * pr.in_h * pr.in_w, drv.driver_version);
+  tma_small_tensor_fix(map, E * pr.batch * pr.cin * pr.in_h * pr.in_w, drv.driver_version);
   return r;
 }
 
-// The kernel parameters every mode shares, from the problem (tma_can_read bounds them to 31 bits).
-TmaConvParams tma_params(const TmaProblem& pr) {
+// The kernel parameters every mode shares, from the problem (tma_can_read bounds them to 31 bits):
+// weight_acts' per-tap blocks are 64-channel columns and its runs of images k-blocks.
+template <typename T>
+TmaConvParams tma_params(const TmaProblem& pr, bool weights) {
   TmaConvParams kp{};
   kp.batch = int32_t(pr.batch);
   kp.cin = int32_t(pr.cin);
@@ -805,9 +810,9 @@ TmaConvParams tma_params(const TmaProblem& pr) {
   kp.stride_w = int32_t(pr.sw);
   kp.pad_top = int32_t(pr.pt);
   kp.pad_left = int32_t(pr.pl);
-  kp.cblocks = int32_t(cdiv(pr.cin, kTmaBK));
+  kp.cblocks = int32_t(cdiv(pr.cin, weights ? 64 : kTmaK<T>));
   kp.m_total = pr.batch * pr.out_h * pr.out_w;
-  kp.b_runs = int32_t(cdiv(pr.batch, 64));
+  kp.b_runs = int32_t(cdiv(pr.batch, weights ? kTmaK<T> : 64));
   return kp;
 }
 // Element strides (n, c, y, x) of a dense NHWC tensor of `c` channels, w columns and h rows.
@@ -816,15 +821,15 @@ bool dense_nhwc(const jcn::Strides4& s, int64_t c, int64_t w, int64_t h) {
 }
 
 // Whether pr's X (the images, or image_acts' hidden tensor) can be read by the TMA kernels, and
-// their common rules: Hopper builds, 16-bit types, sizes within 31 bits, 16-byte aligned bases
-// and strides, filters contiguous, at least 3/4 of the 64-channel blocks used and 64 output
-// channels (narrower convolutions, e.g. the CIFAR-10 net's 32 channels, run faster on the other
+// their common rules: Hopper builds, sizes within 31 bits, 16-byte aligned bases and strides,
+// filters contiguous, at least 3/4 of the channels' k-blocks used and 64 output channels (narrower convolutions, e.g. the CIFAR-10 net's 32 channels, run faster on the other
 // kernels: benchmarks/history/2026-12-02_session9_tma_core.md); C01B: batch
 // contiguous, runs of 64 images; NHWC: im2col's corner and offset ranges, and the corners' box
 // holding out_h x out_w pixels.
-template <Layout L>
+template <Layout L, typename T>
 bool tma_can_read(const TmaProblem& pr, const void* x, const void* w, const void* y,
                   int smem_optin) {
+  constexpr int64_t V = 16 / sizeof(T), kK = kTmaK<T>;  // elements per 16 bytes, per k-block
   const TmaDriver& drv = tma_driver();
   if (!kBuiltWgmma || !drv.usable || TmaPlan<256>::SMEM > smem_optin) return false;
   const int64_t lim = int64_t(1) << 31;
@@ -832,12 +837,11 @@ bool tma_can_read(const TmaProblem& pr, const void* x, const void* w, const void
                     pr.batch * pr.out_h * pr.out_w, pr.batch * pr.in_h * pr.in_w})
     if (v >= lim) return false;
   if (!aligned(x, 16) || !aligned(w, 16) || !aligned(y, 16) || pr.ws.n != 1 ||
-      pr.cin % 8 != 0 || pr.cout % 8 != 0 || pr.cout < 64 ||
-      4 * pr.cin < 3 * cdiv(pr.cin, kTmaBK) * kTmaBK)
+      pr.cin % V != 0 || pr.cout % V != 0 || pr.cout < 64 || 4 * pr.cin < 3 * cdiv(pr.cin, kK) * kK)
     return false;
   for (int64_t s : {pr.xs.c, pr.xs.y, pr.xs.x, pr.xs.n, pr.ws.c, pr.ws.y, pr.ws.x})
-    if (s % 8 != 0 && s != 1) return false;
-  if (L == Layout::kC01B) return pr.xs.n == 1 && pr.batch % 8 == 0 && pr.batch >= 64;
+    if (s % V != 0 && s != 1) return false;
+  if (L == Layout::kC01B) return pr.xs.n == 1 && pr.batch % V == 0 && pr.batch >= 64;
   if (pr.xs.c != 1) return false;
   for (int64_t corner : {-pr.pl, -pr.pt, pr.pr - (pr.fw - 1), pr.pb - (pr.fh - 1)})
     if (corner < -128 || corner > 127) return false;
@@ -847,19 +851,23 @@ bool tma_can_read(const TmaProblem& pr, const void* x, const void* w, const void
 }
 
 // filter_acts / image_acts on a TMA kernel where one can (tma_can_read; Y contiguous along
-// the batch in C01B, dense in NHWC; image_acts at stride 1); nullopt: another kernel runs it.
+// the batch in C01B, dense in NHWC; image_acts at stride 1; TF32: NHWC, filter_acts with room in
+// the workspace for the taps' k-contiguous copy); nullopt: another kernel runs it.
 template <Layout L, typename T, bool kFlip>
 std::optional<cudaError_t> run_tma(const TmaProblem& pr, const void* x, const void* w, void* y,
-                                   int nsm, int smem_optin, cudaStream_t stream) {
-  static_assert(sizeof(T) == 2, "16-bit types");
-  constexpr bool c01b = L == Layout::kC01B;
-  if (!tma_can_read<L>(pr, x, w, y, smem_optin) || (kFlip && (pr.sh != 1 || pr.sw != 1)))
+                                   Workspace ws, int nsm, int smem_optin, cudaStream_t stream) {
+  constexpr bool c01b = L == Layout::kC01B, tf32 = std::is_same_v<T, float>;
+  static_assert(!(tf32 && c01b), "TF32 reads NHWC images k-contiguous only");
+  if (!tma_can_read<L, T>(pr, x, w, y, smem_optin) || (kFlip && (pr.sh != 1 || pr.sw != 1)))
     return std::nullopt;
   const bool y_ok = c01b ? pr.ys.n == 1 : dense_nhwc(pr.ys, pr.cout, pr.out_w, pr.out_h);
   if (!y_ok) return std::nullopt;
   const int64_t nf = kFlip ? pr.cin : pr.cout, nc = kFlip ? pr.cout : pr.cin;
+  const int64_t w_bytes = int64_t(sizeof(T)) * nf * nc * pr.fh * pr.fw;
+  constexpr bool taps_copy = tf32 && !kFlip;
+  if (taps_copy && (ws.bytes < w_bytes || !aligned(ws.data, 16))) return std::nullopt;
 
-  TmaConvParams kp = tma_params(pr);
+  TmaConvParams kp = tma_params<T>(pr, false);
   kp.kblocks = int32_t(pr.fh * pr.fw * kp.cblocks);
   kp.x_pairs = int32_t(cdiv(pr.out_w, 2));
   kp.ys = {pr.ys.n, pr.ys.c, pr.ys.y, pr.ys.x};
@@ -876,20 +884,36 @@ std::optional<cudaError_t> run_tma(const TmaProblem& pr, const void* x, const vo
   if (c01b) {  // X (C, H, W, B) as (B, W, H, C): boxes of 64 images x 64 channels
     const int64_t dims[4] = {pr.batch, pr.in_w, pr.in_h, pr.cin};
     const int64_t strides[3] = {pr.xs.x, pr.xs.y, pr.xs.c};
-    const int box[4] = {64, 1, 1, kTmaBK};
-    rx = tma_tiled_map<T>(&mx, x, 4, dims, strides, box, 2 * pr.batch * pr.cin * pr.in_h * pr.in_w);
-  } else {  // X (B, H, W, C) in im2col mode: 128 pixels x 64 channels per copy
+    const int box[4] = {64, 1, 1, kTmaK<T>};
+    rx = tma_tiled_map<T>(&mx, x, 4, dims, strides, box,
+                          int64_t(sizeof(T)) * pr.batch * pr.cin * pr.in_h * pr.in_w);
+  } else {  // X (B, H, W, C) in im2col mode: 128 pixels x a k-block of channels per copy
     rx = tma_im2col_map<T>(&mx, x, pr, kTmaBM);
   }
-  // W: C01B (C, fh, fw, F) as (F, fw, fh, C), NHWC (fh, fw, C, F) as (F, C, fw, fh); boxes of
-  // 64 filters x 64 channels (filter_acts) or 64 filters x BN channels (image_acts).
-  const int64_t wdims[4] = {nf, c01b ? pr.fw : nc, c01b ? pr.fh : pr.fw, c01b ? nc : pr.fh};
-  const int64_t wstrides[3] = {c01b ? pr.ws.x : pr.ws.c, c01b ? pr.ws.y : pr.ws.x,
-                               c01b ? pr.ws.c : pr.ws.y};
-  const int channels = kFlip ? bn : kTmaBK;
-  const int wbox[4] = {64, c01b ? 1 : channels, 1, c01b ? channels : 1};
-  const CUresult rw =
-      tma_tiled_map<T>(&mw, w, 4, wdims, wstrides, wbox, 2 * nf * nc * pr.fh * pr.fw);
+  CUresult rw;
+  if constexpr (taps_copy) {
+    // TF32 filter_acts: the taps copied to (fh, fw, F, C), read as (C, F, fw, fh) in boxes of a
+    // k-block of channels x BN filters.
+    const dim3 grid(unsigned(cdiv(nf, 32)), unsigned(cdiv(nc, 32)), unsigned(pr.fh * pr.fw));
+    tf32_taps_kernel<<<grid, dim3(32, 8), 0, stream>>>(static_cast<const float*>(w),
+                                                      static_cast<float*>(ws.data), nf, nc,
+                                                      int(pr.fw), {pr.ws.n, pr.ws.c, pr.ws.y,
+                                                                   pr.ws.x});
+    if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
+    const int64_t wdims[4] = {nc, nf, pr.fw, pr.fh};
+    const int64_t wstrides[3] = {nc, nf * nc, pr.fw * nf * nc};
+    const int wbox[4] = {kTmaK<T>, bn, 1, 1};
+    rw = tma_tiled_map<T>(&mw, ws.data, 4, wdims, wstrides, wbox, w_bytes);
+  } else {
+    // W: C01B (C, fh, fw, F) as (F, fw, fh, C), NHWC (fh, fw, C, F) as (F, C, fw, fh); boxes of
+    // 64 filters x 64 channels (filter_acts) or a k-block of filters x BN channels (image_acts).
+    const int64_t wdims[4] = {nf, c01b ? pr.fw : nc, c01b ? pr.fh : pr.fw, c01b ? nc : pr.fh};
+    const int64_t wstrides[3] = {c01b ? pr.ws.x : pr.ws.c, c01b ? pr.ws.y : pr.ws.x,
+                                 c01b ? pr.ws.c : pr.ws.y};
+    const int channels = kFlip ? bn : kTmaK<T>;
+    const int wbox[4] = {kFlip ? kTmaK<T> : 64, c01b ? 1 : channels, 1, c01b ? channels : 1};
+    rw = tma_tiled_map<T>(&mw, w, 4, wdims, wstrides, wbox, w_bytes);
+  }
   if (rx != CUDA_SUCCESS || rw != CUDA_SUCCESS) return cudaErrorInvalidValue;
   return launch_tma_bn<L, T, kFlip ? TmaMode::kFlipped : TmaMode::kForward>(bn, mx, mw, kp, nsm,
                                                                          stream);
@@ -897,31 +921,33 @@ std::optional<cudaError_t> run_tma(const TmaProblem& pr, const void* x, const vo
 
 // weight_acts on a TMA kernel where one can (tma_can_read with pr = filter_acts' problem; the
 // hidden tensor contiguous along the batch in C01B, dense in NHWC; the workspace holds at least
-// one float32 copy of the filters): K (the output pixels) split into ranges whose float32 sums
-// land in the workspace, then added in order (wa_reduce_kernel). partial_sum only sets the
-// order of additions (the value beyond rounding never depends on it), so the kernel keeps its own.
+// one float32 copy of the filters; TF32: C01B): K (the output pixels) split into ranges whose
+// float32 sums land in the workspace, then added in order (wa_reduce_kernel). partial_sum only
+// sets the order of additions (the value beyond rounding never depends on it), so the kernel
+// keeps its own.
 template <Layout L, typename T>
 std::optional<cudaError_t> run_tma_weights(const TmaProblem& pr, const void* x, const void* hid,
                                            void* out, Workspace ws, int nsm, int smem_optin,
                                            cudaStream_t stream) {
-  static_assert(sizeof(T) == 2, "16-bit types");
   constexpr bool c01b = L == Layout::kC01B;
+  static_assert(c01b || sizeof(T) == 2, "TF32 reads C01B's pixels k-contiguous only");
+  constexpr int64_t V = 16 / sizeof(T), E_ = sizeof(T);
   const jcn::Strides4& hs = pr.ys;
-  if (!tma_can_read<L>(pr, x, out, hid, smem_optin)) return std::nullopt;
-  const bool hid_ok = c01b ? hs.n == 1 && hs.x % 8 == 0 && hs.y % 8 == 0 && hs.c % 8 == 0
+  if (!tma_can_read<L, T>(pr, x, out, hid, smem_optin)) return std::nullopt;
+  const bool hid_ok = c01b ? hs.n == 1 && hs.x % V == 0 && hs.y % V == 0 && hs.c % V == 0
                            : dense_nhwc(hs, pr.cout, pr.out_w, pr.out_h);
   const int64_t taps = pr.fh * pr.fw, E = pr.cout * pr.cin * taps;
   const int64_t cap = ws.bytes / (4 * E);  // splits whose sums the workspace holds
   if (!hid_ok || cap < 1 || !aligned(ws.data, 16)) return std::nullopt;
 
-  TmaConvParams kp = tma_params(pr);
+  TmaConvParams kp = tma_params<T>(pr, true);
   kp.ys = {pr.ws.n, pr.ws.c, pr.ws.y, pr.ws.x};
   kp.filter_elems = E;
-  const int64_t columns = taps * kp.cblocks * kTmaBK;
+  const int64_t columns = taps * kp.cblocks * 64;
   const int bn = int(std::min<int64_t>(columns, 256));
   kp.tiles_m = int32_t(cdiv(pr.cout, kTmaBM));
   kp.tiles_n = int32_t(cdiv(columns, bn));
-  const int64_t kblocks = c01b ? pr.out_h * pr.out_w * kp.b_runs : cdiv(kp.m_total, 64);
+  const int64_t kblocks = c01b ? pr.out_h * pr.out_w * kp.b_runs : cdiv(kp.m_total, kTmaK<T>);
   if (kblocks >= (int64_t(1) << 31) || kp.tiles_n >= (int64_t(1) << 20)) return std::nullopt;
   kp.kblocks_total = int32_t(kblocks);
   // Splits: the fewest rounds of tiles over the SMs per unit of work, within the workspace.
@@ -941,16 +967,16 @@ std::optional<cudaError_t> run_tma_weights(const TmaProblem& pr, const void* x, 
 
   CUtensorMap ma, mb;
   CUresult ra, rb;
-  if (c01b) {  // hidden (F, Ho, Wo, B) as (B, Wo, Ho, F): 64 images x 128 filters
+  if (c01b) {  // hidden (F, Ho, Wo, B) as (B, Wo, Ho, F): a k-block of images x 128 filters
     const int64_t dims[4] = {pr.batch, pr.out_w, pr.out_h, pr.cout};
     const int64_t strides[3] = {hs.x, hs.y, hs.c};
-    const int box[4] = {64, 1, 1, kTmaBM};
-    ra = tma_tiled_map<T>(&ma, hid, 4, dims, strides, box, 2 * kp.m_total * pr.cout);
+    const int box[4] = {kTmaK<T>, 1, 1, kTmaBM};
+    ra = tma_tiled_map<T>(&ma, hid, 4, dims, strides, box, E_ * kp.m_total * pr.cout);
     const int64_t idims[4] = {pr.batch, pr.in_w, pr.in_h, pr.cin};
     const int64_t istrides[3] = {pr.xs.x, pr.xs.y, pr.xs.c};
-    const int ibox[4] = {64, 1, 1, kTmaBK};
+    const int ibox[4] = {kTmaK<T>, 1, 1, 64};
     rb = tma_tiled_map<T>(&mb, x, 4, idims, istrides, ibox,
-                          2 * pr.batch * pr.cin * pr.in_h * pr.in_w);
+                          E_ * pr.batch * pr.cin * pr.in_h * pr.in_w);
   } else {  // hidden as a (pixels x F) matrix: 64 pixels x 64 filters; images in im2col mode
     const int64_t dims[2] = {pr.cout, kp.m_total};
     const int64_t strides[1] = {pr.cout};
@@ -964,6 +990,88 @@ std::optional<cudaError_t> run_tma_weights(const TmaProblem& pr, const void* x, 
   if (err != cudaSuccess) return err;
   return launch_reduce<T>(static_cast<const float*>(ws.data), 1, splits, E, nullptr, out, true,
                           true, nsm, stream);
+}
+
+// A float32 (outer, pixels, inner) tensor copied to (inner, pixels, outer)
+// (swap_outer_inner_kernel): NHWC to C01B with outer = batch, inner = channels, and back. Sizes
+// of the copies' grids: outer and inner at most kMaxSwapped.
+constexpr int64_t kMaxSwapped = int64_t(65535) * 32;
+cudaError_t swap_outer_inner(const void* src, void* dst, int64_t outer, int64_t pixels,
+                             int64_t inner, cudaStream_t stream) {
+  const dim3 grid(unsigned(cdiv(inner, 32)), unsigned(cdiv(outer, 32)),
+                  unsigned(std::min<int64_t>(pixels, 65535)));
+  swap_outer_inner_kernel<<<grid, dim3(32, 8), 0, stream>>>(
+      static_cast<const float*>(src), static_cast<float*>(dst), outer, pixels, inner);
+  return cudaGetLastError();
+}
+
+// float32 NHWC weight_acts as TF32: the images and the hidden tensor (dense) copied to C01B
+// (C, H, W, B) at the workspace's start, so that K (the pixels) is k-contiguous, then the C01B
+// kernel with the rest of the workspace for its partial sums (jax_convnet/geometry.py,
+// tf32_weight_acts_copies_bytes, sizes the copies).
+std::optional<cudaError_t> run_tma_weights_nhwc_tf32(const TmaProblem& pr, const void* x,
+                                                     const void* hid, void* out, Workspace ws,
+                                                     int nsm, int smem_optin,
+                                                     cudaStream_t stream) {
+  if (!dense_nhwc(pr.xs, pr.cin, pr.in_w, pr.in_h) ||
+      !dense_nhwc(pr.ys, pr.cout, pr.out_w, pr.out_h) || !aligned(ws.data, 16) ||
+      std::max({pr.batch, pr.cin, pr.cout}) > kMaxSwapped)
+    return std::nullopt;
+  const int64_t x_pixels = pr.in_h * pr.in_w, h_pixels = pr.out_h * pr.out_w;
+  const int64_t x_bytes = round_up(4 * pr.batch * x_pixels * pr.cin, 256);
+  const int64_t h_bytes = round_up(4 * pr.batch * h_pixels * pr.cout, 256);
+  const int64_t filter_bytes = 4 * pr.cin * pr.cout * pr.fh * pr.fw;
+  if (ws.bytes - x_bytes - h_bytes < filter_bytes) return std::nullopt;
+  char* const base = static_cast<char*>(ws.data);
+  float* const xc = reinterpret_cast<float*>(base);
+  float* const hc = reinterpret_cast<float*>(base + x_bytes);
+  TmaProblem pc = pr;
+  pc.xs = {1, x_pixels * pr.batch, pr.in_w * pr.batch, pr.batch};
+  pc.ys = {1, h_pixels * pr.batch, pr.out_w * pr.batch, pr.batch};
+  if (!tma_can_read<Layout::kC01B, float>(pc, xc, out, hc, smem_optin)) return std::nullopt;
+  cudaError_t err;
+  if ((err = swap_outer_inner(x, xc, pr.batch, x_pixels, pr.cin, stream)) != cudaSuccess ||
+      (err = swap_outer_inner(hid, hc, pr.batch, h_pixels, pr.cout, stream)) != cudaSuccess)
+    return err;
+  const Workspace rest{base + x_bytes + h_bytes, ws.bytes - x_bytes - h_bytes};
+  return run_tma_weights<Layout::kC01B, float>(pc, xc, hc, out, rest, nsm, smem_optin, stream);
+}
+
+// float32 C01B filter_acts / image_acts (stride 1) as TF32: X (dense) copied to NHWC at the
+// workspace's start, the NHWC kernel into an NHWC Y after it (the rest of the workspace for the
+// taps' copy), then Y copied to C01B (dense) (jax_convnet/geometry.py, tf32_copies_bytes, sizes
+// the copies).
+template <bool kFlip>
+std::optional<cudaError_t> run_tma_c01b_tf32(const TmaProblem& pr, const void* x, const void* w,
+                                             void* y, Workspace ws, int nsm, int smem_optin,
+                                             cudaStream_t stream) {
+  const int64_t x_pixels = pr.in_h * pr.in_w, y_pixels = pr.out_h * pr.out_w;
+  const auto dense_c01b = [&](const jcn::Strides4& s, int64_t w, int64_t pixels) {
+    return s.n == 1 && s.x == pr.batch && s.y == w * pr.batch && s.c == pixels * pr.batch;
+  };
+  if (!dense_c01b(pr.xs, pr.in_w, x_pixels) || !dense_c01b(pr.ys, pr.out_w, y_pixels) ||
+      !aligned(ws.data, 16) || (kFlip && (pr.sh != 1 || pr.sw != 1)) ||
+      std::max({pr.batch, pr.cin, pr.cout}) > kMaxSwapped)
+    return std::nullopt;
+  const int64_t x_bytes = round_up(4 * pr.batch * x_pixels * pr.cin, 256);
+  const int64_t y_bytes = round_up(4 * pr.batch * y_pixels * pr.cout, 256);
+  const int64_t taps_bytes = kFlip ? 0 : 4 * pr.cin * pr.cout * pr.fh * pr.fw;
+  if (ws.bytes - x_bytes - y_bytes < taps_bytes) return std::nullopt;
+  char* const base = static_cast<char*>(ws.data);
+  float* const xn = reinterpret_cast<float*>(base);
+  float* const yn = reinterpret_cast<float*>(base + x_bytes);
+  TmaProblem pn = pr;
+  pn.xs = {x_pixels * pr.cin, 1, pr.in_w * pr.cin, pr.cin};
+  pn.ys = {y_pixels * pr.cout, 1, pr.out_w * pr.cout, pr.cout};
+  if (!tma_can_read<Layout::kNHWC, float>(pn, xn, w, yn, smem_optin)) return std::nullopt;
+  if (cudaError_t err = swap_outer_inner(x, xn, pr.cin, x_pixels, pr.batch, stream);
+      err != cudaSuccess)
+    return err;
+  const Workspace rest{base + x_bytes + y_bytes, ws.bytes - x_bytes - y_bytes};
+  const std::optional<cudaError_t> done = run_tma<Layout::kNHWC, float, kFlip>(
+      pn, xn, w, yn, rest, nsm, smem_optin, stream);
+  if (!done || *done != cudaSuccess) return done;
+  return swap_outer_inner(yn, y, pr.batch, y_pixels, pr.cout, stream);
 }
 
 // The op for one layout and element type, once geometry and attributes are checked.
@@ -1019,25 +1127,47 @@ ffi::Error run(cudaStream_t stream, Workspace workspace, const jcn::ConvGeometry
     return cuda_error(kOp, "cudaDeviceGetAttribute", err);
   nsm = std::max(nsm, 1);
 
+  // Hopper: the TMA kernels (filter_acts, weight_acts; image_acts at stride 1), for 16-bit
+  // types, and for float32 at default precision (TF32) where both operands are k-contiguous:
+  // filter_acts, image_acts and weight_acts, through copies of the operands that are not
+  // (C01B filter_acts / image_acts through NHWC, NHWC weight_acts through C01B). The FFT path
+  // where it is planned, but after the TF32 TMA kernel, which outruns it where both run (each
+  // path checks that the workspace holds what it needs).
+  constexpr bool kTf32Tma = std::is_same_v<T, float>;
+  const auto run_tma_kernel = [&]() -> std::optional<ffi::Error> {
+    if constexpr (sizeof(T) == 2 || kTf32Tma) {
+      if (cc_major == 9 && cc_minor == 0 && !split) {
+        std::optional<cudaError_t> done;
+        if constexpr (K == OpKind::kWA && kTf32Tma && L == Layout::kNHWC)
+          done = run_tma_weights_nhwc_tf32(tma_problem(OpKind::kFA, g, cp), a, b, out, workspace,
+                                           nsm, smem_optin, stream);
+        else if constexpr (K == OpKind::kWA)
+          done = run_tma_weights<L, T>(tma_problem(OpKind::kFA, g, cp), a, b, out, workspace,
+                                       nsm, smem_optin, stream);
+        else if (K == OpKind::kFA || (g.stride_h == 1 && g.stride_w == 1)) {
+          if constexpr (kTf32Tma && L == Layout::kC01B)
+            done = run_tma_c01b_tf32<K == OpKind::kIA>(tma_problem(K, g, cp), a, b, out,
+                                                       workspace, nsm, smem_optin, stream);
+          else
+            done = run_tma<L, T, K == OpKind::kIA>(tma_problem(K, g, cp), a, b, out, workspace,
+                                                   nsm, smem_optin, stream);
+        }
+        if (done)
+          return *done != cudaSuccess ? cuda_error(kOp, "TMA kernel launch", *done)
+                                      : ffi::Error::Success();
+      }
+    }
+    return std::nullopt;
+  };
+  if constexpr (kTf32Tma) {
+    if (std::optional<ffi::Error> done = run_tma_kernel()) return *done;
+  }
   if (const std::optional<cudaError_t> fft = run_fft<K, L, T>(g, a, b, out, workspace, nsm, stream)) {
     if (*fft != cudaSuccess) return cuda_error(kOp, "FFT path launch", *fft);
     return ffi::Error::Success();
   }
-  // Hopper, 16-bit types: the TMA kernels (filter_acts, weight_acts; image_acts at stride 1).
-  if constexpr (sizeof(T) == 2) {
-    if (cc_major == 9 && cc_minor == 0) {
-      std::optional<cudaError_t> done;
-      if constexpr (K == OpKind::kWA)
-        done = run_tma_weights<L, T>(tma_problem(OpKind::kFA, g, cp), a, b, out, workspace, nsm,
-                                     smem_optin, stream);
-      else if (K == OpKind::kFA || (g.stride_h == 1 && g.stride_w == 1))
-        done = run_tma<L, T, K == OpKind::kIA>(tma_problem(K, g, cp), a, b, out, nsm, smem_optin,
-                                               stream);
-      if (done) {
-        if (*done != cudaSuccess) return cuda_error(kOp, "TMA kernel launch", *done);
-        return ffi::Error::Success();
-      }
-    }
+  if constexpr (!kTf32Tma) {
+    if (std::optional<ffi::Error> done = run_tma_kernel()) return *done;
   }
   if constexpr (K == OpKind::kWA && L == Layout::kNHWC) {
     const std::optional<cudaError_t> padded = run_wa_padding<T>(p, a, workspace, nsm, stream);

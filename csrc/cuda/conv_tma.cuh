@@ -1,15 +1,18 @@
-// Hopper's TMA-fed, warp-specialized implicit GEMMs for 16-bit convolutions (sm_90a), in both
-// layouts: filter_acts, image_acts at stride 1 (the convolution of the hidden tensor with the
-// flipped, transposed taps) and weight_acts.
+// Hopper's TMA-fed, warp-specialized implicit GEMMs for convolutions (sm_90a): filter_acts,
+// image_acts at stride 1 (the convolution of the hidden tensor with the flipped, transposed taps)
+// and weight_acts, in 16-bit types in both layouts, and in float32 as TF32 where TF32's wgmma can
+// read both operands k-contiguous (K-major, its only form): NHWC filter_acts (the taps copied
+// k-contiguous by tf32_taps_kernel first), NHWC image_acts and C01B weight_acts.
 //
+// A k-block is 128 bytes of k: 64 elements of a 16-bit type, 32 floats (kTmaK).
 // filter_acts / image_acts (TmaMode::kForward / kFlipped) see one problem: a forward convolution
 // of X (cin channels) by the taps of W into Y (cout channels): M = output pixels, N = cout, K =
-// taps x cin, walked tap by tap, 64 channels (128 bytes) per k-block. weight_acts (kWeights):
-// M = filters, N = (tap, channel) pairs (64-channel blocks of one tap each), K = output pixels, 64
-// per k-block, split into `splits` ranges whose float32 sums an ordered reduction adds. A block of
+// taps x cin, walked tap by tap, one k-block of channels at a time. weight_acts (kWeights):
+// M = filters, N = (tap, channel) pairs (64-channel blocks of one tap each), K = output pixels, a
+// k-block at a time, split into `splits` ranges whose float32 sums an ordered reduction adds. A block of
 // 384 threads:
 //  - warpgroup 0, the producer: one thread issues the Tensor Memory Accelerator's copies of each
-//    k-block's A (128 x 64) and B (64 x BN) tiles into a ring of STAGES shared-memory stages,
+//    k-block's A (128 rows) and B (BN columns) tiles into a ring of STAGES shared-memory stages,
 //    each guarded by a "full" mbarrier (the copies' bytes landed) and an "empty" one (both
 //    consumers are done with it);
 //  - warpgroups 1 and 2, the consumers: rows 0-63 and 64-127 of the tile, all BN columns, with
@@ -19,21 +22,22 @@
 // in the main loop.
 //
 // Operand A, the X pixels of a tile:
-//  - NHWC: 128 consecutive output pixels (raster order across rows and images), 64 channels each:
-//    one im2col-mode copy per k-block; the tap (r, s) is the copy's offset. The tiles are
+//  - NHWC: 128 consecutive output pixels (raster order across rows and images), a k-block of
+//    channels each: one im2col-mode copy per k-block; the tap (r, s) is the copy's offset. The tiles are
 //    k-contiguous (128-byte swizzled).
 //  - C01B (C, H, W, B): one output row, two output columns, 64 images: per k-block two tiled
 //    copies of a (64 channels x 64 images) box at the tap's input pixel; images contiguous, so the
 //    tiles are M-major (wgmma's transposed A).
 // Operand B, the taps: W is (C, fh, fw, F) or (fh, fw, C, F), filters contiguous.
-//  - filter_acts: B[k = c][n = f]: BN / 64 boxes of 64 filters x 64 channels (N-major).
-//  - image_acts: B[k = f][n = c] at the flipped tap: one box of 64 filters x BN channels
-//    (k-contiguous).
+//  - filter_acts: B[k = c][n = f]: BN / 64 boxes of 64 filters x 64 channels (N-major); TF32:
+//    one box of a k-block of channels x BN filters from the k-contiguous copy (fh, fw, F, C).
+//  - image_acts: B[k = f][n = c] at the flipped tap: one box of a k-block of filters x BN
+//    channels (k-contiguous).
 // weight_acts reads the hidden tensor as A (filters x pixels) and the images as B (pixels x
 // channels, one copy per 64-column block at its tap): NHWC the hidden tensor as a (pixels x F)
 // matrix in boxes of 64 x 64 (M-major) and the images through im2col copies of 64 pixels
-// (N-major); C01B both in boxes of 64 images (k-contiguous): the hidden tensor 128 filters deep,
-// the images 64 channels deep.
+// (N-major); C01B both in boxes of a k-block of images (k-contiguous): the hidden tensor 128
+// filters deep, the images 64 channels deep.
 // The epilogue stores each consumer's accumulators straight to global memory: pairs of elements
 // (C01B pairs neighbouring images through a shuffle), or weight_acts' float32 partial sums.
 #pragma once
@@ -50,7 +54,9 @@ namespace jax_convnet {
 namespace cuda_conv {
 
 constexpr int kTmaThreads = 384;  // a producer warpgroup and two consumer warpgroups
-constexpr int kTmaBM = 128, kTmaBK = 64;
+constexpr int kTmaBM = 128;
+template <typename T>
+constexpr int kTmaK = 128 / int(sizeof(T));  // k elements per k-block
 constexpr int kTmaABytes = kTmaBM * 128;  // A stage: 128 rows of 128 bytes
 constexpr int kTmaStageBudget = 200 * 1024;
 
@@ -75,10 +81,10 @@ enum class TmaMode { kForward, kFlipped, kWeights };
 // tensor's.
 struct TmaConvParams {
   int32_t batch, cin, cout, out_h, out_w, fh, fw, stride_h, stride_w, pad_top, pad_left;
-  int32_t cblocks;  // 64-channel blocks per tap: ceil(cin / 64)
+  int32_t cblocks;  // per tap: k-blocks of channels (weight_acts: 64-channel column blocks)
   int32_t kblocks;  // k-blocks per tile: fh * fw * cblocks (weight_acts: per split but the last)
   int32_t tiles_n, tiles;
-  int32_t b_runs, x_pairs;  // C01B: runs of 64 images, pairs of output columns
+  int32_t b_runs, x_pairs;  // C01B: runs of images (64; weight_acts: a k-block), column pairs
   int64_t m_total;          // batch * out_h * out_w
   Str4 ys;                  // Y's element strides (n, c, y, x); weight_acts: the filters'
   void* y;                  // weight_acts: the float32 partial sums, [split][filter element]
@@ -138,12 +144,22 @@ __device__ __forceinline__ void tma_prefetch_map(const CUtensorMap* map) {
   asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
 }
 
-template <int BN, int kTransA, int kTransB, bool kBf16>
-__device__ __forceinline__ void wgmma_tile_k16(float (&d)[BN / 2], uint64_t da, uint64_t db) {
-  if constexpr (BN == 64) wgmma_m64n64k16<kTransA, kTransB, kBf16>(d, da, db);
-  if constexpr (BN == 128) wgmma_m64n128k16<kTransA, kTransB, kBf16>(d, da, db);
-  if constexpr (BN == 192) wgmma_m64n192k16<kTransA, kTransB, kBf16>(d, da, db);
-  if constexpr (BN == 256) wgmma_m64n256k16<kTransA, kTransB, kBf16>(d, da, db);
+// One wgmma over 32 bytes of k: k16 of a 16-bit type, k8 of TF32.
+template <typename T, int BN, int kTransA, int kTransB>
+__device__ __forceinline__ void wgmma_tile_step(float (&d)[BN / 2], uint64_t da, uint64_t db) {
+  if constexpr (std::is_same_v<T, float>) {
+    static_assert(!kTransA && !kTransB, "TF32 reads K-major operands only");
+    if constexpr (BN == 64) wgmma_m64n64k8_tf32(d, da, db);
+    if constexpr (BN == 128) wgmma_m64n128k8_tf32(d, da, db);
+    if constexpr (BN == 192) wgmma_m64n192k8_tf32(d, da, db);
+    if constexpr (BN == 256) wgmma_m64n256k8_tf32(d, da, db);
+  } else {
+    constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
+    if constexpr (BN == 64) wgmma_m64n64k16<kTransA, kTransB, kBf16>(d, da, db);
+    if constexpr (BN == 128) wgmma_m64n128k16<kTransA, kTransB, kBf16>(d, da, db);
+    if constexpr (BN == 192) wgmma_m64n192k16<kTransA, kTransB, kBf16>(d, da, db);
+    if constexpr (BN == 256) wgmma_m64n256k16<kTransA, kTransB, kBf16>(d, da, db);
+  }
 }
 
 // Where a tile or k-block starts: NHWC image n, output pixel (oy, ox); C01B output pixel
@@ -176,18 +192,18 @@ __device__ __forceinline__ TmaTileOrigin tma_tile_origin(const TmaConvParams& p,
     return tma_pixel(p, int64_t(tm) * kTmaBM);
   }
 }
-// weight_acts' k-block `kb`: NHWC 64 consecutive pixels; C01B one output pixel.
-template <bool kC01B>
+// weight_acts' k-block `kb` of kK pixels: NHWC consecutive ones; C01B kK images of one pixel.
+template <bool kC01B, int kK>
 __device__ __forceinline__ TmaTileOrigin tma_k_block_origin(const TmaConvParams& p, int kb) {
   if constexpr (kC01B) {
     TmaTileOrigin o{};
     const int run = kb % p.b_runs, rest = kb / p.b_runs;
-    o.b0 = run * 64;
+    o.b0 = run * kK;
     o.ox = rest % p.out_w;
     o.oy = rest / p.out_w;
     return o;
   } else {
-    return tma_pixel(p, int64_t(kb) * 64);
+    return tma_pixel(p, int64_t(kb) * kK);
   }
 }
 
@@ -198,6 +214,14 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
   memcpy(&ua, &a, 2);
   memcpy(&ub, &b, 2);
   return uint32_t(ua) | (uint32_t(ub) << 16);
+}
+// Two neighbouring elements at `at` (aligned to both).
+template <typename T>
+__device__ __forceinline__ void store2(T* at, float lo, float hi) {
+  if constexpr (std::is_same_v<T, float>)
+    *reinterpret_cast<float2*>(at) = make_float2(lo, hi);
+  else
+    *reinterpret_cast<uint32_t*>(at) = pack2<T>(lo, hi);
 }
 
 // A tile's place: its split of K (weight_acts), row tile and column tile.
@@ -247,12 +271,16 @@ __global__ void __launch_bounds__(kTmaThreads, 1)
   constexpr int STAGES = Plan::STAGES;
   constexpr bool kC01B = L == Layout::kC01B;
   constexpr bool kFlip = kMode == TmaMode::kFlipped, kWeights = kMode == TmaMode::kWeights;
+  constexpr bool kTf32 = std::is_same_v<T, float>;
+  constexpr int kK = kTmaK<T>;
   // Stage layouts (WgmmaStage): which operands arrive M- / N-major (wgmma's transposed ones).
+  // TF32 filter_acts reads the taps' k-contiguous copy.
   constexpr bool kAMajorM = kWeights ? !kC01B : kC01B;
-  constexpr bool kBMajorN = kWeights ? !kC01B : !kFlip;
-  using SA = WgmmaStage<kAMajorM, 2>;
-  using SB = WgmmaStage<kBMajorN, 2>;
-  static_assert(SA::BK == kTmaBK && SB::BK == kTmaBK, "128 bytes of k per stage");
+  constexpr bool kBMajorN = kTf32 ? false : kWeights ? !kC01B : !kFlip;
+  static_assert(!kTf32 || !kAMajorM, "TF32: NHWC filter_acts / image_acts, C01B weight_acts");
+  using SA = WgmmaStage<kAMajorM, int(sizeof(T))>;
+  using SB = WgmmaStage<kBMajorN, int(sizeof(T))>;
+  static_assert(SA::BK == kK && SB::BK == kK, "128 bytes of k per stage");
 
   extern __shared__ __align__(128) unsigned char smem_raw[];
   const uint32_t base = smem_addr(wgmma_smem(smem_raw));
@@ -290,16 +318,16 @@ __global__ void __launch_bounds__(kTmaThreads, 1)
           const uint32_t a_dst = a_base + stage * kTmaABytes;
           const uint32_t b_dst = b_base + stage * Plan::B_BYTES;
           if constexpr (kWeights) {
-            // A: the hidden tensor, 128 filters x 64 pixels; B: the images at each column
-            // block's tap, 64 pixels x 64 channels.
-            const TmaTileOrigin k = tma_k_block_origin<kC01B>(p, kb);
+            // A: the hidden tensor, 128 filters x kK pixels; B: the images at each column
+            // block's tap, kK pixels x 64 channels.
+            const TmaTileOrigin k = tma_k_block_origin<kC01B, kK>(p, kb);
             const int f0 = t.tm * kTmaBM;
             if constexpr (kC01B) {  // map_a (B, Wo, Ho, F), map_b (B, W, H, C)
               tma_load_tile_4d(a_dst, &map_a, bar, k.b0, k.ox, k.oy, f0);
             } else {  // map_a (F, pixels), map_b im2col (C, W, H, B)
 #pragma unroll
               for (int j = 0; j < 2; ++j)
-                tma_load_tile_2d(a_dst + j * 8192, &map_a, bar, f0 + 64 * j, kb * 64);
+                tma_load_tile_2d(a_dst + j * 8192, &map_a, bar, f0 + 64 * j, kb * kK);
             }
 #pragma unroll
             for (int j = 0; j < BN / 64; ++j) {
@@ -316,7 +344,7 @@ __global__ void __launch_bounds__(kTmaThreads, 1)
                                    uint16_t(r));
             }
           } else {
-            const int tap = kb / p.cblocks, c0 = (kb - tap * p.cblocks) * kTmaBK;
+            const int tap = kb / p.cblocks, c0 = (kb - tap * p.cblocks) * kK;
             const int r = tap / p.fw, s = tap - r * p.fw;
             if constexpr (kC01B) {  // map_a dims (B, W, H, C)
               const int iy = o.oy * p.stride_h + r - p.pad_top;
@@ -330,7 +358,7 @@ __global__ void __launch_bounds__(kTmaThreads, 1)
             }
             // map_b dims: C01B (F, fw, fh, C), NHWC (F, C, fw, fh).
             const int wr = kFlip ? p.fh - 1 - r : r, ws = kFlip ? p.fw - 1 - s : s;
-            if constexpr (kFlip) {  // k = filters (c0), n = channels (n0): one box
+            if constexpr (!kBMajorN) {  // k-contiguous: one box of BN columns (n0)
               if constexpr (kC01B)
                 tma_load_tile_4d(b_dst, &map_b, bar, c0, ws, wr, n0);
               else
@@ -377,9 +405,8 @@ __global__ void __launch_bounds__(kTmaThreads, 1)
         wgmma_fence_operands(d);
         wgmma_fence();
 #pragma unroll
-        for (int ks = 0; ks < kTmaBK / 16; ++ks)
-          wgmma_tile_k16<BN, kAMajorM ? 1 : 0, kBMajorN ? 1 : 0,
-                         std::is_same_v<T, __nv_bfloat16>>(
+        for (int ks = 0; ks < 4; ++ks)  // 32 bytes of k each
+          wgmma_tile_step<T, BN, kAMajorM ? 1 : 0, kBMajorN ? 1 : 0>(
               d, pack_desc(a_st + uint32_t(ks * (SA::kStepBytes >> 4)), a_hi),
               pack_desc(b_st + uint32_t(ks * (SB::kStepBytes >> 4)), b_hi));
         wgmma_commit();
@@ -425,6 +452,7 @@ __global__ void __launch_bounds__(kTmaThreads, 1)
           }
         }
       } else if constexpr (kC01B) {
+        static_assert(!kTf32, "16-bit pairs");
         // Rows are images: lanes g and g ^ 1 swap halves so each stores two neighbouring images.
         const TmaTileOrigin o = tma_tile_origin<kC01B>(p, t.tm);
         const int x = o.ox + cw;
@@ -455,9 +483,7 @@ __global__ void __launch_bounds__(kTmaThreads, 1)
 #pragma unroll
             for (int j = 0; j < BN / 8; ++j) {
               const int f = 8 * j + 2 * q;
-              if (n0 + f < p.cout)
-                *reinterpret_cast<uint32_t*>(row + f) =
-                    pack2<T>(d[4 * j + 2 * h], d[4 * j + 2 * h + 1]);
+              if (n0 + f < p.cout) store2<T>(row + f, d[4 * j + 2 * h], d[4 * j + 2 * h + 1]);
             }
           }
         }
@@ -467,6 +493,49 @@ __global__ void __launch_bounds__(kTmaThreads, 1)
 #elif defined(__CUDA_ARCH__)
   __trap();  // not sm_90a code: the host never launches it here
 #endif  // JCN_WGMMA_DEVICE
+}
+
+// A float32 (O, P, I) tensor copied to (I, P, O): NHWC (B, pixels, C) to C01B (C, pixels, B) and
+// back, for the TF32 kernel, which reads both operands k-contiguous. Through 32 x 32 tiles of
+// (o, i) per pixel; block (32, 8), grid (ceil(I / 32), ceil(O / 32), min(P, 65535)).
+static __global__ void swap_outer_inner_kernel(const float* __restrict__ src,
+                                               float* __restrict__ dst, int64_t outer,
+                                               int64_t pixels, int64_t inner) {
+  __shared__ float tile[32][33];
+  const int64_t i0 = int64_t(blockIdx.x) * 32, o0 = int64_t(blockIdx.y) * 32;
+  for (int64_t p = blockIdx.z; p < pixels; p += gridDim.z) {
+    for (int r = int(threadIdx.y); r < 32; r += 8) {  // rows o, i along the lanes
+      const int64_t o = o0 + r, i = i0 + threadIdx.x;
+      if (o < outer && i < inner) tile[r][threadIdx.x] = src[(o * pixels + p) * inner + i];
+    }
+    __syncthreads();
+    for (int r = int(threadIdx.y); r < 32; r += 8) {  // rows i, o along the lanes
+      const int64_t i = i0 + r, o = o0 + threadIdx.x;
+      if (o < outer && i < inner) dst[(i * pixels + p) * outer + o] = tile[threadIdx.x][r];
+    }
+    __syncthreads();
+  }
+}
+
+// TF32 filter_acts' taps, k-contiguous: W (f, c, r, s) at element strides ws (its filters
+// contiguous, ws.n = 1) copied to dense (fh, fw, F, C), through 32 x 32 tiles of (c, f) per tap.
+// Block (32, 8); grid (ceil(F / 32), ceil(C / 32), fh * fw).
+static __global__ void tf32_taps_kernel(const float* __restrict__ w, float* __restrict__ out,
+                                 int64_t filters, int64_t channels, int fw, Str4 ws) {
+  __shared__ float tile[32][33];
+  const int tap = int(blockIdx.z), r = tap / fw, s = tap - r * fw;
+  const int64_t f0 = int64_t(blockIdx.x) * 32, c0 = int64_t(blockIdx.y) * 32;
+  const float* const src = w + r * ws.y + s * ws.x;
+  for (int i = int(threadIdx.y); i < 32; i += 8) {  // rows c, filters along the lanes
+    const int64_t c = c0 + i, f = f0 + threadIdx.x;
+    if (c < channels && f < filters) tile[i][threadIdx.x] = src[c * ws.c + f];
+  }
+  __syncthreads();
+  float* const dst = out + int64_t(tap) * filters * channels;
+  for (int i = int(threadIdx.y); i < 32; i += 8) {  // rows f, channels along the lanes
+    const int64_t f = f0 + i, c = c0 + threadIdx.x;
+    if (c < channels && f < filters) dst[f * channels + c] = tile[threadIdx.x][i];
+  }
 }
 
 }  // namespace cuda_conv

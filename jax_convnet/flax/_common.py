@@ -1,7 +1,7 @@
 """Argument handling shared by the linen and nnx wrappers.
 
-Flax's arguments are turned into what :func:`jax_convnet.filter_acts` and
-:func:`jax_convnet.max_pool` take (the XLA ``padding=`` convention, as flax uses); sizes and
+Flax's arguments are turned into what :func:`jax_convnet.filter_acts`,
+:func:`jax_convnet.max_pool` and :func:`jax_convnet.avg_pool` take (the XLA ``padding=`` convention, as flax uses); sizes and
 all remaining checks are left to :mod:`jax_convnet.geometry`. Arguments that flax accepts and
 jax_convnet cannot honour raise ``ValueError`` naming the argument.
 """
@@ -18,6 +18,7 @@ from jax import lax
 from .. import conv as _conv
 from .. import geometry as G
 from .. import local as _local
+from .. import norm as _norm
 from .. import pool as _pool
 
 LAYOUTS = G.LAYOUTS
@@ -257,6 +258,49 @@ def max_pool(inputs, window_shape, strides=None, padding="VALID", *, layout="NHW
     y = _pool.max_pool(x, window, stride=strides, padding=padding, layout=layout)
     return unflatten_batch(y, batch)
 
+
+def norm_params(owner: str, **kwargs):
+    """geometry.norm_params, its errors prefixed with ``owner``."""
+    try:
+        return G.norm_params(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{owner}: {e}") from None
+
+
+def response_norm(inputs, size, *, kind, add_scale, pow_scale, min_div, blocked, layout, owner):
+    """cross_map_norm (kind "cross_map") / response_norm ("same_map") on flax-style inputs."""
+    norm_params(owner, size=size, kind=kind, add_scale=add_scale, pow_scale=pow_scale,
+                min_div=min_div, blocked=blocked, layout=layout)
+    x, batch = flatten_batch(inputs, layout, owner)
+    if kind == "cross_map":
+        y = _norm.cross_map_norm(x, size, add_scale=add_scale, pow_scale=pow_scale,
+                                 min_div=min_div, blocked=blocked, layout=layout)
+    else:
+        y = _norm.response_norm(x, size, add_scale=add_scale, pow_scale=pow_scale,
+                                min_div=min_div, layout=layout)
+    return unflatten_batch(y, batch)
+
+
+def check_count_include_pad(value, owner: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{owner}: count_include_pad must be True or False, got {value!r}")
+    return bool(value)
+
+
+def avg_pool(inputs, window_shape, strides=None, padding="VALID", count_include_pad=True, *,
+             layout="NHWC", owner="avg_pool"):
+    """flax.linen.avg_pool's semantics (``strides`` defaults to 1, zero padding, floor rule,
+    ``count_include_pad``) with jax_convnet's avg_pool."""
+    layout = check_layout(layout, owner)
+    window = window_pair(window_shape, "window_shape", owner)
+    strides = stride_pair(strides, "strides", owner)
+    padding = conv_padding(padding, owner)
+    include = check_count_include_pad(count_include_pad, owner)
+    x, batch = flatten_batch(inputs, layout, owner)
+    padding = resolve_same_lower(padding, image_hw(x, layout), window, strides)
+    y = _pool.avg_pool(x, window, stride=strides, padding=padding, count_include_pad=include,
+                       layout=layout)
+    return unflatten_batch(y, batch)
 
 
 # ----------------------------------------------------------------------------- locally connected

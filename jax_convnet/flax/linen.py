@@ -1,4 +1,5 @@
 """``flax.linen`` modules on jax_convnet's ops: :class:`Conv`, :class:`MaxPool`, :func:`max_pool`,
+:class:`AvgPool`, :func:`avg_pool`, :class:`CrossMapNorm`, :class:`ResponseNorm`,
 :class:`ConvLocal`.
 
 ``Conv`` takes ``flax.linen.Conv``'s arguments (2-d, zero padding) and names and shapes its
@@ -37,8 +38,8 @@ from flax.linen.linear import default_kernel_init
 
 from . import _common as C
 
-__all__ = ["Conv", "MaxPool", "max_pool", "ConvLocal", "local_kernel_from_flax",
-           "local_kernel_to_flax"]
+__all__ = ["Conv", "MaxPool", "max_pool", "AvgPool", "avg_pool", "CrossMapNorm", "ResponseNorm",
+           "ConvLocal", "local_kernel_from_flax", "local_kernel_to_flax"]
 
 PaddingLike = Any
 
@@ -155,6 +156,93 @@ class MaxPool(nn.Module):
     def __call__(self, inputs):
         return C.max_pool(inputs, self.window_shape, self.strides, self.padding,
                           layout=self.layout, owner=type(self).__name__)
+
+
+class CrossMapNorm(nn.Module):
+    """``jax_convnet.cross_map_norm`` as a module (no parameters): cuda-convnet's ``cmrnorm``,
+    pylearn2's ``CrossMapNorm``. ``add_scale`` is applied as given (a cuda-convnet cfg ``scale``
+    is ``add_scale * size``). NHWC inputs may have several leading batch axes or none."""
+
+    size: int
+    add_scale: float
+    pow_scale: float
+    min_div: float = 1.0
+    blocked: bool = False
+    layout: str = "NHWC"
+
+    def __post_init__(self):
+        C.norm_params(type(self).__name__, size=self.size, kind="cross_map",
+                      add_scale=self.add_scale, pow_scale=self.pow_scale, min_div=self.min_div,
+                      blocked=self.blocked, layout=self.layout)
+        super().__post_init__()
+
+    def __call__(self, inputs):
+        return C.response_norm(inputs, self.size, kind="cross_map", add_scale=self.add_scale,
+                               pow_scale=self.pow_scale, min_div=self.min_div,
+                               blocked=self.blocked, layout=self.layout,
+                               owner=type(self).__name__)
+
+
+class ResponseNorm(nn.Module):
+    """``jax_convnet.response_norm`` as a module (no parameters): cuda-convnet's ``rnorm``.
+    ``add_scale`` is applied as given (a cuda-convnet cfg ``scale`` is ``add_scale * size**2``).
+    NHWC inputs may have several leading batch axes or none."""
+
+    size: int
+    add_scale: float
+    pow_scale: float
+    min_div: float = 1.0
+    layout: str = "NHWC"
+
+    def __post_init__(self):
+        C.norm_params(type(self).__name__, size=self.size, kind="same_map",
+                      add_scale=self.add_scale, pow_scale=self.pow_scale, min_div=self.min_div,
+                      blocked=False, layout=self.layout)
+        super().__post_init__()
+
+    def __call__(self, inputs):
+        return C.response_norm(inputs, self.size, kind="same_map", add_scale=self.add_scale,
+                               pow_scale=self.pow_scale, min_div=self.min_div, blocked=False,
+                               layout=self.layout, owner=type(self).__name__)
+
+
+def avg_pool(inputs, window_shape, strides=None, padding="VALID", count_include_pad=True, *,
+             layout="NHWC"):
+    """``flax.linen.avg_pool`` with jax_convnet's avg_pool.
+
+    Same semantics: ``strides`` defaults to 1 (not the window), padding is "SAME", "VALID" or
+    explicit (low, high) pairs (padded elements are zeros), sizes follow XLA's floor rule, and each
+    window is divided by its area (``count_include_pad=True``) or by its in-image element count.
+    Sums are taken in float32 and the result keeps the inputs' dtype (flax's
+    ``count_include_pad=False`` returns float32 for 16-bit inputs). NHWC inputs are (B, H, W, C)
+    (more leading batch axes are flattened); ``layout="C01B"`` takes (C, H, W, B). For
+    cuda-convnet's ceil-rule windows use :func:`jax_convnet.avg_pool` itself.
+    """
+    return C.avg_pool(inputs, window_shape, strides, padding, count_include_pad, layout=layout,
+                      owner="avg_pool")
+
+
+class AvgPool(nn.Module):
+    """:func:`avg_pool` as a module (no parameters)."""
+
+    window_shape: int | Sequence[int]
+    strides: None | int | Sequence[int] = None
+    padding: PaddingLike = "VALID"
+    count_include_pad: bool = True
+    layout: str = "NHWC"
+
+    def __post_init__(self):
+        owner = type(self).__name__
+        C.check_layout(self.layout, owner)
+        C.window_pair(self.window_shape, "window_shape", owner)
+        C.stride_pair(self.strides, "strides", owner)
+        C.conv_padding(self.padding, owner)
+        C.check_count_include_pad(self.count_include_pad, owner)
+        super().__post_init__()
+
+    def __call__(self, inputs):
+        return C.avg_pool(inputs, self.window_shape, self.strides, self.padding,
+                          self.count_include_pad, layout=self.layout, owner=type(self).__name__)
 
 
 class ConvLocal(nn.Module):

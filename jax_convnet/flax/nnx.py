@@ -1,4 +1,5 @@
 """``flax.nnx`` modules on jax_convnet's ops: :class:`Conv`, :class:`MaxPool`, :func:`max_pool`,
+:class:`AvgPool`, :func:`avg_pool`, :class:`CrossMapNorm`, :class:`ResponseNorm`,
 :class:`ConvLocal`.
 
 ``Conv`` mirrors ``flax.nnx.Conv``: same arguments (2-d, zero padding), same parameter
@@ -33,7 +34,8 @@ except ImportError:  # pragma: no cover - older layouts of flax
     default_kernel_init = _nnx.initializers.lecun_normal()
     default_bias_init = _nnx.initializers.zeros_init()
 
-__all__ = ["Conv", "MaxPool", "max_pool", "ConvLocal"]
+__all__ = ["Conv", "MaxPool", "max_pool", "AvgPool", "avg_pool", "CrossMapNorm", "ResponseNorm",
+           "ConvLocal"]
 
 _none_data = getattr(_nnx, "data", lambda x: x)
 
@@ -164,6 +166,67 @@ class MaxPool(_nnx.Module):
     def __call__(self, inputs):
         return C.max_pool(inputs, self.window_shape, self.strides, self.padding,
                           layout=self.layout, owner=type(self).__name__)
+
+
+class CrossMapNorm(_nnx.Module):
+    """``jax_convnet.cross_map_norm`` as a module (no parameters); see
+    :class:`jax_convnet.flax.linen.CrossMapNorm`."""
+
+    def __init__(self, size, add_scale, pow_scale, min_div=1.0, blocked=False, *,
+                 layout="NHWC"):
+        C.norm_params(type(self).__name__, size=size, kind="cross_map", add_scale=add_scale,
+                      pow_scale=pow_scale, min_div=min_div, blocked=blocked, layout=layout)
+        self.size, self.add_scale, self.pow_scale = size, add_scale, pow_scale
+        self.min_div, self.blocked, self.layout = min_div, blocked, layout
+
+    def __call__(self, inputs):
+        return C.response_norm(inputs, self.size, kind="cross_map", add_scale=self.add_scale,
+                               pow_scale=self.pow_scale, min_div=self.min_div,
+                               blocked=self.blocked, layout=self.layout,
+                               owner=type(self).__name__)
+
+
+class ResponseNorm(_nnx.Module):
+    """``jax_convnet.response_norm`` as a module (no parameters); see
+    :class:`jax_convnet.flax.linen.ResponseNorm`."""
+
+    def __init__(self, size, add_scale, pow_scale, min_div=1.0, *, layout="NHWC"):
+        C.norm_params(type(self).__name__, size=size, kind="same_map", add_scale=add_scale,
+                      pow_scale=pow_scale, min_div=min_div, blocked=False, layout=layout)
+        self.size, self.add_scale, self.pow_scale = size, add_scale, pow_scale
+        self.min_div, self.layout = min_div, layout
+
+    def __call__(self, inputs):
+        return C.response_norm(inputs, self.size, kind="same_map", add_scale=self.add_scale,
+                               pow_scale=self.pow_scale, min_div=self.min_div, blocked=False,
+                               layout=self.layout, owner=type(self).__name__)
+
+
+def avg_pool(inputs, window_shape, strides=None, padding="VALID", count_include_pad=True, *,
+             layout="NHWC"):
+    """``flax.nnx.avg_pool`` (= ``flax.linen.avg_pool``) with jax_convnet's avg_pool; see
+    :func:`jax_convnet.flax.linen.avg_pool`."""
+    return C.avg_pool(inputs, window_shape, strides, padding, count_include_pad, layout=layout,
+                      owner="avg_pool")
+
+
+class AvgPool(_nnx.Module):
+    """:func:`avg_pool` as a module (no parameters)."""
+
+    def __init__(self, window_shape, strides=None, padding="VALID", count_include_pad=True, *,
+                 layout="NHWC"):
+        owner = type(self).__name__
+        self.layout = C.check_layout(layout, owner)
+        self.window_shape = C.window_pair(window_shape, "window_shape", owner)
+        C.stride_pair(strides, "strides", owner)
+        C.conv_padding(padding, owner)
+        self.count_include_pad = C.check_count_include_pad(count_include_pad, owner)
+        self.strides = strides
+        self.padding = padding
+
+    def __call__(self, inputs):
+        return C.avg_pool(inputs, self.window_shape, self.strides, self.padding,
+                          self.count_include_pad, layout=self.layout, owner=type(self).__name__)
 
 
 class ConvLocal(_nnx.Module):
