@@ -97,7 +97,7 @@ def main(argv=None):
           f"{meta['reps']} reps" + (f", merged from {len(args.json)} runs" if len(args.json) > 1
                                     else "") + "\n")
     conv = [r for r in rows if r["kind"] == "conv"]
-    pool = [r for r in rows if r["kind"] == "pool"]
+    pool = [r for r in rows if r["kind"] in ("pool", "avgpool")]
     if conv:
         print("\n".join(conv_table(conv)) + "\n")
     if pool:

@@ -240,4 +240,31 @@ for layout in ("C01B", "NHWC"):
                      lambda x: jcn.response_norm(x, 3, **kw)):
             y, vjp = jax.vjp(norm, x)
             jax.block_until_ready((norm(x), y, jax.jvp(norm, (x,), (x,))[1], vjp(y)[0]))
+
+# Average pools: the unrolled 2x2 / 3x3 forward and the runtime window, vector (inner 32) and
+# scalar (inner 5) lanes, clipped (ceil rule) and padded edges, both divisors, the gradient.
+for layout in ("C01B", "NHWC"):
+    for dtype in (jnp.float32, jnp.bfloat16):
+        for inner in (32, 5):
+            x = jax.random.normal(key, jcn.geometry.image_shape(layout, inner, inner, 13, 12),
+                                  dtype)
+            for ds, kw in ((3, dict(stride=2)), (2, {}), ((4, 5), dict(stride=(3, 1), start=1)),
+                           (3, dict(stride=2, padding="SAME", count_include_pad=False))):
+                y, vjp = jax.vjp(lambda x: jcn.avg_pool(x, ds, layout=layout, **kw), x)
+                jax.block_until_ready((y, vjp(y)[0]))
+
+# Locally connected layers (csrc/cuda/local.cu): all three ops, both layouts, float32 and
+# bfloat16; partial tiles in every dimension (37 images, 20 channels, 35 filters), padding, a
+# ceil-rule overhang, and a stride larger than the filter (image pixels no filter reads).
+for layout in ("C01B", "NHWC"):
+    for dtype in (jnp.float32, jnp.bfloat16):
+        for hw, window, kw in (((9, 8), (3, 3), dict(pad=1)),
+                               ((11, 10), (2, 3), dict(pad=(1, 0), stride=(3, 2)))):
+            out_hw = jcn.filter_acts_output_size(hw, window, **kw)
+            x = jax.random.normal(key, jcn.geometry.image_shape(layout, 37, 20, *hw), dtype)
+            w = jax.random.normal(key, jcn.geometry.local_filter_shape(layout, out_hw, 35, 20,
+                                                                       *window), dtype)
+            loss = lambda x, w: jnp.sum(jcn.local_filter_acts(
+                x, w, layout=layout, **kw).astype(jnp.float32) ** 2)
+            jax.block_until_ready(jax.jit(jax.grad(loss, (0, 1)))(x, w))
 print("subset ok")

@@ -1,6 +1,7 @@
 """Benchmark jax_convnet's ops against XLA's on the current device.
 
-    python -m jax_convnet.benchmark [--quick] [--ops conv,pool,norm] [--filter L1/] [--out DIR]
+    python -m jax_convnet.benchmark [--quick] [--ops conv,pool,avgpool,norm] [--filter L1/]
+                                    [--out DIR]
     python -m jax_convnet.benchmark --nets [--batch N] [--alexnet-size PX] [--out DIR]
     python -m jax_convnet.benchmark --nets --devices 2,4,8 [--batch N] ...
     jax-convnet-benchmark ...
@@ -15,12 +16,20 @@ layouts, forward, backward as ``jax.grad`` runs it, and "train": forward + backw
 ``jax.value_and_grad`` runs them in a training step (printed with its floor: the bytes the design
 must move, images read and pooled values and winners written forward, cotangents and winners read
 and image gradient written backward, at the copy rate of the same run); XLA runs
-``lax.reduce_window``.
+``lax.reduce_window``. Average pools ("avgpool" rows) run on the same shapes, windows, dtypes and
+layouts: ``avg_pool`` against XLA's ``lax.reduce_window`` sum divided by the window area (as
+``flax.linen.avg_pool`` computes it); their bytes are images read and pooled values written
+forward, cotangents read and image gradient written backward (no winners).
 On the CPU a small set (32x32 and 16x16 images, 5x5 filters, batch 64; a 2x2 and a 3x3/2 pool).
 ``--ops norm`` (not in the default set): the response norms of AlexNet (cmrnorm size 5 on
 96x55x55 and 256x27x27, batch 128) and the CIFAR-10 nets (rnorm 3 on 32x16x16, cmrnorm 9 on
 64x16x16), float32 and bfloat16, both layouts, forward and "train" (with its floor, as the pools'),
 against the pure-lax reference (a ``lax.reduce_window`` sum) as XLA compiles it.
+``--ops local``: the locally connected layers of cuda-convnet's CIFAR-10 11% net (local3, local4:
+3x3 filters on 8x8 images, 64 and 32 channels, 32 filters, batch 128; 32 on the CPU), fprop,
+bprop_data and bprop_filter of ``local_filter_acts`` against ``lax.conv_general_dilated_local``
+(the conv rows' configs and layouts; each given the filters in its own layout, so our
+bprop_filter includes rearranging its gradient into lax's).
 
 Each function is compiled, warmed up and timed as the median of ``--reps`` measurements. On a GPU
 the function is repeated n and 2n times inside one executable and the time per call is the
@@ -82,6 +91,7 @@ from jax import lax
 import jax_convnet as jcn
 from jax_convnet import geometry as G
 from jax_convnet._layers import CPU_LAYERS, CPU_NORMS, CPU_POOLS, GPU_LAYERS, GPU_NORMS, GPU_POOLS
+from jax_convnet._layers import CPU_LOCAL_LAYERS, GPU_LOCAL_LAYERS
 
 GPU_QUICK_LAYERS = ("L2", "L5", "alex2")
 GPU_QUICK_POOLS = ("alexpool1", "vggpool")
@@ -103,7 +113,7 @@ _DIMENSION_NUMBERS = {"NHWC": ("NHWC", "HWIO", "NHWC"), "C01B": ("CHWN", "IHWO",
 class Row:
     """One benchmark row: builds its inputs and the two functions to time on demand."""
     name: str
-    kind: str  # "conv" | "pool" | "norm"
+    kind: str  # "conv" | "pool" (max pool) | "avgpool" | "norm" | "local"
     op: str
     layer: str
     layout: str
@@ -119,7 +129,7 @@ class Row:
                     shape=list(self.shape))
 
 
-def build_rows(device_platform: str, *, quick=False, ops=("conv", "pool"), batch=None,
+def build_rows(device_platform: str, *, quick=False, ops=("conv", "pool", "avgpool"), batch=None,
                filters=None) -> list[Row]:
     gpu = device_platform != "cpu"
     rows = []
@@ -141,7 +151,8 @@ def build_rows(device_platform: str, *, quick=False, ops=("conv", "pool"), batch
                         rows.append(Row(f"conv/{layer}/{op}/{config}/{layout}", "conv", op, layer,
                                         layout, dtype, config, shape,
                                         ("conv", layer, layout, dtype, shape)))
-    if "pool" in ops:
+    pool_kinds = [kind for kind in ("pool", "avgpool") if kind in ops]
+    if pool_kinds:
         pools = GPU_POOLS if gpu else CPU_POOLS
         if gpu and quick:
             pools = {k: v for k, v in pools.items() if k in GPU_QUICK_POOLS}
@@ -151,12 +162,13 @@ def build_rows(device_platform: str, *, quick=False, ops=("conv", "pool"), batch
                 nchw = (batch,) + nchw[1:]
             for config in dtypes:
                 for layout in LAYOUTS:  # consecutive rows share their inputs
-                    for ds, stride in windows:
-                        for op in ("fwd", "bwd", "train"):
-                            name = f"pool/{layer}/{ds}x{ds}s{stride}/{op}/{config}/{layout}"
-                            rows.append(Row(name, "pool", op, layer, layout, POOL_DTYPES[config],
-                                            config, nchw + (ds, stride),
-                                            ("pool", layer, layout, config, nchw)))
+                    for kind in pool_kinds:
+                        for ds, stride in windows:
+                            for op in ("fwd", "bwd", "train"):
+                                name = f"{kind}/{layer}/{ds}x{ds}s{stride}/{op}/{config}/{layout}"
+                                rows.append(Row(name, kind, op, layer, layout,
+                                                POOL_DTYPES[config], config, nchw + (ds, stride),
+                                                ("pool", layer, layout, config, nchw)))
     if "norm" in ops:
         norms = GPU_NORMS if gpu else CPU_NORMS
         dtypes = ["f32"] if (quick and not gpu) else list(POOL_DTYPES)
@@ -171,6 +183,18 @@ def build_rows(device_platform: str, *, quick=False, ops=("conv", "pool"), batch
                             rows.append(Row(f"norm/{layer}/{op}/{config}/{layout}", "norm", op,
                                             layer, layout, POOL_DTYPES[dtype], config, tuple(spec),
                                             ("norm", layer, layout, dtype, tuple(spec))))
+    if "local" in ops:  # locally connected layers: conv's configs, ops and shapes
+        configs = (["f32", "bf16"] if quick else list(CONV_CONFIGS)) if gpu else ["f32"]
+        for layer, shape in (GPU_LOCAL_LAYERS if gpu else CPU_LOCAL_LAYERS).items():
+            if batch:
+                shape = (batch,) + shape[1:]
+            for layout in LAYOUTS:
+                for config in configs:
+                    dtype = CONV_CONFIGS[config][0]
+                    for op in ("fprop", "bprop_data", "bprop_filter"):
+                        rows.append(Row(f"local/{layer}/{op}/{config}/{layout}", "local", op,
+                                        layer, layout, dtype, config, shape,
+                                        ("local", layer, layout, dtype, shape)))
     if filters:
         rows = [r for r in rows if any(f in r.name for f in filters)]
     return rows
@@ -194,6 +218,14 @@ def make_inputs(row: Row):
             jnp.asarray(0.05, row.dtype)
         g = _normal(k3, G.image_shape(row.layout, n, f, oh, ow), row.dtype)
         return x, filt, g
+    if row.kind == "local":  # (x, our filters, g, the same filters as lax's local kernel)
+        n, c, h, w, f, fh, fw, stride, pad = row.shape
+        out_hw = jcn.filter_acts_output_size((h, w), (fh, fw), stride=stride, pad=pad)
+        x = _normal(k1, G.image_shape(row.layout, n, c, h, w), row.dtype)
+        filt = _normal(k2, G.local_filter_shape(row.layout, out_hw, f, c, fh, fw), row.dtype) * \
+            jnp.asarray(0.05, row.dtype)
+        g = _normal(k3, G.image_shape(row.layout, n, f, *out_hw), row.dtype)
+        return x, filt, g, _lax_local_kernel(filt, row.layout)
     if row.kind == "norm":
         n, c, h, w = row.shape[1:5]
         return (_normal(k1, G.image_shape(row.layout, n, c, h, w), row.dtype),)
@@ -201,8 +233,52 @@ def make_inputs(row: Row):
     return (_normal(k1, G.image_shape(row.layout, n, c, h, w), row.dtype),)
 
 
+def _lax_local_kernel(filters, layout):
+    """Our locally connected filters as lax.conv_general_dilated_local's kernel
+    (Ho, Wo, C * fh * fw, F), rows in (c, i, j) order: C01B's filters reshaped."""
+    if layout == "NHWC":
+        filters = jnp.transpose(filters, (0, 1, 4, 2, 3, 5))
+    return filters.reshape(*filters.shape[:2], -1, filters.shape[-1])
+
+
+def _local_functions(row: Row, inputs):
+    """Locally connected rows: ours (local_filter_acts) against lax.conv_general_dilated_local,
+    each given the filters in its own layout. bprop_filter returns lax's kernel layout, so ours
+    includes the rearrangement of its gradient (a transpose in NHWC, a reshape in C01B)."""
+    n, c, h, w, f, fh, fw, stride, pad = row.shape
+    _, ours_prec, xla_prec = CONV_CONFIGS[row.config]
+    out_hw = jcn.filter_acts_output_size((h, w), (fh, fw), stride=stride, pad=pad)
+    pads = G.conv_padding((h, w), (fh, fw), stride, pad, None)[1]
+    flop = 2 * n * f * out_hw[0] * out_hw[1] * c * fh * fw
+    dimension_numbers = (_DIMENSION_NUMBERS[row.layout][0], "HWIO",
+                         _DIMENSION_NUMBERS[row.layout][2])
+
+    def ours(x, k):
+        return jcn.local_filter_acts(x, k, stride=stride, pad=pad, layout=row.layout,
+                                     precision=ours_prec)
+
+    def xla(x, k):
+        return lax.conv_general_dilated_local(x, k, (stride, stride), pads, (fh, fw),
+                                              dimension_numbers=dimension_numbers,
+                                              precision=xla_prec)
+
+    x, k, g, k_lax = inputs
+    if row.op == "fprop":
+        return (lambda x, k, k_lax: ours(x, k)), (lambda x, k, k_lax: xla(x, k_lax)), \
+            (x, k, k_lax), flop
+    if row.op == "bprop_data":
+        wrap = lambda conv: lambda x, k, g: jax.vjp(lambda x: conv(x, k), x)[1](g)[0]
+        return (lambda x, k, k_lax, g: wrap(ours)(x, k, g)), \
+            (lambda x, k, k_lax, g: wrap(xla)(x, k_lax, g)), (x, k, k_lax, g), flop
+    wrap = lambda conv: lambda x, k, g: jax.vjp(lambda k: conv(x, k), k)[1](g)[0]
+    return (lambda x, k, k_lax, g: _lax_local_kernel(wrap(ours)(x, k, g), row.layout)), \
+        (lambda x, k, k_lax, g: wrap(xla)(x, k_lax, g)), (x, k, k_lax, g), flop
+
+
 def row_functions(row: Row, inputs, partial_sum=None):
     """(ours, xla, args, work): two functions of ``args`` and the flop / byte count."""
+    if row.kind == "local":
+        return _local_functions(row, inputs)
     if row.kind == "conv":
         n, c, h, w, f, fh, fw, stride, pad = row.shape
         pads = ((pad, pad), (pad, pad))
@@ -233,24 +309,38 @@ def row_functions(row: Row, inputs, partial_sum=None):
     n, c, h, w, ds, stride = row.shape
     itemsize = np.dtype(jnp.dtype(row.dtype)).itemsize
     (x,) = inputs
+    window = [1] * 4
+    strides = [1] * 4
+    ax = G.image_axes(row.layout)
+    window[ax["h"]] = window[ax["w"]] = ds
+    strides[ax["h"]] = strides[ax["w"]] = stride
 
-    def ours(x):
-        return jcn.max_pool(x, ds, stride=stride, padding="VALID", layout=row.layout)
+    if row.kind == "avgpool":
+        def ours(x):
+            return jcn.avg_pool(x, ds, stride=stride, padding="VALID", layout=row.layout)
 
-    def xla(x):
-        window = [1] * 4
-        strides = [1] * 4
-        ax = G.image_axes(row.layout)
-        window[ax["h"]] = window[ax["w"]] = ds
-        strides[ax["h"]] = strides[ax["w"]] = stride
-        return lax.reduce_window(x, -jnp.inf, lax.max, tuple(window),
-                                 tuple(strides), "VALID")
+        def xla(x):  # flax.linen.avg_pool's formula
+            return lax.reduce_window(x, 0.0, lax.add, tuple(window), tuple(strides),
+                                     "VALID") / (ds * ds)
+    else:
+        def ours(x):
+            return jcn.max_pool(x, ds, stride=stride, padding="VALID", layout=row.layout)
+
+        def xla(x):
+            return lax.reduce_window(x, -jnp.inf, lax.max, tuple(window),
+                                     tuple(strides), "VALID")
 
     nx = n * c * h * w
     ny = math.prod(jax.eval_shape(ours, x).shape)
     if row.op == "fwd":
         return ours, xla, (x,), (nx + ny) * itemsize
     g = _normal(jax.random.key(1), jax.eval_shape(ours, x).shape, row.dtype)
+    if row.kind == "avgpool":  # bytes: x, y forward; g, dx backward (itemsize each)
+        if row.op == "train":
+            wrap = lambda pool: lambda x, g: jax.value_and_grad(lambda x: jnp.vdot(pool(x), g))(x)
+            return wrap(ours), wrap(xla), (x, g), 2 * (nx + ny) * itemsize
+        wrap = lambda pool: lambda x, g: jax.grad(lambda x: jnp.vdot(pool(x), g))(x)
+        return wrap(ours), wrap(xla), (x, g), (nx + ny) * itemsize
     if row.op == "train":  # bytes: x, dx, y, g (itemsize each); winners written and read
         wrap = lambda pool: lambda x, g: jax.value_and_grad(lambda x: jnp.vdot(pool(x), g))(x)
         winner_bytes = 1 if ds * ds <= 256 else 4
@@ -928,8 +1018,10 @@ def parse_args(argv=None):
         prog="python -m jax_convnet.benchmark", description=__doc__.split("\n\n")[0],
         formatter_class=_HelpFormatter)
     p.add_argument("--quick", action="store_true", help="a smaller set of rows")
-    p.add_argument("--ops", default="conv,pool",
-                   help="comma-separated: conv, pool, norm (cross_map_norm / response_norm)")
+    p.add_argument("--ops", default="conv,pool,avgpool",
+                   help="comma-separated: conv, pool (max pool), avgpool, norm (cross_map_norm / "
+                        "response_norm), local (the CIFAR-10 11%% net's locally connected "
+                        "layers)")
     p.add_argument("--filter", action="append", default=None, metavar="TEXT",
                    help="keep rows whose name contains TEXT (repeat: any of them); names look "
                         "like conv/L1/fprop/f32-highest/NHWC, pool/alexpool1/3x3s2/bwd/bf16/C01B")
@@ -975,9 +1067,10 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     ops = tuple(o.strip() for o in args.ops.split(",") if o.strip())
-    bad = [o for o in ops if o not in ("conv", "pool", "norm")]
+    bad = [o for o in ops if o not in ("conv", "pool", "avgpool", "norm", "local")]
     if bad or not ops:
-        raise SystemExit(f"--ops takes conv, pool and / or norm, got {args.ops!r}")
+        raise SystemExit(f"--ops takes conv, pool, avgpool, norm and / or local, got "
+                         f"{args.ops!r}")
     partial_sum = args.partial_sum
     if partial_sum not in (None, "auto"):
         partial_sum = int(partial_sum)
@@ -1022,7 +1115,7 @@ def main(argv=None):
 
     t_start = time.perf_counter()
     copy_gbps = None
-    if any(r.kind in ("pool", "norm") for r in rows):  # pool and norm rows are judged against it
+    if any(r.kind in ("pool", "avgpool", "norm") for r in rows):  # judged against it
         copy_gbps = measure_copy_gbps(gpu, reps=reps, inner=args.inner)
         print(f"copy bandwidth (read + write): {copy_gbps:.1f} GB/s", flush=True)
     results = []
@@ -1055,7 +1148,7 @@ def main(argv=None):
                 xla_ms = time_fn(xla, fn_args, reps=reps, inner=inner)
             r.update(ms=ms, xla_ms=xla_ms, ratio=xla_ms / ms, max_rel_err=err,
                      compile_s=round(t_ours, 3), xla_compile_s=round(t_xla, 3))
-            if row.kind == "conv":
+            if row.kind in ("conv", "local"):
                 r.update(flop=work, tflops=work / ms / 1e9, xla_tflops=work / xla_ms / 1e9)
                 if args.ref_err or row.config == "f32-highest":
                     r["ref_err"], r["xla_ref_err"] = _float64_reference_errors(

@@ -14,6 +14,13 @@ Four primitives:
 Neither the JVP nor the gradient reads the images. The winners are integers (no derivative), the
 JVP and the gradient are each other's transposes, so derivatives of any order need no other
 primitive.
+
+avg_pool is linear, so two primitives close it under differentiation:
+- ``avg_pool_p(images)``: each window's sum divided by its count (geometry.AvgPoolGeometry); its
+  JVP is itself applied to the tangents, its transpose the gradient;
+- ``avg_pool_grad_p(cotangents, image_hw)``: each image element gets the sum, over the windows
+  that contain it in increasing (oy, ox), of the window's cotangent divided by its count (a
+  gather, no atomics); its transpose is ``avg_pool_p``.
 """
 from __future__ import annotations
 
@@ -32,6 +39,8 @@ max_pool_winners_p = Primitive("jax_convnet_max_pool_winners")
 max_pool_winners_p.multiple_results = True
 max_pool_jvp_p = Primitive("jax_convnet_max_pool_jvp")
 max_pool_grad_p = Primitive("jax_convnet_max_pool_grad")
+avg_pool_p = Primitive("jax_convnet_avg_pool")
+avg_pool_grad_p = Primitive("jax_convnet_avg_pool_grad")
 
 
 def max_pool(images, ds, *, stride=None, start=0, padding=None, layout="C01B"):
@@ -46,6 +55,24 @@ def max_pool(images, ds, *, stride=None, start=0, padding=None, layout="C01B"):
     geom = G.max_pool_geometry(images, ds, stride=stride, start=start, padding=padding,
                                layout=layout)
     return max_pool_p.bind(images, geom=geom)
+
+
+def avg_pool(images, ds, *, stride=None, start=0, padding=None, count_include_pad=True,
+             layout="C01B"):
+    """cuda-convnet's AvgPool over ``ds`` windows every ``stride`` (default ``ds``) pixels.
+
+    Default: cuda-convnet's convention, max_pool's windows (from ``start``, the ceil rule, the last
+    window clipped to the image), each output the mean of its window's in-image elements.
+    ``padding=`` ("SAME", "VALID" or pairs) gives ``flax.linen.avg_pool`` semantics instead: zero
+    padding, the floor rule, a divisor of ``ds[0] * ds[1]`` (``count_include_pad=True``) or the
+    window's in-image element count (``False``; NaN for a window wholly in the padding, as in
+    flax). ``count_include_pad`` matters only with ``padding=``. Sums are taken in float32
+    (float64 for float64) and the result has the images' dtype.
+    """
+    images = G.canonical_operand(images)
+    geom = G.avg_pool_geometry(images, ds, stride=stride, start=start, padding=padding,
+                               count_include_pad=count_include_pad, layout=layout)
+    return avg_pool_p.bind(images, geom=geom)
 
 
 def _pooled_abstract(images, *, geom):
@@ -88,7 +115,19 @@ def _grad_abstract(cotangents, winners, *, geom, image_hw):
     return jax.core.ShapedArray(shape, cotangents.dtype)
 
 
+def _avg_grad_abstract(cotangents, *, geom, image_hw):
+    ax = G.image_axes(geom.layout)
+    shape = G.image_shape(geom.layout, cotangents.shape[ax["n"]], cotangents.shape[ax["c"]],
+                          *image_hw)
+    if geom.output_hw(image_hw) != (cotangents.shape[ax["h"]], cotangents.shape[ax["w"]]):
+        raise ValueError(f"avg_pool cotangents {cotangents.shape} do not fit images of shape "
+                         f"{shape}")
+    return jax.core.ShapedArray(shape, cotangents.dtype)
+
+
 max_pool_p.def_abstract_eval(_pooled_abstract)
+avg_pool_p.def_abstract_eval(_pooled_abstract)
+avg_pool_grad_p.def_abstract_eval(_avg_grad_abstract)
 max_pool_winners_p.def_abstract_eval(_winners_abstract)
 max_pool_jvp_p.def_abstract_eval(_jvp_abstract)
 max_pool_grad_p.def_abstract_eval(_grad_abstract)
@@ -161,6 +200,34 @@ ad.primitive_transposes[max_pool_jvp_p] = _jvp_transpose
 ad.primitive_transposes[max_pool_grad_p] = _grad_transpose
 
 
+# Both are linear: the JVP applies the primitive to the tangents, the transpose is the other one.
+def _linear(primitive):
+    def rule(primals, tangents, **params):
+        out = primitive.bind(*primals, **params)
+        if type(tangents[0]) is ad.Zero:
+            return out, _zero_tangent(out)
+        return out, primitive.bind(tangents[0], **params)
+    return rule
+
+
+def _avg_pool_transpose(ct, images, *, geom):
+    if type(ct) is ad.Zero:
+        return (ad.Zero(images.aval),)
+    return (avg_pool_grad_p.bind(ct, geom=geom, image_hw=_image_hw(images.aval, geom)),)
+
+
+def _avg_grad_transpose(ct, cotangents, *, geom, image_hw):
+    if type(ct) is ad.Zero:
+        return (ad.Zero(cotangents.aval),)
+    return (avg_pool_p.bind(ct, geom=geom),)
+
+
+ad.primitive_jvps[avg_pool_p] = _linear(avg_pool_p)
+ad.primitive_jvps[avg_pool_grad_p] = _linear(avg_pool_grad_p)
+ad.primitive_transposes[avg_pool_p] = _avg_pool_transpose
+ad.primitive_transposes[avg_pool_grad_p] = _avg_grad_transpose
+
+
 # ----------------------------------------------------------------------------- batching
 # Windows never mix batch elements: any mapped axis folds into the batch axis.
 
@@ -181,7 +248,10 @@ def _batch_rule(primitive):
             unmapped = [jax.ShapeDtypeStruct(
                 a.shape if d is None else a.shape[:d] + a.shape[d + 1:], a.dtype)
                 for a, d in zip(args, dims)]
-            out = jax.eval_shape(lambda *xs: primitive.bind(*xs, geom=geom), *unmapped)
+            out = jax.eval_shape(lambda *xs: primitive.bind(*xs, geom=geom, **params),
+                                 *unmapped)
+            if primitive.multiple_results:
+                return [jnp.zeros((0, *o.shape), o.dtype) for o in out], [0] * len(out)
             return jnp.zeros((0, *out.shape), out.dtype), 0
         folded = [_fold_batch(a, d, size, geom.layout) for a, d in zip(args, dims)]
         n_axis = G.image_axes(geom.layout)["n"]
@@ -205,7 +275,9 @@ def _pool_split(primitive):
         operands, result = {max_pool_p: ((images,), pooled),
                             max_pool_winners_p: ((images,), (pooled, pooled)),
                             max_pool_jvp_p: ((images, pooled), pooled),
-                            max_pool_grad_p: ((pooled, pooled), images)}[primitive]
+                            max_pool_grad_p: ((pooled, pooled), images),
+                            avg_pool_p: ((images,), pooled),
+                            avg_pool_grad_p: ((pooled,), images)}[primitive]
         return DimensionRule(operands, result, split=frozenset("bc"))
     return rule
 
@@ -214,7 +286,9 @@ for _p, _ref, _target in (
         (max_pool_p, reference.max_pool_canonical, "jax_convnet_max_pool"),
         (max_pool_winners_p, reference.max_pool_winners_canonical, "jax_convnet_max_pool_winners"),
         (max_pool_jvp_p, reference.max_pool_jvp_canonical, "jax_convnet_max_pool_jvp"),
-        (max_pool_grad_p, reference.max_pool_grad_canonical, "jax_convnet_max_pool_grad")):
+        (max_pool_grad_p, reference.max_pool_grad_canonical, "jax_convnet_max_pool_grad"),
+        (avg_pool_p, reference.avg_pool_canonical, "jax_convnet_avg_pool"),
+        (avg_pool_grad_p, reference.avg_pool_grad_canonical, "jax_convnet_avg_pool_grad")):
     batching.primitive_batchers[_p] = _batch_rule(_p)
     def_impl_via_jit(_p)
     register_lowerings(_p, _target, _ref, dimension_rule=_pool_split(_p))

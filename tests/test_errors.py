@@ -284,11 +284,32 @@ def test_argument_matrix(case):
     lambda m: m.image_acts(H[:, :1, :1], W, (10, 9), stride=2**31 - 1, padding="VALID"),
     lambda m: m.max_pool(X, 2, stride=2**31 - 1, padding="SAME"),
     lambda m: m.max_pool(X, (3, 2), stride=(2**31 - 1, 1), padding=((2, 2**16), (1, 1))),
-], ids=["fa-stride", "fa-padding", "ia-stride", "mp-stride", "mp-padding"])
+    lambda m: m.avg_pool(X, 2, stride=2**31 - 1, padding="SAME"),
+    lambda m: m.avg_pool(X, (3, 2), stride=(2**31 - 1, 1), padding=((2, 2**16), (1, 1)),
+                         count_include_pad=False),
+], ids=["fa-stride", "fa-padding", "ia-stride", "mp-stride", "mp-padding", "ap-stride",
+        "ap-padding"])
 def test_extreme_valid_arguments_run(call):
     """At the edge of the range (strides of 2**31 - 1, large pads) the ops run and agree
     with the reference."""
     np.testing.assert_allclose(call(jcn), call(jcn.reference), rtol=1e-5, atol=1e-5)
+
+
+def test_avg_pool_windows_of_more_than_2_to_the_31_elements():
+    """The divisor window_h * window_w overflows int32; the kernels use int64 (the reference
+    would pad the image to 2**16 x 2**16)."""
+    pads = ((2**16, 2**17 - 10), (2**16, 2**17 - 9))  # windows: padding, the image, padding
+    pool = lambda x, include: jcn.avg_pool(x, 2**16, stride=2**16, padding=pads,
+                                           count_include_pad=include)
+    y = pool(X, True)  # 3 x 3 windows; the middle one holds the whole image
+    assert y.shape == (3, 3, 3, 5)
+    np.testing.assert_allclose(y[:, 1, 1], X.sum(axis=(1, 2)) / 2**32, rtol=1e-5)
+    assert np.count_nonzero(y) == 3 * 5
+    y = pool(X, False)
+    np.testing.assert_allclose(y[:, 1, 1], X.mean(axis=(1, 2)), rtol=1e-5)
+    assert np.count_nonzero(np.isnan(y)) == 8 * 3 * 5
+    dx = jax.vjp(lambda x: pool(x, True), X)[1](jnp.ones(y.shape, y.dtype))[0]
+    np.testing.assert_array_equal(dx, np.full(X.shape, 2.0**-32, np.float32))
 
 
 def test_bad_arguments_are_caught_when_traced():
@@ -320,7 +341,8 @@ def test_numpy_float64_operands_are_canonicalized_like_jax_numpy():
 
 
 @pytest.mark.parametrize("op", ["filter_acts-images", "filter_acts-filters", "filter_acts-both",
-                                "image_acts", "weight_acts", "max_pool", "max_pool-grad"])
+                                "image_acts", "weight_acts", "max_pool", "max_pool-grad",
+                                "avg_pool", "avg_pool-grad"])
 def test_vmap_over_an_empty_axis_gives_an_empty_result(op):
     """As lax does: the mapped axis of size 0 in front, the rest of the shape as for one slice."""
     xs, ws, hs = (jnp.zeros((0, *a.shape), a.dtype) for a in (X, W, H))
@@ -332,6 +354,8 @@ def test_vmap_over_an_empty_axis_gives_an_empty_result(op):
         "weight_acts": (lambda m: jax.vmap(lambda h: m.weight_acts(X, h, (4, 4))), (hs,)),
         "max_pool": (lambda m: jax.vmap(lambda x: m.max_pool(x, 3, stride=2)), (xs,)),
         "max_pool-grad": (lambda m: jax.vmap(jax.grad(lambda x: m.max_pool(x, 2).sum())), (xs,)),
+        "avg_pool": (lambda m: jax.vmap(lambda x: m.avg_pool(x, 3, stride=2)), (xs,)),
+        "avg_pool-grad": (lambda m: jax.vmap(jax.grad(lambda x: m.avg_pool(x, 2).sum())), (xs,)),
     }
     make, args = fns[op]
     got = make(jcn)(*args)
@@ -343,8 +367,8 @@ def test_symbolic_batch_under_jax_export():
     """Shape-polymorphic export with a symbolic batch size (the other sizes concrete): the
     exported forward and gradient run at any batch size and equal the eager result."""
     from jax import export
-    targets = ["filter_acts", "image_acts", "weight_acts", "max_pool", "max_pool_jvp",
-               "max_pool_grad"]
+    targets = ["filter_acts", "image_acts", "weight_acts", "max_pool", "max_pool_winners",
+               "max_pool_jvp", "max_pool_grad"]
     checks = [export.DisabledSafetyCheck.custom_call(f"jax_convnet_{t}") for t in targets]
 
     def f(x, w):

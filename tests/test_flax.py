@@ -234,6 +234,53 @@ def test_max_pool_default_strides_are_one():
     assert cl.max_pool(x, (2, 2)).shape == nn.max_pool(x, (2, 2)).shape == (1, 4, 4, 2)
 
 
+# ----------------------------------------------------------------------------- avg_pool
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("count_include_pad", [True, False])
+@pytest.mark.parametrize("window,strides,padding", POOLS[2:], ids=str)
+def test_avg_pool_matches_flax(window, strides, padding, count_include_pad, layout):
+    x = rand(0, (2, 7, 8, 3))
+    flax_padding = ((padding, padding),) * 2 if isinstance(padding, int) else padding
+    ref = lambda x: nn.avg_pool(x, window, strides, flax_padding, count_include_pad)
+    y_ref = ref(x)
+    g = rand(1, y_ref.shape)
+    dx_ref = jax.jit(jax.grad(lambda x: jnp.vdot(ref(x), g)))(x)
+    x_in, g_in, back = (x, g, lambda y: y) if layout == "NHWC" else (to_c01b(x), to_c01b(g),
+                                                                    from_c01b)
+    args = (window, strides, padding, count_include_pad)
+    pools = [lambda x: cl.avg_pool(x, *args, layout=layout), cl.AvgPool(*args, layout=layout),
+             cn.AvgPool(*args, layout=layout), lambda x: cn.avg_pool(x, *args, layout=layout)]
+    for pool in pools:
+        y = pool(x_in) if not isinstance(pool, nn.Module) else pool.apply({}, x_in)
+        assert_close(back(y), y_ref)
+    apply = lambda x: cl.avg_pool(x, *args, layout=layout)
+    dx = jax.jit(jax.grad(lambda x: jnp.vdot(apply(x), g_in)))(x_in)
+    assert_close(back(dx), dx_ref)
+
+
+def test_avg_pool_defaults_and_unbatched_inputs_as_in_flax():
+    x = rand(0, (2, 5, 5, 3))
+    assert cl.avg_pool(x, (2, 2)).shape == nn.avg_pool(x, (2, 2)).shape == (2, 4, 4, 3)
+    assert_close(cn.AvgPool((3, 2), padding="SAME")(x[0]), nn.avg_pool(x[0], (3, 2), padding="SAME"))
+    assert_close(cl.AvgPool((2, 2), (2, 2), "SAME", False).apply({}, x.reshape(1, 2, 5, 5, 3)),
+                 nn.avg_pool(x, (2, 2), (2, 2), "SAME", False).reshape(1, 2, 3, 3, 3))
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    (dict(window_shape=(2, 2, 2)), "window_shape"), (dict(padding="REFLECT"), "padding"),
+    (dict(layout="NCHW"), "layout"), (dict(count_include_pad=None), "count_include_pad")], ids=str)
+def test_avg_pool_unsupported_arguments(kwargs, name):
+    kwargs = {"window_shape": (2, 2), **kwargs}
+    x = rand(0, X_SHAPE)
+    with pytest.raises(ValueError, match=name):
+        cl.avg_pool(x, **kwargs)
+    with pytest.raises(ValueError, match=name):
+        cl.AvgPool(**kwargs).apply({}, x)
+    with pytest.raises(ValueError, match=name):
+        cn.AvgPool(**kwargs)
+
+
 # ----------------------------------------------------------------------------- errors
 
 UNSUPPORTED = [

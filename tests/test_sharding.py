@@ -113,6 +113,22 @@ def test_pool_splits_batch_and_channels(mesh, layout):
         assert f'custom_call_target="jax_convnet_{target}"' in hlo
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_avg_pool_splits_batch_and_channels(mesh, layout):
+    pool = lambda x: jcn.avg_pool(x, 3, stride=2, layout=layout)
+    x = images(5, layout, 8, 6, 13, 13)
+    g = rand(6, jax.eval_shape(pool, x).shape)
+    xs = put(x, mesh, layout, n="data", c="model")
+    gs = put(g, mesh, layout, n="data", c="model")
+    run = jax.jit(lambda x, g: (pool(x), jax.vjp(pool, x)[1](g)[0]))
+    for got, want in zip(run(xs, gs), one_device(run, x, g)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    hlo = compiled_text(run, xs, gs)
+    assert "all-gather" not in hlo and "all-reduce" not in hlo
+    for target in ("avg_pool", "avg_pool_grad"):
+        assert f'custom_call_target="jax_convnet_{target}"' in hlo
+
+
 def test_a_dimension_splits_only_where_it_divides_evenly(mesh):
     # XLA would pad uneven slices, and padding must never reach a sum (weight_acts' batch).
     rule = DimensionRule(("b h w c", "b o p f"), "i j c f", split=frozenset("cf"),

@@ -12,8 +12,9 @@
 XLA_FFI_REGISTER_ENUM_ATTR_DECODING(jax_convnet::Layout);
 XLA_FFI_REGISTER_ENUM_ATTR_DECODING(jax_convnet::Precision);
 
-// Both parameter structs are decoded from the custom call's flat attribute dictionary with
-// `.Attrs<jax_convnet::ConvParams>()` / `.Attrs<jax_convnet::PoolParams>()`.
+// The parameter structs are decoded from the custom call's flat attribute dictionary with
+// `.Attrs<jax_convnet::ConvParams>()` / `.Attrs<jax_convnet::PoolParams>()` /
+// `.Attrs<jax_convnet::AvgPoolParams>()`.
 XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_convnet::ConvParams,
                                       ::xla::ffi::StructMember<jax_convnet::Layout>("layout"),
                                       ::xla::ffi::StructMember<int64_t>("stride_h"),
@@ -33,6 +34,16 @@ XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_convnet::PoolParams,
                                       ::xla::ffi::StructMember<int64_t>("stride_w"),
                                       ::xla::ffi::StructMember<int64_t>("pad_top"),
                                       ::xla::ffi::StructMember<int64_t>("pad_left"));
+
+XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_convnet::AvgPoolParams,
+                                      ::xla::ffi::StructMember<jax_convnet::Layout>("layout"),
+                                      ::xla::ffi::StructMember<int64_t>("window_h"),
+                                      ::xla::ffi::StructMember<int64_t>("window_w"),
+                                      ::xla::ffi::StructMember<int64_t>("stride_h"),
+                                      ::xla::ffi::StructMember<int64_t>("stride_w"),
+                                      ::xla::ffi::StructMember<int64_t>("pad_top"),
+                                      ::xla::ffi::StructMember<int64_t>("pad_left"),
+                                      ::xla::ffi::StructMember<int64_t>("count_include_pad"));
 
 namespace jax_convnet {
 

@@ -204,6 +204,20 @@ struct PoolGeometry {
   Strides4 image, pooled;
 };
 
+// Canonical attributes of avg_pool and its gradient: PoolParams' and "count_include_pad" (0 or 1).
+// The windows are max_pool's; each window's divisor is window_h * window_w when
+// count_include_pad is 1, else the number of its elements inside the image (which may be 0 for a
+// window wholly in the padding: 0 / 0 gives NaN).
+struct AvgPoolParams {
+  Layout layout;
+  int64_t window_h, window_w, stride_h, stride_w, pad_top, pad_left;
+  int64_t count_include_pad;
+
+  PoolParams windows() const {
+    return PoolParams{layout, window_h, window_w, stride_h, stride_w, pad_top, pad_left};
+  }
+};
+
 inline std::string make_pool_geometry(const PoolParams& p, const int64_t* image_d,
                                       const int64_t* pooled_d, PoolGeometry* g) {
   if (p.layout != Layout::kC01B && p.layout != Layout::kNHWC) return "layout must be 0 or 1";

@@ -32,4 +32,14 @@ inline ffi::Error check_pool_winners_call(const char* op, const PoolParams& p,
   return ffi::Error::Success();
 }
 
+// avg_pool (images -> pooled) and its gradient (pooled cotangents -> image cotangents): the max-pool
+// checks of the windows and buffers, and count_include_pad in {0, 1}.
+inline ffi::Error check_avg_pool_call(const char* op, const AvgPoolParams& p,
+                                      const ffi::AnyBuffer& images, const ffi::AnyBuffer& pooled,
+                                      bool allow_f64, PoolGeometry* g) {
+  if (p.count_include_pad != 0 && p.count_include_pad != 1)
+    return invalid(op, "count_include_pad must be 0 or 1");
+  return check_pool_call(op, p.windows(), images, pooled, allow_f64, g);
+}
+
 }  // namespace jax_convnet

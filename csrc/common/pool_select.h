@@ -62,6 +62,24 @@ JCN_POOL_HD void covering_windows(I lo, I hi, I pad, I window, I stride, I n_out
   *last = l > n_out - 1 ? n_out - 1 : l;
 }
 
+// avg_pool: the number of positions of [start, start + window) inside [0, n) (0 when none).
+template <typename I>
+JCN_POOL_HD I clipped_extent(I start, I window, I n) {
+  const I lo = start < 0 ? I(0) : start;
+  const I hi = start + window < n ? start + window : n;
+  return hi > lo ? hi - lo : I(0);
+}
+
+// avg_pool: the divisor of the window whose first row / col is (y0, x0) (may be outside the
+// image): window_h * window_w with count_include_pad, else its in-image element count.
+template <typename I>
+JCN_POOL_HD I window_divisor(bool count_include_pad, I y0, I x0, I window_h, I window_w, I in_h,
+                             I in_w) {
+  return count_include_pad
+             ? window_h * window_w
+             : clipped_extent<I>(y0, window_h, in_h) * clipped_extent<I>(x0, window_w, in_w);
+}
+
 // Largest |value| of any spatial coordinate / window bound the kernels compute along one axis is
 // below (n_out - 1)*stride + window + |pad| + in. True when that sum is <= lim (no overflow).
 inline bool axis_extent_within(int64_t n_out, int64_t stride, int64_t window, int64_t pad,

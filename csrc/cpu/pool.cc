@@ -1,5 +1,6 @@
 // Max pooling on the CPU: max_pool, max_pool with winners, the JVP and the gradient (see
 // csrc/README.md, "Max pool"). The JVP and the gradient read the winners, never the images.
+// Average pooling and its gradient follow the max-pool kernels (section "Average pooling").
 //
 // Both layouts are handled as one memory pattern [outer][H][W][inner] (C01B: outer = C,
 // inner = B; NHWC: outer = B, inner = C); every inner loop runs over the contiguous `inner`
@@ -26,6 +27,7 @@
 #include <xmmintrin.h>
 #endif
 
+#include "conv_micro_kernel.h"  // isa_cap(): JAX_CONVNET_CPU_ISA
 #include "ffi_common.h"
 #include "pool_checks.h"
 #include "pool_select.h"
@@ -433,6 +435,188 @@ void pool_grad(const T* ct, const K* winners, T* out, const Dims& d) {
 }
 
 // ----------------------------------------------------------------------------------------------
+// Average pooling (see csrc/README.md, "Average pool"). Bit-identical to the CUDA kernels:
+// - forward: each window's in-image elements summed in row-major order starting from 0, in
+//   float32 (float64 for float64), times the reciprocal of its divisor (1 / float(divisor),
+//   rounded to nearest), rounded once to the storage type;
+// - gradient: each image element is 0 + ct(w1) * r(w1) + ct(w2) * r(w2) + ... over the windows
+//   containing it in increasing (oy, ox), r the same reciprocal, each product rounded before it
+//   is added (this file is built with -ffp-contract=off: no fused multiply-add).
+// Both gather: every output element is computed by one thread, its lanes in chunks of kAvgLanes
+// whose accumulators stay in registers.
+
+constexpr int64_t kAvgLanes = 16;
+
+// The reciprocal of window (oy, ox)'s divisor (inf for a divisor of 0).
+template <typename F>
+F avg_reciprocal(const Dims& d, bool count_include_pad, int64_t oy, int64_t ox) {
+  const int64_t count = jcn::pool::window_divisor<int64_t>(
+      count_include_pad, oy * d.sh - d.pt, ox * d.sw - d.pl, d.wh, d.ww, d.H, d.W);
+  return F(1) / F(count);
+}
+
+#if defined(__GNUC__) || defined(__clang__)
+#define JCN_AVG_INLINE inline __attribute__((always_inline))
+#else
+#define JCN_AVG_INLINE inline
+#endif
+
+// acc[i] += p[i] for the first n lanes (N: n known at compile time).
+template <int64_t N, typename T, typename F>
+JCN_AVG_INLINE void add_lanes(F (&acc)[kAvgLanes], const T* __restrict p, int64_t n) {
+  const int64_t m = N > 0 ? N : n;
+  for (int64_t i = 0; i < m; ++i) acc[i] += Num<T>::to_f(p[i]);
+}
+
+// acc[i] += p[i] * r for the first n lanes (the product rounded first: no FMA in this file).
+template <int64_t N, typename T, typename F>
+JCN_AVG_INLINE void add_scaled_lanes(F (&acc)[kAvgLanes], const T* __restrict p, F r, int64_t n) {
+  const int64_t m = N > 0 ? N : n;
+  for (int64_t i = 0; i < m; ++i) acc[i] += Num<T>::to_f(p[i]) * r;
+}
+
+// Forward: out[o][oy][ox][i0 .. i0 + n) for one chunk of lanes; N = n when it is kAvgLanes.
+template <int64_t N, typename T>
+JCN_AVG_INLINE void avg_window(const T* img, T* q, const Dims& d, int64_t o, const Window& w,
+                               typename Num<T>::F rcp, int64_t i0, int64_t n) {
+  using F = typename Num<T>::F;
+  F acc[kAvgLanes] = {};
+  for (int64_t y = w.ys; y < w.ye; ++y)
+    for (int64_t x = w.xs; x < w.xe; ++x)
+      add_lanes<N>(acc, img + ((o * d.H + y) * d.W + x) * d.I + i0, n);
+  const int64_t m = N > 0 ? N : n;
+  for (int64_t i = 0; i < m; ++i) q[i0 + i] = Num<T>::from_f(acc[i] * rcp);
+}
+
+// Forward of output row (o, oy).
+template <typename T>
+JCN_AVG_INLINE void avg_forward_row(const T* img, T* out, const Dims& d, bool count_include_pad,
+                                    int64_t o, int64_t oy) {
+  using F = typename Num<T>::F;
+  for (int64_t ox = 0; ox < d.Wo; ++ox) {
+    const Window w = window_of(d, oy, ox);
+    const F rcp = avg_reciprocal<F>(d, count_include_pad, oy, ox);
+    T* q = out + ((o * d.Ho + oy) * d.Wo + ox) * d.I;
+    int64_t i0 = 0;
+    for (; i0 + kAvgLanes <= d.I; i0 += kAvgLanes)
+      avg_window<kAvgLanes>(img, q, d, o, w, rcp, i0, kAvgLanes);
+    if (i0 < d.I) avg_window<0>(img, q, d, o, w, rcp, i0, d.I - i0);
+  }
+}
+
+// Gradient of image element (o, y, x), lanes [i0, i0 + n): the windows [oy_lo, oy_hi] x
+// [ox_lo, ox_hi] containing it, in increasing (oy, ox); rcp[(oy - oy_lo) * Wo + ox].
+template <int64_t N, typename T>
+JCN_AVG_INLINE void avg_grad_element(const T* ct, T* q, const Dims& d, int64_t o, int64_t oy_lo,
+                                     int64_t oy_hi, int64_t ox_lo, int64_t ox_hi,
+                                     const typename Num<T>::F* rcp, int64_t i0, int64_t n) {
+  using F = typename Num<T>::F;
+  F acc[kAvgLanes] = {};
+  for (int64_t oy = oy_lo; oy <= oy_hi; ++oy)
+    for (int64_t ox = ox_lo; ox <= ox_hi; ++ox)
+      add_scaled_lanes<N>(acc, ct + ((o * d.Ho + oy) * d.Wo + ox) * d.I + i0,
+                          rcp[(oy - oy_lo) * d.Wo + ox], n);
+  const int64_t m = N > 0 ? N : n;
+  for (int64_t i = 0; i < m; ++i) q[i0 + i] = Num<T>::from_f(acc[i]);
+}
+
+// Gradient of image row (o, y), covered by windows [oy_lo, oy_hi]; column x by windows
+// [ox_range[2x], ox_range[2x + 1]].
+template <typename T>
+JCN_AVG_INLINE void avg_grad_row(const T* ct, T* out, const Dims& d, int64_t o, int64_t y,
+                                 int64_t oy_lo, int64_t oy_hi, const typename Num<T>::F* rcp,
+                                 const int64_t* ox_range) {
+  T* q = out + (o * d.H + y) * d.W * d.I;
+  for (int64_t x = 0; x < d.W; ++x) {
+    const int64_t ox_lo = ox_range[2 * x], ox_hi = ox_range[2 * x + 1];
+    int64_t i0 = 0;
+    for (; i0 + kAvgLanes <= d.I; i0 += kAvgLanes)
+      avg_grad_element<kAvgLanes>(ct, q + x * d.I, d, o, oy_lo, oy_hi, ox_lo, ox_hi, rcp, i0,
+                                  kAvgLanes);
+    if (i0 < d.I)
+      avg_grad_element<0>(ct, q + x * d.I, d, o, oy_lo, oy_hi, ox_lo, ox_hi, rcp, i0, d.I - i0);
+  }
+}
+
+// The row kernels compiled for one instruction set: wider vectors, the same arithmetic (and
+// bits) on every ISA. Chosen per call by avg_use_avx2().
+#define JCN_AVG_ISA(NAME, TARGET)                                                              \
+  struct NAME {                                                                                \
+    template <typename T>                                                                      \
+    TARGET static void forward_row(const T* img, T* out, const Dims& d, bool include,          \
+                                   int64_t o, int64_t oy) {                                    \
+      avg_forward_row<T>(img, out, d, include, o, oy);                                         \
+    }                                                                                          \
+    template <typename T>                                                                      \
+    TARGET static void grad_row(const T* ct, T* out, const Dims& d, int64_t o, int64_t y,      \
+                                int64_t oy_lo, int64_t oy_hi, const typename Num<T>::F* rcp,   \
+                                const int64_t* ox_range) {                                     \
+      avg_grad_row<T>(ct, out, d, o, y, oy_lo, oy_hi, rcp, ox_range);                          \
+    }                                                                                          \
+  };
+JCN_AVG_ISA(AvgBaseline, )
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define JCN_AVG_X86 1
+JCN_AVG_ISA(AvgAvx2, __attribute__((target("avx2"))))
+#endif
+#undef JCN_AVG_ISA
+
+// Whether the AVX2 row kernels run: the CPU has AVX2 and JAX_CONVNET_CPU_ISA allows it.
+bool avg_use_avx2() {
+#ifdef JCN_AVG_X86
+  static const bool use = [] {
+    const std::string& limit = jcn::cpu::isa_cap().limit;
+    __builtin_cpu_init();
+    return (limit.empty() || limit == "avx2" || limit == "avx512") &&
+           __builtin_cpu_supports("avx2");
+  }();
+  return use;
+#else
+  return false;
+#endif
+}
+
+template <typename T, typename Isa>
+void avg_pool_forward(const T* img, T* out, const Dims& d, bool count_include_pad) {
+  const int64_t rows = d.O * d.Ho;
+  const int64_t cost =
+      d.Wo * d.I * std::max<int64_t>(1, std::min(d.wh, d.H) * std::min(d.ww, d.W));
+  parallel_for(rows, cost, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r)
+      Isa::template forward_row<T>(img, out, d, count_include_pad, r / d.Ho, r % d.Ho);
+  });
+}
+
+// Gradient, gathered per image row (o, y): the reciprocals of the windows covering row y first,
+// then each element of the row from the windows that contain it.
+template <typename T, typename Isa>
+void avg_pool_grad(const T* ct, T* out, const Dims& d, bool count_include_pad) {
+  using F = typename Num<T>::F;
+  const int64_t rows = d.O * d.H;
+  const int64_t covering_rows = (std::min(d.wh, d.H) + d.sh - 1) / d.sh + 1;
+  const int64_t covering_cols = (std::min(d.ww, d.W) + d.sw - 1) / d.sw + 1;
+  parallel_for(rows, d.W * d.I * covering_rows * covering_cols, [&](int64_t begin, int64_t end) {
+    // at most ceil(wh / sh) windows cover a row (with padding= a window may exceed the image)
+    std::vector<F> rcp(size_t(std::min(d.Ho, (d.wh + d.sh - 1) / d.sh) * d.Wo));
+    // the windows covering each column, the same in every row
+    std::vector<int64_t> ox_range(size_t(2 * d.W));
+    for (int64_t x = 0; x < d.W; ++x)
+      jcn::pool::covering_windows<int64_t>(x, x, d.pl, d.ww, d.sw, d.Wo, &ox_range[size_t(2 * x)],
+                                           &ox_range[size_t(2 * x + 1)]);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t o = r / d.H, y = r % d.H;
+      int64_t oy_lo, oy_hi;
+      jcn::pool::covering_windows<int64_t>(y, y, d.pt, d.wh, d.sh, d.Ho, &oy_lo, &oy_hi);
+      for (int64_t oy = oy_lo; oy <= oy_hi; ++oy)
+        for (int64_t ox = 0; ox < d.Wo; ++ox)
+          rcp[size_t((oy - oy_lo) * d.Wo + ox)] =
+              avg_reciprocal<F>(d, count_include_pad, oy, ox);
+      Isa::template grad_row<T>(ct, out, d, o, y, oy_lo, oy_hi, rcp.data(), ox_range.data());
+    }
+  });
+}
+
+// ----------------------------------------------------------------------------------------------
 // Handlers.
 
 constexpr bool kAllowF64 = true;  // float64 too on the CPU
@@ -528,7 +712,54 @@ ffi::Error MaxPoolGradImpl(ffi::AnyBuffer cotangents, ffi::AnyBuffer winners,
   });
 }
 
+ffi::Error AvgPoolImpl(ffi::AnyBuffer images, ffi::Result<ffi::AnyBuffer> pooled,
+                       jcn::AvgPoolParams p) {
+  jcn::PoolGeometry g;
+  ffi::Error checked = jcn::check_avg_pool_call("avg_pool", p, images, *pooled, kAllowF64, &g);
+  if (checked.failure()) return checked;
+  return with_type(images.element_type(), [&](auto zero) {
+    using T = decltype(zero);
+    const T* in = static_cast<const T*>(images.untyped_data());
+    T* out = static_cast<T*>(pooled->untyped_data());
+#ifdef JCN_AVG_X86
+    if (avg_use_avx2())
+      return avg_pool_forward<T, AvgAvx2>(in, out, dims_of(g), p.count_include_pad == 1);
+#endif
+    avg_pool_forward<T, AvgBaseline>(in, out, dims_of(g), p.count_include_pad == 1);
+  });
+}
+
+ffi::Error AvgPoolGradImpl(ffi::AnyBuffer cotangents,
+                           ffi::Result<ffi::AnyBuffer> image_cotangents, jcn::AvgPoolParams p) {
+  jcn::PoolGeometry g;
+  ffi::Error checked = jcn::check_avg_pool_call("avg_pool_grad", p, *image_cotangents,
+                                                cotangents, kAllowF64, &g);
+  if (checked.failure()) return checked;
+  return with_type(cotangents.element_type(), [&](auto zero) {
+    using T = decltype(zero);
+    const T* in = static_cast<const T*>(cotangents.untyped_data());
+    T* out = static_cast<T*>(image_cotangents->untyped_data());
+#ifdef JCN_AVG_X86
+    if (avg_use_avx2())
+      return avg_pool_grad<T, AvgAvx2>(in, out, dims_of(g), p.count_include_pad == 1);
+#endif
+    avg_pool_grad<T, AvgBaseline>(in, out, dims_of(g), p.count_include_pad == 1);
+  });
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AvgPoolCpu, AvgPoolImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attrs<jax_convnet::AvgPoolParams>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AvgPoolGradCpu, AvgPoolGradImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attrs<jax_convnet::AvgPoolParams>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MaxPoolCpu, MaxPoolImpl,
                               ffi::Ffi::Bind()

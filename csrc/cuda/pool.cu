@@ -1,5 +1,5 @@
 // Max pooling on CUDA: max_pool, max_pool with winners, the JVP and the gradient (see
-// csrc/README.md, "Max pool").
+// csrc/README.md, "Max pool"); average pooling and its gradient in the section "Average pooling".
 //
 // Both layouts are one memory pattern [outer][H][W][inner] (C01B: outer = C, inner = B;
 // NHWC: outer = B, inner = C), `inner` contiguous. Every thread works on a vector of V
@@ -499,6 +499,186 @@ ffi::Error run(cudaStream_t stream, Op op, ffi::DataType t, const jcn::PoolGeome
 }
 
 // ----------------------------------------------------------------------------------------------
+// Average pooling (see csrc/README.md, "Average pool"). Bit-identical to the CPU kernels
+// (csrc/cpu/pool.cc): each window's in-image elements summed in row-major order from 0 in
+// float32, times r = 1 / float(divisor) rounded to nearest (__frcp_rn), rounded once to the
+// storage type; the gradient of an image element is 0 + ct(w1) * r(w1) + ct(w2) * r(w2) + ...
+// over the windows containing it in increasing (oy, ox). Products and sums use the _rn
+// intrinsics so that nvcc never fuses them into an FMA (the CPU rounds each). Out-of-window /
+// out-of-image terms are added as +0.0, which is bit-exact: a sum that starts at +0.0 never
+// becomes -0.0 in round-to-nearest, and x + 0.0 == x for every other x.
+
+// 1 / float(divisor) of the window whose first row / col is (y0, x0); +inf for a divisor of 0.
+// In int64: window_h * window_w may exceed int32 even where the kernel indexes with int32.
+__device__ __forceinline__ float avg_reciprocal(bool include, int64_t y0, int64_t x0,
+                                                int64_t wh, int64_t ww, int64_t h, int64_t w) {
+  const int64_t count = jcn::pool::window_divisor<int64_t>(include, y0, x0, wh, ww, h, w);
+  return __frcp_rn(__ll2float_rn(count));
+}
+
+// Forward: one thread per pooled vector (o, oy, ox, V lanes), its window summed in row-major
+// order. KH / KW > 0: window fixed at compile time (unrolled, out-of-image terms masked to +0.0
+// and loaded from a clamped address); 0: runtime window over the clipped range.
+template <typename T, int V, int KH, int KW, typename Idx>
+__global__ void __launch_bounds__(kThreads)
+    avg_pool_fwd_kernel(const T* __restrict__ img, T* __restrict__ out, const KGeom<Idx> g,
+                        bool include) {
+  using N = Num<T>;
+  const Idx step = Idx(gridDim.x) * Idx(blockDim.x);
+  for (Idx t = Idx(blockIdx.x) * Idx(blockDim.x) + Idx(threadIdx.x); t < g.total; t += step) {
+    const Idx iv = t % g.IV;
+    Idx r = t / g.IV;
+    const Idx ox = r % g.Wo;
+    r /= g.Wo;
+    const Idx oy = r % g.Ho;
+    const Idx o = r / g.Ho;
+    const Idx lane = iv * V;
+
+    const Idx wh = KH > 0 ? Idx(KH) : g.wh;
+    const Idx ww = KW > 0 ? Idx(KW) : g.ww;
+    const Idx y0 = oy * g.sh - g.pt;
+    const Idx x0 = ox * g.sw - g.pl;
+    const Idx i_lo = y0 < 0 ? -y0 : Idx(0);
+    const Idx i_hi = wh < g.H - y0 ? wh : g.H - y0;
+    const Idx j_lo = x0 < 0 ? -x0 : Idx(0);
+    const Idx j_hi = ww < g.W - x0 ? ww : g.W - x0;
+
+    float sum[V];
+#pragma unroll
+    for (int l = 0; l < V; ++l) sum[l] = 0.0f;
+    const Idx i_beg = KH > 0 ? Idx(0) : i_lo, i_end = KH > 0 ? Idx(KH) : i_hi;
+    const Idx j_beg = KW > 0 ? Idx(0) : j_lo, j_end = KW > 0 ? Idx(KW) : j_hi;
+#pragma unroll
+    for (Idx i = i_beg; i < i_end; ++i) {
+      const bool row_ok = i >= i_lo && i < i_hi;
+      const Idx row = (o * g.H + clamp_idx<Idx>(y0 + i, g.H)) * g.W;
+#pragma unroll
+      for (Idx j = j_beg; j < j_end; ++j) {
+        const bool ok = row_ok && j >= j_lo && j < j_hi;
+        const Vec<T, V> v = load_vec<T, V>(img, (row + clamp_idx<Idx>(x0 + j, g.W)) * g.I + lane);
+#pragma unroll
+        for (int l = 0; l < V; ++l) sum[l] = __fadd_rn(sum[l], ok ? N::to_f(v.v[l]) : 0.0f);
+      }
+    }
+    const float rcp = avg_reciprocal(include, int64_t(y0), int64_t(x0), int64_t(g.wh),
+                                     int64_t(g.ww), int64_t(g.H), int64_t(g.W));
+    Vec<T, V> res;
+#pragma unroll
+    for (int l = 0; l < V; ++l) res.v[l] = N::from_f(__fmul_rn(sum[l], rcp));
+    *reinterpret_cast<Vec<T, V>*>(out + t * V) = res;
+  }
+}
+
+// Gradient (gather, no atomics): one thread owns a kTile x kTile tile of image positions for V
+// lanes (as max_pool_grad_kernel), visits the windows covering it in increasing (oy, ox), scales
+// each window's cotangents by its reciprocal once and adds them to the tile positions inside the
+// window (+0.0 to the others: branch-free, the accumulators stay in registers).
+template <typename T, int V, typename Idx>
+__global__ void __launch_bounds__(kThreads)
+    avg_pool_grad_kernel(const T* __restrict__ ct, T* __restrict__ out, const KGeom<Idx> g,
+                         bool include) {
+  const Idx step = Idx(gridDim.x) * Idx(blockDim.x);
+  for (Idx t = Idx(blockIdx.x) * Idx(blockDim.x) + Idx(threadIdx.x); t < g.total; t += step) {
+    const GradTile<Idx> k = grad_tile<V>(t, g);
+    float acc[kTile * kTile][V] = {};
+    for (Idx oy = k.oy_lo; oy <= k.oy_hi; ++oy) {
+      const Idx wy0 = oy * g.sh - g.pt;  // window origin in the image
+      const Idx sy0 = wy0 - k.y0;        // ... relative to the tile
+      for (Idx ox = k.ox_lo; ox <= k.ox_hi; ++ox) {
+        const Idx wx0 = ox * g.sw - g.pl;
+        const Idx sx0 = wx0 - k.x0;
+        const float rcp = avg_reciprocal(include, int64_t(wy0), int64_t(wx0), int64_t(g.wh),
+                                         int64_t(g.ww), int64_t(g.H), int64_t(g.W));
+        const Vec<T, V> c = load_vec<T, V>(ct, ((k.o * g.Ho + oy) * g.Wo + ox) * g.I + k.lane);
+        float scaled[V];
+#pragma unroll
+        for (int l = 0; l < V; ++l) scaled[l] = __fmul_rn(Num<T>::to_f(c.v[l]), rcp);
+#pragma unroll
+        for (int s = 0; s < kTile * kTile; ++s) {
+          const Idx dy = Idx(s / kTile) - sy0, dx = Idx(s % kTile) - sx0;
+          const bool inside = dy >= 0 && dy < g.wh && dx >= 0 && dx < g.ww;
+#pragma unroll
+          for (int l = 0; l < V; ++l) acc[s][l] = __fadd_rn(acc[s][l], inside ? scaled[l] : 0.0f);
+        }
+      }
+    }
+    store_tile<T, V>(acc, k, g, out);
+  }
+}
+
+template <typename T, int V, int KH, int KW, typename Idx>
+void avg_launch(cudaStream_t stream, bool grad, const jcn::PoolGeometry& pg, const T* in, T* out,
+                bool include) {
+  const KGeom<Idx> g = make_kgeom<Idx>(pg, V, grad ? Op::kGrad : Op::kForward);
+  if (grad)
+    avg_pool_grad_kernel<T, V, Idx><<<blocks_for(g), kThreads, 0, stream>>>(in, out, g, include);
+  else
+    avg_pool_fwd_kernel<T, V, KH, KW, Idx>
+        <<<blocks_for(g), kThreads, 0, stream>>>(in, out, g, include);
+}
+
+// As dispatch_window: unrolled 2x2 / 3x3 forward windows with 32-bit indices.
+template <typename T, int V>
+void avg_dispatch(cudaStream_t stream, bool grad, const jcn::PoolGeometry& pg, bool idx32,
+                  const T* in, T* out, bool include) {
+  if (!idx32)
+    avg_launch<T, V, 0, 0, int64_t>(stream, grad, pg, in, out, include);
+  else if (!grad && pg.window_h == 2 && pg.window_w == 2)
+    avg_launch<T, V, 2, 2, int32_t>(stream, grad, pg, in, out, include);
+  else if (!grad && pg.window_h == 3 && pg.window_w == 3)
+    avg_launch<T, V, 3, 3, int32_t>(stream, grad, pg, in, out, include);
+  else
+    avg_launch<T, V, 0, 0, int32_t>(stream, grad, pg, in, out, include);
+}
+
+template <typename T>
+ffi::Error avg_run_typed(cudaStream_t stream, bool grad, const jcn::PoolGeometry& pg,
+                         int64_t image_elems, int64_t pooled_elems, const T* in, T* out,
+                         bool include) {
+  constexpr int kVecFwd = int(kFwdVecBytes / sizeof(T));
+  constexpr int kVecGrad = int(kGradVecBytes / sizeof(T));
+  // Vector path as for max_pool: the contiguous dimension a multiple of V, buffers aligned.
+  auto vec_ok = [&](int v) {
+    auto aligned = [v](const void* p) { return uintptr_t(p) % (uintptr_t(v) * sizeof(T)) == 0; };
+    return jcn::pool::inner_size(pg) % v == 0 && aligned(in) && aligned(out);
+  };
+  const bool idx32 = jcn::pool::fits_int32(pg, image_elems, pooled_elems);
+  if (grad && vec_ok(kVecGrad))
+    avg_dispatch<T, kVecGrad>(stream, grad, pg, idx32, in, out, include);
+  else if (!grad && vec_ok(kVecFwd))
+    avg_dispatch<T, kVecFwd>(stream, grad, pg, idx32, in, out, include);
+  else
+    avg_dispatch<T, 1>(stream, grad, pg, idx32, in, out, include);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess)
+    return ffi::Error::Internal(std::string("jax_convnet avg_pool: kernel launch failed: ") +
+                                cudaGetErrorString(err));
+  return ffi::Error::Success();
+}
+
+// Runs the forward (grad false: in = images, out = pooled) or the gradient (in = pooled
+// cotangents, out = image cotangents) with the storage type of `t`.
+ffi::Error avg_run(cudaStream_t stream, bool grad, ffi::DataType t, const jcn::PoolGeometry& pg,
+                   int64_t image_elems, int64_t pooled_elems, const void* in, void* out,
+                   bool include) {
+  auto typed = [&](auto zero) {
+    using T = decltype(zero);
+    return avg_run_typed<T>(stream, grad, pg, image_elems, pooled_elems,
+                            static_cast<const T*>(in), static_cast<T*>(out), include);
+  };
+  switch (t) {
+    case ffi::DataType::F32:
+      return typed(float{});
+    case ffi::DataType::BF16:
+      return typed(__nv_bfloat16{});
+    case ffi::DataType::F16:
+      return typed(__half{});
+    default:
+      return ffi::Error::InvalidArgument("jax_convnet avg_pool: unsupported dtype");
+  }
+}
+
+// ----------------------------------------------------------------------------------------------
 // Handlers.
 
 int64_t elems(const ffi::AnyBuffer& b) {
@@ -549,7 +729,43 @@ ffi::Error MaxPoolGradImpl(cudaStream_t stream, ffi::AnyBuffer cotangents, ffi::
              winners.untyped_data());
 }
 
+ffi::Error AvgPoolImpl(cudaStream_t stream, ffi::AnyBuffer images,
+                       ffi::Result<ffi::AnyBuffer> pooled, jcn::AvgPoolParams p) {
+  jcn::PoolGeometry g;
+  ffi::Error checked = jcn::check_avg_pool_call("avg_pool", p, images, *pooled, kAllowF64, &g);
+  if (checked.failure()) return checked;
+  return avg_run(stream, false, images.element_type(), g, elems(images), elems(*pooled),
+                 images.untyped_data(), pooled->untyped_data(), p.count_include_pad == 1);
+}
+
+ffi::Error AvgPoolGradImpl(cudaStream_t stream, ffi::AnyBuffer cotangents,
+                           ffi::Result<ffi::AnyBuffer> image_cotangents, jcn::AvgPoolParams p) {
+  jcn::PoolGeometry g;
+  ffi::Error checked = jcn::check_avg_pool_call("avg_pool_grad", p, *image_cotangents,
+                                                cotangents, kAllowF64, &g);
+  if (checked.failure()) return checked;
+  return avg_run(stream, true, cotangents.element_type(), g, elems(*image_cotangents),
+                 elems(cotangents), cotangents.untyped_data(), image_cotangents->untyped_data(),
+                 p.count_include_pad == 1);
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AvgPoolCuda, AvgPoolImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attrs<jax_convnet::AvgPoolParams>(),
+                              {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AvgPoolGradCuda, AvgPoolGradImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attrs<jax_convnet::AvgPoolParams>(),
+                              {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MaxPoolCuda, MaxPoolImpl,
                               ffi::Ffi::Bind()

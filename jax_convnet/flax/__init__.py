@@ -1,7 +1,8 @@
 """Flax wrappers around jax_convnet's ops.
 
-* :mod:`jax_convnet.flax.linen` -- ``Conv``, ``MaxPool`` and ``max_pool`` for ``flax.linen``;
-* :mod:`jax_convnet.flax.nnx` -- ``Conv``, ``MaxPool`` and ``max_pool`` for ``flax.nnx``;
+* :mod:`jax_convnet.flax.linen` -- ``Conv``, ``MaxPool``, ``max_pool``, ``AvgPool`` and
+  ``avg_pool`` for ``flax.linen``;
+* :mod:`jax_convnet.flax.nnx` -- the same for ``flax.nnx``;
 * both: ``CrossMapNorm`` and ``ResponseNorm`` (no parameters; flax has no such layers).
 
 Both take ``flax``'s own arguments (where they make sense for 2-d convolutions with zero
