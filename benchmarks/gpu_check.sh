@@ -6,7 +6,8 @@
 # default). Logs go to $OUT (or ./gpu_check_out). Environment: PYTEST_K (a -k expression),
 # PYTEST_PATHS (test files, relative to tests/; default all), PYTEST_ARGS, BENCH_ARGS,
 # PROFILE_ROWS, PROFILE_KERNELS, PROFILE_LAUNCHES (kernels per row: the FFT path launches 4 per
-# op) and per-stage *_TIMEOUT_S.
+# op), SANITIZE_TOOLS, SANITIZE_KERNELS, JAX_CONVNET_GPU_FUZZ_CONFIGS (tests/test_gpu_fuzz.py)
+# and per-stage *_TIMEOUT_S.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_check_out}; mkdir -p "$OUT"
@@ -32,21 +33,55 @@ test)
   # test in the log and no stop at the first failure: a run cut by its timeout still shows which
   # tests ran and how they ended. With pytest-xdist (on the GPU machine's image), TEST_WORKERS
   # processes share the GPU: the suite's time is mostly XLA compilation, which runs on the CPUs.
+  # --dist loadgroup: tests marked with one xdist_group run in one worker, one after another
+  # (test_gpu_large.py's cases, each of which takes up to about half of the GPU's memory).
   workers=""
-  python3 -c "import xdist" 2>/dev/null && workers="-n ${TEST_WORKERS:-4}"
-  (cd tests && timeout ${TEST_TIMEOUT_S:-330} python3 -m pytest -v --maxfail=20 --durations=15 \
+  if python3 -c "import xdist" 2>/dev/null; then
+    workers="-n ${TEST_WORKERS:-4}"
+    python3 -c "from xdist.scheduler import LoadGroupScheduling" 2>/dev/null \
+      && workers+=" --dist loadgroup"
+  fi
+  (cd tests && timeout ${TEST_TIMEOUT_S:-480} python3 -m pytest -v --maxfail=20 --durations=15 \
      -p no:cacheprovider $workers ${PYTEST_K:+-k "$PYTEST_K"} ${PYTEST_ARGS:-} ${PYTEST_PATHS:-.} \
      >"$OUT/pytest.log" 2>&1); rc=$?
   grep -E "passed|failed|error" "$OUT/pytest.log" | tail -3
   [ $rc -eq 0 ] || { grep -E "^(FAILED|ERROR)|^E " "$OUT/pytest.log" | head -30; status=1; }
   ;;
 sanitize)
-  for tool in ${SANITIZE_TOOLS:-memcheck racecheck}; do
-    step "compute-sanitizer $tool"
-    timeout ${SANITIZE_TIMEOUT_S:-240} compute-sanitizer --tool $tool --error-exitcode 17 \
-      python3 -P benchmarks/sanitize_subset.py >"$OUT/sanitize_$tool.log" 2>&1; rc=$?
-    grep -E "ERROR SUMMARY|RACECHECK SUMMARY|subset ok" "$OUT/sanitize_$tool.log" | tail -3
-    [ $rc -eq 0 ] || { tail -30 "$OUT/sanitize_$tool.log"; status=1; }
+  # compute-sanitizer over benchmarks/sanitize_subset.py (every kernel path at tiny shapes), the
+  # tools in parallel (independent processes, each on its own ports; the time is mostly XLA
+  # compiling on the CPUs). memcheck and initcheck run on JAX's platform allocator: every buffer
+  # its own cudaMalloc, so an access past a buffer, or a read of a buffer (a workspace) that
+  # nothing wrote since its allocation, is seen instead of landing in XLA's memory pool.
+  # initcheck: every kernel instrumented (a kernel it does not instrument writes memory it
+  # cannot see, whose reads it would then report), cudaMemcpy / cudaMemset not checked (XLA's
+  # own copies; --check-api-memory-access no), unused-memory tracking off (its default: the
+  # option takes no value, so never write `--track-unused-memory no`). SANITIZE_KERNELS: a regex
+  # on mangled kernel names limiting memcheck and racecheck to those kernels (ours are all
+  # named *_kernel: SANITIZE_KERNELS=_kernel skips XLA's fusions); empty (default): all.
+  tools=(${SANITIZE_TOOLS:-memcheck racecheck initcheck}); pids=()
+  step "compute-sanitizer ${tools[*]}, in parallel (logs: $OUT/sanitize_<tool>.log)"
+  for i in "${!tools[@]}"; do
+    tool=${tools[$i]}
+    args=(--tool "$tool" --error-exitcode 17 --port $((49152 + 64 * i)))
+    alloc=platform
+    case $tool in
+      initcheck) args+=(--check-api-memory-access no);;
+      racecheck) alloc=;;
+    esac
+    if [ -n "${SANITIZE_KERNELS:-}" ] && [ "$tool" != initcheck ]; then
+      args+=(--kernel-name "regex=$SANITIZE_KERNELS")
+    fi
+    env ${alloc:+XLA_PYTHON_CLIENT_ALLOCATOR=$alloc} timeout ${SANITIZE_TIMEOUT_S:-240} \
+      compute-sanitizer "${args[@]}" python3 -P benchmarks/sanitize_subset.py \
+      >"$OUT/sanitize_$tool.log" 2>&1 &
+    pids+=($!)
+  done
+  for i in "${!tools[@]}"; do
+    wait "${pids[$i]}"; rc=$?
+    echo "--- ${tools[$i]}: exit $rc ($(date +%T))"
+    grep -E "ERROR SUMMARY|RACECHECK SUMMARY|subset ok" "$OUT/sanitize_${tools[$i]}.log" | tail -3
+    [ $rc -eq 0 ] || { tail -30 "$OUT/sanitize_${tools[$i]}.log"; status=1; }
   done
   ;;
 bench)

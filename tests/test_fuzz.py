@@ -43,12 +43,20 @@ def _as_pair(v):
 
 # ----------------------------------------------------------------------------- conv family
 
-def conv_config(index):
-    rng = _rng("conv", index)
+def conv_config(index, *, rng=None, sizes=None, dtypes=FUZZ_DTYPES, max_stride=3):
+    """Configuration ``index`` of the conv family. The keywords draw from another distribution
+    (tests/test_gpu_fuzz.py): ``rng`` instead of this suite's, ``sizes(rng, layout)`` ->
+    (n, c, f, h, w, (smallest, largest) filter side) instead of this suite's small sizes,
+    ``dtypes`` and ``max_stride``."""
+    rng = _rng("conv", index) if rng is None else rng
     layout = str(rng.choice(["C01B", "NHWC"]))
-    n, c, f = (int(rng.integers(1, hi + 1)) for hi in (4, 7, 19))
-    h, w = (int(v) for v in rng.integers(1, 13, 2))
-    stride = _pair(rng, 1, 3)
+    if sizes is None:
+        n, c, f = (int(rng.integers(1, hi + 1)) for hi in (4, 7, 19))
+        h, w = (int(v) for v in rng.integers(1, 13, 2))
+        window = (1, 6)
+    else:
+        n, c, f, h, w, window = sizes(rng, layout)
+    stride = _pair(rng, 1, max_stride)
     kw = dict(layout=layout, stride=stride)
     if rng.random() < 0.5:  # cuda-convnet: symmetric pad, ceil rule
         pad = _pair(rng, 0, 2)
@@ -66,8 +74,8 @@ def conv_config(index):
             pads = tuple(tuple(int(v) for v in rng.integers(0, 4, 2)) for _ in range(2))
             kw["padding"] = pads
             room = [s + sum(p) for s, p in zip((h, w), pads)]
-    fh, fw = (int(rng.integers(1, min(r, 6) + 1)) for r in room)
-    dtype = FUZZ_DTYPES[int(rng.integers(len(FUZZ_DTYPES)))]
+    fh, fw = (int(rng.integers(min(window[0], r), min(r, window[1]) + 1)) for r in room)
+    dtype = dtypes[int(rng.integers(len(dtypes)))]
     out_hw = jcn.filter_acts_output_size((h, w), (fh, fw), stride=stride, pad=kw.get("pad", 0),
                                          padding=kw.get("padding"))
     positions = out_hw[0] * out_hw[1]
@@ -101,42 +109,60 @@ def conv_program(m, cfg):
     return run, image_shape, filter_shape
 
 
+def conv_operands(cfg):
+    """The NumPy operands of conv_program's function (x, w, ct, tx, tw, xs) in the config's
+    dtype. Made and compared in NumPy: eager JAX ops would compile once per new shape."""
+    image_shape = jcn.geometry.image_shape(cfg["kw"]["layout"], cfg["n"], cfg["c"], cfg["h"],
+                                           cfg["w"])
+    filter_shape = jcn.geometry.filter_shape(cfg["kw"]["layout"], cfg["f"], cfg["c"], cfg["fh"],
+                                             cfg["fw"])
+    hidden_shape = jax.eval_shape(lambda x, w: ref.filter_acts(x, w, **cfg["kw"]),
+                                  jax.ShapeDtypeStruct(image_shape, cfg["dtype"]),
+                                  jax.ShapeDtypeStruct(filter_shape, cfg["dtype"])).shape
+    rng = np.random.default_rng(cfg["seed"])
+    shapes = (image_shape, filter_shape, hidden_shape, image_shape, filter_shape,
+              image_shape + (2,))
+    return [rng.standard_normal(s).astype(cfg["dtype"]) for s in shapes]
+
+
+def check_conv_results(got, want, cfg, tol):
+    """Every result of conv_program in the config's dtype, finite, within ``tol`` of the float64
+    reference relative to its largest magnitude (each output element sums up to c*fh*fw
+    (forward), f*fh*fw (image_acts) or n*Ho*Wo (weight_acts) rounded products)."""
+    for name, value in got.items():
+        assert value.dtype == cfg["dtype"] and value.shape == want[name].shape, (name, cfg)
+        actual = np.asarray(value).astype(np.float64)
+        expected = np.asarray(want[name])
+        assert np.all(np.isfinite(actual)), (name, cfg)
+        err = np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-30)
+        assert err <= tol, f"{name}: relative error {err:.3g} > {tol:.3g} in {cfg}"
+
+
 @pytest.mark.parametrize("index", range(CONFIGS))
 def test_conv_family_fuzz(index):
     cfg = conv_config(index)
     dtype = cfg["dtype"]
-    run_ours, image_shape, filter_shape = conv_program(jcn, cfg)
-    run_ref, _, _ = conv_program(ref, cfg)
-    hidden_shape = jax.eval_shape(lambda x, w: ref.filter_acts(x, w, **cfg["kw"]),
-                                  jax.ShapeDtypeStruct(image_shape, dtype),
-                                  jax.ShapeDtypeStruct(filter_shape, dtype)).shape
-    # Operands made and compared in NumPy: eager JAX ops would compile once per new shape.
-    rng = np.random.default_rng(cfg["seed"])
-    shapes = (image_shape, filter_shape, hidden_shape, image_shape, filter_shape,
-              image_shape + (2,))
-    args = [rng.standard_normal(s).astype(dtype) for s in shapes]
-    got = jax.jit(run_ours)(*args)
-    want = jax.jit(run_ref)(*(a.astype(np.float64) for a in args))
-    for name, value in got.items():
-        assert value.dtype == dtype and value.shape == want[name].shape, (name, cfg)
-        actual = np.asarray(value).astype(np.float64)
-        expected = np.asarray(want[name])
-        assert np.all(np.isfinite(actual)), (name, cfg)
-        # Relative to the largest magnitude; each output element sums up to c*fh*fw (forward),
-        # f*fh*fw (image_acts) or n*Ho*Wo (weight_acts) rounded products.
-        err = np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-30)
-        tol = TOLERANCE[jnp.dtype(dtype).type] * (4 if dtype == jnp.float32 else 1)
-        assert err <= tol, f"{name}: relative error {err:.3g} > {tol:.3g} in {cfg}"
+    args = conv_operands(cfg)
+    got = jax.jit(conv_program(jcn, cfg)[0])(*args)
+    want = jax.jit(conv_program(ref, cfg)[0])(*(a.astype(np.float64) for a in args))
+    check_conv_results(got, want, cfg,
+                       TOLERANCE[jnp.dtype(dtype).type] * (4 if dtype == jnp.float32 else 1))
 
 
 # ----------------------------------------------------------------------------- max_pool
 
-def pool_config(index):
-    rng = _rng("pool", index)
+def pool_config(index, *, rng=None, sizes=None, dtypes=FUZZ_DTYPES):
+    """Configuration ``index`` of max_pool; the keywords as conv_config's (``sizes(rng, layout)``
+    -> (n, c, h, w, (smallest, largest) window side))."""
+    rng = _rng("pool", index) if rng is None else rng
     layout = str(rng.choice(["C01B", "NHWC"]))
-    n, c = (int(rng.integers(1, hi + 1)) for hi in (4, 6))
-    h, w = (int(v) for v in rng.integers(1, 14, 2))
-    ds = (int(rng.integers(1, min(h, 4) + 1)), int(rng.integers(1, min(w, 4) + 1)))
+    if sizes is None:
+        n, c = (int(rng.integers(1, hi + 1)) for hi in (4, 6))
+        h, w = (int(v) for v in rng.integers(1, 14, 2))
+        window = (1, 4)
+    else:
+        n, c, h, w, window = sizes(rng, layout)
+    ds = tuple(int(rng.integers(min(window[0], s), min(s, window[1]) + 1)) for s in (h, w))
     kw = dict(layout=layout)
     if rng.random() < 0.5:  # cuda-convnet: 1 <= stride <= ds, 0 <= start, a window in the image
         stride = tuple(int(rng.integers(1, d + 1)) for d in ds)
@@ -147,7 +173,7 @@ def pool_config(index):
         choice = rng.integers(3)
         kw.update(stride=stride, padding=("SAME", "VALID")[choice] if choice < 2 else
                   tuple(tuple(int(v) for v in rng.integers(0, d, 2)) for d in ds))
-    dtype = FUZZ_DTYPES[int(rng.integers(len(FUZZ_DTYPES)))]
+    dtype = dtypes[int(rng.integers(len(dtypes)))]
     # Few distinct values: many ties in a window; sometimes NaN and +-inf.
     levels = int(rng.integers(2, 6))
     return dict(n=n, c=c, h=h, w=w, ds=ds[0] if ds[0] == ds[1] else ds, kw=kw, dtype=dtype,
@@ -165,9 +191,9 @@ def pool_program(m, cfg):
     return run
 
 
-@pytest.mark.parametrize("index", range(CONFIGS))
-def test_max_pool_fuzz(index):
-    cfg = pool_config(index)
+def pool_operands(cfg):
+    """The NumPy operands of pool_program's function (x, t, g, xs) in the config's dtype: few
+    distinct values in x (ties), NaN and +-inf where the config asks."""
     dtype, layout = cfg["dtype"], cfg["kw"]["layout"]
     shape = jcn.geometry.image_shape(layout, cfg["n"], cfg["c"], cfg["h"], cfg["w"])
     rng = np.random.default_rng(cfg["seed"])
@@ -179,11 +205,15 @@ def test_max_pool_fuzz(index):
         x.flat[rng.integers(x.size, size=max(1, x.size // 20))] = -np.inf
     out_shape = jax.eval_shape(lambda x: ref.max_pool(x, cfg["ds"], **cfg["kw"]),
                                jax.ShapeDtypeStruct(shape, dtype)).shape
-    args = [a.astype(dtype) for a in (x, rng.standard_normal(shape),
+    return [a.astype(dtype) for a in (x, rng.standard_normal(shape),
                                       rng.standard_normal(out_shape),
                                       rng.standard_normal((3, *shape)))]
-    got = jax.jit(pool_program(jcn, cfg))(*args)
-    want = jax.jit(pool_program(ref, cfg))(*args)
+
+
+def check_pool_results(got, want, cfg):
+    """pool_program's results against the reference's in the same dtype: the selections (value,
+    JVP, vmap) exactly, the gradient to rounding."""
+    dtype = cfg["dtype"]
     for name in ("y", "ty", "ys"):  # a selection: exact, NaN where the reference has NaN
         np.testing.assert_array_equal(np.asarray(got[name]).astype(np.float64),
                                       np.asarray(want[name]).astype(np.float64),
@@ -195,3 +225,11 @@ def test_max_pool_fuzz(index):
     scale = max(np.nanmax(np.abs(expected), initial=0.0), 1e-30)
     tol = TOLERANCE[jnp.dtype(dtype).type] * 2
     assert np.nanmax(np.abs(actual - expected), initial=0.0) / scale <= tol, cfg
+
+
+@pytest.mark.parametrize("index", range(CONFIGS))
+def test_max_pool_fuzz(index):
+    cfg = pool_config(index)
+    args = pool_operands(cfg)
+    check_pool_results(jax.jit(pool_program(jcn, cfg))(*args),
+                       jax.jit(pool_program(ref, cfg))(*args), cfg)

@@ -1,7 +1,10 @@
 """Tensors past 2**31 elements on the GPU: filter_acts, image_acts, weight_acts and max_pool
 (forward and gradient) on operands and results of more than 2**31 elements, checked against the
-reference run in chunks small enough for any index type. Skipped without a GPU; each case needs
-about 30-40 GB of GPU memory (skipped where the device has less than 64 GB)."""
+reference run in chunks small enough for any index type. Skipped without a GPU, and where the
+process may use less than 64 GB of it. A conv case holds 18 GB of operands and results and, per
+batch element, the float32 reference's copies (and XLA's conv autotuning): about 60-80 GB at its
+peak. Two at once could exhaust a 141 GB card, so under pytest-xdist the cases share one worker
+(xdist_group; benchmarks/gpu_check.sh runs --dist loadgroup) and run one after another."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +14,7 @@ import jax_convnet as jcn
 from jax_convnet import reference as ref
 from conftest import LAYOUTS, has_gpu
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.xdist_group("gpu_large")]
 
 LIMIT = 2**31
 
