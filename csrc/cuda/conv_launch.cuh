@@ -1131,9 +1131,12 @@ ffi::Error run(cudaStream_t stream, Workspace workspace, const jcn::ConvGeometry
   // types, and for float32 at default precision (TF32) where both operands are k-contiguous:
   // filter_acts, image_acts and weight_acts, through copies of the operands that are not
   // (C01B filter_acts / image_acts through NHWC, NHWC weight_acts through C01B). The FFT path
-  // where it is planned, but after the TF32 TMA kernel, which outruns it where both run (each
-  // path checks that the workspace holds what it needs).
+  // where it is planned; for TF32 filter_acts and C01B weight_acts it runs only where the TMA
+  // kernel does not, which outruns it there (each path checks that the workspace holds what it
+  // needs; benchmarks/history/2026-12-02_session10_tf32_tma.md).
   constexpr bool kTf32Tma = std::is_same_v<T, float>;
+  constexpr bool kTmaBeforeFft =
+      kTf32Tma && (K == OpKind::kFA || (K == OpKind::kWA && L == Layout::kC01B));
   const auto run_tma_kernel = [&]() -> std::optional<ffi::Error> {
     if constexpr (sizeof(T) == 2 || kTf32Tma) {
       if (cc_major == 9 && cc_minor == 0 && !split) {
@@ -1159,14 +1162,14 @@ ffi::Error run(cudaStream_t stream, Workspace workspace, const jcn::ConvGeometry
     }
     return std::nullopt;
   };
-  if constexpr (kTf32Tma) {
+  if constexpr (kTmaBeforeFft) {
     if (std::optional<ffi::Error> done = run_tma_kernel()) return *done;
   }
   if (const std::optional<cudaError_t> fft = run_fft<K, L, T>(g, a, b, out, workspace, nsm, stream)) {
     if (*fft != cudaSuccess) return cuda_error(kOp, "FFT path launch", *fft);
     return ffi::Error::Success();
   }
-  if constexpr (!kTf32Tma) {
+  if constexpr (!kTmaBeforeFft) {
     if (std::optional<ffi::Error> done = run_tma_kernel()) return *done;
   }
   if constexpr (K == OpKind::kWA && L == Layout::kNHWC) {
