@@ -149,4 +149,19 @@ for layout in ("C01B", "NHWC"):
                            (3, dict(stride=2, padding="SAME", count_include_pad=False))):
                 y, vjp = jax.vjp(lambda x: jcn.avg_pool(x, ds, layout=layout, **kw), x)
                 jax.block_until_ready((y, vjp(y)[0]))
+
+# Locally connected layers (csrc/cuda/local.cu): all three ops, both layouts, float32 and
+# bfloat16; partial tiles in every dimension (37 images, 20 channels, 35 filters), padding, a
+# ceil-rule overhang, and a stride larger than the filter (image pixels no filter reads).
+for layout in ("C01B", "NHWC"):
+    for dtype in (jnp.float32, jnp.bfloat16):
+        for hw, window, kw in (((9, 8), (3, 3), dict(pad=1)),
+                               ((11, 10), (2, 3), dict(pad=(1, 0), stride=(3, 2)))):
+            out_hw = jcn.filter_acts_output_size(hw, window, **kw)
+            x = jax.random.normal(key, jcn.geometry.image_shape(layout, 37, 20, *hw), dtype)
+            w = jax.random.normal(key, jcn.geometry.local_filter_shape(layout, out_hw, 35, 20,
+                                                                       *window), dtype)
+            loss = lambda x, w: jnp.sum(jcn.local_filter_acts(
+                x, w, layout=layout, **kw).astype(jnp.float32) ** 2)
+            jax.block_until_ready(jax.jit(jax.grad(loss, (0, 1)))(x, w))
 print("subset ok")

@@ -82,3 +82,11 @@ CPU_NORMS = {
     "norm1": NormLayer("cross", 16, 96, 27, 27, 5, 1e-4 / 5, 0.75, 2.0),
     "norm2": NormLayer("same", 16, 32, 16, 16, 3, 5e-5 / 9, 0.75, 1.0),
 }
+# The locally connected layers of cuda-convnet's CIFAR-10 11% net (layers-conv-local-11pct):
+# local3 (64 -> 32 channels) and local4 (32 -> 32), 3x3 filters on 8x8 images, pad 1; one filter
+# bank per output position. The CPU set runs them at a quarter of the batch.
+GPU_LOCAL_LAYERS = {
+    "local3": ConvLayer(128, 64, 8, 8, 32, 3, 3, 1, 1),
+    "local4": ConvLayer(128, 32, 8, 8, 32, 3, 3, 1, 1),
+}
+CPU_LOCAL_LAYERS = {name: layer._replace(batch=32) for name, layer in GPU_LOCAL_LAYERS.items()}

@@ -39,7 +39,9 @@ FFI_TARGETS = ("jax_convnet_filter_acts", "jax_convnet_image_acts", "jax_convnet
                "jax_convnet_max_pool", "jax_convnet_max_pool_winners", "jax_convnet_max_pool_jvp",
                "jax_convnet_max_pool_grad", "jax_convnet_avg_pool", "jax_convnet_avg_pool_grad",
                "jax_convnet_norm", "jax_convnet_norm_fwd", "jax_convnet_norm_jvp",
-               "jax_convnet_norm_grad")
+               "jax_convnet_norm_grad",
+               "jax_convnet_local_filter_acts", "jax_convnet_local_image_acts",
+               "jax_convnet_local_weight_acts")
 
 
 CPU_ISA_VALUES = ("sse2", "avx2", "avx512")

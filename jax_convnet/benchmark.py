@@ -25,6 +25,11 @@ On the CPU a small set (32x32 and 16x16 images, 5x5 filters, batch 64; a 2x2 and
 96x55x55 and 256x27x27, batch 128) and the CIFAR-10 nets (rnorm 3 on 32x16x16, cmrnorm 9 on
 64x16x16), float32 and bfloat16, both layouts, forward and "train" (with its floor, as the pools'),
 against the pure-lax reference (a ``lax.reduce_window`` sum) as XLA compiles it.
+``--ops local``: the locally connected layers of cuda-convnet's CIFAR-10 11% net (local3, local4:
+3x3 filters on 8x8 images, 64 and 32 channels, 32 filters, batch 128; 32 on the CPU), fprop,
+bprop_data and bprop_filter of ``local_filter_acts`` against ``lax.conv_general_dilated_local``
+(the conv rows' configs and layouts; each given the filters in its own layout, so our
+bprop_filter includes rearranging its gradient into lax's).
 
 Each function is compiled, warmed up and timed as the median of ``--reps`` measurements. On a GPU
 the function is repeated n and 2n times inside one executable and the time per call is the
@@ -86,6 +91,7 @@ from jax import lax
 import jax_convnet as jcn
 from jax_convnet import geometry as G
 from jax_convnet._layers import CPU_LAYERS, CPU_NORMS, CPU_POOLS, GPU_LAYERS, GPU_NORMS, GPU_POOLS
+from jax_convnet._layers import CPU_LOCAL_LAYERS, GPU_LOCAL_LAYERS
 
 GPU_QUICK_LAYERS = ("L2", "L5", "alex2")
 GPU_QUICK_POOLS = ("alexpool1", "vggpool")
@@ -107,7 +113,7 @@ _DIMENSION_NUMBERS = {"NHWC": ("NHWC", "HWIO", "NHWC"), "C01B": ("CHWN", "IHWO",
 class Row:
     """One benchmark row: builds its inputs and the two functions to time on demand."""
     name: str
-    kind: str  # "conv" | "pool" (max pool) | "avgpool" | "norm"
+    kind: str  # "conv" | "pool" (max pool) | "avgpool" | "norm" | "local"
     op: str
     layer: str
     layout: str
@@ -177,6 +183,18 @@ def build_rows(device_platform: str, *, quick=False, ops=("conv", "pool", "avgpo
                             rows.append(Row(f"norm/{layer}/{op}/{config}/{layout}", "norm", op,
                                             layer, layout, POOL_DTYPES[dtype], config, tuple(spec),
                                             ("norm", layer, layout, dtype, tuple(spec))))
+    if "local" in ops:  # locally connected layers: conv's configs, ops and shapes
+        configs = (["f32", "bf16"] if quick else list(CONV_CONFIGS)) if gpu else ["f32"]
+        for layer, shape in (GPU_LOCAL_LAYERS if gpu else CPU_LOCAL_LAYERS).items():
+            if batch:
+                shape = (batch,) + shape[1:]
+            for layout in LAYOUTS:
+                for config in configs:
+                    dtype = CONV_CONFIGS[config][0]
+                    for op in ("fprop", "bprop_data", "bprop_filter"):
+                        rows.append(Row(f"local/{layer}/{op}/{config}/{layout}", "local", op,
+                                        layer, layout, dtype, config, shape,
+                                        ("local", layer, layout, dtype, shape)))
     if filters:
         rows = [r for r in rows if any(f in r.name for f in filters)]
     return rows
@@ -200,6 +218,14 @@ def make_inputs(row: Row):
             jnp.asarray(0.05, row.dtype)
         g = _normal(k3, G.image_shape(row.layout, n, f, oh, ow), row.dtype)
         return x, filt, g
+    if row.kind == "local":  # (x, our filters, g, the same filters as lax's local kernel)
+        n, c, h, w, f, fh, fw, stride, pad = row.shape
+        out_hw = jcn.filter_acts_output_size((h, w), (fh, fw), stride=stride, pad=pad)
+        x = _normal(k1, G.image_shape(row.layout, n, c, h, w), row.dtype)
+        filt = _normal(k2, G.local_filter_shape(row.layout, out_hw, f, c, fh, fw), row.dtype) * \
+            jnp.asarray(0.05, row.dtype)
+        g = _normal(k3, G.image_shape(row.layout, n, f, *out_hw), row.dtype)
+        return x, filt, g, _lax_local_kernel(filt, row.layout)
     if row.kind == "norm":
         n, c, h, w = row.shape[1:5]
         return (_normal(k1, G.image_shape(row.layout, n, c, h, w), row.dtype),)
@@ -207,8 +233,52 @@ def make_inputs(row: Row):
     return (_normal(k1, G.image_shape(row.layout, n, c, h, w), row.dtype),)
 
 
+def _lax_local_kernel(filters, layout):
+    """Our locally connected filters as lax.conv_general_dilated_local's kernel
+    (Ho, Wo, C * fh * fw, F), rows in (c, i, j) order: C01B's filters reshaped."""
+    if layout == "NHWC":
+        filters = jnp.transpose(filters, (0, 1, 4, 2, 3, 5))
+    return filters.reshape(*filters.shape[:2], -1, filters.shape[-1])
+
+
+def _local_functions(row: Row, inputs):
+    """Locally connected rows: ours (local_filter_acts) against lax.conv_general_dilated_local,
+    each given the filters in its own layout. bprop_filter returns lax's kernel layout, so ours
+    includes the rearrangement of its gradient (a transpose in NHWC, a reshape in C01B)."""
+    n, c, h, w, f, fh, fw, stride, pad = row.shape
+    _, ours_prec, xla_prec = CONV_CONFIGS[row.config]
+    out_hw = jcn.filter_acts_output_size((h, w), (fh, fw), stride=stride, pad=pad)
+    pads = G.conv_padding((h, w), (fh, fw), stride, pad, None)[1]
+    flop = 2 * n * f * out_hw[0] * out_hw[1] * c * fh * fw
+    dimension_numbers = (_DIMENSION_NUMBERS[row.layout][0], "HWIO",
+                         _DIMENSION_NUMBERS[row.layout][2])
+
+    def ours(x, k):
+        return jcn.local_filter_acts(x, k, stride=stride, pad=pad, layout=row.layout,
+                                     precision=ours_prec)
+
+    def xla(x, k):
+        return lax.conv_general_dilated_local(x, k, (stride, stride), pads, (fh, fw),
+                                              dimension_numbers=dimension_numbers,
+                                              precision=xla_prec)
+
+    x, k, g, k_lax = inputs
+    if row.op == "fprop":
+        return (lambda x, k, k_lax: ours(x, k)), (lambda x, k, k_lax: xla(x, k_lax)), \
+            (x, k, k_lax), flop
+    if row.op == "bprop_data":
+        wrap = lambda conv: lambda x, k, g: jax.vjp(lambda x: conv(x, k), x)[1](g)[0]
+        return (lambda x, k, k_lax, g: wrap(ours)(x, k, g)), \
+            (lambda x, k, k_lax, g: wrap(xla)(x, k_lax, g)), (x, k, k_lax, g), flop
+    wrap = lambda conv: lambda x, k, g: jax.vjp(lambda k: conv(x, k), k)[1](g)[0]
+    return (lambda x, k, k_lax, g: _lax_local_kernel(wrap(ours)(x, k, g), row.layout)), \
+        (lambda x, k, k_lax, g: wrap(xla)(x, k_lax, g)), (x, k, k_lax, g), flop
+
+
 def row_functions(row: Row, inputs, partial_sum=None):
     """(ours, xla, args, work): two functions of ``args`` and the flop / byte count."""
+    if row.kind == "local":
+        return _local_functions(row, inputs)
     if row.kind == "conv":
         n, c, h, w, f, fh, fw, stride, pad = row.shape
         pads = ((pad, pad), (pad, pad))
@@ -950,7 +1020,8 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="a smaller set of rows")
     p.add_argument("--ops", default="conv,pool,avgpool",
                    help="comma-separated: conv, pool (max pool), avgpool, norm (cross_map_norm / "
-                        "response_norm)")
+                        "response_norm), local (the CIFAR-10 11%% net's locally connected "
+                        "layers)")
     p.add_argument("--filter", action="append", default=None, metavar="TEXT",
                    help="keep rows whose name contains TEXT (repeat: any of them); names look "
                         "like conv/L1/fprop/f32-highest/NHWC, pool/alexpool1/3x3s2/bwd/bf16/C01B")
@@ -996,9 +1067,10 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     ops = tuple(o.strip() for o in args.ops.split(",") if o.strip())
-    bad = [o for o in ops if o not in ("conv", "pool", "avgpool", "norm")]
+    bad = [o for o in ops if o not in ("conv", "pool", "avgpool", "norm", "local")]
     if bad or not ops:
-        raise SystemExit(f"--ops takes conv, pool, avgpool and / or norm, got {args.ops!r}")
+        raise SystemExit(f"--ops takes conv, pool, avgpool, norm and / or local, got "
+                         f"{args.ops!r}")
     partial_sum = args.partial_sum
     if partial_sum not in (None, "auto"):
         partial_sum = int(partial_sum)
@@ -1076,7 +1148,7 @@ def main(argv=None):
                 xla_ms = time_fn(xla, fn_args, reps=reps, inner=inner)
             r.update(ms=ms, xla_ms=xla_ms, ratio=xla_ms / ms, max_rel_err=err,
                      compile_s=round(t_ours, 3), xla_compile_s=round(t_xla, 3))
-            if row.kind == "conv":
+            if row.kind in ("conv", "local"):
                 r.update(flop=work, tflops=work / ms / 1e9, xla_tflops=work / xla_ms / 1e9)
                 if args.ref_err or row.config == "f32-highest":
                     r["ref_err"], r["xla_ref_err"] = _float64_reference_errors(

@@ -820,3 +820,133 @@ def norm_geometry(x, size, *, kind, add_scale, pow_scale, min_div, blocked, layo
     check_array(x, "x", batch_axis=image_axes(check_layout(layout))["n"])
     return norm_params(size, kind=kind, add_scale=add_scale, pow_scale=pow_scale,
                        min_div=min_div, blocked=blocked, layout=layout)
+
+
+# ----------------------------------------------------------------------------- locally connected
+# cuda-convnet's ``local`` layer: filter_acts' geometry (output sizes, both padding conventions,
+# the same ConvGeometry with partial_sum 0) with one filter bank per output position. Filters
+# are 6-d: C01B (Ho, Wo, C, fh, fw, F), NHWC (Ho, Wo, fh, fw, C, F); images and hidden
+# activations are as in filter_acts.
+
+def local_filter_axes(layout: str) -> dict[str, int]:
+    """Axis of output rows 'oh' / cols 'ow', channels 'c', filter rows 'h' / cols 'w' and
+    filters 'f' in a locally connected filter tensor."""
+    return {"C01B": dict(oh=0, ow=1, c=2, h=3, w=4, f=5),
+            "NHWC": dict(oh=0, ow=1, h=2, w=3, c=4, f=5)}[layout]
+
+
+def local_filter_shape(layout: str, out_hw, f: int, c: int, h: int, w: int) -> tuple[int, ...]:
+    oh, ow = out_hw
+    return (oh, ow, c, h, w, f) if layout == "C01B" else (oh, ow, h, w, c, f)
+
+
+def local_operand_dims(images=None, filters=None, hidden=None, *, layout):
+    """Logical sizes of the given operands of the local family, cross-checked: n, c, f, h, w,
+    fh, fw, oh, ow (those the operands determine; the filters' oh, ow as 'foh', 'fow')."""
+    layout = check_layout(layout)
+    d = {}
+    batch_axis = image_axes(layout)["n"]
+    if images is not None:
+        shape, _ = check_array(images, "images", batch_axis=batch_axis)
+        im = _dims(shape, image_axes(layout))
+        d.update(n=im["n"], c=im["c"], h=im["h"], w=im["w"])
+    if filters is not None:
+        shape, _ = check_array(filters, "filters", rank=6)
+        fi = _dims(shape, local_filter_axes(layout))
+        if "c" in d and fi["c"] != d["c"]:
+            raise ValueError(f"filters have {fi['c']} input channels but images have {d['c']} "
+                             f"(layout {layout}: filters {tuple(shape)}, images "
+                             f"{tuple(images.shape)})")
+        d.update(c=fi["c"], f=fi["f"], fh=fi["h"], fw=fi["w"], foh=fi["oh"], fow=fi["ow"])
+    if hidden is not None:
+        name = "hid_acts" if images is None else "hid_grads"
+        shape, _ = check_array(hidden, name, batch_axis=batch_axis)
+        hi = _dims(shape, image_axes(layout))
+        if "n" in d and hi["n"] != d["n"]:
+            raise ValueError(f"{name} has batch size {hi['n']} but images have {d['n']}")
+        if "f" in d and hi["c"] != d["f"]:
+            raise ValueError(f"{name} has {hi['c']} channels but there are {d['f']} filters")
+        d.update(n=hi["n"], f=hi["c"], oh=hi["h"], ow=hi["w"])
+    return d
+
+
+def _check_local_filter_positions(d, out_hw, geom: ConvGeometry):
+    """The filters hold one bank per output position: their leading (Ho, Wo) is the output size."""
+    if (d["foh"], d["fow"]) != tuple(out_hw):
+        shape = local_filter_shape(geom.layout, out_hw, d["f"], d["c"], d["fh"], d["fw"])
+        raise ValueError(f"filters have {d['foh']}x{d['fow']} output positions but images of "
+                         f"size {(d['h'], d['w'])} with filter size {(d['fh'], d['fw'])}, "
+                         f"strides {geom.strides} and padding {geom.padding} give an output of "
+                         f"{tuple(out_hw)}: filters must have shape {shape} "
+                         f"(layout {geom.layout})")
+
+
+def _local_geometry(d, *, stride, pad, padding, layout, precision) -> ConvGeometry:
+    return _conv_geometry(d, stride=stride, pad=pad, padding=padding, partial_sum=None,
+                          layout=layout, precision=precision)
+
+
+def local_filter_acts_geometry(images, filters, *, stride, pad, padding, layout,
+                               precision) -> ConvGeometry:
+    d = local_operand_dims(images=images, filters=filters, layout=layout)
+    check_same_dtype(images=images, filters=filters)
+    geom = _local_geometry(d, stride=stride, pad=pad, padding=padding, layout=layout,
+                           precision=precision)
+    out_hw = geom.output_hw((d["h"], d["w"]), (d["fh"], d["fw"]))
+    _check_local_filter_positions(d, out_hw, geom)
+    check_elements(image_shape(layout, d["n"], d["f"], *out_hw),
+                   "local_filter_acts' output (from the images, filters, stride and padding)")
+    return geom
+
+
+def local_image_acts_geometry(hid_acts, filters, image_shape, *, stride, pad, padding, layout,
+                              precision):
+    d = local_operand_dims(filters=filters, hidden=hid_acts, layout=layout)
+    check_same_dtype(hid_acts=hid_acts, filters=filters)
+    ax = image_axes(layout)
+
+    def from_full(shape):
+        if shape[ax["n"]] != d["n"] or shape[ax["c"]] != d["c"]:
+            raise ValueError(f"image_shape {shape} ({layout}) must have batch {d['n']} and "
+                             f"{d['c']} channels to match hid_acts and filters")
+        return shape[ax["h"]], shape[ax["w"]]
+
+    d["h"], d["w"] = _spatial_from_shape(image_shape, "image_shape", from_full, ax["n"])
+    check_elements(_image_shape_of(layout, d["n"], d["c"], d["h"], d["w"]), "image_shape")
+    geom = _local_geometry(d, stride=stride, pad=pad, padding=padding, layout=layout,
+                           precision=precision)
+    check_hidden_hw(geom, (d["h"], d["w"]), (d["fh"], d["fw"]), (d["oh"], d["ow"]), "hid_acts")
+    _check_local_filter_positions(d, (d["oh"], d["ow"]), geom)
+    return geom, (d["h"], d["w"])
+
+
+def local_weight_acts_geometry(images, hid_grads, filter_shape, *, stride, pad, padding, layout,
+                               precision):
+    """``filter_shape``: the filters' full 6-d shape in the layout's order, or their (fh, fw)."""
+    d = local_operand_dims(images=images, hidden=hid_grads, layout=layout)
+    check_same_dtype(images=images, hid_grads=hid_grads)
+    ax = local_filter_axes(layout)
+    if isinstance(filter_shape, Sequence) and not isinstance(filter_shape, str) \
+            and len(filter_shape) == 6 and all(_is_int(v) for v in filter_shape):
+        shape = tuple(int(v) for v in filter_shape)
+        if (shape[ax["c"]] != d["c"] or shape[ax["f"]] != d["f"]
+                or (shape[ax["oh"]], shape[ax["ow"]]) != (d["oh"], d["ow"])):
+            raise ValueError(f"filter_shape {shape} ({layout}) must have {d['c']} channels, "
+                             f"{d['f']} filters and {d['oh']}x{d['ow']} output positions to "
+                             f"match images and hid_grads")
+        for v in shape:
+            check_extent(v, "every size in filter_shape", what=filter_shape, minimum=1)
+        d["fh"], d["fw"] = shape[ax["h"]], shape[ax["w"]]
+    elif isinstance(filter_shape, Sequence) and not isinstance(filter_shape, str) \
+            and len(filter_shape) == 2 and all(_is_int(v) for v in filter_shape):
+        d["fh"], d["fw"] = (check_extent(int(v), "every size in filter_shape",
+                                         what=filter_shape, minimum=1) for v in filter_shape)
+    else:
+        raise TypeError(f"filter_shape must be a 6-d shape in the layout's order or "
+                        f"(rows, cols), got {filter_shape!r}")
+    check_elements(local_filter_shape(layout, (d["oh"], d["ow"]), d["f"], d["c"], d["fh"],
+                                      d["fw"]), "filter_shape")
+    geom = _local_geometry(d, stride=stride, pad=pad, padding=padding, layout=layout,
+                           precision=precision)
+    check_hidden_hw(geom, (d["h"], d["w"]), (d["fh"], d["fw"]), (d["oh"], d["ow"]), "hid_grads")
+    return geom, (d["fh"], d["fw"])

@@ -46,6 +46,51 @@ def weight_acts_canonical(images, hid_grads, *, geom: G.ConvGeometry, filter_hw)
     return jax.linear_transpose(forward, filters)(hid_grads)[0]
 
 
+def _local_patches(images, geom: G.ConvGeometry, filter_hw, out_hw):
+    """Every output position's patch, (B, Ho, Wo, fh, fw, C), zeros where it reads padding."""
+    x = jnp.transpose(images, (3, 1, 2, 0)) if geom.layout == "C01B" else images
+    x = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (*geom.padding[0], 0),
+                                             (*geom.padding[1], 0), (0, 0, 0)))
+    sh, sw = geom.strides
+    taps = [[lax.slice(x, (0, i, j, 0),
+                       (x.shape[0], i + (out_hw[0] - 1) * sh + 1, j + (out_hw[1] - 1) * sw + 1,
+                        x.shape[3]), (1, sh, sw, 1))
+             for j in range(filter_hw[1])] for i in range(filter_hw[0])]
+    return jnp.stack([jnp.stack(row, axis=3) for row in taps], axis=3)
+
+
+def local_filter_acts_canonical(images, filters, *, geom: G.ConvGeometry):
+    """out[b, y, x, f] = sum over (i, j, c) of patch[b, y, x, i, j, c] * filters[y, x, ..., f]."""
+    accumulate = jnp.float64 if images.dtype == jnp.float64 else jnp.float32
+    fax = G.local_filter_axes(geom.layout)
+    out_hw = filters.shape[fax["oh"]], filters.shape[fax["ow"]]
+    filter_hw = filters.shape[fax["h"]], filters.shape[fax["w"]]
+    patches = _local_patches(images, geom, filter_hw, out_hw)
+    w = jnp.transpose(filters, (0, 1, 3, 4, 2, 5)) if geom.layout == "C01B" else filters
+    out = jnp.einsum("byxijc,yxijcf->byxf", patches, w,
+                     precision=_LAX_PRECISION[geom.precision], preferred_element_type=accumulate)
+    out = out.astype(images.dtype)
+    return jnp.transpose(out, (3, 1, 2, 0)) if geom.layout == "C01B" else out
+
+
+def local_image_acts_canonical(hid_acts, filters, *, geom: G.ConvGeometry, image_hw):
+    n = hid_acts.shape[G.image_axes(geom.layout)["n"]]
+    c = filters.shape[G.local_filter_axes(geom.layout)["c"]]
+    images = jax.ShapeDtypeStruct(G.image_shape(geom.layout, n, c, *image_hw), hid_acts.dtype)
+    forward = lambda x: local_filter_acts_canonical(x, filters, geom=geom)
+    return jax.linear_transpose(forward, images)(hid_acts)[0]
+
+
+def local_weight_acts_canonical(images, hid_grads, *, geom: G.ConvGeometry, filter_hw):
+    ax = G.image_axes(geom.layout)
+    c, f = images.shape[ax["c"]], hid_grads.shape[ax["c"]]
+    out_hw = hid_grads.shape[ax["h"]], hid_grads.shape[ax["w"]]
+    filters = jax.ShapeDtypeStruct(G.local_filter_shape(geom.layout, out_hw, f, c, *filter_hw),
+                                   images.dtype)
+    forward = lambda w: local_filter_acts_canonical(images, w, geom=geom)
+    return jax.linear_transpose(forward, filters)(hid_grads)[0]
+
+
 def _window_elements(x, geom: G.PoolGeometry, fill):
     """Stack of every window's elements in row-major window order: (wh*ww, *pooled_shape)."""
     ax = G.image_axes(geom.layout)
@@ -260,3 +305,26 @@ def avg_pool(images, ds, *, stride=None, start=0, padding=None, count_include_pa
     geom = G.avg_pool_geometry(images, ds, stride=stride, start=start, padding=padding,
                                count_include_pad=count_include_pad, layout=layout)
     return avg_pool_canonical(images, geom=geom)
+
+
+def local_filter_acts(images, filters, *, stride=1, pad=0, padding=None, layout="C01B",
+                      precision=None):
+    geom = G.local_filter_acts_geometry(images, filters, stride=stride, pad=pad, padding=padding,
+                                        layout=layout, precision=precision)
+    return local_filter_acts_canonical(images, filters, geom=geom)
+
+
+def local_image_acts(hid_acts, filters, image_shape, *, stride=1, pad=0, padding=None,
+                     layout="C01B", precision=None):
+    geom, image_hw = G.local_image_acts_geometry(hid_acts, filters, image_shape, stride=stride,
+                                                 pad=pad, padding=padding, layout=layout,
+                                                 precision=precision)
+    return local_image_acts_canonical(hid_acts, filters, geom=geom, image_hw=image_hw)
+
+
+def local_weight_acts(images, hid_grads, filter_shape, *, stride=1, pad=0, padding=None,
+                      layout="C01B", precision=None):
+    geom, filter_hw = G.local_weight_acts_geometry(images, hid_grads, filter_shape,
+                                                   stride=stride, pad=pad, padding=padding,
+                                                   layout=layout, precision=precision)
+    return local_weight_acts_canonical(images, hid_grads, geom=geom, filter_hw=filter_hw)

@@ -213,3 +213,17 @@ def test_help_says_each_default_once(capsys):
     assert len(options) > 10
     for text in options:
         assert text.lower().count("default") <= 1, text
+
+
+def test_local_rows_time_the_11pct_layers_against_lax_local(tmp_path):
+    """--ops local: the CIFAR-10 11% net's locally connected layers, fprop / bprop_data /
+    bprop_filter of ours against lax.conv_general_dilated_local, equal within float32 rounding
+    (on the CPU), with their float64 errors."""
+    rows = benchmark.main(["--set", "cpu", "--ops", "local", "--filter", "local4/", "--batch", "4",
+                           "--reps", "1", "--ref-err", "--out", str(tmp_path)])
+    assert {r["name"] for r in rows} == {f"local/local4/{op}/f32/{layout}"
+                                         for layout in ("NHWC", "C01B")
+                                         for op in ("fprop", "bprop_data", "bprop_filter")}
+    assert all("error" not in r and r["ms"] > 0 and r["tflops"] > 0 for r in rows)
+    bound = 1e-5 if jax.default_backend() == "cpu" else 1e-2
+    assert all(r["max_rel_err"] < bound and r["ref_err"] < bound for r in rows)

@@ -15,12 +15,14 @@ from conftest import rand
 
 
 def net(x, w):
-    """filter_acts, max_pool, avg_pool, the response norms and their gradients: every target on
-    the CPU but the JVPs."""
+    """filter_acts, max_pool, avg_pool, the response norms, a locally connected layer (with w at
+    every position) and their gradients: every target on the CPU but the JVPs."""
     norms = lambda h: jcn.cross_map_norm(jcn.response_norm(h, 3, add_scale=0.1, pow_scale=0.75),
                                          5, add_scale=0.1, pow_scale=0.75)
+    local = lambda x, w: jcn.local_filter_acts(x, jnp.broadcast_to(w, (9, 9) + w.shape), pad=1)
     loss = lambda x, w: (jnp.sum(norms(jcn.max_pool(jcn.filter_acts(x, w, pad=1), 3, stride=2))
-                                 ** 2) + jnp.sum(jcn.avg_pool(x, 2) ** 2))
+                                 ** 2) + jnp.sum(jcn.avg_pool(x, 2) ** 2)
+                         + jnp.sum(local(x, w) ** 2))
     return loss(x, w), jax.grad(loss, (0, 1))(x, w)
 
 

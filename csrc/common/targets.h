@@ -17,7 +17,10 @@
   X("jax_convnet_norm", Norm)                       \
   X("jax_convnet_norm_fwd", NormFwd)                \
   X("jax_convnet_norm_jvp", NormJvp)                \
-  X("jax_convnet_norm_grad", NormGrad)
+  X("jax_convnet_norm_grad", NormGrad)              \
+  X("jax_convnet_local_filter_acts", LocalFilterActs) \
+  X("jax_convnet_local_image_acts", LocalImageActs)   \
+  X("jax_convnet_local_weight_acts", LocalWeightActs)
 
 #define JCN_DECLARE_CPU(name, sym) XLA_FFI_DECLARE_HANDLER_SYMBOL(sym##Cpu);
 #define JCN_DECLARE_CUDA(name, sym) XLA_FFI_DECLARE_HANDLER_SYMBOL(sym##Cuda);

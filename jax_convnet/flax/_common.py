@@ -17,6 +17,7 @@ from jax import lax
 
 from .. import conv as _conv
 from .. import geometry as G
+from .. import local as _local
 from .. import norm as _norm
 from .. import pool as _pool
 
@@ -299,4 +300,61 @@ def avg_pool(inputs, window_shape, strides=None, padding="VALID", count_include_
     padding = resolve_same_lower(padding, image_hw(x, layout), window, strides)
     y = _pool.avg_pool(x, window, stride=strides, padding=padding, count_include_pad=include,
                        layout=layout)
+    return unflatten_batch(y, batch)
+
+
+# ----------------------------------------------------------------------------- locally connected
+# ConvLocal's kernel holds one filter bank per output position: jax_convnet's local filters,
+# (Ho, Wo, fh, fw, C, F) in NHWC and (Ho, Wo, C, fh, fw, F) in C01B. flax.linen.ConvLocal's
+# kernel is (Ho, Wo, C * fh * fw, F) with rows in (c, i, j) order, which is the C01B kernel
+# reshaped; its bias is (Ho, Wo, F), as here in both layouts.
+
+def local_output_hw(image_hw, kernel_hw, strides, padding):
+    """(Ho, Wo) of a ConvLocal on images of ``image_hw`` (flax's padding, as conv_padding gives)."""
+    padding = resolve_same_lower(padding, image_hw, kernel_hw, strides)
+    return G.filter_acts_output_size(image_hw, kernel_hw, stride=strides, padding=padding)
+
+
+def local_kernel_shape(layout, out_hw, kernel_hw, in_features, out_features):
+    return G.local_filter_shape(layout, out_hw, out_features, in_features, *kernel_hw)
+
+
+def local_kernel_to_flax(kernel, layout):
+    """Our ConvLocal kernel as flax.linen.ConvLocal's (Ho, Wo, C * fh * fw, F)."""
+    if layout == "NHWC":
+        kernel = jnp.transpose(kernel, (0, 1, 4, 2, 3, 5))
+    return jnp.reshape(kernel, (*kernel.shape[:2], -1, kernel.shape[-1]))
+
+
+def local_kernel_from_flax(kernel, kernel_size, layout):
+    """flax.linen.ConvLocal's kernel (Ho, Wo, C * fh * fw, F) as ours, for ``kernel_size``
+    (fh, fw) and ``layout``."""
+    oh, ow, rows, f = kernel.shape
+    fh, fw = kernel_size
+    kernel = jnp.reshape(kernel, (oh, ow, rows // (fh * fw), fh, fw, f))
+    return kernel if layout == "C01B" else jnp.transpose(kernel, (0, 1, 3, 4, 2, 5))
+
+
+def local_layout_initializer(kernel_init, layout, out_hw, kernel_hw, in_features, out_features):
+    """Draws flax.linen.ConvLocal's kernel (same shape, so same fans and values) and rearranges
+    it into the layout's filters, so that both start from flax's weights."""
+    flax_shape = (*out_hw, in_features * kernel_hw[0] * kernel_hw[1], out_features)
+
+    def init(key, shape, dtype=jnp.float32):
+        return local_kernel_from_flax(kernel_init(key, flax_shape, dtype), kernel_hw, layout)
+
+    return init
+
+
+def conv_local(inputs, kernel, bias, *, strides, padding, layout, precision, owner):
+    """local_filter_acts with flax's padding conventions on (possibly multi-batch) inputs; adds
+    the (Ho, Wo, F) bias."""
+    x, batch = flatten_batch(inputs, layout, owner)
+    fax = G.local_filter_axes(layout)
+    kernel_hw = (int(kernel.shape[fax["h"]]), int(kernel.shape[fax["w"]]))
+    padding = resolve_same_lower(padding, image_hw(x, layout), kernel_hw, strides)
+    y = _local.local_filter_acts(x, kernel, stride=strides, padding=padding, layout=layout,
+                                 precision=precision)
+    if bias is not None:
+        y = y + (bias[None] if layout == "NHWC" else jnp.transpose(bias, (2, 0, 1))[..., None])
     return unflatten_batch(y, batch)

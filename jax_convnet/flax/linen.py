@@ -1,5 +1,6 @@
 """``flax.linen`` modules on jax_convnet's ops: :class:`Conv`, :class:`MaxPool`, :func:`max_pool`,
-:class:`AvgPool`, :func:`avg_pool`, :class:`CrossMapNorm`, :class:`ResponseNorm`.
+:class:`AvgPool`, :func:`avg_pool`, :class:`CrossMapNorm`, :class:`ResponseNorm`,
+:class:`ConvLocal`.
 
 ``Conv`` takes ``flax.linen.Conv``'s arguments (2-d, zero padding) and names and shapes its
 parameters like it: in NHWC ``kernel`` is HWIO ``(fh, fw, C, F)`` and ``bias`` ``(F,)``, so a
@@ -37,7 +38,8 @@ from flax.linen.linear import default_kernel_init
 
 from . import _common as C
 
-__all__ = ["Conv", "MaxPool", "max_pool", "AvgPool", "avg_pool", "CrossMapNorm", "ResponseNorm"]
+__all__ = ["Conv", "MaxPool", "max_pool", "AvgPool", "avg_pool", "CrossMapNorm", "ResponseNorm",
+           "ConvLocal", "local_kernel_from_flax", "local_kernel_to_flax"]
 
 PaddingLike = Any
 
@@ -241,3 +243,81 @@ class AvgPool(nn.Module):
     def __call__(self, inputs):
         return C.avg_pool(inputs, self.window_shape, self.strides, self.padding,
                           self.count_include_pad, layout=self.layout, owner=type(self).__name__)
+
+
+class ConvLocal(nn.Module):
+    """Locally connected layer (cuda-convnet's ``local``) with ``jax_convnet.local_filter_acts``;
+    the arguments and parameter names of ``flax.linen.ConvLocal``.
+
+    ``kernel`` holds one filter bank per output position as ``local_filter_acts`` takes it:
+    ``(Ho, Wo, fh, fw, C, F)`` in NHWC, ``(Ho, Wo, C, fh, fw, F)`` in C01B (flax's
+    ``(Ho, Wo, C * fh * fw, F)`` is the C01B kernel reshaped: ``local_kernel_from_flax`` /
+    ``local_kernel_to_flax`` convert); it is initialised with flax's draw, so both layouts start
+    from ``flax.linen.ConvLocal``'s weights. ``bias`` is ``(Ho, Wo, F)`` as in flax. Padding,
+    strides and the unsupported arguments as in :class:`Conv`.
+    """
+
+    features: int
+    kernel_size: int | Sequence[int]
+    strides: None | int | Sequence[int] = 1
+    padding: PaddingLike = "SAME"
+    input_dilation: None | int | Sequence[int] = 1
+    kernel_dilation: None | int | Sequence[int] = 1
+    feature_group_count: int = 1
+    use_bias: bool = True
+    mask: Any = None
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    precision: Any = None
+    kernel_init: Callable = default_kernel_init
+    bias_init: Callable = initializers.zeros_init()
+    promote_dtype: Callable | None = None
+    layout: str = "NHWC"
+    conv_general_dilated: Any = None
+    conv_general_dilated_cls: Any = None
+
+    def __post_init__(self):
+        owner = type(self).__name__
+        C.check_layout(self.layout, owner)
+        C.kernel_pair(self.kernel_size, owner)
+        C.stride_pair(self.strides, "strides", owner)
+        C.conv_padding(self.padding, owner)
+        C.check_unsupported(owner, input_dilation=self.input_dilation,
+                            kernel_dilation=self.kernel_dilation,
+                            feature_group_count=self.feature_group_count, mask=self.mask,
+                            conv_general_dilated=self.conv_general_dilated)
+        if self.conv_general_dilated_cls is not None:
+            raise ValueError(f"{owner}: conv_general_dilated_cls cannot be replaced; the "
+                             f"layer is jax_convnet.local_filter_acts")
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, inputs):
+        owner = type(self).__name__
+        layout = self.layout
+        kernel_hw = C.kernel_pair(self.kernel_size, owner)
+        strides = C.stride_pair(self.strides, "strides", owner)
+        padding = C.conv_padding(self.padding, owner)
+        flat, _ = C.flatten_batch(inputs, layout, owner)
+        in_features = C.in_channels(flat, layout)
+        out_hw = C.local_output_hw(C.image_hw(flat, layout), kernel_hw, strides, padding)
+
+        kernel = self.param(
+            "kernel",
+            C.local_layout_initializer(self.kernel_init, layout, out_hw, kernel_hw, in_features,
+                                       self.features),
+            C.local_kernel_shape(layout, out_hw, kernel_hw, in_features, self.features),
+            self.param_dtype)
+        bias = (self.param("bias", self.bias_init, (*out_hw, self.features), self.param_dtype)
+                if self.use_bias else None)
+
+        if self.promote_dtype is None:
+            inputs, kernel, bias = C.promote(inputs, kernel, bias, self.dtype)
+        else:
+            inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+        return C.conv_local(inputs, kernel, bias, strides=strides, padding=padding, layout=layout,
+                            precision=self.precision, owner=owner)
+
+
+local_kernel_from_flax = C.local_kernel_from_flax
+local_kernel_to_flax = C.local_kernel_to_flax

@@ -1,5 +1,6 @@
 """``flax.nnx`` modules on jax_convnet's ops: :class:`Conv`, :class:`MaxPool`, :func:`max_pool`,
-:class:`AvgPool`, :func:`avg_pool`, :class:`CrossMapNorm`, :class:`ResponseNorm`.
+:class:`AvgPool`, :func:`avg_pool`, :class:`CrossMapNorm`, :class:`ResponseNorm`,
+:class:`ConvLocal`.
 
 ``Conv`` mirrors ``flax.nnx.Conv``: same arguments (2-d, zero padding), same parameter
 attributes ``kernel`` (HWIO ``(fh, fw, C, F)`` in NHWC) and ``bias`` ``(F,)``, same default
@@ -33,7 +34,8 @@ except ImportError:  # pragma: no cover - older layouts of flax
     default_kernel_init = _nnx.initializers.lecun_normal()
     default_bias_init = _nnx.initializers.zeros_init()
 
-__all__ = ["Conv", "MaxPool", "max_pool", "AvgPool", "avg_pool", "CrossMapNorm", "ResponseNorm"]
+__all__ = ["Conv", "MaxPool", "max_pool", "AvgPool", "avg_pool", "CrossMapNorm", "ResponseNorm",
+           "ConvLocal"]
 
 _none_data = getattr(_nnx, "data", lambda x: x)
 
@@ -225,3 +227,105 @@ class AvgPool(_nnx.Module):
     def __call__(self, inputs):
         return C.avg_pool(inputs, self.window_shape, self.strides, self.padding,
                           self.count_include_pad, layout=self.layout, owner=type(self).__name__)
+
+
+class ConvLocal(_nnx.Module):
+    """Locally connected layer (cuda-convnet's ``local``) with ``jax_convnet.local_filter_acts``,
+    for ``flax.nnx`` (which has no ConvLocal): ``flax.nnx.Conv``'s arguments plus
+    ``input_size``, the (H, W) of the images it will see (its parameters, one filter bank per
+    output position, depend on the output size).
+
+    ``kernel`` is ``(Ho, Wo, fh, fw, C, F)`` in NHWC and ``(Ho, Wo, C, fh, fw, F)`` in C01B,
+    drawn by ``kernel_init`` in ``flax.linen.ConvLocal``'s kernel shape ``(Ho, Wo, C * fh * fw,
+    F)`` (so with its fans) and rearranged; ``bias`` is ``(Ho, Wo, F)``. The kernel then the bias
+    key come from ``rngs.params()``. See :class:`jax_convnet.flax.linen.ConvLocal`.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        kernel_size: int | tp.Sequence[int],
+        strides: None | int | tp.Sequence[int] = 1,
+        *,
+        input_size: tp.Sequence[int],
+        padding: tp.Any = "SAME",
+        input_dilation: None | int | tp.Sequence[int] = 1,
+        kernel_dilation: None | int | tp.Sequence[int] = 1,
+        feature_group_count: int = 1,
+        use_bias: bool = True,
+        mask: tp.Any = None,
+        dtype: tp.Any = None,
+        param_dtype: tp.Any = jnp.float32,
+        precision: tp.Any = None,
+        kernel_init: tp.Callable = default_kernel_init,
+        bias_init: tp.Callable = default_bias_init,
+        conv_general_dilated: tp.Any = None,
+        promote_dtype: tp.Callable | None = None,
+        preferred_element_type: tp.Any = None,
+        rngs: _nnx.Rngs,
+        kernel_metadata: tp.Mapping[str, tp.Any] = MappingProxyType({}),
+        bias_metadata: tp.Mapping[str, tp.Any] = MappingProxyType({}),
+        layout: str = "NHWC",
+    ):
+        owner = type(self).__name__
+        layout = C.check_layout(layout, owner)
+        kernel_size = C.kernel_pair(kernel_size, owner)
+        stride_hw = C.stride_pair(strides, "strides", owner)
+        pads = C.conv_padding(padding, owner)
+        C.check_unsupported(owner, input_dilation=input_dilation,
+                            kernel_dilation=kernel_dilation,
+                            feature_group_count=feature_group_count, mask=mask,
+                            conv_general_dilated=conv_general_dilated,
+                            preferred_element_type=preferred_element_type)
+        for name, value in (("in_features", in_features), ("out_features", out_features)):
+            if not C._is_int(value) or value < 1:
+                raise ValueError(f"{owner}: {name} must be a positive int, got {value!r}")
+        input_size = C.window_pair(input_size, "input_size", owner)
+        out_hw = C.local_output_hw(input_size, kernel_size, stride_hw, pads)
+
+        kernel_shape = C.local_kernel_shape(layout, out_hw, kernel_size, in_features,
+                                            out_features)
+        init = C.local_layout_initializer(kernel_init, layout, out_hw, kernel_size, in_features,
+                                          out_features)
+        self.kernel_shape = kernel_shape
+        self.kernel = _nnx.Param(init(rngs.params(), kernel_shape, param_dtype), **kernel_metadata)
+        if use_bias:
+            self.bias = _nnx.Param(bias_init(rngs.params(), (*out_hw, out_features), param_dtype),
+                                   **bias_metadata)
+        else:
+            self.bias = _none_data(None)
+
+        self.in_features = in_features
+        self.out_features = out_features
+        self.kernel_size = kernel_size
+        self.strides = strides
+        self.input_size = input_size
+        self.padding = padding
+        self.input_dilation = input_dilation
+        self.kernel_dilation = kernel_dilation
+        self.feature_group_count = feature_group_count
+        self.use_bias = use_bias
+        self.mask = mask
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.precision = precision
+        self.promote_dtype = promote_dtype
+        self.preferred_element_type = preferred_element_type
+        self.layout = layout
+
+    def __call__(self, inputs, out_sharding=None):
+        owner = type(self).__name__
+        if out_sharding is not None:
+            raise ValueError(f"{owner}: out_sharding is not supported; shard the inputs over "
+                             f"the batch axis instead")
+        kernel = self.kernel[...]
+        bias = self.bias[...] if self.bias is not None else None
+        if self.promote_dtype is None:
+            inputs, kernel, bias = C.promote(inputs, kernel, bias, self.dtype)
+        else:
+            inputs, kernel, bias = self.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
+        return C.conv_local(inputs, kernel, bias,
+                            strides=C.stride_pair(self.strides, "strides", owner),
+                            padding=C.conv_padding(self.padding, owner), layout=self.layout,
+                            precision=self.precision, owner=owner)

@@ -1,0 +1,76 @@
+"""The locally connected family in programs split across devices: each device runs the custom
+calls on its own batch (and filter) slices instead of gathering the whole tensors, the filter
+gradients of the batch slices are added, and the results equal the single-device ones. Runs in
+a subprocess with four virtual CPU devices (test_in_four_cpu_devices starts it)."""
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+import jax_convnet as jcn
+from jax_convnet import geometry as G
+from conftest import LAYOUTS, assert_close, images, rand, run_in_cpu_devices
+
+N_DEVICES = 4
+
+
+def test_in_four_cpu_devices():
+    run_in_cpu_devices(__file__, N_DEVICES)
+
+
+@pytest.fixture
+def mesh():
+    devices = jax.devices("cpu")
+    if len(devices) < N_DEVICES:
+        pytest.skip("needs four CPU devices (run through test_in_four_cpu_devices)")
+    return Mesh(np.array(devices[:N_DEVICES]).reshape(2, 2), ("data", "model"))
+
+
+def one_device(fn, *args):
+    return fn(*jax.device_put(args, jax.devices("cpu")[0]))
+
+
+def spec_of(x):
+    spec = tuple(x.sharding.spec)
+    return spec + (None,) * (x.ndim - len(spec))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_training_step_splits_the_batch(mesh, layout):
+    x = images(0, layout, 8, 5, 8, 7)
+    w1 = rand(1, G.local_filter_shape(layout, (8, 7), 6, 5, 3, 3)) * 0.3
+    w2 = rand(2, G.local_filter_shape(layout, (4, 4), 4, 6, 2, 2)) * 0.3
+
+    def loss(x, w1, w2):
+        h = jnp.tanh(jcn.local_filter_acts(x, w1, pad=1, layout=layout))
+        return jnp.sum(jcn.local_filter_acts(h, w2, stride=2, layout=layout) ** 2)
+    step = jax.jit(jax.value_and_grad(loss, (0, 1, 2)))
+    spec = [None] * 4
+    spec[G.image_axes(layout)["n"]] = "data"
+    xs = jax.device_put(x, NamedSharding(mesh, P(*spec)))
+    value, grads = step(xs, w1, w2)
+    want_value, want_grads = one_device(step, x, w1, w2)
+    assert_close(value, want_value, jnp.float32)
+    for g, want in zip(grads, want_grads):
+        assert_close(g, want, jnp.float32)
+    assert spec_of(grads[0]) == spec_of(xs)  # the image gradient stays split
+    hlo = step.lower(xs, w1, w2).compile().as_text()
+    assert "all-gather" not in hlo  # no device ever holds the whole batch
+    assert "all-reduce" in hlo  # the filter gradients of the batch slices are added
+    # 2 forward calls; backward: 2 image_acts, 2 weight_acts
+    assert len(re.findall(r'custom_call_target="jax_convnet_local_', hlo)) == 6
+
+
+def test_filters_split_over_a_model_axis(mesh):
+    x = images(3, "NHWC", 8, 5, 6, 6)
+    w = rand(4, G.local_filter_shape("NHWC", (6, 6), 8, 5, 3, 3))
+    xs = jax.device_put(x, NamedSharding(mesh, P("data")))
+    ws = jax.device_put(w, NamedSharding(mesh, P(None, None, None, None, None, "model")))
+    local = jax.jit(lambda x, w: jcn.local_filter_acts(x, w, padding="SAME", layout="NHWC"))
+    out = local(xs, ws)
+    assert_close(out, one_device(local, x, w), jnp.float32)
+    assert spec_of(out) == ("data", None, None, "model")
+    assert "all-gather" not in local.lower(xs, ws).compile().as_text()
