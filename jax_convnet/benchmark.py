@@ -618,9 +618,12 @@ NET_HEADER = (f"{'net':<11} {'dtype':<5} {'layout':<6} {'XLA ms':>9} {'ours ms':
 
 def net_rows(*, batch=None, alexnet_size=None, filters=None, models=True) -> list[dict]:
     """One row per net, dtype and layout: name, net, config, dtype, layout, batch, image_size;
-    with ``models`` the cfg networks of ``jax_convnet.models`` too (``_nets.MODEL_NETS``)."""
+    with ``models`` the cfg networks of ``jax_convnet.models`` too (``_nets.MODEL_NETS``), which
+    need Flax (left out without it)."""
+    import importlib.util
     from jax_convnet import _nets
     rows = []
+    models = models and importlib.util.find_spec("flax") is not None
     for net in (_nets.ALL_NETS if models else _nets.NETS).values():
         size = (alexnet_size if net.name.startswith("alexnet") and alexnet_size
                 else net.image_size)

@@ -55,7 +55,6 @@ import jax.numpy as jnp
 from . import geometry as G
 from . import reference as _reference
 from .flax import linen as cnn
-from .norm import cross_map_norm, response_norm
 from .pool import avg_pool, max_pool
 
 __all__ = ["Cifar18", "AlexNet", "Cifar11", "MODELS", "forward_with", "REFERENCE_OPS",
