@@ -110,6 +110,25 @@ def test_the_networks_have_the_cfg_files_layers():
     assert _param_shapes(M.Cifar11(layout="C01B"))["local3"]["kernel"] == (8, 8, 64, 3, 3, 64)
 
 
+@pytest.mark.parametrize("name", ["alexnet_cmr", "cifar11"])
+def test_init_draws_the_cfg_files_initw_and_initb(name):
+    """Weights N(0, initW**2), biases initB (AlexNet: 1 on conv2, conv4, conv5 and the hidden fc
+    layers, -7 on fc1000); "rbg" keys compile in a second, threefry's in several."""
+    cls, size, width, classes = SMALL[name]
+    model = cls(layout="C01B", image_size=size, width=width, num_classes=classes)
+    x = jnp.zeros(model.input_shape(BATCH), jnp.float32)
+    params = jax.jit(model.init)(jax.random.key(0, impl="rbg"), x)["params"]
+    specs = {s.name: s for s in model.layers() if hasattr(s, "init_w")}
+    assert set(params) == set(specs)
+    for layer, spec in specs.items():
+        kernel, bias = np.asarray(params[layer]["kernel"]), np.asarray(params[layer]["bias"])
+        assert np.std(kernel) == pytest.approx(spec.init_w, rel=0.15), layer
+        np.testing.assert_array_equal(bias, spec.init_b, err_msg=layer)
+    if name == "alexnet_cmr":
+        assert [specs[n].init_b for n in ("conv1", "conv2", "conv3", "fc4096a", "fc1000")] == \
+            [0.0, 1.0, 0.0, 1.0, -7.0]
+
+
 def test_norm_constants_are_the_cfg_scales_after_cuda_convnets_parser():
     """The parser divides the cfg's scale by size (cmrnorm) or size**2 (rnorm)."""
     norms = lambda cls: {s.name: (s.cross_map, s.size, s.add_scale, s.pow, s.min_div)
