@@ -1,5 +1,6 @@
 """Whole networks for ``python -m jax_convnet.benchmark --nets``: AlexNet and cuda-convnet's
-CIFAR-10 net as one jitted training step (forward, backward, SGD update), built either from
+CIFAR-10 net (``NETS``), and the cfg networks of ``jax_convnet.models`` (``MODEL_NETS``, below), as
+one jitted training step (forward, backward, SGD update), built either from
 jax_convnet's ops (``filter_acts`` + ``max_pool``) or from XLA's (``lax.conv_general_dilated`` +
 ``lax.reduce_window``), in either layout and compute dtype.
 
@@ -82,6 +83,8 @@ def _pool_padding(hw):
 def feature_sizes(net: Net, image_size: int | None = None) -> list[int]:
     """Height (= width) after each conv block, from the geometry rules; ValueError when an image
     of ``image_size`` is too small for the network."""
+    if isinstance(net, ModelNet):
+        return _model_feature_sizes(net, image_size)
     size = image_size or net.image_size
     sizes = []
     try:
@@ -113,6 +116,8 @@ def param_shapes(net: Net, layout: str, image_size: int | None = None) -> list[t
 def init_params(net: Net, layout: str, seed: int = 0, image_size: int | None = None) -> list:
     """He-normal float32 parameters, drawn by NumPy (no compilation per shape, as
     ``jax.random`` would need)."""
+    if isinstance(net, ModelNet):
+        return _model_init_params(net, layout, seed, image_size)
     rng = np.random.default_rng(seed)
     params = []
     for shape in param_shapes(net, layout, image_size):
@@ -126,9 +131,14 @@ def make_batch(net: Net, layout: str, seed: int = 1, *, batch: int | None = None
                image_size: int | None = None):
     """(float32 images in the layout, int32 labels)."""
     n, size = batch or net.batch, image_size or net.image_size
+    if isinstance(net, ModelNet):
+        model = net.model(layout, image_size=size)
+        channels, classes = model.channels, model.num_classes
+    else:
+        channels, classes = net.convs[0].cin, net.dense[-1]
     rng = np.random.default_rng(seed)
-    x = rng.standard_normal(G.image_shape(layout, n, net.convs[0].cin, size, size), np.float32)
-    return jnp.asarray(x), jnp.asarray(rng.integers(0, net.dense[-1], n, dtype=np.int32))
+    x = rng.standard_normal(G.image_shape(layout, n, channels, size, size), np.float32)
+    return jnp.asarray(x), jnp.asarray(rng.integers(0, classes, n, dtype=np.int32))
 
 
 def _conv(ops, h, w, c: Conv, layout):
@@ -177,6 +187,9 @@ def loss(params, x, y, net: Net, *, ops: str, layout: str, dtype):
 
 def train_step(net: Net, *, ops: str, layout: str, dtype, learning_rate=LEARNING_RATE):
     """``(params, x, y) -> (params after one SGD step, loss)``, not jitted."""
+    if isinstance(net, ModelNet):
+        return _model_train_step(net, ops=ops, layout=layout, dtype=dtype,
+                                 learning_rate=learning_rate)
     value_and_grad = jax.value_and_grad(
         lambda p, x, y: loss(p, x, y, net, ops=ops, layout=layout, dtype=dtype))
 
@@ -204,3 +217,149 @@ def step_shardings(net: Net, layout: str, mesh, *, model: bool = False):
     image = [None] * 4
     image[G.image_axes(layout)["n"]] = "data"
     return params, NamedSharding(mesh, P(*image)), NamedSharding(mesh, P("data"))
+
+
+# ----------------------------------------------------------------------------- cuda-convnet's cfg nets
+# The three networks of jax_convnet.models (Flax modules on our layers: convolutions, locally
+# connected layers, cuda-convnet's max and average pools, cross-map and same-map response
+# normalization) against the same networks on XLA's ops, run by models.forward_with on the
+# module's parameter tree: lax.conv_general_dilated, lax.conv_general_dilated_local (its kernel,
+# flax's (Ho, Wo, C * fh * fw, F), rearranged from ours inside the step: a reshape in C01B, a
+# transpose in NHWC), lax.reduce_window max and sum (divided by the in-image count) with the
+# ceil rule's windows as padding, and the response norms in jnp (a reduce_window sum of squares
+# in float32 over the channel or spatial window). Parameters are float32 and the module's dtype
+# is the compute dtype; the benchmark draws He-normal weights and zero biases (the cfg's initW /
+# initB would leave the updates of biases initialised to 1 under float32's resolution, where the
+# two steps' updates cannot be compared).
+
+@dataclasses.dataclass(frozen=True)
+class ModelNet:
+    name: str  # a key of jax_convnet.models.MODELS
+    image_size: int
+    batch: int
+    model_split: tuple[int, ...] = ()
+
+    def model(self, layout: str, dtype=None, image_size: int | None = None):
+        from . import models
+        return models.MODELS[self.name](layout=layout, image_size=image_size or self.image_size,
+                                        dtype=dtype)
+
+
+MODEL_NETS = {
+    "cifar18": ModelNet("cifar18", 32, 128),  # layers-18pct.cfg
+    "alexnet_cmr": ModelNet("alexnet_cmr", 224, 128),  # cuda-convnet2 layers-imagenet-1gpu.cfg
+    "cifar11": ModelNet("cifar11", 32, 128),  # layers-conv-local-11pct.cfg
+}
+ALL_NETS = {**NETS, **MODEL_NETS}
+
+
+def _model_feature_sizes(net: ModelNet, image_size=None) -> list[int]:
+    try:
+        return list(net.model("NHWC", image_size=image_size).feature_sizes().values())
+    except ValueError as e:
+        raise ValueError(f"{net.name}: {e}") from None
+
+
+def _model_init_params(net: ModelNet, layout: str, seed: int = 0, image_size=None):
+    """He-normal float32 kernels (fan-in: C * fh * fw), zero biases, drawn by NumPy."""
+    model = net.model(layout, image_size=image_size)
+    x = jax.ShapeDtypeStruct(model.input_shape(1), jnp.float32)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        if jax.tree_util.keystr(path).endswith("['bias']"):
+            return jnp.zeros(leaf.shape, jnp.float32)
+        shape = leaf.shape
+        fan_in = math.prod(shape[2:-1] if len(shape) == 6 else shape[:-1])  # local: (Ho, Wo, ..)
+        gain = 1.0 if len(shape) == 2 else 2.0
+        return jnp.asarray(rng.standard_normal(shape, np.float32)
+                           * np.float32((gain / fan_in) ** 0.5))
+    return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def _model_train_step(net: ModelNet, *, ops: str, layout: str, dtype,
+                      learning_rate=LEARNING_RATE):
+    from . import models
+    if ops not in OPS:
+        raise ValueError(f"ops must be one of {OPS}, got {ops!r}")
+
+    def loss(params, x, y):
+        model = net.model(layout, dtype, x.shape[G.image_axes(layout)["h"]])
+        if ops == "ours":
+            logits = model.apply({"params": params}, x)
+        else:
+            logits = models.forward_with(XLA_OPS, model, params, x)
+        return models.cross_entropy(logits, y)
+    value_and_grad = jax.value_and_grad(loss)
+
+    def step(params, x, y):
+        value, grads = value_and_grad(params, x, y)
+        return jax.tree.map(lambda p, g: p - learning_rate * g, params, grads), value
+    return step
+
+
+def _xla_pool_window(h, ds, stride, layout):
+    """reduce_window's window, strides and padding giving cuda-convnet's pool windows."""
+    ax = G.image_axes(layout)
+    hw = (h.shape[ax["h"]], h.shape[ax["w"]])
+    geom = G.pool_geometry(hw, ds, stride=stride)
+    window, strides, padding = [1] * 4, [1] * 4, [(0, 0)] * 4
+    for k, axis in enumerate(("h", "w")):
+        window[ax[axis]], strides[ax[axis]] = geom.window[k], geom.strides[k]
+        padding[ax[axis]] = geom.padding[k]
+    return tuple(window), tuple(strides), padding, geom, hw
+
+
+def _xla_max_pool(h, ds, stride, layout):
+    window, strides, padding, _, _ = _xla_pool_window(h, ds, stride, layout)
+    return lax.reduce_window(h, -jnp.inf, lax.max, window, strides, padding)
+
+
+def _xla_avg_pool(h, ds, stride, layout):
+    """The window sums over the count of in-image elements (a constant)."""
+    window, strides, padding, geom, hw = _xla_pool_window(h, ds, stride, layout)
+    sums = lax.reduce_window(h.astype(jnp.float32), 0.0, lax.add, window, strides, padding)
+    counts = []
+    for k in range(2):
+        starts = np.arange(geom.output_hw(hw)[k]) * geom.strides[k] - geom.padding[k][0]
+        counts.append(np.minimum(starts + geom.window[k], hw[k]) - np.maximum(starts, 0))
+    count = np.outer(*counts).astype(np.float32)
+    count = count[None, :, :, None]  # (1, Ho, Wo, 1): the spatial axes are 1, 2 in both layouts
+    return (sums / count).astype(h.dtype)
+
+
+def _xla_norm(x, size, add_scale, pow_scale, min_div, axes):
+    """x * (min_div + add_scale * S) ** -pow_scale, S the sum of squares over the window of
+    ``size`` starting ``size // 2`` before each element along ``axes``, clipped."""
+    window, padding = [1] * 4, [(0, 0)] * 4
+    for a in axes:
+        window[a], padding[a] = size, (size // 2, size - 1 - size // 2)
+    xf = x.astype(jnp.float32)
+    s = lax.reduce_window(xf * xf, 0.0, lax.add, tuple(window), (1,) * 4, padding)
+    return (xf * (min_div + add_scale * s) ** -pow_scale).astype(x.dtype)
+
+
+def _xla_local(x, kernel, stride, pads, layout):
+    """lax.conv_general_dilated_local on our ConvLocal kernel rearranged as flax's."""
+    fax = G.local_filter_axes(layout)
+    filter_hw = (kernel.shape[fax["h"]], kernel.shape[fax["w"]])
+    if layout == "NHWC":  # (Ho, Wo, fh, fw, C, F) -> (Ho, Wo, C, fh, fw, F)
+        kernel = jnp.transpose(kernel, (0, 1, 4, 2, 3, 5))
+    kernel = kernel.reshape(*kernel.shape[:2], -1, kernel.shape[-1])
+    lhs = _DIMENSION_NUMBERS[layout][0]
+    return lax.conv_general_dilated_local(x, kernel, (stride, stride), pads, filter_hw,
+                                          dimension_numbers=(lhs, "HWIO", lhs))
+
+
+XLA_OPS = {
+    "conv": lambda x, k, s, pads, layout: lax.conv_general_dilated(
+        x, k, (s, s), pads, dimension_numbers=_DIMENSION_NUMBERS[layout]),
+    "local": _xla_local,
+    "max_pool": _xla_max_pool,
+    "avg_pool": _xla_avg_pool,
+    "cross_map_norm": lambda x, n, a, b, m, layout: _xla_norm(
+        x, n, a, b, m, (G.image_axes(layout)["c"],)),
+    "response_norm": lambda x, n, a, b, m, layout: _xla_norm(
+        x, n, a, b, m, (G.image_axes(layout)["h"], G.image_axes(layout)["w"])),
+}

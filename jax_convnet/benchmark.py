@@ -50,7 +50,12 @@ faster). Results go to ``--out`` as ``benchmark.json`` and ``benchmark.png``.
 trick", batch 128, 224x224) and cuda-convnet's CIFAR-10 net (batch 128, 32x32), forward, backward
 and SGD update in one ``jax.jit``, built from ``filter_acts`` + ``max_pool`` and from
 ``lax.conv_general_dilated`` + ``lax.reduce_window``, in both layouts, float32 and bfloat16
-(float32 parameters cast inside the step). Before timing, each pair of steps runs once on the same
+(float32 parameters cast inside the step). Then cuda-convnet's cfg networks of
+``jax_convnet.models`` (batch 128): ``cifar18`` (18% net: average pools and same-map response
+norms, 32x32), ``alexnet_cmr`` (cuda-convnet2's AlexNet with cross-map norms, 224x224) and
+``cifar11`` (cross-map norms and two locally connected layers, 32x32), the Flax module against
+the same network on XLA's ops (``lax.conv_general_dilated_local``, ``reduce_window`` pools, a jnp
+response norm; ``_nets.XLA_OPS``). The ``--devices`` table keeps to the first two. Before timing, each pair of steps runs once on the same
 parameters and data and must agree on the loss and on every parameter's update (``NET_TOLERANCE``;
 on a GPU, float32 steps compiled at precision highest within tight bounds, then the timed ones,
 which may use TF32, within loose ones); a pair that does not gets an error instead of times.
@@ -607,16 +612,21 @@ NET_DTYPES = {"f32": "float32", "bf16": "bfloat16"}
 # network (say, flipped filters) is off by order 1.
 NET_TOLERANCE = {"f32": (1e-5, 1e-3), "f32-gpu": (1e-4, 2e-2), "tf32": (2e-2, 0.2),
                  "bf16": (2e-2, 0.2)}
-NET_HEADER = (f"{'net':<8} {'dtype':<5} {'layout':<6} {'XLA ms':>9} {'ours ms':>9} "
+NET_HEADER = (f"{'net':<11} {'dtype':<5} {'layout':<6} {'XLA ms':>9} {'ours ms':>9} "
               f"{'XLA/ours':>8} {'XLA best/ours':>13}  check: loss, update err")
 
 
-def net_rows(*, batch=None, alexnet_size=None, filters=None) -> list[dict]:
-    """One row per net, dtype and layout: name, net, config, dtype, layout, batch, image_size."""
+def net_rows(*, batch=None, alexnet_size=None, filters=None, models=True) -> list[dict]:
+    """One row per net, dtype and layout: name, net, config, dtype, layout, batch, image_size;
+    with ``models`` the cfg networks of ``jax_convnet.models`` too (``_nets.MODEL_NETS``), which
+    need Flax (left out without it)."""
+    import importlib.util
     from jax_convnet import _nets
     rows = []
-    for net in _nets.NETS.values():
-        size = (alexnet_size if net.name == "alexnet" and alexnet_size else net.image_size)
+    models = models and importlib.util.find_spec("flax") is not None
+    for net in (_nets.ALL_NETS if models else _nets.NETS).values():
+        size = (alexnet_size if net.name.startswith("alexnet") and alexnet_size
+                else net.image_size)
         _nets.feature_sizes(net, size)  # ValueError now if the images are too small
         for config, dtype in NET_DTYPES.items():
             for layout in LAYOUTS:
@@ -635,7 +645,7 @@ def _update_errors(params, ours, xla):
     exact to rounding of the result)."""
     return [jnp.linalg.norm((a - b).ravel()) /
             jnp.maximum(jnp.linalg.norm((b - p).ravel()), 1e-30)
-            for p, a, b in zip(params, ours, xla)]
+            for p, a, b in zip(*(jax.tree.leaves(t) for t in (params, ours, xla)))]
 
 
 def _net_step_check(steps, params, x, y) -> tuple[float, float, float, float]:
@@ -665,7 +675,7 @@ def _compile_both(fns: dict, args, *, threads: int, **jit_kwargs) -> dict:
 def run_net_row(row: dict, *, gpu: bool, reps: int, inner: int) -> dict:
     """Compiles our training step and XLA's, checks that they agree, times both."""
     from jax_convnet import _nets
-    net, layout, dtype = _nets.NETS[row["net"]], row["layout"], jnp.dtype(row["dtype"])
+    net, layout, dtype = _nets.ALL_NETS[row["net"]], row["layout"], jnp.dtype(row["dtype"])
     size, batch = row["image_size"], row["batch"]
     params = _nets.init_params(net, layout, 0, size)
     x, y = _nets.make_batch(net, layout, 1, batch=batch, image_size=size)
@@ -729,7 +739,7 @@ def add_best_layout_ratios(results) -> None:
 
 
 def format_net_row(r) -> str:
-    head = f"{r['net']:<8} {r['config']:<5} {r['layout']:<6}"
+    head = f"{r['net']:<11} {r['config']:<5} {r['layout']:<6}"
     check = ""
     if "loss_rel_err" in r:
         check = f"  {r['loss_rel_err']:.1e}, {r['update_rel_err']:.1e}"
@@ -838,7 +848,7 @@ def device_net_rows(counts, *, batch=None, alexnet_size=None, filters=None) -> l
     their one-device row, which ``--filter`` always keeps."""
     from jax_convnet import _nets
     rows = []
-    for base in net_rows(batch=batch, alexnet_size=alexnet_size):
+    for base in net_rows(batch=batch, alexnet_size=alexnet_size, models=False):
         net, b = _nets.NETS[base["net"]], base["batch"]
         group = [dict(base, name=base["name"] + "/1", mode="one", devices=1, mesh=(1, 1),
                       global_batch=b)]
@@ -1051,11 +1061,12 @@ def parse_args(argv=None):
                    help="keep our convolutions off the FFT path (jax_convnet.conv."
                         "FFT_WORKSPACE_CAP_BYTES = 0): the direct kernels' times")
     p.add_argument("--nets", action="store_true",
-                   help="time whole training steps (AlexNet, cuda-convnet's CIFAR-10 net) "
-                        "instead of single ops; writes nets.json")
+                   help="time whole training steps (AlexNet, cuda-convnet's CIFAR-10 net, "
+                        "jax_convnet.models' cifar18, alexnet_cmr, cifar11) instead of single "
+                        "ops; writes nets.json")
     p.add_argument("--alexnet-size", type=int, default=None, metavar="PX",
-                   help="--nets: AlexNet's input height and width (default 224; at least 51, "
-                        "the dense layer's input follows)")
+                   help="--nets: AlexNet's (and alexnet_cmr's) input height and width (default "
+                        "224; at least 51, alexnet_cmr 52; the dense layer's input follows)")
     p.add_argument("--devices", default=None, metavar="N[,N...]",
                    help="--nets: the steps with the batch split over the first N devices (weak "
                         "and strong scaling; AlexNet also with conv3-conv5's filters split over "

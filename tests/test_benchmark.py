@@ -129,16 +129,24 @@ def test_conv_rows_report_their_error_against_a_float64_reference(tmp_path, caps
 
 NET_ROWS = {f"net/{net}/{config}/{layout}" for net in ("alexnet", "cifar10")
             for config in ("f32", "bf16") for layout in ("NHWC", "C01B")}
+# jax_convnet.models' networks: each dtype and layout once (each row costs seconds on the CPU),
+# the locally connected layers in both layouts.
+MODEL_NET_ROWS = {"net/cifar18/bf16/C01B", "net/alexnet_cmr/f32/NHWC", "net/cifar11/f32/C01B",
+                  "net/cifar11/bf16/NHWC"}
 
 
 def test_nets_time_every_training_step_after_checking_it_against_xla(tmp_path, capsys):
-    """--nets at a tiny size (batch 2, AlexNet on 51x51 images): every net, dtype and layout gets
-    a row whose two steps agreed on loss and update before both were timed."""
-    benchmark.main(["--nets", "--batch", "2", "--alexnet-size", "51", "--reps", "1",
-                    "--out", str(tmp_path)])
+    """--nets at a tiny size (batch 2, the AlexNets on 55x55 images): every net, dtype and layout
+    (of jax_convnet.models' networks, those of MODEL_NET_ROWS) gets a row whose two steps agreed
+    on loss and update before both were timed."""
+    filters = ["net/alexnet/", "net/cifar10/", *MODEL_NET_ROWS]
+    benchmark.main(["--nets", "--batch", "2", "--alexnet-size", "55", "--reps", "1",
+                    "--out", str(tmp_path), *(a for f in filters for a in ("--filter", f))])
     saved = json.loads((tmp_path / "nets.json").read_text())
     rows = saved["rows"]
-    assert {r["name"] for r in rows} == NET_ROWS and len(rows) == len(NET_ROWS)
+    expected = NET_ROWS | MODEL_NET_ROWS
+    assert {r["name"] for r in rows} == expected and len(rows) == len(expected)
+    assert {r["name"] for r in benchmark.net_rows()} >= expected
     for r in rows:
         assert "error" not in r, r
         assert r["ms"] > 0 and r["xla_ms"] > 0
@@ -151,9 +159,9 @@ def test_nets_time_every_training_step_after_checking_it_against_xla(tmp_path, c
             assert check["loss_rel_err"] <= loss_bound
             assert 0 < check["update_rel_err"] <= update_bound
         assert r["jax"] == jax.__version__ and r["device_kind"] == jax.devices()[0].device_kind
-        assert (r["batch"], r["image_size"]) == (2, 51 if r["net"] == "alexnet" else 32)
+        assert (r["batch"], r["image_size"]) == (2, 55 if r["net"].startswith("alexnet") else 32)
     printed = capsys.readouterr().out
-    assert "XLA best/ours" in printed and "alexnet  bf16  C01B" in printed
+    assert "XLA best/ours" in printed and "alexnet     bf16  C01B" in printed
 
 
 def test_nets_check_catches_a_different_network(monkeypatch):
@@ -204,6 +212,29 @@ def test_nets_compute_the_specified_networks():
                 assert out.shape == (128, classes) and out.dtype == jnp.float32
     with pytest.raises(ValueError, match="image_size=50 is too small for alexnet"):
         benchmark.net_rows(alexnet_size=50)
+
+
+def test_nets_time_the_cfg_networks_of_jax_convnet_models():
+    """Full size: the map sizes of cuda-convnet's cfg files; our Flax module's step and the step
+    on XLA's ops take the same parameter tree and give float32 logits of the classes."""
+    from jax_convnet import _nets
+    assert _nets.feature_sizes(_nets.MODEL_NETS["cifar18"]) == [32, 16, 16, 8, 8, 4]
+    assert _nets.feature_sizes(_nets.MODEL_NETS["alexnet_cmr"]) == [55, 27, 27, 13, 13, 13, 13, 6]
+    assert _nets.feature_sizes(_nets.MODEL_NETS["cifar11"]) == [32, 16, 16, 8, 8, 8]
+    for net in _nets.MODEL_NETS.values():
+        for layout in ("NHWC", "C01B"):
+            model = net.model(layout, jnp.bfloat16)
+            x = jax.ShapeDtypeStruct(model.input_shape(128), jnp.float32)
+            params = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
+            y = jax.ShapeDtypeStruct((128,), jnp.int32)
+            for ops in _nets.OPS:
+                step = _nets.train_step(net, ops=ops, layout=layout, dtype=jnp.bfloat16)
+                new_params, loss = jax.eval_shape(step, params, x, y)
+                assert jax.tree.map(lambda a: (a.shape, a.dtype), new_params) == \
+                    jax.tree.map(lambda a: (a.shape, a.dtype), params)
+                assert loss.shape == () and loss.dtype == jnp.float32
+    with pytest.raises(ValueError, match="image_size=51 is too small for AlexNet"):
+        benchmark.net_rows(alexnet_size=51)
 
 
 def test_help_says_each_default_once(capsys):
