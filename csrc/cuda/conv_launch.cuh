@@ -1008,7 +1008,7 @@ cudaError_t swap_outer_inner(const void* src, void* dst, int64_t outer, int64_t 
 // float32 NHWC weight_acts as TF32: the images and the hidden tensor (dense) copied to C01B
 // (C, H, W, B) at the workspace's start, so that K (the pixels) is k-contiguous, then the C01B
 // kernel with the rest of the workspace for its partial sums (jax_convnet/geometry.py,
-// tf32_weight_acts_copies_bytes, sizes the copies).
+// tf32_copies_bytes, sizes the copies).
 std::optional<cudaError_t> run_tma_weights_nhwc_tf32(const TmaProblem& pr, const void* x,
                                                      const void* hid, void* out, Workspace ws,
                                                      int nsm, int smem_optin,
