@@ -161,10 +161,6 @@ _FOLDS = {
 }
 
 
-def _axis(kind, name, layout):
-    return (G.image_axes if kind == "image" else G.filter_axes)(layout)[name]
-
-
 def _fold(x, bdim, axis):
     """Moves batch dim ``bdim`` in front of (unbatched) ``axis`` and merges the two."""
     x = jax.numpy.moveaxis(x, bdim, axis)
@@ -189,8 +185,13 @@ def _empty_batch(primitive, args, dims, params):
     return jax.numpy.zeros((0, *out.shape), out.dtype)
 
 
-def _batch_rule(primitive):
-    operand_folds, result_folds = _FOLDS[primitive]
+def _batch_rule(primitive, folds, filter_axes):
+    """The batching rule of a conv-like ``primitive``: ``folds`` as in _FOLDS, ``filter_axes``
+    the filters' axes by layout (the locally connected family shares this rule)."""
+    operand_folds, result_folds = folds
+
+    def _axis(kind, name, layout):
+        return (G.image_axes if kind == "image" else filter_axes)(layout)[name]
 
     def rule(args, dims, **params):
         layout = params["geom"].layout
@@ -214,7 +215,7 @@ def _batch_rule(primitive):
 
 
 for _p in (filter_acts_p, image_acts_p, weight_acts_p):
-    batching.primitive_batchers[_p] = _batch_rule(_p)
+    batching.primitive_batchers[_p] = _batch_rule(_p, _FOLDS[_p], G.filter_axes)
 
 
 # ----------------------------------------------------------------------------- impl and lowering

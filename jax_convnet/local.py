@@ -21,7 +21,6 @@ sum in a fixed order, so results are bitwise reproducible.
 from __future__ import annotations
 
 import jax
-from jax import lax
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching
 
@@ -29,7 +28,7 @@ from . import geometry as G
 from . import reference
 from ._native import def_impl_via_jit, register_lowerings
 from ._sharding import DimensionRule, factors
-from .conv import _aval, _empty_batch, _fold, _image_hw, _unfold
+from .conv import _aval, _batch_rule, _image_hw
 
 local_filter_acts_p = Primitive("jax_convnet_local_filter_acts")
 local_image_acts_p = Primitive("jax_convnet_local_image_acts")
@@ -162,36 +161,8 @@ _FOLDS = {
 }
 
 
-def _axis(kind, name, layout):
-    return (G.image_axes if kind == "image" else G.local_filter_axes)(layout)[name]
-
-
-def _batch_rule(primitive):
-    operand_folds, result_folds = _FOLDS[primitive]
-
-    def rule(args, dims, **params):
-        layout = params["geom"].layout
-        batched = [d is not None for d in dims]
-        empty = _empty_batch(primitive, args, dims, params)
-        if empty is not None:
-            return empty, 0
-        if all(batched):
-            # Both operands mapped (e.g. per-example gradients): one call per slice.
-            a = jax.numpy.moveaxis(args[0], dims[0], 0)
-            b = jax.numpy.moveaxis(args[1], dims[1], 0)
-            return lax.map(lambda ab: primitive.bind(*ab, **params), (a, b)), 0
-        i = batched.index(True)
-        size = args[i].shape[dims[i]]
-        args = list(args)
-        args[i] = _fold(args[i], dims[i], _axis(*operand_folds[i], layout))
-        out_axis = _axis(*result_folds[i], layout)
-        return _unfold(primitive.bind(*args, **params), out_axis, size), out_axis
-
-    return rule
-
-
 for _p in (local_filter_acts_p, local_image_acts_p, local_weight_acts_p):
-    batching.primitive_batchers[_p] = _batch_rule(_p)
+    batching.primitive_batchers[_p] = _batch_rule(_p, _FOLDS[_p], G.local_filter_axes)
 
 
 # ----------------------------------------------------------------------------- impl and lowering

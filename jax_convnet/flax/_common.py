@@ -112,6 +112,44 @@ def check_unsupported(owner: str, *, input_dilation=1, kernel_dilation=1, featur
                          f"operands' dtype (use dtype= to choose it)")
 
 
+def check_conv_module(owner: str, op: str, *, layout, kernel_size, strides, padding,
+                      conv_general_dilated_cls=None, **unsupported):
+    """The constructor checks Conv and ConvLocal share (linen and nnx): layout, kernel size,
+    strides and padding, the flax arguments jax_convnet cannot honour (``check_unsupported``), and
+    ``conv_general_dilated_cls``, which ``op`` (the jax_convnet op) replaces. Returns (layout,
+    kernel (h, w), strides (h, w), padding) as jax_convnet takes them."""
+    layout = check_layout(layout, owner)
+    kernel_hw = kernel_pair(kernel_size, owner)
+    stride_hw = stride_pair(strides, "strides", owner)
+    pads = conv_padding(padding, owner)
+    check_unsupported(owner, **unsupported)
+    if conv_general_dilated_cls is not None:
+        raise ValueError(f"{owner}: conv_general_dilated_cls cannot be replaced; the "
+                         f"{'convolution' if op == 'filter_acts' else 'layer'} is "
+                         f"jax_convnet.{op}")
+    return layout, kernel_hw, stride_hw, pads
+
+
+def check_features(owner: str, **features) -> None:
+    """nnx's in_features / out_features: positive ints."""
+    for name, value in features.items():
+        if not _is_int(value) or value < 1:
+            raise ValueError(f"{owner}: {name} must be a positive int, got {value!r}")
+
+
+def nnx_operands(module, inputs, out_sharding, owner: str):
+    """An nnx Conv / ConvLocal's inputs, kernel and bias, promoted as flax.nnx does
+    (``promote_dtype``); ``out_sharding`` is refused."""
+    if out_sharding is not None:
+        raise ValueError(f"{owner}: out_sharding is not supported; shard the inputs over the "
+                         f"batch axis instead")
+    kernel = module.kernel[...]
+    bias = module.bias[...] if module.bias is not None else None
+    if module.promote_dtype is None:
+        return promote(inputs, kernel, bias, module.dtype)
+    return module.promote_dtype((inputs, kernel, bias), dtype=module.dtype)
+
+
 def conv_padding(padding, owner: str, name: str = "padding"):
     """flax's padding for a 2-d conv -> what ``padding=`` of jax_convnet takes.
 

@@ -87,18 +87,14 @@ class Conv(nn.Module):
     conv_general_dilated_cls: Any = None
 
     def __post_init__(self):
-        owner = type(self).__name__
-        C.check_layout(self.layout, owner)
-        C.kernel_pair(self.kernel_size, owner)
-        C.stride_pair(self.strides, "strides", owner)
-        C.conv_padding(self.padding, owner)
-        C.check_unsupported(owner, input_dilation=self.input_dilation,
+        C.check_conv_module(type(self).__name__, "filter_acts", layout=self.layout,
+                            kernel_size=self.kernel_size, strides=self.strides,
+                            padding=self.padding,
+                            conv_general_dilated_cls=self.conv_general_dilated_cls,
+                            input_dilation=self.input_dilation,
                             kernel_dilation=self.kernel_dilation,
                             feature_group_count=self.feature_group_count, mask=self.mask,
                             conv_general_dilated=self.conv_general_dilated)
-        if self.conv_general_dilated_cls is not None:
-            raise ValueError(f"{owner}: conv_general_dilated_cls cannot be replaced; the "
-                             f"convolution is jax_convnet.filter_acts")
         super().__post_init__()
 
     @nn.compact
@@ -277,18 +273,14 @@ class ConvLocal(nn.Module):
     conv_general_dilated_cls: Any = None
 
     def __post_init__(self):
-        owner = type(self).__name__
-        C.check_layout(self.layout, owner)
-        C.kernel_pair(self.kernel_size, owner)
-        C.stride_pair(self.strides, "strides", owner)
-        C.conv_padding(self.padding, owner)
-        C.check_unsupported(owner, input_dilation=self.input_dilation,
+        C.check_conv_module(type(self).__name__, "local_filter_acts", layout=self.layout,
+                            kernel_size=self.kernel_size, strides=self.strides,
+                            padding=self.padding,
+                            conv_general_dilated_cls=self.conv_general_dilated_cls,
+                            input_dilation=self.input_dilation,
                             kernel_dilation=self.kernel_dilation,
                             feature_group_count=self.feature_group_count, mask=self.mask,
                             conv_general_dilated=self.conv_general_dilated)
-        if self.conv_general_dilated_cls is not None:
-            raise ValueError(f"{owner}: conv_general_dilated_cls cannot be replaced; the "
-                             f"layer is jax_convnet.local_filter_acts")
         super().__post_init__()
 
     @nn.compact

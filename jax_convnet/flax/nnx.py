@@ -87,18 +87,13 @@ class Conv(_nnx.Module):
         partial_sum: int | str | None = None,
     ):
         owner = type(self).__name__
-        layout = C.check_layout(layout, owner)
-        kernel_size = C.kernel_pair(kernel_size, owner)
-        C.stride_pair(strides, "strides", owner)
-        C.conv_padding(padding, owner)
-        C.check_unsupported(owner, input_dilation=input_dilation,
-                            kernel_dilation=kernel_dilation,
-                            feature_group_count=feature_group_count, mask=mask,
-                            conv_general_dilated=conv_general_dilated,
-                            preferred_element_type=preferred_element_type)
-        for name, value in (("in_features", in_features), ("out_features", out_features)):
-            if not C._is_int(value) or value < 1:
-                raise ValueError(f"{owner}: {name} must be a positive int, got {value!r}")
+        layout, kernel_size, _, _ = C.check_conv_module(
+            owner, "filter_acts", layout=layout, kernel_size=kernel_size, strides=strides,
+            padding=padding, input_dilation=input_dilation, kernel_dilation=kernel_dilation,
+            feature_group_count=feature_group_count, mask=mask,
+            conv_general_dilated=conv_general_dilated,
+            preferred_element_type=preferred_element_type)
+        C.check_features(owner, in_features=in_features, out_features=out_features)
 
         kernel_shape = C.kernel_shape(layout, kernel_size, in_features, out_features)
         init = C.layout_initializer(kernel_init, layout, kernel_size, in_features, out_features)
@@ -130,15 +125,7 @@ class Conv(_nnx.Module):
 
     def __call__(self, inputs, out_sharding=None):
         owner = type(self).__name__
-        if out_sharding is not None:
-            raise ValueError(f"{owner}: out_sharding is not supported; shard the inputs over "
-                             f"the batch axis instead")
-        kernel = self.kernel[...]
-        bias = self.bias[...] if self.bias is not None else None
-        if self.promote_dtype is None:
-            inputs, kernel, bias = C.promote(inputs, kernel, bias, self.dtype)
-        else:
-            inputs, kernel, bias = self.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
+        inputs, kernel, bias = C.nnx_operands(self, inputs, out_sharding, owner)
         return C.conv(inputs, kernel, bias,
                       strides=C.stride_pair(self.strides, "strides", owner),
                       padding=C.conv_padding(self.padding, owner), layout=self.layout,
@@ -269,18 +256,13 @@ class ConvLocal(_nnx.Module):
         layout: str = "NHWC",
     ):
         owner = type(self).__name__
-        layout = C.check_layout(layout, owner)
-        kernel_size = C.kernel_pair(kernel_size, owner)
-        stride_hw = C.stride_pair(strides, "strides", owner)
-        pads = C.conv_padding(padding, owner)
-        C.check_unsupported(owner, input_dilation=input_dilation,
-                            kernel_dilation=kernel_dilation,
-                            feature_group_count=feature_group_count, mask=mask,
-                            conv_general_dilated=conv_general_dilated,
-                            preferred_element_type=preferred_element_type)
-        for name, value in (("in_features", in_features), ("out_features", out_features)):
-            if not C._is_int(value) or value < 1:
-                raise ValueError(f"{owner}: {name} must be a positive int, got {value!r}")
+        layout, kernel_size, stride_hw, pads = C.check_conv_module(
+            owner, "local_filter_acts", layout=layout, kernel_size=kernel_size, strides=strides,
+            padding=padding, input_dilation=input_dilation, kernel_dilation=kernel_dilation,
+            feature_group_count=feature_group_count, mask=mask,
+            conv_general_dilated=conv_general_dilated,
+            preferred_element_type=preferred_element_type)
+        C.check_features(owner, in_features=in_features, out_features=out_features)
         input_size = C.window_pair(input_size, "input_size", owner)
         out_hw = C.local_output_hw(input_size, kernel_size, stride_hw, pads)
 
@@ -316,15 +298,7 @@ class ConvLocal(_nnx.Module):
 
     def __call__(self, inputs, out_sharding=None):
         owner = type(self).__name__
-        if out_sharding is not None:
-            raise ValueError(f"{owner}: out_sharding is not supported; shard the inputs over "
-                             f"the batch axis instead")
-        kernel = self.kernel[...]
-        bias = self.bias[...] if self.bias is not None else None
-        if self.promote_dtype is None:
-            inputs, kernel, bias = C.promote(inputs, kernel, bias, self.dtype)
-        else:
-            inputs, kernel, bias = self.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
+        inputs, kernel, bias = C.nnx_operands(self, inputs, out_sharding, owner)
         return C.conv_local(inputs, kernel, bias,
                             strides=C.stride_pair(self.strides, "strides", owner),
                             padding=C.conv_padding(self.padding, owner), layout=self.layout,
