@@ -3,6 +3,7 @@
 // jax_convnet/_native.py).
 #pragma once
 
+#include <exception>
 #include <string>
 
 #include "geometry.h"
@@ -54,6 +55,20 @@ inline ffi::Error invalid(const std::string& op, const std::string& what) {
 }
 
 inline bool is_rank4(const ffi::AnyBuffer& b) { return b.dimensions().size() == 4; }
+
+// A handler's computation (`compute()` returns false where a worker thread failed), its failures
+// and exceptions turned into FFI errors: nothing escapes into XLA.
+template <typename F>
+ffi::Error run_guarded(const std::string& op, F&& compute) {
+  try {
+    if (!compute()) return ffi::Error::Internal("jax_convnet " + op + ": a worker thread failed");
+  } catch (const std::exception& e) {
+    return ffi::Error::Internal("jax_convnet " + op + ": " + e.what());
+  } catch (...) {
+    return ffi::Error::Internal("jax_convnet " + op + ": unknown failure");
+  }
+  return ffi::Error::Success();
+}
 
 // Every operand and result of one call shares a dtype; `allow_f64` is true on the CPU only.
 inline bool supported_dtype(ffi::DataType t, bool allow_f64) {

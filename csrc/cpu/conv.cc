@@ -756,33 +756,22 @@ ffi::Error conv_handler(ConvOp op, ffi::AnyBuffer a, ffi::AnyBuffer b,
       params.precision != Precision::kHighest)
     return invalid(name, "precision must be 0, 1 or 2");
 
-  try {
-    bool ok;
+  return run_guarded(name, [&] {
     switch (dtype) {
       case ffi::DataType::F32:
-        ok = compute(op, g, static_cast<const float*>(a.untyped_data()),
-                     static_cast<const float*>(b.untyped_data()),
-                     static_cast<float*>(out->untyped_data()));
-        break;
+        return compute(op, g, static_cast<const float*>(a.untyped_data()),
+                       static_cast<const float*>(b.untyped_data()),
+                       static_cast<float*>(out->untyped_data()));
       case ffi::DataType::F64:
-        ok = compute(op, g, static_cast<const double*>(a.untyped_data()),
-                     static_cast<const double*>(b.untyped_data()),
-                     static_cast<double*>(out->untyped_data()));
-        break;
+        return compute(op, g, static_cast<const double*>(a.untyped_data()),
+                       static_cast<const double*>(b.untyped_data()),
+                       static_cast<double*>(out->untyped_data()));
       case ffi::DataType::BF16:
-        ok = compute_16bit<float_to_bf16, bf16_to_float>(op, g, a, b, *out);
-        break;
+        return compute_16bit<float_to_bf16, bf16_to_float>(op, g, a, b, *out);
       default:
-        ok = compute_16bit<float_to_f16, f16_to_float>(op, g, a, b, *out);
-        break;
+        return compute_16bit<float_to_f16, f16_to_float>(op, g, a, b, *out);
     }
-    if (!ok) return ffi::Error::Internal("jax_convnet " + name + ": a worker thread failed");
-  } catch (const std::exception& e) {
-    return ffi::Error::Internal("jax_convnet " + name + ": " + e.what());
-  } catch (...) {
-    return ffi::Error::Internal("jax_convnet " + name + ": unknown failure");
-  }
-  return ffi::Error::Success();
+  });
 }
 
 ffi::Error filter_acts(ffi::AnyBuffer images, ffi::AnyBuffer filters,

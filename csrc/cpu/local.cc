@@ -364,24 +364,17 @@ ffi::Error local_handler(LocalOp op, ffi::AnyBuffer a, ffi::AnyBuffer b,
   const std::string error = make_local_geometry(params, images, filters, hidden, &g);
   if (!error.empty()) return invalid(name, error);
 
-  try {
-    bool ok;
-    const void* pa = a.untyped_data();
-    const void* pb = b.untyped_data();
-    void* po = out->untyped_data();
+  const void* pa = a.untyped_data();
+  const void* pb = b.untyped_data();
+  void* po = out->untyped_data();
+  return run_guarded(name, [&] {
     switch (dtype) {
-      case ffi::DataType::F32: ok = compute<F32>(op, g, pa, pb, po); break;
-      case ffi::DataType::F64: ok = compute<F64>(op, g, pa, pb, po); break;
-      case ffi::DataType::BF16: ok = compute<BF16>(op, g, pa, pb, po); break;
-      default: ok = compute<F16>(op, g, pa, pb, po); break;
+      case ffi::DataType::F32: return compute<F32>(op, g, pa, pb, po);
+      case ffi::DataType::F64: return compute<F64>(op, g, pa, pb, po);
+      case ffi::DataType::BF16: return compute<BF16>(op, g, pa, pb, po);
+      default: return compute<F16>(op, g, pa, pb, po);
     }
-    if (!ok) return ffi::Error::Internal("jax_convnet " + name + ": a worker thread failed");
-  } catch (const std::exception& e) {
-    return ffi::Error::Internal("jax_convnet " + name + ": " + e.what());
-  } catch (...) {
-    return ffi::Error::Internal("jax_convnet " + name + ": unknown failure");
-  }
-  return ffi::Error::Success();
+  });
 }
 
 ffi::Error local_filter_acts(ffi::AnyBuffer images, ffi::AnyBuffer filters,
