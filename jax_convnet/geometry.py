@@ -663,10 +663,9 @@ def _spatial_from_shape(value, name, full_shape_of, batch_axis=None):
                     f"got {value!r}")
 
 
-def image_acts_geometry(hid_acts, filters, image_shape, *, stride, pad, padding, partial_sum,
-                        layout, precision):
-    d = conv_operand_dims(filters=filters, hidden=hid_acts, layout=layout)
-    check_same_dtype(hid_acts=hid_acts, filters=filters)
+def _image_hw_from_shape(image_shape, d, layout):
+    """(H, W) of image_acts' (and local_image_acts') ``image_shape``: the images' full shape in
+    the layout's order, checked against the batch and channels in ``d``, or (rows, cols)."""
     ax = image_axes(layout)
 
     def from_full(shape):
@@ -675,9 +674,16 @@ def image_acts_geometry(hid_acts, filters, image_shape, *, stride, pad, padding,
                              f"{d['c']} channels to match hid_acts and filters")
         return shape[ax["h"]], shape[ax["w"]]
 
-    d["h"], d["w"] = _spatial_from_shape(image_shape, "image_shape", from_full, ax["n"])
-    check_elements(_image_shape_of(layout, d["n"], d["c"], d["h"], d["w"]),
-                   "image_shape")
+    hw = _spatial_from_shape(image_shape, "image_shape", from_full, ax["n"])
+    check_elements(_image_shape_of(layout, d["n"], d["c"], *hw), "image_shape")
+    return hw
+
+
+def image_acts_geometry(hid_acts, filters, image_shape, *, stride, pad, padding, partial_sum,
+                        layout, precision):
+    d = conv_operand_dims(filters=filters, hidden=hid_acts, layout=layout)
+    check_same_dtype(hid_acts=hid_acts, filters=filters)
+    d["h"], d["w"] = _image_hw_from_shape(image_shape, d, layout)
     geom = _conv_geometry(d, stride=stride, pad=pad, padding=padding, partial_sum=partial_sum,
                           layout=layout, precision=precision)
     check_hidden_hw(geom, (d["h"], d["w"]), (d["fh"], d["fw"]), (d["oh"], d["ow"]), "hid_acts")
@@ -903,16 +909,7 @@ def local_image_acts_geometry(hid_acts, filters, image_shape, *, stride, pad, pa
                               precision):
     d = local_operand_dims(filters=filters, hidden=hid_acts, layout=layout)
     check_same_dtype(hid_acts=hid_acts, filters=filters)
-    ax = image_axes(layout)
-
-    def from_full(shape):
-        if shape[ax["n"]] != d["n"] or shape[ax["c"]] != d["c"]:
-            raise ValueError(f"image_shape {shape} ({layout}) must have batch {d['n']} and "
-                             f"{d['c']} channels to match hid_acts and filters")
-        return shape[ax["h"]], shape[ax["w"]]
-
-    d["h"], d["w"] = _spatial_from_shape(image_shape, "image_shape", from_full, ax["n"])
-    check_elements(_image_shape_of(layout, d["n"], d["c"], d["h"], d["w"]), "image_shape")
+    d["h"], d["w"] = _image_hw_from_shape(image_shape, d, layout)
     geom = _local_geometry(d, stride=stride, pad=pad, padding=padding, layout=layout,
                            precision=precision)
     check_hidden_hw(geom, (d["h"], d["w"]), (d["fh"], d["fw"]), (d["oh"], d["ow"]), "hid_acts")
