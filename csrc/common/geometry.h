@@ -209,13 +209,8 @@ struct PoolGeometry {
 // count_include_pad is 1, else the number of its elements inside the image (which may be 0 for a
 // window wholly in the padding: 0 / 0 gives NaN).
 struct AvgPoolParams {
-  Layout layout;
-  int64_t window_h, window_w, stride_h, stride_w, pad_top, pad_left;
+  PoolParams windows;
   int64_t count_include_pad;
-
-  PoolParams windows() const {
-    return PoolParams{layout, window_h, window_w, stride_h, stride_w, pad_top, pad_left};
-  }
 };
 
 inline std::string make_pool_geometry(const PoolParams& p, const int64_t* image_d,

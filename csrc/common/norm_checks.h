@@ -62,18 +62,42 @@ inline int64_t elements(const NormDims& d) { return d.O * d.A1 * d.A2 * d.I; }
 
 }  // namespace norm
 
-// Checks `p` and that every buffer in `arrays` (n of them) has the shape of the first; the
-// first `n_like` share the first's dtype, the rest (the denominators) are `residual` dtype:
-// float32 for float16, the operands' own otherwise. Fills *d on success.
-inline ffi::Error check_norm_call(const char* op, const NormParams& p,
-                                  const ffi::AnyBuffer* const* arrays, int n, int n_like,
+// The buffers of one norm call, null where the op has none: x; v, the tangents (JVP) or the
+// cotangents (gradient); den, the denominators the JVP and the gradient read; out; d_out, the
+// denominators the forward with residual writes.
+struct NormBuffers {
+  const ffi::AnyBuffer *x, *v, *den;
+  ffi::AnyBuffer *out, *d_out;
+
+  // The same as a backend's Typed<T, R>{x, v, den, out, d_out} of typed pointers (T the
+  // operands' storage type, R the denominators').
+  template <template <typename, typename> class Typed, typename T, typename R>
+  Typed<T, R> typed() const {
+    return {static_cast<const T*>(x->untyped_data()),
+            v ? static_cast<const T*>(v->untyped_data()) : nullptr,
+            den ? static_cast<const R*>(den->untyped_data()) : nullptr,
+            static_cast<T*>(out->untyped_data()),
+            d_out ? static_cast<R*>(d_out->untyped_data()) : nullptr};
+  }
+};
+
+// Checks `p` and that every buffer of `b` has the shape of x; x, v and out share x's dtype, the
+// denominators are float32 for float16, the operands' dtype otherwise. Fills *d on success.
+inline ffi::Error check_norm_call(const char* op, const NormParams& p, const NormBuffers& b,
                                   bool allow_f64, NormDims* d) {
+  const ffi::AnyBuffer* arrays[5];
+  int n = 0;
+  arrays[n++] = b.x;
+  if (b.v) arrays[n++] = b.v;
+  arrays[n++] = b.out;
+  const int n_like = n;
+  if (b.den) arrays[n++] = b.den;
+  if (b.d_out) arrays[n++] = b.d_out;
   for (int k = 0; k < n; ++k)
     if (!is_rank4(*arrays[k])) return invalid(op, "operands and results must be rank 4");
   const ffi::DataType t = arrays[0]->element_type();
-  if (!supported_dtype(t, allow_f64))
-    return invalid(op, allow_f64 ? "dtype must be float32, bfloat16, float16 or float64"
-                                 : "dtype must be float32, bfloat16 or float16 on the GPU");
+  ffi::Error checked = check_supported_dtype(op, t, allow_f64);
+  if (checked.failure()) return checked;
   const ffi::DataType residual = t == ffi::DataType::F16 ? ffi::DataType::F32 : t;
   for (int k = 0; k < n; ++k) {
     if (arrays[k]->element_type() != (k < n_like ? t : residual))

@@ -39,7 +39,7 @@ inline ffi::Error check_avg_pool_call(const char* op, const AvgPoolParams& p,
                                       bool allow_f64, PoolGeometry* g) {
   if (p.count_include_pad != 0 && p.count_include_pad != 1)
     return invalid(op, "count_include_pad must be 0 or 1");
-  return check_pool_call(op, p.windows(), images, pooled, allow_f64, g);
+  return check_pool_call(op, p.windows, images, pooled, allow_f64, g);
 }
 
 }  // namespace jax_convnet

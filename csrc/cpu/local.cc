@@ -348,11 +348,9 @@ ffi::Error local_handler(LocalOp op, ffi::AnyBuffer a, ffi::AnyBuffer b,
   if (a.dimensions().size() != rank_a || b.dimensions().size() != rank_b ||
       out->dimensions().size() != rank_out)
     return invalid(name, "images and hidden activations must have rank 4, filters rank 6");
+  ffi::Error checked = check_one_dtype(name, {&a, &b, &*out}, /*allow_f64=*/true);
+  if (checked.failure()) return checked;
   const ffi::DataType dtype = a.element_type();
-  if (!supported_dtype(dtype, /*allow_f64=*/true))
-    return invalid(name, "dtype must be float32, bfloat16, float16 or float64");
-  if (b.element_type() != dtype || out->element_type() != dtype)
-    return invalid(name, "operands and result must share one dtype");
 
   const int64_t* da = &a.dimensions()[0];
   const int64_t* db = &b.dimensions()[0];
@@ -377,34 +375,20 @@ ffi::Error local_handler(LocalOp op, ffi::AnyBuffer a, ffi::AnyBuffer b,
   });
 }
 
-ffi::Error local_filter_acts(ffi::AnyBuffer images, ffi::AnyBuffer filters,
-                             ffi::Result<ffi::AnyBuffer> hidden, ConvParams params) {
-  return local_handler(LocalOp::kFilterActs, images, filters, hidden, params);
-}
-
-ffi::Error local_image_acts(ffi::AnyBuffer hidden, ffi::AnyBuffer filters,
-                            ffi::Result<ffi::AnyBuffer> images, ConvParams params) {
-  return local_handler(LocalOp::kImageActs, hidden, filters, images, params);
-}
-
-ffi::Error local_weight_acts(ffi::AnyBuffer images, ffi::AnyBuffer hidden,
-                             ffi::Result<ffi::AnyBuffer> filters, ConvParams params) {
-  return local_handler(LocalOp::kWeightActs, images, hidden, filters, params);
+// The handler of one op; operands and result as in compute().
+template <LocalOp op>
+ffi::Error local_op(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> out,
+                    ConvParams params) {
+  return local_handler(op, a, b, out, params);
 }
 
 }  // namespace
 }  // namespace jax_convnet::cpu
 
-#define JCN_LOCAL_BINDING                                                                       \
-  ::xla::ffi::Ffi::Bind()                                                                       \
-      .Arg<::xla::ffi::AnyBuffer>()                                                             \
-      .Arg<::xla::ffi::AnyBuffer>()                                                             \
-      .Ret<::xla::ffi::AnyBuffer>()                                                             \
-      .Attrs<jax_convnet::ConvParams>()
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(LocalFilterActsCpu, jax_convnet::cpu::local_filter_acts,
-                              JCN_LOCAL_BINDING);
-XLA_FFI_DEFINE_HANDLER_SYMBOL(LocalImageActsCpu, jax_convnet::cpu::local_image_acts,
-                              JCN_LOCAL_BINDING);
-XLA_FFI_DEFINE_HANDLER_SYMBOL(LocalWeightActsCpu, jax_convnet::cpu::local_weight_acts,
-                              JCN_LOCAL_BINDING);
+// Bindings from the signature of local_op (csrc/common/ffi_common.h).
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LocalFilterActsCpu,
+                              jax_convnet::cpu::local_op<jax_convnet::cpu::LocalOp::kFilterActs>);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LocalImageActsCpu,
+                              jax_convnet::cpu::local_op<jax_convnet::cpu::LocalOp::kImageActs>);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LocalWeightActsCpu,
+                              jax_convnet::cpu::local_op<jax_convnet::cpu::LocalOp::kWeightActs>);

@@ -254,81 +254,43 @@ void with_types(ffi::DataType t, const Fn& fn) {
 }
 
 template <Op kOp>
-ffi::Error launch(const char* op, const jcn::NormParams& p, const ffi::AnyBuffer* x,
-                  const ffi::AnyBuffer* v, const ffi::AnyBuffer* den, ffi::AnyBuffer* out,
-                  ffi::AnyBuffer* d_out) {
-  const ffi::AnyBuffer* like[5];
-  int n = 0;
-  like[n++] = x;
-  if (v) like[n++] = v;
-  like[n++] = out;
-  const int n_like = n;
-  if (den) like[n++] = den;
-  if (d_out) like[n++] = d_out;
+ffi::Error launch(const char* op, const jcn::NormParams& p, const jcn::NormBuffers& buffers) {
   jcn::NormDims d;
-  ffi::Error checked = jcn::check_norm_call(op, p, like, n, n_like, kAllowF64, &d);
+  ffi::Error checked = jcn::check_norm_call(op, p, buffers, kAllowF64, &d);
   if (checked.failure()) return checked;
   bool ok = true;
-  with_types(x->element_type(), [&](auto tz, auto rz) {
+  with_types(buffers.x->element_type(), [&](auto tz, auto rz) {
     using T = decltype(tz);
     using R = decltype(rz);
-    Buffers<T, R> b{static_cast<const T*>(x->untyped_data()),
-                    v ? static_cast<const T*>(v->untyped_data()) : nullptr,
-                    den ? static_cast<const R*>(den->untyped_data()) : nullptr,
-                    static_cast<T*>(out->untyped_data()),
-                    d_out ? static_cast<R*>(d_out->untyped_data()) : nullptr};
-    ok = run<kOp, T, R>(b, d, p.add_scale, p.pow_scale, p.min_div);
+    ok = run<kOp, T, R>(buffers.typed<Buffers, T, R>(), d, p.add_scale, p.pow_scale, p.min_div);
   });
   if (!ok) return jcn::invalid(op, "a worker thread failed (out of memory?)");
   return ffi::Error::Success();
 }
 
 ffi::Error NormImpl(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y, jcn::NormParams p) {
-  return launch<Op::kForward>("norm", p, &x, nullptr, nullptr, &*y, nullptr);
+  return launch<Op::kForward>("norm", p, {&x, nullptr, nullptr, &*y, nullptr});
 }
 
 ffi::Error NormFwdImpl(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y,
                        ffi::Result<ffi::AnyBuffer> d, jcn::NormParams p) {
-  return launch<Op::kForwardResidual>("norm_fwd", p, &x, nullptr, nullptr, &*y, &*d);
+  return launch<Op::kForwardResidual>("norm_fwd", p, {&x, nullptr, nullptr, &*y, &*d});
 }
 
 ffi::Error NormJvpImpl(ffi::AnyBuffer t, ffi::AnyBuffer x, ffi::AnyBuffer d,
                        ffi::Result<ffi::AnyBuffer> out, jcn::NormParams p) {
-  return launch<Op::kJvp>("norm_jvp", p, &x, &t, &d, &*out, nullptr);
+  return launch<Op::kJvp>("norm_jvp", p, {&x, &t, &d, &*out, nullptr});
 }
 
 ffi::Error NormGradImpl(ffi::AnyBuffer c, ffi::AnyBuffer x, ffi::AnyBuffer d,
                         ffi::Result<ffi::AnyBuffer> out, jcn::NormParams p) {
-  return launch<Op::kGrad>("norm_grad", p, &x, &c, &d, &*out, nullptr);
+  return launch<Op::kGrad>("norm_grad", p, {&x, &c, &d, &*out, nullptr});
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(NormCpu, NormImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attrs<jax_convnet::NormParams>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(NormFwdCpu, NormFwdImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attrs<jax_convnet::NormParams>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(NormJvpCpu, NormJvpImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attrs<jax_convnet::NormParams>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(NormGradCpu, NormGradImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attrs<jax_convnet::NormParams>());
+// Bindings from the signatures above (csrc/common/ffi_common.h).
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NormCpu, NormImpl);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NormFwdCpu, NormFwdImpl);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NormJvpCpu, NormJvpImpl);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NormGradCpu, NormGradImpl);

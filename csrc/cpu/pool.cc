@@ -749,41 +749,10 @@ ffi::Error AvgPoolGradImpl(ffi::AnyBuffer cotangents,
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(AvgPoolCpu, AvgPoolImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attrs<jax_convnet::AvgPoolParams>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(AvgPoolGradCpu, AvgPoolGradImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attrs<jax_convnet::AvgPoolParams>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MaxPoolCpu, MaxPoolImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attrs<jax_convnet::PoolParams>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MaxPoolWinnersCpu, MaxPoolWinnersImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attrs<jax_convnet::PoolParams>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MaxPoolJvpCpu, MaxPoolJvpImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attrs<jax_convnet::PoolParams>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MaxPoolGradCpu, MaxPoolGradImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attrs<jax_convnet::PoolParams>());
+// Bindings from the signatures above (csrc/common/ffi_common.h).
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AvgPoolCpu, AvgPoolImpl);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AvgPoolGradCpu, AvgPoolGradImpl);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MaxPoolCpu, MaxPoolImpl);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MaxPoolWinnersCpu, MaxPoolWinnersImpl);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MaxPoolJvpCpu, MaxPoolJvpImpl);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MaxPoolGradCpu, MaxPoolGradImpl);

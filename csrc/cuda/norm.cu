@@ -252,30 +252,17 @@ void with_types(ffi::DataType t, const Fn& fn) {
 
 template <Op kOp>
 ffi::Error launch(cudaStream_t stream, const char* op, const jcn::NormParams& p,
-                  const ffi::AnyBuffer* x, const ffi::AnyBuffer* v, const ffi::AnyBuffer* den,
-                  ffi::AnyBuffer* out, ffi::AnyBuffer* d_out) {
-  const ffi::AnyBuffer* like[5];
-  int n = 0;
-  like[n++] = x;
-  if (v) like[n++] = v;
-  like[n++] = out;
-  const int n_like = n;
-  if (den) like[n++] = den;
-  if (d_out) like[n++] = d_out;
+                  const jcn::NormBuffers& buffers) {
   jcn::NormDims d;
-  ffi::Error checked = jcn::check_norm_call(op, p, like, n, n_like, /*allow_f64=*/false, &d);
+  ffi::Error checked = jcn::check_norm_call(op, p, buffers, /*allow_f64=*/false, &d);
   if (checked.failure()) return checked;
   const float a = float(p.add_scale), pw = float(p.pow_scale);
   const Scales s{a, pw, float(p.min_div), 2.0f * a * pw};
   const bool narrow = jcn::norm::elements(d) < (int64_t(1) << 31) - int64_t(kThreads) * kMaxBlocks;
-  with_types(x->element_type(), [&](auto tz, auto rz) {
+  with_types(buffers.x->element_type(), [&](auto tz, auto rz) {
     using T = decltype(tz);
     using R = decltype(rz);
-    Buffers<T, R> b{static_cast<const T*>(x->untyped_data()),
-                    v ? static_cast<const T*>(v->untyped_data()) : nullptr,
-                    den ? static_cast<const R*>(den->untyped_data()) : nullptr,
-                    static_cast<T*>(out->untyped_data()),
-                    d_out ? static_cast<R*>(d_out->untyped_data()) : nullptr};
+    const Buffers<T, R> b = buffers.typed<Buffers, T, R>();
     if (narrow)
       launch_typed<kOp, T, R, int32_t>(stream, b, d, kOp == Op::kGrad, s);
     else
@@ -290,59 +277,28 @@ ffi::Error launch(cudaStream_t stream, const char* op, const jcn::NormParams& p,
 
 ffi::Error NormImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y,
                     jcn::NormParams p) {
-  return launch<Op::kForward>(stream, "norm", p, &x, nullptr, nullptr, &*y, nullptr);
+  return launch<Op::kForward>(stream, "norm", p, {&x, nullptr, nullptr, &*y, nullptr});
 }
 
 ffi::Error NormFwdImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y,
                        ffi::Result<ffi::AnyBuffer> d, jcn::NormParams p) {
-  return launch<Op::kForwardResidual>(stream, "norm_fwd", p, &x, nullptr, nullptr, &*y, &*d);
+  return launch<Op::kForwardResidual>(stream, "norm_fwd", p, {&x, nullptr, nullptr, &*y, &*d});
 }
 
-ffi::Error NormJvpImpl(cudaStream_t stream, ffi::AnyBuffer t, ffi::AnyBuffer x,
-                       ffi::AnyBuffer d, ffi::Result<ffi::AnyBuffer> out, jcn::NormParams p) {
-  return launch<Op::kJvp>(stream, "norm_jvp", p, &x, &t, &d, &*out, nullptr);
+ffi::Error NormJvpImpl(cudaStream_t stream, ffi::AnyBuffer t, ffi::AnyBuffer x, ffi::AnyBuffer d,
+                       ffi::Result<ffi::AnyBuffer> out, jcn::NormParams p) {
+  return launch<Op::kJvp>(stream, "norm_jvp", p, {&x, &t, &d, &*out, nullptr});
 }
 
-ffi::Error NormGradImpl(cudaStream_t stream, ffi::AnyBuffer c, ffi::AnyBuffer x,
-                        ffi::AnyBuffer d, ffi::Result<ffi::AnyBuffer> out, jcn::NormParams p) {
-  return launch<Op::kGrad>(stream, "norm_grad", p, &x, &c, &d, &*out, nullptr);
+ffi::Error NormGradImpl(cudaStream_t stream, ffi::AnyBuffer c, ffi::AnyBuffer x, ffi::AnyBuffer d,
+                        ffi::Result<ffi::AnyBuffer> out, jcn::NormParams p) {
+  return launch<Op::kGrad>(stream, "norm_grad", p, {&x, &c, &d, &*out, nullptr});
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(NormCuda, NormImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attrs<jax_convnet::NormParams>(),
-                              {ffi::Traits::kCmdBufferCompatible});
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(NormFwdCuda, NormFwdImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attrs<jax_convnet::NormParams>(),
-                              {ffi::Traits::kCmdBufferCompatible});
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(NormJvpCuda, NormJvpImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attrs<jax_convnet::NormParams>(),
-                              {ffi::Traits::kCmdBufferCompatible});
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(NormGradCuda, NormGradImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attrs<jax_convnet::NormParams>(),
-                              {ffi::Traits::kCmdBufferCompatible});
+// Bindings from the signatures above (csrc/common/ffi_common.h).
+JCN_DEFINE_CUDA_HANDLER(NormCuda, NormImpl);
+JCN_DEFINE_CUDA_HANDLER(NormFwdCuda, NormFwdImpl);
+JCN_DEFINE_CUDA_HANDLER(NormJvpCuda, NormJvpImpl);
+JCN_DEFINE_CUDA_HANDLER(NormGradCuda, NormGradImpl);

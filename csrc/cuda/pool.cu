@@ -751,53 +751,10 @@ ffi::Error AvgPoolGradImpl(cudaStream_t stream, ffi::AnyBuffer cotangents,
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(AvgPoolCuda, AvgPoolImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attrs<jax_convnet::AvgPoolParams>(),
-                              {ffi::Traits::kCmdBufferCompatible});
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(AvgPoolGradCuda, AvgPoolGradImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attrs<jax_convnet::AvgPoolParams>(),
-                              {ffi::Traits::kCmdBufferCompatible});
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MaxPoolCuda, MaxPoolImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attrs<jax_convnet::PoolParams>(),
-                              {ffi::Traits::kCmdBufferCompatible});
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MaxPoolWinnersCuda, MaxPoolWinnersImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attrs<jax_convnet::PoolParams>(),
-                              {ffi::Traits::kCmdBufferCompatible});
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MaxPoolJvpCuda, MaxPoolJvpImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attrs<jax_convnet::PoolParams>(),
-                              {ffi::Traits::kCmdBufferCompatible});
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MaxPoolGradCuda, MaxPoolGradImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attrs<jax_convnet::PoolParams>(),
-                              {ffi::Traits::kCmdBufferCompatible});
+// Bindings from the signatures above (csrc/common/ffi_common.h).
+JCN_DEFINE_CUDA_HANDLER(AvgPoolCuda, AvgPoolImpl);
+JCN_DEFINE_CUDA_HANDLER(AvgPoolGradCuda, AvgPoolGradImpl);
+JCN_DEFINE_CUDA_HANDLER(MaxPoolCuda, MaxPoolImpl);
+JCN_DEFINE_CUDA_HANDLER(MaxPoolWinnersCuda, MaxPoolWinnersImpl);
+JCN_DEFINE_CUDA_HANDLER(MaxPoolJvpCuda, MaxPoolJvpImpl);
+JCN_DEFINE_CUDA_HANDLER(MaxPoolGradCuda, MaxPoolGradImpl);
