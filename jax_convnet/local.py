@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import jax
 from jax.extend.core import Primitive
-from jax.interpreters import ad, batching
+from jax.interpreters import batching
 
+from . import _conv_family as family
 from . import geometry as G
 from . import reference
 from ._native import def_impl_via_jit, register_lowerings
-from ._sharding import DimensionRule, factors
-from .conv import _aval, _batch_rule, _image_hw
+from ._sharding import factors
+from .conv import _batch_rule
 
 local_filter_acts_p = Primitive("jax_convnet_local_filter_acts")
 local_image_acts_p = Primitive("jax_convnet_local_image_acts")
@@ -80,11 +81,6 @@ def local_weight_acts(images, hid_grads, filter_shape, *, stride=1, pad=0, paddi
 
 # ----------------------------------------------------------------------------- abstract eval
 
-def _filter_hw(w, layout):
-    ax = G.local_filter_axes(layout)
-    return w.shape[ax["h"]], w.shape[ax["w"]]
-
-
 def _filter_acts_abstract(images, filters, *, geom):
     layout = geom.layout
     n = images.shape[G.image_axes(layout)["n"]]
@@ -115,86 +111,25 @@ local_image_acts_p.def_abstract_eval(_image_acts_abstract)
 local_weight_acts_p.def_abstract_eval(_weight_acts_abstract)
 
 
-# ----------------------------------------------------------------------------- transposes (JVP)
+# ----------------------------------------------------------------------------- transposes, batching
 
-def _filter_acts_t_images(ct, images, filters, *, geom):
-    return local_image_acts_p.bind(ct, filters, geom=geom,
-                                   image_hw=_image_hw(_aval(images), geom.layout))
+_PRIMITIVES = (local_filter_acts_p, local_image_acts_p, local_weight_acts_p)
 
+family.define_transposes(*_PRIMITIVES, G.local_filter_axes)
 
-def _filter_acts_t_filters(ct, images, filters, *, geom):
-    return local_weight_acts_p.bind(images, ct, geom=geom,
-                                    filter_hw=_filter_hw(_aval(filters), geom.layout))
-
-
-def _image_acts_t_hidden(ct, hid_acts, filters, *, geom, image_hw):
-    return local_filter_acts_p.bind(ct, filters, geom=geom)
-
-
-def _image_acts_t_filters(ct, hid_acts, filters, *, geom, image_hw):
-    return local_weight_acts_p.bind(ct, hid_acts, geom=geom,
-                                    filter_hw=_filter_hw(_aval(filters), geom.layout))
-
-
-def _weight_acts_t_images(ct, images, hid_grads, *, geom, filter_hw):
-    return local_image_acts_p.bind(hid_grads, ct, geom=geom,
-                                   image_hw=_image_hw(_aval(images), geom.layout))
-
-
-def _weight_acts_t_hidden(ct, images, hid_grads, *, geom, filter_hw):
-    return local_filter_acts_p.bind(images, ct, geom=geom)
-
-
-ad.defbilinear(local_filter_acts_p, _filter_acts_t_images, _filter_acts_t_filters)
-ad.defbilinear(local_image_acts_p, _image_acts_t_hidden, _image_acts_t_filters)
-ad.defbilinear(local_weight_acts_p, _weight_acts_t_images, _weight_acts_t_hidden)
-
-
-# ----------------------------------------------------------------------------- batching
-# As in the conv family, a mapped axis of one operand folds into an axis whose slices are
-# independent: (operand kind, axis folded) for each operand, and the result's (kind, axis).
-
-_FOLDS = {
-    local_filter_acts_p: ((("image", "n"), ("filter", "f")), (("image", "n"), ("image", "c"))),
-    local_image_acts_p: ((("image", "n"), ("filter", "c")), (("image", "n"), ("image", "c"))),
-    local_weight_acts_p: ((("image", "c"), ("image", "c")), (("filter", "c"), ("filter", "f"))),
-}
-
-
-for _p in (local_filter_acts_p, local_image_acts_p, local_weight_acts_p):
-    batching.primitive_batchers[_p] = _batch_rule(_p, _FOLDS[_p], G.local_filter_axes)
+for _p, _folds in zip(_PRIMITIVES, family.FOLDS):
+    batching.primitive_batchers[_p] = _batch_rule(_p, _folds, G.local_filter_axes)
 
 
 # ----------------------------------------------------------------------------- impl and lowering
 
-for _p in (local_filter_acts_p, local_image_acts_p, local_weight_acts_p):
+for _p in _PRIMITIVES:
     def_impl_via_jit(_p)
 
-
-def _local_tensors(layout):
-    """Factor strings of images, filters and hidden tensors: batch b, channels c, filters f,
-    image rows / cols h w, filter taps i j, output rows / cols o p."""
-    return (factors(G.image_axes(layout), n="b", c="c", h="h", w="w"),
-            factors(G.local_filter_axes(layout), oh="o", ow="p", c="c", h="i", w="j", f="f"),
-            factors(G.image_axes(layout), n="b", c="f", h="o", w="p"))
-
-
-# Across devices: the batch and the filters split freely (and the channels of image_acts' result);
-# local_weight_acts' per-device filter gradients over batch slices are added.
-def _filter_acts_split(*, geom, **_):
-    images, filters, hidden = _local_tensors(geom.layout)
-    return DimensionRule((images, filters), hidden, split=frozenset("bf"))
-
-
-def _image_acts_split(*, geom, **_):
-    images, filters, hidden = _local_tensors(geom.layout)
-    return DimensionRule((hidden, filters), images, split=frozenset("bc"))
-
-
-def _weight_acts_split(*, geom, **_):
-    images, filters, hidden = _local_tensors(geom.layout)
-    return DimensionRule((images, hidden), filters, split=frozenset("cf"), summed=frozenset("b"))
-
+# Across devices: the conv family's rules, with filters of output rows / cols o p too.
+_filter_acts_split, _image_acts_split, _weight_acts_split = family.dimension_rules(
+    lambda layout: factors(G.local_filter_axes(layout), oh="o", ow="p", c="c", h="i", w="j",
+                           f="f"))
 
 register_lowerings(local_filter_acts_p, "jax_convnet_local_filter_acts",
                    reference.local_filter_acts_canonical, dimension_rule=_filter_acts_split)
