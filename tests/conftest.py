@@ -1,4 +1,5 @@
-"""Shared test helpers: random operands (never zeros), tolerances by dtype, device selection."""
+"""Shared test helpers: random operands (never zeros), tolerances by dtype, device selection, the
+GPU tests' oracle (the reference in float64 on the CPU) and their poisoned, repeated runs."""
 import os
 import re
 import subprocess
@@ -49,6 +50,14 @@ def assert_close(actual, expected, dtype=None, *, scale=1.0):
     assert err <= tol, f"relative error {err:.3g} > {tol:.3g}"
 
 
+def tolerance_dtype(dtype, precision=None):
+    """The dtype whose TOLERANCE judges a GPU result of ``dtype`` at ``precision``: float32 at
+    default precision may run as TF32, which keeps 10 mantissa bits, so bfloat16's bound."""
+    if jnp.dtype(dtype) == jnp.float32 and precision in (None, "default"):
+        return jnp.bfloat16
+    return dtype
+
+
 def images(key, layout, n, c, h, w, dtype=jnp.float32):
     return rand(key, jcn.geometry.image_shape(layout, n, c, h, w), dtype)
 
@@ -61,12 +70,36 @@ def hlo_text(fn, *args):
     return jax.jit(fn).lower(*args).as_text()
 
 
+def gpu():
+    return jax.devices("gpu")[0]
+
+
+def cpu():
+    return jax.devices("cpu")[0]
+
+
+def exact(*arrays):
+    """The oracle's operands: float64 copies on the CPU, where the pure-lax reference is exact
+    enough to judge any kernel (XLA's float32 convolutions on the GPU are not)."""
+    return jax.device_put([a.astype(jnp.float64) for a in arrays], cpu())
+
+
 def run_poisoned(fn, *args):
     """Runs ``fn`` right after NaN-filled buffers of its outputs' sizes were freed, so an allocator
     that hands the same memory back makes any element the kernel fails to write show as NaN."""
     for s in jax.tree_util.tree_leaves(jax.eval_shape(fn, *args)):
         jax.block_until_ready(jax.device_put(np.full(s.shape, np.nan, s.dtype))).delete()
     return fn(*args)
+
+
+def run_poisoned_twice(fn, *args):
+    """``run_poisoned`` twice, asserting the two results equal bit for bit (no atomics, no
+    races); returns the first."""
+    first = run_poisoned(fn, *args)
+    again = run_poisoned(fn, *args)
+    for a, b in zip(jax.tree_util.tree_leaves(first), jax.tree_util.tree_leaves(again)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    return first
 
 
 @pytest.fixture(params=["cpu", "gpu"])

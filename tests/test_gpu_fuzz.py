@@ -42,7 +42,7 @@ import pytest
 
 import jax_convnet as jcn
 from jax_convnet import reference as ref
-from conftest import TOLERANCE
+from conftest import TOLERANCE, cpu, exact
 from test_fuzz import (SEED, check_conv_results, check_pool_results, conv_config, conv_operands,
                        conv_program, pool_config, pool_operands, pool_program)
 
@@ -61,10 +61,6 @@ pytestmark = [] if ON_CPU else [pytest.mark.gpu]
 
 def device_under_test():
     return jax.devices("cpu" if ON_CPU else "gpu")[0]
-
-
-def cpu():
-    return jax.devices("cpu")[0]
 
 
 def _choice(rng, values):
@@ -181,9 +177,9 @@ def build_conv(index):
     cfg = gpu_conv_config(index)
     args = conv_operands(cfg)
     on_device = jax.device_put(args, device_under_test())
-    exact = jax.device_put([a.astype(np.float64) for a in args], cpu())
+    oracle_args = exact(*args)
     ours = jax.jit(conv_program(jcn, cfg)[0]).lower(*on_device).compile()
-    want = jax.jit(conv_program(ref, cfg)[0]).lower(*exact).compile()(*exact)
+    want = jax.jit(conv_program(ref, cfg)[0]).lower(*oracle_args).compile()(*oracle_args)
     return cfg, ours, on_device, jax.tree.map(np.asarray, want)
 
 

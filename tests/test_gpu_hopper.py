@@ -7,22 +7,17 @@ without a GPU."""
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 import jax_convnet as jcn
 from jax_convnet import reference as ref
-from conftest import LAYOUTS, assert_close, filters, images, rand, run_poisoned
+from conftest import (LAYOUTS, assert_close, exact, filters, gpu, images, rand, run_poisoned_twice,
+                      tolerance_dtype)
 
 pytestmark = pytest.mark.gpu
 
 DTYPES = [jnp.bfloat16, jnp.float16, jnp.float32]
 DTYPE_IDS = ["bfloat16", "float16", "float32"]
-
-
-def tolerance_dtype(dtype):
-    """TF32 (float32 at default precision) keeps 10 mantissa bits: judged by bfloat16's bound."""
-    return jnp.bfloat16 if dtype == jnp.float32 else dtype
 
 # (batch, channels, height, width, filters, window, stride, pad). In C01B the kernels take a
 # batch of at least 64: runs of 64 images (72: a partial run), two output columns per tile
@@ -47,10 +42,6 @@ CASES = {
 }
 
 
-def gpu():
-    return jax.devices("gpu")[0]
-
-
 def operands(name, layout, dtype):
     n, c, h, w, f, window, stride, pad = CASES[name]
     x = images(1, layout, n, c, h, w, dtype)
@@ -60,8 +51,13 @@ def operands(name, layout, dtype):
     return x, wt, g, dict(stride=stride, pad=pad, layout=layout)
 
 
-def exact(*arrays):
-    return jax.device_put([a.astype(jnp.float64) for a in arrays], jax.devices("cpu")[0])
+def check(op, reference, args, dtype):
+    """``op`` on the GPU (outputs poisoned, run twice: bitwise equal) against ``reference`` on
+    the float64 oracle, within ``dtype``'s bound (TF32's for float32)."""
+    ours = run_poisoned_twice(jax.jit(op), *jax.device_put(args, gpu()))
+    want = jax.jit(reference)(*exact(*args))
+    assert ours.dtype == dtype
+    assert_close(ours, want, tolerance_dtype(dtype))
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -69,13 +65,8 @@ def exact(*arrays):
 @pytest.mark.parametrize("name", list(CASES))
 def test_filter_acts_matches_reference_and_repeats_bitwise(name, dtype, layout):
     x, w, _, kw = operands(name, layout, dtype)
-    fa = jax.jit(lambda x, w: jcn.filter_acts(x, w, **kw))
-    args = jax.device_put((x, w), gpu())
-    ours = run_poisoned(fa, *args)
-    want = jax.jit(lambda x, w: ref.filter_acts(x, w, precision="highest", **kw))(*exact(x, w))
-    assert ours.dtype == dtype
-    assert_close(ours, want, tolerance_dtype(dtype))
-    assert np.array_equal(np.asarray(ours), np.asarray(run_poisoned(fa, *args)))
+    check(lambda x, w: jcn.filter_acts(x, w, **kw),
+          lambda x, w: ref.filter_acts(x, w, precision="highest", **kw), (x, w), dtype)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -83,14 +74,8 @@ def test_filter_acts_matches_reference_and_repeats_bitwise(name, dtype, layout):
 @pytest.mark.parametrize("name", [k for k, v in CASES.items() if v[6] == 1])
 def test_image_acts_at_stride_1_matches_reference_and_repeats_bitwise(name, dtype, layout):
     x, w, g, kw = operands(name, layout, dtype)
-    ia = jax.jit(lambda g, w: jcn.image_acts(g, w, x.shape, **kw))
-    args = jax.device_put((g, w), gpu())
-    ours = run_poisoned(ia, *args)
-    want = jax.jit(lambda g, w: ref.image_acts(g, w, x.shape, precision="highest", **kw))(
-        *exact(g, w))
-    assert ours.dtype == dtype
-    assert_close(ours, want, tolerance_dtype(dtype))
-    assert np.array_equal(np.asarray(ours), np.asarray(run_poisoned(ia, *args)))
+    check(lambda g, w: jcn.image_acts(g, w, x.shape, **kw),
+          lambda g, w: ref.image_acts(g, w, x.shape, precision="highest", **kw), (g, w), dtype)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -98,14 +83,8 @@ def test_image_acts_at_stride_1_matches_reference_and_repeats_bitwise(name, dtyp
 @pytest.mark.parametrize("name", list(CASES))
 def test_weight_acts_matches_reference_and_repeats_bitwise(name, dtype, layout):
     x, w, g, kw = operands(name, layout, dtype)
-    wa = jax.jit(lambda x, g: jcn.weight_acts(x, g, w.shape, **kw))
-    args = jax.device_put((x, g), gpu())
-    ours = run_poisoned(wa, *args)
-    want = jax.jit(lambda x, g: ref.weight_acts(x, g, w.shape, precision="highest", **kw))(
-        *exact(x, g))
-    assert ours.dtype == dtype
-    assert_close(ours, want, tolerance_dtype(dtype))
-    assert np.array_equal(np.asarray(ours), np.asarray(run_poisoned(wa, *args)))
+    check(lambda x, g: jcn.weight_acts(x, g, w.shape, **kw),
+          lambda x, g: ref.weight_acts(x, g, w.shape, precision="highest", **kw), (x, g), dtype)
 
 
 @pytest.mark.parametrize("partial_sum", [1, 13, "auto"])

@@ -12,21 +12,15 @@ import pytest
 
 import jax_convnet as jcn
 from jax_convnet import reference as ref
-from conftest import LAYOUTS, has_gpu
+from conftest import LAYOUTS, gpu
 
 pytestmark = [pytest.mark.gpu, pytest.mark.xdist_group("gpu_large")]
 
 LIMIT = 2**31
 
 
-def gpu():
-    return jax.devices("gpu")[0]
-
-
 @pytest.fixture(autouse=True)
-def _large_gpu():
-    if not has_gpu():
-        pytest.skip("needs an NVIDIA GPU")
+def _large_gpu(_gpu_marker):  # after conftest's skip where there is no GPU
     stats = gpu().memory_stats() or {}
     if stats.get("bytes_limit", 0) < 64 << 30:
         pytest.skip("needs a GPU with 64 GB or more")

@@ -9,21 +9,13 @@ import pytest
 import jax_convnet as jcn
 from jax_convnet import geometry as G
 from jax_convnet import reference as ref
-from conftest import LAYOUTS, assert_close, images, rand, run_poisoned
+from conftest import LAYOUTS, assert_close, cpu, exact, gpu, images, rand, run_poisoned
 
 pytestmark = pytest.mark.gpu
 
 # cuda-convnet's layers-conv-local-11pct.cfg: local3 (64 -> 32) and local4 (32 -> 32) on 8x8
 # images, 3x3 filters, pad 1, stride 1 (batch 128 there).
 LOCAL_11PCT = {"local3": (64, 32), "local4": (32, 32)}
-
-
-def gpu():
-    return jax.devices("gpu")[0]
-
-
-def cpu():
-    return jax.devices("cpu")[0]
 
 
 def all_three(**kw):
@@ -38,7 +30,7 @@ def exact_three(**kw):
     run = jax.jit(lambda x, w, g: (ref.local_filter_acts(x, w, **kw),
                                    ref.local_image_acts(g, w, x.shape, **kw),
                                    ref.local_weight_acts(x, g, w.shape, **kw)))
-    return lambda *args: run(*jax.device_put([a.astype(jnp.float64) for a in args], cpu()))
+    return lambda *args: run(*exact(*args))
 
 
 def operands(layout, dtype, n, c, h, w, f, fh, fw, key=0, **geometry):

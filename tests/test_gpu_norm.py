@@ -9,19 +9,11 @@ import pytest
 import jax_convnet as jcn
 from jax_convnet import reference as ref
 from jax_convnet._layers import GPU_NORMS
-from conftest import LAYOUTS, assert_close, images, rand, run_poisoned
+from conftest import LAYOUTS, assert_close, cpu, exact, gpu, images, rand, run_poisoned
 
 pytestmark = pytest.mark.gpu
 
 BATCH = 8
-
-
-def gpu():
-    return jax.devices("gpu")[0]
-
-
-def cpu():
-    return jax.devices("cpu")[0]
 
 
 def norm_of(module, layer, layout):
@@ -49,11 +41,9 @@ def test_layers_match_reference_and_cpu_kernels(name, dtype, layout):
     t, g = rand(2, x.shape, dtype), rand(3, x.shape, dtype)
     ours = run_poisoned(value_jvp_vjp(norm_of(jcn, layer, layout)),
                         *jax.device_put((x, t, g), gpu()))
-    exact = value_jvp_vjp(norm_of(ref, layer, layout))(
-        *jax.device_put([a.astype(jnp.float64) for a in (x, t, g)], cpu()))
-    on_cpu = value_jvp_vjp(norm_of(jcn, layer, layout))(
-        *jax.device_put((x, t, g), cpu()))
-    for a, b, c_ in zip(ours, exact, on_cpu):
+    want = value_jvp_vjp(norm_of(ref, layer, layout))(*exact(x, t, g))
+    on_cpu = value_jvp_vjp(norm_of(jcn, layer, layout))(*jax.device_put((x, t, g), cpu()))
+    for a, b, c_ in zip(ours, want, on_cpu):
         assert a.dtype == dtype
         assert_close(a, b, dtype, scale=2)
         assert_close(a, c_, dtype, scale=2)
@@ -69,8 +59,7 @@ def test_odd_sizes_and_shapes(kind, size, layout):
     f = (lambda m: lambda x: m.response_norm(x, size, **kw)) if kind == "same" else \
         (lambda m: lambda x: m.cross_map_norm(x, size, blocked=kind == "blocked", **kw))
     ours = run_poisoned(value_jvp_vjp(f(jcn)), *jax.device_put((x, t, g), gpu()))
-    want = value_jvp_vjp(f(ref))(*jax.device_put([a.astype(jnp.float64) for a in (x, t, g)],
-                                                 cpu()))
+    want = value_jvp_vjp(f(ref))(*exact(x, t, g))
     for a, b in zip(ours, want):
         assert_close(a, b, jnp.float32)
 
