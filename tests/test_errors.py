@@ -413,8 +413,9 @@ with warnings.catch_warnings(record=True) as caught:  # the native modules load 
     warnings.simplefilter("always")
     import jax_convnet as jcn
     jcn.has_native("cpu")
-x = jax.random.normal(jax.random.key(0), (3, 10, 9, 5))
-w = jax.random.normal(jax.random.key(1), (3, 4, 4, 16))
+rng = np.random.default_rng(0)  # (jax.random would compile its sampler: seconds)
+x = jnp.asarray(rng.standard_normal((3, 10, 9, 5), np.float32))
+w = jnp.asarray(rng.standard_normal((3, 4, 4, 16), np.float32))
 print("WARNED", any("JAX_CONVNET_CPU_ISA" in str(c.message) for c in caught))
 try:
     y = jax.block_until_ready(jcn.filter_acts(x, w))

@@ -125,13 +125,11 @@ def test_derivatives_to_second_order():
 def test_vmap(platform, layout):
     xs = jnp.stack([images(k, layout, 2, 3, 7, 7) for k in range(3)], axis=1)
     got = jax.jit(jax.vmap(lambda x: jcn.max_pool(x, 3, stride=2, layout=layout), 1))(xs)
-    want = jax.vmap(lambda x: ref.max_pool(x, 3, stride=2, layout=layout), 1)(xs)
+    want = jax.jit(jax.vmap(lambda x: ref.max_pool(x, 3, stride=2, layout=layout), 1))(xs)
     np.testing.assert_array_equal(got, want)
-    g = jax.vmap(jax.grad(lambda x: jnp.sum(jcn.max_pool(x, 3, stride=2, layout=layout) ** 2)),
-                 1)(xs)
-    g_ref = jax.vmap(jax.grad(lambda x: jnp.sum(ref.max_pool(x, 3, stride=2, layout=layout) ** 2)),
-                     1)(xs)
-    assert_close(g, g_ref)
+    grad = lambda pool: jax.vmap(jax.grad(
+        lambda x: jnp.sum(pool(x, 3, stride=2, layout=layout) ** 2)), 1)
+    assert_close(grad(jcn.max_pool)(xs), jax.jit(grad(ref.max_pool))(xs))  # ours op by op
 
 
 def test_vmap_of_jvp_with_unmapped_images(platform):
@@ -257,11 +255,13 @@ def test_hessian_and_jvp_of_gradient_equal_the_reference():
     x = rand(6, (2, 6, 7, 2), jnp.float64)
     t = rand(7, x.shape, jnp.float64)
     loss = lambda pool: lambda x: jnp.sum(pool(x, 3, stride=2, start=1) ** 3)
+    # (the reference compiled too: op by op it compiles each of its many small steps)
     h = jax.jit(jax.hessian(loss(jcn.max_pool)))(x)
-    np.testing.assert_allclose(h, jax.hessian(loss(ref.max_pool))(x), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(h, jax.jit(jax.hessian(loss(ref.max_pool)))(x), rtol=1e-12,
+                               atol=1e-12)
     assert np.count_nonzero(h) > 0
-    jvp_of_grad = lambda pool: jax.jvp(jax.grad(loss(pool)), (x,), (t,))
-    for got, want in zip(jax.jit(lambda: jvp_of_grad(jcn.max_pool))(), jvp_of_grad(ref.max_pool)):
+    jvp_of_grad = lambda pool: jax.jit(lambda: jax.jvp(jax.grad(loss(pool)), (x,), (t,)))()
+    for got, want in zip(jvp_of_grad(jcn.max_pool), jvp_of_grad(ref.max_pool)):
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
     # reverse over reverse, under vmap
     hvp = jax.vmap(lambda v: jax.grad(lambda x: jnp.vdot(jax.grad(loss(jcn.max_pool))(x), v))(x))
