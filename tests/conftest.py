@@ -70,6 +70,14 @@ def hlo_text(fn, *args):
     return jax.jit(fn).lower(*args).as_text()
 
 
+def value_jvp_vjp(f):
+    """(x, t, g) -> f(x), its JVP along t and its VJP of g, in one compiled function."""
+    def run(x, t, g):
+        y, ty = jax.jvp(f, (x,), (t,))
+        return y, ty, jax.vjp(f, x)[1](g)[0]
+    return jax.jit(run)
+
+
 def gpu():
     return jax.devices("gpu")[0]
 

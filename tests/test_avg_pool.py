@@ -12,7 +12,8 @@ from jax.test_util import check_grads
 import jax_convnet as jcn
 from jax_convnet import geometry as G
 from jax_convnet import reference as ref
-from conftest import DTYPES, LAYOUTS, assert_close, hlo_text, images, rand, run_poisoned
+from conftest import (DTYPES, LAYOUTS, assert_close, hlo_text, images, rand, run_poisoned,
+                      value_jvp_vjp)
 
 
 # ----------------------------------------------------------------------------- the spec in numpy
@@ -106,15 +107,6 @@ def flax_avg_pool(x, window, strides, padding, count_include_pad, layout):
 
 # ----------------------------------------------------------------------------- helpers
 
-def forward_jvp_vjp(pool, ds, **kw):
-    """One compiled function: the value, a JVP and a VJP (``pool`` is ours or the reference)."""
-    def run(x, t, g):
-        y, ty = jax.jvp(lambda x: pool(x, ds, **kw), (x,), (t,))
-        dx = jax.vjp(lambda x: pool(x, ds, **kw), x)[1](g)[0]
-        return y, ty, dx
-    return jax.jit(run)
-
-
 def check_avg_pool(x, ds, **kw):
     """Ours (outputs poisoned) equals the spec bit for bit (value, JVP = the value of the
     tangents, gradient) and the reference within the dtype's tolerance. Returns the value.
@@ -122,7 +114,7 @@ def check_avg_pool(x, ds, **kw):
     order, so it is held to the spec within float64's tolerance."""
     out_shape = jax.eval_shape(lambda x: ref.avg_pool(x, ds, **kw), x).shape
     t, g = rand(11, x.shape, x.dtype), rand(12, out_shape, x.dtype)
-    y, ty, dx = run_poisoned(forward_jvp_vjp(jcn.avg_pool, ds, **kw), x, t, g)
+    y, ty, dx = run_poisoned(value_jvp_vjp(lambda x: jcn.avg_pool(x, ds, **kw)), x, t, g)
     bits = lambda a: np.asarray(a, np.float64)
     np.testing.assert_array_equal(bits(y), bits(spec_avg_pool(x, ds, **kw)))
     np.testing.assert_array_equal(bits(ty), bits(spec_avg_pool(t, ds, **kw)))
@@ -130,7 +122,7 @@ def check_avg_pool(x, ds, **kw):
         assert_close(dx, spec_avg_pool_grad(x, g, ds, **kw), x.dtype)
     else:
         np.testing.assert_array_equal(bits(dx), bits(spec_avg_pool_grad(x, g, ds, **kw)))
-    y_ref, ty_ref, dx_ref = forward_jvp_vjp(ref.avg_pool, ds, **kw)(x, t, g)
+    y_ref, ty_ref, dx_ref = value_jvp_vjp(lambda x: ref.avg_pool(x, ds, **kw))(x, t, g)
     for a, b in ((y, y_ref), (ty, ty_ref), (dx, dx_ref)):
         assert_close(a, b, x.dtype)
     return y

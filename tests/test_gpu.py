@@ -13,7 +13,7 @@ import jax_convnet as jcn
 from jax_convnet import reference as ref
 from jax_convnet._layers import GPU_LAYERS
 from conftest import (LAYOUTS, assert_close, cpu, exact, filters, gpu, images, rand, run_poisoned,
-                      run_poisoned_twice, tolerance_dtype)
+                      run_poisoned_twice, tolerance_dtype, value_jvp_vjp)
 
 pytestmark = pytest.mark.gpu
 
@@ -319,14 +319,6 @@ def test_weight_acts_bitwise_reproducible(partial_sum):
     assert_close(first, ref.weight_acts(*exact(x, g), w.shape, pad=pad), jnp.float32, scale=5)
 
 
-def value_tangent_and_gradient(pool):
-    """(x, t, g) -> pool(x), its JVP along t and its VJP of g, jitted: the three pool kernels."""
-    def run(x, t, g):
-        y, ty = jax.jvp(pool, (x,), (t,))
-        return y, ty, jax.vjp(pool, x)[1](g)[0]
-    return jax.jit(run)
-
-
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16],
                          ids=["float32", "bfloat16", "float16"])
@@ -342,7 +334,7 @@ def test_pools_match_cpu_kernels_bitwise(shape, ds, stride, dtype, layout):
     x = jnp.round(x * 4) / 4  # ties on purpose
     y_shape = jax.eval_shape(lambda x: jcn.max_pool(x, ds, stride=stride, layout=layout), x).shape
     t, g = rand(5, x.shape, dtype), rand(6, y_shape, dtype)
-    run = value_tangent_and_gradient(lambda x: jcn.max_pool(x, ds, stride=stride, layout=layout))
+    run = value_jvp_vjp(lambda x: jcn.max_pool(x, ds, stride=stride, layout=layout))
     on_gpu = run_poisoned(run, *jax.device_put((x, t, g), gpu()))
     on_cpu = run(*jax.device_put((x, t, g), cpu()))
     for a, b in zip(on_gpu, on_cpu):
@@ -374,7 +366,7 @@ def test_pools_on_special_values_match_cpu_kernels_bit_for_bit(ds, stride, paddi
     pool = lambda x: jcn.max_pool(x, ds, stride=stride, padding=padding, layout=layout)
     t = rand(12, x.shape, dtype)
     g = rand(13, jax.eval_shape(pool, x).shape, dtype)
-    run = value_tangent_and_gradient(pool)
+    run = value_jvp_vjp(pool)
     on_gpu = run_poisoned(run, *jax.device_put((x, t, g), gpu()))
     on_cpu = run(*jax.device_put((x, t, g), cpu()))
     for a, b in zip(on_gpu, on_cpu):  # pooled values, tangents and gradients, bit for bit

@@ -9,7 +9,8 @@ import pytest
 import jax_convnet as jcn
 from jax_convnet import reference as ref
 from jax_convnet._layers import GPU_NORMS
-from conftest import LAYOUTS, assert_close, cpu, exact, gpu, images, rand, run_poisoned
+from conftest import (LAYOUTS, assert_close, cpu, exact, gpu, images, rand, run_poisoned,
+                      value_jvp_vjp)
 
 pytestmark = pytest.mark.gpu
 
@@ -22,13 +23,6 @@ def norm_of(module, layer, layout):
     if layer.kind == "same":
         return lambda x: module.response_norm(x, layer.size, **kw)
     return lambda x: module.cross_map_norm(x, layer.size, **kw)
-
-
-def value_jvp_vjp(f):
-    def run(x, t, g):
-        y, ty = jax.jvp(f, (x,), (t,))
-        return y, ty, jax.vjp(f, x)[1](g)[0]
-    return jax.jit(run)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -11,7 +11,8 @@ from jax.test_util import check_grads
 import jax_convnet as jcn
 from jax_convnet import geometry as G
 from jax_convnet import reference as ref
-from conftest import DTYPES, LAYOUTS, assert_close, hlo_text, images, rand, run_poisoned
+from conftest import (DTYPES, LAYOUTS, assert_close, hlo_text, images, rand, run_poisoned,
+                      value_jvp_vjp)
 
 SCALES = dict(add_scale=0.3, pow_scale=0.75, min_div=1.5)
 
@@ -23,13 +24,6 @@ def op(module, kind, size, layout, **scales):
         return lambda x: module.response_norm(x, size, layout=layout, **scales)
     return lambda x: module.cross_map_norm(x, size, blocked=kind == "blocked", layout=layout,
                                            **scales)
-
-
-def value_jvp_vjp(f):
-    def run(x, t, g):
-        y, ty = jax.jvp(f, (x,), (t,))
-        return y, ty, jax.vjp(f, x)[1](g)[0]
-    return jax.jit(run)
 
 
 def check_norm(x, kind, size, layout, **scales):

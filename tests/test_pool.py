@@ -10,7 +10,8 @@ from jax.test_util import check_grads
 import jax_convnet as jcn
 from jax_convnet import geometry as G
 from jax_convnet import reference as ref
-from conftest import DTYPES, LAYOUTS, assert_close, hlo_text, images, rand, run_poisoned
+from conftest import (DTYPES, LAYOUTS, assert_close, hlo_text, images, rand, run_poisoned,
+                      value_jvp_vjp)
 
 # pylearn2's max-pool shape list (C01B: channels, rows, cols, batch), ds 1..3, stride 1..ds.
 SHAPES = [(16, 5, 5, 2), (3, 7, 9, 5), (4, 8, 8, 16), (1, 3, 4, 1), (2, 12, 11, 3)]
@@ -18,21 +19,12 @@ CASES = [(shape, ds, stride) for shape in SHAPES for ds in (1, 2, 3) for stride 
          if ds <= min(shape[1:3])]
 
 
-def pool_forward_jvp_vjp(pool, ds, **kw):
-    """One compiled function: max_pool's value, a JVP and a VJP (``pool`` is ours or the reference)."""
-    def run(x, t, g):
-        y, ty = jax.jvp(lambda x: pool(x, ds, **kw), (x,), (t,))
-        dx = jax.vjp(lambda x: pool(x, ds, **kw), x)[1](g)[0]
-        return y, ty, dx
-    return jax.jit(run)
-
-
 def check_pool(x, ds, dtype=None, **kw):
     """Forward, JVP and gradient of max_pool equal the reference's."""
     out_shape = jax.eval_shape(lambda x: ref.max_pool(x, ds, **kw), x).shape
     t, g = rand(11, x.shape, x.dtype), rand(12, out_shape, x.dtype)
-    y, ty, dx = run_poisoned(pool_forward_jvp_vjp(jcn.max_pool, ds, **kw), x, t, g)
-    y_ref, ty_ref, dx_ref = pool_forward_jvp_vjp(ref.max_pool, ds, **kw)(x, t, g)
+    y, ty, dx = run_poisoned(value_jvp_vjp(lambda x: jcn.max_pool(x, ds, **kw)), x, t, g)
+    y_ref, ty_ref, dx_ref = value_jvp_vjp(lambda x: ref.max_pool(x, ds, **kw))(x, t, g)
     np.testing.assert_array_equal(np.asarray(y, np.float64), np.asarray(y_ref, np.float64))
     np.testing.assert_array_equal(np.asarray(ty, np.float64), np.asarray(ty_ref, np.float64))
     assert_close(dx, dx_ref, dtype)
@@ -192,7 +184,8 @@ def test_windows_of_more_than_256_elements(platform):
     # int32 winners; the gradient's order check also checks which element each window selects
     x = jnp.round(rand(2, (2, 20, 21, 3)) * 2)  # ties
     y = jax.jit(lambda x: jcn.max_pool(x, (17, 16), stride=(3, 5)))(x)
-    np.testing.assert_array_equal(y, jax.jit(lambda x: ref.max_pool(x, (17, 16), stride=(3, 5)))(x))
+    geom = G.max_pool_geometry(x, (17, 16), stride=(3, 5), start=0, padding=None, layout="C01B")
+    np.testing.assert_array_equal(y, reference_winners(x, geom)[0])
     check_gradient_order(x, (17, 16), stride=(3, 5))
 
 
@@ -206,14 +199,19 @@ def test_empty_windows_yield_minus_infinity_and_no_tangent(platform):
     check_gradient_order(x, 2, stride=2, padding=((3, 3), (0, 1)))
 
 
+# The reference's (pooled, winners), compiled once per geometry and shape (its compile time
+# grows with the window).
+reference_winners = jax.jit(lambda x, geom: ref.max_pool_winners_canonical(x, geom=geom),
+                            static_argnames="geom")
+
+
 def gradient_in_window_order(x, g, ds, **kw):
     """The documented gradient, in numpy: each image element is 0 + ct(w1) + ct(w2) + ... over
     the windows whose winner it is (the reference's selection), in increasing (oy, ox), in
     float32 (float64 for float64), rounded once to the dtype."""
     kw = dict(dict(stride=None, start=0, padding=None, layout="C01B"), **kw)
     geom = G.max_pool_geometry(x, ds, **kw)
-    winners = jax.jit(lambda x: ref.max_pool_winners_canonical(x, geom=geom)[1])(x)
-    winners = np.asarray(winners, np.int64)
+    winners = np.asarray(reference_winners(x, geom)[1], np.int64)
     ax = G.image_axes(geom.layout)
     hw = lambda a: np.moveaxis(np.asarray(a), (ax["h"], ax["w"]), (0, 1))
     acc_dtype = np.float64 if x.dtype == jnp.float64 else np.float32
