@@ -60,7 +60,8 @@ struct CtxBinding<cudaStream_t> {  // a cudaStream_t parameter is the call's str
 };
 }  // namespace xla::ffi
 
-// CUDA handlers are CUDA-graph safe (no synchronisation, allocation or host reads).
+// The CUDA handler symbol `fn` of `impl`, marked CUDA-graph safe (kCmdBufferCompatible): its
+// launches may not synchronise, allocate or read device memory on the host.
 #define JCN_DEFINE_CUDA_HANDLER(fn, impl)                                                     \
   extern "C" XLA_FFI_Error* fn(XLA_FFI_CallFrame* call_frame) {                             \
     static auto* handler =                                                                  \
