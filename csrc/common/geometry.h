@@ -133,8 +133,11 @@ inline std::string make_conv_geometry(const ConvParams& p, const int64_t* image_
   int64_t positions = oh * ow;
   int64_t ps = p.partial_sum == 0 ? positions : p.partial_sum;
   if (positions % ps != 0) return "partial_sum must divide out_h * out_w";
+  // An axis with one output position reads the same pixels at any stride; stride 1 there keeps
+  // the kernels' coordinates small (a stride of 2**31 - 1 is valid).
+  const int64_t stride_h = oh == 1 ? 1 : p.stride_h, stride_w = ow == 1 ? 1 : p.stride_w;
   *g = ConvGeometry{p.layout, im.n, im.c, fi.f, im.h, im.w, fi.h, fi.w, oh, ow,
-                    p.stride_h, p.stride_w, p.pad_top, p.pad_left, ps, p.precision,
+                    stride_h, stride_w, p.pad_top, p.pad_left, ps, p.precision,
                     image_strides(p.layout, im), filter_strides(p.layout, fi),
                     image_strides(p.layout, hid)};
   return "";
