@@ -122,6 +122,7 @@ def test_conv_rows_report_their_error_against_a_float64_reference(tmp_path, caps
     assert rows and all("error" not in r for r in rows)
     bound = 1e-5 if jax.default_backend() == "cpu" else 1e-2
     assert all(0 < r["ref_err"] < bound and 0 < r["xla_ref_err"] < bound for r in rows)
+    assert all([c["op"] for c in r["paths"]] == ["filter_acts"] for r in rows)  # jcn.explain's
     assert "vs float64: ours" in capsys.readouterr().out
     _results_table().main([str(tmp_path / "benchmark.json")])
     assert "ours err vs f64 | XLA err vs f64 |" in capsys.readouterr().out
