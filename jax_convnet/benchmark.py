@@ -1154,6 +1154,13 @@ def main(argv=None):
             if gpu and args.inner is None:
                 ms = time_on_device(ours_fn, ours, fn_args, reps=reps)
                 xla_ms = time_on_device(xla_fn, xla, fn_args, reps=reps)
+                # A memory-bound row faster than the measured copy rate allows is a timing fault
+                # (noise in the difference of two medians): timed again, at most twice.
+                for _ in range(2 if row.kind not in ("conv", "local") and copy_gbps else 0):
+                    if ms < work / (1.1 * copy_gbps * 1e6):
+                        ms = time_on_device(ours_fn, ours, fn_args, reps=reps)
+                    if xla_ms < work / (1.1 * copy_gbps * 1e6):
+                        xla_ms = time_on_device(xla_fn, xla, fn_args, reps=reps)
             else:
                 ms = time_fn(ours, fn_args, reps=reps, inner=inner)
                 xla_ms = time_fn(xla, fn_args, reps=reps, inner=inner)
