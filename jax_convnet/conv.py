@@ -175,10 +175,19 @@ _FOLDS = {
 }
 
 
+# The axis of each kind of tensor that holds whole groups: the channels of images and hidden
+# tensors, the filters' F (the filters' channel axis holds one group's channels).
+_GROUPED_AXIS = {"image": "c", "filter": "f"}
+
+
 def _holds_groups(kind, name) -> bool:
-    """Whether an axis is split into the groups: the channels of images and hidden tensors and
-    the filters' F (the filters' channel axis holds one group's channels)."""
-    return name == ("c" if kind == "image" else "f")
+    return _GROUPED_AXIS[kind] == name
+
+
+def _kind_axis(kind, name, layout, filter_axes=G.filter_axes):
+    """The axis of role ``name`` ("n", "c", "f", ...) of a tensor of ``kind`` ("image" or
+    "filter"; ``filter_axes`` by layout for the filters)."""
+    return (G.image_axes if kind == "image" else filter_axes)(layout)[name]
 
 
 def _fold(x, bdim, axis, groups=1):
@@ -222,7 +231,7 @@ def _batch_rule(primitive, folds, filter_axes):
     operand_folds, result_folds = folds
 
     def _axis(kind, name, layout):
-        return (G.image_axes if kind == "image" else filter_axes)(layout)[name]
+        return _kind_axis(kind, name, layout, filter_axes)
 
     def rule(args, dims, **params):
         layout = params["geom"].layout
@@ -288,11 +297,11 @@ def _weight_acts_split(*, geom, **_):
                          split=frozenset("cf" if geom.groups == 1 else ""), summed=frozenset("b"))
 
 
-# The axes holding whole groups: of each operand, and of the result.
-_GROUPED_AXES = {
-    filter_acts_p: ((("image", "c"), ("filter", "f")), ("image", "c")),
-    image_acts_p: ((("image", "c"), ("filter", "f")), ("image", "c")),
-    weight_acts_p: ((("image", "c"), ("image", "c")), ("filter", "f")),
+# The kinds of tensor of each primitive's operands and result.
+_KINDS = {
+    filter_acts_p: (("image", "filter"), "image"),
+    image_acts_p: (("image", "filter"), "image"),
+    weight_acts_p: (("image", "image"), "filter"),
 }
 
 
@@ -300,14 +309,14 @@ def _gpu_per_group_calls(primitive):
     """How groups > 1 run on the GPU until its kernels take groups: one ungrouped custom call per
     group on that group's slices of the operands, the results concatenated. Returns the
     ``cuda_decomposition`` of register_lowerings (None for groups == 1: the call as it is)."""
-    (a_role, b_role), out_role = _GROUPED_AXES[primitive]
+    (a_kind, b_kind), out_kind = _KINDS[primitive]
 
     def decomposition(bind, *, geom, **params):
         if geom.groups == 1:
             return None
         groups, ungrouped = geom.groups, dataclasses.replace(geom, groups=1)
-        a_axis, b_axis, out_axis = (_role_axis(*role, geom.layout)
-                                    for role in (a_role, b_role, out_role))
+        a_axis, b_axis, out_axis = (_kind_axis(kind, _GROUPED_AXIS[kind], geom.layout)
+                                    for kind in (a_kind, b_kind, out_kind))
 
         def per_group(a, b):
             def part(x, axis, g):
@@ -319,10 +328,6 @@ def _gpu_per_group_calls(primitive):
         return per_group
 
     return decomposition
-
-
-def _role_axis(kind, name, layout):
-    return (G.image_axes if kind == "image" else G.filter_axes)(layout)[name]
 
 
 # The column buffer of image_acts into a few channels on the GPU holds at most this many bytes
