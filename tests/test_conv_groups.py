@@ -23,6 +23,7 @@ CASES = {
     "g2_pad": (3, 6, 7, 8, 4, 3, 2, 2, dict(pad=1)),
     "g3_stride2_padding": (2, 6, 9, 7, 9, 3, 3, 3, dict(stride=2, padding=((1, 0), (2, 1)))),
     "depthwise": (4, 4, 6, 5, 8, 3, 3, 4, dict(stride=(1, 2), padding="SAME")),
+    "depthwise_x1": (3, 5, 6, 7, 5, 3, 2, 5, dict(stride=2, pad=1)),
     "g3_ceil_rule": (5, 9, 8, 7, 6, 2, 3, 3, dict(stride=3, pad=(0, 1))),
 }
 
@@ -75,15 +76,20 @@ def test_each_group_reads_only_its_channels():
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_weight_acts_partial_sums_and_determinism(layout):
-    *shape, kw = CASES["g2_pad"]
+@pytest.mark.parametrize("case", ["g2_pad", "depthwise_x1"])
+def test_weight_acts_partial_sums_and_determinism(layout, case):
+    *shape, kw = CASES[case]
+    groups = shape[-1]
     x, k = operands(layout, jnp.float32, *shape)
-    g = rand(3, jcn.filter_acts(x, k, groups=2, layout=layout, **kw).shape)
-    want = ref.weight_acts(x, g, k.shape, groups=2, layout=layout, **kw)
-    for ps in (None, 1, 7, "auto"):
-        dk = jcn.weight_acts(x, g, k.shape, partial_sum=ps, groups=2, layout=layout, **kw)
+    g = rand(3, jcn.filter_acts(x, k, groups=groups, layout=layout, **kw).shape)
+    want = ref.weight_acts(x, g, k.shape, groups=groups, layout=layout, **kw)
+    positions = g.shape[G.image_axes(layout)["h"]] * g.shape[G.image_axes(layout)["w"]]
+    divisor = next(p for p in range(2, positions + 1) if positions % p == 0)
+    for ps in (None, 1, divisor, "auto"):
+        dk = jcn.weight_acts(x, g, k.shape, partial_sum=ps, groups=groups, layout=layout, **kw)
         assert_close(dk, want)
-        again = jcn.weight_acts(x, g, k.shape, partial_sum=ps, groups=2, layout=layout, **kw)
+        again = jcn.weight_acts(x, g, k.shape, partial_sum=ps, groups=groups, layout=layout,
+                                **kw)
         assert np.array_equal(np.asarray(dk), np.asarray(again))
 
 

@@ -735,6 +735,49 @@ bool run_weight_acts_channels_last(const ConvGeometry& g, const T* img, const T*
   });
 }
 
+// NHWC weight_acts with one channel per group (depthwise convolutions, each channel feeding
+// F / groups filters): w[ty, tx, 0, f] = sum over (b, position) of img[b, iy, ix, f / (F / groups)]
+// * hid[b, oy, ox, f], a product along f (contiguous in the hidden rows and the filters) that
+// the tiles of run_weight_acts_channels_last, one channel and few filters wide, would mostly
+// waste. Each task owns one tap and a block of filters; every partial-sum chunk is summed over
+// (b, position) in order and the chunk sums are added in order.
+template <typename T>
+bool run_weight_acts_depthwise_channels_last(const ConvGeometry& g, const T* img, const T* hid,
+                                             T* w, ThreadPool& pool) {
+  constexpr int64_t kFilterBlock = 64;
+  const int64_t F = g.filters, per_channel = F / g.groups;
+  const int64_t f_blocks = ceil_div(F, kFilterBlock);
+  const int64_t positions = g.out_h * g.out_w, chunk = g.partial_sum;
+  return pool.run(g.filter_h * g.filter_w * f_blocks, [&](int64_t task, int) {
+    const int64_t ty = task / f_blocks / g.filter_w, tx = task / f_blocks % g.filter_w;
+    const int64_t f0 = task % f_blocks * kFilterBlock;
+    const int64_t nf = std::min(kFilterBlock, F - f0);
+    T part[kFilterBlock], total[kFilterBlock];
+    std::fill_n(total, nf, T(0));
+    for (int64_t p0 = 0; p0 < positions; p0 += chunk) {
+      std::fill_n(part, nf, T(0));
+      for (int64_t b = 0; b < g.batch; ++b)
+        for (int64_t pos = p0; pos < p0 + chunk; ++pos) {
+          const int64_t oy = pos / g.out_w, ox = pos % g.out_w;
+          const int64_t iy = oy * g.stride_h - g.pad_top + ty;
+          const int64_t ix = ox * g.stride_w - g.pad_left + tx;
+          if (iy < 0 || iy >= g.in_h || ix < 0 || ix >= g.in_w) continue;
+          const T* h = hid + (b * g.hidden.n + oy * g.hidden.y + ox * g.hidden.x + f0);
+          const int64_t x = b * g.image.n + iy * g.image.y + ix * g.image.x;
+          if (per_channel == 1) {
+            const T* xf = img + (x + f0);
+            for (int64_t f = 0; f < nf; ++f) part[f] += xf[f] * h[f];
+          } else {
+            for (int64_t f = 0; f < nf; ++f) part[f] += img[x + (f0 + f) / per_channel] * h[f];
+          }
+        }
+      for (int64_t f = 0; f < nf; ++f) total[f] += part[f];
+    }
+    T* dst = w + (ty * g.filter.y + tx * g.filter.x + f0 * g.filter.n);
+    for (int64_t f = 0; f < nf; ++f) dst[f * g.filter.n] = total[f];
+  });
+}
+
 // ---------------------------------------------------------------------------------------------
 // FFI handlers.
 
@@ -783,6 +826,8 @@ bool compute(ConvOp op, const ConvGeometry& g, const T* a, const T* b, T* out) {
                         g.groups, hidden_group, image_group, filter_group},
           pool);
     default:
+      if (!batch_last && g.groups > 1 && g.channels == g.groups)
+        return run_weight_acts_depthwise_channels_last(g, a, b, out, pool);
       return batch_last ? run_weight_acts_batch_last(g, a, b, out, pool)
                         : run_weight_acts_channels_last(g, a, b, out, pool);
   }
