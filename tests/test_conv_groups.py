@@ -95,20 +95,20 @@ def test_weight_acts_partial_sums_and_determinism(layout, case):
 
 # ----------------------------------------------------------------------------- derivatives
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("case", ["g3_stride2_padding", "depthwise"])
+@pytest.mark.parametrize("layout,case", [("C01B", "g3_stride2_padding"), ("NHWC", "depthwise")])
 def test_derivatives_to_second_order(layout, case):
-    """JVP and VJP against finite differences to second order (float64), and the gradients
-    of a loss (with a second-order term) against the reference's."""
+    """JVP and VJP against finite differences (float64; filter_acts to second order, whose
+    derivatives are the other two ops), and the gradients of a loss with a second-order term
+    against the reference's."""
     n, c, h, w, f, fh, fw, groups, kw = CASES[case]
     x, k = operands(layout, jnp.float64, n, c, h, w, f, fh, fw, groups)
     kw = dict(kw, groups=groups, layout=layout)
     check_grads(lambda x, k: jcn.filter_acts(x, k, **kw), (x, k), order=2, modes=("fwd", "rev"))
     y = jcn.filter_acts(x, k, **kw)
     g = rand(5, y.shape, jnp.float64)
-    check_grads(lambda g, k: jcn.image_acts(g, k, x.shape, **kw), (g, k), order=2,
+    check_grads(lambda g, k: jcn.image_acts(g, k, x.shape, **kw), (g, k), order=1,
                 modes=("fwd", "rev"))
-    check_grads(lambda x, g: jcn.weight_acts(x, g, k.shape, **kw), (x, g), order=2,
+    check_grads(lambda x, g: jcn.weight_acts(x, g, k.shape, **kw), (x, g), order=1,
                 modes=("fwd", "rev"))
 
     def loss(mod):
