@@ -1183,6 +1183,9 @@ def main(argv=None):
                      compile_s=round(t_ours, 3), xla_compile_s=round(t_xla, 3))
             if row.kind in ("conv", "local", "groups"):
                 r.update(flop=work, tflops=work / ms / 1e9, xla_tflops=work / xla_ms / 1e9)
+                if row.kind == "conv":  # each conv call's workspace paths (jcn.explain)
+                    r["paths"] = [dict(op=c["op"], paths=c["paths"])
+                                  for c in jcn.explain(ours_fn, *fn_args)]
                 if args.ref_err or row.config == "f32-highest":
                     r["ref_err"], r["xla_ref_err"] = _float64_reference_errors(
                         xla_fn, fn_args, outputs)

@@ -19,17 +19,16 @@ The geometry carries G, so every transpose and derivative is grouped alike.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.extend.core import Primitive
+from jax.extend.core import Jaxpr, Primitive
 from jax.interpreters import ad, batching
 
 from . import geometry as G
 from . import reference
-from ._native import def_impl_via_jit, register_lowerings
+from ._native import def_impl_via_jit, native_module, register_lowerings
 from ._sharding import DimensionRule, factors
 
 filter_acts_p = Primitive("jax_convnet_filter_acts")
@@ -330,95 +329,122 @@ def _gpu_per_group_calls(primitive):
     return decomposition
 
 
-# The column buffer of image_acts into a few channels on the GPU holds at most this many bytes
-# (whole images; G.image_acts_column_bytes); 0 turns that path off. Fewer, larger chunks run
-# faster, so the cap trades memory for speed (benchmarks/history/2026-12-02_numbers_from_comments.md);
-# C01B in 16-bit types needs chunks of 8 images (155 MiB on L1 at batch 128).
-IMAGE_ACTS_COLUMN_CAP_BYTES = 256 << 20
+def _one_group(primitive, operand_avals, result_aval, geom):
+    """The operand and result avals and the geometry of each of the ungrouped calls that a call
+    of ``primitive`` with groups > 1 runs as on the GPU (_gpu_per_group_calls)."""
+    (a_kind, b_kind), out_kind = _KINDS[primitive]
+
+    def part(aval, kind):
+        shape = list(aval.shape)
+        shape[_kind_axis(kind, _GROUPED_AXIS[kind], geom.layout)] //= geom.groups
+        return aval.update(shape=tuple(shape))
+    return ([part(a, kind) for a, kind in zip(operand_avals, (a_kind, b_kind))],
+            part(result_aval, out_kind), dataclasses.replace(geom, groups=1))
 
 
-def _image_acts_cuda_workspace_bytes(operand_avals, images_aval, *, geom, image_hw):
-    """The FFT path's spectra, else the column buffer (csrc/cuda/conv_image_acts_columns.cuh) or
-    the copies of Hopper's TF32 kernel, or 0 bytes where none applies."""
-    hid_acts, filters = operand_avals
-    fft = _fft_workspace_bytes("image_acts", images_aval, filters, geom)
-    if fft:
-        return fft
-    ax = G.image_axes(geom.layout)
-    columns = G.image_acts_column_bytes(
-        images_aval.shape[ax["n"]], images_aval.shape[ax["c"]], _filter_hw(filters, geom.layout),
-        _image_hw(hid_acts, geom.layout), IMAGE_ACTS_COLUMN_CAP_BYTES)
-    return max(columns, _tf32_copies_bytes("image_acts", images_aval, hid_acts, filters, geom))
+# ----------------------------------------------------------------------------- CUDA workspace
+
+# The CUDA custom calls take an extra uint8 result as temporary memory (a handler captured into a
+# CUDA graph cannot allocate), sized by the one rule in csrc/common/conv_workspace.h, which the
+# kernels also read; the lowering asks it through the CPU module. These caps bound its parts
+# (bytes; 0 turns a path off): the FFT path's spectra, image_acts' column buffer of whole images
+# (few channels, large filters: fewer, larger chunks run faster, so the cap trades memory for
+# speed), and weight_acts' copy of NHWC images of fewer than 4 channels padded to 4.
+FFT_WORKSPACE_CAP_BYTES, IMAGE_ACTS_COLUMN_CAP_BYTES, WEIGHT_ACTS_PADDED_IMAGE_CAP_BYTES = getattr(
+    native_module("cpu"), "CONV_WORKSPACE_DEFAULT_CAPS", (0, 0, 0))
+
+_OP_CODES = {filter_acts_p: 0, image_acts_p: 1, weight_acts_p: 2}
 
 
-# The FFT path of stride-1 convolutions with large filters on the GPU (G.fft_conv_plan) takes at
-# most this many bytes of spectra in its workspace; 0 turns it off.
-FFT_WORKSPACE_CAP_BYTES = G.FFT_MAX_BYTES
+def _tensors(primitive, operand_avals, result_aval):
+    """(images, filters, hidden) avals of a call of ``primitive``."""
+    a, b = operand_avals
+    if primitive is filter_acts_p:
+        return a, b, result_aval
+    if primitive is image_acts_p:
+        return result_aval, b, a
+    return a, result_aval, b
 
 
-def _fft_workspace_bytes(op, images, filters, geom) -> int:
-    """The FFT path's spectra (G.fft_conv_plan), or 0 where the op runs without it."""
-    ax, fax = G.image_axes(geom.layout), G.filter_axes(geom.layout)
-    return G.fft_conv_plan(
-        op=op, batch=images.shape[ax["n"]], channels=images.shape[ax["c"]],
-        filters=filters.shape[fax["f"]], image_hw=_image_hw(images, geom.layout),
-        filter_hw=_filter_hw(filters, geom.layout), stride=geom.strides, pads=geom.padding,
-        partial_sum=geom.partial_sum, itemsize=images.dtype.itemsize,
-        precision=geom.precision, cap_bytes=FFT_WORKSPACE_CAP_BYTES)[2]
+def cuda_workspace(primitive, operand_avals, result_aval, geom) -> dict:
+    """The workspace of a CUDA call of ``primitive`` by part (bytes: fft, ia_columns,
+    tf32_copies, wa_partial_sums, wa_padded_images, and their total) from the rule in
+    csrc/common/conv_workspace.h. A symbolic batch (jax.export) turns off what depends on it."""
+    module = native_module("cpu")
+    if module is None:
+        raise RuntimeError("jax_convnet: the CPU module, which sizes the CUDA workspace, did not "
+                           "load")
+    images, filters, hidden = _tensors(primitive, operand_avals, result_aval)
+    n = G.image_axes(geom.layout)["n"]
+    batch_known = all(isinstance(t.shape[n], int) for t in (images, hidden))
+
+    def dims(t, batch_axis):
+        return [1 if (i == batch_axis and not batch_known) else int(d)
+                for i, d in enumerate(t.shape)]
+
+    return module.conv_workspace(
+        _OP_CODES[primitive], dims(images, n), dims(filters, None), dims(hidden, n),
+        {k: int(v) for k, v in geom.ffi_attrs().items()}, images.dtype.itemsize,
+        images.dtype == jnp.float32, batch_known, FFT_WORKSPACE_CAP_BYTES,
+        IMAGE_ACTS_COLUMN_CAP_BYTES, WEIGHT_ACTS_PADDED_IMAGE_CAP_BYTES)
 
 
-def _tf32_copies_bytes(op, images, hidden, filters, geom) -> int:
-    """The copies Hopper's TF32 kernel takes for float32 at default precision (G.tf32_copies_bytes)."""
-    if images.dtype != jnp.float32 or geom.precision != "default":
-        return 0
-    ax, fax = G.image_axes(geom.layout), G.filter_axes(geom.layout)
-    return G.tf32_copies_bytes(
-        op, layout=geom.layout, batch=images.shape[ax["n"]], channels=images.shape[ax["c"]],
-        filters=filters.shape[fax["f"]], image_hw=_image_hw(images, geom.layout),
-        hidden_hw=_image_hw(hidden, geom.layout), filter_hw=_filter_hw(filters, geom.layout),
-        stride=geom.strides)
-
-
-def _filter_acts_cuda_workspace_bytes(operand_avals, hidden_aval, *, geom):
-    """The FFT path's spectra, else the copies of Hopper's TF32 kernel (or 0 bytes)."""
-    images, filters = operand_avals
-    fft = _fft_workspace_bytes("filter_acts", images, filters, geom)
-    return fft or _tf32_copies_bytes("filter_acts", images, hidden_aval, filters, geom)
+def _cuda_workspace_bytes(primitive):
+    def nbytes(operand_avals, result_aval, *, geom, **_):
+        return cuda_workspace(primitive, operand_avals, result_aval, geom)["total"]
+    return nbytes
 
 
 register_lowerings(filter_acts_p, "jax_convnet_filter_acts", reference.filter_acts_canonical,
-                   cuda_workspace_bytes=_filter_acts_cuda_workspace_bytes,
+                   cuda_workspace_bytes=_cuda_workspace_bytes(filter_acts_p),
                    dimension_rule=_filter_acts_split,
                    cuda_decomposition=_gpu_per_group_calls(filter_acts_p))
 register_lowerings(image_acts_p, "jax_convnet_image_acts", reference.image_acts_canonical,
-                   cuda_workspace_bytes=_image_acts_cuda_workspace_bytes,
+                   cuda_workspace_bytes=_cuda_workspace_bytes(image_acts_p),
                    dimension_rule=_image_acts_split,
                    cuda_decomposition=_gpu_per_group_calls(image_acts_p))
-
-
-# weight_acts pads NHWC images of fewer than 4 channels with zero channels on the GPU (a copy of
-# at most this many bytes in its workspace; G.weight_acts_workspace_bytes), so that the tensor
-# cores can read them; 0 turns that off.
-WEIGHT_ACTS_PADDED_IMAGE_CAP_BYTES = 1 << 30
-
-
-def _weight_acts_cuda_workspace_bytes(operand_avals, filters_aval, *, geom, **_):
-    """The FFT path's spectra, else partial sums and, for NHWC images of fewer than 4 channels,
-    their padded copy; first the copies of Hopper's TF32 kernel, where it takes them."""
-    images, hidden = operand_avals
-    fft = _fft_workspace_bytes("weight_acts", images, filters_aval, geom)
-    if fft:
-        return fft
-    ax = G.image_axes(geom.layout)
-    copies = _tf32_copies_bytes("weight_acts", images, hidden, filters_aval, geom)
-    return copies + G.weight_acts_workspace_bytes(
-        math.prod(filters_aval.shape), layout=geom.layout, batch=images.shape[ax["n"]],
-        channels=images.shape[ax["c"]], image_hw=_image_hw(images, geom.layout),
-        itemsize=images.dtype.itemsize,
-        padded_cap_bytes=WEIGHT_ACTS_PADDED_IMAGE_CAP_BYTES)
-
-
 register_lowerings(weight_acts_p, "jax_convnet_weight_acts", reference.weight_acts_canonical,
-                   cuda_workspace_bytes=_weight_acts_cuda_workspace_bytes,
+                   cuda_workspace_bytes=_cuda_workspace_bytes(weight_acts_p),
                    dimension_rule=_weight_acts_split,
                    cuda_decomposition=_gpu_per_group_calls(weight_acts_p))
+
+
+# ----------------------------------------------------------------------------- explain
+
+def _equations(jaxpr):
+    """Every equation of ``jaxpr`` and of the jaxprs its equations hold (jit, custom rules)."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr holds its Jaxpr
+                if isinstance(inner, Jaxpr):
+                    yield from _equations(inner)
+
+
+def explain(fn, *args, **kwargs) -> list[dict]:
+    """What each conv custom call of ``fn(*args, **kwargs)`` (as ``jax.jit`` would trace it, its
+    derivatives included) gets on a CUDA GPU: the op, its tensors' shapes (images, filters,
+    hidden), dtype, layout and precision, and its workspace by part (``cuda_workspace``); the part
+    that is nonzero names the path it serves (``fft``, ``tf32_copies``, ``ia_columns``,
+    ``wa_partial_sums``; none: a path that needs no temporary memory). ``args`` may be
+    ``jax.ShapeDtypeStruct``s. A call with ``groups`` > 1 runs on the GPU as ``groups``
+    ungrouped calls on each group's slices, and its workspace is that of each of them."""
+    closed = jax.make_jaxpr(fn)(*args, **kwargs)
+    calls = []
+    for eqn in _equations(closed.jaxpr):
+        if eqn.primitive not in _OP_CODES:
+            continue
+        geom = eqn.params["geom"]
+        avals, result = [v.aval for v in eqn.invars], eqn.outvars[0].aval
+        images, filters, hidden = _tensors(eqn.primitive, avals, result)
+        per_call = (avals, result, geom) if geom.groups == 1 else \
+            _one_group(eqn.primitive, avals, result, geom)
+        workspace = cuda_workspace(eqn.primitive, *per_call)
+        calls.append(dict(
+            op=eqn.primitive.name.removeprefix("jax_convnet_"), images=tuple(images.shape),
+            filters=tuple(filters.shape), hidden=tuple(hidden.shape),
+            dtype=str(images.dtype), layout=geom.layout, precision=geom.precision,
+            groups=geom.groups, workspace=workspace,
+            paths=[k for k, v in workspace.items() if k != "total" and v > 0]))
+    return calls

@@ -316,3 +316,22 @@ def test_flax_conv_bad_feature_group_count():
         cl.Conv(8, (3, 3), feature_group_count=0).init(jax.random.key(0), x)
     with pytest.raises(ValueError, match="feature_group_count=4 must divide in_features=6"):
         cn.Conv(6, 8, (3, 3), feature_group_count=4, rngs=nnx.Rngs(0))
+
+
+def test_explain_gives_the_workspace_of_each_per_group_call():
+    """jcn.explain of a grouped training step: each call with its grouped shapes and groups,
+    and the workspace of one of the ungrouped calls it runs as on the GPU (that of the same op
+    on one group's slices)."""
+    S = jax.ShapeDtypeStruct
+    x, w = S((128, 13, 13, 384), jnp.float32), S((3, 3, 192, 256), jnp.float32)
+    loss = lambda x, w: jnp.sum(jcn.filter_acts(x, w, pad=1, layout="NHWC", groups=2) ** 2)
+    calls = jcn.explain(jax.jit(jax.grad(loss, (0, 1))), x, w)
+    assert [c["op"] for c in calls] == ["filter_acts", "weight_acts", "image_acts"]
+    assert all(c["groups"] == 2 and c["images"] == x.shape and c["filters"] == w.shape
+               and c["hidden"] == (128, 13, 13, 256) for c in calls)
+    xg, hg = S((128, 13, 13, 192), jnp.float32), S((128, 13, 13, 128), jnp.float32)
+    wg = S((3, 3, 192, 128), jnp.float32)
+    one = lambda x, w: jnp.sum(jcn.filter_acts(x, w, pad=1, layout="NHWC") ** 2)
+    ungrouped = jcn.explain(jax.jit(jax.grad(one, (0, 1))), xg, wg)
+    assert [c["workspace"] for c in calls] == [c["workspace"] for c in ungrouped]
+    assert all(c["hidden"] == hg.shape and c["groups"] == 1 for c in ungrouped)

@@ -27,6 +27,13 @@ SEED = int(os.environ.get("JAX_CONVNET_FUZZ_SEED", "0"))
 FUZZ_DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16, jnp.float64]
 
 
+@pytest.fixture(autouse=True)
+def _on_the_cpu():
+    """The CPU kernels, also where a GPU is present (test_gpu_fuzz.py fuzzes the CUDA kernels)."""
+    with jax.default_device(jax.devices("cpu")[0]):
+        yield
+
+
 def _rng(family, index):
     return np.random.default_rng([SEED, {"conv": 0, "pool": 1}[family], index])
 

@@ -3,14 +3,14 @@
 // conv_weight_acts.cu), each instantiating ConvImpl for its op only, so the kernels of the three
 // ops compile in parallel.
 //
-// Stride-1 convolutions with large filters, where jax_convnet/geometry.py gave the call the
-// spectra's workspace (fft_conv_plan): 2-d FFTs, a complex GEMM per frequency bin, inverse FFTs
+// Stride-1 convolutions with large filters, where the call's workspace holds the spectra
+// (fft_conv_plan; csrc/common/conv_workspace.h sizes every workspace): 2-d FFTs, a complex GEMM per frequency bin, inverse FFTs
 // (conv_fft.cuh, run_fft). Otherwise each op is an implicit GEMM (conv_ops.cuh) run by one tiled
 // kernel (conv_kernel.cuh):
 //   FA  M = B*Ho*Wo, N = F, K = C*fh*fw
 //   IA  per residue class (y mod sh, x mod sw): M = B*Hq*Wq, N = C, K = F*nI*nJ (useful taps only)
 //   WA  M = C*fh*fw, N = F, K = B*partial_sum per segment; segments folded in order.
-// image_acts into at most 4 channels (RGB) with large filters, where conv.py gave the call a
+// image_acts into at most 4 channels (RGB) with large filters, where the call has a column
 // workspace: a GEMM into float32 columns and a gather, per chunk of images
 // (conv_image_acts_columns.cuh); otherwise with up to 12 rows of taps per residue class, in
 // float32 or where kMma* cannot run: a direct FFMA kernel (conv_image_acts_direct.cuh). Other
@@ -64,6 +64,7 @@
 #include "conv_tma.cuh"
 #include "conv_weight_acts_padding.cuh"
 #include "conv_wgmma.cuh"
+#include "conv_workspace.h"
 #include "ffi_common.h"
 #include "targets.h"
 
@@ -80,7 +81,7 @@ enum class Path { kWide, kNarrow, kWmma, kMmaWide, kMmaMid, kMmaNarrow, kMmaThin
 
 constexpr int64_t kIdx32Limit = int64_t(1) << 30;  // everything below this uses 32-bit indices
 // Temporary memory of image_acts and weight_acts, an extra result of their custom calls (graph
-// capture cannot allocate), sized by jax_convnet/geometry.py: image_acts' column buffer
+// capture cannot allocate), sized by csrc/common/conv_workspace.h: image_acts' column buffer
 // (run_ia_columns); weight_acts' partial-sum slots of one launch plus a float32 running sum of
 // the filters across launch groups (the plan in run()), then possibly a padded copy of its
 // images (run_wa_padding, wa_partial_sum_bytes).
@@ -437,7 +438,7 @@ cudaError_t launch_col2im(const KParams& q, int nsm, cudaStream_t stream) {
 }
 
 // image_acts through a column buffer (conv_image_acts_columns.cuh), one chunk of images at a
-// time: when the workspace holds at least one chunk (jax_convnet/conv.py sizes it only where this
+// time: when the workspace holds at least one chunk (conv_workspace.h gives one only where this
 // path pays: few channels, large filters) and the tensor cores can read both operands in place.
 // OpIACols reads the hidden tensor and the filters along the same contiguous dimensions as OpIA,
 // with the same shared-memory plans: run()'s mma_ok / mma_wide_fits hold for it too.
@@ -454,7 +455,7 @@ std::optional<cudaError_t> run_ia_columns(KParams p, Workspace ws, bool split, b
   const int64_t image_bytes = 4 * N * positions;  // one image's columns, float32
   int64_t nb_max = ws.bytes / image_bytes;
   if (c01b) nb_max -= nb_max % kVec;  // C01B: vectors along m are runs of images
-  // N > 32: the 64- and 128-wide tiles only (conv.py sizes the workspace for N >= 64).
+  // N > 32: the 64- and 128-wide tiles only (conv_workspace.h gives columns for N >= 64).
   if (nb_max < 1 || !mma_ok || p.C > kColumnMaxChannels || N <= 32 ||
       ws.bytes / 4 >= kIdx32Limit)
     return std::nullopt;
@@ -486,18 +487,13 @@ std::optional<cudaError_t> run_ia_columns(KParams p, Workspace ws, bool split, b
 
 int64_t round_up(int64_t a, int64_t b) { return cdiv(a, b) * b; }
 
-// weight_acts' workspace, as jax_convnet/geometry.py (weight_acts_workspace_bytes) sizes it:
-// partial sums of one launch (at least 16 MiB, or one float32 copy of the filters if larger) and a
-// float32 running sum of the filters (the Workspace the plan in run() divides), rounded up to 256
-// bytes; then, for NHWC images of fewer than kPaddedChannels channels (unless conv.py's cap left it
-// out), a copy of the images padded with zero channels.
-constexpr int64_t kMinPartialSumBytes = int64_t(16) << 20;  // WEIGHT_ACTS_MIN_PARTIAL_SUM_BYTES
-int64_t wa_partial_sum_bytes(int64_t filter_elems) {
-  return round_up(std::max(kMinPartialSumBytes, 4 * filter_elems) + 4 * filter_elems, 256);
-}
-int64_t wa_padded_image_bytes(int64_t pixels, int64_t itemsize) {
-  return round_up(pixels * kPaddedChannels * itemsize, 256);
-}
+// weight_acts' workspace (csrc/common/conv_workspace.h): partial sums of one launch and a float32
+// running sum of the filters (the Workspace the plan in run() divides); then, for NHWC images of
+// fewer than kPaddedChannels channels (unless the lowering's cap left it out), a copy of the
+// images padded with zero channels.
+using jcn::wa_padded_image_bytes;
+using jcn::wa_partial_sum_bytes;
+static_assert(kPaddedChannels == jcn::kWaPaddedChannels);
 
 // weight_acts of NHWC images of fewer than kPaddedChannels channels, where the workspace has room
 // for a padded copy (conv_weight_acts_padding.cuh): makes the copy and points p (and `a`) at it;
@@ -562,8 +558,8 @@ cudaError_t launch_cgemm(const CgemmParams& p, int64_t bins, cudaStream_t stream
 }
 
 // The FFT path (conv_fft.cuh) where jcn::fft_conv_plan takes it and the workspace has exactly
-// the plan's size (conv.py sizes it by the same rule, or for another path where its cap turns
-// the FFT off). nullopt: the op runs without it. a / b as in run(); the workspace holds the
+// the plan's size (conv_workspace.h sizes it by the same rule, or for another path where the
+// lowering's cap turns the FFT off). nullopt: the op runs without it. a / b as in run(); the workspace holds the
 // spectra of the images X, the filters W and the hidden tensor H.
 template <OpKind K, Layout L, typename T>
 std::optional<cudaError_t> run_fft(const jcn::ConvGeometry& g, const void* a, const void* b,
@@ -1007,8 +1003,8 @@ cudaError_t swap_outer_inner(const void* src, void* dst, int64_t outer, int64_t 
 
 // float32 NHWC weight_acts as TF32: the images and the hidden tensor (dense) copied to C01B
 // (C, H, W, B) at the workspace's start, so that K (the pixels) is k-contiguous, then the C01B
-// kernel with the rest of the workspace for its partial sums (jax_convnet/geometry.py,
-// tf32_copies_bytes, sizes the copies).
+// kernel with the rest of the workspace for its partial sums (jcn::tf32_copies_bytes,
+// csrc/common/conv_workspace.h, sizes the copies).
 std::optional<cudaError_t> run_tma_weights_nhwc_tf32(const TmaProblem& pr, const void* x,
                                                      const void* hid, void* out, Workspace ws,
                                                      int nsm, int smem_optin,
@@ -1039,8 +1035,8 @@ std::optional<cudaError_t> run_tma_weights_nhwc_tf32(const TmaProblem& pr, const
 
 // float32 C01B filter_acts / image_acts (stride 1) as TF32: X (dense) copied to NHWC at the
 // workspace's start, the NHWC kernel into an NHWC Y after it (the rest of the workspace for the
-// taps' copy), then Y copied to C01B (dense) (jax_convnet/geometry.py, tf32_copies_bytes, sizes
-// the copies).
+// taps' copy), then Y copied to C01B (dense) (jcn::tf32_copies_bytes,
+// csrc/common/conv_workspace.h, sizes the copies).
 template <bool kFlip>
 std::optional<cudaError_t> run_tma_c01b_tf32(const TmaProblem& pr, const void* x, const void* w,
                                              void* y, Workspace ws, int nsm, int smem_optin,
