@@ -1183,8 +1183,13 @@ def main(argv=None):
                      compile_s=round(t_ours, 3), xla_compile_s=round(t_xla, 3))
             if row.kind in ("conv", "local", "groups"):
                 r.update(flop=work, tflops=work / ms / 1e9, xla_tflops=work / xla_ms / 1e9)
-                if row.kind == "conv":  # each conv call's workspace paths (jcn.explain)
-                    r["paths"] = [dict(op=c["op"], paths=c["paths"])
+                if row.kind in ("conv", "groups"):  # each conv call's workspace parts
+                    # (jcn.explain; a grouped call's: each of its per-group calls'), and on an
+                    # H200 (the device explain describes) its route and tile
+                    h200 = "H200" in jax.devices()[0].device_kind
+                    r["paths"] = [dict(op=c["op"], workspace=c["paths"],
+                                       **({"route": c["route"], "tile_n": c["tile_n"]} if h200
+                                          else {}))
                                   for c in jcn.explain(ours_fn, *fn_args)]
                 if args.ref_err or row.config == "f32-highest":
                     r["ref_err"], r["xla_ref_err"] = _float64_reference_errors(

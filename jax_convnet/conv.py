@@ -366,14 +366,13 @@ def _tensors(primitive, operand_avals, result_aval):
     return a, result_aval, b
 
 
-def cuda_workspace(primitive, operand_avals, result_aval, geom) -> dict:
-    """The workspace of a CUDA call of ``primitive`` by part (bytes: fft, ia_columns,
-    tf32_copies, wa_partial_sums, wa_padded_images, and their total) from the rule in
-    csrc/common/conv_workspace.h. A symbolic batch (jax.export) turns off what depends on it."""
+def _native_call(primitive, operand_avals, result_aval, geom):
+    """(module, call arguments, batch known) of the CPU module's conv rules for one call: the op,
+    the three tensors' dims (a symbolic batch as 1), the FFI attributes, itemsize, float32."""
     module = native_module("cpu")
     if module is None:
-        raise RuntimeError("jax_convnet: the CPU module, which sizes the CUDA workspace, did not "
-                           "load")
+        raise RuntimeError("jax_convnet: the CPU module, which holds the CUDA kernels' plan and "
+                           "workspace rules, did not load")
     images, filters, hidden = _tensors(primitive, operand_avals, result_aval)
     n = G.image_axes(geom.layout)["n"]
     batch_known = all(isinstance(t.shape[n], int) for t in (images, hidden))
@@ -382,11 +381,36 @@ def cuda_workspace(primitive, operand_avals, result_aval, geom) -> dict:
         return [1 if (i == batch_axis and not batch_known) else int(d)
                 for i, d in enumerate(t.shape)]
 
-    return module.conv_workspace(
-        _OP_CODES[primitive], dims(images, n), dims(filters, None), dims(hidden, n),
-        {k: int(v) for k, v in geom.ffi_attrs().items()}, images.dtype.itemsize,
-        images.dtype == jnp.float32, batch_known, FFT_WORKSPACE_CAP_BYTES,
-        IMAGE_ACTS_COLUMN_CAP_BYTES, WEIGHT_ACTS_PADDED_IMAGE_CAP_BYTES)
+    args = (_OP_CODES[primitive], dims(images, n), dims(filters, None), dims(hidden, n),
+            {k: int(v) for k, v in geom.ffi_attrs().items()}, images.dtype.itemsize,
+            images.dtype == jnp.float32)
+    return module, args, batch_known
+
+
+def cuda_workspace(primitive, operand_avals, result_aval, geom) -> dict:
+    """The workspace of a CUDA call of ``primitive`` by part (bytes: fft, ia_columns,
+    tf32_copies, wa_partial_sums, wa_padded_images, and their total) from the rule in
+    csrc/common/conv_workspace.h. A symbolic batch (jax.export) turns off what depends on it."""
+    module, args, batch_known = _native_call(primitive, operand_avals, result_aval, geom)
+    return module.conv_workspace(*args, batch_known, FFT_WORKSPACE_CAP_BYTES,
+                                 IMAGE_ACTS_COLUMN_CAP_BYTES, WEIGHT_ACTS_PADDED_IMAGE_CAP_BYTES)
+
+
+# The device jcn.explain plans for unless told otherwise: an NVIDIA H200 (compute capability 9.0,
+# 132 SMs, 227 KiB of shared memory per block) with the sm_90a kernels built.
+H200 = dict(cc_major=9, cc_minor=0, sm_count=132, smem_optin=232448, tma=True)
+
+
+def cuda_plan(primitive, operand_avals, result_aval, geom, device=H200) -> dict:
+    """The route of a CUDA call of ``primitive`` on ``device`` (keys of ``H200``) and, on the TMA
+    core, its tile width, from csrc/common/conv_plan.h, which the kernels follow: ``tma``,
+    ``tma_via_nhwc_copies``, ``tma_weights``, ``tma_weights_via_c01b_copies``, ``fft`` or
+    ``cuda_cores`` (the other kernels, chosen at launch); None for a symbolic batch."""
+    module, args, batch_known = _native_call(primitive, operand_avals, result_aval, geom)
+    if not batch_known:
+        return None
+    workspace = cuda_workspace(primitive, operand_avals, result_aval, geom)["total"]
+    return module.conv_plan(*args, workspace, **device)
 
 
 def _cuda_workspace_bytes(primitive):
@@ -422,14 +446,14 @@ def _equations(jaxpr):
                     yield from _equations(inner)
 
 
-def explain(fn, *args, **kwargs) -> list[dict]:
+def explain(fn, *args, device=H200, **kwargs) -> list[dict]:
     """What each conv custom call of ``fn(*args, **kwargs)`` (as ``jax.jit`` would trace it, its
-    derivatives included) gets on a CUDA GPU: the op, its tensors' shapes (images, filters,
-    hidden), dtype, layout and precision, and its workspace by part (``cuda_workspace``); the part
-    that is nonzero names the path it serves (``fft``, ``tf32_copies``, ``ia_columns``,
-    ``wa_partial_sums``; none: a path that needs no temporary memory). ``args`` may be
-    ``jax.ShapeDtypeStruct``s. A call with ``groups`` > 1 runs on the GPU as ``groups``
-    ungrouped calls on each group's slices, and its workspace is that of each of them."""
+    derivatives included) gets on a CUDA GPU described by ``device`` (default ``H200``): the op,
+    its tensors' shapes (images, filters, hidden), dtype, layout and precision, the route and
+    tile the kernels take (``cuda_plan``), and the workspace by part (``cuda_workspace``), with
+    ``paths`` naming the parts that are nonzero. ``args`` may be ``jax.ShapeDtypeStruct``s.
+    A call with ``groups`` > 1 runs on the GPU as ``groups`` ungrouped calls on each group's
+    slices: its route and workspace are those of each of them."""
     closed = jax.make_jaxpr(fn)(*args, **kwargs)
     calls = []
     for eqn in _equations(closed.jaxpr):
@@ -441,10 +465,12 @@ def explain(fn, *args, **kwargs) -> list[dict]:
         per_call = (avals, result, geom) if geom.groups == 1 else \
             _one_group(eqn.primitive, avals, result, geom)
         workspace = cuda_workspace(eqn.primitive, *per_call)
+        plan = cuda_plan(eqn.primitive, *per_call, device) or {}
         calls.append(dict(
             op=eqn.primitive.name.removeprefix("jax_convnet_"), images=tuple(images.shape),
             filters=tuple(filters.shape), hidden=tuple(hidden.shape),
             dtype=str(images.dtype), layout=geom.layout, precision=geom.precision,
-            groups=geom.groups, workspace=workspace,
+            groups=geom.groups, route=plan.get("route"), tile_n=plan.get("tile_n"),
+            workspace=workspace,
             paths=[k for k, v in workspace.items() if k != "total" and v > 0]))
     return calls

@@ -277,3 +277,5 @@ def test_groups_rows_time_alexnets_two_group_layers_against_xla(tmp_path):
     assert all(r["flop"] == 2 * 2 * 64 * 13 * 13 * 48 * 9 for r in rows)
     bound = 1e-5 if jax.default_backend() == "cpu" else 1e-2
     assert all(r["max_rel_err"] < bound and r["ref_err"] < bound for r in rows)
+    # each row's conv calls (the op's, then its gradient's) with their workspace paths
+    assert all(r["paths"] and r["paths"][0]["op"] == "filter_acts" for r in rows)

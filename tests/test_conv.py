@@ -232,6 +232,52 @@ def test_explain_names_each_conv_call_of_a_training_step():
                and c["hidden"] == (128, 27, 27, 192) for c in calls)
     assert [c["paths"] for c in calls] == [["tf32_copies"], ["tf32_copies", "wa_partial_sums"],
                                            []]
+    assert [c["route"] for c in calls] == ["tma", "tma_weights_via_c01b_copies", "tma"]
+
+
+def test_the_plan_routes_each_call_on_a_described_device():
+    """jcn.explain(..., device=) says which route each call of a training step takes on a
+    described GPU (csrc/common/conv_plan.h, which the CUDA kernels follow). On an H200: the TMA
+    core wherever the channels fill its k-blocks, float32 (TF32) through copies where it cannot
+    read in place (C01B filter_acts / image_acts via NHWC, NHWC weight_acts via C01B), the FFT
+    path first for image_acts and NHWC weight_acts of 9x9 layers (L2), precision highest on the
+    FFT path or the CUDA cores (3xTF32), 3-channel first layers (AlexNet conv1) on the CUDA
+    cores. Without Hopper's kernels (an A100, or no TMA encoders), only the FFT path and the CUDA
+    cores."""
+    S = jax.ShapeDtypeStruct
+
+    def routes(name, layout, dtype=jnp.float32, precision=None, **device):
+        n, c, h, w, f, fh, fw, stride, pad = GPU_LAYERS[name]
+        x = S(jcn.geometry.image_shape(layout, n, c, h, w), dtype)
+        k = S(jcn.geometry.filter_shape(layout, f, c, fh, fw), dtype)
+        loss = lambda x, k: jnp.sum(jcn.filter_acts(
+            x, k, stride=stride, pad=pad, layout=layout, precision=precision).astype(jnp.float32))
+        calls = jcn.explain(jax.grad(loss, (0, 1)), x, k, device={**jcn.conv.H200, **device})
+        return {c["op"]: c["route"] for c in calls}
+
+    tma_weights = dict(weight_acts="tma_weights")
+    assert routes("alex2", "NHWC") == dict(
+        filter_acts="tma", weight_acts="tma_weights_via_c01b_copies", image_acts="tma")
+    assert routes("alex2", "C01B") == dict(
+        filter_acts="tma_via_nhwc_copies", image_acts="tma_via_nhwc_copies", **tma_weights)
+    assert routes("alex2", "C01B", jnp.bfloat16) == dict(
+        filter_acts="tma", image_acts="tma", **tma_weights)
+    assert routes("L2", "NHWC") == dict(filter_acts="tma", weight_acts="fft", image_acts="fft")
+    assert routes("L2", "C01B") == dict(
+        filter_acts="tma_via_nhwc_copies", image_acts="fft", **tma_weights)
+    assert set(routes("L2", "NHWC", precision="highest").values()) == {"fft"}
+    assert set(routes("alex2", "NHWC", precision="highest").values()) == {"fft"}
+    assert set(routes("L5", "NHWC", precision="highest").values()) == {"cuda_cores"}
+    assert set(routes("alex1", "NHWC", jnp.bfloat16).values()) == {"cuda_cores"}
+    a100 = dict(cc_major=8, cc_minor=0, sm_count=108, smem_optin=166912)
+    assert set(routes("alex2", "C01B", jnp.bfloat16, **a100).values()) == {"cuda_cores"}
+    assert set(routes("L2", "NHWC", **a100).values()) == {"fft"}  # TF32 saves 12x there
+    assert set(routes("alex3", "NHWC", jnp.bfloat16, tma=False).values()) == {"cuda_cores"}
+    # The TMA core's tile width: the fewest rounds of tiles over the SMs (192 of AlexNet conv3's
+    # 384 filters on 132 SMs).
+    (fa,) = jcn.explain(lambda x, k: jcn.filter_acts(x, k, pad=1, layout="NHWC"),
+                        S((128, 13, 13, 256), jnp.bfloat16), S((3, 3, 256, 384), jnp.bfloat16))
+    assert (fa["route"], fa["tile_n"]) == ("tma", 192)
 
 
 def test_image_acts_column_buffer_holds_whole_images(monkeypatch):

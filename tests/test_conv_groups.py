@@ -333,5 +333,6 @@ def test_explain_gives_the_workspace_of_each_per_group_call():
     wg = S((3, 3, 192, 128), jnp.float32)
     one = lambda x, w: jnp.sum(jcn.filter_acts(x, w, pad=1, layout="NHWC") ** 2)
     ungrouped = jcn.explain(jax.jit(jax.grad(one, (0, 1))), xg, wg)
-    assert [c["workspace"] for c in calls] == [c["workspace"] for c in ungrouped]
+    assert [(c["workspace"], c["route"], c["tile_n"]) for c in calls] == \
+        [(c["workspace"], c["route"], c["tile_n"]) for c in ungrouped]
     assert all(c["hidden"] == hg.shape and c["groups"] == 1 for c in ungrouped)
