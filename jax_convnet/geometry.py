@@ -247,18 +247,26 @@ class ConvGeometry:
     padding: tuple[tuple[int, int], tuple[int, int]]  # ((top, bottom), (left, right)), >= 0
     partial_sum: int  # 0: one sum over all output positions
     precision: str  # "default" | "high" | "highest"
+    # cuda-convnet's numGroups (XLA's feature_group_count): C and F split into `groups` equal
+    # parts; filter f reads the C // groups channels of group f // (F // groups).
+    groups: int = 1
 
     def output_hw(self, image_hw, filter_hw) -> tuple[int, int]:
         return tuple(floor_rule_size(image_hw[k], filter_hw[k], self.strides[k], *self.padding[k])
                      for k in range(2))
 
     def ffi_attrs(self) -> dict:
+        """The FFI attributes; ``groups`` only where it is not 1, so that ungrouped calls keep
+        the attribute set every handler (and every exported program) has."""
         (pt, pb), (pl, pr) = self.padding
         i64 = np.int64
-        return dict(layout=i64(LAYOUT_CODES[self.layout]), stride_h=i64(self.strides[0]),
-                    stride_w=i64(self.strides[1]), pad_top=i64(pt), pad_bottom=i64(pb),
-                    pad_left=i64(pl), pad_right=i64(pr), partial_sum=i64(self.partial_sum),
-                    precision=i64(PRECISION_CODES[self.precision]))
+        attrs = dict(layout=i64(LAYOUT_CODES[self.layout]), stride_h=i64(self.strides[0]),
+                     stride_w=i64(self.strides[1]), pad_top=i64(pt), pad_bottom=i64(pb),
+                     pad_left=i64(pl), pad_right=i64(pr), partial_sum=i64(self.partial_sum),
+                     precision=i64(PRECISION_CODES[self.precision]))
+        if self.groups != 1:
+            attrs["groups"] = i64(self.groups)
+        return attrs
 
 
 def conv_padding(image_hw, filter_hw, stride, pad, padding):
@@ -335,32 +343,62 @@ def resolve_partial_sum(partial_sum, out_hw, n_filter_elems: int) -> int:
 
 
 def conv_geometry(*, image_hw, filter_hw, channels, filters, stride, pad, padding, partial_sum,
-                  layout, precision) -> ConvGeometry:
+                  layout, precision, groups=1) -> ConvGeometry:
+    """``channels``: the images' (all groups); the filters hold ``channels // groups`` each."""
     layout = check_layout(layout)
+    groups = check_groups(groups)
     stride, pads = conv_padding(image_hw, filter_hw, stride, pad, padding)
     out_hw = tuple(floor_rule_size(image_hw[k], filter_hw[k], stride[k], *pads[k]) for k in range(2))
-    ps = resolve_partial_sum(partial_sum, out_hw, channels * filter_hw[0] * filter_hw[1] * filters)
-    return ConvGeometry(layout, stride, pads, ps, canonical_precision(precision))
+    ps = resolve_partial_sum(partial_sum, out_hw,
+                             channels // groups * filter_hw[0] * filter_hw[1] * filters)
+    return ConvGeometry(layout, stride, pads, ps, canonical_precision(precision), groups)
 
 
-def conv_operand_dims(images=None, filters=None, hidden=None, *, layout):
+def check_groups(groups) -> int:
+    """``groups`` (cuda-convnet's numGroups, XLA's feature_group_count): a positive int."""
+    if not _is_int(groups):
+        raise TypeError(f"groups must be a positive int, got {groups!r} "
+                        f"of type {type(groups).__name__}")
+    return check_extent(int(groups), "groups", minimum=1)
+
+
+def group_channels(channels: int, groups: int) -> int:
+    """The filters' channel count: C // groups (``groups`` must divide C)."""
+    if channels % groups:
+        raise ValueError(f"groups={groups} must divide the images' channel count C={channels}")
+    return channels // groups
+
+
+def conv_operand_dims(images=None, filters=None, hidden=None, *, layout, groups=1):
     """Logical sizes of the given operands, cross-checked. Returns a dict with n, c, f, h, w,
-    fh, fw, oh, ow (those that the given operands determine)."""
+    fh, fw, oh, ow (those that the given operands determine); c counts the images' channels,
+    the filters hold c // groups each (the rule every grouped shape follows: ``groups`` divides
+    C and F)."""
     layout = check_layout(layout)
+    groups = check_groups(groups)
     d = {}
     batch_axis = image_axes(layout)["n"]
     if images is not None:
         shape, _ = check_array(images, "images", batch_axis=batch_axis)
         im = _dims(shape, image_axes(layout))
+        group_channels(im["c"], groups)
         d.update(n=im["n"], c=im["c"], h=im["h"], w=im["w"])
     if filters is not None:
         shape, _ = check_array(filters, "filters")
         fi = _dims(shape, filter_axes(layout))
-        if "c" in d and fi["c"] != d["c"]:
-            raise ValueError(f"filters have {fi['c']} input channels but images have {d['c']} "
-                             f"(layout {layout}: filters {tuple(shape)}, images "
-                             f"{tuple(images.shape)})")
-        d.update(c=fi["c"], f=fi["f"], fh=fi["h"], fw=fi["w"])
+        if "c" in d and fi["c"] * groups != d["c"]:
+            if groups == 1:
+                raise ValueError(f"filters have {fi['c']} input channels but images have "
+                                 f"{d['c']} (layout {layout}: filters {tuple(shape)}, images "
+                                 f"{tuple(images.shape)})")
+            raise ValueError(f"filters have {fi['c']} input channels but images of {d['c']} "
+                             f"channels with groups={groups} need C // groups = "
+                             f"{d['c'] // groups} (layout {layout}: filters {tuple(shape)}, "
+                             f"images {tuple(images.shape)})")
+        if fi["f"] % groups:
+            raise ValueError(f"groups={groups} must divide the filter count F={fi['f']} "
+                             f"(filters {tuple(shape)}, layout {layout})")
+        d.update(c=fi["c"] * groups, f=fi["f"], fh=fi["h"], fw=fi["w"])
     if hidden is not None:
         name = "hid_acts" if images is None else "hid_grads"
         shape, _ = check_array(hidden, name, batch_axis=batch_axis)
@@ -369,6 +407,9 @@ def conv_operand_dims(images=None, filters=None, hidden=None, *, layout):
             raise ValueError(f"{name} has batch size {hi['n']} but images have {d['n']}")
         if "f" in d and hi["c"] != d["f"]:
             raise ValueError(f"{name} has {hi['c']} channels but there are {d['f']} filters")
+        if hi["c"] % groups:
+            raise ValueError(f"groups={groups} must divide the filter count F={hi['c']} "
+                             f"({name} {tuple(shape)}, layout {layout})")
         d.update(n=hi["n"], f=hi["c"], oh=hi["h"], ow=hi["w"])
     return d
 
@@ -492,18 +533,19 @@ def pool_operand_hw(images, layout):
 # ----------------------------------------------------------------------------- per-op entry points
 # Each public op (and its reference twin) turns its arguments into canonical geometry here.
 
-def _conv_geometry(d, *, stride, pad, padding, partial_sum, layout, precision):
+def _conv_geometry(d, *, stride, pad, padding, partial_sum, layout, precision, groups=1):
     return conv_geometry(image_hw=(d["h"], d["w"]), filter_hw=(d["fh"], d["fw"]),
                          channels=d["c"], filters=d["f"], stride=stride, pad=pad, padding=padding,
-                         partial_sum=partial_sum, layout=layout, precision=precision)
+                         partial_sum=partial_sum, layout=layout, precision=precision,
+                         groups=groups)
 
 
 def filter_acts_geometry(images, filters, *, stride, pad, padding, partial_sum, layout,
-                         precision) -> ConvGeometry:
-    d = conv_operand_dims(images=images, filters=filters, layout=layout)
+                         precision, groups=1) -> ConvGeometry:
+    d = conv_operand_dims(images=images, filters=filters, layout=layout, groups=groups)
     check_same_dtype(images=images, filters=filters)
     geom = _conv_geometry(d, stride=stride, pad=pad, padding=padding, partial_sum=partial_sum,
-                          layout=layout, precision=precision)
+                          layout=layout, precision=precision, groups=groups)
     out_hw = geom.output_hw((d["h"], d["w"]), (d["fh"], d["fw"]))
     check_elements(image_shape(layout, d["n"], d["f"], *out_hw),
                    "filter_acts' output (from the images, filters, stride and padding)")
@@ -544,33 +586,36 @@ def _image_hw_from_shape(image_shape, d, layout):
 
 
 def image_acts_geometry(hid_acts, filters, image_shape, *, stride, pad, padding, partial_sum,
-                        layout, precision):
-    d = conv_operand_dims(filters=filters, hidden=hid_acts, layout=layout)
+                        layout, precision, groups=1):
+    d = conv_operand_dims(filters=filters, hidden=hid_acts, layout=layout, groups=groups)
     check_same_dtype(hid_acts=hid_acts, filters=filters)
     d["h"], d["w"] = _image_hw_from_shape(image_shape, d, layout)
     geom = _conv_geometry(d, stride=stride, pad=pad, padding=padding, partial_sum=partial_sum,
-                          layout=layout, precision=precision)
+                          layout=layout, precision=precision, groups=groups)
     check_hidden_hw(geom, (d["h"], d["w"]), (d["fh"], d["fw"]), (d["oh"], d["ow"]), "hid_acts")
     return geom, (d["h"], d["w"])
 
 
 def weight_acts_geometry(images, hid_grads, filter_shape, *, stride, pad, padding, partial_sum,
-                         layout, precision):
-    d = conv_operand_dims(images=images, hidden=hid_grads, layout=layout)
+                         layout, precision, groups=1):
+    d = conv_operand_dims(images=images, hidden=hid_grads, layout=layout, groups=groups)
     check_same_dtype(images=images, hid_grads=hid_grads)
     ax = filter_axes(layout)
+    channels = d["c"] // groups
 
     def from_full(shape):
-        if shape[ax["c"]] != d["c"] or shape[ax["f"]] != d["f"]:
-            raise ValueError(f"filter_shape {shape} ({layout}) must have {d['c']} channels and "
-                             f"{d['f']} filters to match images and hid_grads")
+        if shape[ax["c"]] != channels or shape[ax["f"]] != d["f"]:
+            grouped = "" if groups == 1 else f" (C // groups, groups={groups})"
+            raise ValueError(f"filter_shape {shape} ({layout}) must have {channels} "
+                             f"channels{grouped} and {d['f']} filters to match images and "
+                             f"hid_grads")
         return shape[ax["h"]], shape[ax["w"]]
 
     d["fh"], d["fw"] = _spatial_from_shape(filter_shape, "filter_shape", from_full)
-    check_elements(_filter_shape_of(layout, d["f"], d["c"], d["fh"], d["fw"]),
+    check_elements(_filter_shape_of(layout, d["f"], channels, d["fh"], d["fw"]),
                    "filter_shape")
     geom = _conv_geometry(d, stride=stride, pad=pad, padding=padding, partial_sum=partial_sum,
-                          layout=layout, precision=precision)
+                          layout=layout, precision=precision, groups=groups)
     check_hidden_hw(geom, (d["h"], d["w"]), (d["fh"], d["fw"]), (d["oh"], d["ow"]), "hid_grads")
     return geom, (d["fh"], d["fw"])
 

@@ -261,3 +261,21 @@ def test_local_rows_time_the_11pct_layers_against_lax_local(tmp_path):
     assert all("error" not in r and r["ms"] > 0 and r["tflops"] > 0 for r in rows)
     bound = 1e-5 if jax.default_backend() == "cpu" else 1e-2
     assert all(r["max_rel_err"] < bound and r["ref_err"] < bound for r in rows)
+
+
+def test_groups_rows_time_alexnets_two_group_layers_against_xla(tmp_path):
+    """--ops groups: AlexNet's two-group layers (CPU-sized here), fprop / bprop_data /
+    bprop_filter of filter_acts(groups=2) against lax's feature_group_count=2, equal within
+    float32 rounding, with their float64 errors; the flop count is the grouped one."""
+    rows = benchmark.main(["--set", "cpu", "--ops", "groups", "--quick", "--filter", "alex5g/",
+                           "--batch", "2", "--reps", "1", "--ref-err", "--out", str(tmp_path)])
+    assert {r["name"] for r in rows} == {f"groups/alex5g/{op}/f32/{layout}"
+                                         for layout in ("NHWC", "C01B")
+                                         for op in ("fprop", "bprop_data", "bprop_filter")}
+    assert all("error" not in r and r["ms"] > 0 and r["tflops"] > 0 for r in rows)
+    # batch 2, 96 channels in 2 groups, 64 filters, 3x3 on 13x13 (pad 1)
+    assert all(r["flop"] == 2 * 2 * 64 * 13 * 13 * 48 * 9 for r in rows)
+    bound = 1e-5 if jax.default_backend() == "cpu" else 1e-2
+    assert all(r["max_rel_err"] < bound and r["ref_err"] < bound for r in rows)
+    # each row's conv calls (the op's, then its gradient's) with their workspace paths
+    assert all(r["paths"] and r["paths"][0]["op"] == "filter_acts" for r in rows)

@@ -73,12 +73,16 @@ inline Strides4 filter_strides(Layout layout, const FilterDims& s) {
 
 // Canonical attributes of filter_acts / image_acts / weight_acts (FFI attribute names in quotes):
 // "layout", "stride_h", "stride_w", "pad_top", "pad_bottom", "pad_left", "pad_right",
-// "partial_sum" (0 = one sum over all output positions), "precision".
+// "partial_sum" (0 = one sum over all output positions), "precision"; and "groups"
+// (cuda-convnet's numGroups), present only where it is not 1 and taken by the CPU handlers only:
+// C and F split into `groups` equal parts, filter f reading the C / groups channels of group
+// f / (F / groups).
 struct ConvParams {
   Layout layout;
   int64_t stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right;
   int64_t partial_sum;
   Precision precision;
+  int64_t groups = 1;
 };
 
 // Everything a conv kernel needs, derived from the three buffers' dims and checked.
@@ -91,6 +95,8 @@ struct ConvGeometry {
   int64_t partial_sum;  // always >= 1 here: 0 from the caller becomes out_h * out_w
   Precision precision;
   Strides4 image, filter, hidden;
+  // channels and filters count all groups; the filters hold channels / groups channels each.
+  int64_t groups = 1;
 };
 
 // The floor rule on explicit per-side padding; the ceil rule arrives here already turned into
@@ -111,6 +117,7 @@ inline std::string make_conv_geometry(const ConvParams& p, const int64_t* image_
   if (p.pad_top < 0 || p.pad_bottom < 0 || p.pad_left < 0 || p.pad_right < 0)
     return "padding must be >= 0";
   if (p.partial_sum < 0) return "partial_sum must be >= 0";
+  if (p.groups < 1 || p.groups > kMaxExtent) return "groups must be in [1, 2**31 - 1]";
   if (!extent_ok(p.stride_h) || !extent_ok(p.stride_w) || !extent_ok(p.pad_top) ||
       !extent_ok(p.pad_bottom) || !extent_ok(p.pad_left) || !extent_ok(p.pad_right))
     return "strides and padding must be at most 2**31 - 1";
@@ -121,7 +128,9 @@ inline std::string make_conv_geometry(const ConvParams& p, const int64_t* image_
   if (fi.f < 1 || fi.c < 1 || fi.h < 1 || fi.w < 1) return "filters must be non-empty";
   if (!tensor_dims_ok(image_d) || !tensor_dims_ok(filter_d) || !tensor_dims_ok(hidden_d))
     return "every dimension must be in [1, 2**31 - 1] and every tensor at most 2**58 elements";
-  if (fi.c != im.c) return "filters' channel count differs from the images'";
+  if (p.groups == 1 && fi.c != im.c) return "filters' channel count differs from the images'";
+  if (fi.c * p.groups != im.c) return "filters' channel count times groups differs from the images'";
+  if (fi.f % p.groups != 0) return "groups must divide the filter count";
   if (im.h + p.pad_top + p.pad_bottom > kMaxExtent || im.w + p.pad_left + p.pad_right > kMaxExtent)
     return "the padded image must be at most 2**31 - 1 in each axis";
   if (hid.n != im.n) return "hidden batch size differs from the images'";
@@ -139,7 +148,7 @@ inline std::string make_conv_geometry(const ConvParams& p, const int64_t* image_
   *g = ConvGeometry{p.layout, im.n, im.c, fi.f, im.h, im.w, fi.h, fi.w, oh, ow,
                     stride_h, stride_w, p.pad_top, p.pad_left, ps, p.precision,
                     image_strides(p.layout, im), filter_strides(p.layout, fi),
-                    image_strides(p.layout, hid)};
+                    image_strides(p.layout, hid), p.groups};
   return "";
 }
 
