@@ -4,7 +4,7 @@ Every op lowers to an XLA FFI custom call into our own kernels (C++ on the CPU, 
 GPUs) and falls back to the pure-lax reference (``jax_convnet.reference``) anywhere else.
 """
 from . import geometry, reference
-from .conv import filter_acts, image_acts, weight_acts
+from .conv import explain, filter_acts, image_acts, weight_acts
 from .geometry import filter_acts_output_size, max_pool_output_size
 from .local import local_filter_acts, local_image_acts, local_weight_acts
 from .norm import cross_map_norm, response_norm
@@ -18,6 +18,6 @@ __all__ = [
     "cross_map_norm", "response_norm",
     "local_filter_acts", "local_image_acts", "local_weight_acts",
     "filter_acts_output_size", "max_pool_output_size",
-    "geometry", "reference", "has_native",
+    "geometry", "reference", "has_native", "explain",
     "FFI_TARGETS", "export_safety_checks", "allow_reference_lowering",
 ]

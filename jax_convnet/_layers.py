@@ -90,3 +90,16 @@ GPU_LOCAL_LAYERS = {
     "local4": ConvLayer(128, 32, 8, 8, 32, 3, 3, 1, 1),
 }
 CPU_LOCAL_LAYERS = {name: layer._replace(batch=32) for name, layer in GPU_LOCAL_LAYERS.items()}
+# Grouped convolutions (groups=G): AlexNet's two-group layers (Krizhevsky et al. 2012, one group
+# per GPU) at batch 128: conv2 (96 -> 256 channels, 5x5 pad 2 on 27x27), conv4 (384 -> 384) and
+# conv5 (384 -> 256), 3x3 pad 1 on 13x13, each (layer, groups). The CPU set runs conv2 and conv5
+# at an eighth of the batch and a quarter of the channels.
+GPU_GROUPED_LAYERS = {
+    "alex2g": (ConvLayer(128, 96, 27, 27, 256, 5, 5, 1, 2), 2),
+    "alex4g": (ConvLayer(128, 384, 13, 13, 384, 3, 3, 1, 1), 2),
+    "alex5g": (ConvLayer(128, 384, 13, 13, 256, 3, 3, 1, 1), 2),
+}
+CPU_GROUPED_LAYERS = {
+    "alex2g": (ConvLayer(16, 24, 27, 27, 64, 5, 5, 1, 2), 2),
+    "alex5g": (ConvLayer(16, 96, 13, 13, 64, 3, 3, 1, 1), 2),
+}

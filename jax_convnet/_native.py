@@ -138,13 +138,17 @@ def _warn_fallback(platform: str):
 
 
 def register_lowerings(primitive, target: str, reference, *, cuda_workspace_bytes=None,
-                       dimension_rule=None):
+                       dimension_rule=None, cuda_decomposition=None):
     """``reference(*operands, **params)`` is the pure-lax twin; ``params['geom'].ffi_attrs()``
     gives the FFI attributes. ``cuda_workspace_bytes(operand_avals, result_aval, **params)``, if
     given, sizes an extra uint8 result of the CUDA custom call that its kernels use as temporary
     memory (a handler captured into a CUDA graph cannot allocate). ``dimension_rule(**params)``, if
-    given, says how the custom call splits across devices (``_sharding.DimensionRule``). A
-    primitive with ``multiple_results`` lowers to a custom call with one result per output."""
+    given, says how the custom call splits across devices (``_sharding.DimensionRule``).
+    ``cuda_decomposition(bind, **params)``, if given, returns None where the CUDA custom call
+    takes ``params`` as they are, else a function of the operands that computes the op from
+    calls ``bind(*operands, **other_params)`` of the plain custom call (parameters the CUDA
+    kernels do not take yet). A primitive with ``multiple_results`` lowers to a custom call with
+    one result per output."""
     multiple = primitive.multiple_results
 
     def reference_rule(ctx, *operands, **params):
@@ -168,6 +172,10 @@ def register_lowerings(primitive, target: str, reference, *, cuda_workspace_byte
         def rule(ctx, *operands, geom, **params):
             if not has_kernel(ctx, platform):
                 return reference_rule(ctx, *operands, geom=geom, **params)
+            if platform == "cuda" and cuda_decomposition is not None:
+                decomposed = cuda_decomposition(on_device.bind, geom=geom, **params)
+                if decomposed is not None:
+                    return mlir.lower_fun(decomposed, multiple_results=multiple)(ctx, *operands)
             if platform == "cuda" and cuda_workspace_bytes is not None:
                 nbytes = cuda_workspace_bytes(ctx.avals_in, ctx.avals_out[0], geom=geom,
                                               **params)

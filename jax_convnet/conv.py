@@ -10,20 +10,25 @@ filter_acts(x, w)  image_acts(ct, w)            weight_acts(x, ct)
 image_acts(h, w)   filter_acts(ct, w)           weight_acts(ct, h)
 weight_acts(x, h)  image_acts(h, ct)            filter_acts(x, ct)
 =================  ===========================  ===========================
+
+With ``groups=G`` (cuda-convnet's numGroups, XLA's feature_group_count) the images' C channels
+and the F filters split into G equal parts; filter f reads the C // G channels of group
+f // (F // G), so the filters are (C // G, fh, fw, F) in C01B and (fh, fw, C // G, F) in NHWC.
+The geometry carries G, so every transpose and derivative is grouped alike.
 """
 from __future__ import annotations
 
-import math
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.extend.core import Primitive
+from jax.extend.core import Jaxpr, Primitive
 from jax.interpreters import ad, batching
 
 from . import geometry as G
 from . import reference
-from ._native import def_impl_via_jit, register_lowerings
+from ._native import def_impl_via_jit, native_module, register_lowerings
 from ._sharding import DimensionRule, factors
 
 filter_acts_p = Primitive("jax_convnet_filter_acts")
@@ -34,42 +39,47 @@ weight_acts_p = Primitive("jax_convnet_weight_acts")
 # ----------------------------------------------------------------------------- public functions
 
 def filter_acts(images, filters, *, stride=1, pad=0, padding=None, partial_sum=None,
-                layout="C01B", precision=None):
+                layout="C01B", precision=None, groups=1):
     """cuda-convnet's FilterActs: cross-correlation of ``images`` with ``filters``.
 
-    C01B: images (C, H, W, B), filters (C, fh, fw, F) -> (F, Ho, Wo, B).
-    NHWC: images (B, H, W, C), filters (fh, fw, C, F) -> (B, Ho, Wo, F).
+    C01B: images (C, H, W, B), filters (C // groups, fh, fw, F) -> (F, Ho, Wo, B).
+    NHWC: images (B, H, W, C), filters (fh, fw, C // groups, F) -> (B, Ho, Wo, F).
     ``pad=`` uses cuda-convnet's ceil rule, ``padding=`` XLA's (see ``jax_convnet.geometry``).
-    ``partial_sum`` only changes how the filter gradient is computed.
+    ``partial_sum`` only changes how the filter gradient is computed. ``groups`` (cuda-convnet's
+    numGroups, XLA's feature_group_count) must divide C and F; output channel f reads the input
+    channels of group f // (F // groups).
     """
     images, filters = G.canonical_operand(images), G.canonical_operand(filters)
     geom = G.filter_acts_geometry(images, filters, stride=stride, pad=pad, padding=padding,
-                                  partial_sum=partial_sum, layout=layout, precision=precision)
+                                  partial_sum=partial_sum, layout=layout, precision=precision,
+                                  groups=groups)
     return filter_acts_p.bind(images, filters, geom=geom)
 
 
 def image_acts(hid_acts, filters, image_shape, *, stride=1, pad=0, padding=None, partial_sum=None,
-               layout="C01B", precision=None):
+               layout="C01B", precision=None, groups=1):
     """cuda-convnet's ImageActs: the adjoint of ``filter_acts`` in its images argument.
 
     ``image_shape`` is the images' full shape (in the layout's order) or their (H, W): several
-    image sizes give one output size under the ceil rule.
+    image sizes give one output size under the ceil rule. With ``groups`` the images have
+    ``groups`` times the filters' channels.
     """
     hid_acts, filters = G.canonical_operand(hid_acts), G.canonical_operand(filters)
     geom, image_hw = G.image_acts_geometry(hid_acts, filters, image_shape, stride=stride, pad=pad,
                                            padding=padding, partial_sum=partial_sum, layout=layout,
-                                           precision=precision)
+                                           precision=precision, groups=groups)
     return image_acts_p.bind(hid_acts, filters, geom=geom, image_hw=image_hw)
 
 
 def weight_acts(images, hid_grads, filter_shape, *, stride=1, pad=0, padding=None,
-                partial_sum=None, layout="C01B", precision=None):
+                partial_sum=None, layout="C01B", precision=None, groups=1):
     """cuda-convnet's WeightActs: the adjoint of ``filter_acts`` in its filters argument,
-    summed as Ho*Wo/partial_sum partial sums over runs of ``partial_sum`` output positions."""
+    summed as Ho*Wo/partial_sum partial sums over runs of ``partial_sum`` output positions.
+    With ``groups`` the filters have C // groups channels."""
     images, hid_grads = G.canonical_operand(images), G.canonical_operand(hid_grads)
     geom, filter_hw = G.weight_acts_geometry(images, hid_grads, filter_shape, stride=stride,
                                              pad=pad, padding=padding, partial_sum=partial_sum,
-                                             layout=layout, precision=precision)
+                                             layout=layout, precision=precision, groups=groups)
     return weight_acts_p.bind(images, hid_grads, geom=geom, filter_hw=filter_hw)
 
 
@@ -96,13 +106,13 @@ def _filter_acts_abstract(images, filters, *, geom):
 def _image_acts_abstract(hid_acts, filters, *, geom, image_hw):
     layout = geom.layout
     n = hid_acts.shape[G.image_axes(layout)["n"]]
-    c = filters.shape[G.filter_axes(layout)["c"]]
+    c = filters.shape[G.filter_axes(layout)["c"]] * geom.groups
     return jax.core.ShapedArray(G.image_shape(layout, n, c, *image_hw), hid_acts.dtype)
 
 
 def _weight_acts_abstract(images, hid_grads, *, geom, filter_hw):
     layout = geom.layout
-    c = images.shape[G.image_axes(layout)["c"]]
+    c = images.shape[G.image_axes(layout)["c"]] // geom.groups
     f = hid_grads.shape[G.image_axes(layout)["c"]]
     return jax.core.ShapedArray(G.filter_shape(layout, f, c, *filter_hw), images.dtype)
 
@@ -153,6 +163,9 @@ ad.defbilinear(weight_acts_p, _weight_acts_t_images, _weight_acts_t_hidden)
 # ----------------------------------------------------------------------------- batching
 # A mapped axis of one operand folds into an axis whose slices are independent (no loop):
 # (operand kind, axis folded) for each operand, and the result's (kind, axis) it lands in.
+# With groups, an axis that holds whole groups (_holds_groups) takes the mapped axis inside
+# each group, (group, mapped, rest), so that every group's slices stay contiguous and channel /
+# filter k of the folded axis still belongs to group k // (size // groups).
 
 _FOLDS = {
     filter_acts_p: ((("image", "n"), ("filter", "f")), (("image", "n"), ("image", "c"))),
@@ -161,15 +174,41 @@ _FOLDS = {
 }
 
 
-def _fold(x, bdim, axis):
-    """Moves batch dim ``bdim`` in front of (unbatched) ``axis`` and merges the two."""
+# The axis of each kind of tensor that holds whole groups: the channels of images and hidden
+# tensors, the filters' F (the filters' channel axis holds one group's channels).
+_GROUPED_AXIS = {"image": "c", "filter": "f"}
+
+
+def _holds_groups(kind, name) -> bool:
+    return _GROUPED_AXIS[kind] == name
+
+
+def _kind_axis(kind, name, layout, filter_axes=G.filter_axes):
+    """The axis of role ``name`` ("n", "c", "f", ...) of a tensor of ``kind`` ("image" or
+    "filter"; ``filter_axes`` by layout for the filters)."""
+    return (G.image_axes if kind == "image" else filter_axes)(layout)[name]
+
+
+def _fold(x, bdim, axis, groups=1):
+    """Moves batch dim ``bdim`` in front of (unbatched) ``axis`` and merges the two; with
+    ``groups`` > 1 in the order (group, mapped, rest of the group)."""
     x = jax.numpy.moveaxis(x, bdim, axis)
     shape = x.shape
+    if groups > 1:
+        x = x.reshape(shape[:axis] + (shape[axis], groups, shape[axis + 1] // groups)
+                      + shape[axis + 2:])
+        x = jax.numpy.swapaxes(x, axis, axis + 1)
     return x.reshape(shape[:axis] + (shape[axis] * shape[axis + 1],) + shape[axis + 2:])
 
 
-def _unfold(y, axis, size):
+def _unfold(y, axis, size, groups=1):
+    """The inverse of ``_fold``: ``axis`` of ``y`` split into (mapped ``size``, the rest)."""
     shape = y.shape
+    if groups > 1:
+        part = shape[axis] // (groups * size)
+        y = y.reshape(shape[:axis] + (groups, size, part) + shape[axis + 1:])
+        y = jax.numpy.swapaxes(y, axis, axis + 1)
+        return y.reshape(shape[:axis] + (size, groups * part) + shape[axis + 1:])
     return y.reshape(shape[:axis] + (size, shape[axis] // size) + shape[axis + 1:])
 
 
@@ -191,7 +230,7 @@ def _batch_rule(primitive, folds, filter_axes):
     operand_folds, result_folds = folds
 
     def _axis(kind, name, layout):
-        return (G.image_axes if kind == "image" else filter_axes)(layout)[name]
+        return _kind_axis(kind, name, layout, filter_axes)
 
     def rule(args, dims, **params):
         layout = params["geom"].layout
@@ -206,10 +245,13 @@ def _batch_rule(primitive, folds, filter_axes):
             return lax.map(lambda ab: primitive.bind(*ab, **params), (a, b)), 0
         i = batched.index(True)
         size = args[i].shape[dims[i]]
+        groups = getattr(params["geom"], "groups", 1)
         args = list(args)
-        args[i] = _fold(args[i], dims[i], _axis(*operand_folds[i], layout))
+        args[i] = _fold(args[i], dims[i], _axis(*operand_folds[i], layout),
+                        groups if _holds_groups(*operand_folds[i]) else 1)
         out_axis = _axis(*result_folds[i], layout)
-        return _unfold(primitive.bind(*args, **params), out_axis, size), out_axis
+        return _unfold(primitive.bind(*args, **params), out_axis, size,
+                       groups if _holds_groups(*result_folds[i]) else 1), out_axis
 
     return rule
 
@@ -233,108 +275,202 @@ def _conv_tensors(layout):
 
 
 # Across devices: the batch and the filters split freely (and the channels of image_acts' result);
-# weight_acts' per-device filter gradients over batch slices are added.
+# weight_acts' per-device filter gradients over batch slices are added. With groups > 1 a slice
+# of the filters or channels would have to hold whole groups (and the filters' channel axis
+# indexes within a group), so only the batch splits.
 def _filter_acts_split(*, geom, **_):
     images, filters, hidden = _conv_tensors(geom.layout)
-    return DimensionRule((images, filters), hidden, split=frozenset("bf"))
+    return DimensionRule((images, filters), hidden,
+                         split=frozenset("bf" if geom.groups == 1 else "b"))
 
 
 def _image_acts_split(*, geom, **_):
     images, filters, hidden = _conv_tensors(geom.layout)
-    return DimensionRule((hidden, filters), images, split=frozenset("bc"))
+    return DimensionRule((hidden, filters), images,
+                         split=frozenset("bc" if geom.groups == 1 else "b"))
 
 
 def _weight_acts_split(*, geom, **_):
     images, filters, hidden = _conv_tensors(geom.layout)
-    return DimensionRule((images, hidden), filters, split=frozenset("cf"), summed=frozenset("b"))
+    return DimensionRule((images, hidden), filters,
+                         split=frozenset("cf" if geom.groups == 1 else ""), summed=frozenset("b"))
 
 
-# The column buffer of image_acts into a few channels on the GPU holds at most this many bytes
-# (whole images; G.image_acts_column_bytes); 0 turns that path off. Fewer, larger chunks run
-# faster, so the cap trades memory for speed (benchmarks/history/2026-12-02_numbers_from_comments.md);
-# C01B in 16-bit types needs chunks of 8 images (155 MiB on L1 at batch 128).
-IMAGE_ACTS_COLUMN_CAP_BYTES = 256 << 20
+# The kinds of tensor of each primitive's operands and result.
+_KINDS = {
+    filter_acts_p: (("image", "filter"), "image"),
+    image_acts_p: (("image", "filter"), "image"),
+    weight_acts_p: (("image", "image"), "filter"),
+}
 
 
-def _image_acts_cuda_workspace_bytes(operand_avals, images_aval, *, geom, image_hw):
-    """The FFT path's spectra, else the column buffer (csrc/cuda/conv_image_acts_columns.cuh) or
-    the copies of Hopper's TF32 kernel, or 0 bytes where none applies."""
-    hid_acts, filters = operand_avals
-    fft = _fft_workspace_bytes("image_acts", images_aval, filters, geom)
-    if fft:
-        return fft
-    ax = G.image_axes(geom.layout)
-    columns = G.image_acts_column_bytes(
-        images_aval.shape[ax["n"]], images_aval.shape[ax["c"]], _filter_hw(filters, geom.layout),
-        _image_hw(hid_acts, geom.layout), IMAGE_ACTS_COLUMN_CAP_BYTES)
-    return max(columns, _tf32_copies_bytes("image_acts", images_aval, hid_acts, filters, geom))
+def _gpu_per_group_calls(primitive):
+    """How groups > 1 run on the GPU until its kernels take groups: one ungrouped custom call per
+    group on that group's slices of the operands, the results concatenated. Returns the
+    ``cuda_decomposition`` of register_lowerings (None for groups == 1: the call as it is)."""
+    (a_kind, b_kind), out_kind = _KINDS[primitive]
+
+    def decomposition(bind, *, geom, **params):
+        if geom.groups == 1:
+            return None
+        groups, ungrouped = geom.groups, dataclasses.replace(geom, groups=1)
+        a_axis, b_axis, out_axis = (_kind_axis(kind, _GROUPED_AXIS[kind], geom.layout)
+                                    for kind in (a_kind, b_kind, out_kind))
+
+        def per_group(a, b):
+            def part(x, axis, g):
+                size = x.shape[axis] // groups
+                return lax.slice_in_dim(x, g * size, (g + 1) * size, axis=axis)
+            return lax.concatenate([bind(part(a, a_axis, g), part(b, b_axis, g),
+                                         geom=ungrouped, **params) for g in range(groups)],
+                                   out_axis)
+        return per_group
+
+    return decomposition
 
 
-# The FFT path of stride-1 convolutions with large filters on the GPU (G.fft_conv_plan) takes at
-# most this many bytes of spectra in its workspace; 0 turns it off.
-FFT_WORKSPACE_CAP_BYTES = G.FFT_MAX_BYTES
+def _one_group(primitive, operand_avals, result_aval, geom):
+    """The operand and result avals and the geometry of each of the ungrouped calls that a call
+    of ``primitive`` with groups > 1 runs as on the GPU (_gpu_per_group_calls)."""
+    (a_kind, b_kind), out_kind = _KINDS[primitive]
+
+    def part(aval, kind):
+        shape = list(aval.shape)
+        shape[_kind_axis(kind, _GROUPED_AXIS[kind], geom.layout)] //= geom.groups
+        return aval.update(shape=tuple(shape))
+    return ([part(a, kind) for a, kind in zip(operand_avals, (a_kind, b_kind))],
+            part(result_aval, out_kind), dataclasses.replace(geom, groups=1))
 
 
-def _fft_workspace_bytes(op, images, filters, geom) -> int:
-    """The FFT path's spectra (G.fft_conv_plan), or 0 where the op runs without it."""
-    ax, fax = G.image_axes(geom.layout), G.filter_axes(geom.layout)
-    return G.fft_conv_plan(
-        op=op, batch=images.shape[ax["n"]], channels=images.shape[ax["c"]],
-        filters=filters.shape[fax["f"]], image_hw=_image_hw(images, geom.layout),
-        filter_hw=_filter_hw(filters, geom.layout), stride=geom.strides, pads=geom.padding,
-        partial_sum=geom.partial_sum, itemsize=images.dtype.itemsize,
-        precision=geom.precision, cap_bytes=FFT_WORKSPACE_CAP_BYTES)[2]
+# ----------------------------------------------------------------------------- CUDA workspace
+
+# The CUDA custom calls take an extra uint8 result as temporary memory (a handler captured into a
+# CUDA graph cannot allocate), sized by the one rule in csrc/common/conv_workspace.h, which the
+# kernels also read; the lowering asks it through the CPU module. These caps bound its parts
+# (bytes; 0 turns a path off): the FFT path's spectra, image_acts' column buffer of whole images
+# (few channels, large filters: fewer, larger chunks run faster, so the cap trades memory for
+# speed), and weight_acts' copy of NHWC images of fewer than 4 channels padded to 4.
+FFT_WORKSPACE_CAP_BYTES, IMAGE_ACTS_COLUMN_CAP_BYTES, WEIGHT_ACTS_PADDED_IMAGE_CAP_BYTES = getattr(
+    native_module("cpu"), "CONV_WORKSPACE_DEFAULT_CAPS", (0, 0, 0))
+
+_OP_CODES = {filter_acts_p: 0, image_acts_p: 1, weight_acts_p: 2}
 
 
-def _tf32_copies_bytes(op, images, hidden, filters, geom) -> int:
-    """The copies Hopper's TF32 kernel takes for float32 at default precision (G.tf32_copies_bytes)."""
-    if images.dtype != jnp.float32 or geom.precision != "default":
-        return 0
-    ax, fax = G.image_axes(geom.layout), G.filter_axes(geom.layout)
-    return G.tf32_copies_bytes(
-        op, layout=geom.layout, batch=images.shape[ax["n"]], channels=images.shape[ax["c"]],
-        filters=filters.shape[fax["f"]], image_hw=_image_hw(images, geom.layout),
-        hidden_hw=_image_hw(hidden, geom.layout), filter_hw=_filter_hw(filters, geom.layout),
-        stride=geom.strides)
+def _tensors(primitive, operand_avals, result_aval):
+    """(images, filters, hidden) avals of a call of ``primitive``."""
+    a, b = operand_avals
+    if primitive is filter_acts_p:
+        return a, b, result_aval
+    if primitive is image_acts_p:
+        return result_aval, b, a
+    return a, result_aval, b
 
 
-def _filter_acts_cuda_workspace_bytes(operand_avals, hidden_aval, *, geom):
-    """The FFT path's spectra, else the copies of Hopper's TF32 kernel (or 0 bytes)."""
-    images, filters = operand_avals
-    fft = _fft_workspace_bytes("filter_acts", images, filters, geom)
-    return fft or _tf32_copies_bytes("filter_acts", images, hidden_aval, filters, geom)
+def _native_call(primitive, operand_avals, result_aval, geom):
+    """(module, call arguments, batch known) of the CPU module's conv rules for one call: the op,
+    the three tensors' dims (a symbolic batch as 1), the FFI attributes, itemsize, float32."""
+    module = native_module("cpu")
+    if module is None:
+        raise RuntimeError("jax_convnet: the CPU module, which holds the CUDA kernels' plan and "
+                           "workspace rules, did not load")
+    images, filters, hidden = _tensors(primitive, operand_avals, result_aval)
+    n = G.image_axes(geom.layout)["n"]
+    batch_known = all(isinstance(t.shape[n], int) for t in (images, hidden))
+
+    def dims(t, batch_axis):
+        return [1 if (i == batch_axis and not batch_known) else int(d)
+                for i, d in enumerate(t.shape)]
+
+    args = (_OP_CODES[primitive], dims(images, n), dims(filters, None), dims(hidden, n),
+            {k: int(v) for k, v in geom.ffi_attrs().items()}, images.dtype.itemsize,
+            images.dtype == jnp.float32)
+    return module, args, batch_known
+
+
+def cuda_workspace(primitive, operand_avals, result_aval, geom) -> dict:
+    """The workspace of a CUDA call of ``primitive`` by part (bytes: fft, ia_columns,
+    tf32_copies, wa_partial_sums, wa_padded_images, and their total) from the rule in
+    csrc/common/conv_workspace.h. A symbolic batch (jax.export) turns off what depends on it."""
+    module, args, batch_known = _native_call(primitive, operand_avals, result_aval, geom)
+    return module.conv_workspace(*args, batch_known, FFT_WORKSPACE_CAP_BYTES,
+                                 IMAGE_ACTS_COLUMN_CAP_BYTES, WEIGHT_ACTS_PADDED_IMAGE_CAP_BYTES)
+
+
+# The device jcn.explain plans for unless told otherwise: an NVIDIA H200 (compute capability 9.0,
+# 132 SMs, 227 KiB of shared memory per block) with the sm_90a kernels built.
+H200 = dict(cc_major=9, cc_minor=0, sm_count=132, smem_optin=232448, tma=True)
+
+
+def cuda_plan(primitive, operand_avals, result_aval, geom, device=H200) -> dict:
+    """The route of a CUDA call of ``primitive`` on ``device`` (keys of ``H200``) and, on the TMA
+    core, its tile width, from csrc/common/conv_plan.h, which the kernels follow: ``tma``,
+    ``tma_via_nhwc_copies``, ``tma_weights``, ``tma_weights_via_c01b_copies``, ``fft`` or
+    ``cuda_cores`` (the other kernels, chosen at launch); None for a symbolic batch."""
+    module, args, batch_known = _native_call(primitive, operand_avals, result_aval, geom)
+    if not batch_known:
+        return None
+    workspace = cuda_workspace(primitive, operand_avals, result_aval, geom)["total"]
+    return module.conv_plan(*args, workspace, **device)
+
+
+def _cuda_workspace_bytes(primitive):
+    def nbytes(operand_avals, result_aval, *, geom, **_):
+        return cuda_workspace(primitive, operand_avals, result_aval, geom)["total"]
+    return nbytes
 
 
 register_lowerings(filter_acts_p, "jax_convnet_filter_acts", reference.filter_acts_canonical,
-                   cuda_workspace_bytes=_filter_acts_cuda_workspace_bytes,
-                   dimension_rule=_filter_acts_split)
+                   cuda_workspace_bytes=_cuda_workspace_bytes(filter_acts_p),
+                   dimension_rule=_filter_acts_split,
+                   cuda_decomposition=_gpu_per_group_calls(filter_acts_p))
 register_lowerings(image_acts_p, "jax_convnet_image_acts", reference.image_acts_canonical,
-                   cuda_workspace_bytes=_image_acts_cuda_workspace_bytes,
-                   dimension_rule=_image_acts_split)
-
-
-# weight_acts pads NHWC images of fewer than 4 channels with zero channels on the GPU (a copy of
-# at most this many bytes in its workspace; G.weight_acts_workspace_bytes), so that the tensor
-# cores can read them; 0 turns that off.
-WEIGHT_ACTS_PADDED_IMAGE_CAP_BYTES = 1 << 30
-
-
-def _weight_acts_cuda_workspace_bytes(operand_avals, filters_aval, *, geom, **_):
-    """The FFT path's spectra, else partial sums and, for NHWC images of fewer than 4 channels,
-    their padded copy; first the copies of Hopper's TF32 kernel, where it takes them."""
-    images, hidden = operand_avals
-    fft = _fft_workspace_bytes("weight_acts", images, filters_aval, geom)
-    if fft:
-        return fft
-    ax = G.image_axes(geom.layout)
-    copies = _tf32_copies_bytes("weight_acts", images, hidden, filters_aval, geom)
-    return copies + G.weight_acts_workspace_bytes(
-        math.prod(filters_aval.shape), layout=geom.layout, batch=images.shape[ax["n"]],
-        channels=images.shape[ax["c"]], image_hw=_image_hw(images, geom.layout),
-        itemsize=images.dtype.itemsize,
-        padded_cap_bytes=WEIGHT_ACTS_PADDED_IMAGE_CAP_BYTES)
-
-
+                   cuda_workspace_bytes=_cuda_workspace_bytes(image_acts_p),
+                   dimension_rule=_image_acts_split,
+                   cuda_decomposition=_gpu_per_group_calls(image_acts_p))
 register_lowerings(weight_acts_p, "jax_convnet_weight_acts", reference.weight_acts_canonical,
-                   cuda_workspace_bytes=_weight_acts_cuda_workspace_bytes,
-                   dimension_rule=_weight_acts_split)
+                   cuda_workspace_bytes=_cuda_workspace_bytes(weight_acts_p),
+                   dimension_rule=_weight_acts_split,
+                   cuda_decomposition=_gpu_per_group_calls(weight_acts_p))
+
+
+# ----------------------------------------------------------------------------- explain
+
+def _equations(jaxpr):
+    """Every equation of ``jaxpr`` and of the jaxprs its equations hold (jit, custom rules)."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr holds its Jaxpr
+                if isinstance(inner, Jaxpr):
+                    yield from _equations(inner)
+
+
+def explain(fn, *args, device=H200, **kwargs) -> list[dict]:
+    """What each conv custom call of ``fn(*args, **kwargs)`` (as ``jax.jit`` would trace it, its
+    derivatives included) gets on a CUDA GPU described by ``device`` (default ``H200``): the op,
+    its tensors' shapes (images, filters, hidden), dtype, layout and precision, the route and
+    tile the kernels take (``cuda_plan``), and the workspace by part (``cuda_workspace``), with
+    ``paths`` naming the parts that are nonzero. ``args`` may be ``jax.ShapeDtypeStruct``s.
+    A call with ``groups`` > 1 runs on the GPU as ``groups`` ungrouped calls on each group's
+    slices: its route and workspace are those of each of them."""
+    closed = jax.make_jaxpr(fn)(*args, **kwargs)
+    calls = []
+    for eqn in _equations(closed.jaxpr):
+        if eqn.primitive not in _OP_CODES:
+            continue
+        geom = eqn.params["geom"]
+        avals, result = [v.aval for v in eqn.invars], eqn.outvars[0].aval
+        images, filters, hidden = _tensors(eqn.primitive, avals, result)
+        per_call = (avals, result, geom) if geom.groups == 1 else \
+            _one_group(eqn.primitive, avals, result, geom)
+        workspace = cuda_workspace(eqn.primitive, *per_call)
+        plan = cuda_plan(eqn.primitive, *per_call, device) or {}
+        calls.append(dict(
+            op=eqn.primitive.name.removeprefix("jax_convnet_"), images=tuple(images.shape),
+            filters=tuple(filters.shape), hidden=tuple(hidden.shape),
+            dtype=str(images.dtype), layout=geom.layout, precision=geom.precision,
+            groups=geom.groups, route=plan.get("route"), tile_n=plan.get("tile_n"),
+            workspace=workspace,
+            paths=[k for k, v in workspace.items() if k != "total" and v > 0]))
+    return calls

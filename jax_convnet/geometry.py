@@ -247,18 +247,26 @@ class ConvGeometry:
     padding: tuple[tuple[int, int], tuple[int, int]]  # ((top, bottom), (left, right)), >= 0
     partial_sum: int  # 0: one sum over all output positions
     precision: str  # "default" | "high" | "highest"
+    # cuda-convnet's numGroups (XLA's feature_group_count): C and F split into `groups` equal
+    # parts; filter f reads the C // groups channels of group f // (F // groups).
+    groups: int = 1
 
     def output_hw(self, image_hw, filter_hw) -> tuple[int, int]:
         return tuple(floor_rule_size(image_hw[k], filter_hw[k], self.strides[k], *self.padding[k])
                      for k in range(2))
 
     def ffi_attrs(self) -> dict:
+        """The FFI attributes; ``groups`` only where it is not 1, so that ungrouped calls keep
+        the attribute set every handler (and every exported program) has."""
         (pt, pb), (pl, pr) = self.padding
         i64 = np.int64
-        return dict(layout=i64(LAYOUT_CODES[self.layout]), stride_h=i64(self.strides[0]),
-                    stride_w=i64(self.strides[1]), pad_top=i64(pt), pad_bottom=i64(pb),
-                    pad_left=i64(pl), pad_right=i64(pr), partial_sum=i64(self.partial_sum),
-                    precision=i64(PRECISION_CODES[self.precision]))
+        attrs = dict(layout=i64(LAYOUT_CODES[self.layout]), stride_h=i64(self.strides[0]),
+                     stride_w=i64(self.strides[1]), pad_top=i64(pt), pad_bottom=i64(pb),
+                     pad_left=i64(pl), pad_right=i64(pr), partial_sum=i64(self.partial_sum),
+                     precision=i64(PRECISION_CODES[self.precision]))
+        if self.groups != 1:
+            attrs["groups"] = i64(self.groups)
+        return attrs
 
 
 def conv_padding(image_hw, filter_hw, stride, pad, padding):
@@ -334,169 +342,63 @@ def resolve_partial_sum(partial_sum, out_hw, n_filter_elems: int) -> int:
     return 0 if partial_sum == positions else partial_sum
 
 
-# image_acts into a few channels with large filters (RGB first layers) runs on the GPU as a GEMM
-# into a float32 column buffer, one chunk of whole images at a time, and a gather
-# (csrc/cuda/conv_image_acts_columns.cuh). The buffer is the workspace of its custom call, sized
-# by this rule; the kernels take that path where they get one.
-IMAGE_ACTS_COLUMN_MAX_CHANNELS = 4
-# channels * taps: fewer columns, and the direct kernel (fewer taps per image element) is cheaper
-# than writing and reading the buffer.
-IMAGE_ACTS_COLUMN_MIN_ROWS = 64
-
-
-def image_acts_column_bytes(batch: int, channels: int, filter_hw, hidden_hw,
-                            cap_bytes: int) -> int:
-    """Bytes of the column buffer of image_acts on the GPU: a whole number of images' columns
-    (4 * channels * fh * fw * Ho * Wo bytes each), as many as ``cap_bytes`` holds and the batch
-    has; 0 where the path does not apply or one image does not fit."""
-    rows = channels * filter_hw[0] * filter_hw[1]
-    if (channels > IMAGE_ACTS_COLUMN_MAX_CHANNELS or rows < IMAGE_ACTS_COLUMN_MIN_ROWS
-            or not _is_dim(batch)):  # (a symbolic batch: the path is off)
-        return 0
-    image_bytes = 4 * rows * hidden_hw[0] * hidden_hw[1]
-    return min(batch, cap_bytes // image_bytes) * image_bytes
-
-
-# weight_acts on the GPU: temporary memory for the partial sums, and for NHWC images of fewer than
-# WEIGHT_ACTS_PADDED_CHANNELS channels (RGB first layers) a copy padded with zero channels, which
-# the tensor cores can read a pixel at a time (csrc/cuda/conv_weight_acts_padding.cuh).
-WEIGHT_ACTS_PADDED_CHANNELS = 4
-WEIGHT_ACTS_MIN_PARTIAL_SUM_BYTES = 16 << 20
-
-
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
-
-
-def weight_acts_workspace_bytes(filter_elems: int, *, layout: str, batch: int, channels: int,
-                                image_hw, itemsize: int, padded_cap_bytes: int) -> int:
-    """Bytes of weight_acts' workspace on the GPU (csrc/cuda/conv_launch.cuh mirrors this rule):
-    partial sums of one launch (at least 16 MiB, or one float32 copy of the filters if larger) and
-    a float32 running sum of the filters, rounded up to 256 bytes; then the padded copy of NHWC
-    images of fewer than 4 channels, where it fits ``padded_cap_bytes``."""
-    filter_bytes = 4 * filter_elems
-    sums = _round_up(max(WEIGHT_ACTS_MIN_PARTIAL_SUM_BYTES, filter_bytes) + filter_bytes, 256)
-    padded = 0
-    if (check_layout(layout) == "NHWC" and channels < WEIGHT_ACTS_PADDED_CHANNELS
-            and _is_dim(batch)):  # (a symbolic batch: no padded copy)
-        padded = _round_up(batch * image_hw[0] * image_hw[1] * WEIGHT_ACTS_PADDED_CHANNELS
-                           * itemsize, 256)
-    return sums + (padded if padded <= padded_cap_bytes else 0)
-
-
-def tf32_copies_bytes(op: str, *, layout: str, batch: int, channels: int, filters: int,
-                      image_hw, hidden_hw, filter_hw, stride) -> int:
-    """Bytes of the copies that float32 at default precision takes to Hopper's TF32 kernel, which
-    reads both operands k-contiguous only (csrc/cuda/conv_launch.cuh: run_tma,
-    run_tma_c01b_tf32, run_tma_weights_nhwc_tf32; the copies lead the op's workspace, each
-    rounded up to 256 bytes): NHWC filter_acts its taps; C01B filter_acts the images and the
-    hidden tensor as NHWC, then its taps; C01B image_acts at stride 1 the hidden tensor and the
-    images as NHWC; NHWC weight_acts the images and the hidden tensor as C01B. 0 elsewhere, and
-    where the shapes are not ones the kernel reads (tma_can_read: the convolution's input
-    channels in 4s filling 3/4 of their 32-blocks, its outputs in 4s and at least 64; for the
-    C01B kernel a batch in 4s of at least 64)."""
-    if not all(_is_dim(v) for v in (batch, channels, filters)):
-        return 0
-    c01b = check_layout(layout) == "C01B"
-    cin, cout = (filters, channels) if op == "image_acts" else (channels, filters)
-    if not (cin % 4 == 0 and 4 * cin >= 3 * _round_up(cin, 32) and cout % 4 == 0
-            and cout >= 64):
-        return 0
-    images = _round_up(4 * batch * image_hw[0] * image_hw[1] * channels, 256)
-    hidden = _round_up(4 * batch * hidden_hw[0] * hidden_hw[1] * filters, 256)
-    taps = 4 * channels * filters * filter_hw[0] * filter_hw[1]
-    if op == "filter_acts":
-        return images + hidden + taps if c01b else taps
-    if op == "image_acts":
-        return images + hidden if c01b and tuple(stride) == (1, 1) else 0
-    if op == "weight_acts" and not c01b and batch % 4 == 0 and batch >= 64:
-        return images + hidden
-    return 0
-
-
-# Convolutions of stride 1 with large filters run on the GPU through 2-d FFTs
-# (csrc/cuda/conv_fft.cuh): every plane of the two operands zero-padded to Ph x Pw (the padded
-# image's extent rounded up to a power of two), transformed, multiplied bin by bin (a complex
-# GEMM over channels, filters or batch per frequency bin, float32 FMA) and transformed back. The
-# arithmetic is float32 throughout (no TF32), so every dtype and precision may take it. It runs
-# where the direct GEMM needs FFT_MIN_SAVING times the complex GEMM's multiply-adds or more: the
-# margin pays for the transforms and, except at float32 accuracy, for FMA's lower rate than the
-# tensor cores'. weight_acts takes it only for partial_sum over all positions (the transform sums
-# over positions in its own order). The workspace holds the three spectra (images, filters,
-# hidden: N*C, C*F and N*F planes of Ph * (Pw/2 + 1) complex bins), at most FFT_MAX_BYTES;
-# csrc/common/geometry.h mirrors this rule (fft_conv_plan) and takes the path exactly when the
-# workspace has the size the rule gives (jax_convnet.conv.FFT_WORKSPACE_CAP_BYTES below it turns
-# the path off).
-FFT_MIN_SIZE, FFT_MAX_SIZE = 8, 64
-# Where the FFT path won on the GPU (benchmarks/history/2026-11-29_session5_fft.md): at float32
-# accuracy from L4 / AlexNet conv2 (7x7 / 5x5, ~8x) on, TF32 only from L3 / L2 (9x9, 21x / 30x);
-# 16-bit types lose even on L2 to the tensor cores' direct GEMM.
-FFT_MIN_SAVING = {"float32_accurate": 3.0, "tf32": 12.0, "16bit": 40.0}
-FFT_MAX_BYTES = 2 << 30
-
-
-def _fft_size(extent: int) -> int:
-    size = FFT_MIN_SIZE
-    while size < extent:
-        size *= 2
-    return size
-
-
-def fft_conv_plan(*, op: str, batch: int, channels: int, filters: int, image_hw, filter_hw,
-                  stride, pads, partial_sum: int, itemsize: int, precision: str,
-                  cap_bytes: int = FFT_MAX_BYTES):
-    """(Ph, Pw, workspace bytes) of the FFT path on the GPU, or (0, 0, 0) where it does not run
-    (or needs more than ``cap_bytes``). ``pads`` ((top, bottom), (left, right)); ``partial_sum``
-    as ConvGeometry holds it (0: all positions)."""
-    none = (0, 0, 0)
-    if tuple(stride) != (1, 1) or (op == "weight_acts" and partial_sum != 0) \
-            or not _is_dim(batch):  # (a symbolic batch: the path is off)
-        return none
-    padded = [image_hw[k] + pads[k][0] + pads[k][1] for k in range(2)]
-    ph, pw = (_fft_size(e) for e in padded)
-    if max(ph, pw) > FFT_MAX_SIZE:
-        return none
-    out_h, out_w = (padded[k] - filter_hw[k] + 1 for k in range(2))
-    bins = ph * (pw // 2 + 1)
-    saving = out_h * out_w * filter_hw[0] * filter_hw[1] / (4 * bins)
-    kind = ("16bit" if itemsize == 2 else
-            "tf32" if precision == "default" else "float32_accurate")
-    if saving < FFT_MIN_SAVING[kind]:
-        return none
-    spectra = [_round_up(planes * bins * 8, 256) for planes in
-               (batch * channels, channels * filters, batch * filters)]
-    if sum(spectra) > min(cap_bytes, FFT_MAX_BYTES):
-        return none
-    return ph, pw, sum(spectra)
-
-
 def conv_geometry(*, image_hw, filter_hw, channels, filters, stride, pad, padding, partial_sum,
-                  layout, precision) -> ConvGeometry:
+                  layout, precision, groups=1) -> ConvGeometry:
+    """``channels``: the images' (all groups); the filters hold ``channels // groups`` each."""
     layout = check_layout(layout)
+    groups = check_groups(groups)
     stride, pads = conv_padding(image_hw, filter_hw, stride, pad, padding)
     out_hw = tuple(floor_rule_size(image_hw[k], filter_hw[k], stride[k], *pads[k]) for k in range(2))
-    ps = resolve_partial_sum(partial_sum, out_hw, channels * filter_hw[0] * filter_hw[1] * filters)
-    return ConvGeometry(layout, stride, pads, ps, canonical_precision(precision))
+    ps = resolve_partial_sum(partial_sum, out_hw,
+                             channels // groups * filter_hw[0] * filter_hw[1] * filters)
+    return ConvGeometry(layout, stride, pads, ps, canonical_precision(precision), groups)
 
 
-def conv_operand_dims(images=None, filters=None, hidden=None, *, layout):
+def check_groups(groups) -> int:
+    """``groups`` (cuda-convnet's numGroups, XLA's feature_group_count): a positive int."""
+    if not _is_int(groups):
+        raise TypeError(f"groups must be a positive int, got {groups!r} "
+                        f"of type {type(groups).__name__}")
+    return check_extent(int(groups), "groups", minimum=1)
+
+
+def group_channels(channels: int, groups: int) -> int:
+    """The filters' channel count: C // groups (``groups`` must divide C)."""
+    if channels % groups:
+        raise ValueError(f"groups={groups} must divide the images' channel count C={channels}")
+    return channels // groups
+
+
+def conv_operand_dims(images=None, filters=None, hidden=None, *, layout, groups=1):
     """Logical sizes of the given operands, cross-checked. Returns a dict with n, c, f, h, w,
-    fh, fw, oh, ow (those that the given operands determine)."""
+    fh, fw, oh, ow (those that the given operands determine); c counts the images' channels,
+    the filters hold c // groups each (the rule every grouped shape follows: ``groups`` divides
+    C and F)."""
     layout = check_layout(layout)
+    groups = check_groups(groups)
     d = {}
     batch_axis = image_axes(layout)["n"]
     if images is not None:
         shape, _ = check_array(images, "images", batch_axis=batch_axis)
         im = _dims(shape, image_axes(layout))
+        group_channels(im["c"], groups)
         d.update(n=im["n"], c=im["c"], h=im["h"], w=im["w"])
     if filters is not None:
         shape, _ = check_array(filters, "filters")
         fi = _dims(shape, filter_axes(layout))
-        if "c" in d and fi["c"] != d["c"]:
-            raise ValueError(f"filters have {fi['c']} input channels but images have {d['c']} "
-                             f"(layout {layout}: filters {tuple(shape)}, images "
-                             f"{tuple(images.shape)})")
-        d.update(c=fi["c"], f=fi["f"], fh=fi["h"], fw=fi["w"])
+        if "c" in d and fi["c"] * groups != d["c"]:
+            if groups == 1:
+                raise ValueError(f"filters have {fi['c']} input channels but images have "
+                                 f"{d['c']} (layout {layout}: filters {tuple(shape)}, images "
+                                 f"{tuple(images.shape)})")
+            raise ValueError(f"filters have {fi['c']} input channels but images of {d['c']} "
+                             f"channels with groups={groups} need C // groups = "
+                             f"{d['c'] // groups} (layout {layout}: filters {tuple(shape)}, "
+                             f"images {tuple(images.shape)})")
+        if fi["f"] % groups:
+            raise ValueError(f"groups={groups} must divide the filter count F={fi['f']} "
+                             f"(filters {tuple(shape)}, layout {layout})")
+        d.update(c=fi["c"] * groups, f=fi["f"], fh=fi["h"], fw=fi["w"])
     if hidden is not None:
         name = "hid_acts" if images is None else "hid_grads"
         shape, _ = check_array(hidden, name, batch_axis=batch_axis)
@@ -505,6 +407,9 @@ def conv_operand_dims(images=None, filters=None, hidden=None, *, layout):
             raise ValueError(f"{name} has batch size {hi['n']} but images have {d['n']}")
         if "f" in d and hi["c"] != d["f"]:
             raise ValueError(f"{name} has {hi['c']} channels but there are {d['f']} filters")
+        if hi["c"] % groups:
+            raise ValueError(f"groups={groups} must divide the filter count F={hi['c']} "
+                             f"({name} {tuple(shape)}, layout {layout})")
         d.update(n=hi["n"], f=hi["c"], oh=hi["h"], ow=hi["w"])
     return d
 
@@ -628,18 +533,19 @@ def pool_operand_hw(images, layout):
 # ----------------------------------------------------------------------------- per-op entry points
 # Each public op (and its reference twin) turns its arguments into canonical geometry here.
 
-def _conv_geometry(d, *, stride, pad, padding, partial_sum, layout, precision):
+def _conv_geometry(d, *, stride, pad, padding, partial_sum, layout, precision, groups=1):
     return conv_geometry(image_hw=(d["h"], d["w"]), filter_hw=(d["fh"], d["fw"]),
                          channels=d["c"], filters=d["f"], stride=stride, pad=pad, padding=padding,
-                         partial_sum=partial_sum, layout=layout, precision=precision)
+                         partial_sum=partial_sum, layout=layout, precision=precision,
+                         groups=groups)
 
 
 def filter_acts_geometry(images, filters, *, stride, pad, padding, partial_sum, layout,
-                         precision) -> ConvGeometry:
-    d = conv_operand_dims(images=images, filters=filters, layout=layout)
+                         precision, groups=1) -> ConvGeometry:
+    d = conv_operand_dims(images=images, filters=filters, layout=layout, groups=groups)
     check_same_dtype(images=images, filters=filters)
     geom = _conv_geometry(d, stride=stride, pad=pad, padding=padding, partial_sum=partial_sum,
-                          layout=layout, precision=precision)
+                          layout=layout, precision=precision, groups=groups)
     out_hw = geom.output_hw((d["h"], d["w"]), (d["fh"], d["fw"]))
     check_elements(image_shape(layout, d["n"], d["f"], *out_hw),
                    "filter_acts' output (from the images, filters, stride and padding)")
@@ -680,33 +586,36 @@ def _image_hw_from_shape(image_shape, d, layout):
 
 
 def image_acts_geometry(hid_acts, filters, image_shape, *, stride, pad, padding, partial_sum,
-                        layout, precision):
-    d = conv_operand_dims(filters=filters, hidden=hid_acts, layout=layout)
+                        layout, precision, groups=1):
+    d = conv_operand_dims(filters=filters, hidden=hid_acts, layout=layout, groups=groups)
     check_same_dtype(hid_acts=hid_acts, filters=filters)
     d["h"], d["w"] = _image_hw_from_shape(image_shape, d, layout)
     geom = _conv_geometry(d, stride=stride, pad=pad, padding=padding, partial_sum=partial_sum,
-                          layout=layout, precision=precision)
+                          layout=layout, precision=precision, groups=groups)
     check_hidden_hw(geom, (d["h"], d["w"]), (d["fh"], d["fw"]), (d["oh"], d["ow"]), "hid_acts")
     return geom, (d["h"], d["w"])
 
 
 def weight_acts_geometry(images, hid_grads, filter_shape, *, stride, pad, padding, partial_sum,
-                         layout, precision):
-    d = conv_operand_dims(images=images, hidden=hid_grads, layout=layout)
+                         layout, precision, groups=1):
+    d = conv_operand_dims(images=images, hidden=hid_grads, layout=layout, groups=groups)
     check_same_dtype(images=images, hid_grads=hid_grads)
     ax = filter_axes(layout)
+    channels = d["c"] // groups
 
     def from_full(shape):
-        if shape[ax["c"]] != d["c"] or shape[ax["f"]] != d["f"]:
-            raise ValueError(f"filter_shape {shape} ({layout}) must have {d['c']} channels and "
-                             f"{d['f']} filters to match images and hid_grads")
+        if shape[ax["c"]] != channels or shape[ax["f"]] != d["f"]:
+            grouped = "" if groups == 1 else f" (C // groups, groups={groups})"
+            raise ValueError(f"filter_shape {shape} ({layout}) must have {channels} "
+                             f"channels{grouped} and {d['f']} filters to match images and "
+                             f"hid_grads")
         return shape[ax["h"]], shape[ax["w"]]
 
     d["fh"], d["fw"] = _spatial_from_shape(filter_shape, "filter_shape", from_full)
-    check_elements(_filter_shape_of(layout, d["f"], d["c"], d["fh"], d["fw"]),
+    check_elements(_filter_shape_of(layout, d["f"], channels, d["fh"], d["fw"]),
                    "filter_shape")
     geom = _conv_geometry(d, stride=stride, pad=pad, padding=padding, partial_sum=partial_sum,
-                          layout=layout, precision=precision)
+                          layout=layout, precision=precision, groups=groups)
     check_hidden_hw(geom, (d["h"], d["w"]), (d["fh"], d["fw"]), (d["oh"], d["ow"]), "hid_grads")
     return geom, (d["fh"], d["fw"])
 

@@ -25,21 +25,21 @@ def filter_acts_canonical(images, filters, *, geom: G.ConvGeometry):
     accumulate = jnp.float64 if images.dtype == jnp.float64 else jnp.float32
     out = lax.conv_general_dilated(
         images, filters, geom.strides, geom.padding,
-        dimension_numbers=_DIMENSION_NUMBERS[geom.layout],
+        dimension_numbers=_DIMENSION_NUMBERS[geom.layout], feature_group_count=geom.groups,
         precision=_LAX_PRECISION[geom.precision], preferred_element_type=accumulate)
     return out.astype(images.dtype)
 
 
 def image_acts_canonical(hid_acts, filters, *, geom: G.ConvGeometry, image_hw):
     n = hid_acts.shape[G.image_axes(geom.layout)["n"]]
-    c = filters.shape[G.filter_axes(geom.layout)["c"]]
+    c = filters.shape[G.filter_axes(geom.layout)["c"]] * geom.groups
     images = jax.ShapeDtypeStruct(G.image_shape(geom.layout, n, c, *image_hw), hid_acts.dtype)
     forward = lambda x: filter_acts_canonical(x, filters, geom=geom)
     return jax.linear_transpose(forward, images)(hid_acts)[0]
 
 
 def weight_acts_canonical(images, hid_grads, *, geom: G.ConvGeometry, filter_hw):
-    c = images.shape[G.image_axes(geom.layout)["c"]]
+    c = images.shape[G.image_axes(geom.layout)["c"]] // geom.groups
     f = hid_grads.shape[G.image_axes(geom.layout)["c"]]
     filters = jax.ShapeDtypeStruct(G.filter_shape(geom.layout, f, c, *filter_hw), images.dtype)
     forward = lambda w: filter_acts_canonical(images, w, geom=geom)
@@ -260,25 +260,26 @@ def avg_pool_grad_canonical(cotangents, *, geom: G.AvgPoolGeometry, image_hw):
 # ----------------------------------------------------------------------------- public API
 
 def filter_acts(images, filters, *, stride=1, pad=0, padding=None, partial_sum=None,
-                layout="C01B", precision=None):
+                layout="C01B", precision=None, groups=1):
     geom = G.filter_acts_geometry(images, filters, stride=stride, pad=pad, padding=padding,
-                                  partial_sum=partial_sum, layout=layout, precision=precision)
+                                  partial_sum=partial_sum, layout=layout, precision=precision,
+                                  groups=groups)
     return filter_acts_canonical(images, filters, geom=geom)
 
 
 def image_acts(hid_acts, filters, image_shape, *, stride=1, pad=0, padding=None, partial_sum=None,
-               layout="C01B", precision=None):
+               layout="C01B", precision=None, groups=1):
     geom, image_hw = G.image_acts_geometry(hid_acts, filters, image_shape, stride=stride, pad=pad,
                                            padding=padding, partial_sum=partial_sum, layout=layout,
-                                           precision=precision)
+                                           precision=precision, groups=groups)
     return image_acts_canonical(hid_acts, filters, geom=geom, image_hw=image_hw)
 
 
 def weight_acts(images, hid_grads, filter_shape, *, stride=1, pad=0, padding=None,
-                partial_sum=None, layout="C01B", precision=None):
+                partial_sum=None, layout="C01B", precision=None, groups=1):
     geom, filter_hw = G.weight_acts_geometry(images, hid_grads, filter_shape, stride=stride,
                                              pad=pad, padding=padding, partial_sum=partial_sum,
-                                             layout=layout, precision=precision)
+                                             layout=layout, precision=precision, groups=groups)
     return weight_acts_canonical(images, hid_grads, geom=geom, filter_hw=filter_hw)
 
 

@@ -138,16 +138,17 @@ def _gpu_marker(request):
 
 
 def run_in_cpu_devices(test_file, n_devices):
-    """Runs the test file again in a subprocess with ``n_devices`` virtual CPU devices (XLA reads
-    the flag once, before the first device is created) and asserts that its tests passed; in
-    that subprocess the call skips."""
+    """Runs the test file again in a subprocess with ``n_devices`` virtual CPU devices and no other
+    platform (XLA reads the flag once, before the first device is created) and asserts that its
+    tests passed; in that subprocess the call skips."""
     if len(jax.devices("cpu")) >= n_devices:
         pytest.skip(f"this is the {n_devices}-device run")
     flags = (os.environ.get("XLA_FLAGS", "")
              + f" --xla_force_host_platform_device_count={n_devices}")
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.basename(test_file)],
-        cwd=os.path.dirname(os.path.abspath(test_file)), env=dict(os.environ, XLA_FLAGS=flags),
+        cwd=os.path.dirname(os.path.abspath(test_file)),
+        env=dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu"),
         capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert re.search(r"\b[1-9]\d* passed", done.stdout), done.stdout[-2000:]

@@ -198,89 +198,188 @@ def test_lowers_to_our_custom_calls_only(platform, layout):
     assert "convolution" not in text
 
 
-def test_image_acts_column_buffer_holds_whole_images():
+def cuda_workspace(op, layout, n, c, hw, f, window, *, dtype=jnp.float32, stride=1, pad=0,
+                   padding=None, **kw):
+    """The CUDA workspace by part that ``jcn.explain`` gives one call of ``op`` (shapes only)."""
+    S = jax.ShapeDtypeStruct
+    geo = dict(stride=stride, pad=pad, padding=padding)
+    out_hw = jcn.filter_acts_output_size(hw, window, **geo)
+    x = S(jcn.geometry.image_shape(layout, n, c, *hw), dtype)
+    w = S(jcn.geometry.filter_shape(layout, f, c, *window), dtype)
+    h = S(jcn.geometry.image_shape(layout, n, f, *out_hw), dtype)
+    kw = dict(geo, layout=layout, **kw)
+    fn = {"filter_acts": lambda x, w, h: jcn.filter_acts(x, w, **kw),
+          "image_acts": lambda x, w, h: jcn.image_acts(h, w, x.shape, **kw),
+          "weight_acts": lambda x, w, h: jcn.weight_acts(x, h, w.shape, **kw)}[op]
+    (call,) = jcn.explain(fn, x, w, h)
+    ws = call["workspace"]  # image_acts' columns and TF32 copies share bytes (one path runs)
+    assert call["op"] == op and ws["total"] == ws["fft"] + max(ws["ia_columns"], ws["tf32_copies"]) \
+        + ws["wa_partial_sums"] + ws["wa_padded_images"]
+    return ws
+
+
+def test_explain_names_each_conv_call_of_a_training_step():
+    """jcn.explain lists every conv custom call of a function, its derivatives included, with
+    its tensors and the CUDA workspace (here float32 NHWC AlexNet conv2: the TF32 kernel's copy of
+    the taps for filter_acts, the images and hidden tensor as C01B and the partial sums for
+    weight_acts, nothing for image_acts, which reads both in place)."""
+    S = jax.ShapeDtypeStruct
+    x, w = S((128, 27, 27, 64), jnp.float32), S((5, 5, 64, 192), jnp.float32)
+    loss = lambda x, w: jnp.sum(jcn.filter_acts(x, w, padding="SAME", layout="NHWC") ** 2)
+    calls = jcn.explain(jax.jit(jax.grad(loss, (0, 1))), x, w)
+    assert [c["op"] for c in calls] == ["filter_acts", "weight_acts", "image_acts"]
+    assert all(c["images"] == x.shape and c["filters"] == w.shape and c["layout"] == "NHWC"
+               and c["hidden"] == (128, 27, 27, 192) for c in calls)
+    assert [c["paths"] for c in calls] == [["tf32_copies"], ["tf32_copies", "wa_partial_sums"],
+                                           []]
+    assert [c["route"] for c in calls] == ["tma", "tma_weights_via_c01b_copies", "tma"]
+
+
+def test_the_plan_routes_each_call_on_a_described_device():
+    """jcn.explain(..., device=) says which route each call of a training step takes on a
+    described GPU (csrc/common/conv_plan.h, which the CUDA kernels follow). On an H200: the TMA
+    core wherever the channels fill its k-blocks, float32 (TF32) through copies where it cannot
+    read in place (C01B filter_acts / image_acts via NHWC, NHWC weight_acts via C01B), the FFT
+    path first for image_acts and NHWC weight_acts of 9x9 layers (L2), precision highest on the
+    FFT path or the CUDA cores (3xTF32), 3-channel first layers (AlexNet conv1) on the CUDA
+    cores. Without Hopper's kernels (an A100, or no TMA encoders), only the FFT path and the CUDA
+    cores."""
+    S = jax.ShapeDtypeStruct
+
+    def routes(name, layout, dtype=jnp.float32, precision=None, **device):
+        n, c, h, w, f, fh, fw, stride, pad = GPU_LAYERS[name]
+        x = S(jcn.geometry.image_shape(layout, n, c, h, w), dtype)
+        k = S(jcn.geometry.filter_shape(layout, f, c, fh, fw), dtype)
+        loss = lambda x, k: jnp.sum(jcn.filter_acts(
+            x, k, stride=stride, pad=pad, layout=layout, precision=precision).astype(jnp.float32))
+        calls = jcn.explain(jax.grad(loss, (0, 1)), x, k, device={**jcn.conv.H200, **device})
+        return {c["op"]: c["route"] for c in calls}
+
+    tma_weights = dict(weight_acts="tma_weights")
+    assert routes("alex2", "NHWC") == dict(
+        filter_acts="tma", weight_acts="tma_weights_via_c01b_copies", image_acts="tma")
+    assert routes("alex2", "C01B") == dict(
+        filter_acts="tma_via_nhwc_copies", image_acts="tma_via_nhwc_copies", **tma_weights)
+    assert routes("alex2", "C01B", jnp.bfloat16) == dict(
+        filter_acts="tma", image_acts="tma", **tma_weights)
+    assert routes("L2", "NHWC") == dict(filter_acts="tma", weight_acts="fft", image_acts="fft")
+    assert routes("L2", "C01B") == dict(
+        filter_acts="tma_via_nhwc_copies", image_acts="fft", **tma_weights)
+    assert set(routes("L2", "NHWC", precision="highest").values()) == {"fft"}
+    assert set(routes("alex2", "NHWC", precision="highest").values()) == {"fft"}
+    assert set(routes("L5", "NHWC", precision="highest").values()) == {"cuda_cores"}
+    assert set(routes("alex1", "NHWC", jnp.bfloat16).values()) == {"cuda_cores"}
+    a100 = dict(cc_major=8, cc_minor=0, sm_count=108, smem_optin=166912)
+    assert set(routes("alex2", "C01B", jnp.bfloat16, **a100).values()) == {"cuda_cores"}
+    assert set(routes("L2", "NHWC", **a100).values()) == {"fft"}  # TF32 saves 12x there
+    assert set(routes("alex3", "NHWC", jnp.bfloat16, tma=False).values()) == {"cuda_cores"}
+    # The TMA core's tile width: the fewest rounds of tiles over the SMs (192 of AlexNet conv3's
+    # 384 filters on 132 SMs).
+    (fa,) = jcn.explain(lambda x, k: jcn.filter_acts(x, k, pad=1, layout="NHWC"),
+                        S((128, 13, 13, 256), jnp.bfloat16), S((3, 3, 256, 384), jnp.bfloat16))
+    assert (fa["route"], fa["tile_n"]) == ("tma", 192)
+
+
+def test_image_acts_column_buffer_holds_whole_images(monkeypatch):
     """On the GPU, image_acts into <= 4 channels with >= 64 (channel, tap) rows gets a float32
     column buffer (its custom call's workspace) of whole images, as many as the cap holds."""
-    rule = jcn.geometry.image_acts_column_bytes
+    monkeypatch.setattr(jcn.conv, "IMAGE_ACTS_COLUMN_CAP_BYTES", 128 << 20)
     alex1 = 4 * 3 * 11 * 11 * 55 * 55  # bytes of one AlexNet conv1 image's columns
-    assert rule(128, 3, (11, 11), (55, 55), 128 << 20) == 30 * alex1
-    assert rule(4, 3, (11, 11), (55, 55), 128 << 20) == 4 * alex1  # the whole batch fits
-    assert rule(128, 3, (11, 11), (55, 55), alex1 - 1) == 0  # not one image: no buffer
-    assert rule(128, 5, (11, 11), (55, 55), 128 << 20) == 0  # too many channels
-    assert rule(128, 3, (4, 5), (55, 55), 128 << 20) == 0  # 60 rows: the direct kernel
-    assert rule(128, 1, (8, 8), (10, 10), 128 << 20) == 128 * 4 * 64 * 100
+
+    def columns(n, c, window, hw=(227, 227), stride=4):
+        return cuda_workspace("image_acts", "NHWC", n, c, hw, 96, window,
+                              stride=stride)["ia_columns"]
+
+    assert columns(128, 3, (11, 11)) == 30 * alex1
+    assert columns(4, 3, (11, 11)) == 4 * alex1  # the whole batch fits
+    assert columns(128, 5, (11, 11)) == 0  # too many channels
+    assert columns(128, 3, (4, 5)) == 0  # 60 rows: the direct kernel
+    assert columns(128, 1, (8, 8), hw=(17, 17), stride=1) == 128 * 4 * 64 * 100
+    monkeypatch.setattr(jcn.conv, "IMAGE_ACTS_COLUMN_CAP_BYTES", alex1 - 1)
+    assert columns(128, 3, (11, 11)) == 0  # not one image: no buffer
 
 
-def test_weight_acts_workspace_holds_padded_few_channel_images():
+def test_weight_acts_workspace_holds_padded_few_channel_images(monkeypatch):
     """On the GPU, weight_acts' workspace holds its partial sums (at least 16 MiB, or one float32
     copy of the filters, plus a float32 running sum; 256-byte multiples) and, for NHWC images of
     fewer than 4 channels, a copy padded to 4 channels, where the cap allows."""
-    rule = jcn.geometry.weight_acts_workspace_bytes
     sums = (16 << 20) + 139520  # L1's filters 96 x 3 x 11 x 11: 4 * 34848 bytes, rounded up
-    l1 = dict(batch=128, image_hw=(128, 128), padded_cap_bytes=1 << 30)
     padded = 128 * 128 * 128 * 4 * 2  # bfloat16
-    assert rule(96 * 363, layout="NHWC", channels=3, itemsize=2, **l1) == sums + padded
-    assert rule(96 * 363, layout="C01B", channels=3, itemsize=2, **l1) == sums  # read in place
-    assert rule(96 * 484, layout="NHWC", channels=4, itemsize=2, **l1) == (16 << 20) + 4 * 96 * 484
-    assert rule(96 * 363, layout="NHWC", channels=3, itemsize=2,
-                **{**l1, "padded_cap_bytes": padded - 1}) == sums  # over the cap: not padded
+
+    def workspace(layout, channels, **kw):
+        w = cuda_workspace("weight_acts", layout, 128, channels, (128, 128), 96, (11, 11),
+                           dtype=jnp.bfloat16, **kw)
+        return w["wa_partial_sums"], w["wa_padded_images"]
+
+    assert workspace("NHWC", 3) == (sums, padded)
+    assert workspace("C01B", 3) == (sums, 0)  # read in place
+    assert workspace("NHWC", 4) == ((16 << 20) + 4 * 96 * 484, 0)
     big = 4 * 5_000_000  # filters larger than 16 MiB: one copy of them
-    assert rule(5_000_000, layout="NHWC", channels=1, itemsize=4, batch=3, image_hw=(5, 7),
-                padded_cap_bytes=1 << 30) == 2 * big + 1792  # 3 * 5 * 7 * 16 = 1680, rounded up
+    w = cuda_workspace("weight_acts", "NHWC", 3, 1, (5, 7), 200_000, (5, 5))
+    assert (w["wa_partial_sums"], w["wa_padded_images"]) == (2 * big, 1792)  # 3*5*7*16, rounded
+    monkeypatch.setattr(jcn.conv, "WEIGHT_ACTS_PADDED_IMAGE_CAP_BYTES", padded - 1)
+    assert workspace("NHWC", 3) == (sums, 0)  # over the cap: not padded
 
 
 def test_tf32_kernel_copies_lead_the_float32_workspace():
     """On Hopper, float32 at default precision runs on the TF32 kernel, which reads both operands
     k-contiguous: the copies that gives it (256-byte multiples) where the shapes are ones it
-    reads, and none elsewhere."""
-    rule = jcn.geometry.tf32_copies_bytes
-    alex2 = dict(batch=128, channels=64, filters=192, image_hw=(27, 27), hidden_hw=(27, 27),
-                 filter_hw=(5, 5), stride=(1, 1))
+    reads, and none elsewhere (nor at precision highest, nor in 16-bit types)."""
+    alex2 = dict(n=128, c=64, hw=(27, 27), f=192, window=(5, 5), pad=2)
     images, hidden, taps = 4 * 128 * 27 * 27 * 64, 4 * 128 * 27 * 27 * 192, 4 * 64 * 192 * 25
-    assert rule("filter_acts", layout="NHWC", **alex2) == taps  # (fh, fw, F, C)
-    assert rule("filter_acts", layout="C01B", **alex2) == images + hidden + taps  # as NHWC
-    assert rule("image_acts", layout="C01B", **alex2) == images + hidden
-    assert rule("image_acts", layout="NHWC", **alex2) == 0  # read in place
-    assert rule("weight_acts", layout="NHWC", **alex2) == images + hidden  # as C01B
-    assert rule("weight_acts", layout="C01B", **alex2) == 0
-    assert rule("image_acts", layout="C01B", **{**alex2, "stride": (2, 2)}) == 0
-    assert rule("filter_acts", layout="C01B", **{**alex2, "channels": 3}) == 0  # RGB
-    assert rule("filter_acts", layout="C01B", **{**alex2, "filters": 32}) == 0
-    assert rule("weight_acts", layout="NHWC", **{**alex2, "batch": 32}) == 0  # C01B runs of 64
-    assert rule("filter_acts", layout="NHWC", **{**alex2, "channels": 3}) == 0
+
+    def copies(op, layout, **kw):
+        return cuda_workspace(op, layout, **{**alex2, **kw})["tf32_copies"]
+
+    assert copies("filter_acts", "NHWC") == taps  # (fh, fw, F, C)
+    assert copies("filter_acts", "C01B") == images + hidden + taps  # as NHWC
+    assert copies("image_acts", "C01B") == images + hidden
+    assert copies("image_acts", "NHWC") == 0  # read in place
+    assert copies("weight_acts", "NHWC") == images + hidden  # as C01B
+    assert copies("weight_acts", "C01B") == 0
+    assert copies("image_acts", "C01B", stride=2) == 0
+    assert copies("filter_acts", "C01B", c=3) == 0  # RGB
+    assert copies("filter_acts", "C01B", f=32) == 0
+    assert copies("weight_acts", "NHWC", n=32) == 0  # C01B runs of 64
+    assert copies("filter_acts", "NHWC", c=3) == 0
+    assert copies("filter_acts", "NHWC", precision="highest") == 0
+    assert copies("filter_acts", "NHWC", dtype=jnp.bfloat16) == 0
 
 
-def test_fft_path_takes_stride_one_layers_with_large_filters():
+def test_fft_path_takes_stride_one_layers_with_large_filters(monkeypatch):
     """On the GPU, stride-1 convolutions take the FFT path where the direct GEMM needs enough
     times the complex GEMM's multiply-adds for the dtype and precision (3x at float32 accuracy,
     12x for TF32, 40x for 16-bit types) and the padded image fits a 64 x 64 transform; the
     workspace holds the images', filters' and hidden tensor's spectra. Baseline layers at batch
     128: at float32 accuracy L2 / L3 (9x9), L4 (7x7) and AlexNet conv2 (5x5), for TF32 L2 / L3,
     in 16-bit types none; never L5 / conv3 (3x3), L1 (128 x 128 images) or conv1 (stride 4)."""
-    layers = GPU_LAYERS  # batch 128
+    def spectra(name, dtype=jnp.float32, precision="highest", op="filter_acts", **kw):
+        n, c, h, w, f, fh, fw, stride, pad = GPU_LAYERS[name]
+        return cuda_workspace(op, "NHWC", n, c, (h, w), f, (fh, fw), stride=stride, pad=pad,
+                              dtype=dtype, precision=precision, **kw)["fft"]
 
-    def plan(name, itemsize=4, precision="highest", op="filter_acts", partial_sum=0,
-             cap_bytes=jcn.geometry.FFT_MAX_BYTES):
-        n, c, h, w, f, fh, fw, stride, pad = layers[name]
-        return jcn.geometry.fft_conv_plan(
-            op=op, batch=n, channels=c, filters=f, image_hw=(h, w), filter_hw=(fh, fw),
-            stride=(stride, stride), pads=((pad, pad), (pad, pad)), partial_sum=partial_sum,
-            itemsize=itemsize, precision=precision, cap_bytes=cap_bytes)
+    def taken(dtype, precision):
+        return sorted(name for name in GPU_LAYERS if spectra(name, dtype, precision) > 0)
 
-    def taken(itemsize, precision):
-        return sorted(name for name in layers if plan(name, itemsize, precision)[2] > 0)
+    def expected(name, ph, pw):
+        n, c, _, _, f = GPU_LAYERS[name][:5]
+        return sum(-(-planes * ph * (pw // 2 + 1) * 8 // 256) * 256
+                   for planes in (n * c, c * f, n * f))
 
-    assert taken(4, "highest") == taken(4, "high") == ["L2", "L3", "L4", "alex2"]
-    assert taken(4, "default") == ["L2", "L3"]
-    assert taken(2, "default") == []
+    assert taken(jnp.float32, "highest") == taken(jnp.float32, "high") == \
+        ["L2", "L3", "L4", "alex2"]
+    assert taken(jnp.float32, "default") == ["L2", "L3"]
+    assert taken(jnp.bfloat16, "default") == []
     l2_spectra = (128 * 64 + 64 * 128 + 128 * 128) * 64 * 33 * 8
-    assert plan("L2") == (64, 64, l2_spectra)
-    assert plan("L3")[:2] == (32, 32) and plan("L4")[:2] == (16, 16)
-    assert plan("alex2")[:2] == (32, 32)  # 27 + 2 * 2 padded: 31
-    assert plan("L2", op="weight_acts", partial_sum=8)[2] == 0  # partial sums asked for
-    assert plan("L2", op="weight_acts")[2] == l2_spectra
-    assert plan("L2", cap_bytes=l2_spectra - 1)[2] == 0
-    assert plan("L2", cap_bytes=0)[2] == 0
+    assert spectra("L2") == expected("L2", 64, 64) == l2_spectra
+    assert spectra("L3") == expected("L3", 32, 32) and spectra("L4") == expected("L4", 16, 16)
+    assert spectra("alex2") == expected("alex2", 32, 32)  # 27 + 2 * 2 padded: 31
+    assert spectra("L2", op="weight_acts", partial_sum=8) == 0  # partial sums asked for
+    assert spectra("L2", op="weight_acts") == l2_spectra
+    monkeypatch.setattr(jcn.conv, "FFT_WORKSPACE_CAP_BYTES", l2_spectra - 1)
+    assert spectra("L2") == 0
+    monkeypatch.setattr(jcn.conv, "FFT_WORKSPACE_CAP_BYTES", 0)
+    assert spectra("L2") == 0
 
 
 def test_eager_calls_and_dtype_preserved(platform):

@@ -38,7 +38,8 @@ def test_every_target_is_named_in_the_safety_checks():
 
 
 def test_round_trip_in_a_fresh_process(tmp_path):
-    exported = export.export(jax.jit(net), platforms=("cpu",),
+    here = {"gpu": "cuda"}.get(jax.default_backend(), jax.default_backend())
+    exported = export.export(jax.jit(net), platforms=(here,),
                              disabled_checks=jcn.export_safety_checks())(X, W)
     assert "jax_convnet_filter_acts" in exported.mlir_module()
     (tmp_path / "net.bin").write_bytes(exported.serialize())

@@ -78,7 +78,7 @@ def test_linen_conv_matches_flax(padding, strides, layout):
         x_in, g_in, back = to_c01b(x), to_c01b(g), from_c01b
 
     def loss(module, g):
-        return lambda params, x: jnp.vdot(module.apply(params, x), g)
+        return lambda params, x: jnp.vdot(module.apply(params, x), g, precision="highest")
 
     val_ref, (dp_ref, dx_ref) = jax.jit(jax.value_and_grad(loss(ref, g), argnums=(0, 1)))(
         params, x)
@@ -173,7 +173,7 @@ def test_nnx_conv_matches_flax(padding, strides, layout):
         graphdef, state = nnx.split(module)
 
         def loss(state, x):
-            return jnp.vdot(nnx.merge(graphdef, state)(x), g)
+            return jnp.vdot(nnx.merge(graphdef, state)(x), g, precision="highest")
 
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(state, x)
 

@@ -27,6 +27,13 @@ SEED = int(os.environ.get("JAX_CONVNET_FUZZ_SEED", "0"))
 FUZZ_DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16, jnp.float64]
 
 
+@pytest.fixture(autouse=True)
+def _on_the_cpu():
+    """The CPU kernels, also where a GPU is present (test_gpu_fuzz.py fuzzes the CUDA kernels)."""
+    with jax.default_device(jax.devices("cpu")[0]):
+        yield
+
+
 def _rng(family, index):
     return np.random.default_rng([SEED, {"conv": 0, "pool": 1}[family], index])
 
@@ -43,11 +50,13 @@ def _as_pair(v):
 
 # ----------------------------------------------------------------------------- conv family
 
-def conv_config(index, *, rng=None, sizes=None, dtypes=FUZZ_DTYPES, max_stride=3):
+def conv_config(index, *, rng=None, sizes=None, dtypes=FUZZ_DTYPES, max_stride=3, groups=False):
     """Configuration ``index`` of the conv family. The keywords draw from another distribution
     (tests/test_gpu_fuzz.py): ``rng`` instead of this suite's, ``sizes(rng, layout)`` ->
     (n, c, f, h, w, (smallest, largest) filter side) instead of this suite's small sizes,
-    ``dtypes`` and ``max_stride``."""
+    ``dtypes`` and ``max_stride``. ``groups``: draw last (the other draws stay as they were)
+    ``groups`` of 2 to 4 for about 40% of the configurations, C and F then rounded up to
+    multiples of it."""
     rng = _rng("conv", index) if rng is None else rng
     layout = str(rng.choice(["C01B", "NHWC"]))
     if sizes is None:
@@ -85,15 +94,24 @@ def conv_config(index, *, rng=None, sizes=None, dtypes=FUZZ_DTYPES, max_stride=3
     elif ps == 2:
         divisors = [d for d in range(1, positions + 1) if positions % d == 0]
         kw["partial_sum"] = int(rng.choice(divisors))
-    return dict(n=n, c=c, f=f, h=h, w=w, fh=fh, fw=fw, dtype=dtype, kw=kw,
-                full_shapes=bool(rng.random() < 0.5), seed=int(rng.integers(2**31)))
+    cfg = dict(n=n, c=c, f=f, h=h, w=w, fh=fh, fw=fw, dtype=dtype, kw=kw,
+               full_shapes=bool(rng.random() < 0.5), seed=int(rng.integers(2**31)))
+    if groups and rng.random() < 0.4:
+        g = kw["groups"] = int(rng.integers(2, 5))
+        cfg["c"], cfg["f"] = (-(-v // g) * g for v in (c, f))
+    return cfg
+
+
+def _filter_shape(cfg):
+    return jcn.geometry.filter_shape(cfg["kw"]["layout"], cfg["f"],
+                                     cfg["c"] // cfg["kw"].get("groups", 1), cfg["fh"], cfg["fw"])
 
 
 def conv_program(m, cfg):
     """One function computing everything checked, with the ops of module ``m`` (jcn or ref)."""
     kw, layout = cfg["kw"], cfg["kw"]["layout"]
     image_shape = jcn.geometry.image_shape(layout, cfg["n"], cfg["c"], cfg["h"], cfg["w"])
-    filter_shape = jcn.geometry.filter_shape(layout, cfg["f"], cfg["c"], cfg["fh"], cfg["fw"])
+    filter_shape = _filter_shape(cfg)
     ishape = image_shape if cfg["full_shapes"] else (cfg["h"], cfg["w"])
     fshape = filter_shape if cfg["full_shapes"] else (cfg["fh"], cfg["fw"])
 
@@ -114,8 +132,7 @@ def conv_operands(cfg):
     dtype. Made and compared in NumPy: eager JAX ops would compile once per new shape."""
     image_shape = jcn.geometry.image_shape(cfg["kw"]["layout"], cfg["n"], cfg["c"], cfg["h"],
                                            cfg["w"])
-    filter_shape = jcn.geometry.filter_shape(cfg["kw"]["layout"], cfg["f"], cfg["c"], cfg["fh"],
-                                             cfg["fw"])
+    filter_shape = _filter_shape(cfg)
     hidden_shape = jax.eval_shape(lambda x, w: ref.filter_acts(x, w, **cfg["kw"]),
                                   jax.ShapeDtypeStruct(image_shape, cfg["dtype"]),
                                   jax.ShapeDtypeStruct(filter_shape, cfg["dtype"])).shape
@@ -140,7 +157,7 @@ def check_conv_results(got, want, cfg, tol):
 
 @pytest.mark.parametrize("index", range(CONFIGS))
 def test_conv_family_fuzz(index):
-    cfg = conv_config(index)
+    cfg = conv_config(index, groups=True)
     dtype = cfg["dtype"]
     args = conv_operands(cfg)
     got = jax.jit(conv_program(jcn, cfg)[0])(*args)

@@ -1,7 +1,6 @@
 """The CUDA kernels on the baseline layers: equal to the reference and to the CPU kernels,
 bitwise reproducible, and the TF32 path within TF32's error. Skipped without a GPU."""
 
-import math
 import re
 
 import jax
@@ -208,12 +207,12 @@ def test_image_acts_through_columns(channels, window, stride, pad, precision, ch
     if chunk_images is not None:
         image_bytes = 4 * channels * window[0] * window[1] * out_hw[0] * out_hw[1]
         monkeypatch.setattr(jcn.conv, "IMAGE_ACTS_COLUMN_CAP_BYTES", chunk_images * image_bytes)
-    workspace = jcn.geometry.image_acts_column_bytes(n, channels, window, out_hw,
-                                                     jcn.conv.IMAGE_ACTS_COLUMN_CAP_BYTES)
-    assert workspace > 0
     kw = dict(pad=pad, stride=stride, layout=layout, precision=precision)
     run = jax.jit(lambda g, w: jcn.image_acts(g, w, x_shape, **kw))
     args = jax.device_put((g, w), gpu())
+    (call,) = jcn.explain(run, *args)
+    workspace = call["workspace"]["ia_columns"]
+    assert workspace > 0 and call["workspace"]["total"] == workspace
     assert f"tensor<{workspace}xui8>" in run.lower(*args).as_text()  # the buffer is there
     ours = run_poisoned_twice(run, *args)
     assert ours.dtype == dtype
@@ -244,13 +243,9 @@ def test_weight_acts_of_few_channel_nhwc_images(channels, window, stride, pad, p
     run = jax.jit(lambda x, g: jcn.weight_acts(x, g, w_shape, partial_sum=partial_sum,
                                                precision=precision, **kw))
     args = jax.device_put((x, g), gpu())
-    def workspace(cap):
-        return jcn.geometry.weight_acts_workspace_bytes(
-            math.prod(w_shape), layout="NHWC", batch=n, channels=channels, image_hw=hw,
-            itemsize=np.dtype(dtype).itemsize, padded_cap_bytes=cap)
-    with_copy = workspace(jcn.conv.WEIGHT_ACTS_PADDED_IMAGE_CAP_BYTES)
-    assert with_copy > workspace(0)
-    assert f"tensor<{with_copy}xui8>" in run.lower(*args).as_text()  # the padded copy is there
+    (call,) = jcn.explain(run, *args)
+    assert call["workspace"]["wa_padded_images"] > 0
+    assert f"tensor<{call['workspace']['total']}xui8>" in run.lower(*args).as_text()  # the copy
     ours = run_poisoned_twice(run, *args)
     assert ours.dtype == dtype
     assert_close(ours, ref.weight_acts(*exact(x, g), w_shape, **kw),
@@ -286,15 +281,13 @@ def test_fft_path_matches_reference(case, dtype, precision, layout):
     w = filters(21, layout, f, c, *window, dtype) * 0.1
     out_hw = jcn.filter_acts_output_size(hw, window, padding=padding)
     g = rand(22, jcn.geometry.image_shape(layout, n, f, *out_hw), dtype)
-    spectra = jcn.geometry.fft_conv_plan(
-        op="filter_acts", batch=n, channels=c, filters=f, image_hw=hw, filter_hw=window,
-        stride=(1, 1), pads=padding, partial_sum=0, itemsize=np.dtype(dtype).itemsize,
-        precision="default" if precision is None else precision)[2]
-    assert spectra > 0
     kw = dict(padding=padding, layout=layout, precision=precision)
     ops = (jax.jit(lambda x, w, g: jcn.filter_acts(x, w, **kw)),
            jax.jit(lambda x, w, g: jcn.image_acts(g, w, x.shape, **kw)),
            jax.jit(lambda x, w, g: jcn.weight_acts(x, g, w.shape, **kw)))
+    (call,) = jcn.explain(ops[0], x, w, g)
+    spectra = call["workspace"]["fft"]
+    assert spectra > 0 and call["workspace"]["total"] == spectra
     exact_kw = dict(padding=padding, layout=layout, precision="highest")
     want = (ref.filter_acts(*exact(x, w), **exact_kw),
             ref.image_acts(*exact(g, w), x.shape, **exact_kw),

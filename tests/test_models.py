@@ -22,6 +22,14 @@ SMALL = {
 LEARNING_RATE = 0.01
 
 
+@pytest.fixture(autouse=True)
+def _float32_exact():
+    """float32 at full accuracy on every platform (a GPU's default would be TF32), so that ours
+    and the reference agree to float32's rounding."""
+    with jax.default_matmul_precision("float32"):
+        yield
+
+
 def _batch(model, seed=0):
     rng = np.random.default_rng(seed)
     x = rng.standard_normal(model.input_shape(BATCH), np.float32)

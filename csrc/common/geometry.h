@@ -73,12 +73,16 @@ inline Strides4 filter_strides(Layout layout, const FilterDims& s) {
 
 // Canonical attributes of filter_acts / image_acts / weight_acts (FFI attribute names in quotes):
 // "layout", "stride_h", "stride_w", "pad_top", "pad_bottom", "pad_left", "pad_right",
-// "partial_sum" (0 = one sum over all output positions), "precision".
+// "partial_sum" (0 = one sum over all output positions), "precision"; and "groups"
+// (cuda-convnet's numGroups), present only where it is not 1 and taken by the CPU handlers only:
+// C and F split into `groups` equal parts, filter f reading the C / groups channels of group
+// f / (F / groups).
 struct ConvParams {
   Layout layout;
   int64_t stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right;
   int64_t partial_sum;
   Precision precision;
+  int64_t groups = 1;
 };
 
 // Everything a conv kernel needs, derived from the three buffers' dims and checked.
@@ -91,6 +95,8 @@ struct ConvGeometry {
   int64_t partial_sum;  // always >= 1 here: 0 from the caller becomes out_h * out_w
   Precision precision;
   Strides4 image, filter, hidden;
+  // channels and filters count all groups; the filters hold channels / groups channels each.
+  int64_t groups = 1;
 };
 
 // The floor rule on explicit per-side padding; the ceil rule arrives here already turned into
@@ -111,6 +117,7 @@ inline std::string make_conv_geometry(const ConvParams& p, const int64_t* image_
   if (p.pad_top < 0 || p.pad_bottom < 0 || p.pad_left < 0 || p.pad_right < 0)
     return "padding must be >= 0";
   if (p.partial_sum < 0) return "partial_sum must be >= 0";
+  if (p.groups < 1 || p.groups > kMaxExtent) return "groups must be in [1, 2**31 - 1]";
   if (!extent_ok(p.stride_h) || !extent_ok(p.stride_w) || !extent_ok(p.pad_top) ||
       !extent_ok(p.pad_bottom) || !extent_ok(p.pad_left) || !extent_ok(p.pad_right))
     return "strides and padding must be at most 2**31 - 1";
@@ -121,7 +128,9 @@ inline std::string make_conv_geometry(const ConvParams& p, const int64_t* image_
   if (fi.f < 1 || fi.c < 1 || fi.h < 1 || fi.w < 1) return "filters must be non-empty";
   if (!tensor_dims_ok(image_d) || !tensor_dims_ok(filter_d) || !tensor_dims_ok(hidden_d))
     return "every dimension must be in [1, 2**31 - 1] and every tensor at most 2**58 elements";
-  if (fi.c != im.c) return "filters' channel count differs from the images'";
+  if (p.groups == 1 && fi.c != im.c) return "filters' channel count differs from the images'";
+  if (fi.c * p.groups != im.c) return "filters' channel count times groups differs from the images'";
+  if (fi.f % p.groups != 0) return "groups must divide the filter count";
   if (im.h + p.pad_top + p.pad_bottom > kMaxExtent || im.w + p.pad_left + p.pad_right > kMaxExtent)
     return "the padded image must be at most 2**31 - 1 in each axis";
   if (hid.n != im.n) return "hidden batch size differs from the images'";
@@ -133,27 +142,39 @@ inline std::string make_conv_geometry(const ConvParams& p, const int64_t* image_
   int64_t positions = oh * ow;
   int64_t ps = p.partial_sum == 0 ? positions : p.partial_sum;
   if (positions % ps != 0) return "partial_sum must divide out_h * out_w";
+  // An axis with one output position reads the same pixels at any stride; stride 1 there keeps
+  // the kernels' coordinates small (a stride of 2**31 - 1 is valid).
+  const int64_t stride_h = oh == 1 ? 1 : p.stride_h, stride_w = ow == 1 ? 1 : p.stride_w;
   *g = ConvGeometry{p.layout, im.n, im.c, fi.f, im.h, im.w, fi.h, fi.w, oh, ow,
-                    p.stride_h, p.stride_w, p.pad_top, p.pad_left, ps, p.precision,
+                    stride_h, stride_w, p.pad_top, p.pad_left, ps, p.precision,
                     image_strides(p.layout, im), filter_strides(p.layout, fi),
-                    image_strides(p.layout, hid)};
+                    image_strides(p.layout, hid), p.groups};
   return "";
 }
 
-// The FFT path of the conv family on the GPU (csrc/cuda/conv_fft.cuh): the rule of
-// jax_convnet/geometry.py (fft_conv_plan, with its reasons), which sizes the op's workspace; the
-// path runs exactly when the workspace has this plan's size (Python's cap may turn it off).
-// Spectra of the images, the filters and the hidden tensor (N*C, C*F and N*F planes of
-// ph * (pw/2 + 1) complex float bins), each rounded up to 256 bytes, in that order.
+// Convolutions of stride 1 with large filters run on the GPU through 2-d FFTs
+// (csrc/cuda/conv_fft.cuh): every plane of the two operands zero-padded to ph x pw (the padded
+// image's extent rounded up to a power of two), transformed, multiplied bin by bin (a complex
+// GEMM over channels, filters or batch per frequency bin, float32 FMA) and transformed back. The
+// arithmetic is float32 throughout (no TF32), so every dtype and precision may take it. It runs
+// where the direct GEMM needs kFftMinSaving* times the complex GEMM's multiply-adds or more: the
+// margin pays for the transforms and, except at float32 accuracy, for FMA's lower rate than the
+// tensor cores'. Where it won (benchmarks/history/2026-11-29_session5_fft.md): at float32
+// accuracy from L4 / AlexNet conv2 (7x7 / 5x5) on, TF32 only from L3 / L2 (9x9); 16-bit types
+// lose even on L2 to the tensor cores. weight_acts takes it only for one sum over all positions
+// (the transform sums over positions in its own order). The workspace (conv_workspace.h) holds
+// the spectra of the images, the filters and the hidden tensor (N*C, C*F and N*F planes of
+// ph * (pw/2 + 1) complex float bins), each rounded up to 256 bytes, in that order; the path runs
+// exactly when the workspace has this plan's size.
 struct FftConvPlan {
   int64_t ph = 0, pw = 0;  // 0: the path does not run
   int64_t spectrum_bytes[3] = {0, 0, 0};
   int64_t bytes = 0;
 };
-constexpr int64_t kFftMinSize = 8, kFftMaxSize = 64;  // FFT_MIN_SIZE, FFT_MAX_SIZE
+constexpr int64_t kFftMinSize = 8, kFftMaxSize = 64;
 constexpr double kFftMinSavingFloat32Accurate = 3.0, kFftMinSavingTf32 = 12.0,
-                 kFftMinSaving16Bit = 40.0;  // FFT_MIN_SAVING
-constexpr int64_t kFftMaxBytes = int64_t(2) << 30;  // FFT_MAX_BYTES
+                 kFftMinSaving16Bit = 40.0;
+constexpr int64_t kFftMaxBytes = int64_t(2) << 30;
 
 inline int64_t fft_size(int64_t extent) {
   int64_t size = kFftMinSize;
@@ -161,7 +182,9 @@ inline int64_t fft_size(int64_t extent) {
   return size;
 }
 
-inline FftConvPlan fft_conv_plan(bool weight_acts, const ConvGeometry& g, int64_t itemsize) {
+// cap_bytes: the most the spectra may take (the lowering may turn the path off with 0).
+inline FftConvPlan fft_conv_plan(bool weight_acts, const ConvGeometry& g, int64_t itemsize,
+                                 int64_t cap_bytes = kFftMaxBytes) {
   FftConvPlan none;
   if (g.stride_h != 1 || g.stride_w != 1) return none;
   if (weight_acts && g.partial_sum != g.out_h * g.out_w) return none;
@@ -181,7 +204,7 @@ inline FftConvPlan fft_conv_plan(bool weight_acts, const ConvGeometry& g, int64_
     plan.spectrum_bytes[i] = (planes[i] * bins * 8 + 255) / 256 * 256;
     plan.bytes += plan.spectrum_bytes[i];
   }
-  if (plan.bytes > kFftMaxBytes) return none;
+  if (plan.bytes > std::min(cap_bytes, kFftMaxBytes)) return none;
   plan.ph = ph;
   plan.pw = pw;
   return plan;

@@ -1,5 +1,5 @@
 // The conv family through 2-d FFTs, for stride 1 and large filters (the rule and its reasons:
-// fft_conv_plan in jax_convnet/geometry.py and csrc/common/geometry.h).
+// fft_conv_plan in csrc/common/geometry.h).
 //
 // Every plane of the two operands is zero-padded to Ph x Pw, transformed (fft_forward_kernel),
 // the spectra are multiplied bin by bin (cgemm_bins_kernel: per frequency bin a complex GEMM

@@ -14,7 +14,7 @@
 // The gather reads coalesced: a warp's lanes are consecutive images (C01B) or columns (NHWC); for
 // one tap the lanes of a residue class read consecutive hidden positions m, and cols is
 // contiguous along m. The host (conv_launch.cuh) chooses the chunk so that the buffer fits the
-// workspace jax_convnet/conv.py sized for it (geometry.image_acts_column_bytes).
+// workspace csrc/common/conv_workspace.h sized for it (ia_column_bytes).
 #pragma once
 
 #include "conv_common.cuh"

@@ -3,14 +3,14 @@
 // conv_weight_acts.cu), each instantiating ConvImpl for its op only, so the kernels of the three
 // ops compile in parallel.
 //
-// Stride-1 convolutions with large filters, where jax_convnet/geometry.py gave the call the
-// spectra's workspace (fft_conv_plan): 2-d FFTs, a complex GEMM per frequency bin, inverse FFTs
+// Stride-1 convolutions with large filters, where the call's workspace holds the spectra
+// (fft_conv_plan; csrc/common/conv_workspace.h sizes every workspace): 2-d FFTs, a complex GEMM per frequency bin, inverse FFTs
 // (conv_fft.cuh, run_fft). Otherwise each op is an implicit GEMM (conv_ops.cuh) run by one tiled
 // kernel (conv_kernel.cuh):
 //   FA  M = B*Ho*Wo, N = F, K = C*fh*fw
 //   IA  per residue class (y mod sh, x mod sw): M = B*Hq*Wq, N = C, K = F*nI*nJ (useful taps only)
 //   WA  M = C*fh*fw, N = F, K = B*partial_sum per segment; segments folded in order.
-// image_acts into at most 4 channels (RGB) with large filters, where conv.py gave the call a
+// image_acts into at most 4 channels (RGB) with large filters, where the call has a column
 // workspace: a GEMM into float32 columns and a gather, per chunk of images
 // (conv_image_acts_columns.cuh); otherwise with up to 12 rows of taps per residue class, in
 // float32 or where kMma* cannot run: a direct FFMA kernel (conv_image_acts_direct.cuh). Other
@@ -32,9 +32,9 @@
 //   kWmma  otherwise, when N >= 16: bf16 / f16 / TF32: nvcuda::wmma, register-staged
 //          (conv_kernel.cuh).
 // Else FFMA with a 128x64 tile (or 512x4 for N <= 8). Accumulation is float32 everywhere.
-// Before all of these, on Hopper in sm_90a builds, 16-bit filter_acts, weight_acts and
-// image_acts at stride 1 take the TMA-fed wgmma core (conv_tma.cuh; run_tma, run_tma_weights)
-// where tma_can_read allows it.
+// Before all of these, the route of csrc/common/conv_plan.h (plan_conv, which the lowering's
+// jax_convnet.explain also asks): on Hopper in sm_90a builds the TMA-fed wgmma core
+// (conv_tma.cuh; run_tma, run_tma_weights and the TF32 copy routes) or the FFT path, in its order.
 // Operands are read in place in either layout, except NHWC images of fewer than 4 channels in
 // weight_acts: copied once with zero channels up to 4 (conv_weight_acts_padding.cuh).
 //
@@ -64,6 +64,8 @@
 #include "conv_tma.cuh"
 #include "conv_weight_acts_padding.cuh"
 #include "conv_wgmma.cuh"
+#include "conv_plan.h"
+#include "conv_workspace.h"
 #include "ffi_common.h"
 #include "targets.h"
 
@@ -80,7 +82,7 @@ enum class Path { kWide, kNarrow, kWmma, kMmaWide, kMmaMid, kMmaNarrow, kMmaThin
 
 constexpr int64_t kIdx32Limit = int64_t(1) << 30;  // everything below this uses 32-bit indices
 // Temporary memory of image_acts and weight_acts, an extra result of their custom calls (graph
-// capture cannot allocate), sized by jax_convnet/geometry.py: image_acts' column buffer
+// capture cannot allocate), sized by csrc/common/conv_workspace.h: image_acts' column buffer
 // (run_ia_columns); weight_acts' partial-sum slots of one launch plus a float32 running sum of
 // the filters across launch groups (the plan in run()), then possibly a padded copy of its
 // images (run_wa_padding, wa_partial_sum_bytes).
@@ -437,7 +439,7 @@ cudaError_t launch_col2im(const KParams& q, int nsm, cudaStream_t stream) {
 }
 
 // image_acts through a column buffer (conv_image_acts_columns.cuh), one chunk of images at a
-// time: when the workspace holds at least one chunk (jax_convnet/conv.py sizes it only where this
+// time: when the workspace holds at least one chunk (conv_workspace.h gives one only where this
 // path pays: few channels, large filters) and the tensor cores can read both operands in place.
 // OpIACols reads the hidden tensor and the filters along the same contiguous dimensions as OpIA,
 // with the same shared-memory plans: run()'s mma_ok / mma_wide_fits hold for it too.
@@ -454,7 +456,7 @@ std::optional<cudaError_t> run_ia_columns(KParams p, Workspace ws, bool split, b
   const int64_t image_bytes = 4 * N * positions;  // one image's columns, float32
   int64_t nb_max = ws.bytes / image_bytes;
   if (c01b) nb_max -= nb_max % kVec;  // C01B: vectors along m are runs of images
-  // N > 32: the 64- and 128-wide tiles only (conv.py sizes the workspace for N >= 64).
+  // N > 32: the 64- and 128-wide tiles only (conv_workspace.h gives columns for N >= 64).
   if (nb_max < 1 || !mma_ok || p.C > kColumnMaxChannels || N <= 32 ||
       ws.bytes / 4 >= kIdx32Limit)
     return std::nullopt;
@@ -486,18 +488,13 @@ std::optional<cudaError_t> run_ia_columns(KParams p, Workspace ws, bool split, b
 
 int64_t round_up(int64_t a, int64_t b) { return cdiv(a, b) * b; }
 
-// weight_acts' workspace, as jax_convnet/geometry.py (weight_acts_workspace_bytes) sizes it:
-// partial sums of one launch (at least 16 MiB, or one float32 copy of the filters if larger) and a
-// float32 running sum of the filters (the Workspace the plan in run() divides), rounded up to 256
-// bytes; then, for NHWC images of fewer than kPaddedChannels channels (unless conv.py's cap left it
-// out), a copy of the images padded with zero channels.
-constexpr int64_t kMinPartialSumBytes = int64_t(16) << 20;  // WEIGHT_ACTS_MIN_PARTIAL_SUM_BYTES
-int64_t wa_partial_sum_bytes(int64_t filter_elems) {
-  return round_up(std::max(kMinPartialSumBytes, 4 * filter_elems) + 4 * filter_elems, 256);
-}
-int64_t wa_padded_image_bytes(int64_t pixels, int64_t itemsize) {
-  return round_up(pixels * kPaddedChannels * itemsize, 256);
-}
+// weight_acts' workspace (csrc/common/conv_workspace.h): partial sums of one launch and a float32
+// running sum of the filters (the Workspace the plan in run() divides); then, for NHWC images of
+// fewer than kPaddedChannels channels (unless the lowering's cap left it out), a copy of the
+// images padded with zero channels.
+using jcn::wa_padded_image_bytes;
+using jcn::wa_partial_sum_bytes;
+static_assert(kPaddedChannels == jcn::kWaPaddedChannels);
 
 // weight_acts of NHWC images of fewer than kPaddedChannels channels, where the workspace has room
 // for a padded copy (conv_weight_acts_padding.cuh): makes the copy and points p (and `a`) at it;
@@ -562,9 +559,9 @@ cudaError_t launch_cgemm(const CgemmParams& p, int64_t bins, cudaStream_t stream
 }
 
 // The FFT path (conv_fft.cuh) where jcn::fft_conv_plan takes it and the workspace has exactly
-// the plan's size (conv.py sizes it by the same rule, or for another path where its cap turns
-// the FFT off). nullopt: the op runs without it. a / b as in run(); the workspace holds the
-// spectra of the images X, the filters W and the hidden tensor H.
+// the plan's size (conv_workspace.h sizes it by the same rule, or for another path where the
+// lowering's cap turns the FFT off). nullopt: the op runs without it. a / b as in run(); the
+// workspace holds the spectra of the images X, the filters W and the hidden tensor H.
 template <OpKind K, Layout L, typename T>
 std::optional<cudaError_t> run_fft(const jcn::ConvGeometry& g, const void* a, const void* b,
                                    void* out, Workspace ws, int nsm, cudaStream_t stream) {
@@ -687,39 +684,11 @@ void tma_small_tensor_fix(CUtensorMap* map, int64_t tensor_bytes, int driver_ver
     reinterpret_cast<uint64_t*>(map)[1] &= ~(uint64_t(1) << 21);
 }
 
-// The convolution a TMA kernel runs (conv_tma.cuh): X (cin channels) by W's taps into Y (cout
-// channels), with X / W / Y's element strides (W's n stride: its filters).
-struct TmaProblem {
-  int64_t batch, cin, cout, in_h, in_w, out_h, out_w, fh, fw, sh, sw, pt, pl, pb, pr;
-  jcn::Strides4 xs, ws, ys;
-};
-TmaProblem tma_problem(OpKind k, const jcn::ConvGeometry& g, const jcn::ConvParams& cp) {
-  if (k == OpKind::kFA)
-    return {g.batch,    g.channels, g.filters,     g.in_h,       g.in_w,
-            g.out_h,    g.out_w,    g.filter_h,    g.filter_w,   g.stride_h,
-            g.stride_w, g.pad_top,  g.pad_left,    cp.pad_bottom, cp.pad_right,
-            g.image,    g.filter,   g.hidden};
-  // image_acts at stride 1 (X = hidden, Y = images, the taps flipped and transposed):
-  // out(y) = sum_i hid(y - (fh - 1 - pt) + i) w(fh - 1 - i).
-  return {g.batch,     g.filters,   g.channels,
-          g.out_h,     g.out_w,     g.in_h,
-          g.in_w,      g.filter_h,  g.filter_w,
-          1,           1,           g.filter_h - 1 - g.pad_top,
-          g.filter_w - 1 - g.pad_left, g.in_h - g.out_h + g.pad_top, g.in_w - g.out_w + g.pad_left,
-          g.hidden,    g.filter,    g.image};
-}
-
-// The tile width: of 64, 128, 192 and 256 columns, the one with the fewest rounds of tiles over
-// the SMs times a tile's cost (its width plus a fixed share for operand A); ties to the widest.
-int tma_tile_columns(int64_t tiles_m, int64_t cout, int nsm) {
-  int best = 0;
-  int64_t best_cost = 0;
-  for (int bn : {256, 192, 128, 64}) {
-    const int64_t cost = cdiv(tiles_m * cdiv(cout, bn), nsm) * (bn + 64);
-    if (best == 0 || cost < best_cost) best = bn, best_cost = cost;
-  }
-  return best;
-}
+// The TMA kernels' problem, its rules and the route of a call: csrc/common/conv_plan.h.
+using jcn::TmaProblem;
+static_assert(TmaPlan<256>::SMEM == jcn::tma_smem_bytes(256) && kTmaBM == jcn::kTmaRows &&
+                  kTmaK<float> * 4 == jcn::kTmaKBlockBytes,
+              "conv_plan.h's TMA constants are the kernel's");
 
 template <Layout L, typename T, int BN, TmaMode kMode>
 cudaError_t launch_tma(const CUtensorMap& ma, const CUtensorMap& mb, const TmaConvParams& kp,
@@ -815,57 +784,34 @@ TmaConvParams tma_params(const TmaProblem& pr, bool weights) {
   kp.b_runs = int32_t(cdiv(pr.batch, weights ? kTmaK<T> : 64));
   return kp;
 }
-// Element strides (n, c, y, x) of a dense NHWC tensor of `c` channels, w columns and h rows.
-bool dense_nhwc(const jcn::Strides4& s, int64_t c, int64_t w, int64_t h) {
-  return s.c == 1 && s.x == c && s.y == w * c && s.n == h * s.y;
+// Whether the TMA kernels may read operands at x, w and y of pr's geometry: the kernels built
+// and the driver's encoders found (tma_usable), 16-byte aligned bases, and the geometry's rules
+// (jcn::tma_reads).
+bool tma_usable(int smem_optin) {
+  return kBuiltWgmma && tma_driver().usable && TmaPlan<256>::SMEM <= smem_optin;
 }
-
-// Whether pr's X (the images, or image_acts' hidden tensor) can be read by the TMA kernels, and
-// their common rules: Hopper builds, sizes within 31 bits, 16-byte aligned bases and strides,
-// filters contiguous, at least 3/4 of the channels' k-blocks used and 64 output channels (narrower convolutions, e.g. the CIFAR-10 net's 32 channels, run faster on the other
-// kernels: benchmarks/history/2026-12-02_session9_tma_core.md); C01B: batch
-// contiguous, runs of 64 images; NHWC: im2col's corner and offset ranges, and the corners' box
-// holding out_h x out_w pixels.
 template <Layout L, typename T>
 bool tma_can_read(const TmaProblem& pr, const void* x, const void* w, const void* y,
                   int smem_optin) {
-  constexpr int64_t V = 16 / sizeof(T), kK = kTmaK<T>;  // elements per 16 bytes, per k-block
-  const TmaDriver& drv = tma_driver();
-  if (!kBuiltWgmma || !drv.usable || TmaPlan<256>::SMEM > smem_optin) return false;
-  const int64_t lim = int64_t(1) << 31;
-  for (int64_t v : {pr.batch, pr.cin, pr.cout, pr.in_h, pr.in_w, pr.out_h, pr.out_w,
-                    pr.batch * pr.out_h * pr.out_w, pr.batch * pr.in_h * pr.in_w})
-    if (v >= lim) return false;
-  if (!aligned(x, 16) || !aligned(w, 16) || !aligned(y, 16) || pr.ws.n != 1 ||
-      pr.cin % V != 0 || pr.cout % V != 0 || pr.cout < 64 || 4 * pr.cin < 3 * cdiv(pr.cin, kK) * kK)
-    return false;
-  for (int64_t s : {pr.xs.c, pr.xs.y, pr.xs.x, pr.xs.n, pr.ws.c, pr.ws.y, pr.ws.x})
-    if (s % V != 0 && s != 1) return false;
-  if (L == Layout::kC01B) return pr.xs.n == 1 && pr.batch % V == 0 && pr.batch >= 64;
-  if (pr.xs.c != 1) return false;
-  for (int64_t corner : {-pr.pl, -pr.pt, pr.pr - (pr.fw - 1), pr.pb - (pr.fh - 1)})
-    if (corner < -128 || corner > 127) return false;
-  return pr.fh <= 255 && pr.fw <= 255 && pr.pt >= 0 && pr.pl >= 0 &&
-         jcn::conv_out_size(pr.in_h, pr.fh, pr.sh, pr.pt, pr.pb) == pr.out_h &&
-         jcn::conv_out_size(pr.in_w, pr.fw, pr.sw, pr.pl, pr.pr) == pr.out_w;
+  return tma_usable(smem_optin) && aligned(x, 16) && aligned(w, 16) && aligned(y, 16) &&
+         jcn::tma_reads(L, int64_t(sizeof(T)), pr);
 }
 
-// filter_acts / image_acts on a TMA kernel where one can (tma_can_read; Y contiguous along
-// the batch in C01B, dense in NHWC; image_acts at stride 1; TF32: NHWC, filter_acts with room in
-// the workspace for the taps' k-contiguous copy); nullopt: another kernel runs it.
+// filter_acts / image_acts on a TMA kernel where one can (tma_can_read, and the rules of
+// jcn::tma_forward_tile, which gives the tile width; TF32: NHWC, filter_acts through the taps'
+// k-contiguous copy in the workspace); nullopt: another kernel runs it.
 template <Layout L, typename T, bool kFlip>
 std::optional<cudaError_t> run_tma(const TmaProblem& pr, const void* x, const void* w, void* y,
                                    Workspace ws, int nsm, int smem_optin, cudaStream_t stream) {
   constexpr bool c01b = L == Layout::kC01B, tf32 = std::is_same_v<T, float>;
   static_assert(!(tf32 && c01b), "TF32 reads NHWC images k-contiguous only");
-  if (!tma_can_read<L, T>(pr, x, w, y, smem_optin) || (kFlip && (pr.sh != 1 || pr.sw != 1)))
+  constexpr bool taps_copy = tf32 && !kFlip;
+  const int bn = jcn::tma_forward_tile(L, int64_t(sizeof(T)), kFlip, pr, ws.bytes, nsm);
+  if (bn == 0 || !tma_can_read<L, T>(pr, x, w, y, smem_optin) ||
+      (taps_copy && !aligned(ws.data, 16)))
     return std::nullopt;
-  const bool y_ok = c01b ? pr.ys.n == 1 : dense_nhwc(pr.ys, pr.cout, pr.out_w, pr.out_h);
-  if (!y_ok) return std::nullopt;
   const int64_t nf = kFlip ? pr.cin : pr.cout, nc = kFlip ? pr.cout : pr.cin;
   const int64_t w_bytes = int64_t(sizeof(T)) * nf * nc * pr.fh * pr.fw;
-  constexpr bool taps_copy = tf32 && !kFlip;
-  if (taps_copy && (ws.bytes < w_bytes || !aligned(ws.data, 16))) return std::nullopt;
 
   TmaConvParams kp = tma_params<T>(pr, false);
   kp.kblocks = int32_t(pr.fh * pr.fw * kp.cblocks);
@@ -873,9 +819,7 @@ std::optional<cudaError_t> run_tma(const TmaProblem& pr, const void* x, const vo
   kp.ys = {pr.ys.n, pr.ys.c, pr.ys.y, pr.ys.x};
   kp.y = y;
   const int64_t tiles_m = c01b ? pr.out_h * kp.x_pairs * kp.b_runs : cdiv(kp.m_total, kTmaBM);
-  const int bn = tma_tile_columns(tiles_m, pr.cout, nsm);
   kp.tiles_n = int32_t(cdiv(pr.cout, bn));
-  if (tiles_m * kp.tiles_n >= (int64_t(1) << 31)) return std::nullopt;
   kp.tiles = int32_t(tiles_m * kp.tiles_n);
   if (kp.tiles < 1 || kp.kblocks < 1) return cudaSuccess;
 
@@ -919,50 +863,35 @@ std::optional<cudaError_t> run_tma(const TmaProblem& pr, const void* x, const vo
                                                                          stream);
 }
 
-// weight_acts on a TMA kernel where one can (tma_can_read with pr = filter_acts' problem; the
-// hidden tensor contiguous along the batch in C01B, dense in NHWC; the workspace holds at least
-// one float32 copy of the filters; TF32: C01B): K (the output pixels) split into ranges whose
-// float32 sums land in the workspace, then added in order (wa_reduce_kernel). partial_sum only
-// sets the order of additions (the value beyond rounding never depends on it), so the kernel
-// keeps its own.
+// weight_acts on a TMA kernel where one can (tma_can_read with pr = filter_acts' problem, and the
+// rules of jcn::tma_weights_plan, which gives the tile and the splits; TF32: C01B): K (the
+// output pixels) split into ranges whose float32 sums land in the workspace, then added in order
+// (wa_reduce_kernel). partial_sum only sets the order of additions (the value beyond rounding
+// never depends on it), so the kernel keeps its own.
 template <Layout L, typename T>
 std::optional<cudaError_t> run_tma_weights(const TmaProblem& pr, const void* x, const void* hid,
                                            void* out, Workspace ws, int nsm, int smem_optin,
                                            cudaStream_t stream) {
   constexpr bool c01b = L == Layout::kC01B;
   static_assert(c01b || sizeof(T) == 2, "TF32 reads C01B's pixels k-contiguous only");
-  constexpr int64_t V = 16 / sizeof(T), E_ = sizeof(T);
+  constexpr int64_t E_ = sizeof(T);
   const jcn::Strides4& hs = pr.ys;
-  if (!tma_can_read<L, T>(pr, x, out, hid, smem_optin)) return std::nullopt;
-  const bool hid_ok = c01b ? hs.n == 1 && hs.x % V == 0 && hs.y % V == 0 && hs.c % V == 0
-                           : dense_nhwc(hs, pr.cout, pr.out_w, pr.out_h);
-  const int64_t taps = pr.fh * pr.fw, E = pr.cout * pr.cin * taps;
-  const int64_t cap = ws.bytes / (4 * E);  // splits whose sums the workspace holds
-  if (!hid_ok || cap < 1 || !aligned(ws.data, 16)) return std::nullopt;
+  const jcn::TmaWeightsPlan plan = jcn::tma_weights_plan(L, E_, pr, ws.bytes, nsm);
+  if (plan.bn == 0 || !tma_can_read<L, T>(pr, x, out, hid, smem_optin) || !aligned(ws.data, 16))
+    return std::nullopt;
+  const int64_t E = pr.cout * pr.cin * pr.fh * pr.fw;
 
   TmaConvParams kp = tma_params<T>(pr, true);
   kp.ys = {pr.ws.n, pr.ws.c, pr.ws.y, pr.ws.x};
   kp.filter_elems = E;
-  const int64_t columns = taps * kp.cblocks * 64;
-  const int bn = int(std::min<int64_t>(columns, 256));
-  kp.tiles_m = int32_t(cdiv(pr.cout, kTmaBM));
-  kp.tiles_n = int32_t(cdiv(columns, bn));
-  const int64_t kblocks = c01b ? pr.out_h * pr.out_w * kp.b_runs : cdiv(kp.m_total, kTmaK<T>);
-  if (kblocks >= (int64_t(1) << 31) || kp.tiles_n >= (int64_t(1) << 20)) return std::nullopt;
-  kp.kblocks_total = int32_t(kblocks);
-  // Splits: the fewest rounds of tiles over the SMs per unit of work, within the workspace.
-  const int64_t tiles = int64_t(kp.tiles_m) * kp.tiles_n;
-  int64_t splits = 1;
-  double best = 0;
-  for (int64_t s = 1; s <= std::min<int64_t>({cap, kblocks, 4 * int64_t(nsm)}); ++s) {
-    const double cost = double(cdiv(tiles * s, nsm)) / double(s);
-    if (s == 1 || cost < best * 0.999) best = cost, splits = s;
-  }
-  kp.kblocks = int32_t(cdiv(kblocks, splits));
-  splits = cdiv(kblocks, kp.kblocks);
+  const int bn = plan.bn;
+  kp.tiles_m = int32_t(plan.tiles_m);
+  kp.tiles_n = int32_t(plan.tiles_n);
+  kp.kblocks_total = int32_t(plan.kblocks);
+  kp.kblocks = int32_t(plan.kblocks_per_split);
+  const int64_t splits = plan.splits;
   kp.splits = int32_t(splits);
-  if (tiles * splits >= (int64_t(1) << 31)) return std::nullopt;
-  kp.tiles = int32_t(tiles * splits);
+  kp.tiles = int32_t(plan.tiles_m * plan.tiles_n * splits);
   kp.y = ws.data;
 
   CUtensorMap ma, mb;
@@ -995,7 +924,7 @@ std::optional<cudaError_t> run_tma_weights(const TmaProblem& pr, const void* x, 
 // A float32 (outer, pixels, inner) tensor copied to (inner, pixels, outer)
 // (swap_outer_inner_kernel): NHWC to C01B with outer = batch, inner = channels, and back. Sizes
 // of the copies' grids: outer and inner at most kMaxSwapped.
-constexpr int64_t kMaxSwapped = int64_t(65535) * 32;
+using jcn::kMaxSwapped;
 cudaError_t swap_outer_inner(const void* src, void* dst, int64_t outer, int64_t pixels,
                              int64_t inner, cudaStream_t stream) {
   const dim3 grid(unsigned(cdiv(inner, 32)), unsigned(cdiv(outer, 32)),
@@ -1007,27 +936,21 @@ cudaError_t swap_outer_inner(const void* src, void* dst, int64_t outer, int64_t 
 
 // float32 NHWC weight_acts as TF32: the images and the hidden tensor (dense) copied to C01B
 // (C, H, W, B) at the workspace's start, so that K (the pixels) is k-contiguous, then the C01B
-// kernel with the rest of the workspace for its partial sums (jax_convnet/geometry.py,
-// tf32_copies_bytes, sizes the copies).
+// kernel with the rest of the workspace for its partial sums (jcn::tf32_copies_bytes,
+// csrc/common/conv_workspace.h, sizes the copies).
 std::optional<cudaError_t> run_tma_weights_nhwc_tf32(const TmaProblem& pr, const void* x,
                                                      const void* hid, void* out, Workspace ws,
                                                      int nsm, int smem_optin,
                                                      cudaStream_t stream) {
-  if (!dense_nhwc(pr.xs, pr.cin, pr.in_w, pr.in_h) ||
-      !dense_nhwc(pr.ys, pr.cout, pr.out_w, pr.out_h) || !aligned(ws.data, 16) ||
-      std::max({pr.batch, pr.cin, pr.cout}) > kMaxSwapped)
+  if (jcn::tma_weights_via_c01b_plan(pr, ws.bytes, nsm).bn == 0 || !aligned(ws.data, 16))
     return std::nullopt;
   const int64_t x_pixels = pr.in_h * pr.in_w, h_pixels = pr.out_h * pr.out_w;
-  const int64_t x_bytes = round_up(4 * pr.batch * x_pixels * pr.cin, 256);
-  const int64_t h_bytes = round_up(4 * pr.batch * h_pixels * pr.cout, 256);
-  const int64_t filter_bytes = 4 * pr.cin * pr.cout * pr.fh * pr.fw;
-  if (ws.bytes - x_bytes - h_bytes < filter_bytes) return std::nullopt;
+  const int64_t x_bytes = jcn::tma_copy_bytes(pr.batch, x_pixels, pr.cin);
+  const int64_t h_bytes = jcn::tma_copy_bytes(pr.batch, h_pixels, pr.cout);
   char* const base = static_cast<char*>(ws.data);
   float* const xc = reinterpret_cast<float*>(base);
   float* const hc = reinterpret_cast<float*>(base + x_bytes);
-  TmaProblem pc = pr;
-  pc.xs = {1, x_pixels * pr.batch, pr.in_w * pr.batch, pr.batch};
-  pc.ys = {1, h_pixels * pr.batch, pr.out_w * pr.batch, pr.batch};
+  const TmaProblem pc = jcn::tma_c01b_copies_problem(pr);
   if (!tma_can_read<Layout::kC01B, float>(pc, xc, out, hc, smem_optin)) return std::nullopt;
   cudaError_t err;
   if ((err = swap_outer_inner(x, xc, pr.batch, x_pixels, pr.cin, stream)) != cudaSuccess ||
@@ -1039,30 +962,21 @@ std::optional<cudaError_t> run_tma_weights_nhwc_tf32(const TmaProblem& pr, const
 
 // float32 C01B filter_acts / image_acts (stride 1) as TF32: X (dense) copied to NHWC at the
 // workspace's start, the NHWC kernel into an NHWC Y after it (the rest of the workspace for the
-// taps' copy), then Y copied to C01B (dense) (jax_convnet/geometry.py, tf32_copies_bytes, sizes
-// the copies).
+// taps' copy), then Y copied to C01B (dense) (jcn::tf32_copies_bytes,
+// csrc/common/conv_workspace.h, sizes the copies).
 template <bool kFlip>
 std::optional<cudaError_t> run_tma_c01b_tf32(const TmaProblem& pr, const void* x, const void* w,
                                              void* y, Workspace ws, int nsm, int smem_optin,
                                              cudaStream_t stream) {
-  const int64_t x_pixels = pr.in_h * pr.in_w, y_pixels = pr.out_h * pr.out_w;
-  const auto dense_c01b = [&](const jcn::Strides4& s, int64_t w, int64_t pixels) {
-    return s.n == 1 && s.x == pr.batch && s.y == w * pr.batch && s.c == pixels * pr.batch;
-  };
-  if (!dense_c01b(pr.xs, pr.in_w, x_pixels) || !dense_c01b(pr.ys, pr.out_w, y_pixels) ||
-      !aligned(ws.data, 16) || (kFlip && (pr.sh != 1 || pr.sw != 1)) ||
-      std::max({pr.batch, pr.cin, pr.cout}) > kMaxSwapped)
+  if (jcn::tma_via_nhwc_tile(kFlip, pr, ws.bytes, nsm) == 0 || !aligned(ws.data, 16))
     return std::nullopt;
-  const int64_t x_bytes = round_up(4 * pr.batch * x_pixels * pr.cin, 256);
-  const int64_t y_bytes = round_up(4 * pr.batch * y_pixels * pr.cout, 256);
-  const int64_t taps_bytes = kFlip ? 0 : 4 * pr.cin * pr.cout * pr.fh * pr.fw;
-  if (ws.bytes - x_bytes - y_bytes < taps_bytes) return std::nullopt;
+  const int64_t x_pixels = pr.in_h * pr.in_w, y_pixels = pr.out_h * pr.out_w;
+  const int64_t x_bytes = jcn::tma_copy_bytes(pr.batch, x_pixels, pr.cin);
+  const int64_t y_bytes = jcn::tma_copy_bytes(pr.batch, y_pixels, pr.cout);
   char* const base = static_cast<char*>(ws.data);
   float* const xn = reinterpret_cast<float*>(base);
   float* const yn = reinterpret_cast<float*>(base + x_bytes);
-  TmaProblem pn = pr;
-  pn.xs = {x_pixels * pr.cin, 1, pr.in_w * pr.cin, pr.cin};
-  pn.ys = {y_pixels * pr.cout, 1, pr.out_w * pr.cout, pr.cout};
+  const TmaProblem pn = jcn::tma_nhwc_copies_problem(pr);
   if (!tma_can_read<Layout::kNHWC, float>(pn, xn, w, yn, smem_optin)) return std::nullopt;
   if (cudaError_t err = swap_outer_inner(x, xn, pr.cin, x_pixels, pr.batch, stream);
       err != cudaSuccess)
@@ -1080,7 +994,7 @@ template <OpKind K, Layout L, typename T>
 ffi::Error run(cudaStream_t stream, Workspace workspace, const jcn::ConvGeometry& g,
                const jcn::ConvParams& cp, const void* a, const void* b, void* out) {
   const OpKind kOp = K;
-  const bool f32 = std::is_same_v<T, float>;
+  constexpr bool f32 = std::is_same_v<T, float>;
   // float32 at precision High / Highest: tensor cores only as 3xTF32 (the mma path).
   const bool split = f32 && cp.precision != jcn::Precision::kDefault;
 
@@ -1127,50 +1041,53 @@ ffi::Error run(cudaStream_t stream, Workspace workspace, const jcn::ConvGeometry
     return cuda_error(kOp, "cudaDeviceGetAttribute", err);
   nsm = std::max(nsm, 1);
 
-  // Hopper: the TMA kernels (filter_acts, weight_acts; image_acts at stride 1), for 16-bit
-  // types, and for float32 at default precision (TF32) where both operands are k-contiguous:
-  // filter_acts, image_acts and weight_acts, through copies of the operands that are not
-  // (C01B filter_acts / image_acts through NHWC, NHWC weight_acts through C01B). The FFT path
-  // where it is planned; for TF32 filter_acts and C01B weight_acts it runs only where the TMA
-  // kernel does not, which outruns it there (each path checks that the workspace holds what it
-  // needs; benchmarks/history/2026-12-02_session10_tf32_tma.md).
-  constexpr bool kTf32Tma = std::is_same_v<T, float>;
-  constexpr bool kTmaBeforeFft =
-      kTf32Tma && (K == OpKind::kFA || (K == OpKind::kWA && L == Layout::kC01B));
-  const auto run_tma_kernel = [&]() -> std::optional<ffi::Error> {
-    if constexpr (sizeof(T) == 2 || kTf32Tma) {
-      if (cc_major == 9 && cc_minor == 0 && !split) {
-        std::optional<cudaError_t> done;
-        if constexpr (K == OpKind::kWA && kTf32Tma && L == Layout::kNHWC)
-          done = run_tma_weights_nhwc_tf32(tma_problem(OpKind::kFA, g, cp), a, b, out, workspace,
-                                           nsm, smem_optin, stream);
-        else if constexpr (K == OpKind::kWA)
-          done = run_tma_weights<L, T>(tma_problem(OpKind::kFA, g, cp), a, b, out, workspace,
-                                       nsm, smem_optin, stream);
-        else if (K == OpKind::kFA || (g.stride_h == 1 && g.stride_w == 1)) {
-          if constexpr (kTf32Tma && L == Layout::kC01B)
-            done = run_tma_c01b_tf32<K == OpKind::kIA>(tma_problem(K, g, cp), a, b, out,
-                                                       workspace, nsm, smem_optin, stream);
-          else
-            done = run_tma<L, T, K == OpKind::kIA>(tma_problem(K, g, cp), a, b, out, workspace,
-                                                   nsm, smem_optin, stream);
-        }
-        if (done)
-          return *done != cudaSuccess ? cuda_error(kOp, "TMA kernel launch", *done)
-                                      : ffi::Error::Success();
-      }
+  // The route (csrc/common/conv_plan.h): Hopper's TMA core, directly or through copies of the
+  // operands TF32 cannot read in place, or the FFT path, in the plan's order; the kernels below
+  // where the plan takes neither. Where the planned TMA kernel cannot run after all (unaligned
+  // pointers: the plan sees only the geometry), the FFT path if it applies, then the others.
+  constexpr jcn::ConvOp kConvOp = K == OpKind::kFA   ? jcn::ConvOp::kFilterActs
+                                  : K == OpKind::kIA ? jcn::ConvOp::kImageActs
+                                                     : jcn::ConvOp::kWeightActs;
+  const jcn::ConvDevice device{cc_major, cc_minor, nsm, smem_optin, tma_usable(smem_optin)};
+  const jcn::ConvPlan plan = jcn::plan_conv(kConvOp, g, cp.pad_bottom, cp.pad_right,
+                                            int64_t(sizeof(T)), f32, device, workspace.bytes);
+  const auto run_tma_route = [&]() -> std::optional<cudaError_t> {
+    constexpr bool c01b_f32 = f32 && L == Layout::kC01B;
+    switch (plan.route) {
+      case jcn::ConvRoute::kTmaWeightsViaC01b:
+        if constexpr (K == OpKind::kWA && f32 && L == Layout::kNHWC)
+          return run_tma_weights_nhwc_tf32(jcn::tma_problem(false, g, cp.pad_bottom, cp.pad_right),
+                                           a, b, out, workspace, nsm, smem_optin, stream);
+        break;
+      case jcn::ConvRoute::kTmaWeights:
+        if constexpr (K == OpKind::kWA && (sizeof(T) == 2 || L == Layout::kC01B))
+          return run_tma_weights<L, T>(jcn::tma_problem(false, g, cp.pad_bottom, cp.pad_right),
+                                       a, b, out, workspace, nsm, smem_optin, stream);
+        break;
+      case jcn::ConvRoute::kTmaViaNhwc:
+        if constexpr (K != OpKind::kWA && c01b_f32)
+          return run_tma_c01b_tf32<K == OpKind::kIA>(
+              jcn::tma_problem(K == OpKind::kIA, g, cp.pad_bottom, cp.pad_right), a, b, out,
+              workspace, nsm, smem_optin, stream);
+        break;
+      case jcn::ConvRoute::kTma:
+        if constexpr (K != OpKind::kWA && (sizeof(T) == 2 || (f32 && !c01b_f32)))
+          return run_tma<L, T, K == OpKind::kIA>(
+              jcn::tma_problem(K == OpKind::kIA, g, cp.pad_bottom, cp.pad_right), a, b, out,
+              workspace, nsm, smem_optin, stream);
+        break;
+      default:
+        break;
     }
     return std::nullopt;
   };
-  if constexpr (kTmaBeforeFft) {
-    if (std::optional<ffi::Error> done = run_tma_kernel()) return *done;
+  if (const std::optional<cudaError_t> done = run_tma_route()) {
+    if (*done != cudaSuccess) return cuda_error(kOp, "TMA kernel launch", *done);
+    return ffi::Error::Success();
   }
   if (const std::optional<cudaError_t> fft = run_fft<K, L, T>(g, a, b, out, workspace, nsm, stream)) {
     if (*fft != cudaSuccess) return cuda_error(kOp, "FFT path launch", *fft);
     return ffi::Error::Success();
-  }
-  if constexpr (!kTmaBeforeFft) {
-    if (std::optional<ffi::Error> done = run_tma_kernel()) return *done;
   }
   if constexpr (K == OpKind::kWA && L == Layout::kNHWC) {
     const std::optional<cudaError_t> padded = run_wa_padding<T>(p, a, workspace, nsm, stream);

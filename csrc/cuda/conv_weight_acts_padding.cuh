@@ -12,7 +12,7 @@
 namespace jax_convnet {
 namespace cuda_conv {
 
-constexpr int kPaddedChannels = 4;  // mirrors geometry.WEIGHT_ACTS_PADDED_CHANNELS
+constexpr int kPaddedChannels = 4;  // jcn::kWaPaddedChannels (conv_workspace.h)
 
 // dst[px][0..3] = src[px][0..C-1], then zeros; one pixel per thread (one vector store).
 template <typename T>

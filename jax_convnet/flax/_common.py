@@ -92,11 +92,17 @@ def check_ones(value, name: str, owner: str, what: str) -> None:
 
 
 def check_unsupported(owner: str, *, input_dilation=1, kernel_dilation=1, feature_group_count=1,
-                      mask=None, conv_general_dilated=None, preferred_element_type=None) -> None:
-    """Raises ``ValueError`` for flax arguments jax_convnet cannot honour."""
+                      mask=None, conv_general_dilated=None, preferred_element_type=None,
+                      grouped: bool = False) -> None:
+    """Raises ``ValueError`` for flax arguments jax_convnet cannot honour; ``grouped``: the layer
+    takes ``feature_group_count`` (Conv; flax's ConvLocal refuses it too)."""
     check_ones(input_dilation, "input_dilation", owner, "transposed convolution")
     check_ones(kernel_dilation, "kernel_dilation", owner, "atrous convolution")
-    if not (_is_int(feature_group_count) and feature_group_count == 1):
+    if grouped:
+        if not (_is_int(feature_group_count) and feature_group_count >= 1):
+            raise ValueError(f"{owner}: feature_group_count must be a positive int, got "
+                             f"{feature_group_count!r}")
+    elif not (_is_int(feature_group_count) and feature_group_count == 1):
         raise ValueError(f"{owner}: feature_group_count={feature_group_count!r} is not supported "
                          f"(grouped convolutions); jax_convnet supports only "
                          f"feature_group_count=1")
@@ -122,12 +128,23 @@ def check_conv_module(owner: str, op: str, *, layout, kernel_size, strides, padd
     kernel_hw = kernel_pair(kernel_size, owner)
     stride_hw = stride_pair(strides, "strides", owner)
     pads = conv_padding(padding, owner)
-    check_unsupported(owner, **unsupported)
+    check_unsupported(owner, grouped=op == "filter_acts", **unsupported)
     if conv_general_dilated_cls is not None:
         raise ValueError(f"{owner}: conv_general_dilated_cls cannot be replaced; the "
                          f"{'convolution' if op == 'filter_acts' else 'layer'} is "
                          f"jax_convnet.{op}")
     return layout, kernel_hw, stride_hw, pads
+
+
+def group_channels(owner: str, feature_group_count, in_features: int, out_features: int) -> int:
+    """The kernel's input channels, in_features // feature_group_count, as flax's Conv has them;
+    ``ValueError`` unless feature_group_count divides both feature counts."""
+    groups = int(feature_group_count)
+    for name, value in (("in_features", in_features), ("features", out_features)):
+        if value % groups:
+            raise ValueError(f"{owner}: feature_group_count={groups} must divide {name}="
+                             f"{value}")
+    return in_features // groups
 
 
 def check_features(owner: str, **features) -> None:
@@ -267,14 +284,16 @@ def promote(inputs, kernel, bias, dtype):
 
 # ----------------------------------------------------------------------------- the computation
 
-def conv(inputs, kernel, bias, *, strides, padding, layout, partial_sum, precision, owner):
-    """filter_acts with flax's padding conventions on (possibly multi-batch) inputs; adds bias."""
+def conv(inputs, kernel, bias, *, strides, padding, layout, partial_sum, precision, owner,
+         groups=1):
+    """filter_acts with flax's padding conventions on (possibly multi-batch) inputs; adds bias.
+    ``groups``: flax's feature_group_count (the kernel holds C // groups channels)."""
     x, batch = flatten_batch(inputs, layout, owner)
     kernel_hw = (int(kernel.shape[G.filter_axes(layout)["h"]]),
                  int(kernel.shape[G.filter_axes(layout)["w"]]))
     padding = resolve_same_lower(padding, image_hw(x, layout), kernel_hw, strides)
     y = _conv.filter_acts(x, kernel, stride=strides, padding=padding, partial_sum=partial_sum,
-                          layout=layout, precision=precision)
+                          layout=layout, precision=precision, groups=groups)
     if bias is not None:
         if layout == "NHWC":
             y = y + bias.reshape((1, 1, 1, -1))

@@ -52,8 +52,11 @@ class Conv(nn.Module):
       kernel_size: (fh, fw); an int (flax: a 1-d kernel) raises, saying to pass (k, k).
       strides: int or (rows, cols); None means 1.
       padding: "SAME", "VALID", int p, or ((top, bottom), (left, right)) / (p_rows, p_cols).
-      input_dilation, kernel_dilation, feature_group_count, mask: only their defaults (1, 1, 1,
-        None) are supported; kept so code that passes them explicitly keeps working.
+      feature_group_count: groups G (dividing C and F) as flax: the kernel is (fh, fw, C // G, F)
+        in NHWC and (C // G, fh, fw, F) in C01B; filter f reads the channels of group
+        f // (F // G) (jax_convnet's ``groups``).
+      input_dilation, kernel_dilation, mask: only their defaults (1, 1, None) are supported;
+        kept so code that passes them explicitly keeps working.
       use_bias: add a bias (F,).
       dtype: computation dtype (default: inferred from inputs and parameters, as flax).
       param_dtype: parameter dtype.
@@ -105,12 +108,13 @@ class Conv(nn.Module):
         strides = C.stride_pair(self.strides, "strides", owner)
         padding = C.conv_padding(self.padding, owner)
         flat, _ = C.flatten_batch(inputs, layout, owner)
-        in_features = C.in_channels(flat, layout)
+        kernel_in = C.group_channels(owner, self.feature_group_count,
+                                     C.in_channels(flat, layout), self.features)
 
         kernel = self.param(
             "kernel",
-            C.layout_initializer(self.kernel_init, layout, kernel_hw, in_features, self.features),
-            C.kernel_shape(layout, kernel_hw, in_features, self.features), self.param_dtype)
+            C.layout_initializer(self.kernel_init, layout, kernel_hw, kernel_in, self.features),
+            C.kernel_shape(layout, kernel_hw, kernel_in, self.features), self.param_dtype)
         bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
                 if self.use_bias else None)
 
@@ -119,7 +123,8 @@ class Conv(nn.Module):
         else:
             inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
         return C.conv(inputs, kernel, bias, strides=strides, padding=padding, layout=layout,
-                      partial_sum=self.partial_sum, precision=self.precision, owner=owner)
+                      partial_sum=self.partial_sum, precision=self.precision, owner=owner,
+                      groups=int(self.feature_group_count))
 
 
 def max_pool(inputs, window_shape, strides=None, padding="VALID", *, layout="NHWC"):

@@ -48,8 +48,10 @@ class Conv(_nnx.Module):
       kernel_size: (fh, fw); an int (flax: a 1-d kernel) raises, saying to pass (k, k).
       strides: int or (rows, cols); None means 1.
       padding: "SAME", "VALID", int p, or ((top, bottom), (left, right)) / (p_rows, p_cols).
-      input_dilation, kernel_dilation, feature_group_count, mask, conv_general_dilated,
-        preferred_element_type: only their defaults are supported (``ValueError`` otherwise).
+      feature_group_count: groups G (dividing C and F) as flax: the kernel is (fh, fw, C // G, F)
+        in NHWC and (C // G, fh, fw, F) in C01B (jax_convnet's ``groups``).
+      input_dilation, kernel_dilation, mask, conv_general_dilated, preferred_element_type: only
+        their defaults are supported (``ValueError`` otherwise).
       use_bias, dtype, param_dtype, precision, kernel_init, bias_init: as flax.
       promote_dtype: optional ``fn((inputs, kernel, bias), dtype=...)`` as in flax.nnx; None is
         flax's default promotion.
@@ -94,9 +96,10 @@ class Conv(_nnx.Module):
             conv_general_dilated=conv_general_dilated,
             preferred_element_type=preferred_element_type)
         C.check_features(owner, in_features=in_features, out_features=out_features)
+        kernel_in = C.group_channels(owner, feature_group_count, in_features, out_features)
 
-        kernel_shape = C.kernel_shape(layout, kernel_size, in_features, out_features)
-        init = C.layout_initializer(kernel_init, layout, kernel_size, in_features, out_features)
+        kernel_shape = C.kernel_shape(layout, kernel_size, kernel_in, out_features)
+        init = C.layout_initializer(kernel_init, layout, kernel_size, kernel_in, out_features)
         self.kernel_shape = kernel_shape
         self.kernel = _nnx.Param(init(rngs.params(), kernel_shape, param_dtype), **kernel_metadata)
         if use_bias:
@@ -129,7 +132,8 @@ class Conv(_nnx.Module):
         return C.conv(inputs, kernel, bias,
                       strides=C.stride_pair(self.strides, "strides", owner),
                       padding=C.conv_padding(self.padding, owner), layout=self.layout,
-                      partial_sum=self.partial_sum, precision=self.precision, owner=owner)
+                      partial_sum=self.partial_sum, precision=self.precision, owner=owner,
+                      groups=int(self.feature_group_count))
 
 
 def max_pool(inputs, window_shape, strides=None, padding="VALID", *, layout="NHWC"):
