@@ -24,12 +24,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.extend.core import Jaxpr, Primitive
-from jax.interpreters import ad, batching
+from jax.interpreters import batching
 
+from . import _conv_family as family
 from . import geometry as G
 from . import reference
 from ._native import def_impl_via_jit, native_module, register_lowerings
-from ._sharding import DimensionRule, factors
+from ._sharding import factors
 
 filter_acts_p = Primitive("jax_convnet_filter_acts")
 image_acts_p = Primitive("jax_convnet_image_acts")
@@ -85,11 +86,6 @@ def weight_acts(images, hid_grads, filter_shape, *, stride=1, pad=0, padding=Non
 
 # ----------------------------------------------------------------------------- abstract eval
 
-def _image_hw(x, layout):
-    ax = G.image_axes(layout)
-    return x.shape[ax["h"]], x.shape[ax["w"]]
-
-
 def _filter_hw(w, layout):
     ax = G.filter_axes(layout)
     return w.shape[ax["h"]], w.shape[ax["w"]]
@@ -99,7 +95,7 @@ def _filter_acts_abstract(images, filters, *, geom):
     layout = geom.layout
     n = images.shape[G.image_axes(layout)["n"]]
     f = filters.shape[G.filter_axes(layout)["f"]]
-    out_hw = geom.output_hw(_image_hw(images, layout), _filter_hw(filters, layout))
+    out_hw = geom.output_hw(family.image_hw(images, layout), _filter_hw(filters, layout))
     return jax.core.ShapedArray(G.image_shape(layout, n, f, *out_hw), images.dtype)
 
 
@@ -122,178 +118,27 @@ image_acts_p.def_abstract_eval(_image_acts_abstract)
 weight_acts_p.def_abstract_eval(_weight_acts_abstract)
 
 
-# ----------------------------------------------------------------------------- transposes (JVP)
+# ----------------------------------------------------------------------------- transposes, batching
+# The family's table (module docstring) and its folds of a mapped axis: _conv_family.py, shared
+# with the locally connected family.
 
-def _aval(x):
-    """Shape carrier of an operand, defined or undefined (being transposed)."""
-    return getattr(x, "aval", x)
+_PRIMITIVES = (filter_acts_p, image_acts_p, weight_acts_p)
 
+family.define_transposes(*_PRIMITIVES, G.filter_axes)
 
-def _filter_acts_t_images(ct, images, filters, *, geom):
-    return image_acts_p.bind(ct, filters, geom=geom, image_hw=_image_hw(_aval(images), geom.layout))
-
-
-def _filter_acts_t_filters(ct, images, filters, *, geom):
-    return weight_acts_p.bind(images, ct, geom=geom,
-                              filter_hw=_filter_hw(_aval(filters), geom.layout))
-
-
-def _image_acts_t_hidden(ct, hid_acts, filters, *, geom, image_hw):
-    return filter_acts_p.bind(ct, filters, geom=geom)
-
-
-def _image_acts_t_filters(ct, hid_acts, filters, *, geom, image_hw):
-    return weight_acts_p.bind(ct, hid_acts, geom=geom,
-                              filter_hw=_filter_hw(_aval(filters), geom.layout))
-
-
-def _weight_acts_t_images(ct, images, hid_grads, *, geom, filter_hw):
-    return image_acts_p.bind(hid_grads, ct, geom=geom, image_hw=_image_hw(_aval(images), geom.layout))
-
-
-def _weight_acts_t_hidden(ct, images, hid_grads, *, geom, filter_hw):
-    return filter_acts_p.bind(images, ct, geom=geom)
-
-
-ad.defbilinear(filter_acts_p, _filter_acts_t_images, _filter_acts_t_filters)
-ad.defbilinear(image_acts_p, _image_acts_t_hidden, _image_acts_t_filters)
-ad.defbilinear(weight_acts_p, _weight_acts_t_images, _weight_acts_t_hidden)
-
-
-# ----------------------------------------------------------------------------- batching
-# A mapped axis of one operand folds into an axis whose slices are independent (no loop):
-# (operand kind, axis folded) for each operand, and the result's (kind, axis) it lands in.
-# With groups, an axis that holds whole groups (_holds_groups) takes the mapped axis inside
-# each group, (group, mapped, rest), so that every group's slices stay contiguous and channel /
-# filter k of the folded axis still belongs to group k // (size // groups).
-
-_FOLDS = {
-    filter_acts_p: ((("image", "n"), ("filter", "f")), (("image", "n"), ("image", "c"))),
-    image_acts_p: ((("image", "n"), ("filter", "c")), (("image", "n"), ("image", "c"))),
-    weight_acts_p: ((("image", "c"), ("image", "c")), (("filter", "c"), ("filter", "f"))),
-}
-
-
-# The axis of each kind of tensor that holds whole groups: the channels of images and hidden
-# tensors, the filters' F (the filters' channel axis holds one group's channels).
-_GROUPED_AXIS = {"image": "c", "filter": "f"}
-
-
-def _holds_groups(kind, name) -> bool:
-    return _GROUPED_AXIS[kind] == name
-
-
-def _kind_axis(kind, name, layout, filter_axes=G.filter_axes):
-    """The axis of role ``name`` ("n", "c", "f", ...) of a tensor of ``kind`` ("image" or
-    "filter"; ``filter_axes`` by layout for the filters)."""
-    return (G.image_axes if kind == "image" else filter_axes)(layout)[name]
-
-
-def _fold(x, bdim, axis, groups=1):
-    """Moves batch dim ``bdim`` in front of (unbatched) ``axis`` and merges the two; with
-    ``groups`` > 1 in the order (group, mapped, rest of the group)."""
-    x = jax.numpy.moveaxis(x, bdim, axis)
-    shape = x.shape
-    if groups > 1:
-        x = x.reshape(shape[:axis] + (shape[axis], groups, shape[axis + 1] // groups)
-                      + shape[axis + 2:])
-        x = jax.numpy.swapaxes(x, axis, axis + 1)
-    return x.reshape(shape[:axis] + (shape[axis] * shape[axis + 1],) + shape[axis + 2:])
-
-
-def _unfold(y, axis, size, groups=1):
-    """The inverse of ``_fold``: ``axis`` of ``y`` split into (mapped ``size``, the rest)."""
-    shape = y.shape
-    if groups > 1:
-        part = shape[axis] // (groups * size)
-        y = y.reshape(shape[:axis] + (groups, size, part) + shape[axis + 1:])
-        y = jax.numpy.swapaxes(y, axis, axis + 1)
-        return y.reshape(shape[:axis] + (size, groups * part) + shape[axis + 1:])
-    return y.reshape(shape[:axis] + (size, shape[axis] // size) + shape[axis + 1:])
-
-
-def _empty_batch(primitive, args, dims, params):
-    """The result of mapping ``primitive`` over a size-0 axis (as lax gives it: an empty array
-    with the mapped axis in front), or None where the mapped axis is not empty."""
-    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
-    if not (isinstance(size, int) and size == 0):
-        return None
-    unmapped = [jax.ShapeDtypeStruct(a.shape if d is None else a.shape[:d] + a.shape[d + 1:],
-                                     a.dtype) for a, d in zip(args, dims)]
-    out = jax.eval_shape(lambda *xs: primitive.bind(*xs, **params), *unmapped)
-    return jax.numpy.zeros((0, *out.shape), out.dtype)
-
-
-def _batch_rule(primitive, folds, filter_axes):
-    """The batching rule of a conv-like ``primitive``: ``folds`` as in _FOLDS, ``filter_axes``
-    the filters' axes by layout (the locally connected family shares this rule)."""
-    operand_folds, result_folds = folds
-
-    def _axis(kind, name, layout):
-        return _kind_axis(kind, name, layout, filter_axes)
-
-    def rule(args, dims, **params):
-        layout = params["geom"].layout
-        batched = [d is not None for d in dims]
-        empty = _empty_batch(primitive, args, dims, params)
-        if empty is not None:
-            return empty, 0
-        if all(batched):
-            # Both operands mapped (e.g. per-example gradients): one call per slice.
-            a = jax.numpy.moveaxis(args[0], dims[0], 0)
-            b = jax.numpy.moveaxis(args[1], dims[1], 0)
-            return lax.map(lambda ab: primitive.bind(*ab, **params), (a, b)), 0
-        i = batched.index(True)
-        size = args[i].shape[dims[i]]
-        groups = getattr(params["geom"], "groups", 1)
-        args = list(args)
-        args[i] = _fold(args[i], dims[i], _axis(*operand_folds[i], layout),
-                        groups if _holds_groups(*operand_folds[i]) else 1)
-        out_axis = _axis(*result_folds[i], layout)
-        return _unfold(primitive.bind(*args, **params), out_axis, size,
-                       groups if _holds_groups(*result_folds[i]) else 1), out_axis
-
-    return rule
-
-
-for _p in (filter_acts_p, image_acts_p, weight_acts_p):
-    batching.primitive_batchers[_p] = _batch_rule(_p, _FOLDS[_p], G.filter_axes)
+for _p, _folds in zip(_PRIMITIVES, family.FOLDS):
+    batching.primitive_batchers[_p] = family.batch_rule(_p, _folds, G.filter_axes)
 
 
 # ----------------------------------------------------------------------------- impl and lowering
 
-for _p in (filter_acts_p, image_acts_p, weight_acts_p):
+for _p in _PRIMITIVES:
     def_impl_via_jit(_p)
 
 
-def _conv_tensors(layout):
-    """Factor strings of images, filters and hidden tensors: batch b, channels c, filters f,
-    image rows / cols h w, filter taps i j, output rows / cols o p."""
-    return (factors(G.image_axes(layout), n="b", c="c", h="h", w="w"),
-            factors(G.filter_axes(layout), c="c", f="f", h="i", w="j"),
-            factors(G.image_axes(layout), n="b", c="f", h="o", w="p"))
-
-
-# Across devices: the batch and the filters split freely (and the channels of image_acts' result);
-# weight_acts' per-device filter gradients over batch slices are added. With groups > 1 a slice
-# of the filters or channels would have to hold whole groups (and the filters' channel axis
-# indexes within a group), so only the batch splits.
-def _filter_acts_split(*, geom, **_):
-    images, filters, hidden = _conv_tensors(geom.layout)
-    return DimensionRule((images, filters), hidden,
-                         split=frozenset("bf" if geom.groups == 1 else "b"))
-
-
-def _image_acts_split(*, geom, **_):
-    images, filters, hidden = _conv_tensors(geom.layout)
-    return DimensionRule((hidden, filters), images,
-                         split=frozenset("bc" if geom.groups == 1 else "b"))
-
-
-def _weight_acts_split(*, geom, **_):
-    images, filters, hidden = _conv_tensors(geom.layout)
-    return DimensionRule((images, hidden), filters,
-                         split=frozenset("cf" if geom.groups == 1 else ""), summed=frozenset("b"))
+# Across devices: the family's rules (_conv_family.dimension_rules).
+_filter_acts_split, _image_acts_split, _weight_acts_split = family.dimension_rules(
+    lambda layout: factors(G.filter_axes(layout), c="c", f="f", h="i", w="j"))
 
 
 # The kinds of tensor of each primitive's operands and result.
@@ -314,7 +159,7 @@ def _gpu_per_group_calls(primitive):
         if geom.groups == 1:
             return None
         groups, ungrouped = geom.groups, dataclasses.replace(geom, groups=1)
-        a_axis, b_axis, out_axis = (_kind_axis(kind, _GROUPED_AXIS[kind], geom.layout)
+        a_axis, b_axis, out_axis = (family.kind_axis(kind, family.GROUPED_AXIS[kind], geom.layout)
                                     for kind in (a_kind, b_kind, out_kind))
 
         def per_group(a, b):
@@ -336,7 +181,7 @@ def _one_group(primitive, operand_avals, result_aval, geom):
 
     def part(aval, kind):
         shape = list(aval.shape)
-        shape[_kind_axis(kind, _GROUPED_AXIS[kind], geom.layout)] //= geom.groups
+        shape[family.kind_axis(kind, family.GROUPED_AXIS[kind], geom.layout)] //= geom.groups
         return aval.update(shape=tuple(shape))
     return ([part(a, kind) for a, kind in zip(operand_avals, (a_kind, b_kind))],
             part(result_aval, out_kind), dataclasses.replace(geom, groups=1))

@@ -29,7 +29,6 @@ from . import geometry as G
 from . import reference
 from ._native import def_impl_via_jit, register_lowerings
 from ._sharding import factors
-from .conv import _batch_rule
 
 local_filter_acts_p = Primitive("jax_convnet_local_filter_acts")
 local_image_acts_p = Primitive("jax_convnet_local_image_acts")
@@ -118,7 +117,7 @@ _PRIMITIVES = (local_filter_acts_p, local_image_acts_p, local_weight_acts_p)
 family.define_transposes(*_PRIMITIVES, G.local_filter_axes)
 
 for _p, _folds in zip(_PRIMITIVES, family.FOLDS):
-    batching.primitive_batchers[_p] = _batch_rule(_p, _folds, G.local_filter_axes)
+    batching.primitive_batchers[_p] = family.batch_rule(_p, _folds, G.local_filter_axes)
 
 
 # ----------------------------------------------------------------------------- impl and lowering

@@ -152,3 +152,27 @@ def run_in_cpu_devices(test_file, n_devices):
         capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert re.search(r"\b[1-9]\d* passed", done.stdout), done.stdout[-2000:]
+
+
+FOUR_DEVICES = 4
+
+
+@pytest.fixture
+def mesh():
+    """A 2 x 2 ("data", "model") mesh of four CPU devices: in the subprocess that
+    run_in_cpu_devices(__file__, FOUR_DEVICES) starts; skipped elsewhere."""
+    devices = jax.devices("cpu")
+    if len(devices) < FOUR_DEVICES:
+        pytest.skip("needs four CPU devices (run through test_in_four_cpu_devices)")
+    return jax.sharding.Mesh(np.array(devices[:FOUR_DEVICES]).reshape(2, 2), ("data", "model"))
+
+
+def one_device(fn, *args):
+    """``fn`` on its arguments put on one CPU device: the unsplit reference of a split run."""
+    return fn(*jax.device_put(args, jax.devices("cpu")[0]))
+
+
+def spec_of(x):
+    """The PartitionSpec of ``x``'s sharding, padded with None to its rank."""
+    spec = tuple(x.sharding.spec)
+    return spec + (None,) * (x.ndim - len(spec))

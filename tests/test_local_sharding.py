@@ -6,36 +6,17 @@ import re
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 import jax_convnet as jcn
 from jax_convnet import geometry as G
-from conftest import LAYOUTS, assert_close, images, rand, run_in_cpu_devices
-
-N_DEVICES = 4
+from conftest import (FOUR_DEVICES, LAYOUTS, assert_close, images, one_device, rand,
+                      run_in_cpu_devices, spec_of)
 
 
 def test_in_four_cpu_devices():
-    run_in_cpu_devices(__file__, N_DEVICES)
-
-
-@pytest.fixture
-def mesh():
-    devices = jax.devices("cpu")
-    if len(devices) < N_DEVICES:
-        pytest.skip("needs four CPU devices (run through test_in_four_cpu_devices)")
-    return Mesh(np.array(devices[:N_DEVICES]).reshape(2, 2), ("data", "model"))
-
-
-def one_device(fn, *args):
-    return fn(*jax.device_put(args, jax.devices("cpu")[0]))
-
-
-def spec_of(x):
-    spec = tuple(x.sharding.spec)
-    return spec + (None,) * (x.ndim - len(spec))
+    run_in_cpu_devices(__file__, FOUR_DEVICES)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

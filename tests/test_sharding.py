@@ -8,25 +8,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 import jax_convnet as jcn
 from jax_convnet._sharding import DimensionRule, _factor_axes
-from conftest import LAYOUTS, assert_close, filters, images, rand, run_in_cpu_devices
-
-N_DEVICES = 4
+from conftest import (FOUR_DEVICES, LAYOUTS, assert_close, filters, images, one_device, rand,
+                      run_in_cpu_devices, spec_of)
 
 
 def test_in_four_cpu_devices():
-    run_in_cpu_devices(__file__, N_DEVICES)
-
-
-@pytest.fixture
-def mesh():
-    devices = jax.devices("cpu")
-    if len(devices) < N_DEVICES:
-        pytest.skip("needs four CPU devices (run through test_in_four_cpu_devices)")
-    return Mesh(np.array(devices[:N_DEVICES]).reshape(2, 2), ("data", "model"))
+    run_in_cpu_devices(__file__, FOUR_DEVICES)
 
 
 def put(x, mesh, layout, **roles):
@@ -37,17 +28,8 @@ def put(x, mesh, layout, **roles):
     return jax.device_put(x, NamedSharding(mesh, P(*spec)))
 
 
-def spec_of(x):
-    spec = tuple(x.sharding.spec)
-    return spec + (None,) * (x.ndim - len(spec))
-
-
 def compiled_text(fn, *args):
     return fn.lower(*args).compile().as_text()
-
-
-def one_device(fn, *args):
-    return fn(*jax.device_put(args, jax.devices("cpu")[0]))
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
