@@ -176,3 +176,16 @@ def spec_of(x):
     """The PartitionSpec of ``x``'s sharding, padded with None to its rank."""
     spec = tuple(x.sharding.spec)
     return spec + (None,) * (x.ndim - len(spec))
+
+
+def check_batch_split_step(step, split_images, *args):
+    """``step`` (a jitted value_and_grad over images and the rest of ``args``) on images split
+    over the mesh's "data" axis equals it on one device; the image gradient stays split. Returns
+    the compiled program's text for the caller's collective checks."""
+    value, grads = step(split_images, *args[1:])
+    want_value, want_grads = one_device(step, *args)
+    assert_close(value, want_value, jnp.float32)
+    for g, want in zip(grads, want_grads):
+        assert_close(g, want, jnp.float32)
+    assert spec_of(grads[0]) == spec_of(split_images)  # the image gradient stays split
+    return step.lower(split_images, *args[1:]).compile().as_text()

@@ -11,8 +11,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import jax_convnet as jcn
 from jax_convnet import geometry as G
-from conftest import (FOUR_DEVICES, LAYOUTS, assert_close, images, one_device, rand,
-                      run_in_cpu_devices, spec_of)
+from conftest import (FOUR_DEVICES, LAYOUTS, assert_close, check_batch_split_step, images,
+                      one_device, rand, run_in_cpu_devices, spec_of)
 
 
 def test_in_four_cpu_devices():
@@ -32,13 +32,7 @@ def test_training_step_splits_the_batch(mesh, layout):
     spec = [None] * 4
     spec[G.image_axes(layout)["n"]] = "data"
     xs = jax.device_put(x, NamedSharding(mesh, P(*spec)))
-    value, grads = step(xs, w1, w2)
-    want_value, want_grads = one_device(step, x, w1, w2)
-    assert_close(value, want_value, jnp.float32)
-    for g, want in zip(grads, want_grads):
-        assert_close(g, want, jnp.float32)
-    assert spec_of(grads[0]) == spec_of(xs)  # the image gradient stays split
-    hlo = step.lower(xs, w1, w2).compile().as_text()
+    hlo = check_batch_split_step(step, xs, x, w1, w2)
     assert "all-gather" not in hlo  # no device ever holds the whole batch
     assert "all-reduce" in hlo  # the filter gradients of the batch slices are added
     # 2 forward calls; backward: 2 image_acts, 2 weight_acts
