@@ -232,13 +232,16 @@ def _native_call(primitive, operand_avals, result_aval, geom):
     return module, args, batch_known
 
 
+def _workspace_parts(module, args, batch_known) -> dict:
+    return module.conv_workspace(*args, batch_known, FFT_WORKSPACE_CAP_BYTES,
+                                 IMAGE_ACTS_COLUMN_CAP_BYTES, WEIGHT_ACTS_PADDED_IMAGE_CAP_BYTES)
+
+
 def cuda_workspace(primitive, operand_avals, result_aval, geom) -> dict:
     """The workspace of a CUDA call of ``primitive`` by part (bytes: fft, ia_columns,
     tf32_copies, wa_partial_sums, wa_padded_images, and their total) from the rule in
     csrc/common/conv_workspace.h. A symbolic batch (jax.export) turns off what depends on it."""
-    module, args, batch_known = _native_call(primitive, operand_avals, result_aval, geom)
-    return module.conv_workspace(*args, batch_known, FFT_WORKSPACE_CAP_BYTES,
-                                 IMAGE_ACTS_COLUMN_CAP_BYTES, WEIGHT_ACTS_PADDED_IMAGE_CAP_BYTES)
+    return _workspace_parts(*_native_call(primitive, operand_avals, result_aval, geom))
 
 
 # The device jcn.explain plans for unless told otherwise: an NVIDIA H200 (compute capability 9.0,
@@ -254,7 +257,7 @@ def cuda_plan(primitive, operand_avals, result_aval, geom, device=H200) -> dict:
     module, args, batch_known = _native_call(primitive, operand_avals, result_aval, geom)
     if not batch_known:
         return None
-    workspace = cuda_workspace(primitive, operand_avals, result_aval, geom)["total"]
+    workspace = _workspace_parts(module, args, batch_known)["total"]
     return module.conv_plan(*args, workspace, **device)
 
 
