@@ -10,26 +10,13 @@ from jax.test_util import check_grads
 import jax_convnet as jcn
 from jax_convnet import reference as ref
 from jax_convnet._layers import GPU_LAYERS
-from conftest import (DTYPES, LAYOUTS, assert_close, filters, hlo_text, images, rand,
-                      run_poisoned)
+from conftest import (DTYPES, LAYOUTS, assert_close, check_all_three, filters, hlo_text,
+                      images, rand, run_poisoned)
 
 
 def conv_case(layout, dtype, n, c, h, w, f, fh, fw, key=0):
     return (images(2 * key, layout, n, c, h, w, dtype),
             filters(2 * key + 1, layout, f, c, fh, fw, dtype))
-
-
-def check_all_three(x, w, dtype=None, **kw):
-    """Our three ops equal the reference's on these operands (and on random cotangents)."""
-    # The reference under jit: one compilation instead of one per operation.
-    y = run_poisoned(lambda x, w: jcn.filter_acts(x, w, **kw), x, w)
-    assert_close(y, jax.jit(lambda x, w: ref.filter_acts(x, w, **kw))(x, w), dtype)
-    g = rand(7, y.shape, x.dtype)
-    dx = run_poisoned(lambda g, w: jcn.image_acts(g, w, x.shape, **kw), g, w)
-    assert_close(dx, jax.jit(lambda g, w: ref.image_acts(g, w, x.shape, **kw))(g, w), dtype)
-    dw = run_poisoned(lambda x, g: jcn.weight_acts(x, g, w.shape, **kw), x, g)
-    assert_close(dw, jax.jit(lambda x, g: ref.weight_acts(x, g, w.shape, **kw))(x, g), dtype)
-    return y
 
 
 # ----------------------------------------------------------------------------- pylearn2's cases
@@ -213,8 +200,9 @@ def cuda_workspace(op, layout, n, c, hw, f, window, *, dtype=jnp.float32, stride
           "weight_acts": lambda x, w, h: jcn.weight_acts(x, h, w.shape, **kw)}[op]
     (call,) = jcn.explain(fn, x, w, h)
     ws = call["workspace"]  # image_acts' columns and TF32 copies share bytes (one path runs)
-    assert call["op"] == op and ws["total"] == ws["fft"] + max(ws["ia_columns"], ws["tf32_copies"]) \
-        + ws["wa_partial_sums"] + ws["wa_padded_images"]
+    assert call["op"] == op
+    assert ws["total"] == (ws["fft"] + max(ws["ia_columns"], ws["tf32_copies"])
+                           + ws["wa_partial_sums"] + ws["wa_padded_images"])
     return ws
 
 

@@ -15,7 +15,7 @@ import jax_convnet as jcn
 from jax_convnet import _native, conv
 from jax_convnet import geometry as G
 from jax_convnet import reference as ref
-from conftest import LAYOUTS, assert_close, rand, run_poisoned
+from conftest import LAYOUTS, assert_close, check_all_three, rand
 
 # (n, c, h, w, f, fh, fw, groups, conv kwargs): two and three groups, one channel per group
 # (depthwise with a multiplier of 2), strides > 1, both padding conventions, rectangles.
@@ -31,18 +31,6 @@ CASES = {
 def operands(layout, dtype, n, c, h, w, f, fh, fw, groups, seed=0):
     return (rand(seed, G.image_shape(layout, n, c, h, w), dtype),
             rand(seed + 1, G.filter_shape(layout, f, c // groups, fh, fw), dtype))
-
-
-def check_all_three(x, k, dtype=None, **kw):
-    """Our three grouped ops equal the reference's (outputs poisoned first)."""
-    y = run_poisoned(lambda x, k: jcn.filter_acts(x, k, **kw), x, k)
-    assert_close(y, jax.jit(lambda x, k: ref.filter_acts(x, k, **kw))(x, k), dtype)
-    g = rand(7, y.shape, x.dtype)
-    dx = run_poisoned(lambda g, k: jcn.image_acts(g, k, x.shape, **kw), g, k)
-    assert_close(dx, jax.jit(lambda g, k: ref.image_acts(g, k, x.shape, **kw))(g, k), dtype)
-    dk = run_poisoned(lambda x, g: jcn.weight_acts(x, g, k.shape, **kw), x, g)
-    assert_close(dk, jax.jit(lambda x, g: ref.weight_acts(x, g, k.shape, **kw))(x, g), dtype)
-    return y
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
