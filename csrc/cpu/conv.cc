@@ -230,6 +230,26 @@ void pack_batch_last_columns(const GatherConv<T>& g, const T* in, const GatherGr
   for (int64_t k = 0; k < taps * P; ++k) fill_short(panel + k * nr + n_cols, nr - n_cols);
 }
 
+// The weights of every (conv group, tap group) packed for the micro-kernels:
+// [q_block][tap][p][block] with q = q_block * block + lane, zero past the last output channel.
+template <typename T>
+std::vector<Buffer<T>> pack_gather_weights(const GatherConv<T>& g,
+                                           const std::vector<GatherGroup>& groups, int block) {
+  const int64_t P = g.in_channels, Q = g.out_channels, q_blocks = ceil_div(Q, block);
+  std::vector<Buffer<T>> weights;
+  for (int64_t cg = 0; cg < g.groups; ++cg)
+    for (const GatherGroup& gr : groups) {
+      weights.emplace_back(q_blocks * gr.taps() * P * block);
+      T* dst = weights.back().data();
+      for (int64_t qb = 0; qb < q_blocks; ++qb)
+        for (int64_t t = 0; t < gr.taps(); ++t)
+          for (int64_t p = 0; p < P; ++p)
+            for (int64_t q = qb * block; q < (qb + 1) * block; ++q)
+              *dst++ = q < Q ? g.weight(cg, p, q, gr.tap_y(t), gr.tap_x(t)) : T(0);
+    }
+  return weights;
+}
+
 template <typename T>
 bool run_gather_batch_last(const GatherConv<T>& g, ThreadPool& pool) {
   const auto& mk = packed_kernel_for_rows(best_kernel_set<T>(), g.out_channels);
@@ -240,23 +260,13 @@ bool run_gather_batch_last(const GatherConv<T>& g, ThreadPool& pool) {
   const std::vector<GatherGroup> groups = gather_groups(g.rows, g.cols);
   const int64_t n_groups = static_cast<int64_t>(groups.size());
   std::vector<int64_t> first_panel;
-  std::vector<Buffer<T>> weights;  // per (conv group, tap group): [q_block][k][mr], k = (tap, p)
   int64_t panels = 0, max_depth = 0;  // panels of one conv group
   for (const GatherGroup& gr : groups) {
     first_panel.push_back(panels);
     panels += ceil_div(g.batch * gr.sites(), nr);
     max_depth = std::max(max_depth, gr.taps() * P);
   }
-  for (int64_t cg = 0; cg < g.groups; ++cg)
-    for (const GatherGroup& gr : groups) {
-      weights.emplace_back(q_blocks * gr.taps() * P * mr);
-      T* dst = weights.back().data();
-      for (int64_t qb = 0; qb < q_blocks; ++qb)
-        for (int64_t t = 0; t < gr.taps(); ++t)
-          for (int64_t p = 0; p < P; ++p)
-            for (int64_t q = qb * mr; q < (qb + 1) * mr; ++q)
-              *dst++ = q < Q ? g.weight(cg, p, q, gr.tap_y(t), gr.tap_x(t)) : T(0);
-    }
+  const std::vector<Buffer<T>> weights = pack_gather_weights(g, groups, mr);
 
   // Per-thread scratch: the packed input panel, the output tile and the panel's columns.
   const int threads = pool.participants();
@@ -319,23 +329,13 @@ bool run_gather_channels_last(const GatherConv<T>& g, ThreadPool& pool) {
   const std::vector<GatherGroup> groups = gather_groups(g.rows, g.cols);
   const int64_t n_groups = static_cast<int64_t>(groups.size());
   std::vector<int64_t> first_panel;
-  std::vector<Buffer<T>> weights;  // per (conv group, tap group): [q_block][tap][p][nr]
   int64_t panels = 0, max_taps = 0;  // panels of one conv group
   for (const GatherGroup& gr : groups) {
     first_panel.push_back(panels);
     panels += ceil_div(g.batch * gr.sites(), mr);
     max_taps = std::max(max_taps, gr.taps());
   }
-  for (int64_t cg = 0; cg < g.groups; ++cg)
-    for (const GatherGroup& gr : groups) {
-      weights.emplace_back(q_blocks * gr.taps() * P * nr);
-      T* dst = weights.back().data();
-      for (int64_t qb = 0; qb < q_blocks; ++qb)
-        for (int64_t t = 0; t < gr.taps(); ++t)
-          for (int64_t p = 0; p < P; ++p)
-            for (int64_t q = qb * nr; q < (qb + 1) * nr; ++q)
-              *dst++ = q < Q ? g.weight(cg, p, q, gr.tap_y(t), gr.tap_x(t)) : T(0);
-    }
+  const std::vector<Buffer<T>> weights = pack_gather_weights(g, groups, nr);
   const std::vector<T> zeros(P, T(0));
 
   // Per-thread scratch: the row-pointer table [tap][mr] and the output tile.
