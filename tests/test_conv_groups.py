@@ -15,7 +15,7 @@ import jax_convnet as jcn
 from jax_convnet import _native, conv
 from jax_convnet import geometry as G
 from jax_convnet import reference as ref
-from conftest import LAYOUTS, assert_close, check_all_three, rand
+from conftest import LAYOUTS, assert_close, check_all_three, cpu, rand
 
 # (n, c, h, w, f, fh, fw, groups, conv kwargs): two and three groups, one channel per group
 # (depthwise with a multiplier of 2), strides > 1, both padding conventions, rectangles.
@@ -180,8 +180,9 @@ def test_inconsistent_shapes_name_groups():
 
 
 def test_cpu_handler_rejects_inconsistent_groups():
-    """The C++ handler re-checks the groups attribute against the buffers."""
-    x, k = operands("C01B", jnp.float32, 2, 6, 5, 5, 4, 3, 3, 2)
+    """The C++ CPU handler re-checks the groups attribute against the buffers (the CUDA handlers
+    take no groups attribute: the GPU runs grouped convolutions as ungrouped calls)."""
+    x, k = jax.device_put(operands("C01B", jnp.float32, 2, 6, 5, 5, 4, 3, 3, 2), cpu())
     geom = G.filter_acts_geometry(x, k, stride=1, pad=0, padding=None, partial_sum=None,
                                   layout="C01B", precision=None, groups=2)
     bad = jax.ffi.ffi_call("jax_convnet_filter_acts",
