@@ -41,7 +41,7 @@ test)
     python3 -c "from xdist.scheduler import LoadGroupScheduling" 2>/dev/null \
       && workers+=" --dist loadgroup"
   fi
-  (cd tests && timeout ${TEST_TIMEOUT_S:-480} python3 -m pytest -v --maxfail=20 --durations=15 \
+  (cd tests && timeout ${TEST_TIMEOUT_S:-540} python3 -m pytest -v --maxfail=20 --durations=15 \
      -p no:cacheprovider $workers ${PYTEST_K:+-k "$PYTEST_K"} ${PYTEST_ARGS:-} ${PYTEST_PATHS:-.} \
      >"$OUT/pytest.log" 2>&1); rc=$?
   grep -E "passed|failed|error" "$OUT/pytest.log" | tail -3
@@ -49,21 +49,20 @@ test)
   ;;
 sanitize)
   # compute-sanitizer over benchmarks/sanitize_subset.py (every kernel path at tiny shapes), the
-  # tools in parallel (independent processes, each on its own ports; the time is mostly XLA
-  # compiling on the CPUs). memcheck and initcheck run on JAX's platform allocator: every buffer
-  # its own cudaMalloc, so an access past a buffer, or a read of a buffer (a workspace) that
-  # nothing wrote since its allocation, is seen instead of landing in XLA's memory pool.
+  # tools one after another (run in parallel, initcheck crashed during XLA's compilation and
+  # racecheck ran out of time: benchmarks/history/2026-12-02_session12_gpu_check.md).
+  # memcheck and initcheck run on JAX's platform allocator: every buffer its own cudaMalloc, so
+  # an access past a buffer, or a read of a buffer (a workspace) that nothing wrote since its
+  # allocation, is seen instead of landing in XLA's memory pool.
   # initcheck: every kernel instrumented (a kernel it does not instrument writes memory it
   # cannot see, whose reads it would then report), cudaMemcpy / cudaMemset not checked (XLA's
   # own copies; --check-api-memory-access no), unused-memory tracking off (its default: the
   # option takes no value, so never write `--track-unused-memory no`). SANITIZE_KERNELS: a regex
   # on mangled kernel names limiting memcheck and racecheck to those kernels (ours are all
   # named *_kernel: SANITIZE_KERNELS=_kernel skips XLA's fusions); empty (default): all.
-  tools=(${SANITIZE_TOOLS:-memcheck racecheck initcheck}); pids=()
-  step "compute-sanitizer ${tools[*]}, in parallel (logs: $OUT/sanitize_<tool>.log)"
-  for i in "${!tools[@]}"; do
-    tool=${tools[$i]}
-    args=(--tool "$tool" --error-exitcode 17 --port $((49152 + 64 * i)))
+  for tool in ${SANITIZE_TOOLS:-memcheck racecheck initcheck}; do
+    step "compute-sanitizer $tool (log: $OUT/sanitize_$tool.log)"
+    args=(--tool "$tool" --error-exitcode 17)
     alloc=platform
     case $tool in
       initcheck) args+=(--check-api-memory-access no);;
@@ -74,14 +73,10 @@ sanitize)
     fi
     env ${alloc:+XLA_PYTHON_CLIENT_ALLOCATOR=$alloc} timeout ${SANITIZE_TIMEOUT_S:-240} \
       compute-sanitizer "${args[@]}" python3 -P benchmarks/sanitize_subset.py \
-      >"$OUT/sanitize_$tool.log" 2>&1 &
-    pids+=($!)
-  done
-  for i in "${!tools[@]}"; do
-    wait "${pids[$i]}"; rc=$?
-    echo "--- ${tools[$i]}: exit $rc ($(date +%T))"
-    grep -E "ERROR SUMMARY|RACECHECK SUMMARY|subset ok" "$OUT/sanitize_${tools[$i]}.log" | tail -3
-    [ $rc -eq 0 ] || { tail -30 "$OUT/sanitize_${tools[$i]}.log"; status=1; }
+      >"$OUT/sanitize_$tool.log" 2>&1; rc=$?
+    echo "--- $tool: exit $rc ($(date +%T))"
+    grep -E "ERROR SUMMARY|RACECHECK SUMMARY|subset ok" "$OUT/sanitize_$tool.log" | tail -3
+    [ $rc -eq 0 ] || { tail -30 "$OUT/sanitize_$tool.log"; status=1; }
   done
   ;;
 bench)
