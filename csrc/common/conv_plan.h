@@ -67,7 +67,6 @@ constexpr int64_t tma_smem_bytes(int64_t bn) {
 // Sizes of swap_outer_inner's grids: outer and inner at most this.
 constexpr int64_t kMaxSwapped = int64_t(65535) * 32;
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // The convolution a TMA kernel runs: X (cin channels) by W's taps into Y (cout channels), with
 // X / W / Y's element strides (W's n stride: its filters).
@@ -163,7 +162,7 @@ inline TmaProblem tma_nhwc_copies_problem(const TmaProblem& pr) {
 }
 // The copies' bytes at the workspace's start: X then Y, each rounded up to 256 bytes.
 inline int64_t tma_copy_bytes(int64_t batch, int64_t pixels, int64_t channels) {
-  return round_up_bytes(4 * batch * pixels * channels, 256);
+  return round_up(4 * batch * pixels * channels, 256);
 }
 
 // float32 C01B filter_acts / image_acts through NHWC copies: the tile width, or 0.

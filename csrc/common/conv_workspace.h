@@ -26,7 +26,6 @@ namespace jax_convnet {
 
 enum class ConvOp { kFilterActs = 0, kImageActs = 1, kWeightActs = 2 };
 
-inline int64_t round_up_bytes(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
 // Caps on the parts the lowering may give (bytes; 0: that path is off).
 struct ConvWorkspaceCaps {
@@ -53,11 +52,11 @@ inline int64_t ia_column_bytes(const ConvGeometry& g, bool batch_known, int64_t 
 // weight_acts' partial sums of one launch (at least 16 MiB, or one float32 copy of the filters if
 // larger) and a float32 running sum of the filters, rounded up to 256 bytes.
 inline int64_t wa_partial_sum_bytes(int64_t filter_elems) {
-  return round_up_bytes(std::max(kWaMinPartialSumBytes, 4 * filter_elems) + 4 * filter_elems, 256);
+  return round_up(std::max(kWaMinPartialSumBytes, 4 * filter_elems) + 4 * filter_elems, 256);
 }
 
 inline int64_t wa_padded_image_bytes(int64_t pixels, int64_t itemsize) {
-  return round_up_bytes(pixels * kWaPaddedChannels * itemsize, 256);
+  return round_up(pixels * kWaPaddedChannels * itemsize, 256);
 }
 
 // The TF32 kernel's copies: NHWC filter_acts its taps; C01B filter_acts the images and the hidden
@@ -71,10 +70,10 @@ inline int64_t tf32_copies_bytes(ConvOp op, const ConvGeometry& g, bool batch_kn
   const bool c01b = g.layout == Layout::kC01B;
   const int64_t cin = op == ConvOp::kImageActs ? g.filters : g.channels;
   const int64_t cout = op == ConvOp::kImageActs ? g.channels : g.filters;
-  if (!(cin % 4 == 0 && 4 * cin >= 3 * round_up_bytes(cin, 32) && cout % 4 == 0 && cout >= 64))
+  if (!(cin % 4 == 0 && 4 * cin >= 3 * round_up(cin, 32) && cout % 4 == 0 && cout >= 64))
     return 0;
-  const int64_t images = round_up_bytes(4 * g.batch * g.in_h * g.in_w * g.channels, 256);
-  const int64_t hidden = round_up_bytes(4 * g.batch * g.out_h * g.out_w * g.filters, 256);
+  const int64_t images = round_up(4 * g.batch * g.in_h * g.in_w * g.channels, 256);
+  const int64_t hidden = round_up(4 * g.batch * g.out_h * g.out_w * g.filters, 256);
   const int64_t taps = 4 * g.channels * g.filters * g.filter_h * g.filter_w;
   switch (op) {
     case ConvOp::kFilterActs:

@@ -10,6 +10,10 @@
 
 namespace jax_convnet {
 
+// ceil(a / b) and a rounded up to a multiple of b, for a >= 0 and b > 0.
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+
 // Attribute values; keep in sync with geometry.py (LAYOUT_CODES, PRECISION_CODES).
 enum class Layout : int64_t { kC01B = 0, kNHWC = 1 };
 enum class Precision : int64_t { kDefault = 0, kHigh = 1, kHighest = 2 };

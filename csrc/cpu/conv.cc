@@ -46,8 +46,6 @@
 namespace jax_convnet::cpu {
 namespace {
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 // 64-byte aligned scratch memory (panels are read as whole SIMD vectors).
 template <typename T>
 class Buffer {

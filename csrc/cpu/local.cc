@@ -63,9 +63,6 @@ constexpr int64_t kWeightBatchBlock = 256;  // local_weight_acts packs the batch
 // local_image_acts keeps dP of a batch slice for every position: at most this many elements.
 constexpr int64_t kImageScratchElements = int64_t(16) << 20;
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
-
 // Offset in an image of batch 0 of every filter row k at position pos, or -1 where the filter
 // reads padding.
 std::vector<int64_t> patch_offsets(const LocalGeometry& g, int64_t pos) {

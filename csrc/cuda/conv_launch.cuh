@@ -100,7 +100,8 @@ ffi::Error cuda_error(OpKind k, const char* what, cudaError_t e) {
                               ": " + cudaGetErrorName(e) + ": " + cudaGetErrorString(e));
 }
 
-int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+using jcn::ceil_div;
+using jcn::round_up;
 
 template <class Op, class Cfg, typename T, typename Idx, int kVecMask>
 cudaError_t launch_gemm(const KParams& p, cudaStream_t stream) {
@@ -206,7 +207,7 @@ cudaError_t launch_wgmma(const KParams& p, cudaStream_t stream) {
 // the caller allows it: filter_acts in 16-bit types).
 inline Path mma_path(int64_t N, bool wide_fits, bool mid_ok) {
   if (N <= 32) return Path::kMmaThin;
-  auto waste = [N](int64_t width) { return cdiv(N, width) * width - N; };
+  auto waste = [N](int64_t width) { return ceil_div(N, width) * width - N; };
   const int64_t least =
       std::min({wide_fits ? waste(128) : N, mid_ok ? waste(96) : N, waste(64)});
   if (wide_fits && waste(128) == least) return Path::kMmaWide;
@@ -380,7 +381,7 @@ cudaError_t launch_ia_direct_c(const KParams& p, int nsm, cudaStream_t stream) {
   const DirectIAPlan d = direct_ia_plan(p, L == Layout::kC01B, direct_rows(kmax));
   if (d.units < 1) return cudaSuccess;
   const unsigned blocks =
-      unsigned(std::min<int64_t>(cdiv(d.units, kDirectWarps), int64_t(nsm) * 64));
+      unsigned(std::min<int64_t>(ceil_div(d.units, kDirectWarps), int64_t(nsm) * 64));
   if (kmax == 4)
     conv_ia_direct_kernel<T, L, C, 4><<<blocks, kThreads, 0, stream>>>(p, d);
   else
@@ -413,7 +414,7 @@ cudaError_t launch_ia_direct(const KParams& p, int nsm, cudaStream_t stream) {
 template <typename T>
 cudaError_t launch_reduce(const float* slots, int64_t nseg, int64_t nsplit, int64_t E, float* acc,
                           void* out, bool first, bool last, int nsm, cudaStream_t stream) {
-  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(cdiv(E, 256), int64_t(nsm) * 16));
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(ceil_div(E, 256), int64_t(nsm) * 16));
   wa_reduce_kernel<T><<<dim3(unsigned(blocks)), 256, 0, stream>>>(
       slots, nseg, nsplit, E, acc, static_cast<T*>(out), first ? 1 : 0, last ? 1 : 0);
   return cudaGetLastError();
@@ -431,7 +432,7 @@ double extent(const Str4& s, double n, double c, double ylen, double xlen) {
 template <typename T, Layout L>
 cudaError_t launch_col2im(const KParams& q, int nsm, cudaStream_t stream) {
   const unsigned blocks =
-      unsigned(std::min<int64_t>(cdiv(q.B * q.H * q.W, 256), int64_t(nsm) * 32));
+      unsigned(std::min<int64_t>(ceil_div(q.B * q.H * q.W, 256), int64_t(nsm) * 32));
   return with_channel_count(q.C, [&](auto c) {
     conv_ia_col2im_kernel<T, L, decltype(c)::value><<<blocks, 256, 0, stream>>>(q);
     return cudaGetLastError();
@@ -460,14 +461,14 @@ std::optional<cudaError_t> run_ia_columns(KParams p, Workspace ws, bool split, b
   if (nb_max < 1 || !mma_ok || p.C > kColumnMaxChannels || N <= 32 ||
       ws.bytes / 4 >= kIdx32Limit)
     return std::nullopt;
-  int64_t nb = cdiv(p.B, cdiv(p.B, nb_max));  // the fewest chunks, balanced
-  if (c01b) nb = std::min(nb_max, cdiv(nb, kVec) * kVec);
+  int64_t nb = ceil_div(p.B, ceil_div(p.B, nb_max));  // the fewest chunks, balanced
+  if (c01b) nb = std::min(nb_max, ceil_div(nb, kVec) * kVec);
   const Path path = mma_path(N, mma_wide_fits, false);  // (128 x 96: filter_acts only)
   const int BN = mma_tile_columns<T>(path);
   p.slots = static_cast<float*>(ws.data);
   p.N = N;
   p.K = p.F;
-  p.tiles_n = cdiv(N, BN);
+  p.tiles_n = ceil_div(N, BN);
   for (int64_t b0 = 0; b0 < p.B; b0 += nb) {
     KParams q = p;
     q.B = std::min(nb, p.B - b0);
@@ -475,7 +476,7 @@ std::optional<cudaError_t> run_ia_columns(KParams p, Workspace ws, bool split, b
     q.a = static_cast<const T*>(p.a) + b0 * p.hs.n;
     q.out = static_cast<T*>(p.out) + b0 * p.is.n;
     q.M = q.B * positions;
-    q.tiles_m = cdiv(q.M, MmaWide<T>::BM);
+    q.tiles_m = ceil_div(q.M, MmaWide<T>::BM);
     q.units = q.tiles_m * q.tiles_n;
     cudaError_t err = path == Path::kMmaWide
                           ? launch_mma_split<Op, MmaWide<T>, T, kVec>(q, split, stream)
@@ -486,7 +487,6 @@ std::optional<cudaError_t> run_ia_columns(KParams p, Workspace ws, bool split, b
   return cudaSuccess;
 }
 
-int64_t round_up(int64_t a, int64_t b) { return cdiv(a, b) * b; }
 
 // weight_acts' workspace (csrc/common/conv_workspace.h): partial sums of one launch and a float32
 // running sum of the filters (the Workspace the plan in run() divides); then, for NHWC images of
@@ -509,7 +509,7 @@ std::optional<cudaError_t> run_wa_padding(KParams& p, const void*& a, Workspace&
       ws.bytes < sums + wa_padded_image_bytes(pixels, int64_t(sizeof(T))))
     return std::nullopt;
   T* padded = reinterpret_cast<T*>(static_cast<unsigned char*>(ws.data) + sums);
-  const unsigned blocks = unsigned(std::min<int64_t>(cdiv(pixels, 256), int64_t(nsm) * 32));
+  const unsigned blocks = unsigned(std::min<int64_t>(ceil_div(pixels, 256), int64_t(nsm) * 32));
   wa_pad_channels_kernel<T>
       <<<blocks, 256, 0, stream>>>(static_cast<const T*>(a), padded, pixels, int(p.C));
   a = p.a = padded;
@@ -523,7 +523,7 @@ std::optional<cudaError_t> run_wa_padding(KParams& p, const void*& a, Workspace&
 constexpr int kFftMaxSharedBytes = fft_max_shared_bytes();
 
 int64_t fft_blocks(const FftPlanes& pl, int lph, int lpw, int nsm) {
-  const int64_t groups = pl.na * cdiv(pl.nb, int64_t(1) << fft_log2_planes_per_block(lph, lpw));
+  const int64_t groups = pl.na * ceil_div(pl.nb, int64_t(1) << fft_log2_planes_per_block(lph, lpw));
   return std::min<int64_t>(groups, int64_t(nsm) * 16);
 }
 
@@ -551,7 +551,7 @@ cudaError_t fft_inverse(const float2* spec, const FftPlanes& pl, int lph, int lp
 
 template <bool kAUnitK, bool kBUnitN, bool kConjB>
 cudaError_t launch_cgemm(const CgemmParams& p, int64_t bins, cudaStream_t stream) {
-  const int64_t tiles = cdiv(p.M, kCgBM) * cdiv(p.N, kCgBN);
+  const int64_t tiles = ceil_div(p.M, kCgBM) * ceil_div(p.N, kCgBN);
   cgemm_bins_kernel<kAUnitK, kBUnitN, kConjB>
       <<<dim3(unsigned(std::min<int64_t>(tiles, 65535)), unsigned(bins)), kCgThreads, 0, stream>>>(
           p);
@@ -779,9 +779,9 @@ TmaConvParams tma_params(const TmaProblem& pr, bool weights) {
   kp.stride_w = int32_t(pr.sw);
   kp.pad_top = int32_t(pr.pt);
   kp.pad_left = int32_t(pr.pl);
-  kp.cblocks = int32_t(cdiv(pr.cin, weights ? 64 : kTmaK<T>));
+  kp.cblocks = int32_t(ceil_div(pr.cin, weights ? 64 : kTmaK<T>));
   kp.m_total = pr.batch * pr.out_h * pr.out_w;
-  kp.b_runs = int32_t(cdiv(pr.batch, weights ? kTmaK<T> : 64));
+  kp.b_runs = int32_t(ceil_div(pr.batch, weights ? kTmaK<T> : 64));
   return kp;
 }
 // Whether the TMA kernels may read operands at x, w and y of pr's geometry: the kernels built
@@ -815,11 +815,11 @@ std::optional<cudaError_t> run_tma(const TmaProblem& pr, const void* x, const vo
 
   TmaConvParams kp = tma_params<T>(pr, false);
   kp.kblocks = int32_t(pr.fh * pr.fw * kp.cblocks);
-  kp.x_pairs = int32_t(cdiv(pr.out_w, 2));
+  kp.x_pairs = int32_t(ceil_div(pr.out_w, 2));
   kp.ys = {pr.ys.n, pr.ys.c, pr.ys.y, pr.ys.x};
   kp.y = y;
-  const int64_t tiles_m = c01b ? pr.out_h * kp.x_pairs * kp.b_runs : cdiv(kp.m_total, kTmaBM);
-  kp.tiles_n = int32_t(cdiv(pr.cout, bn));
+  const int64_t tiles_m = c01b ? pr.out_h * kp.x_pairs * kp.b_runs : ceil_div(kp.m_total, kTmaBM);
+  kp.tiles_n = int32_t(ceil_div(pr.cout, bn));
   kp.tiles = int32_t(tiles_m * kp.tiles_n);
   if (kp.tiles < 1 || kp.kblocks < 1) return cudaSuccess;
 
@@ -838,7 +838,7 @@ std::optional<cudaError_t> run_tma(const TmaProblem& pr, const void* x, const vo
   if constexpr (taps_copy) {
     // TF32 filter_acts: the taps copied to (fh, fw, F, C), read as (C, F, fw, fh) in boxes of a
     // k-block of channels x BN filters.
-    const dim3 grid(unsigned(cdiv(nf, 32)), unsigned(cdiv(nc, 32)), unsigned(pr.fh * pr.fw));
+    const dim3 grid(unsigned(ceil_div(nf, 32)), unsigned(ceil_div(nc, 32)), unsigned(pr.fh * pr.fw));
     tf32_taps_kernel<<<grid, dim3(32, 8), 0, stream>>>(static_cast<const float*>(w),
                                                       static_cast<float*>(ws.data), nf, nc,
                                                       int(pr.fw), {pr.ws.n, pr.ws.c, pr.ws.y,
@@ -927,7 +927,7 @@ std::optional<cudaError_t> run_tma_weights(const TmaProblem& pr, const void* x, 
 using jcn::kMaxSwapped;
 cudaError_t swap_outer_inner(const void* src, void* dst, int64_t outer, int64_t pixels,
                              int64_t inner, cudaStream_t stream) {
-  const dim3 grid(unsigned(cdiv(inner, 32)), unsigned(cdiv(outer, 32)),
+  const dim3 grid(unsigned(ceil_div(inner, 32)), unsigned(ceil_div(outer, 32)),
                   unsigned(std::min<int64_t>(pixels, 65535)));
   swap_outer_inner_kernel<<<grid, dim3(32, 8), 0, stream>>>(
       static_cast<const float*>(src), static_cast<float*>(dst), outer, pixels, inner);
@@ -1110,10 +1110,10 @@ ffi::Error run(cudaStream_t stream, Workspace workspace, const jcn::ConvGeometry
   } else if (K == OpKind::kIA) {
     p.ncy = std::min(p.sh, p.H);
     p.ncx = std::min(p.sw, p.W);
-    p.hq0 = cdiv(p.H, p.sh);
-    p.wq0 = cdiv(p.W, p.sw);
-    p.nImax = cdiv(p.fh, p.sh);
-    p.nJmax = cdiv(p.fw, p.sw);
+    p.hq0 = ceil_div(p.H, p.sh);
+    p.wq0 = ceil_div(p.W, p.sw);
+    p.nImax = ceil_div(p.fh, p.sh);
+    p.nJmax = ceil_div(p.fw, p.sw);
     p.dnJ = make_divmod(p.nJmax);
     p.dHq[0] = make_divmod(p.hq0);
     p.dHq[1] = make_divmod(std::max<int64_t>(1, p.hq0 - 1));
@@ -1239,8 +1239,8 @@ ffi::Error run(cudaStream_t stream, Workspace workspace, const jcn::ConvGeometry
     BK = CfgNarrow::BK;
   }
 
-  p.tiles_m = cdiv(M, BM);
-  p.tiles_n = cdiv(N, BN);
+  p.tiles_m = ceil_div(M, BM);
+  p.tiles_n = ceil_div(N, BN);
   const int64_t tiles = p.tiles_m * p.tiles_n;
   if constexpr (K == OpKind::kFA) {
     p.units = tiles;
@@ -1273,15 +1273,15 @@ ffi::Error run(cudaStream_t stream, Workspace workspace, const jcn::ConvGeometry
   if (kScratchCap < 4 * E)
     return jcn::invalid(op_name(kOp), "workspace of " + std::to_string(workspace.bytes) +
                                           " bytes is smaller than 8 * filter elements");
-  const int64_t max_split = std::max<int64_t>(1, cdiv(Kseg, 16 * int64_t(BK)));
+  const int64_t max_split = std::max<int64_t>(1, ceil_div(Kseg, 16 * int64_t(BK)));
   const bool fused = nseg > 1 && tiles >= nsm;  // each block folds all segments in registers
   int64_t nsplit = 1;
   if (!fused)
-    nsplit = std::clamp<int64_t>(cdiv(target, tiles * nseg), 1, max_split);
+    nsplit = std::clamp<int64_t>(ceil_div(target, tiles * nseg), 1, max_split);
   if (nsplit > 1 && nsplit * E * 4 > kScratchCap)
     nsplit = std::max<int64_t>(1, kScratchCap / (E * 4));
-  int64_t kchunk = cdiv(cdiv(Kseg, nsplit), BK) * BK;
-  nsplit = cdiv(Kseg, kchunk);
+  int64_t kchunk = ceil_div(ceil_div(Kseg, nsplit), BK) * BK;
+  nsplit = ceil_div(Kseg, kchunk);
   p.nsplit = nsplit;
   p.kchunk = kchunk;
   p.E = E;
@@ -1299,7 +1299,7 @@ ffi::Error run(cudaStream_t stream, Workspace workspace, const jcn::ConvGeometry
   // ordered fold (into a float32 running sum when there is more than one group).
   const int64_t slot_bytes = nsplit * E * 4;
   const int64_t G = std::clamp<int64_t>(kScratchCap / slot_bytes, 1, nseg);
-  const int64_t ngroups = cdiv(nseg, G);
+  const int64_t ngroups = ceil_div(nseg, G);
   const size_t slots_bytes = size_t(G) * size_t(slot_bytes);
   const size_t acc_bytes = ngroups > 1 ? size_t(E) * 4 : 0;
   if (int64_t(slots_bytes + acc_bytes) > workspace.bytes)  // cannot happen: G, nsplit fit the cap
