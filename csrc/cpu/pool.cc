@@ -117,22 +117,19 @@ inline F16 pick(bool take, F16 a, F16 b) { return F16{uint16_t(take ? a.bits : b
 // Compute type F, conversions, -inf and zero in the storage type.
 template <typename T>
 struct Num;
-template <>
-struct Num<float> {
-  using F = float;
-  static F to_f(float v) { return v; }
-  static float from_f(F v) { return v; }
-  static float neg_inf() { return -std::numeric_limits<float>::infinity(); }
-  static float zero() { return 0.0f; }
+// float and double compute in themselves.
+template <typename T>
+struct NativeNum {
+  using F = T;
+  static F to_f(T v) { return v; }
+  static T from_f(F v) { return v; }
+  static T neg_inf() { return -std::numeric_limits<T>::infinity(); }
+  static T zero() { return T(0); }
 };
 template <>
-struct Num<double> {
-  using F = double;
-  static F to_f(double v) { return v; }
-  static double from_f(F v) { return v; }
-  static double neg_inf() { return -std::numeric_limits<double>::infinity(); }
-  static double zero() { return 0.0; }
-};
+struct Num<float> : NativeNum<float> {};
+template <>
+struct Num<double> : NativeNum<double> {};
 template <>
 struct Num<Bf16> {
   using F = float;
@@ -712,21 +709,34 @@ ffi::Error MaxPoolGradImpl(ffi::AnyBuffer cotangents, ffi::AnyBuffer winners,
   });
 }
 
+// Average pooling's forward (grad = false: images in, pooled out) or gradient (cotangents in,
+// image cotangents out), on the AVX2 row kernels where they run.
+ffi::Error run_avg_pool(bool grad, const jcn::PoolGeometry& g, bool count_include_pad,
+                        const ffi::AnyBuffer& in, ffi::AnyBuffer& out) {
+  return with_type(in.element_type(), [&](auto zero) {
+    using T = decltype(zero);
+    const T* src = static_cast<const T*>(in.untyped_data());
+    T* dst = static_cast<T*>(out.untyped_data());
+    const auto run = [&](auto isa) {
+      using Isa = decltype(isa);
+      if (grad)
+        avg_pool_grad<T, Isa>(src, dst, dims_of(g), count_include_pad);
+      else
+        avg_pool_forward<T, Isa>(src, dst, dims_of(g), count_include_pad);
+    };
+#ifdef JCN_AVG_X86
+    if (avg_use_avx2()) return run(AvgAvx2{});
+#endif
+    run(AvgBaseline{});
+  });
+}
+
 ffi::Error AvgPoolImpl(ffi::AnyBuffer images, ffi::Result<ffi::AnyBuffer> pooled,
                        jcn::AvgPoolParams p) {
   jcn::PoolGeometry g;
   ffi::Error checked = jcn::check_avg_pool_call("avg_pool", p, images, *pooled, kAllowF64, &g);
   if (checked.failure()) return checked;
-  return with_type(images.element_type(), [&](auto zero) {
-    using T = decltype(zero);
-    const T* in = static_cast<const T*>(images.untyped_data());
-    T* out = static_cast<T*>(pooled->untyped_data());
-#ifdef JCN_AVG_X86
-    if (avg_use_avx2())
-      return avg_pool_forward<T, AvgAvx2>(in, out, dims_of(g), p.count_include_pad == 1);
-#endif
-    avg_pool_forward<T, AvgBaseline>(in, out, dims_of(g), p.count_include_pad == 1);
-  });
+  return run_avg_pool(false, g, p.count_include_pad == 1, images, *pooled);
 }
 
 ffi::Error AvgPoolGradImpl(ffi::AnyBuffer cotangents,
@@ -735,16 +745,7 @@ ffi::Error AvgPoolGradImpl(ffi::AnyBuffer cotangents,
   ffi::Error checked = jcn::check_avg_pool_call("avg_pool_grad", p, *image_cotangents,
                                                 cotangents, kAllowF64, &g);
   if (checked.failure()) return checked;
-  return with_type(cotangents.element_type(), [&](auto zero) {
-    using T = decltype(zero);
-    const T* in = static_cast<const T*>(cotangents.untyped_data());
-    T* out = static_cast<T*>(image_cotangents->untyped_data());
-#ifdef JCN_AVG_X86
-    if (avg_use_avx2())
-      return avg_pool_grad<T, AvgAvx2>(in, out, dims_of(g), p.count_include_pad == 1);
-#endif
-    avg_pool_grad<T, AvgBaseline>(in, out, dims_of(g), p.count_include_pad == 1);
-  });
+  return run_avg_pool(true, g, p.count_include_pad == 1, cotangents, *image_cotangents);
 }
 
 }  // namespace

@@ -27,7 +27,10 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <string>
+#include <type_traits>
+#include <utility>
 
 #include "ffi_common.h"
 #include "pool_checks.h"
@@ -121,6 +124,37 @@ struct KGeom {
   Idx total;  // work items: O*Ho*Wo*IV (forward, JVP) or O*TH*TW*IV (gradient)
 };
 
+// The forward's and the JVP's work item t = ((o*Ho + oy)*Wo + ox)*IV + iv, a pooled vector: its
+// indices, first lane (i = iv*V) and its window's first row / col (may be outside the image).
+template <typename Idx>
+struct PooledVector {
+  Idx o, oy, ox, lane, y0, x0;
+};
+
+template <int V, typename Idx>
+__device__ __forceinline__ PooledVector<Idx> pooled_vector(Idx t, const KGeom<Idx>& g) {
+  const Idx iv = t % g.IV;
+  Idx r = t / g.IV;
+  const Idx ox = r % g.Wo;
+  r /= g.Wo;
+  const Idx oy = r % g.Ho;
+  return {r / g.Ho, oy, ox, iv * V, oy * g.sh - g.pt, ox * g.sw - g.pl};
+}
+
+// The offsets of a wh x ww window at (y0, x0) kept after clipping to the image: rows i in
+// [i_lo, i_hi), cols j in [j_lo, j_hi).
+template <typename Idx>
+struct ClippedWindow {
+  Idx i_lo, i_hi, j_lo, j_hi;
+};
+
+template <typename Idx>
+__device__ __forceinline__ ClippedWindow<Idx> clip_window(Idx y0, Idx x0, Idx wh, Idx ww,
+                                                          const KGeom<Idx>& g) {
+  return {y0 < 0 ? -y0 : Idx(0), wh < g.H - y0 ? wh : g.H - y0, x0 < 0 ? -x0 : Idx(0),
+          ww < g.W - x0 ? ww : g.W - x0};
+}
+
 // ----------------------------------------------------------------------------------------------
 // Forward, with or without winners. One thread per pooled vector (o, oy, ox, V lanes at
 // i = iv*V): it scans the clipped window in row-major order, per lane keeps the selected value,
@@ -138,24 +172,11 @@ __global__ void __launch_bounds__(kThreads)
   using N = Num<T>;
   const Idx step = Idx(gridDim.x) * Idx(blockDim.x);
   for (Idx t = Idx(blockIdx.x) * Idx(blockDim.x) + Idx(threadIdx.x); t < g.total; t += step) {
-    // t = ((o*Ho + oy)*Wo + ox)*IV + iv, so the pooled vector sits at out + t*V.
-    const Idx iv = t % g.IV;
-    Idx r = t / g.IV;
-    const Idx ox = r % g.Wo;
-    r /= g.Wo;
-    const Idx oy = r % g.Ho;
-    const Idx o = r / g.Ho;
-    const Idx lane = iv * V;
-
+    // The pooled vector sits at out + t*V.
+    const auto [o, oy, ox, lane, y0, x0] = pooled_vector<V>(t, g);
     const Idx wh = KH > 0 ? Idx(KH) : g.wh;
     const Idx ww = KW > 0 ? Idx(KW) : g.ww;
-    const Idx y0 = oy * g.sh - g.pt;  // window's first row / col (may be outside the image)
-    const Idx x0 = ox * g.sw - g.pl;
-    // Window offsets kept after clipping: i in [i_lo, i_hi), j in [j_lo, j_hi).
-    const Idx i_lo = y0 < 0 ? -y0 : Idx(0);
-    const Idx i_hi = wh < g.H - y0 ? wh : g.H - y0;
-    const Idx j_lo = x0 < 0 ? -x0 : Idx(0);
-    const Idx j_hi = ww < g.W - x0 ? ww : g.W - x0;
+    const auto [i_lo, i_hi, j_lo, j_hi] = clip_window(y0, x0, wh, ww, g);
 
     // The scan starts from best = -inf and uses takes_over(): no first-element case. A window
     // of -inf only selects its first element: the winner starts there. float32 and bfloat16
@@ -230,15 +251,7 @@ __global__ void __launch_bounds__(kThreads)
                         T* __restrict__ out, const KGeom<Idx> g) {
   const Idx step = Idx(gridDim.x) * Idx(blockDim.x);
   for (Idx t = Idx(blockIdx.x) * Idx(blockDim.x) + Idx(threadIdx.x); t < g.total; t += step) {
-    const Idx iv = t % g.IV;
-    Idx r = t / g.IV;
-    const Idx ox = r % g.Wo;
-    r /= g.Wo;
-    const Idx oy = r % g.Ho;
-    const Idx o = r / g.Ho;
-    const Idx lane = iv * V;
-    const Idx y0 = oy * g.sh - g.pt;
-    const Idx x0 = ox * g.sw - g.pl;
+    const auto [o, oy, ox, lane, y0, x0] = pooled_vector<V>(t, g);
     const WinVec<W, V> code = *reinterpret_cast<const WinVec<W, V>*>(win + t * V);
     Vec<T, V> res;
 #pragma unroll
@@ -442,32 +455,41 @@ void dispatch_window(cudaStream_t stream, Op op, const jcn::PoolGeometry& pg, bo
     launch<T, W, V, 0, 0, int32_t>(stream, op, pg, b);
 }
 
+// Calls launch_with(std::integral_constant<int, V>{}) with the widest vector of lanes V the call
+// allows: the gradient's or the forward's (the JVP's too) where the contiguous dimension is a
+// multiple of V and every buffer is aligned to V elements (XLA's buffers always are; checked
+// anyway, host-side pointer values only), else 1. Then reports the launches' status.
+template <typename T, typename LaunchWith>
+ffi::Error launch_vectorized(const char* op, bool grad, const jcn::PoolGeometry& pg,
+                             std::initializer_list<std::pair<const void*, size_t>> buffers,
+                             const LaunchWith& launch_with) {
+  constexpr int kVecFwd = int(kFwdVecBytes / sizeof(T));
+  constexpr int kVecGrad = int(kGradVecBytes / sizeof(T));
+  auto vec_ok = [&](int v) {
+    for (const auto& [ptr, elem_bytes] : buffers)
+      if (ptr != nullptr && uintptr_t(ptr) % (uintptr_t(v) * elem_bytes) != 0) return false;
+    return jcn::pool::inner_size(pg) % v == 0;
+  };
+  if (grad && vec_ok(kVecGrad))
+    launch_with(std::integral_constant<int, kVecGrad>{});
+  else if (!grad && vec_ok(kVecFwd))
+    launch_with(std::integral_constant<int, kVecFwd>{});
+  else
+    launch_with(std::integral_constant<int, 1>{});
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess)
+    return ffi::Error::Internal(std::string("jax_convnet ") + op +
+                                ": kernel launch failed: " + cudaGetErrorString(err));
+  return ffi::Error::Success();
+}
+
 template <typename T, typename W>
 ffi::Error run_typed(cudaStream_t stream, Op op, const jcn::PoolGeometry& pg, int64_t image_elems,
                      int64_t pooled_elems, const Buffers<T, W>& b) {
-  constexpr int kVecFwd = int(kFwdVecBytes / sizeof(T));
-  constexpr int kVecGrad = int(kGradVecBytes / sizeof(T));
-  // Vector path: the contiguous dimension is a multiple of V and every buffer is aligned to its
-  // vector size (XLA's buffers always are; checked anyway, host-side pointer values only).
-  auto vec_ok = [&](int v) {
-    auto aligned = [v](const void* p, size_t elem) {
-      return p == nullptr || uintptr_t(p) % (uintptr_t(v) * elem) == 0;
-    };
-    return jcn::pool::inner_size(pg) % v == 0 && aligned(b.in, sizeof(T)) &&
-           aligned(b.out, sizeof(T)) && aligned(b.win, sizeof(W));
-  };
   const bool idx32 = jcn::pool::fits_int32(pg, image_elems, pooled_elems);
-  if (op == Op::kGrad && vec_ok(kVecGrad))
-    dispatch_window<T, W, kVecGrad>(stream, op, pg, idx32, b);
-  else if (op != Op::kGrad && vec_ok(kVecFwd))
-    dispatch_window<T, W, kVecFwd>(stream, op, pg, idx32, b);
-  else
-    dispatch_window<T, W, 1>(stream, op, pg, idx32, b);
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess)
-    return ffi::Error::Internal(std::string("jax_convnet max_pool: kernel launch failed: ") +
-                                cudaGetErrorString(err));
-  return ffi::Error::Success();
+  return launch_vectorized<T>(
+      "max_pool", op == Op::kGrad, pg, {{b.in, sizeof(T)}, {b.out, sizeof(T)}, {b.win, sizeof(W)}},
+      [&](auto v) { dispatch_window<T, W, decltype(v)::value>(stream, op, pg, idx32, b); });
 }
 
 // Runs `op` with the storage type of `t` and the winners' type of the geometry (the plain
@@ -526,22 +548,10 @@ __global__ void __launch_bounds__(kThreads)
   using N = Num<T>;
   const Idx step = Idx(gridDim.x) * Idx(blockDim.x);
   for (Idx t = Idx(blockIdx.x) * Idx(blockDim.x) + Idx(threadIdx.x); t < g.total; t += step) {
-    const Idx iv = t % g.IV;
-    Idx r = t / g.IV;
-    const Idx ox = r % g.Wo;
-    r /= g.Wo;
-    const Idx oy = r % g.Ho;
-    const Idx o = r / g.Ho;
-    const Idx lane = iv * V;
-
+    const auto [o, oy, ox, lane, y0, x0] = pooled_vector<V>(t, g);
     const Idx wh = KH > 0 ? Idx(KH) : g.wh;
     const Idx ww = KW > 0 ? Idx(KW) : g.ww;
-    const Idx y0 = oy * g.sh - g.pt;
-    const Idx x0 = ox * g.sw - g.pl;
-    const Idx i_lo = y0 < 0 ? -y0 : Idx(0);
-    const Idx i_hi = wh < g.H - y0 ? wh : g.H - y0;
-    const Idx j_lo = x0 < 0 ? -x0 : Idx(0);
-    const Idx j_hi = ww < g.W - x0 ? ww : g.W - x0;
+    const auto [i_lo, i_hi, j_lo, j_hi] = clip_window(y0, x0, wh, ww, g);
 
     float sum[V];
 #pragma unroll
@@ -635,25 +645,11 @@ template <typename T>
 ffi::Error avg_run_typed(cudaStream_t stream, bool grad, const jcn::PoolGeometry& pg,
                          int64_t image_elems, int64_t pooled_elems, const T* in, T* out,
                          bool include) {
-  constexpr int kVecFwd = int(kFwdVecBytes / sizeof(T));
-  constexpr int kVecGrad = int(kGradVecBytes / sizeof(T));
-  // Vector path as for max_pool: the contiguous dimension a multiple of V, buffers aligned.
-  auto vec_ok = [&](int v) {
-    auto aligned = [v](const void* p) { return uintptr_t(p) % (uintptr_t(v) * sizeof(T)) == 0; };
-    return jcn::pool::inner_size(pg) % v == 0 && aligned(in) && aligned(out);
-  };
   const bool idx32 = jcn::pool::fits_int32(pg, image_elems, pooled_elems);
-  if (grad && vec_ok(kVecGrad))
-    avg_dispatch<T, kVecGrad>(stream, grad, pg, idx32, in, out, include);
-  else if (!grad && vec_ok(kVecFwd))
-    avg_dispatch<T, kVecFwd>(stream, grad, pg, idx32, in, out, include);
-  else
-    avg_dispatch<T, 1>(stream, grad, pg, idx32, in, out, include);
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess)
-    return ffi::Error::Internal(std::string("jax_convnet avg_pool: kernel launch failed: ") +
-                                cudaGetErrorString(err));
-  return ffi::Error::Success();
+  return launch_vectorized<T>(
+      "avg_pool", grad, pg, {{in, sizeof(T)}, {out, sizeof(T)}}, [&](auto v) {
+        avg_dispatch<T, decltype(v)::value>(stream, grad, pg, idx32, in, out, include);
+      });
 }
 
 // Runs the forward (grad false: in = images, out = pooled) or the gradient (in = pooled
