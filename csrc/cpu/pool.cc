@@ -439,8 +439,8 @@ void pool_grad(const T* ct, const K* winners, T* out, const Dims& d) {
 // - gradient: each image element is 0 + ct(w1) * r(w1) + ct(w2) * r(w2) + ... over the windows
 //   containing it in increasing (oy, ox), r the same reciprocal, each product rounded before it
 //   is added (this file is built with -ffp-contract=off: no fused multiply-add).
-// Both gather: every output element is computed by one thread, its lanes in chunks of kAvgLanes
-// whose accumulators stay in registers.
+// Both gather: every output element is computed by one thread; the gradient takes its lanes in
+// chunks of kAvgLanes whose accumulators stay in registers.
 
 constexpr int64_t kAvgLanes = 16;
 
@@ -458,13 +458,6 @@ F avg_reciprocal(const Dims& d, bool count_include_pad, int64_t oy, int64_t ox) 
 #define JCN_AVG_INLINE inline
 #endif
 
-// acc[i] += p[i] for the first n lanes (N: n known at compile time).
-template <int64_t N, typename T, typename F>
-JCN_AVG_INLINE void add_lanes(F (&acc)[kAvgLanes], const T* __restrict p, int64_t n) {
-  const int64_t m = N > 0 ? N : n;
-  for (int64_t i = 0; i < m; ++i) acc[i] += Num<T>::to_f(p[i]);
-}
-
 // acc[i] += p[i] * r for the first n lanes (the product rounded first: no FMA in this file).
 template <int64_t N, typename T, typename F>
 JCN_AVG_INLINE void add_scaled_lanes(F (&acc)[kAvgLanes], const T* __restrict p, F r, int64_t n) {
@@ -472,32 +465,39 @@ JCN_AVG_INLINE void add_scaled_lanes(F (&acc)[kAvgLanes], const T* __restrict p,
   for (int64_t i = 0; i < m; ++i) acc[i] += Num<T>::to_f(p[i]) * r;
 }
 
-// Forward: out[o][oy][ox][i0 .. i0 + n) for one chunk of lanes; N = n when it is kAvgLanes.
-template <int64_t N, typename T>
-JCN_AVG_INLINE void avg_window(const T* img, T* q, const Dims& d, int64_t o, const Window& w,
-                               typename Num<T>::F rcp, int64_t i0, int64_t n) {
-  using F = typename Num<T>::F;
-  F acc[kAvgLanes] = {};
-  for (int64_t y = w.ys; y < w.ye; ++y)
-    for (int64_t x = w.xs; x < w.xe; ++x)
-      add_lanes<N>(acc, img + ((o * d.H + y) * d.W + x) * d.I + i0, n);
-  const int64_t m = N > 0 ? N : n;
-  for (int64_t i = 0; i < m; ++i) q[i0 + i] = Num<T>::from_f(acc[i] * rcp);
+// The forward's lanes per pass: its accumulators stay in L1.
+constexpr int64_t kAvgForwardLanes = 512;
+
+// acc[i] += p[i] and q[i] = acc[i] * r for i < n: separate functions, so that `restrict` holds
+// and each loop vectorises over the lanes.
+template <typename T, typename F>
+JCN_AVG_INLINE void accumulate_lanes(F* __restrict acc, const T* __restrict p, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) acc[i] += Num<T>::to_f(p[i]);
+}
+template <typename T, typename F>
+JCN_AVG_INLINE void scale_lanes(T* __restrict q, const F* __restrict acc, F r, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) q[i] = Num<T>::from_f(acc[i] * r);
 }
 
-// Forward of output row (o, oy).
+// Forward of output row (o, oy): each window's sum over lanes [i0, i0 + n) at a time, its
+// elements added in row-major order.
 template <typename T>
 JCN_AVG_INLINE void avg_forward_row(const T* img, T* out, const Dims& d, bool count_include_pad,
                                     int64_t o, int64_t oy) {
   using F = typename Num<T>::F;
+  F acc[kAvgForwardLanes];
   for (int64_t ox = 0; ox < d.Wo; ++ox) {
     const Window w = window_of(d, oy, ox);
     const F rcp = avg_reciprocal<F>(d, count_include_pad, oy, ox);
     T* q = out + ((o * d.Ho + oy) * d.Wo + ox) * d.I;
-    int64_t i0 = 0;
-    for (; i0 + kAvgLanes <= d.I; i0 += kAvgLanes)
-      avg_window<kAvgLanes>(img, q, d, o, w, rcp, i0, kAvgLanes);
-    if (i0 < d.I) avg_window<0>(img, q, d, o, w, rcp, i0, d.I - i0);
+    for (int64_t i0 = 0; i0 < d.I; i0 += kAvgForwardLanes) {
+      const int64_t n = std::min(kAvgForwardLanes, d.I - i0);
+      std::fill(acc, acc + n, F(0));
+      for (int64_t y = w.ys; y < w.ye; ++y)
+        for (int64_t x = w.xs; x < w.xe; ++x)
+          accumulate_lanes(acc, img + ((o * d.H + y) * d.W + x) * d.I + i0, n);
+      scale_lanes(q + i0, acc, rcp, n);
+    }
   }
 }
 

@@ -44,7 +44,57 @@ __all__ = ["Conv", "MaxPool", "max_pool", "AvgPool", "avg_pool", "CrossMapNorm",
 PaddingLike = Any
 
 
-class Conv(nn.Module):
+class _ConvModule(nn.Module):
+    """The attributes, checks and dtype promotion Conv and ConvLocal share: flax.linen.Conv's
+    attributes plus ``layout``; ``_op`` names the jax_convnet op that checks them."""
+
+    features: int
+    kernel_size: int | Sequence[int]
+    strides: None | int | Sequence[int] = 1
+    padding: PaddingLike = "SAME"
+    input_dilation: None | int | Sequence[int] = 1
+    kernel_dilation: None | int | Sequence[int] = 1
+    feature_group_count: int = 1
+    use_bias: bool = True
+    mask: Any = None
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    precision: Any = None
+    kernel_init: Callable = default_kernel_init
+    bias_init: Callable = initializers.zeros_init()
+    promote_dtype: Callable | None = None
+    layout: str = "NHWC"
+    conv_general_dilated: Any = None
+    conv_general_dilated_cls: Any = None
+    _op = "filter_acts"
+
+    def __post_init__(self):
+        C.check_conv_module(type(self).__name__, self._op, layout=self.layout,
+                            kernel_size=self.kernel_size, strides=self.strides,
+                            padding=self.padding,
+                            conv_general_dilated_cls=self.conv_general_dilated_cls,
+                            input_dilation=self.input_dilation,
+                            kernel_dilation=self.kernel_dilation,
+                            feature_group_count=self.feature_group_count, mask=self.mask,
+                            conv_general_dilated=self.conv_general_dilated)
+        super().__post_init__()
+
+    def _arguments(self, inputs):
+        """The op's arguments from the attributes: owner (the class name, for errors), kernel
+        (h, w), strides, padding, and the inputs with their batch axes flattened to one."""
+        owner = type(self).__name__
+        flat, _ = C.flatten_batch(inputs, self.layout, owner)
+        return (owner, C.kernel_pair(self.kernel_size, owner),
+                C.stride_pair(self.strides, "strides", owner), C.conv_padding(self.padding, owner),
+                flat)
+
+    def _promote(self, inputs, kernel, bias):
+        if self.promote_dtype is None:
+            return C.promote(inputs, kernel, bias, self.dtype)
+        return self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+
+
+class Conv(_ConvModule):
     """2-d convolution with ``jax_convnet.filter_acts``; a drop-in for ``flax.linen.Conv``.
 
     Attributes (as ``flax.linen.Conv``'s, plus ``layout`` and ``partial_sum``):
@@ -69,45 +119,12 @@ class Conv(nn.Module):
         Ho*Wo, or "auto"); changes speed and memory only.
     """
 
-    features: int
-    kernel_size: int | Sequence[int]
-    strides: None | int | Sequence[int] = 1
-    padding: PaddingLike = "SAME"
-    input_dilation: None | int | Sequence[int] = 1
-    kernel_dilation: None | int | Sequence[int] = 1
-    feature_group_count: int = 1
-    use_bias: bool = True
-    mask: Any = None
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
-    precision: Any = None
-    kernel_init: Callable = default_kernel_init
-    bias_init: Callable = initializers.zeros_init()
-    promote_dtype: Callable | None = None
-    layout: str = "NHWC"
     partial_sum: int | str | None = None
-    conv_general_dilated: Any = None
-    conv_general_dilated_cls: Any = None
-
-    def __post_init__(self):
-        C.check_conv_module(type(self).__name__, "filter_acts", layout=self.layout,
-                            kernel_size=self.kernel_size, strides=self.strides,
-                            padding=self.padding,
-                            conv_general_dilated_cls=self.conv_general_dilated_cls,
-                            input_dilation=self.input_dilation,
-                            kernel_dilation=self.kernel_dilation,
-                            feature_group_count=self.feature_group_count, mask=self.mask,
-                            conv_general_dilated=self.conv_general_dilated)
-        super().__post_init__()
 
     @nn.compact
     def __call__(self, inputs):
-        owner = type(self).__name__
         layout = self.layout
-        kernel_hw = C.kernel_pair(self.kernel_size, owner)
-        strides = C.stride_pair(self.strides, "strides", owner)
-        padding = C.conv_padding(self.padding, owner)
-        flat, _ = C.flatten_batch(inputs, layout, owner)
+        owner, kernel_hw, strides, padding, flat = self._arguments(inputs)
         kernel_in = C.group_channels(owner, self.feature_group_count,
                                      C.in_channels(flat, layout), self.features)
 
@@ -118,10 +135,7 @@ class Conv(nn.Module):
         bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
                 if self.use_bias else None)
 
-        if self.promote_dtype is None:
-            inputs, kernel, bias = C.promote(inputs, kernel, bias, self.dtype)
-        else:
-            inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+        inputs, kernel, bias = self._promote(inputs, kernel, bias)
         return C.conv(inputs, kernel, bias, strides=strides, padding=padding, layout=layout,
                       partial_sum=self.partial_sum, precision=self.precision, owner=owner,
                       groups=int(self.feature_group_count))
@@ -246,7 +260,7 @@ class AvgPool(nn.Module):
                           self.count_include_pad, layout=self.layout, owner=type(self).__name__)
 
 
-class ConvLocal(nn.Module):
+class ConvLocal(_ConvModule):
     """Locally connected layer (cuda-convnet's ``local``) with ``jax_convnet.local_filter_acts``;
     the arguments and parameter names of ``flax.linen.ConvLocal``.
 
@@ -258,44 +272,12 @@ class ConvLocal(nn.Module):
     strides and the unsupported arguments as in :class:`Conv`.
     """
 
-    features: int
-    kernel_size: int | Sequence[int]
-    strides: None | int | Sequence[int] = 1
-    padding: PaddingLike = "SAME"
-    input_dilation: None | int | Sequence[int] = 1
-    kernel_dilation: None | int | Sequence[int] = 1
-    feature_group_count: int = 1
-    use_bias: bool = True
-    mask: Any = None
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
-    precision: Any = None
-    kernel_init: Callable = default_kernel_init
-    bias_init: Callable = initializers.zeros_init()
-    promote_dtype: Callable | None = None
-    layout: str = "NHWC"
-    conv_general_dilated: Any = None
-    conv_general_dilated_cls: Any = None
-
-    def __post_init__(self):
-        C.check_conv_module(type(self).__name__, "local_filter_acts", layout=self.layout,
-                            kernel_size=self.kernel_size, strides=self.strides,
-                            padding=self.padding,
-                            conv_general_dilated_cls=self.conv_general_dilated_cls,
-                            input_dilation=self.input_dilation,
-                            kernel_dilation=self.kernel_dilation,
-                            feature_group_count=self.feature_group_count, mask=self.mask,
-                            conv_general_dilated=self.conv_general_dilated)
-        super().__post_init__()
+    _op = "local_filter_acts"
 
     @nn.compact
     def __call__(self, inputs):
-        owner = type(self).__name__
         layout = self.layout
-        kernel_hw = C.kernel_pair(self.kernel_size, owner)
-        strides = C.stride_pair(self.strides, "strides", owner)
-        padding = C.conv_padding(self.padding, owner)
-        flat, _ = C.flatten_batch(inputs, layout, owner)
+        owner, kernel_hw, strides, padding, flat = self._arguments(inputs)
         in_features = C.in_channels(flat, layout)
         out_hw = C.local_output_hw(C.image_hw(flat, layout), kernel_hw, strides, padding)
 
@@ -308,10 +290,7 @@ class ConvLocal(nn.Module):
         bias = (self.param("bias", self.bias_init, (*out_hw, self.features), self.param_dtype)
                 if self.use_bias else None)
 
-        if self.promote_dtype is None:
-            inputs, kernel, bias = C.promote(inputs, kernel, bias, self.dtype)
-        else:
-            inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+        inputs, kernel, bias = self._promote(inputs, kernel, bias)
         return C.conv_local(inputs, kernel, bias, strides=strides, padding=padding, layout=layout,
                             precision=self.precision, owner=owner)
 

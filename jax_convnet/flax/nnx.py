@@ -39,6 +39,30 @@ __all__ = ["Conv", "MaxPool", "max_pool", "AvgPool", "avg_pool", "CrossMapNorm",
 
 _none_data = getattr(_nnx, "data", lambda x: x)
 
+# The constructor arguments both conv modules keep as attributes, as flax.nnx.Conv does.
+_CONV_SETTINGS = ("in_features", "out_features", "kernel_size", "strides", "padding",
+                  "input_dilation", "kernel_dilation", "feature_group_count", "use_bias", "mask",
+                  "dtype", "param_dtype", "precision", "promote_dtype", "preferred_element_type",
+                  "layout")
+
+
+def _init_conv_module(module, arguments, settings, *, kernel_shape, kernel_init, bias_shape,
+                      rngs):
+    """Draws ``module``'s kernel (and bias where ``use_bias``) as flax.nnx.Conv does, and keeps
+    the named ``settings`` of the constructor's (checked, normalised) ``arguments``."""
+    module.kernel_shape = kernel_shape
+    module.kernel = _nnx.Param(
+        kernel_init(rngs.params(), kernel_shape, arguments["param_dtype"]),
+        **arguments["kernel_metadata"])
+    if arguments["use_bias"]:
+        module.bias = _nnx.Param(
+            arguments["bias_init"](rngs.params(), bias_shape, arguments["param_dtype"]),
+            **arguments["bias_metadata"])
+    else:
+        module.bias = _none_data(None)
+    for name in settings:
+        setattr(module, name, arguments[name])
+
 
 class Conv(_nnx.Module):
     """2-d convolution with ``jax_convnet.filter_acts``; a drop-in for ``flax.nnx.Conv``.
@@ -100,31 +124,9 @@ class Conv(_nnx.Module):
 
         kernel_shape = C.kernel_shape(layout, kernel_size, kernel_in, out_features)
         init = C.layout_initializer(kernel_init, layout, kernel_size, kernel_in, out_features)
-        self.kernel_shape = kernel_shape
-        self.kernel = _nnx.Param(init(rngs.params(), kernel_shape, param_dtype), **kernel_metadata)
-        if use_bias:
-            self.bias = _nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype),
-                                   **bias_metadata)
-        else:
-            self.bias = _none_data(None)
-
-        self.in_features = in_features
-        self.out_features = out_features
-        self.kernel_size = kernel_size
-        self.strides = strides
-        self.padding = padding
-        self.input_dilation = input_dilation
-        self.kernel_dilation = kernel_dilation
-        self.feature_group_count = feature_group_count
-        self.use_bias = use_bias
-        self.mask = mask
-        self.dtype = dtype
-        self.param_dtype = param_dtype
-        self.precision = precision
-        self.promote_dtype = promote_dtype
-        self.preferred_element_type = preferred_element_type
-        self.layout = layout
-        self.partial_sum = partial_sum
+        _init_conv_module(self, locals(), _CONV_SETTINGS + ("partial_sum",),
+                          kernel_shape=kernel_shape, kernel_init=init,
+                          bias_shape=(out_features,), rngs=rngs)
 
     def __call__(self, inputs, out_sharding=None):
         owner = type(self).__name__
@@ -274,31 +276,9 @@ class ConvLocal(_nnx.Module):
                                             out_features)
         init = C.local_layout_initializer(kernel_init, layout, out_hw, kernel_size, in_features,
                                           out_features)
-        self.kernel_shape = kernel_shape
-        self.kernel = _nnx.Param(init(rngs.params(), kernel_shape, param_dtype), **kernel_metadata)
-        if use_bias:
-            self.bias = _nnx.Param(bias_init(rngs.params(), (*out_hw, out_features), param_dtype),
-                                   **bias_metadata)
-        else:
-            self.bias = _none_data(None)
-
-        self.in_features = in_features
-        self.out_features = out_features
-        self.kernel_size = kernel_size
-        self.strides = strides
-        self.input_size = input_size
-        self.padding = padding
-        self.input_dilation = input_dilation
-        self.kernel_dilation = kernel_dilation
-        self.feature_group_count = feature_group_count
-        self.use_bias = use_bias
-        self.mask = mask
-        self.dtype = dtype
-        self.param_dtype = param_dtype
-        self.precision = precision
-        self.promote_dtype = promote_dtype
-        self.preferred_element_type = preferred_element_type
-        self.layout = layout
+        _init_conv_module(self, locals(), _CONV_SETTINGS + ("input_size",),
+                          kernel_shape=kernel_shape, kernel_init=init,
+                          bias_shape=(*out_hw, out_features), rngs=rngs)
 
     def __call__(self, inputs, out_sharding=None):
         owner = type(self).__name__
