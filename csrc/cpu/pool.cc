@@ -439,10 +439,10 @@ void pool_grad(const T* ct, const K* winners, T* out, const Dims& d) {
 // - gradient: each image element is 0 + ct(w1) * r(w1) + ct(w2) * r(w2) + ... over the windows
 //   containing it in increasing (oy, ox), r the same reciprocal, each product rounded before it
 //   is added (this file is built with -ffp-contract=off: no fused multiply-add).
-// Both gather: every output element is computed by one thread; the gradient takes its lanes in
-// chunks of kAvgLanes whose accumulators stay in registers.
+// Both gather: every output element is computed by one thread, its lanes in chunks (forward
+// kAvgLanes, gradient kAvgGradLanes) whose accumulators stay in registers.
 
-constexpr int64_t kAvgLanes = 16;
+constexpr int64_t kAvgLanes = 32, kAvgGradLanes = 16;
 
 // The reciprocal of window (oy, ox)'s divisor (inf for a divisor of 0).
 template <typename F>
@@ -460,44 +460,47 @@ F avg_reciprocal(const Dims& d, bool count_include_pad, int64_t oy, int64_t ox) 
 
 // acc[i] += p[i] * r for the first n lanes (the product rounded first: no FMA in this file).
 template <int64_t N, typename T, typename F>
-JCN_AVG_INLINE void add_scaled_lanes(F (&acc)[kAvgLanes], const T* __restrict p, F r, int64_t n) {
+JCN_AVG_INLINE void add_scaled_lanes(F (&acc)[kAvgGradLanes], const T* __restrict p, F r,
+                                     int64_t n) {
   const int64_t m = N > 0 ? N : n;
   for (int64_t i = 0; i < m; ++i) acc[i] += Num<T>::to_f(p[i]) * r;
 }
 
-// The forward's lanes per pass: its accumulators stay in L1.
-constexpr int64_t kAvgForwardLanes = 512;
-
-// acc[i] += p[i] and q[i] = acc[i] * r for i < n: separate functions, so that `restrict` holds
-// and each loop vectorises over the lanes.
-template <typename T, typename F>
-JCN_AVG_INLINE void accumulate_lanes(F* __restrict acc, const T* __restrict p, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) acc[i] += Num<T>::to_f(p[i]);
+// Forward of one window over lanes [0, n) of img / q (offset to the first lane), in row-major
+// order; N > 0: n == N known at compile time, so the accumulators stay in registers (in memory,
+// they would stall on stores whose addresses alias the images' modulo 4 KiB).
+template <int64_t N, typename T>
+JCN_AVG_INLINE void avg_window(const T* __restrict img, T* __restrict q, const Dims& d,
+                               const Window& w, typename Num<T>::F rcp, int64_t n) {
+  using F = typename Num<T>::F;
+  const int64_t m = N > 0 ? N : n;
+  F acc[kAvgLanes] = {};
+  for (int64_t y = w.ys; y < w.ye; ++y) {
+    const T* row = img + y * d.W * d.I;
+    for (int64_t x = w.xs; x < w.xe; ++x) {
+      const T* p = row + x * d.I;
+#pragma GCC unroll 32
+      for (int64_t i = 0; i < m; ++i) acc[i] += Num<T>::to_f(p[i]);
+    }
+  }
+#pragma GCC unroll 32
+  for (int64_t i = 0; i < m; ++i) q[i] = Num<T>::from_f(acc[i] * rcp);
 }
-template <typename T, typename F>
-JCN_AVG_INLINE void scale_lanes(T* __restrict q, const F* __restrict acc, F r, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) q[i] = Num<T>::from_f(acc[i] * r);
-}
 
-// Forward of output row (o, oy): each window's sum over lanes [i0, i0 + n) at a time, its
-// elements added in row-major order.
+// Forward of output row (o, oy), kAvgLanes lanes at a time.
 template <typename T>
 JCN_AVG_INLINE void avg_forward_row(const T* img, T* out, const Dims& d, bool count_include_pad,
                                     int64_t o, int64_t oy) {
   using F = typename Num<T>::F;
-  F acc[kAvgForwardLanes];
+  const T* image = img + o * d.H * d.W * d.I;
   for (int64_t ox = 0; ox < d.Wo; ++ox) {
     const Window w = window_of(d, oy, ox);
     const F rcp = avg_reciprocal<F>(d, count_include_pad, oy, ox);
     T* q = out + ((o * d.Ho + oy) * d.Wo + ox) * d.I;
-    for (int64_t i0 = 0; i0 < d.I; i0 += kAvgForwardLanes) {
-      const int64_t n = std::min(kAvgForwardLanes, d.I - i0);
-      std::fill(acc, acc + n, F(0));
-      for (int64_t y = w.ys; y < w.ye; ++y)
-        for (int64_t x = w.xs; x < w.xe; ++x)
-          accumulate_lanes(acc, img + ((o * d.H + y) * d.W + x) * d.I + i0, n);
-      scale_lanes(q + i0, acc, rcp, n);
-    }
+    int64_t i0 = 0;
+    for (; i0 + kAvgLanes <= d.I; i0 += kAvgLanes)
+      avg_window<kAvgLanes>(image + i0, q + i0, d, w, rcp, kAvgLanes);
+    if (i0 < d.I) avg_window<0>(image + i0, q + i0, d, w, rcp, d.I - i0);
   }
 }
 
@@ -508,7 +511,7 @@ JCN_AVG_INLINE void avg_grad_element(const T* ct, T* q, const Dims& d, int64_t o
                                      int64_t oy_hi, int64_t ox_lo, int64_t ox_hi,
                                      const typename Num<T>::F* rcp, int64_t i0, int64_t n) {
   using F = typename Num<T>::F;
-  F acc[kAvgLanes] = {};
+  F acc[kAvgGradLanes] = {};
   for (int64_t oy = oy_lo; oy <= oy_hi; ++oy)
     for (int64_t ox = ox_lo; ox <= ox_hi; ++ox)
       add_scaled_lanes<N>(acc, ct + ((o * d.Ho + oy) * d.Wo + ox) * d.I + i0,
@@ -527,9 +530,9 @@ JCN_AVG_INLINE void avg_grad_row(const T* ct, T* out, const Dims& d, int64_t o, 
   for (int64_t x = 0; x < d.W; ++x) {
     const int64_t ox_lo = ox_range[2 * x], ox_hi = ox_range[2 * x + 1];
     int64_t i0 = 0;
-    for (; i0 + kAvgLanes <= d.I; i0 += kAvgLanes)
-      avg_grad_element<kAvgLanes>(ct, q + x * d.I, d, o, oy_lo, oy_hi, ox_lo, ox_hi, rcp, i0,
-                                  kAvgLanes);
+    for (; i0 + kAvgGradLanes <= d.I; i0 += kAvgGradLanes)
+      avg_grad_element<kAvgGradLanes>(ct, q + x * d.I, d, o, oy_lo, oy_hi, ox_lo, ox_hi, rcp,
+                                      i0, kAvgGradLanes);
     if (i0 < d.I)
       avg_grad_element<0>(ct, q + x * d.I, d, o, oy_lo, oy_hi, ox_lo, ox_hi, rcp, i0, d.I - i0);
   }
