@@ -198,16 +198,19 @@ def check_batch_split_step(step, split_images, *args):
     return step.lower(split_images, *args[1:]).compile().as_text()
 
 
-def check_all_three(x, w, dtype=None, **kw):
+def check_all_three(x, w, dtype=None, *, family="", **kw):
     """Our filter_acts, image_acts and weight_acts (outputs poisoned first) equal the
-    reference's on these operands and on random cotangents; ``kw`` as the ops take it."""
+    reference's on these operands and on random cotangents; ``family="local_"`` checks the
+    locally connected ops instead; ``kw`` as the ops take it."""
+    ours, ref = ({name: getattr(module, family + name)
+                  for name in ("filter_acts", "image_acts", "weight_acts")}
+                 for module in (jcn, jcn.reference))
     # The reference under jit: one compilation instead of one per operation.
-    ref = jcn.reference
-    y = run_poisoned(lambda x, w: jcn.filter_acts(x, w, **kw), x, w)
-    assert_close(y, jax.jit(lambda x, w: ref.filter_acts(x, w, **kw))(x, w), dtype)
+    y = run_poisoned(lambda x, w: ours["filter_acts"](x, w, **kw), x, w)
+    assert_close(y, jax.jit(lambda x, w: ref["filter_acts"](x, w, **kw))(x, w), dtype)
     g = rand(7, y.shape, x.dtype)
-    dx = run_poisoned(lambda g, w: jcn.image_acts(g, w, x.shape, **kw), g, w)
-    assert_close(dx, jax.jit(lambda g, w: ref.image_acts(g, w, x.shape, **kw))(g, w), dtype)
-    dw = run_poisoned(lambda x, g: jcn.weight_acts(x, g, w.shape, **kw), x, g)
-    assert_close(dw, jax.jit(lambda x, g: ref.weight_acts(x, g, w.shape, **kw))(x, g), dtype)
+    dx = run_poisoned(lambda g, w: ours["image_acts"](g, w, x.shape, **kw), g, w)
+    assert_close(dx, jax.jit(lambda g, w: ref["image_acts"](g, w, x.shape, **kw))(g, w), dtype)
+    dw = run_poisoned(lambda x, g: ours["weight_acts"](x, g, w.shape, **kw), x, g)
+    assert_close(dw, jax.jit(lambda x, g: ref["weight_acts"](x, g, w.shape, **kw))(x, g), dtype)
     return y

@@ -10,7 +10,8 @@ from jax.test_util import check_grads
 import jax_convnet as jcn
 from jax_convnet import geometry as G
 from jax_convnet import reference as ref
-from conftest import DTYPES, LAYOUTS, assert_close, hlo_text, images, rand, run_poisoned
+from conftest import DTYPES, LAYOUTS, assert_close, hlo_text, images, rand
+from conftest import check_all_three as check_conv_family
 
 _DIMENSION_NUMBERS = {"C01B": ("CHWN", "HWIO", "CHWN"), "NHWC": ("NHWC", "HWIO", "NHWC")}
 
@@ -24,16 +25,8 @@ def local_case(layout, dtype, n, c, h, w, f, fh, fw, key=0, **geometry):
 
 
 def check_all_three(x, w, dtype=None, **kw):
-    """Our three ops equal the reference's on these operands (and on random cotangents)."""
-    y = run_poisoned(lambda x, w: jcn.local_filter_acts(x, w, **kw), x, w)
-    assert_close(y, jax.jit(lambda x, w: ref.local_filter_acts(x, w, **kw))(x, w), dtype)
-    g = rand(7, y.shape, x.dtype)
-    dx = run_poisoned(lambda g, w: jcn.local_image_acts(g, w, x.shape, **kw), g, w)
-    assert_close(dx, jax.jit(lambda g, w: ref.local_image_acts(g, w, x.shape, **kw))(g, w), dtype)
-    dw = run_poisoned(lambda x, g: jcn.local_weight_acts(x, g, w.shape, **kw), x, g)
-    assert_close(dw, jax.jit(lambda x, g: ref.local_weight_acts(x, g, w.shape, **kw))(x, g),
-                 dtype)
-    return y
+    """Our three local ops equal the reference's on these operands (and on random cotangents)."""
+    return check_conv_family(x, w, dtype, family="local_", **kw)
 
 
 def lax_local(x, w, layout, strides, padding, filter_hw):
