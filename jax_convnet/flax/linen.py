@@ -83,10 +83,11 @@ class _ConvModule(nn.Module):
         """The op's arguments from the attributes: owner (the class name, for errors), kernel
         (h, w), strides, padding, and the inputs with their batch axes flattened to one."""
         owner = type(self).__name__
+        kernel_hw = C.kernel_pair(self.kernel_size, owner)
+        strides = C.stride_pair(self.strides, "strides", owner)
+        padding = C.conv_padding(self.padding, owner)
         flat, _ = C.flatten_batch(inputs, self.layout, owner)
-        return (owner, C.kernel_pair(self.kernel_size, owner),
-                C.stride_pair(self.strides, "strides", owner), C.conv_padding(self.padding, owner),
-                flat)
+        return owner, kernel_hw, strides, padding, flat
 
     def _promote(self, inputs, kernel, bias):
         if self.promote_dtype is None:
