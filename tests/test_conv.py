@@ -223,6 +223,10 @@ def test_explain_names_each_conv_call_of_a_training_step():
     assert [c["route"] for c in calls] == ["tma", "tma_weights_via_c01b_copies", "tma"]
 
 
+def routes_of(calls):
+    return {c["op"]: c["route"] for c in calls}
+
+
 def test_the_plan_routes_each_call_on_a_described_device():
     """jcn.explain(..., device=) says which route each call of a training step takes on a
     described GPU (csrc/common/conv_plan.h, which the CUDA kernels follow). On an H200: the TMA
@@ -240,8 +244,8 @@ def test_the_plan_routes_each_call_on_a_described_device():
         k = S(jcn.geometry.filter_shape(layout, f, c, fh, fw), dtype)
         loss = lambda x, k: jnp.sum(jcn.filter_acts(
             x, k, stride=stride, pad=pad, layout=layout, precision=precision).astype(jnp.float32))
-        calls = jcn.explain(jax.grad(loss, (0, 1)), x, k, device={**jcn.conv.H200, **device})
-        return {c["op"]: c["route"] for c in calls}
+        return routes_of(jcn.explain(jax.grad(loss, (0, 1)), x, k,
+                                     device={**jcn.conv.H200, **device}))
 
     tma_weights = dict(weight_acts="tma_weights")
     assert routes("alex2", "NHWC") == dict(
@@ -266,6 +270,17 @@ def test_the_plan_routes_each_call_on_a_described_device():
     (fa,) = jcn.explain(lambda x, k: jcn.filter_acts(x, k, pad=1, layout="NHWC"),
                         S((128, 13, 13, 256), jnp.bfloat16), S((3, 3, 256, 384), jnp.bfloat16))
     assert (fa["route"], fa["tile_n"]) == ("tma", 192)
+    # Narrow convolutions: at least 48 output channels (3/4 of the 64-column tile) on the TMA
+    # core, so the per-group image_acts of grouped AlexNet conv2 (48 channels a group) runs there;
+    # 32 (the CIFAR-10 net) on the CUDA cores.
+    def narrow(c, f):
+        return routes_of(jcn.explain(
+            jax.grad(lambda x, k: jnp.sum(jcn.filter_acts(x, k, pad=2, layout="NHWC")), (0, 1)),
+            S((128, 27, 27, c), jnp.bfloat16), S((5, 5, c, f), jnp.bfloat16), device=jcn.conv.H200))
+    assert narrow(128, 48) == dict(filter_acts="tma", weight_acts="tma_weights", image_acts="tma")
+    assert narrow(48, 128) == dict(filter_acts="tma", weight_acts="tma_weights", image_acts="tma")
+    assert narrow(128, 32)["filter_acts"] == "cuda_cores"
+    assert narrow(32, 128)["image_acts"] == "cuda_cores"
 
 
 def test_image_acts_column_buffer_holds_whole_images(monkeypatch):

@@ -24,7 +24,8 @@ DTYPE_IDS = ["bfloat16", "float16", "float32"]
 # (odd widths: a half-empty last pair). In NHWC 128 consecutive output pixels per tile cross rows
 # and images (weight_acts: 64 per k-block). Channels past a multiple of 64 (48, 112) are the
 # copies' zero fill; convolutions using under 3/4 of their channel blocks (8 channels) or into
-# fewer than 64 channels (32 filters; image_acts into 48 channels) take the other kernels. Filter
+# fewer than 48 channels (32 filters) take the other kernels; image_acts into 48 channels fills
+# 3/4 of the narrowest tile. Filter
 # counts pick each tile width (64, 128, 192, 256) and partial last column tiles (96, 200);
 # weight_acts' columns are (tap, channel) pairs, its rows the filters.
 CASES = {

@@ -55,7 +55,6 @@ inline const char* route_name(ConvRoute r) {
 
 // ---- The TMA core's rules (conv_tma.cuh checks its constants against these) ----
 
-constexpr int64_t kTmaKBlockBytes = 128;  // a k-block: 128 bytes of k
 constexpr int64_t kTmaRows = 128;         // rows of an A tile (kTmaBM)
 constexpr int64_t kTmaStageBudget = 200 * 1024;
 // Shared memory of the TMA kernel with a tile of bn columns (TmaPlan<bn>::SMEM).
@@ -100,20 +99,16 @@ inline bool dense_c01b(const Strides4& s, int64_t batch, int64_t w, int64_t pixe
 }
 
 // Whether the TMA kernels can read pr's X (the images, or image_acts' hidden tensor), on the
-// geometry alone: sizes within 31 bits, 16-byte strides, filters contiguous, at least 3/4 of the
-// channels' k-blocks used and 64 output channels (narrower convolutions, e.g. the CIFAR-10 net's
-// 32 channels, run faster on the other kernels: benchmarks/history/2026-12-02_session9_tma_core.md);
-// C01B: batch contiguous, runs of 64 images; NHWC: im2col's corner and offset ranges, and the
-// corners' box holding out_h x out_w pixels.
+// geometry alone: sizes within 31 bits, 16-byte strides, filters contiguous, the channels the
+// kernels take (tma_channels_fit); C01B: batch contiguous, runs of 64 images; NHWC: im2col's
+// corner and offset ranges, and the corners' box holding out_h x out_w pixels.
 inline bool tma_reads(Layout layout, int64_t itemsize, const TmaProblem& pr) {
-  const int64_t V = 16 / itemsize, kK = kTmaKBlockBytes / itemsize;
+  const int64_t V = 16 / itemsize;
   const int64_t lim = int64_t(1) << 31;
   for (int64_t v : {pr.batch, pr.cin, pr.cout, pr.in_h, pr.in_w, pr.out_h, pr.out_w,
                     pr.batch * pr.out_h * pr.out_w, pr.batch * pr.in_h * pr.in_w})
     if (v >= lim) return false;
-  if (pr.ws.n != 1 || pr.cin % V != 0 || pr.cout % V != 0 || pr.cout < 64 ||
-      4 * pr.cin < 3 * ceil_div(pr.cin, kK) * kK)
-    return false;
+  if (pr.ws.n != 1 || !tma_channels_fit(pr.cin, pr.cout, itemsize)) return false;
   for (int64_t s : {pr.xs.c, pr.xs.y, pr.xs.x, pr.xs.n, pr.ws.c, pr.ws.y, pr.ws.x})
     if (s % V != 0 && s != 1) return false;
   if (layout == Layout::kC01B) return pr.xs.n == 1 && pr.batch % V == 0 && pr.batch >= 64;

@@ -59,19 +59,27 @@ inline int64_t wa_padded_image_bytes(int64_t pixels, int64_t itemsize) {
   return round_up(pixels * kWaPaddedChannels * itemsize, 256);
 }
 
+constexpr int64_t kTmaKBlockBytes = 128;  // a k-block of the TMA kernels: 128 bytes of k
+// Whether the TMA kernels take a convolution of cin input and cout output channels of itemsize
+// bytes: both in 16-byte vectors, the input channels filling at least 3/4 of their k-blocks, and
+// at least 48 output channels (3/4 of the narrowest tile; narrower convolutions, e.g. the CIFAR-10
+// net's 32 channels, run faster on the other kernels: benchmarks/history/2026-12-02_session9_tma_core.md).
+inline bool tma_channels_fit(int64_t cin, int64_t cout, int64_t itemsize) {
+  const int64_t V = 16 / itemsize, kK = kTmaKBlockBytes / itemsize;
+  return cin % V == 0 && cout % V == 0 && cout >= 48 && 4 * cin >= 3 * round_up(cin, kK);
+}
+
 // The TF32 kernel's copies: NHWC filter_acts its taps; C01B filter_acts the images and the hidden
 // tensor as NHWC, then its taps; C01B image_acts at stride 1 the hidden tensor and the images as
 // NHWC; NHWC weight_acts the images and the hidden tensor as C01B (each tensor rounded up to 256
-// bytes). 0 elsewhere, and where the kernel cannot read the shapes (tma_can_read: the
-// convolution's input channels in 4s filling 3/4 of their 32-blocks, its outputs in 4s and at
-// least 64; the C01B kernel a batch in 4s of at least 64).
+// bytes). 0 elsewhere, and where the kernel cannot take the channels (tma_channels_fit; the C01B
+// kernel also a batch in 4s of at least 64).
 inline int64_t tf32_copies_bytes(ConvOp op, const ConvGeometry& g, bool batch_known) {
   if (!batch_known || g.precision != Precision::kDefault) return 0;
   const bool c01b = g.layout == Layout::kC01B;
   const int64_t cin = op == ConvOp::kImageActs ? g.filters : g.channels;
   const int64_t cout = op == ConvOp::kImageActs ? g.channels : g.filters;
-  if (!(cin % 4 == 0 && 4 * cin >= 3 * round_up(cin, 32) && cout % 4 == 0 && cout >= 64))
-    return 0;
+  if (!tma_channels_fit(cin, cout, 4)) return 0;
   const int64_t images = round_up(4 * g.batch * g.in_h * g.in_w * g.channels, 256);
   const int64_t hidden = round_up(4 * g.batch * g.out_h * g.out_w * g.filters, 256);
   const int64_t taps = 4 * g.channels * g.filters * g.filter_h * g.filter_w;

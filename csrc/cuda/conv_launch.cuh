@@ -927,10 +927,14 @@ std::optional<cudaError_t> run_tma_weights(const TmaProblem& pr, const void* x, 
 using jcn::kMaxSwapped;
 cudaError_t swap_outer_inner(const void* src, void* dst, int64_t outer, int64_t pixels,
                              int64_t inner, cudaStream_t stream) {
-  const dim3 grid(unsigned(ceil_div(inner, 32)), unsigned(ceil_div(outer, 32)),
+  const dim3 grid(unsigned(ceil_div(inner, kSwapTile)), unsigned(ceil_div(outer, kSwapTile)),
                   unsigned(std::min<int64_t>(pixels, 65535)));
-  swap_outer_inner_kernel<<<grid, dim3(32, 8), 0, stream>>>(
-      static_cast<const float*>(src), static_cast<float*>(dst), outer, pixels, inner);
+  const auto s = static_cast<const float*>(src);
+  const auto d = static_cast<float*>(dst);
+  if (outer % 4 == 0 && inner % 4 == 0 && aligned(src, 16) && aligned(dst, 16))
+    swap_outer_inner_kernel<4><<<grid, kSwapThreads, 0, stream>>>(s, d, outer, pixels, inner);
+  else
+    swap_outer_inner_kernel<1><<<grid, kSwapThreads, 0, stream>>>(s, d, outer, pixels, inner);
   return cudaGetLastError();
 }
 

@@ -45,6 +45,7 @@
 #include <cuda.h>  // CUtensorMap and its enums (the encoders come from the driver at run time)
 
 #include <cstdint>
+#include <type_traits>
 
 #include "conv_common.cuh"
 #include "conv_wgmma.cuh"
@@ -496,22 +497,44 @@ __global__ void __launch_bounds__(kTmaThreads, 1)
 }
 
 // A float32 (O, P, I) tensor copied to (I, P, O): NHWC (B, pixels, C) to C01B (C, pixels, B) and
-// back, for the TF32 kernel, which reads both operands k-contiguous. Through 32 x 32 tiles of
-// (o, i) per pixel; block (32, 8), grid (ceil(I / 32), ceil(O / 32), min(P, 65535)).
-static __global__ void swap_outer_inner_kernel(const float* __restrict__ src,
-                                               float* __restrict__ dst, int64_t outer,
-                                               int64_t pixels, int64_t inner) {
-  __shared__ float tile[32][33];
-  const int64_t i0 = int64_t(blockIdx.x) * 32, o0 = int64_t(blockIdx.y) * 32;
+// back, for the TF32 kernel, which reads both operands k-contiguous. Through 64 x 64 tiles of
+// (o, i) per pixel, V floats per global access (4 where O, I and both pointers allow float4):
+// every thread holds its 16 loads in registers before the tile is written, so that enough bytes
+// are in flight to run at the copy rate. Block 256, grid (ceil(I / 64), ceil(O / 64),
+// min(P, 65535)).
+constexpr int kSwapTile = 64, kSwapThreads = 256;
+template <int V>
+__global__ void __launch_bounds__(kSwapThreads)
+    swap_outer_inner_kernel(const float* __restrict__ src, float* __restrict__ dst,
+                            int64_t outer, int64_t pixels, int64_t inner) {
+  using Vec = std::conditional_t<V == 4, float4, float>;
+  constexpr int kChunks = kSwapTile / V, kRowsPerPass = kSwapThreads / kChunks,
+                kPasses = kSwapTile / kRowsPerPass;
+  __shared__ float tile[kSwapTile][kSwapTile + 1];
+  const int chunk = int(threadIdx.x) % kChunks, row = int(threadIdx.x) / kChunks;
+  const int64_t i0 = int64_t(blockIdx.x) * kSwapTile, o0 = int64_t(blockIdx.y) * kSwapTile;
   for (int64_t p = blockIdx.z; p < pixels; p += gridDim.z) {
-    for (int r = int(threadIdx.y); r < 32; r += 8) {  // rows o, i along the lanes
-      const int64_t o = o0 + r, i = i0 + threadIdx.x;
-      if (o < outer && i < inner) tile[r][threadIdx.x] = src[(o * pixels + p) * inner + i];
+    Vec v[kPasses];
+#pragma unroll
+    for (int l = 0; l < kPasses; ++l) {  // rows o, i along the chunks
+      const int64_t o = o0 + row + l * kRowsPerPass, i = i0 + chunk * V;
+      if (o < outer && i < inner)
+        v[l] = *reinterpret_cast<const Vec*>(src + (o * pixels + p) * inner + i);
     }
+#pragma unroll
+    for (int l = 0; l < kPasses; ++l)
+#pragma unroll
+      for (int e = 0; e < V; ++e)
+        tile[row + l * kRowsPerPass][chunk * V + e] = reinterpret_cast<const float*>(&v[l])[e];
     __syncthreads();
-    for (int r = int(threadIdx.y); r < 32; r += 8) {  // rows i, o along the lanes
-      const int64_t i = i0 + r, o = o0 + threadIdx.x;
-      if (o < outer && i < inner) dst[(i * pixels + p) * outer + o] = tile[threadIdx.x][r];
+#pragma unroll
+    for (int l = 0; l < kPasses; ++l) {  // rows i, o along the chunks
+      const int r = row + l * kRowsPerPass;
+#pragma unroll
+      for (int e = 0; e < V; ++e) reinterpret_cast<float*>(&v[l])[e] = tile[chunk * V + e][r];
+      const int64_t i = i0 + r, o = o0 + chunk * V;
+      if (o < outer && i < inner)
+        *reinterpret_cast<Vec*>(dst + (i * pixels + p) * outer + o) = v[l];
     }
     __syncthreads();
   }
