@@ -159,11 +159,11 @@ inline std::string make_conv_geometry(const ConvParams& p, const int64_t* image_
 // Convolutions of stride 1 with large filters run on the GPU through 2-d FFTs
 // (csrc/cuda/conv_fft.cuh): every plane of the two operands zero-padded to ph x pw (the padded
 // image's extent rounded up to a power of two), transformed, multiplied bin by bin (a complex
-// GEMM over channels, filters or batch per frequency bin, float32 FMA) and transformed back. The
-// arithmetic is float32 throughout (no TF32), so every dtype and precision may take it. It runs
+// GEMM over channels, filters or batch per frequency bin on the tensor cores) and transformed
+// back. The transforms are float32; the bin GEMM is 3xTF32 (float32-accurate) for float32 at a
+// precision above default and TF32 otherwise, so every dtype and precision may take it. It runs
 // where the direct GEMM needs kFftMinSaving* times the complex GEMM's multiply-adds or more: the
-// margin pays for the transforms and, except at float32 accuracy, for FMA's lower rate than the
-// tensor cores'. Where it won (benchmarks/history/2026-11-29_session5_fft.md): at float32
+// margin pays for the transforms and the complex GEMM's lower rate. Where it won (benchmarks/history/2026-11-29_session5_fft.md): at float32
 // accuracy from L4 / AlexNet conv2 (7x7 / 5x5) on, TF32 only from L3 / L2 (9x9); 16-bit types
 // lose even on L2 to the tensor cores. weight_acts takes it only for one sum over all positions
 // (the transform sums over positions in its own order). The workspace (conv_workspace.h) holds

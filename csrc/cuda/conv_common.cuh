@@ -190,6 +190,20 @@ __device__ __forceinline__ uint32_t to_tf32(float x) {
   asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
   return r;
 }
+// float bits -> TF32 high part (in place) and the TF32 residue (3xTF32). Plain TF32 passes the
+// float bits unconverted: the tensor cores read their top 19 bits (truncation, at most 2^-10
+// relative per operand); a per-fragment cvt.rna would cost one conversion per element per warp
+// that reads it (24 per 16 mma), more than the mma themselves.
+template <int N>
+__device__ __forceinline__ void split_tf32(uint32_t (&big)[N], uint32_t (&small)[N]) {
+#pragma unroll
+  for (int e = 0; e < N; ++e) {
+    const float x = __uint_as_float(big[e]);
+    big[e] = to_tf32(x);
+    small[e] = to_tf32(x - __uint_as_float(big[e]));
+  }
+}
+
 // d += a * b for one 16 x 8 tile: m16n8k16 (bf16 / f16) or m16n8k8 (tf32), float accumulators.
 template <typename T>
 __device__ __forceinline__ void mma_16x8(float (&d)[4], const uint32_t (&a)[4],

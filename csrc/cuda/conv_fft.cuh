@@ -231,17 +231,22 @@ struct CgemmParams {
   float2* C = nullptr;
 };
 
-constexpr int kCgBM = 64, kCgBN = 64, kCgBK = 16, kCgThreads = 256;
+constexpr int kCgBM = 64, kCgBN = 64, kCgBK = 16, kCgThreads = 256, kCgPitch = kCgBM + 8;
 
-// kAUnitK: A is contiguous along k (else along m); kBUnitN: B along n (else along k). Loads
-// run along the contiguous dimension, the next k-tile's while the current one is multiplied;
-// 64 x 64 tiles, 4 x 4 complex outputs per thread: rows 4 tm + i, columns tn + 16 j (a warp's
-// reads of B then cover 16 consecutive values).
-template <bool kAUnitK, bool kBUnitN, bool kConjB>
+// The bin GEMM on the tensor cores (mma.sync m16n8k8, TF32), kSplit: 3xTF32 (float32-accurate:
+// each product as big * big + big * small + small * big, small terms first), else one TF32 mma
+// per product. Complex as four real products: Re += Ar Br - Ai Bi, Im += Ar Bi + Ai Br.
+// kAUnitK: A is contiguous along k (else along m); kBUnitN: B along n (else along k). Loads run
+// along the contiguous dimension, the next k-tile's while the current one is multiplied, into
+// real and imaginary planes [k][m or n], kCgPitch floats apart (a fragment's 32 reads then hit
+// 32 banks). 64 x 64 tiles, 8 warps of 32 x 16 (2 x 2 tiles of 16 x 8).
+template <bool kAUnitK, bool kBUnitN, bool kConjB, bool kSplit>
 __global__ void __launch_bounds__(kCgThreads, 2) cgemm_bins_kernel(const CgemmParams p) {
-  __shared__ float2 As[kCgBK][kCgBM + 2], Bs[kCgBK][kCgBN + 2];
+  __shared__ float As[2][kCgBK][kCgPitch], Bs[2][kCgBK][kCgPitch];  // [re / im][k][m or n]
   constexpr int kLoads = kCgBM * kCgBK / kCgThreads;  // 4 per operand and thread
-  const int tid = int(threadIdx.x), tm = tid / 16, tn = tid % 16;
+  const int tid = int(threadIdx.x), lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int wm0 = (warp & 1) * 32, wn0 = (warp >> 1) * 16;
   const int64_t q = blockIdx.y;
   const float2* const A = p.A + q * p.sAq;
   const float2* const B = p.B + q * p.sBq;
@@ -258,50 +263,92 @@ __global__ void __launch_bounds__(kCgThreads, 2) cgemm_bins_kernel(const CgemmPa
       if (kConjB) rb[l].y = -rb[l].y;
     }
   };
+  // Fragment (16 x 8 of A, 8 x 8 of B) of plane `part` at k-step kk, in mma.sync's order;
+  // kSplit: also the TF32 residues.
+  auto frag_a = [&](uint32_t (&f)[4], uint32_t (&r)[4], int part, int kk, int m) {
+    const float* s = &As[part][kk][m];
+    f[0] = __float_as_uint(s[t * kCgPitch + g]);
+    f[1] = __float_as_uint(s[t * kCgPitch + g + 8]);
+    f[2] = __float_as_uint(s[(t + 4) * kCgPitch + g]);
+    f[3] = __float_as_uint(s[(t + 4) * kCgPitch + g + 8]);
+    if constexpr (kSplit) split_tf32<4>(f, r);
+  };
+  auto frag_b = [&](uint32_t (&f)[2], uint32_t (&r)[2], int part, int kk, int n) {
+    const float* s = &Bs[part][kk][n];
+    f[0] = __float_as_uint(s[t * kCgPitch + g]);
+    f[1] = __float_as_uint(s[(t + 4) * kCgPitch + g]);
+    if constexpr (kSplit) split_tf32<2>(f, r);
+  };
+  // d += a b, as 3xTF32 (small terms first) or one TF32 mma.
+  auto product = [](float (&d)[4], const uint32_t (&a)[4], const uint32_t (&as)[4],
+                    const uint32_t (&b)[2], const uint32_t (&bs)[2]) {
+    if constexpr (kSplit) {
+      mma_16x8<float>(d, as, b);
+      mma_16x8<float>(d, a, bs);
+    }
+    mma_16x8<float>(d, a, b);
+  };
   const int64_t tiles_n = (p.N + kCgBN - 1) / kCgBN;
   for (int64_t tile = blockIdx.x; tile < ((p.M + kCgBM - 1) / kCgBM) * tiles_n;
        tile += gridDim.x) {
     const int64_t m0 = (tile / tiles_n) * kCgBM, n0 = (tile % tiles_n) * kCgBN;
-    float2 acc[4][4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-      for (int j = 0; j < 4; ++j) acc[i][j] = make_float2(0.f, 0.f);
+    float re[2][2][4] = {}, im[2][2][4] = {};
     load(m0, n0, 0);
     for (int64_t k0 = 0; k0 < p.K; k0 += kCgBK) {
       __syncthreads();  // the previous k-tile's reads are done
 #pragma unroll
       for (int l = 0; l < kLoads; ++l) {
         const int e = tid + l * kCgThreads;
-        As[kAUnitK ? e % kCgBK : e / kCgBM][kAUnitK ? e / kCgBK : e % kCgBM] = ra[l];
-        Bs[kBUnitN ? e / kCgBN : e % kCgBK][kBUnitN ? e % kCgBN : e / kCgBK] = rb[l];
+        const int ak = kAUnitK ? e % kCgBK : e / kCgBM, am = kAUnitK ? e / kCgBK : e % kCgBM;
+        const int bk = kBUnitN ? e / kCgBN : e % kCgBK, bn = kBUnitN ? e % kCgBN : e / kCgBK;
+        As[0][ak][am] = ra[l].x;
+        As[1][ak][am] = ra[l].y;
+        Bs[0][bk][bn] = rb[l].x;
+        Bs[1][bk][bn] = rb[l].y;
       }
       __syncthreads();
       if (k0 + kCgBK < p.K) load(m0, n0, k0 + kCgBK);
-#pragma unroll 4
-      for (int k = 0; k < kCgBK; ++k) {
-        float2 a[4], b[4];
 #pragma unroll
-        for (int i = 0; i < 4; ++i) a[i] = As[k][tm * 4 + i];
+      for (int kk = 0; kk < kCgBK; kk += 8) {
+        uint32_t br[2][2], bi[2][2], brs[2][2] = {}, bis[2][2] = {};
 #pragma unroll
-        for (int j = 0; j < 4; ++j) b[j] = Bs[k][tn + 16 * j];
+        for (int j = 0; j < 2; ++j) {
+          frag_b(br[j], brs[j], 0, kk, wn0 + 8 * j);
+          frag_b(bi[j], bis[j], 1, kk, wn0 + 8 * j);
+        }
 #pragma unroll
-        for (int i = 0; i < 4; ++i)
+        for (int i = 0; i < 2; ++i) {
+          uint32_t ar[4], ai[4], ars[4] = {}, ais[4] = {};
+          frag_a(ar, ars, 0, kk, wm0 + 16 * i);
+          frag_a(ai, ais, 1, kk, wm0 + 16 * i);
 #pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            acc[i][j].x = fmaf(a[i].x, b[j].x, fmaf(-a[i].y, b[j].y, acc[i][j].x));
-            acc[i][j].y = fmaf(a[i].x, b[j].y, fmaf(a[i].y, b[j].x, acc[i][j].y));
+          for (int j = 0; j < 2; ++j) {
+            uint32_t nbi[2], nbis[2];  // -Bi: the sign bit (exact, in both TF32 parts)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              nbi[e] = bi[j][e] ^ 0x80000000u;
+              nbis[e] = bis[j][e] ^ 0x80000000u;
+            }
+            product(re[i][j], ar, ars, br[j], brs[j]);
+            product(re[i][j], ai, ais, nbi, nbis);
+            product(im[i][j], ar, ars, bi[j], bis[j]);
+            product(im[i][j], ai, ais, br[j], brs[j]);
           }
+        }
       }
     }
     float2* C = p.C + q * p.sCq;
 #pragma unroll
-    for (int i = 0; i < 4; ++i)
+    for (int i = 0; i < 2; ++i)
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int64_t m = m0 + tm * 4 + i, n = n0 + tn + 16 * j;
-        if (m < p.M && n < p.N) C[m * p.sCm + n * p.sCn] = acc[i][j];
-      }
+      for (int j = 0; j < 2; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {  // accumulator e: row g (+ 8 from e = 2), column 2t + e % 2
+          const int64_t m = m0 + wm0 + 16 * i + g + 8 * (e >> 1);
+          const int64_t n = n0 + wn0 + 8 * j + 2 * t + (e & 1);
+          if (m < p.M && n < p.N)
+            C[m * p.sCm + n * p.sCn] = make_float2(re[i][j][e], im[i][j][e]);
+        }
   }
 }
 

@@ -549,13 +549,31 @@ cudaError_t fft_inverse(const float2* spec, const FftPlanes& pl, int lph, int lp
   return cudaGetLastError();
 }
 
-template <bool kAUnitK, bool kBUnitN, bool kConjB>
+template <bool kAUnitK, bool kBUnitN, bool kConjB, bool kSplit>
 cudaError_t launch_cgemm(const CgemmParams& p, int64_t bins, cudaStream_t stream) {
   const int64_t tiles = ceil_div(p.M, kCgBM) * ceil_div(p.N, kCgBN);
-  cgemm_bins_kernel<kAUnitK, kBUnitN, kConjB>
+  cgemm_bins_kernel<kAUnitK, kBUnitN, kConjB, kSplit>
       <<<dim3(unsigned(std::min<int64_t>(tiles, 65535)), unsigned(bins)), kCgThreads, 0, stream>>>(
           p);
   return cudaGetLastError();
+}
+// The bin GEMM for operands of these strides: 3xTF32 where the caller asks float32 at a
+// precision above default (float32-accurate), else TF32 (the precision its operands allow).
+template <bool kConjB>
+cudaError_t launch_cgemm(const CgemmParams& p, int64_t bins, bool split, cudaStream_t stream) {
+  const bool a_unit_k = p.sAk == 1, b_unit_n = p.sBn == 1;
+  if (split) {
+    if (a_unit_k)
+      return b_unit_n ? launch_cgemm<true, true, kConjB, true>(p, bins, stream)
+                      : launch_cgemm<true, false, kConjB, true>(p, bins, stream);
+    return b_unit_n ? launch_cgemm<false, true, kConjB, true>(p, bins, stream)
+                    : launch_cgemm<false, false, kConjB, true>(p, bins, stream);
+  }
+  if (a_unit_k)
+    return b_unit_n ? launch_cgemm<true, true, kConjB, false>(p, bins, stream)
+                    : launch_cgemm<true, false, kConjB, false>(p, bins, stream);
+  return b_unit_n ? launch_cgemm<false, true, kConjB, false>(p, bins, stream)
+                  : launch_cgemm<false, false, kConjB, false>(p, bins, stream);
 }
 
 // The FFT path (conv_fft.cuh) where jcn::fft_conv_plan takes it and the workspace has exactly
@@ -623,16 +641,8 @@ std::optional<cudaError_t> run_fft(const jcn::ConvGeometry& g, const void* a, co
   if ((err = fft_forward<T>(a, *in_a.planes, lph, lpw, in_a.spec, nsm, stream)) != cudaSuccess ||
       (err = fft_forward<T>(b, *in_b.planes, lph, lpw, in_b.spec, nsm, stream)) != cudaSuccess)
     return err;
-  constexpr bool kConj = K != OpKind::kIA;
-  const bool a_unit_k = cg.sAk == 1, b_unit_n = cg.sBn == 1;
-  if (a_unit_k) {
-    err = b_unit_n ? launch_cgemm<true, true, kConj>(cg, bins, stream)
-                   : launch_cgemm<true, false, kConj>(cg, bins, stream);
-  } else {
-    err = b_unit_n ? launch_cgemm<false, true, kConj>(cg, bins, stream)
-                   : launch_cgemm<false, false, kConj>(cg, bins, stream);
-  }
-  if (err != cudaSuccess) return err;
+  const bool split = std::is_same_v<T, float> && g.precision != jcn::Precision::kDefault;
+  if ((err = launch_cgemm<K != OpKind::kIA>(cg, bins, split, stream)) != cudaSuccess) return err;
   return fft_inverse<T>(res.spec, *res.planes, lph, lpw, out, nsm, stream);
 }
 

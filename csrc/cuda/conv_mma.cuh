@@ -138,20 +138,6 @@ __device__ __forceinline__ void load_b_frag_pair(uint32_t (&b0)[2], uint32_t (&b
   b1[1] = r[3];
 }
 
-// float bits -> TF32 high part (in place) and the TF32 residue (3xTF32). Plain TF32 passes the
-// float bits unconverted: the tensor cores read their top 19 bits (truncation, at most 2^-10
-// relative per operand); a per-fragment cvt.rna would cost one conversion per element per warp
-// that reads it (24 per 16 mma), more than the mma themselves.
-template <int N>
-__device__ __forceinline__ void split_tf32(uint32_t (&big)[N], uint32_t (&small)[N]) {
-#pragma unroll
-  for (int e = 0; e < N; ++e) {
-    const float x = __uint_as_float(big[e]);
-    big[e] = to_tf32(x);
-    small[e] = to_tf32(x - __uint_as_float(big[e]));
-  }
-}
-
 // kSplit: float32 as 3xTF32 (precision highest); otherwise one mma per tile pair.
 // kAVec: elements per copy of operand A: 16 bytes, or single floats for float32 operands whose
 // rows cannot be read 16 bytes at a time (NHWC images of 3 channels).
