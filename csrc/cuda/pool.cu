@@ -155,6 +155,28 @@ __device__ __forceinline__ ClippedWindow<Idx> clip_window(Idx y0, Idx x0, Idx wh
           ww < g.W - x0 ? ww : g.W - x0};
 }
 
+// The row-major walk over a pooled vector's window (image plane o, origin (y0, x0), clipped to
+// w): visit(i, j, ok, v) for each window position, v its V lanes. Compile-time window (KH / KW
+// > 0): all KH * KW positions, the out-of-image ones with ok false and loaded from a clamped
+// (valid, already-touched) address, so that the unrolled body is branch-free and all loads are in
+// flight together. Runtime window: only the clipped range (ok always true).
+template <typename T, int V, int KH, int KW, typename Idx, typename Visit>
+__device__ __forceinline__ void walk_window(const T* __restrict__ img, Idx o, Idx lane, Idx y0,
+                                            Idx x0, const ClippedWindow<Idx>& w,
+                                            const KGeom<Idx>& g, Visit&& visit) {
+  const Idx i_beg = KH > 0 ? Idx(0) : w.i_lo, i_end = KH > 0 ? Idx(KH) : w.i_hi;
+  const Idx j_beg = KW > 0 ? Idx(0) : w.j_lo, j_end = KW > 0 ? Idx(KW) : w.j_hi;
+#pragma unroll
+  for (Idx i = i_beg; i < i_end; ++i) {
+    const bool row_ok = i >= w.i_lo && i < w.i_hi;
+    const Idx row = (o * g.H + clamp_idx<Idx>(y0 + i, g.H)) * g.W;
+#pragma unroll
+    for (Idx j = j_beg; j < j_end; ++j)
+      visit(i, j, row_ok && j >= w.j_lo && j < w.j_hi,
+            load_vec<T, V>(img, (row + clamp_idx<Idx>(x0 + j, g.W)) * g.I + lane));
+  }
+}
+
 // ----------------------------------------------------------------------------------------------
 // Forward, with or without winners. One thread per pooled vector (o, oy, ox, V lanes at
 // i = iv*V): it scans the clipped window in row-major order, per lane keeps the selected value,
@@ -176,7 +198,7 @@ __global__ void __launch_bounds__(kThreads)
     const auto [o, oy, ox, lane, y0, x0] = pooled_vector<V>(t, g);
     const Idx wh = KH > 0 ? Idx(KH) : g.wh;
     const Idx ww = KW > 0 ? Idx(KW) : g.ww;
-    const auto [i_lo, i_hi, j_lo, j_hi] = clip_window(y0, x0, wh, ww, g);
+    const ClippedWindow<Idx> window = clip_window(y0, x0, wh, ww, g);
 
     // The scan starts from best = -inf and uses takes_over(): no first-element case. A window
     // of -inf only selects its first element: the winner starts there. float32 and bfloat16
@@ -184,8 +206,8 @@ __global__ void __launch_bounds__(kThreads)
     // float16's round trip through float could change a NaN's payload, so it keeps the selected
     // element itself.
     constexpr bool kBestIsResult = N::kExactFromFloatBits;
-    const bool empty = i_lo >= i_hi || j_lo >= j_hi;
-    const W first_code = empty ? W(0) : W(i_lo * ww + j_lo);
+    const bool empty = window.i_lo >= window.i_hi || window.j_lo >= window.j_hi;
+    const W first_code = empty ? W(0) : W(window.i_lo * ww + window.j_lo);
     Vec<T, V> res;
     WinVec<W, V> code;
     float best[V];
@@ -195,31 +217,18 @@ __global__ void __launch_bounds__(kThreads)
       code.w[l] = first_code;
       best[l] = -INFINITY;
     }
-    // Compile-time window: all KH*KW positions, out-of-image ones masked by `ok` and loaded from
-    // a clamped (valid, already-touched) address, so the unrolled body is branch-free and all
-    // loads are in flight together. Runtime window: only the clipped range (ok always true).
-    const Idx i_beg = KH > 0 ? Idx(0) : i_lo, i_end = KH > 0 ? Idx(KH) : i_hi;
-    const Idx j_beg = KW > 0 ? Idx(0) : j_lo, j_end = KW > 0 ? Idx(KW) : j_hi;
+    walk_window<T, V, KH, KW>(img, o, lane, y0, x0, window, g,
+                              [&](Idx i, Idx j, bool ok, const Vec<T, V>& v) {
+      const W k = W(i * ww + j);  // < 2^31: pool::winner_bytes
 #pragma unroll
-    for (Idx i = i_beg; i < i_end; ++i) {
-      const bool row_ok = i >= i_lo && i < i_hi;
-      const Idx row = (o * g.H + clamp_idx<Idx>(y0 + i, g.H)) * g.W;
-#pragma unroll
-      for (Idx j = j_beg; j < j_end; ++j) {
-        const bool ok = row_ok && j >= j_lo && j < j_hi;
-        const Idx off = (row + clamp_idx<Idx>(x0 + j, g.W)) * g.I + lane;
-        const Vec<T, V> v = load_vec<T, V>(img, off);
-        const W k = W(i * ww + j);  // < 2^31: pool::winner_bytes
-#pragma unroll
-        for (int l = 0; l < V; ++l) {
-          const float f = N::to_f(v.v[l]);
-          const bool take = ok & jcn::pool::takes_over(f, best[l]);
-          best[l] = take ? f : best[l];
-          if constexpr (kWinners) code.w[l] = take ? k : code.w[l];
-          if constexpr (!kBestIsResult) res.v[l] = take ? v.v[l] : res.v[l];
-        }
+      for (int l = 0; l < V; ++l) {
+        const float f = N::to_f(v.v[l]);
+        const bool take = ok & jcn::pool::takes_over(f, best[l]);
+        best[l] = take ? f : best[l];
+        if constexpr (kWinners) code.w[l] = take ? k : code.w[l];
+        if constexpr (!kBestIsResult) res.v[l] = take ? v.v[l] : res.v[l];
       }
-    }
+    });
     if constexpr (kBestIsResult) {
 #pragma unroll
       for (int l = 0; l < V; ++l) res.v[l] = N::from_float_bits(best[l]);
@@ -551,25 +560,14 @@ __global__ void __launch_bounds__(kThreads)
     const auto [o, oy, ox, lane, y0, x0] = pooled_vector<V>(t, g);
     const Idx wh = KH > 0 ? Idx(KH) : g.wh;
     const Idx ww = KW > 0 ? Idx(KW) : g.ww;
-    const auto [i_lo, i_hi, j_lo, j_hi] = clip_window(y0, x0, wh, ww, g);
-
     float sum[V];
 #pragma unroll
     for (int l = 0; l < V; ++l) sum[l] = 0.0f;
-    const Idx i_beg = KH > 0 ? Idx(0) : i_lo, i_end = KH > 0 ? Idx(KH) : i_hi;
-    const Idx j_beg = KW > 0 ? Idx(0) : j_lo, j_end = KW > 0 ? Idx(KW) : j_hi;
+    walk_window<T, V, KH, KW>(img, o, lane, y0, x0, clip_window(y0, x0, wh, ww, g), g,
+                              [&](Idx, Idx, bool ok, const Vec<T, V>& v) {
 #pragma unroll
-    for (Idx i = i_beg; i < i_end; ++i) {
-      const bool row_ok = i >= i_lo && i < i_hi;
-      const Idx row = (o * g.H + clamp_idx<Idx>(y0 + i, g.H)) * g.W;
-#pragma unroll
-      for (Idx j = j_beg; j < j_end; ++j) {
-        const bool ok = row_ok && j >= j_lo && j < j_hi;
-        const Vec<T, V> v = load_vec<T, V>(img, (row + clamp_idx<Idx>(x0 + j, g.W)) * g.I + lane);
-#pragma unroll
-        for (int l = 0; l < V; ++l) sum[l] = __fadd_rn(sum[l], ok ? N::to_f(v.v[l]) : 0.0f);
-      }
-    }
+      for (int l = 0; l < V; ++l) sum[l] = __fadd_rn(sum[l], ok ? N::to_f(v.v[l]) : 0.0f);
+    });
     const float rcp = avg_reciprocal(include, int64_t(y0), int64_t(x0), int64_t(g.wh),
                                      int64_t(g.ww), int64_t(g.H), int64_t(g.W));
     Vec<T, V> res;
