@@ -57,6 +57,15 @@ def assert_close(actual, expected, dtype=None, *, scale=1.0):
     assert err <= tol, f"relative error {err:.3g} > {tol:.3g}"
 
 
+def assert_close_sum(actual, expected, terms_magnitude, dtype=jnp.float32):
+    """A sum of many terms (a loss such as vdot(y, g)) against its reference, relative to the sum
+    of the terms' magnitudes: two summation orders differ by rounding of that size, however
+    much the terms cancel."""
+    err = abs(float(actual) - float(expected)) / max(float(terms_magnitude), 1e-30)
+    tol = TOLERANCE[jnp.dtype(dtype).type]
+    assert err <= tol, f"relative error {err:.3g} > {tol:.3g}"
+
+
 def tolerance_dtype(dtype, precision=None):
     """The dtype whose TOLERANCE judges a GPU result of ``dtype`` at ``precision``: float32 at
     default precision may run as TF32, which keeps 10 mantissa bits, so bfloat16's bound."""

@@ -195,9 +195,10 @@ def test_cpu_handler_rejects_inconsistent_groups():
 # ----------------------------------------------------------------------------- lowering
 
 def test_groups_attribute_only_where_grouped():
-    """Ungrouped calls keep today's attributes; grouped CPU calls pass ``groups``."""
-    x, k = operands("C01B", jnp.float32, 2, 6, 5, 5, 4, 3, 3, 2)
-    k6 = rand(2, (6, 3, 3, 4))
+    """Ungrouped calls keep today's attributes; grouped CPU calls pass ``groups`` (the operands
+    on the CPU: a GPU lowers grouped calls as ungrouped ones)."""
+    x, k, k6 = jax.device_put(
+        (*operands("C01B", jnp.float32, 2, 6, 5, 5, 4, 3, 3, 2), rand(2, (6, 3, 3, 4))), cpu())
     plain = jax.jit(lambda x, k: jcn.filter_acts(x, k)).lower(x, k6).as_text()
     assert "groups" not in plain
     assert plain == jax.jit(lambda x, k: jcn.filter_acts(x, k, groups=1)).lower(x, k6).as_text()
