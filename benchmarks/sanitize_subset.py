@@ -7,6 +7,7 @@ index kernels of tensors past 2^30 elements (tests/test_gpu_large.py runs those)
 end of the file."""
 import itertools
 import math
+import os
 import sys
 
 import jax
@@ -48,8 +49,25 @@ def tma_strided_kernels():
         jax.block_until_ready(jax.jit(jax.grad(loss, (0, 1)))(x, w))
 
 
+def tma_3xtf32_kernels():
+    """float32 at precision highest on the TMA kernels as 3xTF32 (JAX_CONVNET_TMA_3XTF32=1): the
+    residue pass and three passes over K, every TF32 route (NHWC in place, C01B through NHWC
+    copies, weight_acts in place and through C01B copies)."""
+    os.environ["JAX_CONVNET_TMA_3XTF32"] = "1"
+    try:
+        for layout in ("C01B", "NHWC"):
+            x = jax.random.normal(key, jcn.geometry.image_shape(layout, 72, 64, 9, 8))
+            w = jax.random.normal(key, jcn.geometry.filter_shape(layout, 96, 64, 3, 3))
+            loss = lambda x, w: jnp.sum(jcn.filter_acts(
+                x, w, layout=layout, pad=1, precision="highest") ** 2)
+            jax.block_until_ready(jax.jit(jax.grad(loss, (0, 1)))(x, w))
+    finally:
+        del os.environ["JAX_CONVNET_TMA_3XTF32"]
+
+
 tma_kernels()
 tma_strided_kernels()
+tma_3xtf32_kernels()
 if sys.argv[1:] == ["tma"]:
     print("subset ok")
     sys.exit(0)

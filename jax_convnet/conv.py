@@ -251,9 +251,11 @@ H200 = dict(cc_major=9, cc_minor=0, sm_count=132, smem_optin=232448, tma=True)
 
 def cuda_plan(primitive, operand_avals, result_aval, geom, device=H200) -> dict:
     """The route of a CUDA call of ``primitive`` on ``device`` (keys of ``H200``) and, on the TMA
-    core, its tile width, from csrc/common/conv_plan.h, which the kernels follow: ``tma``,
-    ``tma_via_nhwc_copies``, ``tma_weights``, ``tma_weights_via_c01b_copies``, ``fft`` or
-    ``cuda_cores`` (the other kernels, chosen at launch); None for a symbolic batch."""
+    core, its tile width and whether it runs as 3xTF32 (``split``: float32 above default
+    precision, where ``JAX_CONVNET_TMA_3XTF32=1``), from csrc/common/conv_plan.h, which the
+    kernels follow: ``tma``, ``tma_via_nhwc_copies``, ``tma_weights``,
+    ``tma_weights_via_c01b_copies``, ``fft`` or ``cuda_cores`` (the other kernels, chosen at
+    launch); None for a symbolic batch."""
     module, args, batch_known = _native_call(primitive, operand_avals, result_aval, geom)
     if not batch_known:
         return None
@@ -298,7 +300,7 @@ def explain(fn, *args, device=H200, **kwargs) -> list[dict]:
     """What each conv custom call of ``fn(*args, **kwargs)`` (as ``jax.jit`` would trace it, its
     derivatives included) gets on a CUDA GPU described by ``device`` (default ``H200``): the op,
     its tensors' shapes (images, filters, hidden), dtype, layout and precision, the route and
-    tile the kernels take (``cuda_plan``), and the workspace by part (``cuda_workspace``), with
+    tile the kernels take and whether as 3xTF32 (``cuda_plan``), and the workspace by part (``cuda_workspace``), with
     ``paths`` naming the parts that are nonzero. ``args`` may be ``jax.ShapeDtypeStruct``s.
     A call with ``groups`` > 1 runs on the GPU as ``groups`` ungrouped calls on each group's
     slices: its route and workspace are those of each of them."""
@@ -319,6 +321,6 @@ def explain(fn, *args, device=H200, **kwargs) -> list[dict]:
             filters=tuple(filters.shape), hidden=tuple(hidden.shape),
             dtype=str(images.dtype), layout=geom.layout, precision=geom.precision,
             groups=geom.groups, route=plan.get("route"), tile_n=plan.get("tile_n"),
-            workspace=workspace,
+            split=plan.get("split"), workspace=workspace,
             paths=[k for k, v in workspace.items() if k != "total" and v > 0]))
     return calls

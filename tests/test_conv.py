@@ -283,6 +283,45 @@ def test_the_plan_routes_each_call_on_a_described_device():
     assert narrow(32, 128)["image_acts"] == "cuda_cores"
 
 
+def test_3xtf32_on_the_tma_core_where_switched_on(monkeypatch):
+    """float32 above default precision on the TMA core as 3xTF32 (JAX_CONVNET_TMA_3XTF32=1, until
+    it has run on a GPU): every TF32 route, with the residues of the op's two GEMM operands at
+    the workspace's start (filter_acts: images and taps; image_acts: hidden tensor and filters;
+    weight_acts: images and hidden tensor), after the FFT path where that applies (L2). Off,
+    precision highest runs on the other kernels and takes no TF32 workspace."""
+    S = jax.ShapeDtypeStruct
+
+    def step(name, layout):
+        n, c, h, w, f, fh, fw, stride, pad = GPU_LAYERS[name]
+        x = S(jcn.geometry.image_shape(layout, n, c, h, w), jnp.float32)
+        k = S(jcn.geometry.filter_shape(layout, f, c, fh, fw), jnp.float32)
+        loss = lambda x, k: jnp.sum(jcn.filter_acts(x, k, stride=stride, pad=pad, layout=layout,
+                                                    precision="highest"))
+        return {c["op"]: c for c in jcn.explain(jax.grad(loss, (0, 1)), x, k)}
+
+    monkeypatch.delenv("JAX_CONVNET_TMA_3XTF32", raising=False)
+    off = step("L5", "NHWC")
+    assert {c["route"] for c in off.values()} == {"cuda_cores"}
+    assert all(not c["split"] and c["workspace"]["tf32_copies"] == 0 for c in off.values())
+
+    monkeypatch.setenv("JAX_CONVNET_TMA_3XTF32", "1")
+    nhwc, c01b = step("L5", "NHWC"), step("L5", "C01B")
+    assert {op: c["route"] for op, c in nhwc.items()} == dict(
+        filter_acts="tma", weight_acts="tma_weights_via_c01b_copies", image_acts="tma")
+    assert {op: c["route"] for op, c in c01b.items()} == dict(
+        filter_acts="tma_via_nhwc_copies", weight_acts="tma_weights",
+        image_acts="tma_via_nhwc_copies")
+    assert all(c["split"] for c in [*nhwc.values(), *c01b.values()])
+    n, c, h, w, f, fh, fw, _, _ = GPU_LAYERS["L5"]
+    images, hidden = 4 * n * c * h * w, 4 * n * f * (h - fh + 1) * (w - fw + 1)
+    taps = 4 * c * f * fh * fw
+    assert nhwc["filter_acts"]["workspace"]["tf32_copies"] == images + taps + taps
+    assert nhwc["image_acts"]["workspace"]["tf32_copies"] == hidden + taps
+    assert c01b["weight_acts"]["workspace"]["tf32_copies"] == images + hidden
+    assert nhwc["weight_acts"]["workspace"]["tf32_copies"] == 2 * (images + hidden)
+    assert {c["route"] for c in step("L2", "NHWC").values()} == {"fft"}
+
+
 def test_image_acts_column_buffer_holds_whole_images(monkeypatch):
     """On the GPU, image_acts into <= 4 channels with >= 64 (channel, tap) rows gets a float32
     column buffer (its custom call's workspace) of whole images, as many as the cap holds."""

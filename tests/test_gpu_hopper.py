@@ -116,3 +116,26 @@ def test_gradient_of_a_training_loss_runs_all_three_kernels(layout, dtype):
     want_dx, want_dw = jax.jit(jax.grad(ref_loss, (0, 1)))(*exact(x, w))
     assert_close(dx, want_dx, tolerance_dtype(dtype), scale=2)
     assert_close(dw, want_dw, tolerance_dtype(dtype), scale=2)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("name", ["alex3-like", "partial-run", "wide-tile", "strided"])
+def test_3xtf32_gives_float32_accuracy_on_the_tma_core(name, layout, monkeypatch):
+    """float32 at precision highest on the TMA core as 3xTF32 (JAX_CONVNET_TMA_3XTF32=1): every
+    TF32 route (NHWC in place, C01B through NHWC copies, weight_acts both ways), within
+    float32's bound of the float64 reference and bitwise repeatable."""
+    monkeypatch.setenv("JAX_CONVNET_TMA_3XTF32", "1")
+    x, w, g, kw = operands(name, layout, jnp.float32)
+    kw = dict(kw, precision="highest")
+    ops = [(lambda x, w: jcn.filter_acts(x, w, **kw),
+            lambda x, w: ref.filter_acts(x, w, **kw), (x, w)),
+           (lambda x, g: jcn.weight_acts(x, g, w.shape, **kw),
+            lambda x, g: ref.weight_acts(x, g, w.shape, **kw), (x, g))]
+    if CASES[name][6] == 1:
+        ops.append((lambda g, w: jcn.image_acts(g, w, x.shape, **kw),
+                    lambda g, w: ref.image_acts(g, w, x.shape, **kw), (g, w)))
+    for op, reference, args in ops:
+        (call,) = jcn.explain(op, *args)
+        assert call["split"], call  # the plan takes 3xTF32 here
+        ours = run_poisoned_twice(jax.jit(op), *jax.device_put(args, gpu()))
+        assert_close(ours, jax.jit(reference)(*exact(*args)), jnp.float32, scale=2)

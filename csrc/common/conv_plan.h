@@ -180,8 +180,9 @@ struct TmaWeightsPlan {
   int bn = 0;  // 0: the kernel cannot run
   int64_t tiles_m = 0, tiles_n = 0, kblocks = 0, kblocks_per_split = 0, splits = 0;
 };
+// passes: 3 for 3xTF32, which runs K three times.
 inline TmaWeightsPlan tma_weights_plan(Layout layout, int64_t itemsize, const TmaProblem& pr,
-                                       int64_t workspace_bytes, int64_t nsm) {
+                                       int64_t workspace_bytes, int64_t nsm, int64_t passes = 1) {
   TmaWeightsPlan none, p;
   const bool c01b = layout == Layout::kC01B;
   const int64_t V = 16 / itemsize, kK = kTmaKBlockBytes / itemsize;
@@ -196,8 +197,8 @@ inline TmaWeightsPlan tma_weights_plan(Layout layout, int64_t itemsize, const Tm
   p.bn = int(std::min<int64_t>(columns, 256));
   p.tiles_m = ceil_div(pr.cout, kTmaRows);
   p.tiles_n = ceil_div(columns, p.bn);
-  p.kblocks = c01b ? pr.out_h * pr.out_w * ceil_div(pr.batch, kK)
-                   : ceil_div(pr.batch * pr.out_h * pr.out_w, kK);
+  p.kblocks = passes * (c01b ? pr.out_h * pr.out_w * ceil_div(pr.batch, kK)
+                              : ceil_div(pr.batch * pr.out_h * pr.out_w, kK));
   if (p.kblocks >= (int64_t(1) << 31) || p.tiles_n >= (int64_t(1) << 20)) return none;
   // Splits: the fewest rounds of tiles over the SMs per unit of work, within the workspace.
   const int64_t tiles = p.tiles_m * p.tiles_n;
@@ -224,7 +225,7 @@ inline TmaProblem tma_c01b_copies_problem(const TmaProblem& pr) {
 
 // float32 NHWC weight_acts through C01B copies of the images and the hidden tensor.
 inline TmaWeightsPlan tma_weights_via_c01b_plan(const TmaProblem& pr, int64_t workspace_bytes,
-                                                int64_t nsm) {
+                                                int64_t nsm, int64_t passes = 1) {
   const int64_t x_pixels = pr.in_h * pr.in_w, h_pixels = pr.out_h * pr.out_w;
   if (!dense_nhwc(pr.xs, pr.cin, pr.in_w, pr.in_h) ||
       !dense_nhwc(pr.ys, pr.cout, pr.out_w, pr.out_h) ||
@@ -233,39 +234,68 @@ inline TmaWeightsPlan tma_weights_via_c01b_plan(const TmaProblem& pr, int64_t wo
   const int64_t rest = workspace_bytes - tma_copy_bytes(pr.batch, x_pixels, pr.cin) -
                        tma_copy_bytes(pr.batch, h_pixels, pr.cout);
   if (rest < 4 * pr.cin * pr.cout * pr.fh * pr.fw) return {};
-  return tma_weights_plan(Layout::kC01B, 4, tma_c01b_copies_problem(pr), rest, nsm);
+  return tma_weights_plan(Layout::kC01B, 4, tma_c01b_copies_problem(pr), rest, nsm, passes);
 }
 
 // ---- The plan ----
 
 struct ConvPlan {
   ConvRoute route = ConvRoute::kCudaCores;
-  int tile_n = 0;  // the TMA kernel's tile width (columns of 128-row tiles)
+  int tile_n = 0;      // the TMA kernel's tile width (columns of 128-row tiles)
+  bool split = false;  // the TMA core as 3xTF32: its residues at the workspace's start
 };
 
+// Whether a tensor of these sizes (n, c, y, x) and element strides fills its extent exactly (so
+// that a dense copy with the same strides, such as its TF32 residue, holds it).
+inline bool fills_extent(const Strides4& s, int64_t n, int64_t c, int64_t y, int64_t x) {
+  const int64_t elements = n * c * y * x;
+  if (elements == 0 || s.n < 0 || s.c < 0 || s.y < 0 || s.x < 0) return false;
+  return 1 + (n - 1) * s.n + (c - 1) * s.c + (y - 1) * s.y + (x - 1) * s.x == elements;
+}
+// 3xTF32's residues are dense copies with the strides of the operands the kernel reads in place:
+// those operands must fill their extent (the copies of the other routes always do).
+inline bool residues_fit(ConvOp op, ConvRoute route, const ConvGeometry& g) {
+  const bool images = fills_extent(g.image, g.batch, g.channels, g.in_h, g.in_w);
+  const bool filters = fills_extent(g.filter, g.filters, g.channels, g.filter_h, g.filter_w);
+  const bool hidden = fills_extent(g.hidden, g.batch, g.filters, g.out_h, g.out_w);
+  switch (route) {
+    case ConvRoute::kTma:
+      return op == ConvOp::kFilterActs ? images : hidden && filters;
+    case ConvRoute::kTmaViaNhwc:
+      return op == ConvOp::kFilterActs || filters;
+    case ConvRoute::kTmaWeights:
+      return images && hidden;
+    default:
+      return true;
+  }
+}
+
 // The route of one call. float32 at default precision runs on the TMA core as TF32 (16-bit types
-// as they are); at precision High / Highest only the other kernels give float32 accuracy
-// (3xTF32). The FFT path where the workspace has exactly its plan's size: after the TMA core for
-// TF32 filter_acts and C01B weight_acts, which outrun it there, before it elsewhere
+// as they are); at precision High / Highest as 3xTF32 where tma_3xtf32_enabled(), its residues
+// taking the workspace's first bytes, else the other kernels give float32 accuracy. The FFT path
+// where the workspace has exactly its plan's size: after the TMA core for TF32 filter_acts and
+// C01B weight_acts, which outrun it there, before it elsewhere and before 3xTF32
 // (benchmarks/history/2026-12-02_session10_tf32_tma.md).
 inline ConvPlan plan_conv(ConvOp op, const ConvGeometry& g, int64_t pad_bottom, int64_t pad_right,
                           int64_t itemsize, bool float32, const ConvDevice& dev,
                           int64_t workspace_bytes) {
   const bool c01b = g.layout == Layout::kC01B;
   const Layout layout = g.layout;
-  const auto tma = [&]() -> ConvPlan {
-    const bool split = float32 && g.precision != Precision::kDefault;
-    if (!(itemsize == 2 || float32) || split || !dev.tma || dev.cc_major != 9 ||
-        dev.cc_minor != 0 || tma_smem_bytes(256) > dev.smem_optin)
+  const bool split = float32 && g.precision != Precision::kDefault;
+  const auto tma_route = [&](int64_t workspace_bytes) -> ConvPlan {
+    if (!(itemsize == 2 || float32) || (split && !tma_3xtf32_enabled()) || !dev.tma ||
+        dev.cc_major != 9 || dev.cc_minor != 0 || tma_smem_bytes(256) > dev.smem_optin ||
+        workspace_bytes < 0)
       return {};
-    const int64_t nsm = std::max<int64_t>(dev.sm_count, 1);
+    const int64_t nsm = std::max<int64_t>(dev.sm_count, 1), passes = split ? 3 : 1;
     if (op == ConvOp::kWeightActs) {
       const TmaProblem pr = tma_problem(false, g, pad_bottom, pad_right);
       if (float32 && !c01b) {
-        const TmaWeightsPlan w = tma_weights_via_c01b_plan(pr, workspace_bytes, nsm);
+        const TmaWeightsPlan w = tma_weights_via_c01b_plan(pr, workspace_bytes, nsm, passes);
         return w.bn ? ConvPlan{ConvRoute::kTmaWeightsViaC01b, w.bn} : ConvPlan{};
       }
-      const TmaWeightsPlan w = tma_weights_plan(layout, itemsize, pr, workspace_bytes, nsm);
+      const TmaWeightsPlan w =
+          tma_weights_plan(layout, itemsize, pr, workspace_bytes, nsm, passes);
       return w.bn ? ConvPlan{ConvRoute::kTmaWeights, w.bn} : ConvPlan{};
     }
     const bool flip = op == ConvOp::kImageActs;
@@ -278,12 +308,19 @@ inline ConvPlan plan_conv(ConvOp op, const ConvGeometry& g, int64_t pad_bottom, 
     const int bn = tma_forward_tile(layout, itemsize, flip, pr, workspace_bytes, nsm);
     return bn ? ConvPlan{ConvRoute::kTma, bn} : ConvPlan{};
   };
+  const auto tma = [&]() -> ConvPlan {
+    if (!split) return tma_route(workspace_bytes);
+    ConvPlan p = tma_route(workspace_bytes - tf32_residue_bytes(op, g).total());
+    if (p.route == ConvRoute::kCudaCores || !residues_fit(op, p.route, g)) return {};
+    p.split = true;
+    return p;
+  };
   const auto fft = [&]() -> ConvPlan {
     const FftConvPlan f = fft_conv_plan(op == ConvOp::kWeightActs, g, itemsize);
     return f.ph != 0 && workspace_bytes == f.bytes ? ConvPlan{ConvRoute::kFft, 0} : ConvPlan{};
   };
-  const bool tma_first = float32 && (op == ConvOp::kFilterActs ||
-                                     (op == ConvOp::kWeightActs && c01b));
+  const bool tma_first = float32 && !split && (op == ConvOp::kFilterActs ||
+                                               (op == ConvOp::kWeightActs && c01b));
   const ConvPlan first = tma_first ? tma() : fft();
   if (first.route != ConvRoute::kCudaCores) return first;
   return tma_first ? fft() : tma();

@@ -6,9 +6,10 @@
 //             whole workspace when it applies.
 //   columns   image_acts into at most kIaColumnMaxChannels channels with large filters: a float32
 //             column buffer of whole images (conv_image_acts_columns.cuh).
-//   TF32      float32 at default precision on Hopper's TMA kernel, which reads both operands
-//             k-contiguous only: copies of the operands that are not, at the workspace's start
-//             (run_tma, run_tma_c01b_tf32, run_tma_weights_nhwc_tf32).
+//   TF32      float32 on Hopper's TMA kernel, which reads both operands k-contiguous only:
+//             copies of the operands that are not (run_tma, run_tma_c01b_tf32,
+//             run_tma_weights_nhwc_tf32); above default precision (3xTF32) first the TF32
+//             residues of both GEMM operands (tf32_residue_bytes), at the workspace's start.
 //   partial   weight_acts' partial sums of one launch and a float32 running sum of the filters,
 //   sums      then a copy of NHWC images of fewer than kWaPaddedChannels channels padded with
 //             zero channels (conv_weight_acts_padding.cuh).
@@ -19,6 +20,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 #include "geometry.h"
 
@@ -74,8 +77,35 @@ inline bool tma_channels_fit(int64_t cin, int64_t cout, int64_t itemsize) {
 // NHWC; NHWC weight_acts the images and the hidden tensor as C01B (each tensor rounded up to 256
 // bytes). 0 elsewhere, and where the kernel cannot take the channels (tma_channels_fit; the C01B
 // kernel also a batch in 4s of at least 64).
+// 3xTF32 on the TMA core (float32 above default precision): until it has run on a GPU, only where
+// JAX_CONVNET_TMA_3XTF32=1 (the other kernels give float32 accuracy everywhere).
+inline bool tma_3xtf32_enabled() {
+  const char* env = std::getenv("JAX_CONVNET_TMA_3XTF32");
+  return env != nullptr && std::strcmp(env, "1") == 0;
+}
+
+// 3xTF32's residues (x minus its TF32 truncation, which the tensor cores read for x) of an op's
+// two GEMM operands, dense, each rounded up to 256 bytes: filter_acts the images and the taps,
+// image_acts the hidden tensor and the filters, weight_acts the images and the hidden tensor.
+struct Tf32Residues {
+  int64_t first = 0, second = 0;
+  int64_t total() const { return first + second; }
+};
+inline Tf32Residues tf32_residue_bytes(ConvOp op, const ConvGeometry& g) {
+  const int64_t images = round_up(4 * g.batch * g.in_h * g.in_w * g.channels, 256);
+  const int64_t hidden = round_up(4 * g.batch * g.out_h * g.out_w * g.filters, 256);
+  const int64_t taps = round_up(4 * g.channels * g.filters * g.filter_h * g.filter_w, 256);
+  switch (op) {
+    case ConvOp::kFilterActs: return {images, taps};
+    case ConvOp::kImageActs: return {hidden, taps};
+    case ConvOp::kWeightActs: return {images, hidden};
+  }
+  return {};
+}
+
 inline int64_t tf32_copies_bytes(ConvOp op, const ConvGeometry& g, bool batch_known) {
-  if (!batch_known || g.precision != Precision::kDefault) return 0;
+  const bool split = g.precision != Precision::kDefault;
+  if (!batch_known || (split && !tma_3xtf32_enabled())) return 0;
   const bool c01b = g.layout == Layout::kC01B;
   const int64_t cin = op == ConvOp::kImageActs ? g.filters : g.channels;
   const int64_t cout = op == ConvOp::kImageActs ? g.channels : g.filters;
@@ -83,13 +113,16 @@ inline int64_t tf32_copies_bytes(ConvOp op, const ConvGeometry& g, bool batch_kn
   const int64_t images = round_up(4 * g.batch * g.in_h * g.in_w * g.channels, 256);
   const int64_t hidden = round_up(4 * g.batch * g.out_h * g.out_w * g.filters, 256);
   const int64_t taps = 4 * g.channels * g.filters * g.filter_h * g.filter_w;
+  const bool stride_1 = g.stride_h == 1 && g.stride_w == 1;
+  const int64_t residues = split ? tf32_residue_bytes(op, g).total() : 0;
   switch (op) {
     case ConvOp::kFilterActs:
-      return c01b ? images + hidden + taps : taps;
+      return residues + (c01b ? images + hidden + taps : taps);
     case ConvOp::kImageActs:
-      return c01b && g.stride_h == 1 && g.stride_w == 1 ? images + hidden : 0;
+      return !stride_1 ? 0 : residues + (c01b ? images + hidden : 0);
     case ConvOp::kWeightActs:
-      return !c01b && g.batch % 4 == 0 && g.batch >= 64 ? images + hidden : 0;
+      if (c01b) return residues;
+      return g.batch % 4 == 0 && g.batch >= 64 ? residues + images + hidden : 0;
   }
   return 0;
 }

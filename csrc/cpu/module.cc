@@ -81,6 +81,7 @@ nb::dict conv_plan(int op, const std::vector<int64_t>& images, const std::vector
   nb::dict d;
   d["route"] = std::string(jcn::route_name(plan.route));
   d["tile_n"] = plan.tile_n;
+  d["split"] = plan.split;
   return d;
 }
 

@@ -700,29 +700,57 @@ static_assert(TmaPlan<256>::SMEM == jcn::tma_smem_bytes(256) && kTmaBM == jcn::k
                   kTmaK<float> * 4 == jcn::kTmaKBlockBytes,
               "conv_plan.h's TMA constants are the kernel's");
 
+// The operands' tensor maps and, for 3xTF32 (kp.passes 3), their residues' (else the same maps).
+struct TmaMaps {
+  CUtensorMap a, b, a_residue, b_residue;
+};
 template <Layout L, typename T, int BN, TmaMode kMode>
-cudaError_t launch_tma(const CUtensorMap& ma, const CUtensorMap& mb, const TmaConvParams& kp,
-                       int nsm, cudaStream_t stream) {
+cudaError_t launch_tma(const TmaMaps& m, const TmaConvParams& kp, int nsm, cudaStream_t stream) {
   constexpr auto kernel = conv_tma_kernel<L, T, BN, kMode>;
   cudaError_t err = opt_in_shared_memory<kernel>(TmaPlan<BN>::SMEM);
   if (err != cudaSuccess) return err;
   const unsigned blocks = unsigned(std::min<int64_t>(kp.tiles, nsm));
-  kernel<<<blocks, kTmaThreads, TmaPlan<BN>::SMEM, stream>>>(ma, mb, kp);
+  kernel<<<blocks, kTmaThreads, TmaPlan<BN>::SMEM, stream>>>(m.a, m.b, m.a_residue, m.b_residue,
+                                                              kp);
   return cudaGetLastError();
 }
 template <Layout L, typename T, TmaMode kMode>
-cudaError_t launch_tma_bn(int bn, const CUtensorMap& ma, const CUtensorMap& mb,
-                          const TmaConvParams& kp, int nsm, cudaStream_t stream) {
+cudaError_t launch_tma_bn(int bn, const TmaMaps& m, const TmaConvParams& kp, int nsm,
+                          cudaStream_t stream) {
   switch (bn) {
     case 256:
-      return launch_tma<L, T, 256, kMode>(ma, mb, kp, nsm, stream);
+      return launch_tma<L, T, 256, kMode>(m, kp, nsm, stream);
     case 192:
-      return launch_tma<L, T, 192, kMode>(ma, mb, kp, nsm, stream);
+      return launch_tma<L, T, 192, kMode>(m, kp, nsm, stream);
     case 128:
-      return launch_tma<L, T, 128, kMode>(ma, mb, kp, nsm, stream);
+      return launch_tma<L, T, 128, kMode>(m, kp, nsm, stream);
     default:
-      return launch_tma<L, T, 64, kMode>(ma, mb, kp, nsm, stream);
+      return launch_tma<L, T, 64, kMode>(m, kp, nsm, stream);
   }
+}
+
+// 3xTF32's residue buffers (jcn::tf32_residue_bytes: the op's first and second GEMM operand), at
+// the workspace's start; none where the call runs plain TF32 or 16-bit types.
+struct Residues {
+  float* first = nullptr;
+  float* second = nullptr;
+  bool on() const { return first != nullptr; }
+};
+// r[i] = x[i] minus its TF32 truncation (the top 19 bits, which the tensor cores read for x), for
+// the n elements of a dense float32 tensor (exact: x and its truncation share their exponent).
+__global__ void tf32_residue_kernel(const float* __restrict__ x, float* __restrict__ r,
+                                    int64_t n) {
+  const int64_t step = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += step) {
+    const float v = x[i];
+    r[i] = v - __uint_as_float(__float_as_uint(v) & 0xffffe000u);
+  }
+}
+cudaError_t tf32_residue(const void* x, float* r, int64_t n, int nsm, cudaStream_t stream) {
+  if (n <= 0) return cudaSuccess;
+  const unsigned blocks = unsigned(std::min<int64_t>(ceil_div(n, 256), int64_t(nsm) * 8));
+  tf32_residue_kernel<<<blocks, 256, 0, stream>>>(static_cast<const float*>(x), r, n);
+  return cudaGetLastError();
 }
 
 template <typename T>
@@ -809,22 +837,27 @@ bool tma_can_read(const TmaProblem& pr, const void* x, const void* w, const void
 
 // filter_acts / image_acts on a TMA kernel where one can (tma_can_read, and the rules of
 // jcn::tma_forward_tile, which gives the tile width; TF32: NHWC, filter_acts through the taps'
-// k-contiguous copy in the workspace); nullopt: another kernel runs it.
+// k-contiguous copy in the workspace); nullopt: another kernel runs it. res (3xTF32): the
+// residues of X and of the taps (filter_acts' copy, or image_acts' W, dense: jcn::residues_fit).
 template <Layout L, typename T, bool kFlip>
 std::optional<cudaError_t> run_tma(const TmaProblem& pr, const void* x, const void* w, void* y,
-                                   Workspace ws, int nsm, int smem_optin, cudaStream_t stream) {
+                                   Workspace ws, int nsm, int smem_optin, cudaStream_t stream,
+                                   const Residues& res = {}) {
   constexpr bool c01b = L == Layout::kC01B, tf32 = std::is_same_v<T, float>;
   static_assert(!(tf32 && c01b), "TF32 reads NHWC images k-contiguous only");
   constexpr bool taps_copy = tf32 && !kFlip;
   const int bn = jcn::tma_forward_tile(L, int64_t(sizeof(T)), kFlip, pr, ws.bytes, nsm);
   if (bn == 0 || !tma_can_read<L, T>(pr, x, w, y, smem_optin) ||
-      (taps_copy && !aligned(ws.data, 16)))
+      (taps_copy && !aligned(ws.data, 16)) || (res.on() && !tf32))
     return std::nullopt;
   const int64_t nf = kFlip ? pr.cin : pr.cout, nc = kFlip ? pr.cout : pr.cin;
-  const int64_t w_bytes = int64_t(sizeof(T)) * nf * nc * pr.fh * pr.fw;
+  const int64_t w_elems = nf * nc * pr.fh * pr.fw, x_elems = pr.batch * pr.cin * pr.in_h * pr.in_w;
+  const int64_t w_bytes = int64_t(sizeof(T)) * w_elems;
 
   TmaConvParams kp = tma_params<T>(pr, false);
-  kp.kblocks = int32_t(pr.fh * pr.fw * kp.cblocks);
+  kp.passes = res.on() ? 3 : 1;
+  kp.kblocks_pass = int32_t(pr.fh * pr.fw * kp.cblocks);
+  kp.kblocks = kp.passes * kp.kblocks_pass;
   kp.x_pairs = int32_t(ceil_div(pr.out_w, 2));
   kp.ys = {pr.ys.n, pr.ys.c, pr.ys.y, pr.ys.x};
   kp.y = y;
@@ -833,32 +866,24 @@ std::optional<cudaError_t> run_tma(const TmaProblem& pr, const void* x, const vo
   kp.tiles = int32_t(tiles_m * kp.tiles_n);
   if (kp.tiles < 1 || kp.kblocks < 1) return cudaSuccess;
 
-  CUtensorMap mx, mw;
-  CUresult rx;
-  if (c01b) {  // X (C, H, W, B) as (B, W, H, C): boxes of 64 images x 64 channels
-    const int64_t dims[4] = {pr.batch, pr.in_w, pr.in_h, pr.cin};
-    const int64_t strides[3] = {pr.xs.x, pr.xs.y, pr.xs.c};
-    const int box[4] = {64, 1, 1, kTmaK<T>};
-    rx = tma_tiled_map<T>(&mx, x, 4, dims, strides, box,
-                          int64_t(sizeof(T)) * pr.batch * pr.cin * pr.in_h * pr.in_w);
-  } else {  // X (B, H, W, C) in im2col mode: 128 pixels x a k-block of channels per copy
-    rx = tma_im2col_map<T>(&mx, x, pr, kTmaBM);
-  }
-  CUresult rw;
-  if constexpr (taps_copy) {
-    // TF32 filter_acts: the taps copied to (fh, fw, F, C), read as (C, F, fw, fh) in boxes of a
-    // k-block of channels x BN filters.
-    const dim3 grid(unsigned(ceil_div(nf, 32)), unsigned(ceil_div(nc, 32)), unsigned(pr.fh * pr.fw));
-    tf32_taps_kernel<<<grid, dim3(32, 8), 0, stream>>>(static_cast<const float*>(w),
-                                                      static_cast<float*>(ws.data), nf, nc,
-                                                      int(pr.fw), {pr.ws.n, pr.ws.c, pr.ws.y,
-                                                                   pr.ws.x});
-    if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
-    const int64_t wdims[4] = {nc, nf, pr.fw, pr.fh};
-    const int64_t wstrides[3] = {nc, nf * nc, pr.fw * nf * nc};
-    const int wbox[4] = {kTmaK<T>, bn, 1, 1};
-    rw = tma_tiled_map<T>(&mw, ws.data, 4, wdims, wstrides, wbox, w_bytes);
-  } else {
+  const auto x_map = [&](CUtensorMap* m, const void* ptr) -> CUresult {
+    if (c01b) {  // X (C, H, W, B) as (B, W, H, C): boxes of 64 images x 64 channels
+      const int64_t dims[4] = {pr.batch, pr.in_w, pr.in_h, pr.cin};
+      const int64_t strides[3] = {pr.xs.x, pr.xs.y, pr.xs.c};
+      const int box[4] = {64, 1, 1, kTmaK<T>};
+      return tma_tiled_map<T>(m, ptr, 4, dims, strides, box, int64_t(sizeof(T)) * x_elems);
+    }
+    // X (B, H, W, C) in im2col mode: 128 pixels x a k-block of channels per copy
+    return tma_im2col_map<T>(m, ptr, pr, kTmaBM);
+  };
+  const auto w_map = [&](CUtensorMap* m, const void* ptr) -> CUresult {
+    if (taps_copy) {  // TF32 filter_acts' taps copy (fh, fw, F, C) as (C, F, fw, fh): boxes of a
+                      // k-block of channels x BN filters
+      const int64_t wdims[4] = {nc, nf, pr.fw, pr.fh};
+      const int64_t wstrides[3] = {nc, nf * nc, pr.fw * nf * nc};
+      const int wbox[4] = {kTmaK<T>, bn, 1, 1};
+      return tma_tiled_map<T>(m, ptr, 4, wdims, wstrides, wbox, w_bytes);
+    }
     // W: C01B (C, fh, fw, F) as (F, fw, fh, C), NHWC (fh, fw, C, F) as (F, C, fw, fh); boxes of
     // 64 filters x 64 channels (filter_acts) or a k-block of filters x BN channels (image_acts).
     const int64_t wdims[4] = {nf, c01b ? pr.fw : nc, c01b ? pr.fh : pr.fw, c01b ? nc : pr.fh};
@@ -866,10 +891,33 @@ std::optional<cudaError_t> run_tma(const TmaProblem& pr, const void* x, const vo
                                  c01b ? pr.ws.c : pr.ws.y};
     const int channels = kFlip ? bn : kTmaK<T>;
     const int wbox[4] = {kFlip ? kTmaK<T> : 64, c01b ? 1 : channels, 1, c01b ? channels : 1};
-    rw = tma_tiled_map<T>(&mw, w, 4, wdims, wstrides, wbox, w_bytes);
+    return tma_tiled_map<T>(m, ptr, 4, wdims, wstrides, wbox, w_bytes);
+  };
+  const void* taps = w;
+  if constexpr (taps_copy) {  // W (f, c, r, s) copied to (fh, fw, F, C) in the workspace
+    const dim3 grid(unsigned(ceil_div(nf, 32)), unsigned(ceil_div(nc, 32)), unsigned(pr.fh * pr.fw));
+    tf32_taps_kernel<<<grid, dim3(32, 8), 0, stream>>>(static_cast<const float*>(w),
+                                                      static_cast<float*>(ws.data), nf, nc,
+                                                      int(pr.fw), {pr.ws.n, pr.ws.c, pr.ws.y,
+                                                                   pr.ws.x});
+    if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
+    taps = ws.data;
   }
-  if (rx != CUDA_SUCCESS || rw != CUDA_SUCCESS) return cudaErrorInvalidValue;
-  return launch_tma_bn<L, T, kFlip ? TmaMode::kFlipped : TmaMode::kForward>(bn, mx, mw, kp, nsm,
+  TmaMaps m;
+  if (x_map(&m.a, x) != CUDA_SUCCESS || w_map(&m.b, taps) != CUDA_SUCCESS)
+    return cudaErrorInvalidValue;
+  m.a_residue = m.a;
+  m.b_residue = m.b;
+  if (res.on()) {
+    cudaError_t err;
+    if ((err = tf32_residue(x, res.first, x_elems, nsm, stream)) != cudaSuccess ||
+        (err = tf32_residue(taps, res.second, w_elems, nsm, stream)) != cudaSuccess)
+      return err;
+    if (x_map(&m.a_residue, res.first) != CUDA_SUCCESS ||
+        w_map(&m.b_residue, res.second) != CUDA_SUCCESS)
+      return cudaErrorInvalidValue;
+  }
+  return launch_tma_bn<L, T, kFlip ? TmaMode::kFlipped : TmaMode::kForward>(bn, m, kp, nsm,
                                                                          stream);
 }
 
@@ -881,13 +929,15 @@ std::optional<cudaError_t> run_tma(const TmaProblem& pr, const void* x, const vo
 template <Layout L, typename T>
 std::optional<cudaError_t> run_tma_weights(const TmaProblem& pr, const void* x, const void* hid,
                                            void* out, Workspace ws, int nsm, int smem_optin,
-                                           cudaStream_t stream) {
+                                           cudaStream_t stream, const Residues& res = {}) {
   constexpr bool c01b = L == Layout::kC01B;
   static_assert(c01b || sizeof(T) == 2, "TF32 reads C01B's pixels k-contiguous only");
   constexpr int64_t E_ = sizeof(T);
   const jcn::Strides4& hs = pr.ys;
-  const jcn::TmaWeightsPlan plan = jcn::tma_weights_plan(L, E_, pr, ws.bytes, nsm);
-  if (plan.bn == 0 || !tma_can_read<L, T>(pr, x, out, hid, smem_optin) || !aligned(ws.data, 16))
+  const int64_t passes = res.on() ? 3 : 1;
+  const jcn::TmaWeightsPlan plan = jcn::tma_weights_plan(L, E_, pr, ws.bytes, nsm, passes);
+  if (plan.bn == 0 || !tma_can_read<L, T>(pr, x, out, hid, smem_optin) || !aligned(ws.data, 16) ||
+      (res.on() && sizeof(T) != 4))
     return std::nullopt;
   const int64_t E = pr.cout * pr.cin * pr.fh * pr.fw;
 
@@ -897,35 +947,55 @@ std::optional<cudaError_t> run_tma_weights(const TmaProblem& pr, const void* x, 
   const int bn = plan.bn;
   kp.tiles_m = int32_t(plan.tiles_m);
   kp.tiles_n = int32_t(plan.tiles_n);
+  kp.passes = int32_t(passes);
   kp.kblocks_total = int32_t(plan.kblocks);
+  kp.kblocks_pass = int32_t(plan.kblocks / passes);
   kp.kblocks = int32_t(plan.kblocks_per_split);
   const int64_t splits = plan.splits;
   kp.splits = int32_t(splits);
   kp.tiles = int32_t(plan.tiles_m * plan.tiles_n * splits);
   kp.y = ws.data;
 
-  CUtensorMap ma, mb;
-  CUresult ra, rb;
-  if (c01b) {  // hidden (F, Ho, Wo, B) as (B, Wo, Ho, F): a k-block of images x 128 filters
-    const int64_t dims[4] = {pr.batch, pr.out_w, pr.out_h, pr.cout};
-    const int64_t strides[3] = {hs.x, hs.y, hs.c};
-    const int box[4] = {kTmaK<T>, 1, 1, kTmaBM};
-    ra = tma_tiled_map<T>(&ma, hid, 4, dims, strides, box, E_ * kp.m_total * pr.cout);
-    const int64_t idims[4] = {pr.batch, pr.in_w, pr.in_h, pr.cin};
-    const int64_t istrides[3] = {pr.xs.x, pr.xs.y, pr.xs.c};
-    const int ibox[4] = {kTmaK<T>, 1, 1, 64};
-    rb = tma_tiled_map<T>(&mb, x, 4, idims, istrides, ibox,
-                          E_ * pr.batch * pr.cin * pr.in_h * pr.in_w);
-  } else {  // hidden as a (pixels x F) matrix: 64 pixels x 64 filters; images in im2col mode
+  const int64_t hid_elems = kp.m_total * pr.cout;
+  const int64_t x_elems = pr.batch * pr.cin * pr.in_h * pr.in_w;
+  // A: the hidden tensor; B: the images.
+  const auto hid_map = [&](CUtensorMap* m, const void* ptr) -> CUresult {
+    if (c01b) {  // hidden (F, Ho, Wo, B) as (B, Wo, Ho, F): a k-block of images x 128 filters
+      const int64_t dims[4] = {pr.batch, pr.out_w, pr.out_h, pr.cout};
+      const int64_t strides[3] = {hs.x, hs.y, hs.c};
+      const int box[4] = {kTmaK<T>, 1, 1, kTmaBM};
+      return tma_tiled_map<T>(m, ptr, 4, dims, strides, box, E_ * hid_elems);
+    }
+    // hidden as a (pixels x F) matrix: 64 pixels x 64 filters
     const int64_t dims[2] = {pr.cout, kp.m_total};
     const int64_t strides[1] = {pr.cout};
     const int box[2] = {64, 64};
-    ra = tma_tiled_map<T>(&ma, hid, 2, dims, strides, box, 2 * kp.m_total * pr.cout);
-    rb = tma_im2col_map<T>(&mb, x, pr, 64);
+    return tma_tiled_map<T>(m, ptr, 2, dims, strides, box, E_ * hid_elems);
+  };
+  const auto x_map = [&](CUtensorMap* m, const void* ptr) -> CUresult {
+    if (c01b) {  // images (C, H, W, B) as (B, W, H, C): a k-block of images x 64 channels
+      const int64_t idims[4] = {pr.batch, pr.in_w, pr.in_h, pr.cin};
+      const int64_t istrides[3] = {pr.xs.x, pr.xs.y, pr.xs.c};
+      const int ibox[4] = {kTmaK<T>, 1, 1, 64};
+      return tma_tiled_map<T>(m, ptr, 4, idims, istrides, ibox, E_ * x_elems);
+    }
+    return tma_im2col_map<T>(m, ptr, pr, 64);  // images in im2col mode
+  };
+  TmaMaps m;
+  if (hid_map(&m.a, hid) != CUDA_SUCCESS || x_map(&m.b, x) != CUDA_SUCCESS)
+    return cudaErrorInvalidValue;
+  m.a_residue = m.a;
+  m.b_residue = m.b;
+  if (res.on()) {  // res.first: the images' residue, res.second: the hidden tensor's
+    cudaError_t err;
+    if ((err = tf32_residue(x, res.first, x_elems, nsm, stream)) != cudaSuccess ||
+        (err = tf32_residue(hid, res.second, hid_elems, nsm, stream)) != cudaSuccess)
+      return err;
+    if (hid_map(&m.a_residue, res.second) != CUDA_SUCCESS ||
+        x_map(&m.b_residue, res.first) != CUDA_SUCCESS)
+      return cudaErrorInvalidValue;
   }
-  if (ra != CUDA_SUCCESS || rb != CUDA_SUCCESS) return cudaErrorInvalidValue;
-  cudaError_t err =
-      launch_tma_bn<L, T, TmaMode::kWeights>(bn, ma, mb, kp, nsm, stream);
+  cudaError_t err = launch_tma_bn<L, T, TmaMode::kWeights>(bn, m, kp, nsm, stream);
   if (err != cudaSuccess) return err;
   return launch_reduce<T>(static_cast<const float*>(ws.data), 1, splits, E, nullptr, out, true,
                           true, nsm, stream);
@@ -955,8 +1025,10 @@ cudaError_t swap_outer_inner(const void* src, void* dst, int64_t outer, int64_t 
 std::optional<cudaError_t> run_tma_weights_nhwc_tf32(const TmaProblem& pr, const void* x,
                                                      const void* hid, void* out, Workspace ws,
                                                      int nsm, int smem_optin,
-                                                     cudaStream_t stream) {
-  if (jcn::tma_weights_via_c01b_plan(pr, ws.bytes, nsm).bn == 0 || !aligned(ws.data, 16))
+                                                     cudaStream_t stream,
+                                                     const Residues& res = {}) {
+  if (jcn::tma_weights_via_c01b_plan(pr, ws.bytes, nsm, res.on() ? 3 : 1).bn == 0 ||
+      !aligned(ws.data, 16))
     return std::nullopt;
   const int64_t x_pixels = pr.in_h * pr.in_w, h_pixels = pr.out_h * pr.out_w;
   const int64_t x_bytes = jcn::tma_copy_bytes(pr.batch, x_pixels, pr.cin);
@@ -971,7 +1043,8 @@ std::optional<cudaError_t> run_tma_weights_nhwc_tf32(const TmaProblem& pr, const
       (err = swap_outer_inner(hid, hc, pr.batch, h_pixels, pr.cout, stream)) != cudaSuccess)
     return err;
   const Workspace rest{base + x_bytes + h_bytes, ws.bytes - x_bytes - h_bytes};
-  return run_tma_weights<Layout::kC01B, float>(pc, xc, hc, out, rest, nsm, smem_optin, stream);
+  return run_tma_weights<Layout::kC01B, float>(pc, xc, hc, out, rest, nsm, smem_optin, stream,
+                                               res);
 }
 
 // float32 C01B filter_acts / image_acts (stride 1) as TF32: X (dense) copied to NHWC at the
@@ -981,7 +1054,7 @@ std::optional<cudaError_t> run_tma_weights_nhwc_tf32(const TmaProblem& pr, const
 template <bool kFlip>
 std::optional<cudaError_t> run_tma_c01b_tf32(const TmaProblem& pr, const void* x, const void* w,
                                              void* y, Workspace ws, int nsm, int smem_optin,
-                                             cudaStream_t stream) {
+                                             cudaStream_t stream, const Residues& res = {}) {
   if (jcn::tma_via_nhwc_tile(kFlip, pr, ws.bytes, nsm) == 0 || !aligned(ws.data, 16))
     return std::nullopt;
   const int64_t x_pixels = pr.in_h * pr.in_w, y_pixels = pr.out_h * pr.out_w;
@@ -997,7 +1070,7 @@ std::optional<cudaError_t> run_tma_c01b_tf32(const TmaProblem& pr, const void* x
     return err;
   const Workspace rest{base + x_bytes + y_bytes, ws.bytes - x_bytes - y_bytes};
   const std::optional<cudaError_t> done = run_tma<Layout::kNHWC, float, kFlip>(
-      pn, xn, w, yn, rest, nsm, smem_optin, stream);
+      pn, xn, w, yn, rest, nsm, smem_optin, stream, res);
   if (!done || *done != cudaSuccess) return done;
   return swap_outer_inner(yn, y, pr.batch, y_pixels, pr.cout, stream);
 }
@@ -1065,30 +1138,42 @@ ffi::Error run(cudaStream_t stream, Workspace workspace, const jcn::ConvGeometry
   const jcn::ConvDevice device{cc_major, cc_minor, nsm, smem_optin, tma_usable(smem_optin)};
   const jcn::ConvPlan plan = jcn::plan_conv(kConvOp, g, cp.pad_bottom, cp.pad_right,
                                             int64_t(sizeof(T)), f32, device, workspace.bytes);
+  // 3xTF32 (plan.split): the residues take the workspace's first bytes, the route the rest.
+  Residues res;
+  Workspace route_ws = workspace;
+  if (plan.split) {
+    const jcn::Tf32Residues bytes = jcn::tf32_residue_bytes(kConvOp, g);
+    if (workspace.bytes >= bytes.total() && aligned(workspace.data, 16)) {
+      char* const base = static_cast<char*>(workspace.data);
+      res = {reinterpret_cast<float*>(base), reinterpret_cast<float*>(base + bytes.first)};
+      route_ws = {base + bytes.total(), workspace.bytes - bytes.total()};
+    }
+  }
   const auto run_tma_route = [&]() -> std::optional<cudaError_t> {
     constexpr bool c01b_f32 = f32 && L == Layout::kC01B;
+    if (plan.split && !res.on()) return std::nullopt;  // never plain TF32 above default
     switch (plan.route) {
       case jcn::ConvRoute::kTmaWeightsViaC01b:
         if constexpr (K == OpKind::kWA && f32 && L == Layout::kNHWC)
           return run_tma_weights_nhwc_tf32(jcn::tma_problem(false, g, cp.pad_bottom, cp.pad_right),
-                                           a, b, out, workspace, nsm, smem_optin, stream);
+                                           a, b, out, route_ws, nsm, smem_optin, stream, res);
         break;
       case jcn::ConvRoute::kTmaWeights:
         if constexpr (K == OpKind::kWA && (sizeof(T) == 2 || L == Layout::kC01B))
           return run_tma_weights<L, T>(jcn::tma_problem(false, g, cp.pad_bottom, cp.pad_right),
-                                       a, b, out, workspace, nsm, smem_optin, stream);
+                                       a, b, out, route_ws, nsm, smem_optin, stream, res);
         break;
       case jcn::ConvRoute::kTmaViaNhwc:
         if constexpr (K != OpKind::kWA && c01b_f32)
           return run_tma_c01b_tf32<K == OpKind::kIA>(
               jcn::tma_problem(K == OpKind::kIA, g, cp.pad_bottom, cp.pad_right), a, b, out,
-              workspace, nsm, smem_optin, stream);
+              route_ws, nsm, smem_optin, stream, res);
         break;
       case jcn::ConvRoute::kTma:
         if constexpr (K != OpKind::kWA && (sizeof(T) == 2 || (f32 && !c01b_f32)))
           return run_tma<L, T, K == OpKind::kIA>(
               jcn::tma_problem(K == OpKind::kIA, g, cp.pad_bottom, cp.pad_right), a, b, out,
-              workspace, nsm, smem_optin, stream);
+              route_ws, nsm, smem_optin, stream, res);
         break;
       default:
         break;

@@ -83,7 +83,10 @@ enum class TmaMode { kForward, kFlipped, kWeights };
 struct TmaConvParams {
   int32_t batch, cin, cout, out_h, out_w, fh, fw, stride_h, stride_w, pad_top, pad_left;
   int32_t cblocks;  // per tap: k-blocks of channels (weight_acts: 64-channel column blocks)
-  int32_t kblocks;  // k-blocks per tile: fh * fw * cblocks (weight_acts: per split but the last)
+  int32_t kblocks;  // k-blocks per tile: passes * fh * fw * cblocks (weight_acts: per split)
+  // 3xTF32 runs K three times (passes 3), each pass kblocks_pass long: A's residue times B, A
+  // times B's residue, then A times B (the small terms first); else passes 1.
+  int32_t passes, kblocks_pass;
   int32_t tiles_n, tiles;
   int32_t b_runs, x_pairs;  // C01B: runs of images (64; weight_acts: a k-block), column pairs
   int64_t m_total;          // batch * out_h * out_w
@@ -262,10 +265,14 @@ __device__ __forceinline__ void tma_column_block(const TmaConvParams& p, int nb,
 }
 #endif  // JCN_WGMMA_DEVICE
 
+// map_a / map_b: the operands; map_a_residue / map_b_residue: their TF32 residues (3xTF32; the
+// operands' maps again otherwise).
 template <Layout L, typename T, int BN, TmaMode kMode>
 __global__ void __launch_bounds__(kTmaThreads, 1)
     conv_tma_kernel(const __grid_constant__ CUtensorMap map_a,
                     const __grid_constant__ CUtensorMap map_b,
+                    const __grid_constant__ CUtensorMap map_a_residue,
+                    const __grid_constant__ CUtensorMap map_b_residue,
                     const __grid_constant__ TmaConvParams p) {
 #ifdef JCN_WGMMA_DEVICE
   using Plan = TmaPlan<BN>;
@@ -304,6 +311,10 @@ __global__ void __launch_bounds__(kTmaThreads, 1)
     if (warp == 0 && lane == 0) {
       tma_prefetch_map(&map_a);
       tma_prefetch_map(&map_b);
+      if (p.passes > 1) {
+        tma_prefetch_map(&map_a_residue);
+        tma_prefetch_map(&map_b_residue);
+      }
       int stage = 0;
       uint32_t phase = 0;
       for (int tile = blockIdx.x; tile < p.tiles; tile += gridDim.x) {
@@ -318,59 +329,63 @@ __global__ void __launch_bounds__(kTmaThreads, 1)
           mbar_expect_tx(bar, Plan::STAGE_BYTES);  // zero-filled bytes count too
           const uint32_t a_dst = a_base + stage * kTmaABytes;
           const uint32_t b_dst = b_base + stage * Plan::B_BYTES;
+          // This k-block's pass and place in it, and the pass's operands.
+          const int pass = kb / p.kblocks_pass, kp = kb - pass * p.kblocks_pass;
+          const CUtensorMap* const ma = pass == 0 && p.passes > 1 ? &map_a_residue : &map_a;
+          const CUtensorMap* const mb = pass == 1 ? &map_b_residue : &map_b;
           if constexpr (kWeights) {
             // A: the hidden tensor, 128 filters x kK pixels; B: the images at each column
             // block's tap, kK pixels x 64 channels.
-            const TmaTileOrigin k = tma_k_block_origin<kC01B, kK>(p, kb);
+            const TmaTileOrigin k = tma_k_block_origin<kC01B, kK>(p, kp);
             const int f0 = t.tm * kTmaBM;
             if constexpr (kC01B) {  // map_a (B, Wo, Ho, F), map_b (B, W, H, C)
-              tma_load_tile_4d(a_dst, &map_a, bar, k.b0, k.ox, k.oy, f0);
+              tma_load_tile_4d(a_dst, ma, bar, k.b0, k.ox, k.oy, f0);
             } else {  // map_a (F, pixels), map_b im2col (C, W, H, B)
 #pragma unroll
               for (int j = 0; j < 2; ++j)
-                tma_load_tile_2d(a_dst + j * 8192, &map_a, bar, f0 + 64 * j, kb * kK);
+                tma_load_tile_2d(a_dst + j * 8192, ma, bar, f0 + 64 * j, kp * kK);
             }
 #pragma unroll
             for (int j = 0; j < BN / 64; ++j) {
               int r, s, c0;
               tma_column_block(p, n0 / 64 + j, r, s, c0);
               if constexpr (kC01B)
-                tma_load_tile_4d(b_dst + j * 8192, &map_b, bar, k.b0,
+                tma_load_tile_4d(b_dst + j * 8192, mb, bar, k.b0,
                                  k.ox * p.stride_w + s - p.pad_left,
                                  k.oy * p.stride_h + r - p.pad_top, c0);
               else
-                tma_load_im2col_4d(b_dst + j * 8192, &map_b, bar, c0,
+                tma_load_im2col_4d(b_dst + j * 8192, mb, bar, c0,
                                    k.ox * p.stride_w - p.pad_left,
                                    k.oy * p.stride_h - p.pad_top, k.n, uint16_t(s),
                                    uint16_t(r));
             }
           } else {
-            const int tap = kb / p.cblocks, c0 = (kb - tap * p.cblocks) * kK;
+            const int tap = kp / p.cblocks, c0 = (kp - tap * p.cblocks) * kK;
             const int r = tap / p.fw, s = tap - r * p.fw;
             if constexpr (kC01B) {  // map_a dims (B, W, H, C)
               const int iy = o.oy * p.stride_h + r - p.pad_top;
 #pragma unroll
               for (int j = 0; j < 2; ++j)
-                tma_load_tile_4d(a_dst + j * 8192, &map_a, bar, o.b0,
+                tma_load_tile_4d(a_dst + j * 8192, ma, bar, o.b0,
                                  (o.ox + j) * p.stride_w + s - p.pad_left, iy, c0);
             } else {  // map_a dims (C, W, H, B), im2col: the tap is the offset
-              tma_load_im2col_4d(a_dst, &map_a, bar, c0, o.ox * p.stride_w - p.pad_left,
+              tma_load_im2col_4d(a_dst, ma, bar, c0, o.ox * p.stride_w - p.pad_left,
                                  o.oy * p.stride_h - p.pad_top, o.n, uint16_t(s), uint16_t(r));
             }
             // map_b dims: C01B (F, fw, fh, C), NHWC (F, C, fw, fh).
             const int wr = kFlip ? p.fh - 1 - r : r, ws = kFlip ? p.fw - 1 - s : s;
             if constexpr (!kBMajorN) {  // k-contiguous: one box of BN columns (n0)
               if constexpr (kC01B)
-                tma_load_tile_4d(b_dst, &map_b, bar, c0, ws, wr, n0);
+                tma_load_tile_4d(b_dst, mb, bar, c0, ws, wr, n0);
               else
-                tma_load_tile_4d(b_dst, &map_b, bar, c0, n0, ws, wr);
+                tma_load_tile_4d(b_dst, mb, bar, c0, n0, ws, wr);
             } else {  // k = channels (c0), n = filters: one box per 64 filters
 #pragma unroll
               for (int j = 0; j < BN / 64; ++j) {
                 if constexpr (kC01B)
-                  tma_load_tile_4d(b_dst + j * 8192, &map_b, bar, n0 + 64 * j, ws, wr, c0);
+                  tma_load_tile_4d(b_dst + j * 8192, mb, bar, n0 + 64 * j, ws, wr, c0);
                 else
-                  tma_load_tile_4d(b_dst + j * 8192, &map_b, bar, n0 + 64 * j, c0, ws, wr);
+                  tma_load_tile_4d(b_dst + j * 8192, mb, bar, n0 + 64 * j, c0, ws, wr);
               }
             }
           }
