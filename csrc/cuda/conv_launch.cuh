@@ -752,6 +752,32 @@ cudaError_t tf32_residue(const void* x, float* r, int64_t n, int nsm, cudaStream
   tf32_residue_kernel<<<blocks, 256, 0, stream>>>(static_cast<const float*>(x), r, n);
   return cudaGetLastError();
 }
+// An operand of the TMA kernel: its data (dense where it has a residue), element count and
+// residue buffer.
+struct TmaOperand {
+  const void* data;
+  int64_t elements;
+  float* residue;
+};
+// The kernel's maps (make_a / make_b(map, pointer) encode one for an operand's data) and, for
+// 3xTF32 (`split`), the residues written and their maps; else the operands' maps again.
+template <typename MakeA, typename MakeB>
+cudaError_t tma_maps(TmaMaps* m, const TmaOperand& a, const MakeA& make_a, const TmaOperand& b,
+                     const MakeB& make_b, bool split, int nsm, cudaStream_t stream) {
+  if (make_a(&m->a, a.data) != CUDA_SUCCESS || make_b(&m->b, b.data) != CUDA_SUCCESS)
+    return cudaErrorInvalidValue;
+  m->a_residue = m->a;
+  m->b_residue = m->b;
+  if (!split) return cudaSuccess;
+  cudaError_t err;
+  if ((err = tf32_residue(a.data, a.residue, a.elements, nsm, stream)) != cudaSuccess ||
+      (err = tf32_residue(b.data, b.residue, b.elements, nsm, stream)) != cudaSuccess)
+    return err;
+  if (make_a(&m->a_residue, a.residue) != CUDA_SUCCESS ||
+      make_b(&m->b_residue, b.residue) != CUDA_SUCCESS)
+    return cudaErrorInvalidValue;
+  return cudaSuccess;
+}
 
 template <typename T>
 constexpr CUtensorMapDataType kTmaDataType =
@@ -904,19 +930,10 @@ std::optional<cudaError_t> run_tma(const TmaProblem& pr, const void* x, const vo
     taps = ws.data;
   }
   TmaMaps m;
-  if (x_map(&m.a, x) != CUDA_SUCCESS || w_map(&m.b, taps) != CUDA_SUCCESS)
-    return cudaErrorInvalidValue;
-  m.a_residue = m.a;
-  m.b_residue = m.b;
-  if (res.on()) {
-    cudaError_t err;
-    if ((err = tf32_residue(x, res.first, x_elems, nsm, stream)) != cudaSuccess ||
-        (err = tf32_residue(taps, res.second, w_elems, nsm, stream)) != cudaSuccess)
-      return err;
-    if (x_map(&m.a_residue, res.first) != CUDA_SUCCESS ||
-        w_map(&m.b_residue, res.second) != CUDA_SUCCESS)
-      return cudaErrorInvalidValue;
-  }
+  if (cudaError_t err = tma_maps(&m, {x, x_elems, res.first}, x_map, {taps, w_elems, res.second},
+                                 w_map, res.on(), nsm, stream);
+      err != cudaSuccess)
+    return err;
   return launch_tma_bn<L, T, kFlip ? TmaMode::kFlipped : TmaMode::kForward>(bn, m, kp, nsm,
                                                                          stream);
 }
@@ -981,21 +998,11 @@ std::optional<cudaError_t> run_tma_weights(const TmaProblem& pr, const void* x, 
     }
     return tma_im2col_map<T>(m, ptr, pr, 64);  // images in im2col mode
   };
-  TmaMaps m;
-  if (hid_map(&m.a, hid) != CUDA_SUCCESS || x_map(&m.b, x) != CUDA_SUCCESS)
-    return cudaErrorInvalidValue;
-  m.a_residue = m.a;
-  m.b_residue = m.b;
-  if (res.on()) {  // res.first: the images' residue, res.second: the hidden tensor's
-    cudaError_t err;
-    if ((err = tf32_residue(x, res.first, x_elems, nsm, stream)) != cudaSuccess ||
-        (err = tf32_residue(hid, res.second, hid_elems, nsm, stream)) != cudaSuccess)
-      return err;
-    if (hid_map(&m.a_residue, res.second) != CUDA_SUCCESS ||
-        x_map(&m.b_residue, res.first) != CUDA_SUCCESS)
-      return cudaErrorInvalidValue;
-  }
-  cudaError_t err = launch_tma_bn<L, T, TmaMode::kWeights>(bn, m, kp, nsm, stream);
+  TmaMaps m;  // res.first: the images' residue, res.second: the hidden tensor's
+  cudaError_t err = tma_maps(&m, {hid, hid_elems, res.second}, hid_map, {x, x_elems, res.first},
+                             x_map, res.on(), nsm, stream);
+  if (err != cudaSuccess) return err;
+  err = launch_tma_bn<L, T, TmaMode::kWeights>(bn, m, kp, nsm, stream);
   if (err != cudaSuccess) return err;
   return launch_reduce<T>(static_cast<const float*>(ws.data), 1, splits, E, nullptr, out, true,
                           true, nsm, stream);
