@@ -25,16 +25,8 @@ def image_hw(x, layout):
 
 
 def define_transposes(filter_acts_p, image_acts_p, weight_acts_p, filter_axes):
-    """Each primitive's transposes in both operands, as the family's table says:
-
-    =================  ===========================  ===========================
-    primitive(a, b)    transpose w.r.t. a           transpose w.r.t. b
-    =================  ===========================  ===========================
-    filter_acts(x, w)  image_acts(ct, w)            weight_acts(x, ct)
-    image_acts(h, w)   filter_acts(ct, w)           weight_acts(ct, h)
-    weight_acts(x, h)  image_acts(h, ct)            filter_acts(x, ct)
-    =================  ===========================  ===========================
-
+    """Each primitive's transposes in both operands, as the family's table (the docstring of
+    jax_convnet/conv.py, and of jax_convnet/local.py for the locally connected family) says.
     image_acts takes the images' (H, W) and weight_acts the filters' (fh, fw), read from the
     operand being transposed (``filter_axes(layout)`` names the filters' axes)."""
 

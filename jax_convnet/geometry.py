@@ -369,6 +369,19 @@ def group_channels(channels: int, groups: int) -> int:
     return channels // groups
 
 
+def _hidden_dims(hidden, images, d, layout):
+    """The hidden tensor's name (hid_acts, or hid_grads beside images), shape and dims, checked
+    against the batch and filter counts already read into ``d``."""
+    name = "hid_acts" if images is None else "hid_grads"
+    shape, _ = check_array(hidden, name, batch_axis=image_axes(layout)["n"])
+    hi = _dims(shape, image_axes(layout))
+    if "n" in d and hi["n"] != d["n"]:
+        raise ValueError(f"{name} has batch size {hi['n']} but images have {d['n']}")
+    if "f" in d and hi["c"] != d["f"]:
+        raise ValueError(f"{name} has {hi['c']} channels but there are {d['f']} filters")
+    return name, shape, hi
+
+
 def conv_operand_dims(images=None, filters=None, hidden=None, *, layout, groups=1):
     """Logical sizes of the given operands, cross-checked. Returns a dict with n, c, f, h, w,
     fh, fw, oh, ow (those that the given operands determine); c counts the images' channels,
@@ -400,13 +413,7 @@ def conv_operand_dims(images=None, filters=None, hidden=None, *, layout, groups=
                              f"(filters {tuple(shape)}, layout {layout})")
         d.update(c=fi["c"] * groups, f=fi["f"], fh=fi["h"], fw=fi["w"])
     if hidden is not None:
-        name = "hid_acts" if images is None else "hid_grads"
-        shape, _ = check_array(hidden, name, batch_axis=batch_axis)
-        hi = _dims(shape, image_axes(layout))
-        if "n" in d and hi["n"] != d["n"]:
-            raise ValueError(f"{name} has batch size {hi['n']} but images have {d['n']}")
-        if "f" in d and hi["c"] != d["f"]:
-            raise ValueError(f"{name} has {hi['c']} channels but there are {d['f']} filters")
+        name, shape, hi = _hidden_dims(hidden, images, d, layout)
         if hi["c"] % groups:
             raise ValueError(f"groups={groups} must divide the filter count F={hi['c']} "
                              f"({name} {tuple(shape)}, layout {layout})")
@@ -774,13 +781,7 @@ def local_operand_dims(images=None, filters=None, hidden=None, *, layout):
                              f"{tuple(images.shape)})")
         d.update(c=fi["c"], f=fi["f"], fh=fi["h"], fw=fi["w"], foh=fi["oh"], fow=fi["ow"])
     if hidden is not None:
-        name = "hid_acts" if images is None else "hid_grads"
-        shape, _ = check_array(hidden, name, batch_axis=batch_axis)
-        hi = _dims(shape, image_axes(layout))
-        if "n" in d and hi["n"] != d["n"]:
-            raise ValueError(f"{name} has batch size {hi['n']} but images have {d['n']}")
-        if "f" in d and hi["c"] != d["f"]:
-            raise ValueError(f"{name} has {hi['c']} channels but there are {d['f']} filters")
+        _, _, hi = _hidden_dims(hidden, images, d, layout)
         d.update(n=hi["n"], f=hi["c"], oh=hi["h"], ow=hi["w"])
     return d
 

@@ -492,6 +492,23 @@ ffi::Error launch_vectorized(const char* op, bool grad, const jcn::PoolGeometry&
   return ffi::Error::Success();
 }
 
+// typed(T{}) for the storage type T of `t` (float32, bfloat16, float16); an error naming `op`
+// for any other.
+template <typename Typed>
+ffi::Error with_storage_type(ffi::DataType t, const char* op, const Typed& typed) {
+  switch (t) {
+    case ffi::DataType::F32:
+      return typed(float{});
+    case ffi::DataType::BF16:
+      return typed(__nv_bfloat16{});
+    case ffi::DataType::F16:
+      return typed(__half{});
+    default:
+      return ffi::Error::InvalidArgument(std::string("jax_convnet ") + op +
+                                         ": unsupported dtype");
+  }
+}
+
 template <typename T, typename W>
 ffi::Error run_typed(cudaStream_t stream, Op op, const jcn::PoolGeometry& pg, int64_t image_elems,
                      int64_t pooled_elems, const Buffers<T, W>& b) {
@@ -517,16 +534,7 @@ ffi::Error run(cudaStream_t stream, Op op, ffi::DataType t, const jcn::PoolGeome
     };
     return narrow ? with(uint8_t{}) : with(int32_t{});
   };
-  switch (t) {
-    case ffi::DataType::F32:
-      return typed(float{});
-    case ffi::DataType::BF16:
-      return typed(__nv_bfloat16{});
-    case ffi::DataType::F16:
-      return typed(__half{});
-    default:
-      return ffi::Error::InvalidArgument("jax_convnet max_pool: unsupported dtype");
-  }
+  return with_storage_type(t, "max_pool", typed);
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -660,16 +668,7 @@ ffi::Error avg_run(cudaStream_t stream, bool grad, ffi::DataType t, const jcn::P
     return avg_run_typed<T>(stream, grad, pg, image_elems, pooled_elems,
                             static_cast<const T*>(in), static_cast<T*>(out), include);
   };
-  switch (t) {
-    case ffi::DataType::F32:
-      return typed(float{});
-    case ffi::DataType::BF16:
-      return typed(__nv_bfloat16{});
-    case ffi::DataType::F16:
-      return typed(__half{});
-    default:
-      return ffi::Error::InvalidArgument("jax_convnet avg_pool: unsupported dtype");
-  }
+  return with_storage_type(t, "avg_pool", typed);
 }
 
 // ----------------------------------------------------------------------------------------------

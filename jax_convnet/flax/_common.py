@@ -338,6 +338,15 @@ def response_norm(inputs, size, *, kind, add_scale, pow_scale, min_div, blocked,
     return unflatten_batch(y, batch)
 
 
+def apply_norm(module, inputs, kind):
+    """``response_norm`` with a norm module's settings (linen and nnx modules alike: fields
+    size, add_scale, pow_scale, min_div, layout, and blocked for kind "cross_map")."""
+    return response_norm(inputs, module.size, kind=kind, add_scale=module.add_scale,
+                         pow_scale=module.pow_scale, min_div=module.min_div,
+                         blocked=module.blocked if kind == "cross_map" else False,
+                         layout=module.layout, owner=type(module).__name__)
+
+
 def check_count_include_pad(value, owner: str) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise ValueError(f"{owner}: count_include_pad must be True or False, got {value!r}")

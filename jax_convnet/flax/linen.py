@@ -153,6 +153,15 @@ def max_pool(inputs, window_shape, strides=None, padding="VALID", *, layout="NHW
     return C.max_pool(inputs, window_shape, strides, padding, layout=layout, owner="max_pool")
 
 
+def _check_window_fields(module):
+    """A pool module's layout, window_shape, strides and padding, checked at construction."""
+    owner = type(module).__name__
+    C.check_layout(module.layout, owner)
+    C.window_pair(module.window_shape, "window_shape", owner)
+    C.stride_pair(module.strides, "strides", owner)
+    C.conv_padding(module.padding, owner)
+
+
 class MaxPool(nn.Module):
     """:func:`max_pool` as a module (no parameters)."""
 
@@ -162,11 +171,7 @@ class MaxPool(nn.Module):
     layout: str = "NHWC"
 
     def __post_init__(self):
-        owner = type(self).__name__
-        C.check_layout(self.layout, owner)
-        C.window_pair(self.window_shape, "window_shape", owner)
-        C.stride_pair(self.strides, "strides", owner)
-        C.conv_padding(self.padding, owner)
+        _check_window_fields(self)
         super().__post_init__()
 
     def __call__(self, inputs):
@@ -193,10 +198,7 @@ class CrossMapNorm(nn.Module):
         super().__post_init__()
 
     def __call__(self, inputs):
-        return C.response_norm(inputs, self.size, kind="cross_map", add_scale=self.add_scale,
-                               pow_scale=self.pow_scale, min_div=self.min_div,
-                               blocked=self.blocked, layout=self.layout,
-                               owner=type(self).__name__)
+        return C.apply_norm(self, inputs, "cross_map")
 
 
 class ResponseNorm(nn.Module):
@@ -217,9 +219,7 @@ class ResponseNorm(nn.Module):
         super().__post_init__()
 
     def __call__(self, inputs):
-        return C.response_norm(inputs, self.size, kind="same_map", add_scale=self.add_scale,
-                               pow_scale=self.pow_scale, min_div=self.min_div, blocked=False,
-                               layout=self.layout, owner=type(self).__name__)
+        return C.apply_norm(self, inputs, "same_map")
 
 
 def avg_pool(inputs, window_shape, strides=None, padding="VALID", count_include_pad=True, *,
@@ -248,12 +248,8 @@ class AvgPool(nn.Module):
     layout: str = "NHWC"
 
     def __post_init__(self):
-        owner = type(self).__name__
-        C.check_layout(self.layout, owner)
-        C.window_pair(self.window_shape, "window_shape", owner)
-        C.stride_pair(self.strides, "strides", owner)
-        C.conv_padding(self.padding, owner)
-        C.check_count_include_pad(self.count_include_pad, owner)
+        _check_window_fields(self)
+        C.check_count_include_pad(self.count_include_pad, type(self).__name__)
         super().__post_init__()
 
     def __call__(self, inputs):

@@ -173,10 +173,7 @@ class CrossMapNorm(_nnx.Module):
         self.min_div, self.blocked, self.layout = min_div, blocked, layout
 
     def __call__(self, inputs):
-        return C.response_norm(inputs, self.size, kind="cross_map", add_scale=self.add_scale,
-                               pow_scale=self.pow_scale, min_div=self.min_div,
-                               blocked=self.blocked, layout=self.layout,
-                               owner=type(self).__name__)
+        return C.apply_norm(self, inputs, "cross_map")
 
 
 class ResponseNorm(_nnx.Module):
@@ -190,9 +187,7 @@ class ResponseNorm(_nnx.Module):
         self.min_div, self.layout = min_div, layout
 
     def __call__(self, inputs):
-        return C.response_norm(inputs, self.size, kind="same_map", add_scale=self.add_scale,
-                               pow_scale=self.pow_scale, min_div=self.min_div, blocked=False,
-                               layout=self.layout, owner=type(self).__name__)
+        return C.apply_norm(self, inputs, "same_map")
 
 
 def avg_pool(inputs, window_shape, strides=None, padding="VALID", count_include_pad=True, *,
