@@ -140,6 +140,16 @@ class Row:
                     shape=list(self.shape))
 
 
+def _conv_family_rows(kind, layer, shape, configs) -> list[Row]:
+    """The fprop / bprop_data / bprop_filter rows of one layer in both layouts and each config;
+    consecutive configs of one dtype share their inputs."""
+    return [Row(f"{kind}/{layer}/{op}/{config}/{layout}", kind, op, layer, layout,
+                CONV_CONFIGS[config][0], config, shape,
+                (kind, layer, layout, CONV_CONFIGS[config][0], shape))
+            for layout in LAYOUTS for config in configs
+            for op in ("fprop", "bprop_data", "bprop_filter")]
+
+
 def build_rows(device_platform: str, *, quick=False, ops=("conv", "pool", "avgpool"), batch=None,
                filters=None) -> list[Row]:
     gpu = device_platform != "cpu"
@@ -155,13 +165,7 @@ def build_rows(device_platform: str, *, quick=False, ops=("conv", "pool", "avgpo
         for layer, shape in layers.items():
             if batch:
                 shape = (batch,) + shape[1:]
-            for layout in LAYOUTS:
-                for config in configs:  # consecutive configs of one dtype share their inputs
-                    dtype = CONV_CONFIGS[config][0]
-                    for op in ("fprop", "bprop_data", "bprop_filter"):
-                        rows.append(Row(f"conv/{layer}/{op}/{config}/{layout}", "conv", op, layer,
-                                        layout, dtype, config, shape,
-                                        ("conv", layer, layout, dtype, shape)))
+            rows += _conv_family_rows("conv", layer, shape, configs)
     pool_kinds = [kind for kind in ("pool", "avgpool") if kind in ops]
     if pool_kinds:
         pools = GPU_POOLS if gpu else CPU_POOLS
@@ -199,26 +203,13 @@ def build_rows(device_platform: str, *, quick=False, ops=("conv", "pool", "avgpo
         for layer, shape in (GPU_LOCAL_LAYERS if gpu else CPU_LOCAL_LAYERS).items():
             if batch:
                 shape = (batch,) + shape[1:]
-            for layout in LAYOUTS:
-                for config in configs:
-                    dtype = CONV_CONFIGS[config][0]
-                    for op in ("fprop", "bprop_data", "bprop_filter"):
-                        rows.append(Row(f"local/{layer}/{op}/{config}/{layout}", "local", op,
-                                        layer, layout, dtype, config, shape,
-                                        ("local", layer, layout, dtype, shape)))
+            rows += _conv_family_rows("local", layer, shape, configs)
     if "groups" in ops:  # grouped convolutions: conv's ops and layouts, float32 and bfloat16
         configs = ["f32"] if quick and not gpu else ["f32", "bf16"]
         for layer, (shape, groups) in (GPU_GROUPED_LAYERS if gpu else CPU_GROUPED_LAYERS).items():
             if batch:
                 shape = shape._replace(batch=batch)
-            shape = tuple(shape) + (groups,)
-            for layout in LAYOUTS:
-                for config in configs:
-                    dtype = CONV_CONFIGS[config][0]
-                    for op in ("fprop", "bprop_data", "bprop_filter"):
-                        rows.append(Row(f"groups/{layer}/{op}/{config}/{layout}", "groups", op,
-                                        layer, layout, dtype, config, shape,
-                                        ("groups", layer, layout, dtype, shape)))
+            rows += _conv_family_rows("groups", layer, tuple(shape) + (groups,), configs)
     if filters:
         rows = [r for r in rows if any(f in r.name for f in filters)]
     return rows
