@@ -247,29 +247,9 @@ Window window_of(const Dims& d, int64_t oy, int64_t ox) {
 }
 
 // One element of a window for all n lanes: take it where it beats the best so far (or is the
-// first), carrying its value along. Separate function so that `restrict` holds (compilers
-// ignore it on locals): q and best are both float for float32 and could otherwise alias.
-template <typename T>
-void scan_element(const T* __restrict p, typename Num<T>::F* __restrict best, T* __restrict q,
-                  int64_t n, bool first) {
-  using F = typename Num<T>::F;
-  if (first) {
-    for (int64_t i = 0; i < n; ++i) {
-      best[i] = Num<T>::to_f(p[i]);
-      q[i] = p[i];
-    }
-    return;
-  }
-  for (int64_t i = 0; i < n; ++i) {
-    const F v = Num<T>::to_f(p[i]);
-    const T candidate = p[i];
-    const bool take = jcn::pool::takes(false, v, best[i]);
-    best[i] = take ? v : best[i];
-    q[i] = pick(take, candidate, q[i]);
-  }
-}
-
-// The same, also keeping the winner: the element's offset k in the whole window.
+// first), carrying its value and its offset k in the whole window along. Separate function so
+// that `restrict` holds (compilers ignore it on locals): q and best are both float for float32
+// and could otherwise alias.
 template <typename T>
 void scan_element_winner(const T* __restrict p, typename Num<T>::F* __restrict best,
                          T* __restrict q, int32_t* __restrict win, int64_t n, bool first,
@@ -295,20 +275,19 @@ void scan_element_winner(const T* __restrict p, typename Num<T>::F* __restrict b
   }
 }
 
-// Forward: out[o][oy][ox][i] = the selected image element of lane i (-inf for an empty window),
-// carried along the scan (a select per lane, vectorisable) and written straight to the output.
-// With winners (K = uint8_t / int32_t; K = void: none) also its offset i * ww + j in the whole
-// window (0 for an empty window), kept as int32 during the scan.
+// Forward with winners: out[o][oy][ox][i] = the selected image element of lane i (-inf for an
+// empty window), carried along the scan (a select per lane, vectorisable) and written straight
+// to the output, and its offset i * ww + j in the whole window (0 for an empty window; K =
+// uint8_t / int32_t, kept as int32 during the scan). The plain forward: max_pool_forward.
 template <typename T, typename K>
-void pool_forward(const T* img, T* out, K* winners, const Dims& d) {
+void pool_forward_winners(const T* img, T* out, K* winners, const Dims& d) {
   using F = typename Num<T>::F;
-  constexpr bool kWinners = !std::is_void_v<K>;
   const int64_t rows = d.O * d.Ho;
   const int64_t cost =
       d.Wo * d.I * std::max<int64_t>(1, std::min(d.wh, d.H) * std::min(d.ww, d.W));
   parallel_for(rows, cost, [&](int64_t begin, int64_t end) {
     std::vector<F> best(size_t(d.I));
-    std::vector<int32_t> win(kWinners ? size_t(d.I) : size_t(0));
+    std::vector<int32_t> win(size_t(d.I));
     F* b = best.data();
     int32_t* wk = win.data();
     for (int64_t r = begin; r < end; ++r) {
@@ -319,8 +298,7 @@ void pool_forward(const T* img, T* out, K* winners, const Dims& d) {
         const Window w = window_of(d, oy, ox);
         if (w.empty()) {
           for (int64_t i = 0; i < d.I; ++i) q[i] = Num<T>::neg_inf();
-          if constexpr (kWinners)
-            for (int64_t i = 0; i < d.I; ++i) winners[at_out + i] = K(0);
+          for (int64_t i = 0; i < d.I; ++i) winners[at_out + i] = K(0);
           continue;
         }
         const int64_t y0 = oy * d.sh - d.pt, x0 = ox * d.sw - d.pl;
@@ -328,15 +306,11 @@ void pool_forward(const T* img, T* out, K* winners, const Dims& d) {
           for (int64_t x = w.xs; x < w.xe; ++x) {
             const int64_t at = ((o * d.H + y) * d.W + x) * d.I;
             const bool first = y == w.ys && x == w.xs;
-            if constexpr (kWinners)  // k < 2^31: pool::winner_bytes
-              scan_element_winner(img + at, b, q, wk, d.I, first,
-                                  int32_t((y - y0) * d.ww + (x - x0)));
-            else
-              scan_element(img + at, b, q, d.I, first);
+            scan_element_winner(img + at, b, q, wk, d.I, first,
+                                int32_t((y - y0) * d.ww + (x - x0)));  // < 2^31: winner_bytes
           }
         }
-        if constexpr (kWinners)
-          for (int64_t i = 0; i < d.I; ++i) winners[at_out + i] = K(wk[i]);
+        for (int64_t i = 0; i < d.I; ++i) winners[at_out + i] = K(wk[i]);
       }
     }
   });
@@ -538,9 +512,54 @@ JCN_AVG_INLINE void avg_grad_row(const T* ct, T* out, const Dims& d, int64_t o, 
   }
 }
 
+// max_pool's plain forward (no winners) of one window, lanes [0, n) of the pooled vector at q,
+// in register-sized chunks like the average's: the same selection as pool_forward_winners
+// (takes(), the selected element itself written), so the same bits. No unroll pragma: fully
+// unrolled, the selects are not vectorised.
+template <int64_t N, typename T>
+JCN_AVG_INLINE void max_window(const T* __restrict img, T* __restrict q, const Dims& d,
+                               const Window& w, int64_t n) {
+  using F = typename Num<T>::F;
+  const int64_t m = N > 0 ? N : n;
+  F best[kAvgLanes];
+  T sel[kAvgLanes];
+  for (int64_t y = w.ys; y < w.ye; ++y) {
+    const T* row = img + y * d.W * d.I;
+    for (int64_t x = w.xs; x < w.xe; ++x) {
+      const T* p = row + x * d.I;
+      const bool first = y == w.ys && x == w.xs;
+      for (int64_t i = 0; i < m; ++i) {
+        const F v = Num<T>::to_f(p[i]);
+        const bool take = jcn::pool::takes(first, v, best[i]);
+        best[i] = take ? v : best[i];
+        sel[i] = pick(take, p[i], sel[i]);
+      }
+    }
+  }
+  for (int64_t i = 0; i < m; ++i) q[i] = sel[i];
+}
+
+// max_pool's plain forward of output row (o, oy), kAvgLanes lanes at a time.
+template <typename T>
+JCN_AVG_INLINE void max_forward_row(const T* img, T* out, const Dims& d, int64_t o, int64_t oy) {
+  const T* image = img + o * d.H * d.W * d.I;
+  for (int64_t ox = 0; ox < d.Wo; ++ox) {
+    const Window w = window_of(d, oy, ox);
+    T* q = out + ((o * d.Ho + oy) * d.Wo + ox) * d.I;
+    if (w.empty()) {
+      for (int64_t i = 0; i < d.I; ++i) q[i] = Num<T>::neg_inf();
+      continue;
+    }
+    int64_t i0 = 0;
+    for (; i0 + kAvgLanes <= d.I; i0 += kAvgLanes)
+      max_window<kAvgLanes>(image + i0, q + i0, d, w, kAvgLanes);
+    if (i0 < d.I) max_window<0>(image + i0, q + i0, d, w, d.I - i0);
+  }
+}
+
 // The row kernels compiled for one instruction set: wider vectors, the same arithmetic (and
-// bits) on every ISA. Chosen per call by avg_use_avx2().
-#define JCN_AVG_ISA(NAME, TARGET)                                                              \
+// bits) on every ISA. Chosen per call by with_row_isa().
+#define JCN_POOL_ISA(NAME, TARGET)                                                             \
   struct NAME {                                                                                \
     template <typename T>                                                                      \
     TARGET static void forward_row(const T* img, T* out, const Dims& d, bool include,          \
@@ -553,27 +572,43 @@ JCN_AVG_INLINE void avg_grad_row(const T* ct, T* out, const Dims& d, int64_t o, 
                                 const int64_t* ox_range) {                                     \
       avg_grad_row<T>(ct, out, d, o, y, oy_lo, oy_hi, rcp, ox_range);                          \
     }                                                                                          \
+    template <typename T>                                                                      \
+    TARGET static void max_row(const T* img, T* out, const Dims& d, int64_t o, int64_t oy) {   \
+      max_forward_row<T>(img, out, d, o, oy);                                                  \
+    }                                                                                          \
   };
-JCN_AVG_ISA(AvgBaseline, )
+JCN_POOL_ISA(PoolRowsBaseline, )
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define JCN_AVG_X86 1
-JCN_AVG_ISA(AvgAvx2, __attribute__((target("avx2"))))
+#define JCN_POOL_X86 1
+JCN_POOL_ISA(PoolRowsAvx2, __attribute__((target("avx2"))))
 #endif
-#undef JCN_AVG_ISA
+#undef JCN_POOL_ISA
 
-// Whether the AVX2 row kernels run: the CPU has AVX2 and JAX_CONVNET_CPU_ISA allows it.
-bool avg_use_avx2() {
-#ifdef JCN_AVG_X86
-  static const bool use = [] {
+// run(Isa{}) with the row kernels of the widest instruction set the CPU has and
+// JAX_CONVNET_CPU_ISA allows (AVX2, else the baseline).
+template <typename Run>
+void with_row_isa(const Run& run) {
+#ifdef JCN_POOL_X86
+  static const bool avx2 = [] {
     const std::string& limit = jcn::cpu::isa_cap().limit;
     __builtin_cpu_init();
     return (limit.empty() || limit == "avx2" || limit == "avx512") &&
            __builtin_cpu_supports("avx2");
   }();
-  return use;
-#else
-  return false;
+  if (avx2) return run(PoolRowsAvx2{});
 #endif
+  run(PoolRowsBaseline{});
+}
+
+template <typename T, typename Isa>
+void max_pool_forward(const T* img, T* out, const Dims& d) {
+  const int64_t rows = d.O * d.Ho;
+  const int64_t cost =
+      d.Wo * d.I * std::max<int64_t>(1, std::min(d.wh, d.H) * std::min(d.ww, d.W));
+  parallel_for(rows, cost, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r)
+      Isa::template max_row<T>(img, out, d, r / d.Ho, r % d.Ho);
+  });
 }
 
 template <typename T, typename Isa>
@@ -662,8 +697,10 @@ ffi::Error MaxPoolImpl(ffi::AnyBuffer images, ffi::Result<ffi::AnyBuffer> pooled
   if (checked.failure()) return checked;
   return with_type(images.element_type(), [&](auto zero) {
     using T = decltype(zero);
-    pool_forward<T, void>(static_cast<const T*>(images.untyped_data()),
-                             static_cast<T*>(pooled->untyped_data()), nullptr, dims_of(g));
+    with_row_isa([&](auto isa) {
+      max_pool_forward<T, decltype(isa)>(static_cast<const T*>(images.untyped_data()),
+                                         static_cast<T*>(pooled->untyped_data()), dims_of(g));
+    });
   });
 }
 
@@ -676,9 +713,9 @@ ffi::Error MaxPoolWinnersImpl(ffi::AnyBuffer images, ffi::Result<ffi::AnyBuffer>
   return with_types(images.element_type(), g, [&](auto zero, auto kzero) {
     using T = decltype(zero);
     using K = decltype(kzero);
-    pool_forward<T, K>(static_cast<const T*>(images.untyped_data()),
-                       static_cast<T*>(pooled->untyped_data()),
-                       static_cast<K*>(winners->untyped_data()), dims_of(g));
+    pool_forward_winners<T, K>(static_cast<const T*>(images.untyped_data()),
+                               static_cast<T*>(pooled->untyped_data()),
+                               static_cast<K*>(winners->untyped_data()), dims_of(g));
   });
 }
 
@@ -720,17 +757,13 @@ ffi::Error run_avg_pool(bool grad, const jcn::PoolGeometry& g, bool count_includ
     using T = decltype(zero);
     const T* src = static_cast<const T*>(in.untyped_data());
     T* dst = static_cast<T*>(out.untyped_data());
-    const auto run = [&](auto isa) {
+    with_row_isa([&](auto isa) {
       using Isa = decltype(isa);
       if (grad)
         avg_pool_grad<T, Isa>(src, dst, dims_of(g), count_include_pad);
       else
         avg_pool_forward<T, Isa>(src, dst, dims_of(g), count_include_pad);
-    };
-#ifdef JCN_AVG_X86
-    if (avg_use_avx2()) return run(AvgAvx2{});
-#endif
-    run(AvgBaseline{});
+    });
   });
 }
 
