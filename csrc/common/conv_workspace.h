@@ -65,18 +65,14 @@ inline int64_t wa_padded_image_bytes(int64_t pixels, int64_t itemsize) {
 constexpr int64_t kTmaKBlockBytes = 128;  // a k-block of the TMA kernels: 128 bytes of k
 // Whether the TMA kernels take a convolution of cin input and cout output channels of itemsize
 // bytes: both in 16-byte vectors, the input channels filling at least 3/4 of their k-blocks, and
-// at least 48 output channels (3/4 of the narrowest tile; narrower convolutions, e.g. the CIFAR-10
-// net's 32 channels, run faster on the other kernels: benchmarks/history/2026-12-02_session9_tma_core.md).
+// at least 48 output channels (3/4 of the narrowest tile; narrower convolutions, e.g. the
+// CIFAR-10 net's 32 channels, run faster on the other kernels:
+// benchmarks/history/2026-12-02_session9_tma_core.md).
 inline bool tma_channels_fit(int64_t cin, int64_t cout, int64_t itemsize) {
   const int64_t V = 16 / itemsize, kK = kTmaKBlockBytes / itemsize;
   return cin % V == 0 && cout % V == 0 && cout >= 48 && 4 * cin >= 3 * round_up(cin, kK);
 }
 
-// The TF32 kernel's copies: NHWC filter_acts its taps; C01B filter_acts the images and the hidden
-// tensor as NHWC, then its taps; C01B image_acts at stride 1 the hidden tensor and the images as
-// NHWC; NHWC weight_acts the images and the hidden tensor as C01B (each tensor rounded up to 256
-// bytes). 0 elsewhere, and where the kernel cannot take the channels (tma_channels_fit; the C01B
-// kernel also a batch in 4s of at least 64).
 // 3xTF32 on the TMA core (float32 above default precision): until it has run on a GPU, only where
 // JAX_CONVNET_TMA_3XTF32=1 (the other kernels give float32 accuracy everywhere).
 inline bool tma_3xtf32_enabled() {
@@ -103,6 +99,12 @@ inline Tf32Residues tf32_residue_bytes(ConvOp op, const ConvGeometry& g) {
   return {};
 }
 
+// The TF32 kernel's copies: NHWC filter_acts its taps; C01B filter_acts the images and the hidden
+// tensor as NHWC, then its taps; C01B image_acts at stride 1 the hidden tensor and the images as
+// NHWC; NHWC weight_acts the images and the hidden tensor as C01B (each tensor rounded up to 256
+// bytes); above default precision (3xTF32) the residues before them. 0 elsewhere, and where the
+// kernel cannot take the channels (tma_channels_fit; the C01B kernel also a batch in 4s of at
+// least 64).
 inline int64_t tf32_copies_bytes(ConvOp op, const ConvGeometry& g, bool batch_known) {
   const bool split = g.precision != Precision::kDefault;
   if (!batch_known || (split && !tma_3xtf32_enabled())) return 0;

@@ -163,9 +163,9 @@ inline std::string make_conv_geometry(const ConvParams& p, const int64_t* image_
 // back. The transforms are float32; the bin GEMM is 3xTF32 (float32-accurate) for float32 at a
 // precision above default and TF32 otherwise, so every dtype and precision may take it. It runs
 // where the direct GEMM needs kFftMinSaving* times the complex GEMM's multiply-adds or more: the
-// margin pays for the transforms and the complex GEMM's lower rate. Where it won (benchmarks/history/2026-11-29_session5_fft.md): at float32
-// accuracy from L4 / AlexNet conv2 (7x7 / 5x5) on, TF32 only from L3 / L2 (9x9); 16-bit types
-// lose even on L2 to the tensor cores. weight_acts takes it only for one sum over all positions
+// margin pays for the transforms and the complex GEMM's lower rate. Where it won
+// (benchmarks/history/2026-11-29_session5_fft.md): at float32 accuracy from L4 / AlexNet conv2
+// (7x7 / 5x5) on, TF32 only from L3 / L2 (9x9); 16-bit types lose even on L2 to the tensor cores. weight_acts takes it only for one sum over all positions
 // (the transform sums over positions in its own order). The workspace (conv_workspace.h) holds
 // the spectra of the images, the filters and the hidden tensor (N*C, C*F and N*F planes of
 // ph * (pw/2 + 1) complex float bins), each rounded up to 256 bytes, in that order; the path runs

@@ -921,7 +921,8 @@ std::optional<cudaError_t> run_tma(const TmaProblem& pr, const void* x, const vo
   };
   const void* taps = w;
   if constexpr (taps_copy) {  // W (f, c, r, s) copied to (fh, fw, F, C) in the workspace
-    const dim3 grid(unsigned(ceil_div(nf, 32)), unsigned(ceil_div(nc, 32)), unsigned(pr.fh * pr.fw));
+    const dim3 grid(unsigned(ceil_div(nf, 32)), unsigned(ceil_div(nc, 32)),
+                    unsigned(pr.fh * pr.fw));
     tf32_taps_kernel<<<grid, dim3(32, 8), 0, stream>>>(static_cast<const float*>(w),
                                                       static_cast<float*>(ws.data), nf, nc,
                                                       int(pr.fw), {pr.ws.n, pr.ws.c, pr.ws.y,
