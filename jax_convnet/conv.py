@@ -300,8 +300,9 @@ def explain(fn, *args, device=H200, **kwargs) -> list[dict]:
     """What each conv custom call of ``fn(*args, **kwargs)`` (as ``jax.jit`` would trace it, its
     derivatives included) gets on a CUDA GPU described by ``device`` (default ``H200``): the op,
     its tensors' shapes (images, filters, hidden), dtype, layout and precision, the route and
-    tile the kernels take and whether as 3xTF32 (``cuda_plan``), and the workspace by part (``cuda_workspace``), with
-    ``paths`` naming the parts that are nonzero. ``args`` may be ``jax.ShapeDtypeStruct``s.
+    tile the kernels take and whether as 3xTF32 (``cuda_plan``), and the workspace by part
+    (``cuda_workspace``), with ``paths`` naming the parts that are nonzero. ``args`` may be
+    ``jax.ShapeDtypeStruct``s.
     A call with ``groups`` > 1 runs on the GPU as ``groups`` ungrouped calls on each group's
     slices: its route and workspace are those of each of them."""
     closed = jax.make_jaxpr(fn)(*args, **kwargs)

@@ -246,6 +246,18 @@ Window window_of(const Dims& d, int64_t oy, int64_t ox) {
                 std::max<int64_t>(x0, 0), std::min<int64_t>(x0 + d.ww, d.W)};
 }
 
+// The work of one pooled row (o, oy) for parallel_for: its window elements over all lanes.
+int64_t pooled_row_cost(const Dims& d) {
+  return d.Wo * d.I * std::max<int64_t>(1, std::min(d.wh, d.H) * std::min(d.ww, d.W));
+}
+// row(o, oy) for every pooled row, the rows split over the thread pool.
+template <typename Row>
+void for_each_pooled_row(const Dims& d, const Row& row) {
+  parallel_for(d.O * d.Ho, pooled_row_cost(d), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) row(r / d.Ho, r % d.Ho);
+  });
+}
+
 // One element of a window for all n lanes: take it where it beats the best so far (or is the
 // first), carrying its value and its offset k in the whole window along. Separate function so
 // that `restrict` holds (compilers ignore it on locals): q and best are both float for float32
@@ -282,10 +294,7 @@ void scan_element_winner(const T* __restrict p, typename Num<T>::F* __restrict b
 template <typename T, typename K>
 void pool_forward_winners(const T* img, T* out, K* winners, const Dims& d) {
   using F = typename Num<T>::F;
-  const int64_t rows = d.O * d.Ho;
-  const int64_t cost =
-      d.Wo * d.I * std::max<int64_t>(1, std::min(d.wh, d.H) * std::min(d.ww, d.W));
-  parallel_for(rows, cost, [&](int64_t begin, int64_t end) {
+  parallel_for(d.O * d.Ho, pooled_row_cost(d), [&](int64_t begin, int64_t end) {
     std::vector<F> best(size_t(d.I));
     std::vector<int32_t> win(size_t(d.I));
     F* b = best.data();
@@ -427,14 +436,14 @@ F avg_reciprocal(const Dims& d, bool count_include_pad, int64_t oy, int64_t ox) 
 }
 
 #if defined(__GNUC__) || defined(__clang__)
-#define JCN_AVG_INLINE inline __attribute__((always_inline))
+#define JCN_POOL_INLINE inline __attribute__((always_inline))
 #else
-#define JCN_AVG_INLINE inline
+#define JCN_POOL_INLINE inline
 #endif
 
 // acc[i] += p[i] * r for the first n lanes (the product rounded first: no FMA in this file).
 template <int64_t N, typename T, typename F>
-JCN_AVG_INLINE void add_scaled_lanes(F (&acc)[kAvgGradLanes], const T* __restrict p, F r,
+JCN_POOL_INLINE void add_scaled_lanes(F (&acc)[kAvgGradLanes], const T* __restrict p, F r,
                                      int64_t n) {
   const int64_t m = N > 0 ? N : n;
   for (int64_t i = 0; i < m; ++i) acc[i] += Num<T>::to_f(p[i]) * r;
@@ -444,7 +453,7 @@ JCN_AVG_INLINE void add_scaled_lanes(F (&acc)[kAvgGradLanes], const T* __restric
 // order; N > 0: n == N known at compile time, so the accumulators stay in registers (in memory,
 // they would stall on stores whose addresses alias the images' modulo 4 KiB).
 template <int64_t N, typename T>
-JCN_AVG_INLINE void avg_window(const T* __restrict img, T* __restrict q, const Dims& d,
+JCN_POOL_INLINE void avg_window(const T* __restrict img, T* __restrict q, const Dims& d,
                                const Window& w, typename Num<T>::F rcp, int64_t n) {
   using F = typename Num<T>::F;
   const int64_t m = N > 0 ? N : n;
@@ -463,7 +472,7 @@ JCN_AVG_INLINE void avg_window(const T* __restrict img, T* __restrict q, const D
 
 // Forward of output row (o, oy), kAvgLanes lanes at a time.
 template <typename T>
-JCN_AVG_INLINE void avg_forward_row(const T* img, T* out, const Dims& d, bool count_include_pad,
+JCN_POOL_INLINE void avg_forward_row(const T* img, T* out, const Dims& d, bool count_include_pad,
                                     int64_t o, int64_t oy) {
   using F = typename Num<T>::F;
   const T* image = img + o * d.H * d.W * d.I;
@@ -481,7 +490,7 @@ JCN_AVG_INLINE void avg_forward_row(const T* img, T* out, const Dims& d, bool co
 // Gradient of image element (o, y, x), lanes [i0, i0 + n): the windows [oy_lo, oy_hi] x
 // [ox_lo, ox_hi] containing it, in increasing (oy, ox); rcp[(oy - oy_lo) * Wo + ox].
 template <int64_t N, typename T>
-JCN_AVG_INLINE void avg_grad_element(const T* ct, T* q, const Dims& d, int64_t o, int64_t oy_lo,
+JCN_POOL_INLINE void avg_grad_element(const T* ct, T* q, const Dims& d, int64_t o, int64_t oy_lo,
                                      int64_t oy_hi, int64_t ox_lo, int64_t ox_hi,
                                      const typename Num<T>::F* rcp, int64_t i0, int64_t n) {
   using F = typename Num<T>::F;
@@ -497,7 +506,7 @@ JCN_AVG_INLINE void avg_grad_element(const T* ct, T* q, const Dims& d, int64_t o
 // Gradient of image row (o, y), covered by windows [oy_lo, oy_hi]; column x by windows
 // [ox_range[2x], ox_range[2x + 1]].
 template <typename T>
-JCN_AVG_INLINE void avg_grad_row(const T* ct, T* out, const Dims& d, int64_t o, int64_t y,
+JCN_POOL_INLINE void avg_grad_row(const T* ct, T* out, const Dims& d, int64_t o, int64_t y,
                                  int64_t oy_lo, int64_t oy_hi, const typename Num<T>::F* rcp,
                                  const int64_t* ox_range) {
   T* q = out + (o * d.H + y) * d.W * d.I;
@@ -517,7 +526,7 @@ JCN_AVG_INLINE void avg_grad_row(const T* ct, T* out, const Dims& d, int64_t o, 
 // (takes(), the selected element itself written), so the same bits. No unroll pragma: fully
 // unrolled, the selects are not vectorised.
 template <int64_t N, typename T>
-JCN_AVG_INLINE void max_window(const T* __restrict img, T* __restrict q, const Dims& d,
+JCN_POOL_INLINE void max_window(const T* __restrict img, T* __restrict q, const Dims& d,
                                const Window& w, int64_t n) {
   using F = typename Num<T>::F;
   const int64_t m = N > 0 ? N : n;
@@ -541,7 +550,7 @@ JCN_AVG_INLINE void max_window(const T* __restrict img, T* __restrict q, const D
 
 // max_pool's plain forward of output row (o, oy), kAvgLanes lanes at a time.
 template <typename T>
-JCN_AVG_INLINE void max_forward_row(const T* img, T* out, const Dims& d, int64_t o, int64_t oy) {
+JCN_POOL_INLINE void max_forward_row(const T* img, T* out, const Dims& d, int64_t o, int64_t oy) {
   const T* image = img + o * d.H * d.W * d.I;
   for (int64_t ox = 0; ox < d.Wo; ++ox) {
     const Window w = window_of(d, oy, ox);
@@ -602,23 +611,15 @@ void with_row_isa(const Run& run) {
 
 template <typename T, typename Isa>
 void max_pool_forward(const T* img, T* out, const Dims& d) {
-  const int64_t rows = d.O * d.Ho;
-  const int64_t cost =
-      d.Wo * d.I * std::max<int64_t>(1, std::min(d.wh, d.H) * std::min(d.ww, d.W));
-  parallel_for(rows, cost, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r)
-      Isa::template max_row<T>(img, out, d, r / d.Ho, r % d.Ho);
+  for_each_pooled_row(d, [&](int64_t o, int64_t oy) {
+    Isa::template max_row<T>(img, out, d, o, oy);
   });
 }
 
 template <typename T, typename Isa>
 void avg_pool_forward(const T* img, T* out, const Dims& d, bool count_include_pad) {
-  const int64_t rows = d.O * d.Ho;
-  const int64_t cost =
-      d.Wo * d.I * std::max<int64_t>(1, std::min(d.wh, d.H) * std::min(d.ww, d.W));
-  parallel_for(rows, cost, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r)
-      Isa::template forward_row<T>(img, out, d, count_include_pad, r / d.Ho, r % d.Ho);
+  for_each_pooled_row(d, [&](int64_t o, int64_t oy) {
+    Isa::template forward_row<T>(img, out, d, count_include_pad, o, oy);
   });
 }
 

@@ -557,23 +557,21 @@ cudaError_t launch_cgemm(const CgemmParams& p, int64_t bins, cudaStream_t stream
           p);
   return cudaGetLastError();
 }
-// The bin GEMM for operands of these strides: 3xTF32 where the caller asks float32 at a
-// precision above default (float32-accurate), else TF32 (the precision its operands allow).
+// The bin GEMM for operands of these strides.
+template <bool kConjB, bool kSplit>
+cudaError_t launch_cgemm(const CgemmParams& p, int64_t bins, cudaStream_t stream) {
+  if (p.sAk == 1)
+    return p.sBn == 1 ? launch_cgemm<true, true, kConjB, kSplit>(p, bins, stream)
+                      : launch_cgemm<true, false, kConjB, kSplit>(p, bins, stream);
+  return p.sBn == 1 ? launch_cgemm<false, true, kConjB, kSplit>(p, bins, stream)
+                    : launch_cgemm<false, false, kConjB, kSplit>(p, bins, stream);
+}
+// ... as 3xTF32 where the caller asks float32 at a precision above default (float32-accurate),
+// else TF32 (the precision its operands allow).
 template <bool kConjB>
 cudaError_t launch_cgemm(const CgemmParams& p, int64_t bins, bool split, cudaStream_t stream) {
-  const bool a_unit_k = p.sAk == 1, b_unit_n = p.sBn == 1;
-  if (split) {
-    if (a_unit_k)
-      return b_unit_n ? launch_cgemm<true, true, kConjB, true>(p, bins, stream)
-                      : launch_cgemm<true, false, kConjB, true>(p, bins, stream);
-    return b_unit_n ? launch_cgemm<false, true, kConjB, true>(p, bins, stream)
-                    : launch_cgemm<false, false, kConjB, true>(p, bins, stream);
-  }
-  if (a_unit_k)
-    return b_unit_n ? launch_cgemm<true, true, kConjB, false>(p, bins, stream)
-                    : launch_cgemm<true, false, kConjB, false>(p, bins, stream);
-  return b_unit_n ? launch_cgemm<false, true, kConjB, false>(p, bins, stream)
-                  : launch_cgemm<false, false, kConjB, false>(p, bins, stream);
+  return split ? launch_cgemm<kConjB, true>(p, bins, stream)
+               : launch_cgemm<kConjB, false>(p, bins, stream);
 }
 
 // The FFT path (conv_fft.cuh) where jcn::fft_conv_plan takes it and the workspace has exactly
